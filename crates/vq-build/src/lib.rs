@@ -1,0 +1,51 @@
+//! Build-script helper for the crates of this workspace that use `tch`.
+//!
+//! Link arguments printed by a library's build script reach only that package's own binaries,
+//! tests, examples and benches; they do not propagate to dependents. So every package that builds
+//! an executable against libtorch calls [`link_libtorch`] from its own `build.rs`, and lists
+//! `torch-sys` as a direct dependency so that cargo hands its build script the variable
+//! `DEP_TCH_LIBTORCH_LIB` (torch-sys declares `links = "tch"` and prints `libtorch_lib`).
+//!
+//! ```no_run
+//! // build.rs
+//! fn main() {
+//!     vq_build::link_libtorch();
+//! }
+//! ```
+
+use std::path::PathBuf;
+
+/// Libraries of a CUDA build of libtorch that must stay in `DT_NEEDED` even though no symbol of
+/// theirs is referenced directly: they register the CUDA backend from static initialisers.
+const CUDA_LIBS: &[&str] = &["torch_cuda"];
+
+/// Prints the `cargo:` instructions that make every executable of the calling package
+///
+/// * find libtorch at run time without `LD_LIBRARY_PATH` (an rpath to the libtorch `lib` folder),
+/// * keep `libtorch_cuda.so` (when libtorch has one) as a dependency even though the linker's
+///   default `--as-needed` would drop it, so that `tch::Cuda::is_available()` is true on a GPU
+///   machine.
+///
+/// Does nothing on targets other than Linux.
+///
+/// # Panics
+/// Panics (failing the build with the message) when `DEP_TCH_LIBTORCH_LIB` is missing, i.e. the
+/// calling package does not depend on `torch-sys` directly.
+pub fn link_libtorch() {
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() != Ok("linux") {
+        return;
+    }
+    let lib = PathBuf::from(std::env::var_os("DEP_TCH_LIBTORCH_LIB").expect(
+        "DEP_TCH_LIBTORCH_LIB is not set: add `torch-sys` to this package's [dependencies]",
+    ));
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+    for name in CUDA_LIBS {
+        if lib.join(format!("lib{name}.so")).exists() {
+            println!("cargo:rustc-link-arg=-l{name}");
+        }
+    }
+    println!("cargo:rustc-link-arg=-ltorch");
+    println!("cargo:rustc-link-arg=-Wl,--as-needed");
+}

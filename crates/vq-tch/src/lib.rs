@@ -1,0 +1,36 @@
+//! The paper's vector-quantization layer for [`tch`] models.
+//!
+//! The maths is defined once in [`vq_core`]; this crate runs it on libtorch tensors (CPU and CUDA)
+//! and is tested to give the same numbers.
+
+pub use tch;
+
+/// What the linked libtorch offers at run time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TorchRuntime {
+    /// Whether a CUDA device is usable (`torch.cuda.is_available()`).
+    pub cuda_available: bool,
+    /// Number of visible CUDA devices.
+    pub cuda_devices: usize,
+    /// Whether cuDNN is usable.
+    pub cudnn_available: bool,
+    /// Intra-op CPU threads libtorch uses.
+    pub cpu_threads: i32,
+}
+
+impl TorchRuntime {
+    /// Queries the linked libtorch.
+    ///
+    /// ```
+    /// let rt = vq_tch::TorchRuntime::query();
+    /// assert!(rt.cpu_threads >= 1);
+    /// ```
+    pub fn query() -> Self {
+        Self {
+            cuda_available: tch::Cuda::is_available(),
+            cuda_devices: usize::try_from(tch::Cuda::device_count()).unwrap_or(0),
+            cudnn_available: tch::Cuda::cudnn_is_available(),
+            cpu_threads: tch::get_num_threads(),
+        }
+    }
+}

@@ -1,0 +1,128 @@
+//! `cargo xtask <command>`: project automation (alias defined in `.cargo/config.toml`).
+
+mod setup;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "vq project automation")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Install libtorch 2.13.0 (PyPI `torch` wheel) into `.libtorch/`, or adopt the one named by
+    /// the LIBTORCH environment variable. Idempotent.
+    Setup {
+        /// Reinstall even when a complete installation is present.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Set up if needed, then run the whole test suite (`cargo test --workspace`).
+    Test {
+        /// Extra arguments passed to `cargo test` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// What CI runs: setup, format check, clippy -D warnings, tests, documentation build.
+    Ci,
+    /// Set up if needed, then run the main job on the embedded demo data.
+    Demo,
+    /// Set up if needed, then time the vq-core kernels against PyTorch on the same shapes.
+    Bench {
+        /// Threads for both sides (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Only the smallest shape (a quick check).
+        #[arg(long)]
+        quick: bool,
+    },
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = project_root();
+    match cli.command {
+        Cmd::Setup { force } => setup::run(&root, force).map(|_| ()),
+        Cmd::Test { args } => {
+            setup::run(&root, false)?;
+            test(&root, &args)
+        }
+        Cmd::Ci => {
+            setup::run(&root, false)?;
+            cargo(&root, &["fmt", "--all", "--check"], &[])?;
+            cargo(&root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[])?;
+            test(&root, &[])?;
+            cargo(
+                &root,
+                &["doc", "--workspace", "--no-deps"],
+                &[("RUSTDOCFLAGS", "-D warnings")],
+            )
+        }
+        Cmd::Demo => {
+            setup::run(&root, false)?;
+            demo(&root)
+        }
+        Cmd::Bench { threads, quick } => {
+            let lt = setup::run(&root, false)?;
+            bench(&root, &lt, threads, quick)
+        }
+    }
+}
+
+/// The workspace root (the parent of this crate's folder).
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+fn test(root: &Path, extra: &[String]) -> Result<()> {
+    let mut args: Vec<&str> = vec!["test", "--workspace"];
+    args.extend(extra.iter().map(String::as_str));
+    cargo(root, &args, &[])
+}
+
+fn demo(root: &Path) -> Result<()> {
+    cargo(root, &["run", "--release", "-p", "vq-core", "--example", "himmelblau", "--", "--out", "runs/demo"], &[])
+}
+
+fn bench(root: &Path, lt: &setup::Libtorch, threads: Option<usize>, quick: bool) -> Result<()> {
+    let threads = threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .to_string();
+    let mut args = vec!["run", "--release", "-p", "vq-core", "--example", "bench_vq", "--"];
+    args.extend(["--threads", &threads]);
+    if quick {
+        args.push("--quick");
+    }
+    let site = lt.python_site.as_ref().map(|p| p.display().to_string());
+    let torch_python = site.as_deref().unwrap_or("");
+    let bench_script = root.join("xtask/torch_vq_ref.py").display().to_string();
+    args.extend(["--torch-script", &bench_script, "--torch-pythonpath", torch_python]);
+    cargo(root, &args, &[])
+}
+
+/// Runs `cargo <args>` in the workspace root with extra environment variables, failing on a
+/// non-zero exit.
+pub(crate) fn cargo(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<()> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(root).args(args);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    eprintln!("$ cargo {}", args.join(" "));
+    let status = cmd.status().with_context(|| format!("running {cargo} {}", args.join(" ")))?;
+    if !status.success() {
+        bail!("`cargo {}` failed ({status})", args.join(" "));
+    }
+    Ok(())
+}

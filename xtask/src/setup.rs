@@ -1,0 +1,190 @@
+//! `cargo xtask setup`: provide libtorch 2.13.0 (the version tch 0.26 is built for) in
+//! `.libtorch/torch`, which `.cargo/config.toml` names as `LIBTORCH` for every cargo command.
+//!
+//! Sources, in order:
+//! 1. `LIBTORCH=/path/to/libtorch cargo xtask setup`: adopt an existing libtorch (a libtorch zip
+//!    extraction or the `torch` folder of a Python installation); `.libtorch/torch` becomes a link.
+//! 2. Otherwise `python3 -m pip install --target .libtorch/site torch==2.13.0` (the PyPI wheel,
+//!    a CUDA build; about 4.7 GB with its CUDA libraries), installed into a staging folder and
+//!    renamed into place only once complete, so an interrupted install is never mistaken for one.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+
+/// The libtorch version tch 0.26 / torch-sys 0.26 require.
+pub const TORCH_VERSION: &str = "2.13.0";
+/// Marker written into a pip installation once it is complete.
+const MARKER: &str = ".vq-setup-complete";
+
+/// A usable libtorch.
+#[derive(Debug)]
+pub struct Libtorch {
+    /// Folder holding `lib/` and `include/` (what `LIBTORCH` points to).
+    #[allow(dead_code)]
+    pub dir: PathBuf,
+    /// Folder to put on `PYTHONPATH` to import this `torch` from Python, when it came from pip.
+    pub python_site: Option<PathBuf>,
+}
+
+/// Makes sure `.libtorch/torch` is a complete libtorch of the right version; installs it if not.
+pub fn run(root: &Path, force: bool) -> Result<Libtorch> {
+    let base = root.join(".libtorch");
+    let link = base.join("torch");
+    let site = base.join("site");
+    match std::env::var_os("LIBTORCH").map(PathBuf::from) {
+        Some(external) if external != link => adopt_existing(&base, &link, &external),
+        _ => {
+            if !force && site.join(MARKER).exists() && link.join("lib").is_dir() {
+                eprintln!("libtorch {TORCH_VERSION}: ready in {}", link.display());
+                return Ok(Libtorch { dir: link, python_site: Some(site) });
+            }
+            install_from_pip(&base, &site, &link)?;
+            Ok(Libtorch { dir: link, python_site: Some(site) })
+        }
+    }
+}
+
+fn adopt_existing(base: &Path, link: &Path, external: &Path) -> Result<Libtorch> {
+    let lib = external.join("lib");
+    if !lib.join("libtorch_cpu.so").exists() && !lib.join("libtorch_cpu.dylib").exists() {
+        bail!(
+            "LIBTORCH={} does not look like libtorch: {} has no libtorch_cpu library",
+            external.display(),
+            lib.display()
+        );
+    }
+    match detect_version(external) {
+        Some(v) if v == TORCH_VERSION => {}
+        Some(v) => bail!(
+            "LIBTORCH={} is libtorch {v}, but tch 0.26 needs exactly {TORCH_VERSION}",
+            external.display()
+        ),
+        None => eprintln!(
+            "warning: cannot read the version of {} (no build-version or version.py); \
+             torch-sys will fail to link if it is not {TORCH_VERSION}",
+            external.display()
+        ),
+    }
+    fs::create_dir_all(base).with_context(|| format!("creating {}", base.display()))?;
+    replace_symlink(external, link)?;
+    eprintln!(
+        "libtorch: using {} (linked from {}). If you switched libtorch, run `cargo clean -p torch-sys`.",
+        external.display(),
+        link.display()
+    );
+    Ok(Libtorch { dir: link.to_path_buf(), python_site: None })
+}
+
+/// Reads the version from libtorch's `build-version` (libtorch zips) or `version.py` (Python
+/// installations), without any local suffix such as `+cu130`.
+fn detect_version(dir: &Path) -> Option<String> {
+    let raw = fs::read_to_string(dir.join("build-version")).ok().or_else(|| {
+        let py = fs::read_to_string(dir.join("version.py")).ok()?;
+        let line = py.lines().find(|l| l.starts_with("__version__"))?;
+        Some(line.split('\'').nth(1).or_else(|| line.split('"').nth(1))?.to_owned())
+    })?;
+    let v = raw.trim();
+    Some(v.split_once('+').map_or(v, |(v, _)| v).to_owned())
+}
+
+fn python() -> Result<String> {
+    for candidate in ["python3", "python"] {
+        if let Ok(out) = Command::new(candidate).arg("--version").output() {
+            if out.status.success() {
+                return Ok(candidate.to_owned());
+            }
+        }
+    }
+    bail!(
+        "python3 was not found on PATH. It is needed once, to download libtorch {TORCH_VERSION} \
+         from PyPI (`pip install torch=={TORCH_VERSION}`). Install Python 3.10+ with pip \
+         (e.g. `apt-get install python3 python3-pip`), or point LIBTORCH at an existing \
+         libtorch {TORCH_VERSION}: `LIBTORCH=/path/to/libtorch cargo xtask setup`."
+    )
+}
+
+fn install_from_pip(base: &Path, site: &Path, link: &Path) -> Result<()> {
+    let py = python()?;
+    let pip_ok = Command::new(&py)
+        .args(["-m", "pip", "--version"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !pip_ok {
+        bail!(
+            "`{py} -m pip` is not available. Install pip (e.g. `apt-get install python3-pip` or \
+             `{py} -m ensurepip`), or set LIBTORCH to an existing libtorch {TORCH_VERSION}."
+        );
+    }
+    fs::create_dir_all(base).with_context(|| format!("creating {}", base.display()))?;
+    let staging = base.join(format!("staging-{}", std::process::id()));
+    if staging.exists() {
+        fs::remove_dir_all(&staging).with_context(|| format!("removing {}", staging.display()))?;
+    }
+    eprintln!(
+        "libtorch: installing torch=={TORCH_VERSION} from PyPI into {} (about 4.7 GB, a few minutes)",
+        site.display()
+    );
+    let status = Command::new(&py)
+        .args(["-m", "pip", "install", "--no-input", "--disable-pip-version-check", "--no-cache-dir"])
+        .arg("--target")
+        .arg(&staging)
+        .arg(format!("torch=={TORCH_VERSION}"))
+        .env("PYTHONNOUSERSITE", "1")
+        .status()
+        .with_context(|| format!("running {py} -m pip"))?;
+    if !status.success() {
+        let _ = fs::remove_dir_all(&staging);
+        bail!("`pip install torch=={TORCH_VERSION}` failed ({status}); see pip's output above");
+    }
+    let torch = staging.join("torch");
+    match detect_version(&torch) {
+        Some(v) if v == TORCH_VERSION => {}
+        other => bail!("pip installed torch {other:?} into {}, expected {TORCH_VERSION}", staging.display()),
+    }
+    fs::write(staging.join(MARKER), TORCH_VERSION).context("writing the setup marker")?;
+    // Swap the finished installation into place; only now does the old one go.
+    if site.exists() {
+        let old = base.join(format!("old-{}", std::process::id()));
+        fs::rename(site, &old).with_context(|| format!("moving aside {}", site.display()))?;
+        fs::rename(&staging, site).with_context(|| format!("renaming into {}", site.display()))?;
+        fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    } else {
+        fs::rename(&staging, site).with_context(|| format!("renaming into {}", site.display()))?;
+    }
+    // A relative link keeps the clone relocatable.
+    replace_symlink(Path::new("site/torch"), link)?;
+    eprintln!("libtorch {TORCH_VERSION}: installed in {}", link.display());
+    Ok(())
+}
+
+/// Points `link` at `target`, replacing whatever link was there, atomically (link + rename).
+fn replace_symlink(target: &Path, link: &Path) -> Result<()> {
+    let tmp = link.with_extension("tmp-link");
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp)
+        .with_context(|| format!("creating link {} -> {}", tmp.display(), target.display()))?;
+    if link.is_dir() && !link.is_symlink() {
+        bail!("{} is a folder, not a link; remove it and run setup again", link.display());
+    }
+    fs::rename(&tmp, link).with_context(|| format!("replacing {}", link.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_from_python_layout_drops_local_suffix() {
+        let dir = std::env::temp_dir().join(format!("xtask-ver-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("version.py"), "x = 1\n__version__ = '2.13.0+cu130'\n").unwrap();
+        assert_eq!(detect_version(&dir).as_deref(), Some("2.13.0"));
+        fs::write(dir.join("build-version"), "2.12.1+cpu\n").unwrap();
+        assert_eq!(detect_version(&dir).as_deref(), Some("2.12.1"));
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
