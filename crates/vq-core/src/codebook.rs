@@ -1,0 +1,328 @@
+//! Codebook learning without gradients: exponential moving averages (van den Oord et al. 2017,
+//! App. A.1; the semantics of lucidrains' `EuclideanCodebook` / `CosineSimCodebook`), k-means
+//! initialisation and dead-code replacement.
+//!
+//! One EMA step with batch assignments (counts `n_k`, sums `s_k = Σ_{i: idx_i = k} x_i`):
+//!
+//! ```text
+//! N_k ← γ N_k + (1 − γ) n_k              (cluster sizes, start at 1)
+//! m_k ← γ m_k + (1 − γ) s_k              (running sums, start at the initial codes)
+//! c_k ← m_k / Ñ_k,  Ñ_k = (N_k + ε) / (Σ_j N_j + K ε) · Σ_j N_j     (Laplace smoothing)
+//! ```
+//!
+//! For [`Metric::Cosine`] inputs are l2-normalised before they are counted and every code is
+//! l2-normalised after the update. Codes whose `N_k` falls below the dead-code threshold are then
+//! replaced by random inputs of the batch (`c_k = x`, `m_k = t·x`, `N_k = t`).
+
+use ndarray::{Array1, Array2, ArrayView2, Axis};
+use rand::Rng;
+use rand::seq::index::sample;
+
+use crate::error::{Result, VqError};
+use crate::search::{CodebookIndex, Metric};
+
+/// Hyper-parameters of an EMA codebook, validated once by [`EmaConfig::new`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct EmaConfig {
+    decay: f32,
+    laplace_eps: f32,
+    dead_code_threshold: f32,
+    metric: Metric,
+}
+
+impl EmaConfig {
+    /// `decay` γ ∈ [0, 1), Laplace `eps` > 0, `dead_code_threshold` ≥ 0 (0 disables replacement).
+    ///
+    /// # Errors
+    /// [`VqError::InvalidParameter`] naming the first value out of range.
+    pub fn new(decay: f32, laplace_eps: f32, dead_code_threshold: f32, metric: Metric) -> Result<Self> {
+        let bad = |name, value: f32, reason| Err(VqError::InvalidParameter { name, value: value.to_string(), reason });
+        if !(0.0..1.0).contains(&decay) {
+            return bad("decay", decay, "must be in [0, 1)");
+        }
+        if !(laplace_eps.is_finite() && laplace_eps > 0.0) {
+            return bad("laplace_eps", laplace_eps, "must be finite and > 0");
+        }
+        if !(dead_code_threshold.is_finite() && dead_code_threshold >= 0.0) {
+            return bad("dead_code_threshold", dead_code_threshold, "must be finite and >= 0");
+        }
+        Ok(Self { decay, laplace_eps, dead_code_threshold, metric })
+    }
+
+    /// The paper's Table-1 setting: decay 0.8, Laplace ε = 1e-5, no dead-code replacement.
+    pub fn paper_vqvae(metric: Metric) -> Self {
+        Self { decay: 0.8, laplace_eps: 1e-5, dead_code_threshold: 0.0, metric }
+    }
+
+    /// EMA decay γ.
+    pub fn decay(&self) -> f32 {
+        self.decay
+    }
+
+    /// Laplace smoothing ε.
+    pub fn laplace_eps(&self) -> f32 {
+        self.laplace_eps
+    }
+
+    /// Cluster size under which a code is replaced (0: never).
+    pub fn dead_code_threshold(&self) -> f32 {
+        self.dead_code_threshold
+    }
+
+    /// Lookup metric (cosine keeps codes normalised).
+    pub fn metric(&self) -> Metric {
+        self.metric
+    }
+}
+
+/// What one [`EmaCodebook::update`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct EmaUpdate {
+    /// Codes replaced by batch samples because they were dead.
+    pub replaced: usize,
+}
+
+/// A codebook learned by exponential moving averages.
+///
+/// ```
+/// use ndarray::array;
+/// use vq_core::{EmaCodebook, EmaConfig, Metric};
+///
+/// let cfg = EmaConfig::new(0.5, 1e-5, 0.0, Metric::Euclidean).unwrap();
+/// let mut cb = EmaCodebook::new(array![[0.0f32], [10.0]], cfg).unwrap();
+/// let x = array![[2.0f32], [4.0]];
+/// cb.update(x.view(), &[0, 0], &mut rand::thread_rng()).unwrap();
+/// // N_0 = 0.5·1 + 0.5·2 = 1.5, m_0 = 0.5·0 + 0.5·6 = 3, smoothing ≈ 1: c_0 ≈ 3/1.5 = 2.
+/// assert!((cb.codebook()[[0, 0]] - 2.0).abs() < 1e-4);
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmaCodebook {
+    config: EmaConfig,
+    codes: Array2<f32>,
+    sums: Array2<f32>,
+    sizes: Array1<f32>,
+}
+
+impl EmaCodebook {
+    /// An EMA codebook starting at `init` (K×D), cluster sizes 1 and running sums = `init`.
+    /// For cosine, `init` is l2-normalised.
+    ///
+    /// # Errors
+    /// [`VqError::EmptyCodebook`] for K = 0 or D = 0, [`VqError::NonFinite`] for NaN/∞ codes.
+    pub fn new(init: Array2<f32>, config: EmaConfig) -> Result<Self> {
+        let (k, d) = init.dim();
+        if k == 0 || d == 0 {
+            return Err(VqError::EmptyCodebook { k, d });
+        }
+        crate::search::check_finite(init.view(), "initial codebook")?;
+        let mut codes = init;
+        if config.metric == Metric::Cosine {
+            l2_normalise_rows(&mut codes);
+        }
+        Ok(Self { config, sums: codes.clone(), sizes: Array1::ones(k), codes })
+    }
+
+    /// k-means (Lloyd) initialisation on `samples` (M×D): `k` distinct samples as seeds, then
+    /// `iters` rounds of assignment and mean update (cosine: normalised means); empty clusters
+    /// keep their previous centre. Cluster sizes start at the final counts (at least 1) and the
+    /// running sums at size × centre, so the first EMA step continues from the k-means result.
+    ///
+    /// # Errors
+    /// [`VqError::InvalidParameter`] if `k` = 0 or there are fewer than `k` samples;
+    /// [`VqError::NonFinite`] for NaN/∞ samples.
+    pub fn kmeans_init(samples: ArrayView2<f32>, k: usize, iters: usize, config: EmaConfig, rng: &mut impl Rng) -> Result<Self> {
+        let (centres, counts) = kmeans(samples, k, iters, config.metric, rng)?;
+        let sizes = counts.mapv(|c| (c as f32).max(1.0));
+        let sums = &centres * &sizes.view().insert_axis(Axis(1));
+        Ok(Self { config, codes: centres, sums, sizes })
+    }
+
+    /// The current codes (K×D).
+    pub fn codebook(&self) -> ArrayView2<'_, f32> {
+        self.codes.view()
+    }
+
+    /// The EMA cluster sizes `N_k`.
+    pub fn cluster_sizes(&self) -> &Array1<f32> {
+        &self.sizes
+    }
+
+    /// The EMA running sums `m_k`.
+    pub fn running_sums(&self) -> ArrayView2<'_, f32> {
+        self.sums.view()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EmaConfig {
+        &self.config
+    }
+
+    /// One EMA step from a batch `x` (N×D) and its code assignments, then dead-code replacement
+    /// (using `rng` to pick replacement samples).
+    ///
+    /// # Errors
+    /// [`VqError::ShapeMismatch`] for a wrong input dimension or index count,
+    /// [`VqError::IndexOutOfRange`], [`VqError::NonFinite`].
+    pub fn update(&mut self, x: ArrayView2<f32>, indices: &[u32], rng: &mut impl Rng) -> Result<EmaUpdate> {
+        let (k, d) = self.codes.dim();
+        if x.ncols() != d {
+            return Err(VqError::ShapeMismatch { what: "input dim vs codebook dim", expected: d, got: x.ncols() });
+        }
+        if indices.len() != x.nrows() {
+            return Err(VqError::ShapeMismatch { what: "indices vs input rows", expected: x.nrows(), got: indices.len() });
+        }
+        crate::search::check_finite(x, "inputs")?;
+        let x = self.prepare(x);
+        let (counts, batch_sums) = counts_and_sums(x.view(), indices, k)?;
+        let g = self.config.decay;
+        self.sizes.zip_mut_with(&counts, |s, &c| *s = g * *s + (1.0 - g) * c as f32);
+        self.sums.zip_mut_with(&batch_sums, |m, &s| *m = g * *m + (1.0 - g) * s);
+        let total: f64 = self.sizes.iter().map(|&s| f64::from(s)).sum();
+        let eps = f64::from(self.config.laplace_eps);
+        for ((mut c, m), &n) in self.codes.rows_mut().into_iter().zip(self.sums.rows()).zip(&self.sizes) {
+            let smoothed = ((f64::from(n) + eps) / (total + k as f64 * eps) * total) as f32;
+            c.zip_mut_with(&m, |c, &m| *c = m / smoothed);
+        }
+        if self.config.metric == Metric::Cosine {
+            l2_normalise_rows(&mut self.codes);
+        }
+        Ok(EmaUpdate { replaced: self.replace_dead(x.view(), rng) })
+    }
+
+    fn prepare(&self, x: ArrayView2<f32>) -> Array2<f32> {
+        let mut x = x.to_owned();
+        if self.config.metric == Metric::Cosine {
+            l2_normalise_rows(&mut x);
+        }
+        x
+    }
+
+    fn replace_dead(&mut self, x: ArrayView2<f32>, rng: &mut impl Rng) -> usize {
+        let t = self.config.dead_code_threshold;
+        if t <= 0.0 || x.nrows() == 0 {
+            return 0;
+        }
+        let dead: Vec<usize> = self.sizes.iter().enumerate().filter(|(_, s)| **s < t).map(|(i, _)| i).collect();
+        let picks = sample_rows(x.nrows(), dead.len(), rng);
+        for (&k, &i) in dead.iter().zip(&picks) {
+            self.codes.row_mut(k).assign(&x.row(i));
+            self.sums.row_mut(k).assign(&x.row(i).mapv(|v| v * t));
+            self.sizes[k] = t;
+        }
+        dead.len()
+    }
+}
+
+/// `count` row indices below `n`: distinct when `n ≥ count`, else drawn with replacement.
+fn sample_rows(n: usize, count: usize, rng: &mut impl Rng) -> Vec<usize> {
+    if n >= count {
+        sample(rng, n, count).into_vec()
+    } else {
+        (0..count).map(|_| rng.gen_range(0..n)).collect()
+    }
+}
+
+/// Per-code counts and sums of the rows of `x` assigned to each code.
+fn counts_and_sums(x: ArrayView2<f32>, indices: &[u32], k: usize) -> Result<(Array1<u64>, Array2<f32>)> {
+    let mut counts = Array1::zeros(k);
+    let mut sums = Array2::<f64>::zeros((k, x.ncols()));
+    for (position, (&i, row)) in indices.iter().zip(x.rows()).enumerate() {
+        let c = i as usize;
+        if c >= k {
+            return Err(VqError::IndexOutOfRange { index: i, position, k });
+        }
+        counts[c] += 1;
+        sums.row_mut(c).zip_mut_with(&row, |s, &v| *s += f64::from(v));
+    }
+    Ok((counts, sums.mapv(|v| v as f32)))
+}
+
+/// Adds row `n` of `rows` (N×D) into row `indices[n]` of a K×D result: the codebook gradient from
+/// per-row gradients at the quantized vectors.
+///
+/// ```
+/// use ndarray::array;
+/// let g = vq_core::scatter_add_rows(array![[1.0f32], [2.0], [4.0]].view(), &[1, 1, 0], 3).unwrap();
+/// assert_eq!(g, array![[4.0], [3.0], [0.0]]);
+/// ```
+///
+/// # Errors
+/// [`VqError::ShapeMismatch`] if `indices.len() != N`, [`VqError::IndexOutOfRange`].
+pub fn scatter_add_rows(rows: ArrayView2<f32>, indices: &[u32], k: usize) -> Result<Array2<f32>> {
+    if indices.len() != rows.nrows() {
+        return Err(VqError::ShapeMismatch { what: "indices vs rows", expected: rows.nrows(), got: indices.len() });
+    }
+    Ok(counts_and_sums(rows, indices, k)?.1)
+}
+
+/// Lloyd's k-means: returns the `k` centres (k×D) and the final cluster counts.
+///
+/// Seeds are `k` distinct random samples; each round assigns every sample to its nearest centre
+/// (the fused search of [`CodebookIndex`]) and moves each centre to its cluster mean
+/// (l2-normalised for cosine). A cluster left empty keeps its centre.
+///
+/// ```
+/// use ndarray::array;
+/// use rand::SeedableRng;
+/// use vq_core::{kmeans, Metric};
+///
+/// let x = array![[0.0f32], [0.2], [10.0], [10.4]];
+/// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+/// let (c, n) = kmeans(x.view(), 2, 10, Metric::Euclidean, &mut rng).unwrap();
+/// let mut c: Vec<f32> = c.iter().copied().collect();
+/// c.sort_by(f32::total_cmp);
+/// assert!((c[0] - 0.1).abs() < 1e-6 && (c[1] - 10.2).abs() < 1e-5);
+/// assert_eq!(n.sum(), 4);
+/// ```
+///
+/// # Errors
+/// [`VqError::InvalidParameter`] if `k` = 0 or exceeds the number of samples;
+/// [`VqError::EmptyCodebook`] for D = 0; [`VqError::NonFinite`].
+pub fn kmeans(
+    samples: ArrayView2<f32>,
+    k: usize,
+    iters: usize,
+    metric: Metric,
+    rng: &mut impl Rng,
+) -> Result<(Array2<f32>, Array1<u64>)> {
+    if k == 0 || k > samples.nrows() {
+        return Err(VqError::InvalidParameter {
+            name: "k",
+            value: k.to_string(),
+            reason: "k-means needs 1 <= k <= number of samples",
+        });
+    }
+    if samples.ncols() == 0 {
+        return Err(VqError::EmptyCodebook { k, d: 0 });
+    }
+    crate::search::check_finite(samples, "k-means samples")?;
+    let mut x = samples.to_owned();
+    if metric == Metric::Cosine {
+        l2_normalise_rows(&mut x);
+    }
+    let seeds = sample(rng, x.nrows(), k).into_vec();
+    let mut centres = x.select(Axis(0), &seeds);
+    let mut counts = Array1::zeros(k);
+    for _ in 0..iters.max(1) {
+        let idx = CodebookIndex::new(centres.view(), metric)?.search(x.view())?;
+        let (c, sums) = counts_and_sums(x.view(), idx.as_slice().expect("contiguous"), k)?;
+        for ((mut centre, s), &n) in centres.rows_mut().into_iter().zip(sums.rows()).zip(&c) {
+            if n > 0 {
+                centre.zip_mut_with(&s, |v, &s| *v = s / n as f32);
+            }
+        }
+        if metric == Metric::Cosine {
+            l2_normalise_rows(&mut centres);
+        }
+        counts = c;
+    }
+    Ok((centres, counts))
+}
+
+/// Divides every row by `max(‖row‖, 1e-12)`.
+pub fn l2_normalise_rows(a: &mut Array2<f32>) {
+    for mut row in a.rows_mut() {
+        let n = row.dot(&row).sqrt().max(1e-12);
+        row.mapv_inplace(|v| v / n);
+    }
+}

@@ -1,0 +1,57 @@
+//! The one error type of `vq-core`.
+
+/// Errors returned by `vq-core` for bad user data or parameters. The maths never panics on user
+/// input; every check happens once, at the API boundary.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum VqError {
+    /// Two arrays that must agree in one dimension do not.
+    #[error("shape mismatch: {what}: expected {expected}, got {got}")]
+    ShapeMismatch {
+        /// Which quantity disagrees (e.g. "codebook dim vs input dim").
+        what: &'static str,
+        /// The size implied by the other argument.
+        expected: usize,
+        /// The size that was passed.
+        got: usize,
+    },
+    /// The codebook has no codes (K = 0) or codes of zero dimension.
+    #[error("empty codebook: {k} codes of dimension {d}")]
+    EmptyCodebook {
+        /// Number of codes.
+        k: usize,
+        /// Code dimension.
+        d: usize,
+    },
+    /// An input contains NaN or an infinity.
+    #[error("non-finite value in {what} at row {row}")]
+    NonFinite {
+        /// Which argument.
+        what: &'static str,
+        /// First row holding a non-finite value.
+        row: usize,
+    },
+    /// A code index is out of range for the codebook.
+    #[error("code index {index} at position {position} is out of range for {k} codes")]
+    IndexOutOfRange {
+        /// The offending index.
+        index: u32,
+        /// Its position in the index array.
+        position: usize,
+        /// Codebook size.
+        k: usize,
+    },
+    /// A hyper-parameter is outside its valid range.
+    #[error("invalid parameter {name} = {value}: {reason}")]
+    InvalidParameter {
+        /// Parameter name.
+        name: &'static str,
+        /// Offending value, formatted.
+        value: String,
+        /// What the valid range is.
+        reason: &'static str,
+    },
+}
+
+/// `Result` with [`VqError`].
+pub type Result<T, E = VqError> = std::result::Result<T, E>;

@@ -1,0 +1,330 @@
+//! Gradient estimators: how the gradient of a loss at the quantized vector `q` reaches the
+//! encoder output `e` through the non-differentiable nearest-code lookup.
+//!
+//! Notation per row: `ê = e/‖e‖`, `q̂ = q/‖q‖`, `λ = ‖q‖/‖e‖`, `H_a = I − 2aaᵀ` (the Householder
+//! reflection across `a⊥`), `g = ∂L/∂q̃`.
+//!
+//! | estimator | forward | `∂L/∂e` |
+//! |---|---|---|
+//! | [`StraightThrough`](Estimator::StraightThrough) | `q̃ = e + sg(q − e)` | `g` |
+//! | [`Rotation`](Estimator::Rotation) | `q̃ = sg(λR) e` | `λ Rᵀ g` |
+//! | [`RotationNoRescale`](Estimator::RotationNoRescale) (A.9) | `q̃ = R e + sg(q − R e)` | `Rᵀ g` |
+//! | [`Reflection`](Estimator::Reflection) (A.8) | `q̃ = sg(λR̃) e` | `λ R̃ g` |
+//!
+//! with the rotation `R = H_q̂ H_w = I − 2wwᵀ + 2q̂êᵀ`, `w = (ê + q̂)/‖ê + q̂‖` (the paper's
+//! efficient form: two Householder reflections, never a D×D matrix), and the reflection
+//! `R̃ = H_r`, `r = (ê − q̂)/‖ê − q̂‖`. `R` maps `ê` to `q̂`, so `λRe = q`: every estimator's forward
+//! value is `q`, and [`Estimator::forward`] returns `q` itself (bit-exact, as the decoder sees it in
+//! evaluation). `R`, `λ`, `w`, `q̂` are constants of the backward pass: no gradient reaches the
+//! codebook through this path.
+//!
+//! All per-row geometry is computed in f64 and `R` is always applied in the product form
+//! `H_w H_q̂ g`, which is orthogonal for any unit `w` — so `λRᵀ` stays `λ×` orthogonal even where
+//! `w` is ill-conditioned.
+//!
+//! # Degenerate rows (documented behaviour, never NaN or ∞)
+//! * `‖e‖ < 1e-6` or `‖q‖ < 1e-6` (a direction is undefined): `R = I` and
+//!   `λ = ‖q‖ / max(‖e‖, 1e-6)`. With `‖e‖ → 0` the gradient grows like `1/‖e‖` but stays finite.
+//! * `e` and `q` antipodal (`‖ê + q̂‖² < 1e-8`, the rotation plane is undefined): with `D ≥ 2`,
+//!   `w` is replaced by a unit vector `p ⊥ ê` (built from the coordinate axis least aligned with
+//!   `ê`), giving the proper rotation by π `H_q̂ H_p` (det +1) that maps `ê` to `−ê ≈ q̂`. With
+//!   `D = 1` no rotation maps `+1` to `−1`; `R = H_q̂ = −1` (a reflection) is used.
+//! * Reflection estimator with `ê ≈ q̂` (`‖ê − q̂‖² < 1e-8`, `r` undefined): `R̃ = I`.
+
+use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Zip};
+use rayon::prelude::*;
+
+use crate::error::{Result, VqError};
+
+/// Norms below this are treated as zero (as in the reference implementations).
+pub const NORM_EPS: f64 = 1e-6;
+/// `‖ê ± q̂‖²` below this makes the Householder vector undefined.
+const DIRECTION_EPS: f64 = 1e-8;
+
+/// How the gradient passes from `q̃` back to `e`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Estimator {
+    /// Straight-through: `∂L/∂e = ∂L/∂q`.
+    StraightThrough,
+    /// The rotation trick: `∂L/∂e = λ Rᵀ ∂L/∂q` (paper §4).
+    #[default]
+    Rotation,
+    /// The rotation without the rescale, `q̃ = Re + sg(q − Re)`: `∂L/∂e = Rᵀ ∂L/∂q` (paper A.9).
+    RotationNoRescale,
+    /// A single Householder reflection mapping `ê` to `q̂`: `∂L/∂e = λ R̃ ∂L/∂q` (paper A.8).
+    Reflection,
+}
+
+impl Estimator {
+    /// All estimators, for iteration in tests and comparisons.
+    pub const ALL: [Estimator; 4] = [
+        Estimator::StraightThrough,
+        Estimator::Rotation,
+        Estimator::RotationNoRescale,
+        Estimator::Reflection,
+    ];
+
+    /// Short stable name (`ste`, `rotation`, `rotation-no-rescale`, `reflection`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Estimator::StraightThrough => "ste",
+            Estimator::Rotation => "rotation",
+            Estimator::RotationNoRescale => "rotation-no-rescale",
+            Estimator::Reflection => "reflection",
+        }
+    }
+
+    /// Parses [`name`](Self::name) (also accepts `straight-through`).
+    ///
+    /// # Errors
+    /// [`VqError::InvalidParameter`] for an unknown name.
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "ste" | "straight-through" => Ok(Estimator::StraightThrough),
+            "rotation" => Ok(Estimator::Rotation),
+            "rotation-no-rescale" => Ok(Estimator::RotationNoRescale),
+            "reflection" => Ok(Estimator::Reflection),
+            other => Err(VqError::InvalidParameter {
+                name: "estimator",
+                value: other.to_owned(),
+                reason: "expected ste, rotation, rotation-no-rescale or reflection",
+            }),
+        }
+    }
+
+    /// Forward value `q̃` of the layer for encoder outputs `e` and their codes `q` (both N×D).
+    /// Every estimator's value is `q` (see the module docs), returned bit-exact.
+    ///
+    /// # Errors
+    /// [`VqError::ShapeMismatch`] if the shapes differ.
+    pub fn forward(self, e: ArrayView2<f32>, q: ArrayView2<f32>) -> Result<Array2<f32>> {
+        same_shape(e, q, "codes vs inputs")?;
+        Ok(q.to_owned())
+    }
+
+    /// `∂L/∂e` from `g = ∂L/∂q̃` (all N×D).
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use vq_core::Estimator;
+    ///
+    /// let e = array![[1.0f32, 0.0]];
+    /// let q = array![[0.0f32, 2.0]]; // 90° away, twice as long: λ = 2
+    /// let g = array![[0.0f32, 1.0]]; // gradient along q ...
+    /// let ge = Estimator::Rotation.backward(e.view(), q.view(), g.view()).unwrap();
+    /// // ... reaches e along e, scaled by λ.
+    /// assert!((ge[[0, 0]] - 2.0).abs() < 1e-6 && ge[[0, 1]].abs() < 1e-6);
+    /// ```
+    ///
+    /// # Errors
+    /// [`VqError::ShapeMismatch`] if the shapes differ.
+    pub fn backward(self, e: ArrayView2<f32>, q: ArrayView2<f32>, g: ArrayView2<f32>) -> Result<Array2<f32>> {
+        let mut out = Array2::zeros(e.raw_dim());
+        self.backward_into(e, q, g, out.view_mut())?;
+        Ok(out)
+    }
+
+    /// As [`backward`](Self::backward), writing into `out` (N×D). Parallel over rows.
+    ///
+    /// # Errors
+    /// [`VqError::ShapeMismatch`] if the shapes differ.
+    pub fn backward_into(
+        self,
+        e: ArrayView2<f32>,
+        q: ArrayView2<f32>,
+        g: ArrayView2<f32>,
+        mut out: ArrayViewMut2<f32>,
+    ) -> Result<()> {
+        same_shape(e, q, "codes vs inputs")?;
+        same_shape(e, g, "gradient vs inputs")?;
+        same_shape(e, out.view(), "output vs inputs")?;
+        if self == Estimator::StraightThrough {
+            out.assign(&g);
+            return Ok(());
+        }
+        let d = e.ncols();
+        Zip::from(out.axis_iter_mut(Axis(0)))
+            .and(e.axis_iter(Axis(0)))
+            .and(q.axis_iter(Axis(0)))
+            .and(g.axis_iter(Axis(0)))
+            .into_par_iter()
+            .for_each_init(
+                || vec![0f64; d],
+                |buf, (mut o, e, q, g)| {
+                    let map = RowMap::new(self, e, q);
+                    map.apply_transpose(e, q, g, buf);
+                    o.iter_mut().zip(buf.iter()).for_each(|(o, &v)| *o = v as f32);
+                },
+            );
+        Ok(())
+    }
+}
+
+fn same_shape(a: ArrayView2<f32>, b: ArrayView2<f32>, what: &'static str) -> Result<()> {
+    if a.nrows() != b.nrows() {
+        return Err(VqError::ShapeMismatch { what, expected: a.nrows(), got: b.nrows() });
+    }
+    if a.ncols() != b.ncols() {
+        return Err(VqError::ShapeMismatch { what, expected: a.ncols(), got: b.ncols() });
+    }
+    Ok(())
+}
+
+/// The Householder vector of a row map, defined from `e` and `q` without storing it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Householder {
+    /// `(ê + q̂)/norm` (rotation) or `(ê − q̂)/norm` (reflection, `sign = −1`).
+    Combination { sign: f64, norm: f64 },
+    /// `(δ_axis − ê_axis ê)/norm`: a unit vector orthogonal to `ê` (antipodal rotation).
+    Orthogonal { axis: usize, norm: f64 },
+}
+
+/// Structure of the constant linear map `M` of one row (`q̃ = sg(M) e`, `∂L/∂e = Mᵀ g`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum MapKind {
+    /// `M = scale·I`.
+    Identity,
+    /// `M = scale·H_q̂ H_w` (`w = None`: `M = scale·H_q̂`, the 1-D antipodal case).
+    Rotation(Option<Householder>),
+    /// `M = scale·H_r`.
+    Reflection(Householder),
+}
+
+/// The constant linear map of one row for a given estimator, computed in f64 from the row's `e`
+/// and `q`. Exposed so that tests and other crates can check the maths on single rows.
+///
+/// ```
+/// use ndarray::array;
+/// use vq_core::{Estimator, RowMap};
+///
+/// let (e, q) = (array![3.0f32, 4.0, 0.0], array![0.0f32, 0.0, -10.0]);
+/// let m = RowMap::new(Estimator::Rotation, e.view(), q.view());
+/// // The frozen map sends e to q.
+/// let mut out = vec![0.0; 3];
+/// m.apply(e.view(), q.view(), e.view(), &mut out);
+/// assert!((out[2] + 10.0).abs() < 1e-9 && out[0].abs() < 1e-9 && out[1].abs() < 1e-9);
+/// assert!((m.scale() - 2.0).abs() < 1e-12);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowMap {
+    scale: f64,
+    ne: f64,
+    nq: f64,
+    kind: MapKind,
+}
+
+impl RowMap {
+    /// The map of `estimator` for one row (`e`, `q` of equal length).
+    ///
+    /// # Panics
+    /// Panics if `e` and `q` differ in length (the batch functions check this first).
+    pub fn new(estimator: Estimator, e: ArrayView1<f32>, q: ArrayView1<f32>) -> Self {
+        assert_eq!(e.len(), q.len(), "RowMap::new: e and q differ in length");
+        let (mut ee, mut qq) = (0f64, 0f64);
+        for (&a, &b) in e.iter().zip(q) {
+            ee += f64::from(a) * f64::from(a);
+            qq += f64::from(b) * f64::from(b);
+        }
+        let (ne, nq) = (ee.sqrt(), qq.sqrt());
+        let scale = match estimator {
+            Estimator::StraightThrough | Estimator::RotationNoRescale => 1.0,
+            Estimator::Rotation | Estimator::Reflection => nq / ne.max(NORM_EPS),
+        };
+        let identity = RowMap { scale, ne, nq, kind: MapKind::Identity };
+        if estimator == Estimator::StraightThrough || ne < NORM_EPS || nq < NORM_EPS {
+            return identity;
+        }
+        let sign = if estimator == Estimator::Reflection { -1.0 } else { 1.0 };
+        let norm2: f64 = e
+            .iter()
+            .zip(q)
+            .map(|(&a, &b)| {
+                let t = f64::from(a) / ne + sign * f64::from(b) / nq;
+                t * t
+            })
+            .sum();
+        let combination = Householder::Combination { sign, norm: norm2.sqrt() };
+        let kind = match estimator {
+            Estimator::Reflection if norm2 < DIRECTION_EPS => MapKind::Identity,
+            Estimator::Reflection => MapKind::Reflection(combination),
+            _ if norm2 >= DIRECTION_EPS => MapKind::Rotation(Some(combination)),
+            _ if e.len() == 1 => MapKind::Rotation(None),
+            _ => {
+                // Antipodal: rotate by π in the plane of ê and the axis least aligned with it.
+                let (axis, _) = e.iter().enumerate().fold((0, f32::INFINITY), |best, (i, &v)| {
+                    if v.abs() < best.1 { (i, v.abs()) } else { best }
+                });
+                let ea = f64::from(e[axis]) / ne;
+                MapKind::Rotation(Some(Householder::Orthogonal { axis, norm: (1.0 - ea * ea).max(0.0).sqrt() }))
+            }
+        };
+        RowMap { kind, ..identity }
+    }
+
+    /// The scale factor (`λ = ‖q‖/max(‖e‖, 1e-6)`, or 1 for the unscaled estimators).
+    pub fn scale(&self) -> f64 {
+        self.scale
+    }
+
+    /// `out = M v` (the frozen forward map applied to any vector `v`).
+    ///
+    /// # Panics
+    /// Panics if the lengths of `e`, `q`, `v`, `out` differ.
+    pub fn apply(&self, e: ArrayView1<f32>, q: ArrayView1<f32>, v: ArrayView1<f32>, out: &mut [f64]) {
+        self.run(e, q, v, out, false);
+    }
+
+    /// `out = Mᵀ g` (the backward map).
+    ///
+    /// # Panics
+    /// Panics if the lengths of `e`, `q`, `g`, `out` differ.
+    pub fn apply_transpose(&self, e: ArrayView1<f32>, q: ArrayView1<f32>, g: ArrayView1<f32>, out: &mut [f64]) {
+        self.run(e, q, g, out, true);
+    }
+
+    fn run(&self, e: ArrayView1<f32>, q: ArrayView1<f32>, v: ArrayView1<f32>, out: &mut [f64], transpose: bool) {
+        let d = e.len();
+        assert!(q.len() == d && v.len() == d && out.len() == d, "RowMap: length mismatch");
+        out.iter_mut().zip(v).for_each(|(o, &x)| *o = f64::from(x));
+        let (ne, nq) = (self.ne, self.nq);
+        let reflect_q = |t: &mut [f64]| {
+            let a: f64 = t.iter().zip(q).map(|(&t, &b)| t * f64::from(b)).sum::<f64>() / nq;
+            let c = 2.0 * a / nq;
+            t.iter_mut().zip(q).for_each(|(t, &b)| *t -= c * f64::from(b));
+        };
+        let reflect_h = |t: &mut [f64], h: Householder| match h {
+            Householder::Combination { sign, norm } => {
+                let w = |a: f32, b: f32| (f64::from(a) / ne + sign * f64::from(b) / nq) / norm;
+                let a: f64 = t.iter().zip(e).zip(q).map(|((&t, &a), &b)| t * w(a, b)).sum();
+                t.iter_mut().zip(e).zip(q).for_each(|((t, &x), &y)| *t -= 2.0 * a * w(x, y));
+            }
+            Householder::Orthogonal { axis, norm } => {
+                // p = (δ_axis − ê_axis ê)/norm
+                let ea = f64::from(e[axis]) / ne;
+                let te: f64 = t.iter().zip(e).map(|(&t, &x)| t * f64::from(x)).sum::<f64>() / ne;
+                let a = (t[axis] - ea * te) / norm;
+                t.iter_mut().zip(e).for_each(|(t, &x)| *t += 2.0 * a * ea * f64::from(x) / ne / norm);
+                t[axis] -= 2.0 * a / norm;
+            }
+        };
+        match self.kind {
+            MapKind::Identity => {}
+            MapKind::Reflection(h) => reflect_h(out, h),
+            MapKind::Rotation(w) => {
+                // M = H_q̂ H_w: M v = H_q̂ (H_w v); Mᵀ g = H_w (H_q̂ g).
+                if transpose {
+                    reflect_q(out);
+                    if let Some(h) = w {
+                        reflect_h(out, h);
+                    }
+                } else {
+                    if let Some(h) = w {
+                        reflect_h(out, h);
+                    }
+                    reflect_q(out);
+                }
+            }
+        }
+        out.iter_mut().for_each(|o| *o *= self.scale);
+    }
+}

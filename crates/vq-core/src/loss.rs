@@ -1,0 +1,145 @@
+//! The VQ loss terms and their gradients.
+//!
+//! * commitment `L_c = mean((e − sg(q))²)`: `∂L_c/∂e = 2(e − q)/(N·D)`, nothing to the codebook;
+//! * codebook `L_b = mean((sg(e) − q)²)`: `∂L_b/∂q = 2(q − e)/(N·D)`, nothing to the encoder.
+//!
+//! Means are over all N·D elements (PyTorch's `F.mse_loss`). The weights follow
+//! van den Oord et al.: `β·L_c + L_b` ([`BetaPlacement::Commitment`]); taming-transformers'
+//! default `legacy=True` puts β on the codebook term instead, `L_c + β·L_b`
+//! ([`BetaPlacement::LegacyCodebook`], the setting of the paper's VQGAN tables). With an EMA
+//! codebook the codebook term is dropped ([`CodebookTerm::Exclude`]).
+
+use ndarray::{Array2, ArrayView2, Zip};
+
+use crate::error::{Result, VqError};
+
+/// Which term β multiplies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum BetaPlacement {
+    /// `β·commitment + codebook` (the VQ-VAE paper).
+    #[default]
+    Commitment,
+    /// `commitment + β·codebook` (taming-transformers `legacy=True`).
+    LegacyCodebook,
+}
+
+/// Whether the codebook is learned by gradient (codebook loss on) or otherwise (EMA: off).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum CodebookTerm {
+    /// The codebook loss is part of the objective.
+    #[default]
+    Include,
+    /// No codebook loss (EMA or fixed codebook).
+    Exclude,
+}
+
+/// Validated weights of the two loss terms.
+///
+/// ```
+/// use vq_core::{BetaPlacement, CodebookTerm, LossWeights};
+/// let w = LossWeights::new(0.25, BetaPlacement::LegacyCodebook, CodebookTerm::Include).unwrap();
+/// assert_eq!((w.commitment(), w.codebook()), (1.0, 0.25));
+/// let ema = LossWeights::new(1.0, BetaPlacement::Commitment, CodebookTerm::Exclude).unwrap();
+/// assert_eq!((ema.commitment(), ema.codebook()), (1.0, 0.0));
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossWeights {
+    commitment: f32,
+    codebook: f32,
+}
+
+impl LossWeights {
+    /// Weights for `beta`, its placement and the codebook term.
+    ///
+    /// # Errors
+    /// [`VqError::InvalidParameter`] if `beta` is negative or not finite.
+    pub fn new(beta: f32, placement: BetaPlacement, codebook: CodebookTerm) -> Result<Self> {
+        if !(beta.is_finite() && beta >= 0.0) {
+            return Err(VqError::InvalidParameter {
+                name: "beta",
+                value: beta.to_string(),
+                reason: "must be finite and >= 0",
+            });
+        }
+        let (c, b) = match placement {
+            BetaPlacement::Commitment => (beta, 1.0),
+            BetaPlacement::LegacyCodebook => (1.0, beta),
+        };
+        let b = match codebook {
+            CodebookTerm::Include => b,
+            CodebookTerm::Exclude => 0.0,
+        };
+        Ok(Self { commitment: c, codebook: b })
+    }
+
+    /// Weight of the commitment term.
+    pub fn commitment(&self) -> f32 {
+        self.commitment
+    }
+
+    /// Weight of the codebook term (0 when excluded).
+    pub fn codebook(&self) -> f32 {
+        self.codebook
+    }
+}
+
+/// Loss values (already weighted) and their gradients.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VqLoss {
+    /// `w_c · mean((e − sg(q))²)`.
+    pub commitment: f32,
+    /// `w_b · mean((sg(e) − q)²)`.
+    pub codebook: f32,
+    /// `∂(weighted losses)/∂e`, N×D.
+    pub grad_e: Array2<f32>,
+    /// `∂(weighted losses)/∂q` per row, N×D (scatter into the codebook with
+    /// [`scatter_add_rows`](crate::scatter_add_rows)); all zero when the codebook weight is 0.
+    pub grad_q: Array2<f32>,
+}
+
+/// The weighted commitment and codebook losses of `e` and `q` (N×D) and their gradients.
+///
+/// ```
+/// use ndarray::array;
+/// use vq_core::{vq_loss, BetaPlacement, CodebookTerm, LossWeights};
+/// let w = LossWeights::new(0.25, BetaPlacement::Commitment, CodebookTerm::Include).unwrap();
+/// let l = vq_loss(array![[1.0f32, 3.0]].view(), array![[0.0f32, 1.0]].view(), w).unwrap();
+/// assert_eq!(l.commitment, 0.25 * 2.5); // mean of 1² and 2²
+/// assert_eq!(l.codebook, 2.5);
+/// assert_eq!(l.grad_e, array![[0.25, 0.5]]); // 0.25 · 2(e − q)/2
+/// ```
+///
+/// # Errors
+/// [`VqError::ShapeMismatch`] if the shapes differ.
+pub fn vq_loss(e: ArrayView2<f32>, q: ArrayView2<f32>, weights: LossWeights) -> Result<VqLoss> {
+    if e.dim() != q.dim() {
+        let (what, expected, got) = if e.nrows() != q.nrows() {
+            ("codes vs inputs (rows)", e.nrows(), q.nrows())
+        } else {
+            ("codes vs inputs (dim)", e.ncols(), q.ncols())
+        };
+        return Err(VqError::ShapeMismatch { what, expected, got });
+    }
+    let n = (e.len().max(1)) as f64;
+    let mut sq = 0f64;
+    let mut grad_e = Array2::zeros(e.raw_dim());
+    let ge = 2.0 * f64::from(weights.commitment) / n;
+    Zip::from(&mut grad_e).and(e).and(q).for_each(|g, &a, &b| {
+        let d = a - b;
+        sq += f64::from(d) * f64::from(d);
+        *g = (ge * f64::from(d)) as f32;
+    });
+    let gq = 2.0 * f64::from(weights.codebook) / n;
+    let grad_q = if weights.codebook == 0.0 {
+        Array2::zeros(e.raw_dim())
+    } else {
+        Zip::from(e).and(q).map_collect(|&a, &b| (gq * f64::from(b - a)) as f32)
+    };
+    let mse = sq / n;
+    Ok(VqLoss {
+        commitment: (f64::from(weights.commitment) * mse) as f32,
+        codebook: (f64::from(weights.codebook) * mse) as f32,
+        grad_e,
+        grad_q,
+    })
+}

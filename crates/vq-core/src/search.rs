@@ -1,0 +1,585 @@
+//! Nearest-code search: a fused, tiled, multi-threaded kernel that never materialises the N×K
+//! distance matrix.
+//!
+//! For Euclidean lookup, `argmin_k ‖x − c_k‖² = argmin_k (½‖c̄_k‖² − x̄·c̄_k)` where `x̄ = x − μ`,
+//! `c̄_k = c_k − μ` and `μ` is the codebook mean (distances are translation invariant; centring
+//! removes most of the cancellation of the `‖x‖² + ‖c‖² − 2x·c` shortcut when data sit far from
+//! the origin). For cosine lookup, `argmax_k x̂·ĉ_k` on l2-normalised vectors, i.e.
+//! `argmin_k (−x̂·ĉ_k)`.
+//!
+//! The scores of a tile of rows against a block of codes come from one sgemm into a small
+//! per-thread buffer, followed by a branch-free top-2 scan. Any row whose best and second-best
+//! scores are closer than a rounding-error bound is re-ranked exactly: the candidates within that
+//! bound are compared with `Σ (x_i − c_i)²` (or the cosine) in f64 on the original data. Ties
+//! then go to the lowest index, like `torch.argmin`.
+//!
+//! Peak extra memory: the prepared codebook (K×D), per thread one row tile (T×D) and one score
+//! block (T×K_b), and the N output indices.
+
+use ndarray::linalg::general_mat_mul;
+use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, s};
+use rayon::prelude::*;
+
+use crate::error::{Result, VqError};
+
+/// How "nearest" is measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Metric {
+    /// `argmin_k ‖x − c_k‖₂`.
+    #[default]
+    Euclidean,
+    /// `argmax_k x̂·ĉ_k` with `v̂ = v / max(‖v‖, 1e-12)` (l2-normalised lookup).
+    Cosine,
+}
+
+/// Rows per tile (one rayon task).
+const ROW_TILE: usize = 64;
+/// Scores per tile block: ROW_TILE × CODE_BLOCK f32 stay in L2.
+const CODE_BLOCK: usize = 1024;
+/// Lanes of the branch-free top-2 scan.
+const LANES: usize = 8;
+/// Candidates kept per ambiguous row before falling back to an exact scan of all codes.
+const MAX_CANDIDATES: usize = 32;
+/// Floor of vector norms in cosine lookup.
+const COSINE_EPS: f32 = 1e-12;
+
+/// A codebook prepared for nearest-code search (centred or normalised copy plus per-code terms).
+/// Build it once per step and search many inputs against it.
+///
+/// ```
+/// use ndarray::array;
+/// use vq_core::{CodebookIndex, Metric};
+///
+/// let codebook = array![[0.0f32, 0.0], [1.0, 1.0], [-2.0, 0.5]];
+/// let index = CodebookIndex::new(codebook.view(), Metric::Euclidean).unwrap();
+/// let x = array![[0.9f32, 1.2], [-1.5, 0.0], [0.1, -0.1]];
+/// assert_eq!(index.search(x.view()).unwrap().to_vec(), vec![1, 2, 0]);
+/// ```
+#[derive(Debug)]
+pub struct CodebookIndex<'a> {
+    codebook: ArrayView2<'a, f32>,
+    metric: Metric,
+    /// Centred (Euclidean) or normalised (cosine) codes.
+    prepared: Array2<f32>,
+    /// ½‖c̄_k‖² (Euclidean) or 0 (cosine), padded to a multiple of LANES with +∞.
+    bias: Array1<f32>,
+    /// μ (Euclidean) or empty (cosine).
+    centre: Array1<f32>,
+    /// max_k ‖c̄_k‖.
+    max_norm: f32,
+    /// max_k bias_k.
+    max_bias: f32,
+}
+
+impl<'a> CodebookIndex<'a> {
+    /// Prepares `codebook` (K×D) for search.
+    ///
+    /// # Errors
+    /// [`VqError::EmptyCodebook`] if K = 0 or D = 0; [`VqError::NonFinite`] if a code holds NaN or
+    /// an infinity.
+    pub fn new(codebook: ArrayView2<'a, f32>, metric: Metric) -> Result<Self> {
+        let (k, d) = codebook.dim();
+        if k == 0 || d == 0 {
+            return Err(VqError::EmptyCodebook { k, d });
+        }
+        if u32::try_from(k).is_err() {
+            return Err(VqError::InvalidParameter {
+                name: "codebook size",
+                value: k.to_string(),
+                reason: "must fit in u32",
+            });
+        }
+        check_finite(codebook, "codebook")?;
+        let (prepared, centre) = match metric {
+            Metric::Euclidean => {
+                let mut mean = vec![0f64; d];
+                for row in codebook.rows() {
+                    for (m, &v) in mean.iter_mut().zip(row) {
+                        *m += f64::from(v);
+                    }
+                }
+                let centre: Array1<f32> = mean.iter().map(|m| (m / k as f64) as f32).collect();
+                let prepared = &codebook - &centre.view().insert_axis(Axis(0));
+                (prepared, centre)
+            }
+            Metric::Cosine => {
+                let mut prepared = codebook.to_owned();
+                for mut row in prepared.rows_mut() {
+                    let n = row.dot(&row).sqrt().max(COSINE_EPS);
+                    row.mapv_inplace(|v| v / n);
+                }
+                (prepared, Array1::zeros(0))
+            }
+        };
+        let norms: Vec<f32> = prepared.rows().into_iter().map(|r| r.dot(&r).sqrt()).collect();
+        let max_norm = norms.iter().copied().fold(0.0, f32::max);
+        let padded = k.div_ceil(LANES) * LANES;
+        let mut bias = Array1::from_elem(padded, f32::INFINITY);
+        for (b, &n) in bias.iter_mut().zip(&norms) {
+            *b = match metric {
+                Metric::Euclidean => 0.5 * n * n,
+                Metric::Cosine => 0.0,
+            };
+        }
+        let max_bias = bias.iter().take(k).copied().fold(0.0, f32::max);
+        Ok(Self { codebook, metric, prepared, bias, centre, max_norm, max_bias })
+    }
+
+    /// Number of codes K.
+    pub fn len(&self) -> usize {
+        self.codebook.nrows()
+    }
+
+    /// Always false: an index has at least one code.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Code dimension D.
+    pub fn dim(&self) -> usize {
+        self.codebook.ncols()
+    }
+
+    /// The lookup metric.
+    pub fn metric(&self) -> Metric {
+        self.metric
+    }
+
+    /// The original codebook.
+    pub fn codebook(&self) -> ArrayView2<'a, f32> {
+        self.codebook
+    }
+
+    /// Index of the nearest code for every row of `x` (N×D).
+    ///
+    /// # Errors
+    /// [`VqError::ShapeMismatch`] if `x` has another dimension than the codebook;
+    /// [`VqError::NonFinite`] if `x` holds NaN or an infinity.
+    pub fn search(&self, x: ArrayView2<f32>) -> Result<Array1<u32>> {
+        let mut out = Array1::zeros(x.nrows());
+        self.search_into(x, out.as_slice_mut().expect("fresh array is contiguous"))?;
+        Ok(out)
+    }
+
+    /// As [`search`](Self::search), writing into `out` (length N).
+    ///
+    /// # Errors
+    /// As [`search`](Self::search), plus [`VqError::ShapeMismatch`] if `out.len() != N`.
+    pub fn search_into(&self, x: ArrayView2<f32>, out: &mut [u32]) -> Result<()> {
+        if x.ncols() != self.dim() {
+            return Err(VqError::ShapeMismatch {
+                what: "input dim vs codebook dim",
+                expected: self.dim(),
+                got: x.ncols(),
+            });
+        }
+        if out.len() != x.nrows() {
+            return Err(VqError::ShapeMismatch {
+                what: "output length vs input rows",
+                expected: x.nrows(),
+                got: out.len(),
+            });
+        }
+        check_finite(x, "inputs")?;
+        x.axis_chunks_iter(Axis(0), ROW_TILE)
+            .into_par_iter()
+            .zip(out.par_chunks_mut(ROW_TILE))
+            .for_each_init(|| Scratch::new(self.dim(), self.len()), |scratch, (tile, out)| {
+                self.search_tile(tile, out, scratch);
+            });
+        Ok(())
+    }
+
+    fn search_tile(&self, tile: ArrayView2<f32>, out: &mut [u32], sc: &mut Scratch) {
+        let rows = tile.nrows();
+        let d = self.dim();
+        let k = self.len();
+        let eps = f32::EPSILON;
+        // Prepare the row tile: centred or normalised copy; per-row tolerance.
+        let mut xt = sc.x.slice_mut(s![..rows, ..]);
+        for ((mut dst, src), tol) in xt.rows_mut().into_iter().zip(tile.rows()).zip(&mut sc.tol) {
+            match self.metric {
+                Metric::Euclidean => {
+                    dst.iter_mut()
+                        .zip(src)
+                        .zip(&self.centre)
+                        .for_each(|((o, &v), &m)| *o = v - m);
+                    let n = dst.dot(&dst).sqrt();
+                    // |error of bias_k − x̄·c̄_k| ≤ (D + 8)·u·(‖x̄‖‖c̄_k‖ + bias_k), doubled for
+                    // the difference of two scores.
+                    *tol = 2.0 * (d as f32 + 8.0) * eps * (n * self.max_norm + self.max_bias);
+                }
+                Metric::Cosine => {
+                    let n = src.dot(&src).sqrt().max(COSINE_EPS);
+                    dst.iter_mut().zip(src).for_each(|(o, &v)| *o = v / n);
+                    *tol = 2.0 * (d as f32 + 8.0) * eps * (1.0 + self.max_norm);
+                }
+            }
+        }
+        for r in 0..rows {
+            sc.state[r] = RowState::default();
+            sc.cands[r].clear();
+        }
+        let xt = sc.x.slice(s![..rows, ..]);
+        let mut k0 = 0;
+        while k0 < k {
+            let k1 = (k0 + CODE_BLOCK).min(k);
+            let kb = k1 - k0;
+            let kb_pad = kb.div_ceil(LANES) * LANES;
+            let mut scores = sc.scores.slice_mut(s![..rows, ..kb]);
+            general_mat_mul(1.0, &xt, &self.prepared.slice(s![k0..k1, ..]).t(), 0.0, &mut scores);
+            let bias = &self.bias.as_slice().expect("contiguous")[k0..k0 + kb_pad];
+            for r in 0..rows {
+                let row = &mut sc.scores.row_mut(r).into_slice().expect("contiguous")[..kb_pad];
+                // Padding lanes score +∞ through their bias; give them a finite dot product.
+                row[kb..].fill(0.0);
+                let (bv, bi, sv) = scan_top2(row, bias, k0 as u32);
+                let st = &mut sc.state[r];
+                let old = (st.best, st.idx);
+                if bv < st.best {
+                    st.second = st.best.min(sv);
+                    st.best = bv;
+                    st.idx = bi;
+                } else {
+                    st.second = st.second.min(bv);
+                }
+                let tol = sc.tol[r];
+                if st.second - st.best <= tol {
+                    // Ambiguous so far: remember every code of this block within tolerance, and
+                    // the previous best if the new one displaced it.
+                    let cands = &mut sc.cands[r];
+                    let limit = st.best + tol;
+                    if old.1 != st.idx && old.0 <= limit {
+                        cands.push((old.1, old.0));
+                    }
+                    for (j, (&s, &b)) in row[..kb].iter().zip(bias).enumerate() {
+                        let v = b - s;
+                        if v <= limit && cands.len() <= MAX_CANDIDATES {
+                            cands.push((k0 as u32 + j as u32, v));
+                        }
+                    }
+                }
+            }
+            k0 = k1;
+        }
+        for r in 0..rows {
+            let st = sc.state[r];
+            out[r] = if st.second - st.best <= sc.tol[r] {
+                let cands = &mut sc.cands[r];
+                if cands.len() > MAX_CANDIDATES {
+                    self.exact_argmin(tile.row(r), 0..k as u32)
+                } else {
+                    let limit = st.best + sc.tol[r];
+                    cands.push((st.idx, st.best));
+                    cands.retain(|c| c.1 <= limit);
+                    cands.sort_unstable_by_key(|c| c.0);
+                    cands.dedup_by_key(|c| c.0);
+                    self.exact_argmin(tile.row(r), cands.iter().map(|c| c.0))
+                }
+            } else {
+                st.idx
+            };
+        }
+    }
+
+    /// Exact argmin over `candidates` (ascending) in f64 on the original vectors; ties go to the
+    /// first candidate.
+    fn exact_argmin(&self, x: ArrayView1<f32>, candidates: impl Iterator<Item = u32>) -> u32 {
+        let mut best = (f64::INFINITY, u32::MAX);
+        for c in candidates {
+            let code = self.codebook.row(c as usize);
+            let v = match self.metric {
+                Metric::Euclidean => x
+                    .iter()
+                    .zip(code)
+                    .map(|(&a, &b)| {
+                        let t = f64::from(a) - f64::from(b);
+                        t * t
+                    })
+                    .sum::<f64>(),
+                Metric::Cosine => {
+                    let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
+                    for (&a, &b) in x.iter().zip(code) {
+                        let (a, b) = (f64::from(a), f64::from(b));
+                        xy += a * b;
+                        xx += a * a;
+                        yy += b * b;
+                    }
+                    let floor = f64::from(COSINE_EPS);
+                    -xy / (xx.sqrt().max(floor) * yy.sqrt().max(floor))
+                }
+            };
+            if v < best.0 || best.1 == u32::MAX {
+                best = (v, c);
+            }
+        }
+        best.1
+    }
+}
+
+/// Running top-2 of one row.
+#[derive(Debug, Clone, Copy)]
+struct RowState {
+    best: f32,
+    idx: u32,
+    second: f32,
+}
+
+impl Default for RowState {
+    fn default() -> Self {
+        Self { best: f32::INFINITY, idx: 0, second: f32::INFINITY }
+    }
+}
+
+/// Per-thread buffers.
+#[derive(Debug)]
+struct Scratch {
+    x: Array2<f32>,
+    scores: Array2<f32>,
+    tol: Vec<f32>,
+    state: Vec<RowState>,
+    cands: Vec<Vec<(u32, f32)>>,
+}
+
+impl Scratch {
+    fn new(d: usize, k: usize) -> Self {
+        let kb = k.min(CODE_BLOCK).div_ceil(LANES) * LANES;
+        Self {
+            x: Array2::zeros((ROW_TILE, d)),
+            scores: Array2::zeros((ROW_TILE, kb)),
+            tol: vec![0.0; ROW_TILE],
+            state: vec![RowState::default(); ROW_TILE],
+            cands: vec![Vec::new(); ROW_TILE],
+        }
+    }
+}
+
+/// Branch-free top-2 of `bias_k − dot_k` over one block (lengths a multiple of LANES).
+/// Returns (best value, its global index, second-best value); ties keep the lowest index.
+#[inline]
+fn scan_top2(dots: &[f32], bias: &[f32], k0: u32) -> (f32, u32, f32) {
+    let mut bv = [f32::INFINITY; LANES];
+    let mut bi = [0u32; LANES];
+    let mut sv = [f32::INFINITY; LANES];
+    for (c, (dc, hc)) in dots.chunks_exact(LANES).zip(bias.chunks_exact(LANES)).enumerate() {
+        let base = k0 + (c * LANES) as u32;
+        for l in 0..LANES {
+            let v = hc[l] - dc[l];
+            let lt = v < bv[l];
+            sv[l] = if lt { bv[l] } else { sv[l].min(v) };
+            bi[l] = if lt { base + l as u32 } else { bi[l] };
+            bv[l] = if lt { v } else { bv[l] };
+        }
+    }
+    let mut best = 0;
+    for l in 1..LANES {
+        if bv[l] < bv[best] || (bv[l] == bv[best] && bi[l] < bi[best]) {
+            best = l;
+        }
+    }
+    let mut second = f32::INFINITY;
+    for l in 0..LANES {
+        second = second.min(sv[l]);
+        if l != best {
+            second = second.min(bv[l]);
+        }
+    }
+    (bv[best], bi[best], second)
+}
+
+/// Returns the first row of `a` holding a non-finite value as an error.
+pub(crate) fn check_finite(a: ArrayView2<f32>, what: &'static str) -> Result<()> {
+    match a.rows().into_iter().position(|r| !r.iter().all(|v| v.is_finite())) {
+        Some(row) => Err(VqError::NonFinite { what, row }),
+        None => Ok(()),
+    }
+}
+
+/// Nearest code of every row of `x` (N×D) in `codebook` (K×D): a one-shot
+/// [`CodebookIndex::search`].
+///
+/// ```
+/// use ndarray::array;
+/// use vq_core::{nearest_codes, Metric};
+///
+/// let codebook = array![[1.0f32, 0.0], [0.0, 1.0]];
+/// let x = array![[10.0f32, 9.0], [-1.0, 3.0]];
+/// assert_eq!(nearest_codes(x.view(), codebook.view(), Metric::Cosine).unwrap().to_vec(), vec![0, 1]);
+/// ```
+///
+/// # Errors
+/// See [`CodebookIndex::new`] and [`CodebookIndex::search`].
+pub fn nearest_codes(x: ArrayView2<f32>, codebook: ArrayView2<f32>, metric: Metric) -> Result<Array1<u32>> {
+    CodebookIndex::new(codebook, metric)?.search(x)
+}
+
+/// Rows of `codebook` selected by `indices`: the quantized vectors `q_n = c_{i_n}`.
+///
+/// ```
+/// use ndarray::array;
+/// let codebook = array![[1.0f32, 2.0], [3.0, 4.0]];
+/// let q = vq_core::gather_codes(codebook.view(), &[1, 1, 0]).unwrap();
+/// assert_eq!(q, array![[3.0, 4.0], [3.0, 4.0], [1.0, 2.0]]);
+/// ```
+///
+/// # Errors
+/// [`VqError::IndexOutOfRange`] if an index is ≥ K.
+pub fn gather_codes(codebook: ArrayView2<f32>, indices: &[u32]) -> Result<Array2<f32>> {
+    let k = codebook.nrows();
+    if let Some((position, &index)) = indices.iter().enumerate().find(|(_, i)| **i as usize >= k) {
+        return Err(VqError::IndexOutOfRange { index, position, k });
+    }
+    let mut out = Array2::zeros((indices.len(), codebook.ncols()));
+    out.axis_iter_mut(Axis(0))
+        .into_par_iter()
+        .zip(indices.par_iter())
+        .for_each(|(mut row, &i)| row.assign(&codebook.row(i as usize)));
+    Ok(out)
+}
+
+/// Nearest-code search followed by the gather: returns `(indices, q)`.
+///
+/// # Errors
+/// See [`nearest_codes`].
+pub fn quantize(x: ArrayView2<f32>, codebook: ArrayView2<f32>, metric: Metric) -> Result<(Array1<u32>, Array2<f32>)> {
+    let idx = nearest_codes(x, codebook, metric)?;
+    let q = gather_codes(codebook, idx.as_slice().expect("fresh array is contiguous"))?;
+    Ok((idx, q))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::randn;
+    use proptest::prelude::*;
+
+    /// Exact reference: f64 distances, ties to the lowest index.
+    fn brute_force(x: ArrayView2<f32>, c: ArrayView2<f32>, metric: Metric) -> Vec<u32> {
+        x.rows()
+            .into_iter()
+            .map(|xr| {
+                let mut best = (f64::INFINITY, 0u32);
+                for (k, cr) in c.rows().into_iter().enumerate() {
+                    let v = match metric {
+                        Metric::Euclidean => {
+                            xr.iter().zip(cr).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum::<f64>()
+                        }
+                        Metric::Cosine => {
+                            let dot: f64 = xr.iter().zip(cr).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                            let nx = crate::testutil::norm64(xr).max(1e-12);
+                            let nc = crate::testutil::norm64(cr).max(1e-12);
+                            -dot / (nx * nc)
+                        }
+                    };
+                    if v < best.0 {
+                        best = (v, k as u32);
+                    }
+                }
+                best.1
+            })
+            .collect()
+    }
+
+    fn check(x: &Array2<f32>, c: &Array2<f32>, metric: Metric) {
+        let got = nearest_codes(x.view(), c.view(), metric).unwrap().to_vec();
+        assert_eq!(got, brute_force(x.view(), c.view(), metric), "metric {metric:?}");
+    }
+
+    #[test]
+    fn matches_brute_force_across_tiles_and_code_blocks() {
+        for (i, &(n, k, d)) in [(200, 37, 5), (130, 2500, 3), (65, 1025, 16), (1, 1, 1), (300, 9, 64)].iter().enumerate() {
+            let x = randn((n, d), 10 + i as u64);
+            let c = randn((k, d), 20 + i as u64);
+            check(&x, &c, Metric::Euclidean);
+            check(&x, &c, Metric::Cosine);
+        }
+    }
+
+    /// Far from the origin the ‖x‖² + ‖c‖² − 2x·c shortcut cancels catastrophically in f32.
+    #[test]
+    fn large_offset_is_exact_where_the_naive_shortcut_is_not() {
+        let (n, k, d) = (512, 256, 32);
+        let x = randn((n, d), 1) + 1000.0;
+        let c = randn((k, d), 2) + 1000.0;
+        let exact = brute_force(x.view(), c.view(), Metric::Euclidean);
+        let naive: Vec<u32> = x
+            .rows()
+            .into_iter()
+            .map(|xr| {
+                let xx = xr.dot(&xr);
+                let mut best = (f32::INFINITY, 0u32);
+                for (j, cr) in c.rows().into_iter().enumerate() {
+                    let v = xx + cr.dot(&cr) - 2.0 * xr.dot(&cr);
+                    if v < best.0 {
+                        best = (v, j as u32);
+                    }
+                }
+                best.1
+            })
+            .collect();
+        let naive_wrong = naive.iter().zip(&exact).filter(|(a, b)| a != b).count();
+        assert!(naive_wrong > 10, "the test data must defeat the naive shortcut (wrong: {naive_wrong})");
+        check(&x, &c, Metric::Euclidean);
+    }
+
+    #[test]
+    fn near_ties_are_re_ranked_exactly_and_exact_ties_go_to_the_lowest_index() {
+        // Codes 1 and 3 are duplicates; code 2 differs from code 0 by one ulp.
+        let c = ndarray::array![[1.0f32, 0.0], [0.0, 1.0], [1.0, f32::EPSILON], [0.0, 1.0]];
+        let x = ndarray::array![[0.0f32, 2.0], [1.0, 1.0], [2.0, 0.5]];
+        check(&x, &c, Metric::Euclidean);
+        let got = nearest_codes(x.view(), c.view(), Metric::Euclidean).unwrap();
+        assert_eq!(got[0], 1);
+        // Many exact duplicates overflow the candidate list and take the exact full scan.
+        let c = Array2::from_elem((100, 3), 0.5f32);
+        let x = randn((10, 3), 5);
+        assert!(nearest_codes(x.view(), c.view(), Metric::Euclidean).unwrap().iter().all(|&i| i == 0));
+        assert!(nearest_codes(x.view(), c.view(), Metric::Cosine).unwrap().iter().all(|&i| i == 0));
+    }
+
+    #[test]
+    fn zero_vectors_in_cosine_lookup_pick_the_first_code() {
+        let c = randn((5, 4), 3);
+        let x = Array2::zeros((3, 4));
+        assert_eq!(nearest_codes(x.view(), c.view(), Metric::Cosine).unwrap().to_vec(), vec![0, 0, 0]);
+    }
+
+    #[test]
+    fn bad_input_gives_typed_errors() {
+        let c = randn((4, 3), 0);
+        let empty = Array2::<f32>::zeros((0, 3));
+        assert_eq!(CodebookIndex::new(empty.view(), Metric::Euclidean).unwrap_err(), VqError::EmptyCodebook { k: 0, d: 3 });
+        let x = randn((2, 5), 0);
+        assert!(matches!(nearest_codes(x.view(), c.view(), Metric::Euclidean), Err(VqError::ShapeMismatch { expected: 3, got: 5, .. })));
+        let mut x = randn((3, 3), 0);
+        x[[2, 1]] = f32::NAN;
+        assert_eq!(nearest_codes(x.view(), c.view(), Metric::Euclidean).unwrap_err(), VqError::NonFinite { what: "inputs", row: 2 });
+        let mut cb = c.clone();
+        cb[[1, 0]] = f32::INFINITY;
+        assert_eq!(CodebookIndex::new(cb.view(), Metric::Cosine).unwrap_err(), VqError::NonFinite { what: "codebook", row: 1 });
+        assert_eq!(gather_codes(c.view(), &[0, 4]).unwrap_err(), VqError::IndexOutOfRange { index: 4, position: 1, k: 4 });
+    }
+
+    #[test]
+    fn non_contiguous_inputs_are_accepted() {
+        let x = randn((50, 12), 7);
+        let c = randn((30, 12), 8);
+        let xs = x.slice(s![..;2, ..;2]);
+        let cs = c.slice(s![.., ..;2]);
+        let got = nearest_codes(xs, cs, Metric::Euclidean).unwrap().to_vec();
+        assert_eq!(got, brute_force(xs, cs, Metric::Euclidean));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        #[test]
+        fn prop_matches_brute_force(n in 1usize..140, k in 1usize..40, d in 1usize..10, seed in 0u64..1000, offset in prop_oneof![Just(0.0f32), Just(50.0)]) {
+            let x = randn((n, d), seed) + offset;
+            let c = randn((k, d), seed + 1) + offset;
+            for metric in [Metric::Euclidean, Metric::Cosine] {
+                let got = nearest_codes(x.view(), c.view(), metric).unwrap().to_vec();
+                prop_assert_eq!(got, brute_force(x.view(), c.view(), metric));
+            }
+        }
+    }
+}
