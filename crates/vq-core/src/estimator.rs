@@ -328,3 +328,243 @@ impl RowMap {
         out.iter_mut().for_each(|o| *o *= self.scale);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{dot64, norm64, randn};
+    use ndarray::{Array1, Array2, array};
+    use proptest::prelude::*;
+
+    /// Dense reference straight from the paper: λR with R = I − 2rrᵀ + 2q̂êᵀ, r the bisector.
+    fn dense_rotation(e: &[f64], q: &[f64], rescale: bool) -> Array2<f64> {
+        let d = e.len();
+        let ne = dot64(e, e).sqrt();
+        let nq = dot64(q, q).sqrt();
+        let eh: Vec<f64> = e.iter().map(|v| v / ne).collect();
+        let qh: Vec<f64> = q.iter().map(|v| v / nq).collect();
+        let s: Vec<f64> = eh.iter().zip(&qh).map(|(a, b)| a + b).collect();
+        let ns = dot64(&s, &s).sqrt();
+        let r: Vec<f64> = s.iter().map(|v| v / ns).collect();
+        let lambda = if rescale { nq / ne } else { 1.0 };
+        Array2::from_shape_fn((d, d), |(i, j)| {
+            let id = if i == j { 1.0 } else { 0.0 };
+            lambda * (id - 2.0 * r[i] * r[j] + 2.0 * qh[i] * eh[j])
+        })
+    }
+
+    fn det(mut m: Array2<f64>) -> f64 {
+        let n = m.nrows();
+        let mut det = 1.0;
+        for c in 0..n {
+            let p = (c..n).max_by(|&a, &b| m[[a, c]].abs().total_cmp(&m[[b, c]].abs())).unwrap();
+            if m[[p, c]] == 0.0 {
+                return 0.0;
+            }
+            if p != c {
+                for j in 0..n {
+                    m.swap([p, j], [c, j]);
+                }
+                det = -det;
+            }
+            det *= m[[c, c]];
+            for r in c + 1..n {
+                let f = m[[r, c]] / m[[c, c]];
+                for j in c..n {
+                    m[[r, j]] -= f * m[[c, j]];
+                }
+            }
+        }
+        det
+    }
+
+    /// The map of one row as a dense matrix, built column by column from `apply`.
+    fn as_matrix(map: &RowMap, e: ArrayView1<f32>, q: ArrayView1<f32>) -> Array2<f64> {
+        let d = e.len();
+        let mut m = Array2::zeros((d, d));
+        let mut out = vec![0.0; d];
+        for j in 0..d {
+            let mut basis = Array1::zeros(d);
+            basis[j] = 1.0f32;
+            map.apply(e, q, basis.view(), &mut out);
+            m.column_mut(j).assign(&Array1::from(out.clone()));
+        }
+        m
+    }
+
+    fn to64(v: ArrayView1<f32>) -> Vec<f64> {
+        v.iter().map(|&x| f64::from(x)).collect()
+    }
+
+    fn max_abs_diff(a: &Array2<f64>, b: &Array2<f64>) -> f64 {
+        (a - b).iter().fold(0.0, |m, v| m.max(v.abs()))
+    }
+
+    #[test]
+    fn frozen_rotation_maps_e_onto_q() {
+        let (e, q) = (randn((50, 7), 1), randn((50, 7), 2) * 3.0);
+        for est in [Estimator::Rotation, Estimator::Reflection] {
+            for (er, qr) in e.rows().into_iter().zip(q.rows()) {
+                let map = RowMap::new(est, er, qr);
+                let mut out = vec![0.0; 7];
+                map.apply(er, qr, er, &mut out);
+                let err: f64 = out.iter().zip(qr).map(|(a, &b)| (a - f64::from(b)).powi(2)).sum::<f64>().sqrt();
+                assert!(err <= 1e-5 * norm64(qr), "{est:?}: ‖λRe − q‖ = {err}");
+            }
+        }
+        assert_eq!(Estimator::Rotation.forward(e.view(), q.view()).unwrap(), q);
+    }
+
+    #[test]
+    fn rotation_matches_dense_reference_and_is_a_scaled_proper_rotation() {
+        let (e, q, g) = (randn((40, 6), 3), randn((40, 6), 4) * 0.5, randn((40, 6), 5));
+        let grad = Estimator::Rotation.backward(e.view(), q.view(), g.view()).unwrap();
+        let grad_nr = Estimator::RotationNoRescale.backward(e.view(), q.view(), g.view()).unwrap();
+        for i in 0..40 {
+            let (er, qr, gr) = (e.row(i), q.row(i), g.row(i));
+            let dense = dense_rotation(&to64(er), &to64(qr), true);
+            let map = RowMap::new(Estimator::Rotation, er, qr);
+            let m = as_matrix(&map, er, qr);
+            assert!(max_abs_diff(&m, &dense) < 1e-12, "efficient form ≠ dense matrix form");
+            // λRᵀ orthogonal up to λ: (λR)ᵀ(λR) = λ² I; det R = +1.
+            let lambda = map.scale();
+            let mtm = m.t().dot(&m) / (lambda * lambda);
+            assert!(max_abs_diff(&mtm, &Array2::eye(6)) < 1e-12);
+            assert!((det(m.clone() / lambda) - 1.0).abs() < 1e-10);
+            // Backward = denseᵀ g, for both scalings.
+            let expect = dense.t().dot(&Array1::from(to64(gr)));
+            for (j, &v) in grad.row(i).iter().enumerate() {
+                assert!((f64::from(v) - expect[j]).abs() <= 1e-5 * (1.0 + expect[j].abs()));
+                let nr = f64::from(grad_nr[[i, j]]);
+                assert!((nr - expect[j] / lambda).abs() <= 1e-5 * (1.0 + nr.abs()));
+            }
+            // Angle(e, ∇e) = angle(q, ∇q) and ‖∇e‖ = λ‖∇q‖.
+            let ge = to64(grad.row(i));
+            let cos_e = dot64(&to64(er), &ge) / (norm64(er) * dot64(&ge, &ge).sqrt());
+            let cos_q = dot64(&to64(qr), &to64(gr)) / (norm64(qr) * norm64(gr));
+            assert!((cos_e - cos_q).abs() < 1e-5, "angles {cos_e} vs {cos_q}");
+            assert!((dot64(&ge, &ge).sqrt() - lambda * norm64(gr)).abs() < 1e-5 * lambda * norm64(gr));
+        }
+    }
+
+    #[test]
+    fn finite_differences_of_the_frozen_map_match_backward() {
+        // q̃(v) = sg(λR) v with the map frozen at e: ∂⟨g, q̃⟩/∂v_j by central differences.
+        let (e, q, g) = (randn((5, 4), 6), randn((5, 4), 7), randn((5, 4), 8));
+        for est in Estimator::ALL {
+            let grad = est.backward(e.view(), q.view(), g.view()).unwrap();
+            for i in 0..5 {
+                let (er, qr) = (e.row(i), q.row(i));
+                let map = RowMap::new(est, er, qr);
+                let objective = |v: &Array1<f32>| {
+                    let mut out = vec![0.0; 4];
+                    map.apply(er, qr, v.view(), &mut out);
+                    dot64(&out, &to64(g.row(i)))
+                };
+                for j in 0..4 {
+                    let h = 1e-2f32;
+                    let (mut plus, mut minus) = (er.to_owned(), er.to_owned());
+                    plus[j] += h;
+                    minus[j] -= h;
+                    let fd = (objective(&plus) - objective(&minus)) / f64::from(2.0 * h);
+                    let an = f64::from(grad[[i, j]]);
+                    assert!((fd - an).abs() <= 1e-4 * (1.0 + an.abs()), "{est:?} row {i} dim {j}: fd {fd} vs {an}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn reflection_is_symmetric_with_determinant_minus_one() {
+        let (e, q) = (randn((10, 5), 9), randn((10, 5), 10));
+        for i in 0..10 {
+            let map = RowMap::new(Estimator::Reflection, e.row(i), q.row(i));
+            let m = as_matrix(&map, e.row(i), q.row(i)) / map.scale();
+            assert!(max_abs_diff(&m, &m.t().to_owned()) < 1e-12);
+            assert!((det(m) + 1.0).abs() < 1e-10);
+        }
+    }
+
+    #[test]
+    fn straight_through_passes_the_gradient_unchanged() {
+        let (e, q, g) = (randn((9, 3), 11), randn((9, 3), 12), randn((9, 3), 13));
+        assert_eq!(Estimator::StraightThrough.backward(e.view(), q.view(), g.view()).unwrap(), g);
+    }
+
+    #[test]
+    fn antipodal_rows_get_a_proper_rotation_by_pi() {
+        let e = array![[1.0f32, 2.0, -0.5], [3.0, 0.0, 0.0]];
+        let q = -&e * 2.0;
+        let g = randn((2, 3), 14);
+        let grad = Estimator::Rotation.backward(e.view(), q.view(), g.view()).unwrap();
+        assert!(grad.iter().all(|v| v.is_finite()));
+        for i in 0..2 {
+            let map = RowMap::new(Estimator::Rotation, e.row(i), q.row(i));
+            let m = as_matrix(&map, e.row(i), q.row(i));
+            assert!((map.scale() - 2.0).abs() < 1e-12);
+            assert!((det(m.clone() / 2.0) - 1.0).abs() < 1e-10, "must stay a rotation");
+            let me = m.dot(&Array1::from(to64(e.row(i))));
+            for (a, &b) in me.iter().zip(q.row(i)) {
+                assert!((a - f64::from(b)).abs() < 1e-9);
+            }
+        }
+        // Nearly antipodal: still finite and orthogonal.
+        let e = array![[1.0f32, 1e-5, 0.0]];
+        let q = array![[-1.0f32, 0.0, 0.0]];
+        let map = RowMap::new(Estimator::Rotation, e.row(0), q.row(0));
+        let m = as_matrix(&map, e.row(0), q.row(0));
+        assert!(max_abs_diff(&m.t().dot(&m), &Array2::eye(3)) < 1e-9);
+    }
+
+    #[test]
+    fn one_dimensional_antipodes_fall_back_to_the_sign_flip() {
+        let e = array![[2.0f32], [-1.0]];
+        let q = array![[-4.0f32], [-3.0]];
+        let g = array![[1.0f32], [1.0]];
+        let grad = Estimator::Rotation.backward(e.view(), q.view(), g.view()).unwrap();
+        // Row 0: λ = 2, R = −1. Row 1: same sign, R = 1, λ = 3.
+        assert_eq!(grad, array![[-2.0], [3.0]]);
+    }
+
+    #[test]
+    fn zero_norm_rows_are_finite() {
+        let e = array![[0.0f32, 0.0], [1e-9, 0.0], [1.0, 1.0], [0.0, 0.0]];
+        let q = array![[1.0f32, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]];
+        let g = array![[1.0f32, 2.0], [1.0, 2.0], [1.0, 2.0], [1.0, 2.0]];
+        for est in Estimator::ALL {
+            let grad = est.backward(e.view(), q.view(), g.view()).unwrap();
+            assert!(grad.iter().all(|v| v.is_finite()), "{est:?}: {grad:?}");
+        }
+        let grad = Estimator::Rotation.backward(e.view(), q.view(), g.view()).unwrap();
+        // ‖e‖ = 0: R = I, λ = ‖q‖/1e-6. ‖q‖ = 0: λ = 0.
+        assert!((grad[[0, 0]] - 1e6).abs() < 1.0 && (grad[[0, 1]] - 2e6).abs() < 2.0);
+        assert_eq!(grad.row(2).to_vec(), vec![0.0, 0.0]);
+        assert_eq!(grad.row(3).to_vec(), vec![0.0, 0.0]);
+    }
+
+    #[test]
+    fn shape_errors_and_names() {
+        let e = randn((3, 2), 0);
+        let q = randn((3, 3), 0);
+        assert!(matches!(Estimator::Rotation.backward(e.view(), q.view(), e.view()), Err(VqError::ShapeMismatch { .. })));
+        for est in Estimator::ALL {
+            assert_eq!(Estimator::from_name(est.name()).unwrap(), est);
+        }
+        assert!(Estimator::from_name("rot").is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn prop_norm_scaling_and_finiteness(n in 1usize..20, d in 1usize..12, seed in 0u64..10_000) {
+            let (e, q, g) = (randn((n, d), seed), randn((n, d), seed + 1), randn((n, d), seed + 2));
+            let grad = Estimator::Rotation.backward(e.view(), q.view(), g.view()).unwrap();
+            for i in 0..n {
+                prop_assert!(grad.row(i).iter().all(|v| v.is_finite()));
+                let lambda = norm64(q.row(i)) / norm64(e.row(i)).max(NORM_EPS);
+                let ge = norm64(grad.row(i));
+                prop_assert!((ge - lambda * norm64(g.row(i))).abs() <= 1e-4 * (1.0 + ge));
+            }
+        }
+    }
+}

@@ -143,3 +143,58 @@ pub fn vq_loss(e: ArrayView2<f32>, q: ArrayView2<f32>, weights: LossWeights) -> 
         grad_q,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::randn;
+
+    fn total(e: &Array2<f32>, q: &Array2<f32>, w: LossWeights) -> f64 {
+        let l = vq_loss(e.view(), q.view(), w).unwrap();
+        f64::from(l.commitment) + f64::from(l.codebook)
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() {
+        let (e, q) = (randn((4, 3), 1), randn((4, 3), 2));
+        for (beta, placement) in [(0.25, BetaPlacement::Commitment), (0.25, BetaPlacement::LegacyCodebook), (2.0, BetaPlacement::Commitment)] {
+            let w = LossWeights::new(beta, placement, CodebookTerm::Include).unwrap();
+            let l = vq_loss(e.view(), q.view(), w).unwrap();
+            // The commitment part only depends on e through e and the codebook part only on q;
+            // finite differences of the commitment term alone (codebook term excluded).
+            let wc = LossWeights { codebook: 0.0, ..w };
+            let wb = LossWeights { commitment: 0.0, ..w };
+            let h = 1e-2f32;
+            for i in 0..4 {
+                for j in 0..3 {
+                    let (mut ep, mut em) = (e.clone(), e.clone());
+                    ep[[i, j]] += h;
+                    em[[i, j]] -= h;
+                    let fd = (total(&ep, &q, wc) - total(&em, &q, wc)) / f64::from(2.0 * h);
+                    assert!((fd - f64::from(l.grad_e[[i, j]])).abs() < 1e-4, "∂/∂e {fd} vs {}", l.grad_e[[i, j]]);
+                    let (mut qp, mut qm) = (q.clone(), q.clone());
+                    qp[[i, j]] += h;
+                    qm[[i, j]] -= h;
+                    let fd = (total(&e, &qp, wb) - total(&e, &qm, wb)) / f64::from(2.0 * h);
+                    assert!((fd - f64::from(l.grad_q[[i, j]])).abs() < 1e-4, "∂/∂q {fd} vs {}", l.grad_q[[i, j]]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn placement_and_exclusion() {
+        let e = ndarray::array![[2.0f32, 0.0]];
+        let q = ndarray::array![[0.0f32, 0.0]];
+        let legacy = LossWeights::new(0.25, BetaPlacement::LegacyCodebook, CodebookTerm::Include).unwrap();
+        let l = vq_loss(e.view(), q.view(), legacy).unwrap();
+        assert_eq!((l.commitment, l.codebook), (2.0, 0.5));
+        let ema = LossWeights::new(1.0, BetaPlacement::Commitment, CodebookTerm::Exclude).unwrap();
+        let l = vq_loss(e.view(), q.view(), ema).unwrap();
+        assert_eq!((l.commitment, l.codebook), (2.0, 0.0));
+        assert!(l.grad_q.iter().all(|&v| v == 0.0));
+        assert!(LossWeights::new(-1.0, BetaPlacement::Commitment, CodebookTerm::Include).is_err());
+        assert!(LossWeights::new(f32::NAN, BetaPlacement::Commitment, CodebookTerm::Include).is_err());
+        assert!(vq_loss(e.view(), ndarray::array![[1.0f32]].view(), ema).is_err());
+    }
+}

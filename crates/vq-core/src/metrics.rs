@@ -111,3 +111,22 @@ pub fn quantization_error(e: ArrayView2<f32>, q: ArrayView2<f32>) -> Result<f64>
     });
     Ok(s / e.nrows() as f64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_perplexity_usage() {
+        assert_eq!(code_counts(&[0, 2, 2, 1, 2], 4).unwrap(), vec![1, 1, 3, 0]);
+        assert!(matches!(code_counts(&[5], 4), Err(VqError::IndexOutOfRange { index: 5, .. })));
+        // Uniform over K codes: perplexity K.
+        assert!((perplexity(&[7; 16]) - 16.0).abs() < 1e-9);
+        assert_eq!(perplexity(&[0, 9, 0]), 1.0);
+        assert_eq!(perplexity(&[]), 0.0);
+        // Groups of 3 with K = 3: {0}, {0,1,2}, last partial group {2}.
+        let u = codebook_usage(&[0, 0, 0, 0, 1, 2, 2], 3, 3).unwrap();
+        assert!((u - (1.0 / 3.0 + 1.0 + 1.0 / 3.0) / 3.0).abs() < 1e-12);
+        assert!(codebook_usage(&[0], 3, 0).is_err());
+    }
+}
