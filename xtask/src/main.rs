@@ -57,7 +57,18 @@ fn main() -> Result<()> {
         Cmd::Ci => {
             setup::run(&root, false)?;
             cargo(&root, &["fmt", "--all", "--check"], &[])?;
-            cargo(&root, &["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"], &[])?;
+            cargo(
+                &root,
+                &[
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ],
+                &[],
+            )?;
             test(&root, &[])?;
             cargo(
                 &root,
@@ -91,22 +102,52 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
 }
 
 fn demo(root: &Path) -> Result<()> {
-    cargo(root, &["run", "--release", "-p", "vq-core", "--example", "himmelblau", "--", "--out", "runs/demo"], &[])
+    cargo(
+        root,
+        &[
+            "run",
+            "--release",
+            "-p",
+            "vq-core",
+            "--example",
+            "himmelblau",
+            "--",
+            "--out",
+            "runs/demo",
+        ],
+        &[],
+    )
 }
 
 fn bench(root: &Path, lt: &setup::Libtorch, threads: Option<usize>, quick: bool) -> Result<()> {
     let threads = threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         .to_string();
-    let mut args = vec!["run", "--release", "-p", "vq-core", "--example", "bench_vq", "--"];
+    let mut args = vec![
+        "run",
+        "--release",
+        "-p",
+        "vq-core",
+        "--example",
+        "bench_vq",
+        "--",
+    ];
     args.extend(["--threads", &threads]);
     if quick {
         args.push("--quick");
     }
     let site = lt.python_site.as_ref().map(|p| p.display().to_string());
     let torch_python = site.as_deref().unwrap_or("");
-    let bench_script = root.join("xtask/torch_vq_ref.py").display().to_string();
-    args.extend(["--torch-script", &bench_script, "--torch-pythonpath", torch_python]);
+    let bench_script = root
+        .join("crates/vq-core/examples/torch_vq_ref.py")
+        .display()
+        .to_string();
+    args.extend([
+        "--torch-script",
+        &bench_script,
+        "--torch-pythonpath",
+        torch_python,
+    ]);
     cargo(root, &args, &[])
 }
 
@@ -120,7 +161,9 @@ pub(crate) fn cargo(root: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<
         cmd.env(k, v);
     }
     eprintln!("$ cargo {}", args.join(" "));
-    let status = cmd.status().with_context(|| format!("running {cargo} {}", args.join(" ")))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {cargo} {}", args.join(" ")))?;
     if !status.success() {
         bail!("`cargo {}` failed ({status})", args.join(" "));
     }

@@ -39,10 +39,16 @@ pub fn run(root: &Path, force: bool) -> Result<Libtorch> {
         _ => {
             if !force && site.join(MARKER).exists() && link.join("lib").is_dir() {
                 eprintln!("libtorch {TORCH_VERSION}: ready in {}", link.display());
-                return Ok(Libtorch { dir: link, python_site: Some(site) });
+                return Ok(Libtorch {
+                    dir: link,
+                    python_site: Some(site),
+                });
             }
             install_from_pip(&base, &site, &link)?;
-            Ok(Libtorch { dir: link, python_site: Some(site) })
+            Ok(Libtorch {
+                dir: link,
+                python_site: Some(site),
+            })
         }
     }
 }
@@ -75,17 +81,27 @@ fn adopt_existing(base: &Path, link: &Path, external: &Path) -> Result<Libtorch>
         external.display(),
         link.display()
     );
-    Ok(Libtorch { dir: link.to_path_buf(), python_site: None })
+    Ok(Libtorch {
+        dir: link.to_path_buf(),
+        python_site: None,
+    })
 }
 
 /// Reads the version from libtorch's `build-version` (libtorch zips) or `version.py` (Python
 /// installations), without any local suffix such as `+cu130`.
 fn detect_version(dir: &Path) -> Option<String> {
-    let raw = fs::read_to_string(dir.join("build-version")).ok().or_else(|| {
-        let py = fs::read_to_string(dir.join("version.py")).ok()?;
-        let line = py.lines().find(|l| l.starts_with("__version__"))?;
-        Some(line.split('\'').nth(1).or_else(|| line.split('"').nth(1))?.to_owned())
-    })?;
+    let raw = fs::read_to_string(dir.join("build-version"))
+        .ok()
+        .or_else(|| {
+            let py = fs::read_to_string(dir.join("version.py")).ok()?;
+            let line = py.lines().find(|l| l.starts_with("__version__"))?;
+            Some(
+                line.split('\'')
+                    .nth(1)
+                    .or_else(|| line.split('"').nth(1))?
+                    .to_owned(),
+            )
+        })?;
     let v = raw.trim();
     Some(v.split_once('+').map_or(v, |(v, _)| v).to_owned())
 }
@@ -128,7 +144,14 @@ fn install_from_pip(base: &Path, site: &Path, link: &Path) -> Result<()> {
         site.display()
     );
     let status = Command::new(&py)
-        .args(["-m", "pip", "install", "--no-input", "--disable-pip-version-check", "--no-cache-dir"])
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--no-input",
+            "--disable-pip-version-check",
+            "--no-cache-dir",
+        ])
         .arg("--target")
         .arg(&staging)
         .arg(format!("torch=={TORCH_VERSION}"))
@@ -142,7 +165,10 @@ fn install_from_pip(base: &Path, site: &Path, link: &Path) -> Result<()> {
     let torch = staging.join("torch");
     match detect_version(&torch) {
         Some(v) if v == TORCH_VERSION => {}
-        other => bail!("pip installed torch {other:?} into {}, expected {TORCH_VERSION}", staging.display()),
+        other => bail!(
+            "pip installed torch {other:?} into {}, expected {TORCH_VERSION}",
+            staging.display()
+        ),
     }
     fs::write(staging.join(MARKER), TORCH_VERSION).context("writing the setup marker")?;
     // Swap the finished installation into place; only now does the old one go.
@@ -167,7 +193,10 @@ fn replace_symlink(target: &Path, link: &Path) -> Result<()> {
     std::os::unix::fs::symlink(target, &tmp)
         .with_context(|| format!("creating link {} -> {}", tmp.display(), target.display()))?;
     if link.is_dir() && !link.is_symlink() {
-        bail!("{} is a folder, not a link; remove it and run setup again", link.display());
+        bail!(
+            "{} is a folder, not a link; remove it and run setup again",
+            link.display()
+        );
     }
     fs::rename(&tmp, link).with_context(|| format!("replacing {}", link.display()))?;
     Ok(())
@@ -181,7 +210,11 @@ mod tests {
     fn version_from_python_layout_drops_local_suffix() {
         let dir = std::env::temp_dir().join(format!("xtask-ver-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
-        fs::write(dir.join("version.py"), "x = 1\n__version__ = '2.13.0+cu130'\n").unwrap();
+        fs::write(
+            dir.join("version.py"),
+            "x = 1\n__version__ = '2.13.0+cu130'\n",
+        )
+        .unwrap();
         assert_eq!(detect_version(&dir).as_deref(), Some("2.13.0"));
         fs::write(dir.join("build-version"), "2.12.1+cpu\n").unwrap();
         assert_eq!(detect_version(&dir).as_deref(), Some("2.12.1"));

@@ -17,6 +17,7 @@
 use ndarray::{Array1, Array2, ArrayView2, Axis};
 use rand::Rng;
 use rand::seq::index::sample;
+use rayon::prelude::*;
 
 use crate::error::{Result, VqError};
 use crate::search::{CodebookIndex, Metric};
@@ -35,8 +36,19 @@ impl EmaConfig {
     ///
     /// # Errors
     /// [`VqError::InvalidParameter`] naming the first value out of range.
-    pub fn new(decay: f32, laplace_eps: f32, dead_code_threshold: f32, metric: Metric) -> Result<Self> {
-        let bad = |name, value: f32, reason| Err(VqError::InvalidParameter { name, value: value.to_string(), reason });
+    pub fn new(
+        decay: f32,
+        laplace_eps: f32,
+        dead_code_threshold: f32,
+        metric: Metric,
+    ) -> Result<Self> {
+        let bad = |name, value: f32, reason| {
+            Err(VqError::InvalidParameter {
+                name,
+                value: value.to_string(),
+                reason,
+            })
+        };
         if !(0.0..1.0).contains(&decay) {
             return bad("decay", decay, "must be in [0, 1)");
         }
@@ -44,14 +56,28 @@ impl EmaConfig {
             return bad("laplace_eps", laplace_eps, "must be finite and > 0");
         }
         if !(dead_code_threshold.is_finite() && dead_code_threshold >= 0.0) {
-            return bad("dead_code_threshold", dead_code_threshold, "must be finite and >= 0");
+            return bad(
+                "dead_code_threshold",
+                dead_code_threshold,
+                "must be finite and >= 0",
+            );
         }
-        Ok(Self { decay, laplace_eps, dead_code_threshold, metric })
+        Ok(Self {
+            decay,
+            laplace_eps,
+            dead_code_threshold,
+            metric,
+        })
     }
 
     /// The paper's Table-1 setting: decay 0.8, Laplace ε = 1e-5, no dead-code replacement.
     pub fn paper_vqvae(metric: Metric) -> Self {
-        Self { decay: 0.8, laplace_eps: 1e-5, dead_code_threshold: 0.0, metric }
+        Self {
+            decay: 0.8,
+            laplace_eps: 1e-5,
+            dead_code_threshold: 0.0,
+            metric,
+        }
     }
 
     /// EMA decay γ.
@@ -119,7 +145,12 @@ impl EmaCodebook {
         if config.metric == Metric::Cosine {
             l2_normalise_rows(&mut codes);
         }
-        Ok(Self { config, sums: codes.clone(), sizes: Array1::ones(k), codes })
+        Ok(Self {
+            config,
+            sums: codes.clone(),
+            sizes: Array1::ones(k),
+            codes,
+        })
     }
 
     /// k-means (Lloyd) initialisation on `samples` (M×D): `k` distinct samples as seeds, then
@@ -130,11 +161,22 @@ impl EmaCodebook {
     /// # Errors
     /// [`VqError::InvalidParameter`] if `k` = 0 or there are fewer than `k` samples;
     /// [`VqError::NonFinite`] for NaN/∞ samples.
-    pub fn kmeans_init(samples: ArrayView2<f32>, k: usize, iters: usize, config: EmaConfig, rng: &mut impl Rng) -> Result<Self> {
+    pub fn kmeans_init(
+        samples: ArrayView2<f32>,
+        k: usize,
+        iters: usize,
+        config: EmaConfig,
+        rng: &mut impl Rng,
+    ) -> Result<Self> {
         let (centres, counts) = kmeans(samples, k, iters, config.metric, rng)?;
         let sizes = counts.mapv(|c| (c as f32).max(1.0));
         let sums = &centres * &sizes.view().insert_axis(Axis(1));
-        Ok(Self { config, codes: centres, sums, sizes })
+        Ok(Self {
+            config,
+            codes: centres,
+            sums,
+            sizes,
+        })
     }
 
     /// The current codes (K×D).
@@ -163,30 +205,53 @@ impl EmaCodebook {
     /// # Errors
     /// [`VqError::ShapeMismatch`] for a wrong input dimension or index count,
     /// [`VqError::IndexOutOfRange`], [`VqError::NonFinite`].
-    pub fn update(&mut self, x: ArrayView2<f32>, indices: &[u32], rng: &mut impl Rng) -> Result<EmaUpdate> {
+    pub fn update(
+        &mut self,
+        x: ArrayView2<f32>,
+        indices: &[u32],
+        rng: &mut impl Rng,
+    ) -> Result<EmaUpdate> {
         let (k, d) = self.codes.dim();
         if x.ncols() != d {
-            return Err(VqError::ShapeMismatch { what: "input dim vs codebook dim", expected: d, got: x.ncols() });
+            return Err(VqError::ShapeMismatch {
+                what: "input dim vs codebook dim",
+                expected: d,
+                got: x.ncols(),
+            });
         }
         if indices.len() != x.nrows() {
-            return Err(VqError::ShapeMismatch { what: "indices vs input rows", expected: x.nrows(), got: indices.len() });
+            return Err(VqError::ShapeMismatch {
+                what: "indices vs input rows",
+                expected: x.nrows(),
+                got: indices.len(),
+            });
         }
         crate::search::check_finite(x, "inputs")?;
         let x = self.prepare(x);
         let (counts, batch_sums) = counts_and_sums(x.view(), indices, k)?;
         let g = self.config.decay;
-        self.sizes.zip_mut_with(&counts, |s, &c| *s = g * *s + (1.0 - g) * c as f32);
-        self.sums.zip_mut_with(&batch_sums, |m, &s| *m = g * *m + (1.0 - g) * s);
+        self.sizes
+            .zip_mut_with(&counts, |s, &c| *s = g * *s + (1.0 - g) * c as f32);
+        self.sums
+            .zip_mut_with(&batch_sums, |m, &s| *m = g * *m + (1.0 - g) * s);
         let total: f64 = self.sizes.iter().map(|&s| f64::from(s)).sum();
         let eps = f64::from(self.config.laplace_eps);
-        for ((mut c, m), &n) in self.codes.rows_mut().into_iter().zip(self.sums.rows()).zip(&self.sizes) {
+        for ((mut c, m), &n) in self
+            .codes
+            .rows_mut()
+            .into_iter()
+            .zip(self.sums.rows())
+            .zip(&self.sizes)
+        {
             let smoothed = ((f64::from(n) + eps) / (total + k as f64 * eps) * total) as f32;
             c.zip_mut_with(&m, |c, &m| *c = m / smoothed);
         }
         if self.config.metric == Metric::Cosine {
             l2_normalise_rows(&mut self.codes);
         }
-        Ok(EmaUpdate { replaced: self.replace_dead(x.view(), rng) })
+        Ok(EmaUpdate {
+            replaced: self.replace_dead(x.view(), rng),
+        })
     }
 
     fn prepare(&self, x: ArrayView2<f32>) -> Array2<f32> {
@@ -202,7 +267,13 @@ impl EmaCodebook {
         if t <= 0.0 || x.nrows() == 0 {
             return 0;
         }
-        let dead: Vec<usize> = self.sizes.iter().enumerate().filter(|(_, s)| **s < t).map(|(i, _)| i).collect();
+        let dead: Vec<usize> = self
+            .sizes
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s < t)
+            .map(|(i, _)| i)
+            .collect();
         let picks = sample_rows(x.nrows(), dead.len(), rng);
         for (&k, &i) in dead.iter().zip(&picks) {
             self.codes.row_mut(k).assign(&x.row(i));
@@ -222,19 +293,37 @@ fn sample_rows(n: usize, count: usize, rng: &mut impl Rng) -> Vec<usize> {
     }
 }
 
-/// Per-code counts and sums of the rows of `x` assigned to each code.
-fn counts_and_sums(x: ArrayView2<f32>, indices: &[u32], k: usize) -> Result<(Array1<u64>, Array2<f32>)> {
-    let mut counts = Array1::zeros(k);
-    let mut sums = Array2::<f64>::zeros((k, x.ncols()));
-    for (position, (&i, row)) in indices.iter().zip(x.rows()).enumerate() {
-        let c = i as usize;
-        if c >= k {
-            return Err(VqError::IndexOutOfRange { index: i, position, k });
-        }
-        counts[c] += 1;
-        sums.row_mut(c).zip_mut_with(&row, |s, &v| *s += f64::from(v));
+/// Per-code counts and sums of the rows of `x` assigned to each code. Parallel over blocks of
+/// codes: each task scans all indices and accumulates (in f64) only the rows of its own codes.
+pub(crate) fn counts_and_sums(
+    x: ArrayView2<f32>,
+    indices: &[u32],
+    k: usize,
+) -> Result<(Array1<u64>, Array2<f32>)> {
+    if let Some((position, &index)) = indices.iter().enumerate().find(|(_, i)| **i as usize >= k) {
+        return Err(VqError::IndexOutOfRange { index, position, k });
     }
-    Ok((counts, sums.mapv(|v| v as f32)))
+    let mut counts = Array1::zeros(k);
+    let mut sums = Array2::<f32>::zeros((k, x.ncols()));
+    let block = k.div_ceil(rayon::current_num_threads() * 4).max(1);
+    sums.axis_chunks_iter_mut(Axis(0), block)
+        .into_par_iter()
+        .zip(counts.axis_chunks_iter_mut(Axis(0), block))
+        .enumerate()
+        .for_each(|(b, (mut sums, mut counts))| {
+            let lo = b * block;
+            let mut acc = Array2::<f64>::zeros(sums.raw_dim());
+            for (&i, row) in indices.iter().zip(x.rows()) {
+                let c = i as usize;
+                if (lo..lo + counts.len()).contains(&c) {
+                    counts[c - lo] += 1;
+                    acc.row_mut(c - lo)
+                        .zip_mut_with(&row, |s, &v| *s += f64::from(v));
+                }
+            }
+            sums.zip_mut_with(&acc, |s, &a| *s = a as f32);
+        });
+    Ok((counts, sums))
 }
 
 /// Adds row `n` of `rows` (N×D) into row `indices[n]` of a K×D result: the codebook gradient from
@@ -250,7 +339,11 @@ fn counts_and_sums(x: ArrayView2<f32>, indices: &[u32], k: usize) -> Result<(Arr
 /// [`VqError::ShapeMismatch`] if `indices.len() != N`, [`VqError::IndexOutOfRange`].
 pub fn scatter_add_rows(rows: ArrayView2<f32>, indices: &[u32], k: usize) -> Result<Array2<f32>> {
     if indices.len() != rows.nrows() {
-        return Err(VqError::ShapeMismatch { what: "indices vs rows", expected: rows.nrows(), got: indices.len() });
+        return Err(VqError::ShapeMismatch {
+            what: "indices vs rows",
+            expected: rows.nrows(),
+            got: indices.len(),
+        });
     }
     Ok(counts_and_sums(rows, indices, k)?.1)
 }
@@ -344,10 +437,17 @@ mod tests {
         let n = [1.0f64, 1.2, 0.8];
         let total: f64 = n.iter().sum();
         let sm = |i: usize| (n[i] + 1e-5) / (total + 3e-5) * total;
-        let expect = [[0.2 / sm(0), 0.0], [1.8 / sm(1), 1.6 / sm(1)], [4.0 / sm(2), 4.0 / sm(2)]];
+        let expect = [
+            [0.2 / sm(0), 0.0],
+            [1.8 / sm(1), 1.6 / sm(1)],
+            [4.0 / sm(2), 4.0 / sm(2)],
+        ];
         for i in 0..3 {
             for j in 0..2 {
-                assert!((f64::from(cb.codebook()[[i, j]]) - expect[i][j]).abs() < 1e-5, "code {i}");
+                assert!(
+                    (f64::from(cb.codebook()[[i, j]]) - expect[i][j]).abs() < 1e-5,
+                    "code {i}"
+                );
             }
             assert!((f64::from(cb.cluster_sizes()[i]) - n[i]).abs() < 1e-6);
         }
@@ -367,8 +467,12 @@ mod tests {
         let mut cb = EmaCodebook::new(randn((8, 4), 1) * 3.0, cfg).unwrap();
         let x = randn((64, 4), 2) * 10.0;
         for step in 0..3 {
-            let idx = CodebookIndex::new(cb.codebook(), Metric::Cosine).unwrap().search(x.view()).unwrap();
-            cb.update(x.view(), idx.as_slice().unwrap(), &mut rng(step)).unwrap();
+            let idx = CodebookIndex::new(cb.codebook(), Metric::Cosine)
+                .unwrap()
+                .search(x.view())
+                .unwrap();
+            cb.update(x.view(), idx.as_slice().unwrap(), &mut rng(step))
+                .unwrap();
             for row in cb.codebook().rows() {
                 assert!((row.dot(&row).sqrt() - 1.0).abs() < 1e-5);
             }
@@ -385,11 +489,18 @@ mod tests {
         assert_eq!(up.replaced, 2);
         for k in 1..3 {
             let c = cb.codebook()[[k, 0]];
-            assert!(x.iter().any(|&v| v == c), "code {k} = {c} is not a batch sample");
+            assert!(
+                x.iter().any(|&v| v == c),
+                "code {k} = {c} is not a batch sample"
+            );
             assert_eq!(cb.cluster_sizes()[k], 0.9);
             assert_eq!(cb.running_sums()[[k, 0]], c * 0.9);
         }
-        assert_ne!(cb.codebook()[[1, 0]], cb.codebook()[[2, 0]], "distinct samples when the batch is large enough");
+        assert_ne!(
+            cb.codebook()[[1, 0]],
+            cb.codebook()[[2, 0]],
+            "distinct samples when the batch is large enough"
+        );
     }
 
     #[test]
@@ -407,13 +518,22 @@ mod tests {
             let cb = EmaCodebook::kmeans_init(x.view(), 3, 20, cfg, &mut rng(s)).unwrap();
             let sizes: Vec<f32> = cb.cluster_sizes().to_vec();
             centres.iter().all(|c| {
-                cb.codebook().rows().into_iter().any(|r| (r[0] - c[0]).abs() < 0.05 && (r[1] - c[1]).abs() < 0.05)
+                cb.codebook()
+                    .rows()
+                    .into_iter()
+                    .any(|r| (r[0] - c[0]).abs() < 0.05 && (r[1] - c[1]).abs() < 0.05)
             }) && sizes.iter().all(|&n| n == 100.0)
         });
         assert!(recovered);
         // Running sums = size × centre: the first EMA step continues from the k-means result.
         let cb = EmaCodebook::kmeans_init(x.view(), 3, 20, cfg, &mut rng(0)).unwrap();
-        for ((c, m), &n) in cb.codebook().rows().into_iter().zip(cb.running_sums().rows()).zip(cb.cluster_sizes()) {
+        for ((c, m), &n) in cb
+            .codebook()
+            .rows()
+            .into_iter()
+            .zip(cb.running_sums().rows())
+            .zip(cb.cluster_sizes())
+        {
             assert!((&c * n - &m).iter().all(|v| v.abs() < 1e-3));
         }
     }
@@ -424,11 +544,27 @@ mod tests {
         assert!(EmaConfig::new(0.9, 0.0, 0.0, Metric::Euclidean).is_err());
         assert!(EmaConfig::new(0.9, 1e-5, -1.0, Metric::Euclidean).is_err());
         let cfg = EmaConfig::paper_vqvae(Metric::Euclidean);
-        assert_eq!(EmaCodebook::new(Array2::zeros((0, 2)), cfg).unwrap_err(), VqError::EmptyCodebook { k: 0, d: 2 });
+        assert_eq!(
+            EmaCodebook::new(Array2::zeros((0, 2)), cfg).unwrap_err(),
+            VqError::EmptyCodebook { k: 0, d: 2 }
+        );
         let mut cb = EmaCodebook::new(randn((3, 2), 0), cfg).unwrap();
         let x = randn((2, 2), 1);
-        assert_eq!(cb.update(x.view(), &[0, 3], &mut rng(0)).unwrap_err(), VqError::IndexOutOfRange { index: 3, position: 1, k: 3 });
-        assert!(matches!(cb.update(x.view(), &[0], &mut rng(0)), Err(VqError::ShapeMismatch { .. })));
-        assert!(matches!(kmeans(x.view(), 3, 1, Metric::Euclidean, &mut rng(0)), Err(VqError::InvalidParameter { name: "k", .. })));
+        assert_eq!(
+            cb.update(x.view(), &[0, 3], &mut rng(0)).unwrap_err(),
+            VqError::IndexOutOfRange {
+                index: 3,
+                position: 1,
+                k: 3
+            }
+        );
+        assert!(matches!(
+            cb.update(x.view(), &[0], &mut rng(0)),
+            Err(VqError::ShapeMismatch { .. })
+        ));
+        assert!(matches!(
+            kmeans(x.view(), 3, 1, Metric::Euclidean, &mut rng(0)),
+            Err(VqError::InvalidParameter { name: "k", .. })
+        ));
     }
 }

@@ -31,10 +31,13 @@
 //!   `D = 1` no rotation maps `+1` to `−1`; `R = H_q̂ = −1` (a reflection) is used.
 //! * Reflection estimator with `ê ≈ q̂` (`‖ê − q̂‖² < 1e-8`, `r` undefined): `R̃ = I`.
 
-use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2, Axis, Zip};
+use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2};
 use rayon::prelude::*;
 
 use crate::error::{Result, VqError};
+
+/// Rows per parallel task.
+const ROWS_PER_TASK: usize = 64;
 
 /// Norms below this are treated as zero (as in the reference implementations).
 pub const NORM_EPS: f64 = 1e-6;
@@ -118,7 +121,12 @@ impl Estimator {
     ///
     /// # Errors
     /// [`VqError::ShapeMismatch`] if the shapes differ.
-    pub fn backward(self, e: ArrayView2<f32>, q: ArrayView2<f32>, g: ArrayView2<f32>) -> Result<Array2<f32>> {
+    pub fn backward(
+        self,
+        e: ArrayView2<f32>,
+        q: ArrayView2<f32>,
+        g: ArrayView2<f32>,
+    ) -> Result<Array2<f32>> {
         let mut out = Array2::zeros(e.raw_dim());
         self.backward_into(e, q, g, out.view_mut())?;
         Ok(out)
@@ -133,41 +141,126 @@ impl Estimator {
         e: ArrayView2<f32>,
         q: ArrayView2<f32>,
         g: ArrayView2<f32>,
+        out: ArrayViewMut2<f32>,
+    ) -> Result<()> {
+        self.backward_with_commitment_into(e, q, g, 0.0, out)
+    }
+
+    /// `out = ∂L/∂e + a·(e − q)`: the estimator's backward fused with a commitment-loss gradient
+    /// of scale `a` ([`VqLoss::grad_e_scale`](crate::VqLoss::grad_e_scale)), in one pass over the
+    /// rows. With `a = 0` this is [`backward_into`](Self::backward_into).
+    ///
+    /// # Errors
+    /// [`VqError::ShapeMismatch`] if the shapes differ.
+    pub fn backward_with_commitment_into(
+        self,
+        e: ArrayView2<f32>,
+        q: ArrayView2<f32>,
+        g: ArrayView2<f32>,
+        commitment: f32,
         mut out: ArrayViewMut2<f32>,
     ) -> Result<()> {
         same_shape(e, q, "codes vs inputs")?;
         same_shape(e, g, "gradient vs inputs")?;
         same_shape(e, out.view(), "output vs inputs")?;
-        if self == Estimator::StraightThrough {
-            out.assign(&g);
-            return Ok(());
+        let d = e.ncols().max(1);
+        let (e, q, g) = (
+            e.as_standard_layout(),
+            q.as_standard_layout(),
+            g.as_standard_layout(),
+        );
+        let (es, qs, gs) = (
+            e.as_slice().expect("standard layout"),
+            q.as_slice().expect("standard layout"),
+            g.as_slice().expect("standard layout"),
+        );
+        let block = ROWS_PER_TASK * d;
+        let run = |o: &mut [f32], (e, q, g): (&[f32], &[f32], &[f32])| {
+            let mut buf = Vec::new();
+            for (((o, e), q), g) in o
+                .chunks_mut(d)
+                .zip(e.chunks(d))
+                .zip(q.chunks(d))
+                .zip(g.chunks(d))
+            {
+                RowMap::backward_row(self, e, q, g, commitment, o, &mut buf);
+            }
+        };
+        match out.as_slice_mut() {
+            Some(o) => o
+                .par_chunks_mut(block)
+                .zip(
+                    es.par_chunks(block)
+                        .zip(qs.par_chunks(block))
+                        .zip(gs.par_chunks(block)),
+                )
+                .for_each(|(o, ((e, q), g))| run(o, (e, q, g))),
+            None => {
+                let mut tmp = Array2::from_elem(out.raw_dim(), 0.0);
+                tmp.as_slice_mut()
+                    .expect("fresh")
+                    .par_chunks_mut(block)
+                    .zip(
+                        es.par_chunks(block)
+                            .zip(qs.par_chunks(block))
+                            .zip(gs.par_chunks(block)),
+                    )
+                    .for_each(|(o, ((e, q), g))| run(o, (e, q, g)));
+                out.assign(&tmp);
+            }
         }
-        let d = e.ncols();
-        Zip::from(out.axis_iter_mut(Axis(0)))
-            .and(e.axis_iter(Axis(0)))
-            .and(q.axis_iter(Axis(0)))
-            .and(g.axis_iter(Axis(0)))
-            .into_par_iter()
-            .for_each_init(
-                || vec![0f64; d],
-                |buf, (mut o, e, q, g)| {
-                    let map = RowMap::new(self, e, q);
-                    map.apply_transpose(e, q, g, buf);
-                    o.iter_mut().zip(buf.iter()).for_each(|(o, &v)| *o = v as f32);
-                },
-            );
         Ok(())
     }
 }
 
 fn same_shape(a: ArrayView2<f32>, b: ArrayView2<f32>, what: &'static str) -> Result<()> {
     if a.nrows() != b.nrows() {
-        return Err(VqError::ShapeMismatch { what, expected: a.nrows(), got: b.nrows() });
+        return Err(VqError::ShapeMismatch {
+            what,
+            expected: a.nrows(),
+            got: b.nrows(),
+        });
     }
     if a.ncols() != b.ncols() {
-        return Err(VqError::ShapeMismatch { what, expected: a.ncols(), got: b.ncols() });
+        return Err(VqError::ShapeMismatch {
+            what,
+            expected: a.ncols(),
+            got: b.ncols(),
+        });
     }
     Ok(())
+}
+
+/// `[e·e, q·q, e·q, e·g, q·g]` in f64, accumulated in independent lanes so that the loop
+/// vectorises (a single running sum would force sequential order).
+fn dots5(e: &[f32], q: &[f32], g: &[f32]) -> [f64; 5] {
+    const L: usize = 4;
+    let mut acc = [[0f64; L]; 5];
+    let n = e.len() / L * L;
+    for ((ec, qc), gc) in e[..n]
+        .chunks_exact(L)
+        .zip(q[..n].chunks_exact(L))
+        .zip(g[..n].chunks_exact(L))
+    {
+        for l in 0..L {
+            let (a, b, c) = (f64::from(ec[l]), f64::from(qc[l]), f64::from(gc[l]));
+            acc[0][l] += a * a;
+            acc[1][l] += b * b;
+            acc[2][l] += a * b;
+            acc[3][l] += a * c;
+            acc[4][l] += b * c;
+        }
+    }
+    let mut out = acc.map(|lanes| lanes.iter().sum::<f64>());
+    for ((&a, &b), &c) in e[n..].iter().zip(&q[n..]).zip(&g[n..]) {
+        let (a, b, c) = (f64::from(a), f64::from(b), f64::from(c));
+        out[0] += a * a;
+        out[1] += b * b;
+        out[2] += a * b;
+        out[3] += a * c;
+        out[4] += b * c;
+    }
+    out
 }
 
 /// The Householder vector of a row map, defined from `e` and `q` without storing it.
@@ -220,30 +313,44 @@ impl RowMap {
     /// Panics if `e` and `q` differ in length (the batch functions check this first).
     pub fn new(estimator: Estimator, e: ArrayView1<f32>, q: ArrayView1<f32>) -> Self {
         assert_eq!(e.len(), q.len(), "RowMap::new: e and q differ in length");
-        let (mut ee, mut qq) = (0f64, 0f64);
+        let (mut ee, mut qq, mut eq) = (0f64, 0f64, 0f64);
         for (&a, &b) in e.iter().zip(q) {
-            ee += f64::from(a) * f64::from(a);
-            qq += f64::from(b) * f64::from(b);
+            let (a, b) = (f64::from(a), f64::from(b));
+            ee += a * a;
+            qq += b * b;
+            eq += a * b;
         }
+        Self::from_dots(estimator, e, ee, qq, eq)
+    }
+
+    /// The map from the row's dot products `e·e`, `q·q`, `e·q` (`e` is read only for the
+    /// antipodal fallback).
+    fn from_dots(estimator: Estimator, e: ArrayView1<f32>, ee: f64, qq: f64, eq: f64) -> Self {
         let (ne, nq) = (ee.sqrt(), qq.sqrt());
         let scale = match estimator {
             Estimator::StraightThrough | Estimator::RotationNoRescale => 1.0,
             Estimator::Rotation | Estimator::Reflection => nq / ne.max(NORM_EPS),
         };
-        let identity = RowMap { scale, ne, nq, kind: MapKind::Identity };
+        let identity = RowMap {
+            scale,
+            ne,
+            nq,
+            kind: MapKind::Identity,
+        };
         if estimator == Estimator::StraightThrough || ne < NORM_EPS || nq < NORM_EPS {
             return identity;
         }
-        let sign = if estimator == Estimator::Reflection { -1.0 } else { 1.0 };
-        let norm2: f64 = e
-            .iter()
-            .zip(q)
-            .map(|(&a, &b)| {
-                let t = f64::from(a) / ne + sign * f64::from(b) / nq;
-                t * t
-            })
-            .sum();
-        let combination = Householder::Combination { sign, norm: norm2.sqrt() };
+        let sign = if estimator == Estimator::Reflection {
+            -1.0
+        } else {
+            1.0
+        };
+        // ‖ê ± q̂‖² = 2 ± 2 ê·q̂ (absolute error ~1e-16; only used where it is ≥ 1e-8).
+        let norm2 = (2.0 + 2.0 * sign * eq / (ne * nq)).max(0.0);
+        let combination = Householder::Combination {
+            sign,
+            norm: norm2.sqrt(),
+        };
         let kind = match estimator {
             Estimator::Reflection if norm2 < DIRECTION_EPS => MapKind::Identity,
             Estimator::Reflection => MapKind::Reflection(combination),
@@ -251,14 +358,83 @@ impl RowMap {
             _ if e.len() == 1 => MapKind::Rotation(None),
             _ => {
                 // Antipodal: rotate by π in the plane of ê and the axis least aligned with it.
-                let (axis, _) = e.iter().enumerate().fold((0, f32::INFINITY), |best, (i, &v)| {
-                    if v.abs() < best.1 { (i, v.abs()) } else { best }
-                });
+                let (axis, _) = e
+                    .iter()
+                    .enumerate()
+                    .fold((0, f32::INFINITY), |best, (i, &v)| {
+                        if v.abs() < best.1 { (i, v.abs()) } else { best }
+                    });
                 let ea = f64::from(e[axis]) / ne;
-                MapKind::Rotation(Some(Householder::Orthogonal { axis, norm: (1.0 - ea * ea).max(0.0).sqrt() }))
+                MapKind::Rotation(Some(Householder::Orthogonal {
+                    axis,
+                    norm: (1.0 - ea * ea).max(0.0).sqrt(),
+                }))
             }
         };
         RowMap { kind, ..identity }
+    }
+
+    /// `∂L/∂e` of one row written to `out` (f32): one pass for the dot products `e·e, q·q, e·q,
+    /// e·g, q·g`, then `out = λg + a·e + b·q` with the coefficients of `H_w H_q̂` (or `H_r`)
+    /// folded into `a`, `b`. Rows whose Householder vector is not in span(e, q) (the antipodal
+    /// fallback) take the general path.
+    fn backward_row(
+        estimator: Estimator,
+        e: &[f32],
+        q: &[f32],
+        g: &[f32],
+        commitment: f32,
+        out: &mut [f32],
+        buf: &mut Vec<f64>,
+    ) {
+        if estimator == Estimator::StraightThrough {
+            for (((o, &a), &b), &c) in out.iter_mut().zip(e).zip(q).zip(g) {
+                *o = c + commitment * (a - b);
+            }
+            return;
+        }
+        let [ee, qq, eq, eg, qg] = dots5(e, q, g);
+        let map = Self::from_dots(estimator, ArrayView1::from(e), ee, qq, eq);
+        let (ne, nq) = (map.ne, map.nq);
+        // out = λ(g + ce·e + cq·q)
+        let (ce, cq) = match map.kind {
+            MapKind::Identity => (0.0, 0.0),
+            MapKind::Reflection(Householder::Combination { sign, norm }) => {
+                // r = αe + βq; H_r g = g − 2(r·g) r.
+                let (alpha, beta) = (1.0 / (ne * norm), sign / (nq * norm));
+                let rg = alpha * eg + beta * qg;
+                (-2.0 * rg * alpha, -2.0 * rg * beta)
+            }
+            MapKind::Rotation(Some(Householder::Combination { sign, norm })) => {
+                // t = H_q̂ g = g − 2(q·g)/‖q‖² q; then H_w t with w = αe + βq.
+                let (alpha, beta) = (1.0 / (ne * norm), sign / (nq * norm));
+                let cq0 = -2.0 * qg / (nq * nq);
+                let wt = alpha * (eg + cq0 * eq) + beta * (qg + cq0 * qq);
+                (-2.0 * wt * alpha, cq0 - 2.0 * wt * beta)
+            }
+            MapKind::Rotation(None) => (0.0, -2.0 * qg / (nq * nq)),
+            MapKind::Rotation(Some(Householder::Orthogonal { .. }))
+            | MapKind::Reflection(Householder::Orthogonal { .. }) => {
+                buf.resize(e.len(), 0.0);
+                map.apply_transpose(
+                    ArrayView1::from(e),
+                    ArrayView1::from(q),
+                    ArrayView1::from(g),
+                    buf,
+                );
+                for (((o, &v), &a), &b) in out.iter_mut().zip(buf.iter()).zip(e).zip(q) {
+                    *o = v as f32 + commitment * (a - b);
+                }
+                return;
+            }
+        };
+        // The combination itself in f32: the coefficients carry the f64 accuracy.
+        let s = map.scale;
+        let c = f64::from(commitment);
+        let (s32, ce, cq) = (s as f32, (s * ce + c) as f32, (s * cq - c) as f32);
+        for (((o, &a), &b), &c) in out.iter_mut().zip(e).zip(q).zip(g) {
+            *o = s32 * c + ce * a + cq * b;
+        }
     }
 
     /// The scale factor (`λ = ‖q‖/max(‖e‖, 1e-6)`, or 1 for the unscaled estimators).
@@ -270,7 +446,13 @@ impl RowMap {
     ///
     /// # Panics
     /// Panics if the lengths of `e`, `q`, `v`, `out` differ.
-    pub fn apply(&self, e: ArrayView1<f32>, q: ArrayView1<f32>, v: ArrayView1<f32>, out: &mut [f64]) {
+    pub fn apply(
+        &self,
+        e: ArrayView1<f32>,
+        q: ArrayView1<f32>,
+        v: ArrayView1<f32>,
+        out: &mut [f64],
+    ) {
         self.run(e, q, v, out, false);
     }
 
@@ -278,32 +460,71 @@ impl RowMap {
     ///
     /// # Panics
     /// Panics if the lengths of `e`, `q`, `g`, `out` differ.
-    pub fn apply_transpose(&self, e: ArrayView1<f32>, q: ArrayView1<f32>, g: ArrayView1<f32>, out: &mut [f64]) {
+    pub fn apply_transpose(
+        &self,
+        e: ArrayView1<f32>,
+        q: ArrayView1<f32>,
+        g: ArrayView1<f32>,
+        out: &mut [f64],
+    ) {
         self.run(e, q, g, out, true);
     }
 
-    fn run(&self, e: ArrayView1<f32>, q: ArrayView1<f32>, v: ArrayView1<f32>, out: &mut [f64], transpose: bool) {
+    fn run(
+        &self,
+        e: ArrayView1<f32>,
+        q: ArrayView1<f32>,
+        v: ArrayView1<f32>,
+        out: &mut [f64],
+        transpose: bool,
+    ) {
         let d = e.len();
-        assert!(q.len() == d && v.len() == d && out.len() == d, "RowMap: length mismatch");
+        assert!(
+            q.len() == d && v.len() == d && out.len() == d,
+            "RowMap: length mismatch"
+        );
         out.iter_mut().zip(v).for_each(|(o, &x)| *o = f64::from(x));
         let (ne, nq) = (self.ne, self.nq);
         let reflect_q = |t: &mut [f64]| {
-            let a: f64 = t.iter().zip(q).map(|(&t, &b)| t * f64::from(b)).sum::<f64>() / nq;
+            let a: f64 = t
+                .iter()
+                .zip(q)
+                .map(|(&t, &b)| t * f64::from(b))
+                .sum::<f64>()
+                / nq;
             let c = 2.0 * a / nq;
-            t.iter_mut().zip(q).for_each(|(t, &b)| *t -= c * f64::from(b));
+            t.iter_mut()
+                .zip(q)
+                .for_each(|(t, &b)| *t -= c * f64::from(b));
         };
         let reflect_h = |t: &mut [f64], h: Householder| match h {
             Householder::Combination { sign, norm } => {
-                let w = |a: f32, b: f32| (f64::from(a) / ne + sign * f64::from(b) / nq) / norm;
-                let a: f64 = t.iter().zip(e).zip(q).map(|((&t, &a), &b)| t * w(a, b)).sum();
-                t.iter_mut().zip(e).zip(q).for_each(|((t, &x), &y)| *t -= 2.0 * a * w(x, y));
+                let (alpha, beta) = (1.0 / (ne * norm), sign / (nq * norm));
+                let w = |a: f32, b: f32| alpha * f64::from(a) + beta * f64::from(b);
+                let a: f64 = t
+                    .iter()
+                    .zip(e)
+                    .zip(q)
+                    .map(|((&t, &a), &b)| t * w(a, b))
+                    .sum();
+                t.iter_mut()
+                    .zip(e)
+                    .zip(q)
+                    .for_each(|((t, &x), &y)| *t -= 2.0 * a * w(x, y));
             }
             Householder::Orthogonal { axis, norm } => {
                 // p = (δ_axis − ê_axis ê)/norm
                 let ea = f64::from(e[axis]) / ne;
-                let te: f64 = t.iter().zip(e).map(|(&t, &x)| t * f64::from(x)).sum::<f64>() / ne;
+                let te: f64 = t
+                    .iter()
+                    .zip(e)
+                    .map(|(&t, &x)| t * f64::from(x))
+                    .sum::<f64>()
+                    / ne;
                 let a = (t[axis] - ea * te) / norm;
-                t.iter_mut().zip(e).for_each(|(t, &x)| *t += 2.0 * a * ea * f64::from(x) / ne / norm);
+                t.iter_mut()
+                    .zip(e)
+                    .for_each(|(t, &x)| *t += 2.0 * a * ea * f64::from(x) / ne / norm);
                 t[axis] -= 2.0 * a / norm;
             }
         };
@@ -357,7 +578,9 @@ mod tests {
         let n = m.nrows();
         let mut det = 1.0;
         for c in 0..n {
-            let p = (c..n).max_by(|&a, &b| m[[a, c]].abs().total_cmp(&m[[b, c]].abs())).unwrap();
+            let p = (c..n)
+                .max_by(|&a, &b| m[[a, c]].abs().total_cmp(&m[[b, c]].abs()))
+                .unwrap();
             if m[[p, c]] == 0.0 {
                 return 0.0;
             }
@@ -408,7 +631,12 @@ mod tests {
                 let map = RowMap::new(est, er, qr);
                 let mut out = vec![0.0; 7];
                 map.apply(er, qr, er, &mut out);
-                let err: f64 = out.iter().zip(qr).map(|(a, &b)| (a - f64::from(b)).powi(2)).sum::<f64>().sqrt();
+                let err: f64 = out
+                    .iter()
+                    .zip(qr)
+                    .map(|(a, &b)| (a - f64::from(b)).powi(2))
+                    .sum::<f64>()
+                    .sqrt();
                 assert!(err <= 1e-5 * norm64(qr), "{est:?}: ‖λRe − q‖ = {err}");
             }
         }
@@ -417,15 +645,26 @@ mod tests {
 
     #[test]
     fn rotation_matches_dense_reference_and_is_a_scaled_proper_rotation() {
-        let (e, q, g) = (randn((40, 6), 3), randn((40, 6), 4) * 0.5, randn((40, 6), 5));
-        let grad = Estimator::Rotation.backward(e.view(), q.view(), g.view()).unwrap();
-        let grad_nr = Estimator::RotationNoRescale.backward(e.view(), q.view(), g.view()).unwrap();
+        let (e, q, g) = (
+            randn((40, 6), 3),
+            randn((40, 6), 4) * 0.5,
+            randn((40, 6), 5),
+        );
+        let grad = Estimator::Rotation
+            .backward(e.view(), q.view(), g.view())
+            .unwrap();
+        let grad_nr = Estimator::RotationNoRescale
+            .backward(e.view(), q.view(), g.view())
+            .unwrap();
         for i in 0..40 {
             let (er, qr, gr) = (e.row(i), q.row(i), g.row(i));
             let dense = dense_rotation(&to64(er), &to64(qr), true);
             let map = RowMap::new(Estimator::Rotation, er, qr);
             let m = as_matrix(&map, er, qr);
-            assert!(max_abs_diff(&m, &dense) < 1e-12, "efficient form ≠ dense matrix form");
+            assert!(
+                max_abs_diff(&m, &dense) < 1e-12,
+                "efficient form ≠ dense matrix form"
+            );
             // λRᵀ orthogonal up to λ: (λR)ᵀ(λR) = λ² I; det R = +1.
             let lambda = map.scale();
             let mtm = m.t().dot(&m) / (lambda * lambda);
@@ -443,7 +682,9 @@ mod tests {
             let cos_e = dot64(&to64(er), &ge) / (norm64(er) * dot64(&ge, &ge).sqrt());
             let cos_q = dot64(&to64(qr), &to64(gr)) / (norm64(qr) * norm64(gr));
             assert!((cos_e - cos_q).abs() < 1e-5, "angles {cos_e} vs {cos_q}");
-            assert!((dot64(&ge, &ge).sqrt() - lambda * norm64(gr)).abs() < 1e-5 * lambda * norm64(gr));
+            assert!(
+                (dot64(&ge, &ge).sqrt() - lambda * norm64(gr)).abs() < 1e-5 * lambda * norm64(gr)
+            );
         }
     }
 
@@ -468,7 +709,10 @@ mod tests {
                     minus[j] -= h;
                     let fd = (objective(&plus) - objective(&minus)) / f64::from(2.0 * h);
                     let an = f64::from(grad[[i, j]]);
-                    assert!((fd - an).abs() <= 1e-4 * (1.0 + an.abs()), "{est:?} row {i} dim {j}: fd {fd} vs {an}");
+                    assert!(
+                        (fd - an).abs() <= 1e-4 * (1.0 + an.abs()),
+                        "{est:?} row {i} dim {j}: fd {fd} vs {an}"
+                    );
                 }
             }
         }
@@ -488,7 +732,12 @@ mod tests {
     #[test]
     fn straight_through_passes_the_gradient_unchanged() {
         let (e, q, g) = (randn((9, 3), 11), randn((9, 3), 12), randn((9, 3), 13));
-        assert_eq!(Estimator::StraightThrough.backward(e.view(), q.view(), g.view()).unwrap(), g);
+        assert_eq!(
+            Estimator::StraightThrough
+                .backward(e.view(), q.view(), g.view())
+                .unwrap(),
+            g
+        );
     }
 
     #[test]
@@ -496,13 +745,18 @@ mod tests {
         let e = array![[1.0f32, 2.0, -0.5], [3.0, 0.0, 0.0]];
         let q = -&e * 2.0;
         let g = randn((2, 3), 14);
-        let grad = Estimator::Rotation.backward(e.view(), q.view(), g.view()).unwrap();
+        let grad = Estimator::Rotation
+            .backward(e.view(), q.view(), g.view())
+            .unwrap();
         assert!(grad.iter().all(|v| v.is_finite()));
         for i in 0..2 {
             let map = RowMap::new(Estimator::Rotation, e.row(i), q.row(i));
             let m = as_matrix(&map, e.row(i), q.row(i));
             assert!((map.scale() - 2.0).abs() < 1e-12);
-            assert!((det(m.clone() / 2.0) - 1.0).abs() < 1e-10, "must stay a rotation");
+            assert!(
+                (det(m.clone() / 2.0) - 1.0).abs() < 1e-10,
+                "must stay a rotation"
+            );
             let me = m.dot(&Array1::from(to64(e.row(i))));
             for (a, &b) in me.iter().zip(q.row(i)) {
                 assert!((a - f64::from(b)).abs() < 1e-9);
@@ -521,7 +775,9 @@ mod tests {
         let e = array![[2.0f32], [-1.0]];
         let q = array![[-4.0f32], [-3.0]];
         let g = array![[1.0f32], [1.0]];
-        let grad = Estimator::Rotation.backward(e.view(), q.view(), g.view()).unwrap();
+        let grad = Estimator::Rotation
+            .backward(e.view(), q.view(), g.view())
+            .unwrap();
         // Row 0: λ = 2, R = −1. Row 1: same sign, R = 1, λ = 3.
         assert_eq!(grad, array![[-2.0], [3.0]]);
     }
@@ -535,7 +791,9 @@ mod tests {
             let grad = est.backward(e.view(), q.view(), g.view()).unwrap();
             assert!(grad.iter().all(|v| v.is_finite()), "{est:?}: {grad:?}");
         }
-        let grad = Estimator::Rotation.backward(e.view(), q.view(), g.view()).unwrap();
+        let grad = Estimator::Rotation
+            .backward(e.view(), q.view(), g.view())
+            .unwrap();
         // ‖e‖ = 0: R = I, λ = ‖q‖/1e-6. ‖q‖ = 0: λ = 0.
         assert!((grad[[0, 0]] - 1e6).abs() < 1.0 && (grad[[0, 1]] - 2e6).abs() < 2.0);
         assert_eq!(grad.row(2).to_vec(), vec![0.0, 0.0]);
@@ -546,7 +804,10 @@ mod tests {
     fn shape_errors_and_names() {
         let e = randn((3, 2), 0);
         let q = randn((3, 3), 0);
-        assert!(matches!(Estimator::Rotation.backward(e.view(), q.view(), e.view()), Err(VqError::ShapeMismatch { .. })));
+        assert!(matches!(
+            Estimator::Rotation.backward(e.view(), q.view(), e.view()),
+            Err(VqError::ShapeMismatch { .. })
+        ));
         for est in Estimator::ALL {
             assert_eq!(Estimator::from_name(est.name()).unwrap(), est);
         }

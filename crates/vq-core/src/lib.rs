@@ -40,7 +40,9 @@ mod loss;
 mod metrics;
 mod search;
 
-pub use codebook::{EmaCodebook, EmaConfig, EmaUpdate, kmeans, l2_normalise_rows, scatter_add_rows};
+pub use codebook::{
+    EmaCodebook, EmaConfig, EmaUpdate, kmeans, l2_normalise_rows, scatter_add_rows,
+};
 pub use error::{Result, VqError};
 pub use estimator::{Estimator, NORM_EPS, RowMap};
 pub use layer::{Quantizer, QuantizerBackward, QuantizerForward};

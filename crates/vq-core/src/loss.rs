@@ -10,6 +10,7 @@
 //! codebook the codebook term is dropped ([`CodebookTerm::Exclude`]).
 
 use ndarray::{Array2, ArrayView2, Zip};
+use rayon::prelude::*;
 
 use crate::error::{Result, VqError};
 
@@ -69,7 +70,10 @@ impl LossWeights {
             CodebookTerm::Include => b,
             CodebookTerm::Exclude => 0.0,
         };
-        Ok(Self { commitment: c, codebook: b })
+        Ok(Self {
+            commitment: c,
+            codebook: b,
+        })
     }
 
     /// Weight of the commitment term.
@@ -83,30 +87,50 @@ impl LossWeights {
     }
 }
 
-/// Loss values (already weighted) and their gradients.
-#[derive(Debug, Clone, PartialEq)]
+/// Loss values (already weighted) and the scales of their gradients. The gradients are
+/// proportional to `e − q`, so they are kept as two scalars and applied where they are consumed
+/// (fused into the estimator's backward pass and the codebook scatter), never as N×D arrays.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct VqLoss {
     /// `w_c · mean((e − sg(q))²)`.
     pub commitment: f32,
     /// `w_b · mean((sg(e) − q)²)`.
     pub codebook: f32,
-    /// `∂(weighted losses)/∂e`, N×D.
-    pub grad_e: Array2<f32>,
-    /// `∂(weighted losses)/∂q` per row, N×D (scatter into the codebook with
-    /// [`scatter_add_rows`](crate::scatter_add_rows)); all zero when the codebook weight is 0.
-    pub grad_q: Array2<f32>,
+    /// `a` in `∂(losses)/∂e = a·(e − q)`: `2 w_c / (N·D)`.
+    pub grad_e_scale: f32,
+    /// `b` in `∂(losses)/∂q = b·(q − e)`: `2 w_b / (N·D)` (0 when the codebook term is excluded).
+    pub grad_q_scale: f32,
 }
 
-/// The weighted commitment and codebook losses of `e` and `q` (N×D) and their gradients.
+impl VqLoss {
+    /// `∂(losses)/∂e` as an N×D array.
+    pub fn grad_e(&self, e: ArrayView2<f32>, q: ArrayView2<f32>) -> Array2<f32> {
+        let a = self.grad_e_scale;
+        Zip::from(e).and(q).par_map_collect(|&e, &q| a * (e - q))
+    }
+
+    /// `∂(losses)/∂q` per row as an N×D array (scatter into the codebook with
+    /// [`scatter_add_rows`](crate::scatter_add_rows)).
+    pub fn grad_q(&self, e: ArrayView2<f32>, q: ArrayView2<f32>) -> Array2<f32> {
+        let b = self.grad_q_scale;
+        Zip::from(e).and(q).par_map_collect(|&e, &q| b * (q - e))
+    }
+}
+
+/// Rows per parallel task (f32 lane sums stay accurate over a block of this size).
+const ROWS_PER_TASK: usize = 64;
+
+/// The weighted commitment and codebook losses of `e` and `q` (N×D) and their gradient scales.
 ///
 /// ```
 /// use ndarray::array;
 /// use vq_core::{vq_loss, BetaPlacement, CodebookTerm, LossWeights};
 /// let w = LossWeights::new(0.25, BetaPlacement::Commitment, CodebookTerm::Include).unwrap();
-/// let l = vq_loss(array![[1.0f32, 3.0]].view(), array![[0.0f32, 1.0]].view(), w).unwrap();
+/// let (e, q) = (array![[1.0f32, 3.0]], array![[0.0f32, 1.0]]);
+/// let l = vq_loss(e.view(), q.view(), w).unwrap();
 /// assert_eq!(l.commitment, 0.25 * 2.5); // mean of 1² and 2²
 /// assert_eq!(l.codebook, 2.5);
-/// assert_eq!(l.grad_e, array![[0.25, 0.5]]); // 0.25 · 2(e − q)/2
+/// assert_eq!(l.grad_e(e.view(), q.view()), array![[0.25, 0.5]]); // 0.25 · 2(e − q)/2
 /// ```
 ///
 /// # Errors
@@ -118,32 +142,49 @@ pub fn vq_loss(e: ArrayView2<f32>, q: ArrayView2<f32>, weights: LossWeights) -> 
         } else {
             ("codes vs inputs (dim)", e.ncols(), q.ncols())
         };
-        return Err(VqError::ShapeMismatch { what, expected, got });
+        return Err(VqError::ShapeMismatch {
+            what,
+            expected,
+            got,
+        });
     }
     let n = (e.len().max(1)) as f64;
-    let mut sq = 0f64;
-    let mut grad_e = Array2::zeros(e.raw_dim());
-    let ge = 2.0 * f64::from(weights.commitment) / n;
-    Zip::from(&mut grad_e).and(e).and(q).for_each(|g, &a, &b| {
-        let d = a - b;
-        sq += f64::from(d) * f64::from(d);
-        *g = (ge * f64::from(d)) as f32;
-    });
-    let gq = 2.0 * f64::from(weights.codebook) / n;
-    let grad_q = if weights.codebook == 0.0 {
-        Array2::zeros(e.raw_dim())
-    } else {
-        Zip::from(e).and(q).map_collect(|&a, &b| (gq * f64::from(b - a)) as f32)
-    };
+    let d = e.ncols().max(1);
+    let (e, q) = (e.as_standard_layout(), q.as_standard_layout());
+    let (es, qs) = (
+        e.as_slice().expect("standard layout"),
+        q.as_slice().expect("standard layout"),
+    );
+    // Σ(e − q)²: f32 lanes within a block of rows, f64 across blocks.
+    let block = ROWS_PER_TASK * d;
+    let sq: f64 = es
+        .par_chunks(block)
+        .zip(qs.par_chunks(block))
+        .map(|(a, b)| {
+            let mut lanes = [0f32; 8];
+            let whole = a.len() / 8 * 8;
+            for (ac, bc) in a[..whole].chunks_exact(8).zip(b[..whole].chunks_exact(8)) {
+                for l in 0..8 {
+                    let d = ac[l] - bc[l];
+                    lanes[l] += d * d;
+                }
+            }
+            let tail: f64 = a[whole..]
+                .iter()
+                .zip(&b[whole..])
+                .map(|(&a, &b)| f64::from(a - b).powi(2))
+                .sum();
+            lanes.iter().map(|&v| f64::from(v)).sum::<f64>() + tail
+        })
+        .sum();
     let mse = sq / n;
     Ok(VqLoss {
         commitment: (f64::from(weights.commitment) * mse) as f32,
         codebook: (f64::from(weights.codebook) * mse) as f32,
-        grad_e,
-        grad_q,
+        grad_e_scale: (2.0 * f64::from(weights.commitment) / n) as f32,
+        grad_q_scale: (2.0 * f64::from(weights.codebook) / n) as f32,
     })
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,13 +198,21 @@ mod tests {
     #[test]
     fn gradients_match_finite_differences() {
         let (e, q) = (randn((4, 3), 1), randn((4, 3), 2));
-        for (beta, placement) in [(0.25, BetaPlacement::Commitment), (0.25, BetaPlacement::LegacyCodebook), (2.0, BetaPlacement::Commitment)] {
+        for (beta, placement) in [
+            (0.25, BetaPlacement::Commitment),
+            (0.25, BetaPlacement::LegacyCodebook),
+            (2.0, BetaPlacement::Commitment),
+        ] {
             let w = LossWeights::new(beta, placement, CodebookTerm::Include).unwrap();
             let l = vq_loss(e.view(), q.view(), w).unwrap();
+            let (lge, lgq) = (l.grad_e(e.view(), q.view()), l.grad_q(e.view(), q.view()));
             // The commitment part only depends on e through e and the codebook part only on q;
             // finite differences of the commitment term alone (codebook term excluded).
             let wc = LossWeights { codebook: 0.0, ..w };
-            let wb = LossWeights { commitment: 0.0, ..w };
+            let wb = LossWeights {
+                commitment: 0.0,
+                ..w
+            };
             let h = 1e-2f32;
             for i in 0..4 {
                 for j in 0..3 {
@@ -171,12 +220,20 @@ mod tests {
                     ep[[i, j]] += h;
                     em[[i, j]] -= h;
                     let fd = (total(&ep, &q, wc) - total(&em, &q, wc)) / f64::from(2.0 * h);
-                    assert!((fd - f64::from(l.grad_e[[i, j]])).abs() < 1e-4, "∂/∂e {fd} vs {}", l.grad_e[[i, j]]);
+                    assert!(
+                        (fd - f64::from(lge[[i, j]])).abs() < 1e-4,
+                        "∂/∂e {fd} vs {}",
+                        lge[[i, j]]
+                    );
                     let (mut qp, mut qm) = (q.clone(), q.clone());
                     qp[[i, j]] += h;
                     qm[[i, j]] -= h;
                     let fd = (total(&e, &qp, wb) - total(&e, &qm, wb)) / f64::from(2.0 * h);
-                    assert!((fd - f64::from(l.grad_q[[i, j]])).abs() < 1e-4, "∂/∂q {fd} vs {}", l.grad_q[[i, j]]);
+                    assert!(
+                        (fd - f64::from(lgq[[i, j]])).abs() < 1e-4,
+                        "∂/∂q {fd} vs {}",
+                        lgq[[i, j]]
+                    );
                 }
             }
         }
@@ -186,15 +243,18 @@ mod tests {
     fn placement_and_exclusion() {
         let e = ndarray::array![[2.0f32, 0.0]];
         let q = ndarray::array![[0.0f32, 0.0]];
-        let legacy = LossWeights::new(0.25, BetaPlacement::LegacyCodebook, CodebookTerm::Include).unwrap();
+        let legacy =
+            LossWeights::new(0.25, BetaPlacement::LegacyCodebook, CodebookTerm::Include).unwrap();
         let l = vq_loss(e.view(), q.view(), legacy).unwrap();
         assert_eq!((l.commitment, l.codebook), (2.0, 0.5));
         let ema = LossWeights::new(1.0, BetaPlacement::Commitment, CodebookTerm::Exclude).unwrap();
         let l = vq_loss(e.view(), q.view(), ema).unwrap();
         assert_eq!((l.commitment, l.codebook), (2.0, 0.0));
-        assert!(l.grad_q.iter().all(|&v| v == 0.0));
+        assert_eq!(l.grad_q_scale, 0.0);
         assert!(LossWeights::new(-1.0, BetaPlacement::Commitment, CodebookTerm::Include).is_err());
-        assert!(LossWeights::new(f32::NAN, BetaPlacement::Commitment, CodebookTerm::Include).is_err());
+        assert!(
+            LossWeights::new(f32::NAN, BetaPlacement::Commitment, CodebookTerm::Include).is_err()
+        );
         assert!(vq_loss(e.view(), ndarray::array![[1.0f32]].view(), ema).is_err());
     }
 }

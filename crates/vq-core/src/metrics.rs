@@ -99,7 +99,11 @@ pub fn codebook_usage(indices: &[u32], k: usize, group_len: usize) -> Result<f64
 /// [`VqError::ShapeMismatch`] if the shapes differ.
 pub fn quantization_error(e: ArrayView2<f32>, q: ArrayView2<f32>) -> Result<f64> {
     if e.dim() != q.dim() {
-        return Err(VqError::ShapeMismatch { what: "codes vs inputs (elements)", expected: e.len(), got: q.len() });
+        return Err(VqError::ShapeMismatch {
+            what: "codes vs inputs (elements)",
+            expected: e.len(),
+            got: q.len(),
+        });
     }
     if e.nrows() == 0 {
         return Ok(0.0);
@@ -119,7 +123,10 @@ mod tests {
     #[test]
     fn counts_perplexity_usage() {
         assert_eq!(code_counts(&[0, 2, 2, 1, 2], 4).unwrap(), vec![1, 1, 3, 0]);
-        assert!(matches!(code_counts(&[5], 4), Err(VqError::IndexOutOfRange { index: 5, .. })));
+        assert!(matches!(
+            code_counts(&[5], 4),
+            Err(VqError::IndexOutOfRange { index: 5, .. })
+        ));
         // Uniform over K codes: perplexity K.
         assert!((perplexity(&[7; 16]) - 16.0).abs() < 1e-9);
         assert_eq!(perplexity(&[0, 9, 0]), 1.0);

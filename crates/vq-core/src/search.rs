@@ -111,7 +111,11 @@ impl<'a> CodebookIndex<'a> {
                 (prepared, Array1::zeros(0))
             }
         };
-        let norms: Vec<f32> = prepared.rows().into_iter().map(|r| r.dot(&r).sqrt()).collect();
+        let norms: Vec<f32> = prepared
+            .rows()
+            .into_iter()
+            .map(|r| r.dot(&r).sqrt())
+            .collect();
         let max_norm = norms.iter().copied().fold(0.0, f32::max);
         let padded = k.div_ceil(LANES) * LANES;
         let mut bias = Array1::from_elem(padded, f32::INFINITY);
@@ -122,7 +126,15 @@ impl<'a> CodebookIndex<'a> {
             };
         }
         let max_bias = bias.iter().take(k).copied().fold(0.0, f32::max);
-        Ok(Self { codebook, metric, prepared, bias, centre, max_norm, max_bias })
+        Ok(Self {
+            codebook,
+            metric,
+            prepared,
+            bias,
+            centre,
+            max_norm,
+            max_bias,
+        })
     }
 
     /// Number of codes K.
@@ -184,9 +196,12 @@ impl<'a> CodebookIndex<'a> {
         x.axis_chunks_iter(Axis(0), ROW_TILE)
             .into_par_iter()
             .zip(out.par_chunks_mut(ROW_TILE))
-            .for_each_init(|| Scratch::new(self.dim(), self.len()), |scratch, (tile, out)| {
-                self.search_tile(tile, out, scratch);
-            });
+            .for_each_init(
+                || Scratch::new(self.dim(), self.len()),
+                |scratch, (tile, out)| {
+                    self.search_tile(tile, out, scratch);
+                },
+            );
         Ok(())
     }
 
@@ -227,7 +242,13 @@ impl<'a> CodebookIndex<'a> {
             let kb = k1 - k0;
             let kb_pad = kb.div_ceil(LANES) * LANES;
             let mut scores = sc.scores.slice_mut(s![..rows, ..kb]);
-            general_mat_mul(1.0, &xt, &self.prepared.slice(s![k0..k1, ..]).t(), 0.0, &mut scores);
+            general_mat_mul(
+                1.0,
+                &xt,
+                &self.prepared.slice(s![k0..k1, ..]).t(),
+                0.0,
+                &mut scores,
+            );
             let bias = &self.bias.as_slice().expect("contiguous")[k0..k0 + kb_pad];
             for r in 0..rows {
                 let row = &mut sc.scores.row_mut(r).into_slice().expect("contiguous")[..kb_pad];
@@ -327,7 +348,11 @@ struct RowState {
 
 impl Default for RowState {
     fn default() -> Self {
-        Self { best: f32::INFINITY, idx: 0, second: f32::INFINITY }
+        Self {
+            best: f32::INFINITY,
+            idx: 0,
+            second: f32::INFINITY,
+        }
     }
 }
 
@@ -361,7 +386,11 @@ fn scan_top2(dots: &[f32], bias: &[f32], k0: u32) -> (f32, u32, f32) {
     let mut bv = [f32::INFINITY; LANES];
     let mut bi = [0u32; LANES];
     let mut sv = [f32::INFINITY; LANES];
-    for (c, (dc, hc)) in dots.chunks_exact(LANES).zip(bias.chunks_exact(LANES)).enumerate() {
+    for (c, (dc, hc)) in dots
+        .chunks_exact(LANES)
+        .zip(bias.chunks_exact(LANES))
+        .enumerate()
+    {
         let base = k0 + (c * LANES) as u32;
         for l in 0..LANES {
             let v = hc[l] - dc[l];
@@ -389,7 +418,11 @@ fn scan_top2(dots: &[f32], bias: &[f32], k0: u32) -> (f32, u32, f32) {
 
 /// Returns the first row of `a` holding a non-finite value as an error.
 pub(crate) fn check_finite(a: ArrayView2<f32>, what: &'static str) -> Result<()> {
-    match a.rows().into_iter().position(|r| !r.iter().all(|v| v.is_finite())) {
+    match a
+        .rows()
+        .into_iter()
+        .position(|r| !r.iter().all(|v| v.is_finite()))
+    {
         Some(row) => Err(VqError::NonFinite { what, row }),
         None => Ok(()),
     }
@@ -409,7 +442,11 @@ pub(crate) fn check_finite(a: ArrayView2<f32>, what: &'static str) -> Result<()>
 ///
 /// # Errors
 /// See [`CodebookIndex::new`] and [`CodebookIndex::search`].
-pub fn nearest_codes(x: ArrayView2<f32>, codebook: ArrayView2<f32>, metric: Metric) -> Result<Array1<u32>> {
+pub fn nearest_codes(
+    x: ArrayView2<f32>,
+    codebook: ArrayView2<f32>,
+    metric: Metric,
+) -> Result<Array1<u32>> {
     CodebookIndex::new(codebook, metric)?.search(x)
 }
 
@@ -441,7 +478,11 @@ pub fn gather_codes(codebook: ArrayView2<f32>, indices: &[u32]) -> Result<Array2
 ///
 /// # Errors
 /// See [`nearest_codes`].
-pub fn quantize(x: ArrayView2<f32>, codebook: ArrayView2<f32>, metric: Metric) -> Result<(Array1<u32>, Array2<f32>)> {
+pub fn quantize(
+    x: ArrayView2<f32>,
+    codebook: ArrayView2<f32>,
+    metric: Metric,
+) -> Result<(Array1<u32>, Array2<f32>)> {
     let idx = nearest_codes(x, codebook, metric)?;
     let q = gather_codes(codebook, idx.as_slice().expect("fresh array is contiguous"))?;
     Ok((idx, q))
@@ -461,11 +502,17 @@ mod tests {
                 let mut best = (f64::INFINITY, 0u32);
                 for (k, cr) in c.rows().into_iter().enumerate() {
                     let v = match metric {
-                        Metric::Euclidean => {
-                            xr.iter().zip(cr).map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2)).sum::<f64>()
-                        }
+                        Metric::Euclidean => xr
+                            .iter()
+                            .zip(cr)
+                            .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
+                            .sum::<f64>(),
                         Metric::Cosine => {
-                            let dot: f64 = xr.iter().zip(cr).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+                            let dot: f64 = xr
+                                .iter()
+                                .zip(cr)
+                                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                                .sum();
                             let nx = crate::testutil::norm64(xr).max(1e-12);
                             let nc = crate::testutil::norm64(cr).max(1e-12);
                             -dot / (nx * nc)
@@ -482,12 +529,25 @@ mod tests {
 
     fn check(x: &Array2<f32>, c: &Array2<f32>, metric: Metric) {
         let got = nearest_codes(x.view(), c.view(), metric).unwrap().to_vec();
-        assert_eq!(got, brute_force(x.view(), c.view(), metric), "metric {metric:?}");
+        assert_eq!(
+            got,
+            brute_force(x.view(), c.view(), metric),
+            "metric {metric:?}"
+        );
     }
 
     #[test]
     fn matches_brute_force_across_tiles_and_code_blocks() {
-        for (i, &(n, k, d)) in [(200, 37, 5), (130, 2500, 3), (65, 1025, 16), (1, 1, 1), (300, 9, 64)].iter().enumerate() {
+        for (i, &(n, k, d)) in [
+            (200, 37, 5),
+            (130, 2500, 3),
+            (65, 1025, 16),
+            (1, 1, 1),
+            (300, 9, 64),
+        ]
+        .iter()
+        .enumerate()
+        {
             let x = randn((n, d), 10 + i as u64);
             let c = randn((k, d), 20 + i as u64);
             check(&x, &c, Metric::Euclidean);
@@ -518,7 +578,10 @@ mod tests {
             })
             .collect();
         let naive_wrong = naive.iter().zip(&exact).filter(|(a, b)| a != b).count();
-        assert!(naive_wrong > 10, "the test data must defeat the naive shortcut (wrong: {naive_wrong})");
+        assert!(
+            naive_wrong > 10,
+            "the test data must defeat the naive shortcut (wrong: {naive_wrong})"
+        );
         check(&x, &c, Metric::Euclidean);
     }
 
@@ -533,31 +596,75 @@ mod tests {
         // Many exact duplicates overflow the candidate list and take the exact full scan.
         let c = Array2::from_elem((100, 3), 0.5f32);
         let x = randn((10, 3), 5);
-        assert!(nearest_codes(x.view(), c.view(), Metric::Euclidean).unwrap().iter().all(|&i| i == 0));
-        assert!(nearest_codes(x.view(), c.view(), Metric::Cosine).unwrap().iter().all(|&i| i == 0));
+        assert!(
+            nearest_codes(x.view(), c.view(), Metric::Euclidean)
+                .unwrap()
+                .iter()
+                .all(|&i| i == 0)
+        );
+        assert!(
+            nearest_codes(x.view(), c.view(), Metric::Cosine)
+                .unwrap()
+                .iter()
+                .all(|&i| i == 0)
+        );
     }
 
     #[test]
     fn zero_vectors_in_cosine_lookup_pick_the_first_code() {
         let c = randn((5, 4), 3);
         let x = Array2::zeros((3, 4));
-        assert_eq!(nearest_codes(x.view(), c.view(), Metric::Cosine).unwrap().to_vec(), vec![0, 0, 0]);
+        assert_eq!(
+            nearest_codes(x.view(), c.view(), Metric::Cosine)
+                .unwrap()
+                .to_vec(),
+            vec![0, 0, 0]
+        );
     }
 
     #[test]
     fn bad_input_gives_typed_errors() {
         let c = randn((4, 3), 0);
         let empty = Array2::<f32>::zeros((0, 3));
-        assert_eq!(CodebookIndex::new(empty.view(), Metric::Euclidean).unwrap_err(), VqError::EmptyCodebook { k: 0, d: 3 });
+        assert_eq!(
+            CodebookIndex::new(empty.view(), Metric::Euclidean).unwrap_err(),
+            VqError::EmptyCodebook { k: 0, d: 3 }
+        );
         let x = randn((2, 5), 0);
-        assert!(matches!(nearest_codes(x.view(), c.view(), Metric::Euclidean), Err(VqError::ShapeMismatch { expected: 3, got: 5, .. })));
+        assert!(matches!(
+            nearest_codes(x.view(), c.view(), Metric::Euclidean),
+            Err(VqError::ShapeMismatch {
+                expected: 3,
+                got: 5,
+                ..
+            })
+        ));
         let mut x = randn((3, 3), 0);
         x[[2, 1]] = f32::NAN;
-        assert_eq!(nearest_codes(x.view(), c.view(), Metric::Euclidean).unwrap_err(), VqError::NonFinite { what: "inputs", row: 2 });
+        assert_eq!(
+            nearest_codes(x.view(), c.view(), Metric::Euclidean).unwrap_err(),
+            VqError::NonFinite {
+                what: "inputs",
+                row: 2
+            }
+        );
         let mut cb = c.clone();
         cb[[1, 0]] = f32::INFINITY;
-        assert_eq!(CodebookIndex::new(cb.view(), Metric::Cosine).unwrap_err(), VqError::NonFinite { what: "codebook", row: 1 });
-        assert_eq!(gather_codes(c.view(), &[0, 4]).unwrap_err(), VqError::IndexOutOfRange { index: 4, position: 1, k: 4 });
+        assert_eq!(
+            CodebookIndex::new(cb.view(), Metric::Cosine).unwrap_err(),
+            VqError::NonFinite {
+                what: "codebook",
+                row: 1
+            }
+        );
+        assert_eq!(
+            gather_codes(c.view(), &[0, 4]).unwrap_err(),
+            VqError::IndexOutOfRange {
+                index: 4,
+                position: 1,
+                k: 4
+            }
+        );
     }
 
     #[test]

@@ -15,7 +15,10 @@ pub fn randn(shape: (usize, usize), seed: u64) -> Array2<f32> {
 }
 
 pub fn norm64(v: ArrayView1<f32>) -> f64 {
-    v.iter().map(|&x| f64::from(x) * f64::from(x)).sum::<f64>().sqrt()
+    v.iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
 }
 
 pub fn dot64(a: &[f64], b: &[f64]) -> f64 {

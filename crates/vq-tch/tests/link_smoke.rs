@@ -16,7 +16,10 @@ fn forward_backward_on_cpu() {
     // Forward value is q, gradient reaching e is w.
     assert_eq!(Vec::<f32>::try_from(&y).unwrap(), vec![0.0, -1.0, 1.0, 2.0]);
     assert_eq!(f32::try_from(&loss).unwrap(), 0.0 - 2.0 + 3.0 + 8.0);
-    assert_eq!(Vec::<f32>::try_from(e.grad()).unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+    assert_eq!(
+        Vec::<f32>::try_from(e.grad()).unwrap(),
+        vec![1.0, 2.0, 3.0, 4.0]
+    );
 }
 
 #[test]
@@ -26,7 +29,10 @@ fn matmul_backward_matches_closed_form() {
     let b = Tensor::randn([3, 4], (Kind::Float, tch::Device::Cpu));
     a.matmul(&b).sum(Kind::Float).backward();
     // d/dA sum(A B) = 1 Bᵀ: every row equals the row sums of B.
-    let expected = b.sum_dim_intlist([1i64].as_slice(), false, Kind::Float).unsqueeze(0).expand([5, 3], false);
+    let expected = b
+        .sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
+        .unsqueeze(0)
+        .expand([5, 3], false);
     let diff = f64::try_from((a.grad() - expected).abs().max()).unwrap();
     assert!(diff < 1e-5, "max |grad - closed form| = {diff}");
 }
@@ -39,7 +45,11 @@ fn cuda_backend_library_is_loaded_when_present() {
     let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
     let torch_cpu = maps
         .lines()
-        .find_map(|l| l.split_whitespace().last().filter(|p| p.ends_with("/libtorch_cpu.so")))
+        .find_map(|l| {
+            l.split_whitespace()
+                .last()
+                .filter(|p| p.ends_with("/libtorch_cpu.so"))
+        })
         .expect("libtorch_cpu.so is not mapped into the test process");
     let lib_dir = std::path::Path::new(torch_cpu).parent().unwrap();
     if lib_dir.join("libtorch_cuda.so").exists() {

@@ -4,7 +4,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "vq-train", version, about = "Train and evaluate VQ autoencoders (STE vs rotation trick)")]
+#[command(
+    name = "vq-train",
+    version,
+    about = "Train and evaluate VQ autoencoders (STE vs rotation trick)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -23,7 +27,10 @@ fn main() -> Result<()> {
             let rt = vq_tch::TorchRuntime::query();
             println!("vq-train {}", env!("CARGO_PKG_VERSION"));
             println!("libtorch CPU threads: {}", rt.cpu_threads);
-            println!("CUDA available: {} ({} device(s))", rt.cuda_available, rt.cuda_devices);
+            println!(
+                "CUDA available: {} ({} device(s))",
+                rt.cuda_available, rt.cuda_devices
+            );
             println!("cuDNN available: {}", rt.cudnn_available);
         }
     }
