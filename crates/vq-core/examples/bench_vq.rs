@@ -144,20 +144,26 @@ fn main() {
                 vq_core::nearest_codes(e.view(), cb.view(), Metric::Euclidean).expect("search"),
             );
         });
-        let mut times = [0.0; 2];
-        for (t, estimator) in times
-            .iter_mut()
-            .zip([Estimator::StraightThrough, Estimator::Rotation])
-        {
-            let vq = Quantizer {
-                metric: Metric::Euclidean,
-                estimator,
-                loss,
-            };
-            *t = median_ms(args.reps, || {
-                std::hint::black_box(step(&vq, &e, &cb));
-            });
+        // STE and rotation steps interleaved rep by rep, so that machine noise hits both alike.
+        let vqs = [Estimator::StraightThrough, Estimator::Rotation].map(|estimator| Quantizer {
+            metric: Metric::Euclidean,
+            estimator,
+            loss,
+        });
+        let mut samples = [Vec::new(), Vec::new()];
+        for rep in 0..=args.reps {
+            for (vq, s) in vqs.iter().zip(&mut samples) {
+                let t = Instant::now();
+                std::hint::black_box(step(vq, &e, &cb));
+                if rep > 0 {
+                    s.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
         }
+        let times = samples.map(|mut s| {
+            s.sort_by(f64::total_cmp);
+            s[s.len() / 2]
+        });
         let torch = args.torch_script.as_deref().and_then(|s| {
             torch_times(s, args.torch_pythonpath.as_deref(), (n, k, d), args.threads)
         });

@@ -231,27 +231,34 @@ fn same_shape(a: ArrayView2<f32>, b: ArrayView2<f32>, what: &'static str) -> Res
     Ok(())
 }
 
-/// `[e·e, q·q, e·q, e·g, q·g]` in f64, accumulated in independent lanes so that the loop
-/// vectorises (a single running sum would force sequential order).
+/// Lanes of the per-row reductions.
+const LANES: usize = 16;
+
+/// `[e·e, q·q, e·q, e·g, q·g]`, accumulated in f32 lanes (which vectorise) and summed in f64.
 fn dots5(e: &[f32], q: &[f32], g: &[f32]) -> [f64; 5] {
-    const L: usize = 4;
-    let mut acc = [[0f64; L]; 5];
-    let n = e.len() / L * L;
+    let (mut ee, mut qq, mut eq, mut eg, mut qg) = (
+        [0f32; LANES],
+        [0f32; LANES],
+        [0f32; LANES],
+        [0f32; LANES],
+        [0f32; LANES],
+    );
+    let n = e.len() / LANES * LANES;
     for ((ec, qc), gc) in e[..n]
-        .chunks_exact(L)
-        .zip(q[..n].chunks_exact(L))
-        .zip(g[..n].chunks_exact(L))
+        .chunks_exact(LANES)
+        .zip(q[..n].chunks_exact(LANES))
+        .zip(g[..n].chunks_exact(LANES))
     {
-        for l in 0..L {
-            let (a, b, c) = (f64::from(ec[l]), f64::from(qc[l]), f64::from(gc[l]));
-            acc[0][l] += a * a;
-            acc[1][l] += b * b;
-            acc[2][l] += a * b;
-            acc[3][l] += a * c;
-            acc[4][l] += b * c;
+        for l in 0..LANES {
+            ee[l] += ec[l] * ec[l];
+            qq[l] += qc[l] * qc[l];
+            eq[l] += ec[l] * qc[l];
+            eg[l] += ec[l] * gc[l];
+            qg[l] += qc[l] * gc[l];
         }
     }
-    let mut out = acc.map(|lanes| lanes.iter().sum::<f64>());
+    let mut out =
+        [ee, qq, eq, eg, qg].map(|lanes| lanes.iter().map(|&v| f64::from(v)).sum::<f64>());
     for ((&a, &b), &c) in e[n..].iter().zip(&q[n..]).zip(&g[n..]) {
         let (a, b, c) = (f64::from(a), f64::from(b), f64::from(c));
         out[0] += a * a;
@@ -261,6 +268,25 @@ fn dots5(e: &[f32], q: &[f32], g: &[f32]) -> [f64; 5] {
         out[4] += b * c;
     }
     out
+}
+
+/// `‖αe + βq‖²` as a sum of squares (no cancellation however small it is), f32 lanes.
+fn combination_norm2(e: &[f32], q: &[f32], alpha: f64, beta: f64) -> f64 {
+    let (a, b) = (alpha as f32, beta as f32);
+    let mut acc = [0f32; LANES];
+    let n = e.len() / LANES * LANES;
+    for (ec, qc) in e[..n].chunks_exact(LANES).zip(q[..n].chunks_exact(LANES)) {
+        for l in 0..LANES {
+            let t = a * ec[l] + b * qc[l];
+            acc[l] += t * t;
+        }
+    }
+    let tail: f64 = e[n..]
+        .iter()
+        .zip(&q[n..])
+        .map(|(&x, &y)| (alpha * f64::from(x) + beta * f64::from(y)).powi(2))
+        .sum();
+    acc.iter().map(|&v| f64::from(v)).sum::<f64>() + tail
 }
 
 /// The Householder vector of a row map, defined from `e` and `q` without storing it.
@@ -320,12 +346,22 @@ impl RowMap {
             qq += b * b;
             eq += a * b;
         }
-        Self::from_dots(estimator, e, ee, qq, eq)
+        Self::from_dots(estimator, e, ee, qq, eq, None)
     }
 
     /// The map from the row's dot products `e·e`, `q·q`, `e·q` (`e` is read only for the
     /// antipodal fallback).
-    fn from_dots(estimator: Estimator, e: ArrayView1<f32>, ee: f64, qq: f64, eq: f64) -> Self {
+    ///
+    /// `direct_norm2`, when given, computes `‖ê ± q̂‖²` as a sum of squares from `(1/‖e‖, ±1/‖q‖)`
+    /// (accurate however small it is); otherwise it comes from `2 ± 2ê·q̂` (f64 dots only).
+    fn from_dots(
+        estimator: Estimator,
+        e: ArrayView1<f32>,
+        ee: f64,
+        qq: f64,
+        eq: f64,
+        direct_norm2: Option<&dyn Fn(f64, f64) -> f64>,
+    ) -> Self {
         let (ne, nq) = (ee.sqrt(), qq.sqrt());
         let scale = match estimator {
             Estimator::StraightThrough | Estimator::RotationNoRescale => 1.0,
@@ -345,8 +381,11 @@ impl RowMap {
         } else {
             1.0
         };
-        // ‖ê ± q̂‖² = 2 ± 2 ê·q̂ (absolute error ~1e-16; only used where it is ≥ 1e-8).
-        let norm2 = (2.0 + 2.0 * sign * eq / (ne * nq)).max(0.0);
+        let norm2 = match direct_norm2 {
+            Some(f) => f(1.0 / ne, sign / nq),
+            // ‖ê ± q̂‖² = 2 ± 2 ê·q̂ (absolute error ~1e-16 with f64 dots; used where it is ≥ 1e-8).
+            None => (2.0 + 2.0 * sign * eq / (ne * nq)).max(0.0),
+        };
         let combination = Householder::Combination {
             sign,
             norm: norm2.sqrt(),
@@ -394,7 +433,8 @@ impl RowMap {
             return;
         }
         let [ee, qq, eq, eg, qg] = dots5(e, q, g);
-        let map = Self::from_dots(estimator, ArrayView1::from(e), ee, qq, eq);
+        let norm2 = |alpha, beta| combination_norm2(e, q, alpha, beta);
+        let map = Self::from_dots(estimator, ArrayView1::from(e), ee, qq, eq, Some(&norm2));
         let (ne, nq) = (map.ne, map.nq);
         // out = λ(g + ce·e + cq·q)
         let (ce, cq) = match map.kind {
