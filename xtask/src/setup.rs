@@ -108,10 +108,9 @@ fn detect_version(dir: &Path) -> Option<String> {
 
 fn python() -> Result<String> {
     for candidate in ["python3", "python"] {
-        if let Ok(out) = Command::new(candidate).arg("--version").output() {
-            if out.status.success() {
-                return Ok(candidate.to_owned());
-            }
+        let found = Command::new(candidate).arg("--version").output();
+        if found.is_ok_and(|out| out.status.success()) {
+            return Ok(candidate.to_owned());
         }
     }
     bail!(

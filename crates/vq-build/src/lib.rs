@@ -6,8 +6,8 @@
 //! `torch-sys` as a direct dependency so that cargo hands its build script the variable
 //! `DEP_TCH_LIBTORCH_LIB` (torch-sys declares `links = "tch"` and prints `libtorch_lib`).
 //!
-//! ```no_run
-//! // build.rs
+//! ```text
+//! // build.rs of a package that depends on `tch` and `torch-sys`
 //! fn main() {
 //!     vq_build::link_libtorch();
 //! }

@@ -534,7 +534,7 @@ mod tests {
             .zip(cb.running_sums().rows())
             .zip(cb.cluster_sizes())
         {
-            assert!((&c * n - &m).iter().all(|v| v.abs() < 1e-3));
+            assert!((&c * n - m).iter().all(|v| v.abs() < 1e-3));
         }
     }
 

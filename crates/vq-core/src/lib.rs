@@ -32,6 +32,9 @@
 //! assert!((norm(grad_e.row(0)) - lambda * norm(grad_q.row(0))).abs() < 1e-5);
 //! ```
 
+// Lane loops index several fixed-size arrays in step; that form is what auto-vectorises.
+#![allow(clippy::needless_range_loop)]
+
 mod codebook;
 mod error;
 mod estimator;

@@ -379,41 +379,69 @@ impl Scratch {
     }
 }
 
-/// Branch-free top-2 of `bias_k − dot_k` over one block (lengths a multiple of LANES).
-/// Returns (best value, its global index, second-best value); ties keep the lowest index.
+/// Lane-wise running top-2 (value, index of the best; value of the second best), branch-free so
+/// that it vectorises. Ties keep the lowest index.
+#[derive(Debug, Clone, Copy)]
+struct LaneTop2<const L: usize> {
+    bv: [f32; L],
+    bi: [u32; L],
+    sv: [f32; L],
+}
+
+impl<const L: usize> LaneTop2<L> {
+    fn new() -> Self {
+        Self {
+            bv: [f32::INFINITY; L],
+            bi: [0; L],
+            sv: [f32::INFINITY; L],
+        }
+    }
+
+    /// Offers scores `v[l]` for the codes `base + l`.
+    #[inline(always)]
+    fn offer(&mut self, v: &[f32; L], base: u32) {
+        for l in 0..L {
+            let lt = v[l] < self.bv[l];
+            self.sv[l] = if lt { self.bv[l] } else { self.sv[l].min(v[l]) };
+            self.bi[l] = if lt { base + l as u32 } else { self.bi[l] };
+            self.bv[l] = if lt { v[l] } else { self.bv[l] };
+        }
+    }
+
+    /// (best value, its index, second-best value) over all lanes.
+    fn reduce(&self) -> (f32, u32, f32) {
+        let mut best = 0;
+        for l in 1..L {
+            if self.bv[l] < self.bv[best]
+                || (self.bv[l] == self.bv[best] && self.bi[l] < self.bi[best])
+            {
+                best = l;
+            }
+        }
+        let mut second = f32::INFINITY;
+        for l in 0..L {
+            second = second.min(self.sv[l]);
+            if l != best {
+                second = second.min(self.bv[l]);
+            }
+        }
+        (self.bv[best], self.bi[best], second)
+    }
+}
+
+/// Top-2 of `bias_k − dot_k` over one block (lengths a multiple of LANES); see [`LaneTop2`].
 #[inline]
 fn scan_top2(dots: &[f32], bias: &[f32], k0: u32) -> (f32, u32, f32) {
-    let mut bv = [f32::INFINITY; LANES];
-    let mut bi = [0u32; LANES];
-    let mut sv = [f32::INFINITY; LANES];
+    let mut top = LaneTop2::<LANES>::new();
     for (c, (dc, hc)) in dots
         .chunks_exact(LANES)
         .zip(bias.chunks_exact(LANES))
         .enumerate()
     {
-        let base = k0 + (c * LANES) as u32;
-        for l in 0..LANES {
-            let v = hc[l] - dc[l];
-            let lt = v < bv[l];
-            sv[l] = if lt { bv[l] } else { sv[l].min(v) };
-            bi[l] = if lt { base + l as u32 } else { bi[l] };
-            bv[l] = if lt { v } else { bv[l] };
-        }
+        let v: [f32; LANES] = std::array::from_fn(|l| hc[l] - dc[l]);
+        top.offer(&v, k0 + (c * LANES) as u32);
     }
-    let mut best = 0;
-    for l in 1..LANES {
-        if bv[l] < bv[best] || (bv[l] == bv[best] && bi[l] < bi[best]) {
-            best = l;
-        }
-    }
-    let mut second = f32::INFINITY;
-    for l in 0..LANES {
-        second = second.min(sv[l]);
-        if l != best {
-            second = second.min(bv[l]);
-        }
-    }
-    (bv[best], bi[best], second)
+    top.reduce()
 }
 
 /// Returns the first row of `a` holding a non-finite value as an error.
@@ -544,6 +572,7 @@ mod tests {
             (65, 1025, 16),
             (1, 1, 1),
             (300, 9, 64),
+            (150, 1100, 40),
         ]
         .iter()
         .enumerate()
