@@ -19,6 +19,7 @@
 use ndarray::linalg::general_mat_mul;
 use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, s};
 use rayon::prelude::*;
+use wide::{CmpLt, f32x8};
 
 use crate::error::{Result, VqError};
 
@@ -40,6 +41,10 @@ const CODE_BLOCK: usize = 1024;
 const LANES: usize = 8;
 /// Candidates kept per ambiguous row before falling back to an exact scan of all codes.
 const MAX_CANDIDATES: usize = 32;
+/// Code dimension up to which the register kernel (no sgemm, no score buffer) is used.
+const SMALL_D_MAX: usize = 16;
+/// Codes per chunk of the register kernel.
+const CHUNK: usize = LANES;
 /// Floor of vector norms in cosine lookup.
 const COSINE_EPS: f32 = 1e-12;
 
@@ -69,6 +74,9 @@ pub struct CodebookIndex<'a> {
     max_norm: f32,
     /// max_k bias_k.
     max_bias: f32,
+    /// For D ≤ SMALL_D_MAX: the prepared codes transposed per chunk of CHUNK codes,
+    /// `[chunk · D + dim][lane]`, zero-padded (padding codes score +∞ through `bias`).
+    chunked: Option<Vec<f32x8>>,
 }
 
 impl<'a> CodebookIndex<'a> {
@@ -117,7 +125,8 @@ impl<'a> CodebookIndex<'a> {
             .map(|r| r.dot(&r).sqrt())
             .collect();
         let max_norm = norms.iter().copied().fold(0.0, f32::max);
-        let padded = k.div_ceil(LANES) * LANES;
+        // A multiple of both LANES and CHUNK.
+        let padded = k.div_ceil(CHUNK) * CHUNK;
         let mut bias = Array1::from_elem(padded, f32::INFINITY);
         for (b, &n) in bias.iter_mut().zip(&norms) {
             *b = match metric {
@@ -126,6 +135,15 @@ impl<'a> CodebookIndex<'a> {
             };
         }
         let max_bias = bias.iter().take(k).copied().fold(0.0, f32::max);
+        let chunked = (d <= SMALL_D_MAX).then(|| {
+            let mut t = vec![[0f32; CHUNK]; k.div_ceil(CHUNK) * d];
+            for (j, row) in prepared.rows().into_iter().enumerate() {
+                for (dd, &v) in row.iter().enumerate() {
+                    t[(j / CHUNK) * d + dd][j % CHUNK] = v;
+                }
+            }
+            t.into_iter().map(f32x8::new).collect()
+        });
         Ok(Self {
             codebook,
             metric,
@@ -134,6 +152,7 @@ impl<'a> CodebookIndex<'a> {
             centre,
             max_norm,
             max_bias,
+            chunked,
         })
     }
 
@@ -231,6 +250,10 @@ impl<'a> CodebookIndex<'a> {
                 }
             }
         }
+        if let Some(chunked) = &self.chunked {
+            self.search_tile_small(tile, out, sc, chunked);
+            return;
+        }
         for r in 0..rows {
             sc.state[r] = RowState::default();
             sc.cands[r].clear();
@@ -299,6 +322,62 @@ impl<'a> CodebookIndex<'a> {
                 }
             } else {
                 st.idx
+            };
+        }
+    }
+
+    /// Register kernel for small D: the scores of CHUNK codes at a time live in one vector
+    /// register and fold straight into a lane-wise top-2; there is no score matrix. Rows whose
+    /// top-2 gap is within tolerance are re-scored and re-ranked exactly.
+    fn search_tile_small(
+        &self,
+        tile: ArrayView2<f32>,
+        out: &mut [u32],
+        sc: &mut Scratch,
+        chunked: &[f32x8],
+    ) {
+        let d = self.dim();
+        let k = self.len();
+        let bias: Vec<f32x8> = self
+            .bias
+            .as_slice()
+            .expect("contiguous")
+            .chunks_exact(CHUNK)
+            .map(|c| f32x8::new(c.try_into().expect("CHUNK-sized")))
+            .collect();
+        let mut xs = vec![f32x8::splat(0.0); d];
+        let scores = |xs: &[f32x8], cols: &[f32x8], b: f32x8| {
+            xs.iter()
+                .zip(cols)
+                .fold(b, |s, (&x, &col)| x.mul_neg_add(col, s))
+        };
+        for (r, o) in out.iter_mut().enumerate().take(tile.nrows()) {
+            for (v, &x) in xs.iter_mut().zip(sc.x.row(r)) {
+                *v = f32x8::splat(x);
+            }
+            let mut top = LaneTop2::new();
+            for (c, (cols, &b)) in chunked.chunks_exact(d).zip(&bias).enumerate() {
+                top.offer(scores(&xs, cols, b), c as f32);
+            }
+            let (best, idx, second) = top.reduce();
+            let tol = sc.tol[r];
+            *o = if second - best <= tol {
+                let cands = &mut sc.cands[r];
+                cands.clear();
+                for (c, (cols, &b)) in chunked.chunks_exact(d).zip(&bias).enumerate() {
+                    for (l, &v) in scores(&xs, cols, b).to_array().iter().enumerate() {
+                        if v <= best + tol && cands.len() <= MAX_CANDIDATES {
+                            cands.push(((c * CHUNK + l) as u32, v));
+                        }
+                    }
+                }
+                if cands.len() > MAX_CANDIDATES {
+                    self.exact_argmin(tile.row(r), 0..k as u32)
+                } else {
+                    self.exact_argmin(tile.row(r), cands.iter().map(|c| c.0))
+                }
+            } else {
+                idx
             };
         }
     }
@@ -379,69 +458,71 @@ impl Scratch {
     }
 }
 
-/// Lane-wise running top-2 (value, index of the best; value of the second best), branch-free so
-/// that it vectorises. Ties keep the lowest index.
+/// Lane-wise running top-2 over 8 lanes (value and chunk of the best; value of the second best)
+/// in SIMD registers. Lane `l` of chunk `c` is code `8c + l`; chunk numbers are kept as f32
+/// (exact below 2²⁴ chunks). Ties keep the lowest index.
 #[derive(Debug, Clone, Copy)]
-struct LaneTop2<const L: usize> {
-    bv: [f32; L],
-    bi: [u32; L],
-    sv: [f32; L],
+struct LaneTop2 {
+    bv: f32x8,
+    bc: f32x8,
+    sv: f32x8,
 }
 
-impl<const L: usize> LaneTop2<L> {
+impl LaneTop2 {
     fn new() -> Self {
         Self {
-            bv: [f32::INFINITY; L],
-            bi: [0; L],
-            sv: [f32::INFINITY; L],
+            bv: f32x8::splat(f32::INFINITY),
+            bc: f32x8::splat(0.0),
+            sv: f32x8::splat(f32::INFINITY),
         }
     }
 
-    /// Offers scores `v[l]` for the codes `base + l`.
+    /// Offers the scores `v` of the codes `8·chunk + l`.
     #[inline(always)]
-    fn offer(&mut self, v: &[f32; L], base: u32) {
-        for l in 0..L {
-            let lt = v[l] < self.bv[l];
-            self.sv[l] = if lt { self.bv[l] } else { self.sv[l].min(v[l]) };
-            self.bi[l] = if lt { base + l as u32 } else { self.bi[l] };
-            self.bv[l] = if lt { v[l] } else { self.bv[l] };
-        }
+    fn offer(&mut self, v: f32x8, chunk: f32) {
+        let lt = v.cmp_lt(self.bv);
+        let hi = lt.blend(self.bv, v);
+        self.sv = hi.cmp_lt(self.sv).blend(hi, self.sv);
+        self.bc = lt.blend(f32x8::splat(chunk), self.bc);
+        self.bv = lt.blend(v, self.bv);
     }
 
-    /// (best value, its index, second-best value) over all lanes.
+    /// (best value, its code index, second-best value) over all lanes.
     fn reduce(&self) -> (f32, u32, f32) {
+        let (bv, bc, sv) = (self.bv.to_array(), self.bc.to_array(), self.sv.to_array());
+        let index = |l: usize| bc[l] as u32 * LANES as u32 + l as u32;
         let mut best = 0;
-        for l in 1..L {
-            if self.bv[l] < self.bv[best]
-                || (self.bv[l] == self.bv[best] && self.bi[l] < self.bi[best])
-            {
+        for l in 1..LANES {
+            if bv[l] < bv[best] || (bv[l] == bv[best] && index(l) < index(best)) {
                 best = l;
             }
         }
         let mut second = f32::INFINITY;
-        for l in 0..L {
-            second = second.min(self.sv[l]);
+        for l in 0..LANES {
+            second = second.min(sv[l]);
             if l != best {
-                second = second.min(self.bv[l]);
+                second = second.min(bv[l]);
             }
         }
-        (self.bv[best], self.bi[best], second)
+        (bv[best], index(best), second)
     }
 }
 
 /// Top-2 of `bias_k − dot_k` over one block (lengths a multiple of LANES); see [`LaneTop2`].
 #[inline]
 fn scan_top2(dots: &[f32], bias: &[f32], k0: u32) -> (f32, u32, f32) {
-    let mut top = LaneTop2::<LANES>::new();
+    let mut top = LaneTop2::new();
     for (c, (dc, hc)) in dots
         .chunks_exact(LANES)
         .zip(bias.chunks_exact(LANES))
         .enumerate()
     {
-        let v: [f32; LANES] = std::array::from_fn(|l| hc[l] - dc[l]);
-        top.offer(&v, k0 + (c * LANES) as u32);
+        let v =
+            f32x8::new(hc.try_into().expect("LANES")) - f32x8::new(dc.try_into().expect("LANES"));
+        top.offer(v, c as f32);
     }
-    top.reduce()
+    let (best, idx, second) = top.reduce();
+    (best, k0 + idx, second)
 }
 
 /// Returns the first row of `a` holding a non-finite value as an error.
