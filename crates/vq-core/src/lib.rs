@@ -12,7 +12,8 @@
 //! * [`EmaCodebook`], [`kmeans`]: codebook learning by EMA with Laplace smoothing, k-means
 //!   initialisation, dead-code replacement;
 //! * metrics: [`code_counts`], [`codebook_usage`], [`perplexity`], [`quantization_error`];
-//! * [`Quantizer`]: a whole VQ layer step, forward and backward.
+//! * [`Quantizer`]: a whole VQ layer step, forward and backward;
+//! * [`toy`]: the paper's 2-D experiments (Himmelblau simulation, Voronoi push/pull).
 //!
 //! Data are f32, row-major: encoder outputs `e` are N×D, codebooks K×D. No I/O, no libtorch.
 //!
@@ -42,6 +43,7 @@ mod layer;
 mod loss;
 mod metrics;
 mod search;
+pub mod toy;
 
 pub use codebook::{
     EmaCodebook, EmaConfig, EmaUpdate, kmeans, l2_normalise_rows, scatter_add_rows,
