@@ -231,35 +231,14 @@ fn same_shape(a: ArrayView2<f32>, b: ArrayView2<f32>, what: &'static str) -> Res
     Ok(())
 }
 
-/// Lanes of the per-row reductions.
-const LANES: usize = 16;
-
-/// `[e·e, q·q, e·q, e·g, q·g]`, accumulated in f32 lanes (which vectorise) and summed in f64.
+/// `[e·e, q·q, e·q, e·g, q·g]`, accumulated in f32 lanes (which vectorise) and summed in f64:
+/// 16-lane blocks, then 8-lane blocks, then a scalar tail, so that both long rows (independent
+/// accumulator chains) and short ones (D = 8) vectorise.
 fn dots5(e: &[f32], q: &[f32], g: &[f32]) -> [f64; 5] {
-    let (mut ee, mut qq, mut eq, mut eg, mut qg) = (
-        [0f32; LANES],
-        [0f32; LANES],
-        [0f32; LANES],
-        [0f32; LANES],
-        [0f32; LANES],
-    );
-    let n = e.len() / LANES * LANES;
-    for ((ec, qc), gc) in e[..n]
-        .chunks_exact(LANES)
-        .zip(q[..n].chunks_exact(LANES))
-        .zip(g[..n].chunks_exact(LANES))
-    {
-        for l in 0..LANES {
-            ee[l] += ec[l] * ec[l];
-            qq[l] += qc[l] * qc[l];
-            eq[l] += ec[l] * qc[l];
-            eg[l] += ec[l] * gc[l];
-            qg[l] += qc[l] * gc[l];
-        }
-    }
-    let mut out =
-        [ee, qq, eq, eg, qg].map(|lanes| lanes.iter().map(|&v| f64::from(v)).sum::<f64>());
-    for ((&a, &b), &c) in e[n..].iter().zip(&q[n..]).zip(&g[n..]) {
+    let mut out = [0f64; 5];
+    let n16 = dots5_lanes::<16>(e, q, g, &mut out);
+    let n8 = n16 + dots5_lanes::<8>(&e[n16..], &q[n16..], &g[n16..], &mut out);
+    for ((&a, &b), &c) in e[n8..].iter().zip(&q[n8..]).zip(&g[n8..]) {
         let (a, b, c) = (f64::from(a), f64::from(b), f64::from(c));
         out[0] += a * a;
         out[1] += b * b;
@@ -270,13 +249,38 @@ fn dots5(e: &[f32], q: &[f32], g: &[f32]) -> [f64; 5] {
     out
 }
 
+/// Adds the dots over the whole L-blocks of the slices to `out`; returns the elements covered.
+fn dots5_lanes<const L: usize>(e: &[f32], q: &[f32], g: &[f32], out: &mut [f64; 5]) -> usize {
+    let (mut ee, mut qq, mut eq, mut eg, mut qg) =
+        ([0f32; L], [0f32; L], [0f32; L], [0f32; L], [0f32; L]);
+    let n = e.len() / L * L;
+    for ((ec, qc), gc) in e[..n]
+        .chunks_exact(L)
+        .zip(q[..n].chunks_exact(L))
+        .zip(g[..n].chunks_exact(L))
+    {
+        for l in 0..L {
+            ee[l] += ec[l] * ec[l];
+            qq[l] += qc[l] * qc[l];
+            eq[l] += ec[l] * qc[l];
+            eg[l] += ec[l] * gc[l];
+            qg[l] += qc[l] * gc[l];
+        }
+    }
+    for (o, lanes) in out.iter_mut().zip([ee, qq, eq, eg, qg]) {
+        *o += lanes.iter().map(|&v| f64::from(v)).sum::<f64>();
+    }
+    n
+}
+
 /// `‖αe + βq‖²` as a sum of squares (no cancellation however small it is), f32 lanes.
 fn combination_norm2(e: &[f32], q: &[f32], alpha: f64, beta: f64) -> f64 {
+    const L: usize = 8;
     let (a, b) = (alpha as f32, beta as f32);
-    let mut acc = [0f32; LANES];
-    let n = e.len() / LANES * LANES;
-    for (ec, qc) in e[..n].chunks_exact(LANES).zip(q[..n].chunks_exact(LANES)) {
-        for l in 0..LANES {
+    let mut acc = [0f32; L];
+    let n = e.len() / L * L;
+    for (ec, qc) in e[..n].chunks_exact(L).zip(q[..n].chunks_exact(L)) {
+        for l in 0..L {
             let t = a * ec[l] + b * qc[l];
             acc[l] += t * t;
         }
