@@ -110,10 +110,10 @@ fn demo(root: &Path) -> Result<()> {
             "-p",
             "vq-core",
             "--example",
-            "himmelblau",
+            "toy_experiments",
             "--",
             "--out",
-            "runs/demo",
+            "runs/toy",
         ],
         &[],
     )
