@@ -44,6 +44,9 @@ const MAX_CANDIDATES: usize = 32;
 /// Code dimension up to which the register kernel (no sgemm, no score buffer) is used.
 const SMALL_D_MAX: usize = 16;
 /// Codes per chunk of the register kernel.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+const CHUNK: usize = 16;
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
 const CHUNK: usize = LANES;
 /// Floor of vector norms in cosine lookup.
 const COSINE_EPS: f32 = 1e-12;
@@ -76,7 +79,7 @@ pub struct CodebookIndex<'a> {
     max_bias: f32,
     /// For D ≤ SMALL_D_MAX: the prepared codes transposed per chunk of CHUNK codes,
     /// `[chunk · D + dim][lane]`, zero-padded (padding codes score +∞ through `bias`).
-    chunked: Option<Vec<f32x8>>,
+    chunked: Option<Vec<[f32; CHUNK]>>,
 }
 
 impl<'a> CodebookIndex<'a> {
@@ -142,7 +145,7 @@ impl<'a> CodebookIndex<'a> {
                     t[(j / CHUNK) * d + dd][j % CHUNK] = v;
                 }
             }
-            t.into_iter().map(f32x8::new).collect()
+            t
         });
         Ok(Self {
             codebook,
@@ -334,38 +337,34 @@ impl<'a> CodebookIndex<'a> {
         tile: ArrayView2<f32>,
         out: &mut [u32],
         sc: &mut Scratch,
-        chunked: &[f32x8],
+        chunked: &[[f32; CHUNK]],
     ) {
         let d = self.dim();
         let k = self.len();
-        let bias: Vec<f32x8> = self
+        let bias: Vec<[f32; CHUNK]> = self
             .bias
             .as_slice()
             .expect("contiguous")
             .chunks_exact(CHUNK)
-            .map(|c| f32x8::new(c.try_into().expect("CHUNK-sized")))
+            .map(|c| c.try_into().expect("CHUNK-sized"))
             .collect();
-        let mut xs = vec![f32x8::splat(0.0); d];
-        let scores = |xs: &[f32x8], cols: &[f32x8], b: f32x8| {
-            xs.iter()
-                .zip(cols)
-                .fold(b, |s, (&x, &col)| x.mul_neg_add(col, s))
-        };
         for (r, o) in out.iter_mut().enumerate().take(tile.nrows()) {
-            for (v, &x) in xs.iter_mut().zip(sc.x.row(r)) {
-                *v = f32x8::splat(x);
-            }
-            let mut top = LaneTop2::new();
-            for (c, (cols, &b)) in chunked.chunks_exact(d).zip(&bias).enumerate() {
-                top.offer(scores(&xs, cols, b), c as f32);
-            }
-            let (best, idx, second) = top.reduce();
+            let x = sc.x.row(r);
+            let x = x.as_slice().expect("scratch rows are contiguous");
+            let (best, idx, second) = chunk_top2(x, chunked, &bias, d);
             let tol = sc.tol[r];
             *o = if second - best <= tol {
+                // Cold path: re-score every code plainly and re-rank the near ties exactly.
                 let cands = &mut sc.cands[r];
                 cands.clear();
-                for (c, (cols, &b)) in chunked.chunks_exact(d).zip(&bias).enumerate() {
-                    for (l, &v) in scores(&xs, cols, b).to_array().iter().enumerate() {
+                for (c, (cols, b)) in chunked.chunks_exact(d).zip(&bias).enumerate() {
+                    for l in 0..CHUNK {
+                        let v = b[l]
+                            - cols
+                                .iter()
+                                .zip(x)
+                                .map(|(col, &xv)| xv * col[l])
+                                .sum::<f32>();
                         if v <= best + tol && cands.len() <= MAX_CANDIDATES {
                             cands.push(((c * CHUNK + l) as u32, v));
                         }
@@ -489,23 +488,91 @@ impl LaneTop2 {
 
     /// (best value, its code index, second-best value) over all lanes.
     fn reduce(&self) -> (f32, u32, f32) {
-        let (bv, bc, sv) = (self.bv.to_array(), self.bc.to_array(), self.sv.to_array());
-        let index = |l: usize| bc[l] as u32 * LANES as u32 + l as u32;
-        let mut best = 0;
-        for l in 1..LANES {
-            if bv[l] < bv[best] || (bv[l] == bv[best] && index(l) < index(best)) {
-                best = l;
-            }
-        }
-        let mut second = f32::INFINITY;
-        for l in 0..LANES {
-            second = second.min(sv[l]);
-            if l != best {
-                second = second.min(bv[l]);
-            }
-        }
-        (bv[best], index(best), second)
+        reduce_lanes(
+            &self.bv.to_array(),
+            &self.bc.to_array(),
+            &self.sv.to_array(),
+        )
     }
+}
+
+/// Merges lane-wise top-2 states (best value and chunk per lane, second-best value per lane;
+/// lane `l` of chunk `c` is code `c·L + l`) into (best value, its code index, second best).
+fn reduce_lanes<const L: usize>(bv: &[f32; L], bc: &[f32; L], sv: &[f32; L]) -> (f32, u32, f32) {
+    let index = |l: usize| bc[l] as u32 * L as u32 + l as u32;
+    let mut best = 0;
+    for l in 1..L {
+        if bv[l] < bv[best] || (bv[l] == bv[best] && index(l) < index(best)) {
+            best = l;
+        }
+    }
+    let mut second = f32::INFINITY;
+    for l in 0..L {
+        second = second.min(sv[l]);
+        if l != best {
+            second = second.min(bv[l]);
+        }
+    }
+    (bv[best], index(best), second)
+}
+
+/// Top-2 over all chunks of the register kernel for one prepared row `x` (length D):
+/// scores `bias − x·c` of CHUNK codes per vector register, folded into lane-wise top-2 state.
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+fn chunk_top2(
+    x: &[f32],
+    chunked: &[[f32; CHUNK]],
+    bias: &[[f32; CHUNK]],
+    d: usize,
+) -> (f32, u32, f32) {
+    let xs: Vec<f32x8> = x.iter().map(|&v| f32x8::splat(v)).collect();
+    let mut top = LaneTop2::new();
+    for (c, (cols, b)) in chunked.chunks_exact(d).zip(bias).enumerate() {
+        let s = xs.iter().zip(cols).fold(f32x8::new(*b), |s, (&xv, col)| {
+            xv.mul_neg_add(f32x8::new(*col), s)
+        });
+        top.offer(s, c as f32);
+    }
+    top.reduce()
+}
+
+/// As the portable version, with 16-lane AVX-512 registers and mask blends.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+fn chunk_top2(
+    x: &[f32],
+    chunked: &[[f32; CHUNK]],
+    bias: &[[f32; CHUNK]],
+    d: usize,
+) -> (f32, u32, f32) {
+    use std::arch::x86_64::{
+        _CMP_LT_OQ, _mm512_cmp_ps_mask, _mm512_fnmadd_ps, _mm512_loadu_ps, _mm512_mask_blend_ps,
+        _mm512_set1_ps, _mm512_setzero_ps, _mm512_storeu_ps,
+    };
+    let (mut bv, mut bc, mut sv) = ([0f32; CHUNK], [0f32; CHUNK], [0f32; CHUNK]);
+    // SAFETY: avx512f is enabled for this compilation (the cfg above). Every load and store
+    // reads or writes exactly one `[f32; 16]` through a pointer to that array.
+    unsafe {
+        let (mut vb, mut vc, mut vs) = (
+            _mm512_set1_ps(f32::INFINITY),
+            _mm512_setzero_ps(),
+            _mm512_set1_ps(f32::INFINITY),
+        );
+        for (c, (cols, b)) in chunked.chunks_exact(d).zip(bias).enumerate() {
+            let mut s = _mm512_loadu_ps(b.as_ptr());
+            for (col, &xv) in cols.iter().zip(x) {
+                s = _mm512_fnmadd_ps(_mm512_set1_ps(xv), _mm512_loadu_ps(col.as_ptr()), s);
+            }
+            let lt = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(s, vb);
+            let hi = _mm512_mask_blend_ps(lt, s, vb); // lt ? best : s
+            vs = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(hi, vs), vs, hi);
+            vc = _mm512_mask_blend_ps(lt, vc, _mm512_set1_ps(c as f32));
+            vb = _mm512_mask_blend_ps(lt, vb, s);
+        }
+        _mm512_storeu_ps(bv.as_mut_ptr(), vb);
+        _mm512_storeu_ps(bc.as_mut_ptr(), vc);
+        _mm512_storeu_ps(sv.as_mut_ptr(), vs);
+    }
+    reduce_lanes(&bv, &bc, &sv)
 }
 
 /// Top-2 of `bias_k − dot_k` over one block (lengths a multiple of LANES); see [`LaneTop2`].
