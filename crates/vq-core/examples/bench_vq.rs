@@ -132,9 +132,9 @@ fn main() {
         args.threads
     );
     println!(
-        "| N×K×D | vq-core search ms | vq-core STE step ms | vq-core rotation step ms | rotation/STE | torch search ms | torch STE step ms | torch rotation step ms | vq-core/torch (STE) | vq-core/torch (rotation) |"
+        "| N×K×D | vq-core search ms | vq-core STE step ms | vq-core rotation step ms | rotation/STE | estimator bwd STE / rotation ms | rotation extra / STE step | torch search ms | torch STE step ms | torch rotation step ms | vq-core/torch (STE) | vq-core/torch (rotation) |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &(n, k, d) in shapes {
         let mut rng = rand::rngs::StdRng::seed_from_u64(0);
         let e = Array2::<f32>::random_using((n, d), StandardNormal, &mut rng);
@@ -164,6 +164,38 @@ fn main() {
             s.sort_by(f64::total_cmp);
             s[s.len() / 2]
         });
+        // The only part that differs between the two steps, timed alone (interleaved, into a
+        // preallocated output): a precise view of the rotation's extra cost, below the noise of
+        // whole-step timings on a shared machine.
+        let q = vq_core::quantize(e.view(), cb.view(), Metric::Euclidean)
+            .expect("quantize")
+            .1;
+        let g = q.mapv(|v| 2.0 * v / q.len() as f32);
+        let mut out = Array2::<f32>::zeros(e.raw_dim());
+        let mut bwd = [Vec::new(), Vec::new()];
+        for rep in 0..=args.reps * 4 {
+            for (est, s) in [Estimator::StraightThrough, Estimator::Rotation]
+                .into_iter()
+                .zip(&mut bwd)
+            {
+                let t = Instant::now();
+                est.backward_with_commitment_into(
+                    e.view(),
+                    q.view(),
+                    g.view(),
+                    0.1,
+                    out.view_mut(),
+                )
+                .expect("backward");
+                if rep > 0 {
+                    s.push(t.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+        }
+        let bwd = bwd.map(|mut s| {
+            s.sort_by(f64::total_cmp);
+            s[s.len() / 2]
+        });
         let torch = args.torch_script.as_deref().and_then(|s| {
             torch_times(s, args.torch_pythonpath.as_deref(), (n, k, d), args.threads)
         });
@@ -179,10 +211,13 @@ fn main() {
             None => std::array::from_fn(|_| "n/a".to_owned()),
         };
         println!(
-            "| {n}×{k}×{d} | {search:.1} | {:.1} | {:.1} | {:.3} | {} |",
+            "| {n}×{k}×{d} | {search:.1} | {:.1} | {:.1} | {:.3} | {:.2} / {:.2} | {:+.3} | {} |",
             times[0],
             times[1],
             times[1] / times[0],
+            bwd[0],
+            bwd[1],
+            (bwd[1] - bwd[0]) / times[0],
             cols.join(" | ")
         );
     }
