@@ -22,9 +22,6 @@ const MARKER: &str = ".vq-setup-complete";
 /// A usable libtorch.
 #[derive(Debug)]
 pub struct Libtorch {
-    /// Folder holding `lib/` and `include/` (what `LIBTORCH` points to).
-    #[allow(dead_code)]
-    pub dir: PathBuf,
     /// Folder to put on `PYTHONPATH` to import this `torch` from Python, when it came from pip.
     pub python_site: Option<PathBuf>,
 }
@@ -40,13 +37,11 @@ pub fn run(root: &Path, force: bool) -> Result<Libtorch> {
             if !force && site.join(MARKER).exists() && link.join("lib").is_dir() {
                 eprintln!("libtorch {TORCH_VERSION}: ready in {}", link.display());
                 return Ok(Libtorch {
-                    dir: link,
                     python_site: Some(site),
                 });
             }
             install_from_pip(&base, &site, &link)?;
             Ok(Libtorch {
-                dir: link,
                 python_site: Some(site),
             })
         }
@@ -81,10 +76,7 @@ fn adopt_existing(base: &Path, link: &Path, external: &Path) -> Result<Libtorch>
         external.display(),
         link.display()
     );
-    Ok(Libtorch {
-        dir: link.to_path_buf(),
-        python_site: None,
-    })
+    Ok(Libtorch { python_site: None })
 }
 
 /// Reads the version from libtorch's `build-version` (libtorch zips) or `version.py` (Python

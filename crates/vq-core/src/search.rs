@@ -33,6 +33,16 @@ pub enum Metric {
     Cosine,
 }
 
+/// The codebook laid out for the register kernel.
+#[derive(Debug)]
+struct SmallKernel {
+    /// The prepared codes transposed per chunk of CHUNK codes, `[chunk · D + dim][lane]`,
+    /// zero-padded (padding codes score +∞ through `bias`).
+    cols: Vec<[f32; CHUNK]>,
+    /// `bias` per chunk.
+    bias: Vec<[f32; CHUNK]>,
+}
+
 /// Rows per tile (one rayon task).
 const ROW_TILE: usize = 64;
 /// Scores per tile block: ROW_TILE × CODE_BLOCK f32 stay in L2.
@@ -77,9 +87,8 @@ pub struct CodebookIndex<'a> {
     max_norm: f32,
     /// max_k bias_k.
     max_bias: f32,
-    /// For D ≤ SMALL_D_MAX: the prepared codes transposed per chunk of CHUNK codes,
-    /// `[chunk · D + dim][lane]`, zero-padded (padding codes score +∞ through `bias`).
-    chunked: Option<Vec<[f32; CHUNK]>>,
+    /// For D ≤ SMALL_D_MAX: the register kernel's layout.
+    small: Option<SmallKernel>,
 }
 
 impl<'a> CodebookIndex<'a> {
@@ -138,14 +147,20 @@ impl<'a> CodebookIndex<'a> {
             };
         }
         let max_bias = bias.iter().take(k).copied().fold(0.0, f32::max);
-        let chunked = (d <= SMALL_D_MAX).then(|| {
-            let mut t = vec![[0f32; CHUNK]; k.div_ceil(CHUNK) * d];
+        let small = (d <= SMALL_D_MAX).then(|| {
+            let mut cols = vec![[0f32; CHUNK]; k.div_ceil(CHUNK) * d];
             for (j, row) in prepared.rows().into_iter().enumerate() {
                 for (dd, &v) in row.iter().enumerate() {
-                    t[(j / CHUNK) * d + dd][j % CHUNK] = v;
+                    cols[(j / CHUNK) * d + dd][j % CHUNK] = v;
                 }
             }
-            t
+            let bias = bias
+                .as_slice()
+                .expect("contiguous")
+                .chunks_exact(CHUNK)
+                .map(|c| c.try_into().expect("CHUNK-sized"))
+                .collect();
+            SmallKernel { cols, bias }
         });
         Ok(Self {
             codebook,
@@ -155,7 +170,7 @@ impl<'a> CodebookIndex<'a> {
             centre,
             max_norm,
             max_bias,
-            chunked,
+            small,
         })
     }
 
@@ -219,7 +234,13 @@ impl<'a> CodebookIndex<'a> {
             .into_par_iter()
             .zip(out.par_chunks_mut(ROW_TILE))
             .for_each_init(
-                || Scratch::new(self.dim(), self.len()),
+                // The register kernel needs no score block.
+                || {
+                    Scratch::new(
+                        self.dim(),
+                        if self.small.is_some() { 0 } else { self.len() },
+                    )
+                },
                 |scratch, (tile, out)| {
                     self.search_tile(tile, out, scratch);
                 },
@@ -253,8 +274,8 @@ impl<'a> CodebookIndex<'a> {
                 }
             }
         }
-        if let Some(chunked) = &self.chunked {
-            self.search_tile_small(tile, out, sc, chunked);
+        if let Some(small) = &self.small {
+            self.search_tile_small(tile, out, sc, small);
             return;
         }
         for r in 0..rows {
@@ -337,27 +358,21 @@ impl<'a> CodebookIndex<'a> {
         tile: ArrayView2<f32>,
         out: &mut [u32],
         sc: &mut Scratch,
-        chunked: &[[f32; CHUNK]],
+        small: &SmallKernel,
     ) {
         let d = self.dim();
         let k = self.len();
-        let bias: Vec<[f32; CHUNK]> = self
-            .bias
-            .as_slice()
-            .expect("contiguous")
-            .chunks_exact(CHUNK)
-            .map(|c| c.try_into().expect("CHUNK-sized"))
-            .collect();
+        let (chunked, bias) = (&small.cols, &small.bias);
         for (r, o) in out.iter_mut().enumerate().take(tile.nrows()) {
             let x = sc.x.row(r);
             let x = x.as_slice().expect("scratch rows are contiguous");
-            let (best, idx, second) = chunk_top2(x, chunked, &bias, d);
+            let (best, idx, second) = chunk_top2(x, chunked, bias, d);
             let tol = sc.tol[r];
             *o = if second - best <= tol {
                 // Cold path: re-score every code plainly and re-rank the near ties exactly.
                 let cands = &mut sc.cands[r];
                 cands.clear();
-                for (c, (cols, b)) in chunked.chunks_exact(d).zip(&bias).enumerate() {
+                for (c, (cols, b)) in chunked.chunks_exact(d).zip(bias).enumerate() {
                     for l in 0..CHUNK {
                         let v = b[l]
                             - cols
