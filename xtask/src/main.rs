@@ -32,7 +32,8 @@ enum Cmd {
     },
     /// What CI runs: setup, format check, clippy -D warnings, tests, documentation build.
     Ci,
-    /// Set up if needed, then run the main job on the embedded demo data.
+    /// Run the demo: the paper's 2-D experiments, STE vs rotation trick (tables on stdout, PNGs
+    /// in runs/toy). Needs no libtorch.
     Demo,
     /// Set up if needed, then time the vq-core kernels against PyTorch on the same shapes.
     Bench {
@@ -76,10 +77,7 @@ fn main() -> Result<()> {
                 &[("RUSTDOCFLAGS", "-D warnings")],
             )
         }
-        Cmd::Demo => {
-            setup::run(&root, false)?;
-            demo(&root)
-        }
+        Cmd::Demo => demo(&root),
         Cmd::Bench { threads, quick } => {
             let lt = setup::run(&root, false)?;
             bench(&root, &lt, threads, quick)

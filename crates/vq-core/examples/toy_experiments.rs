@@ -175,7 +175,7 @@ fn run_voronoi(out: &Path) -> Fallible<()> {
         curves[1].push((phi.to_degrees() as f32, rot_far as f32));
     }
     let path = out.join("voronoi_spread_vs_phi.png");
-    plot_curves(&path, &curves, (-180.0, 180.0), &[RED, BLUE])?;
+    draw_curves(&path, &curves, (-180.0, 180.0), &[RED, BLUE], 1.0)?;
     println!(
         "\nSpread against φ: {} (red: near the origin, blue: translated +10; the grey line is STE = 1).",
         path.display()
@@ -194,30 +194,12 @@ fn run_voronoi(out: &Path) -> Fallible<()> {
     }
     let path = out.join("voronoi_distance_vs_theta.png");
     let (curves, colours): (Vec<_>, Vec<_>) = by_theta.into_iter().unzip();
-    plot_curves_zero(&path, &curves, (-40.0, 40.0), &colours)?;
+    draw_curves(&path, &curves, (-40.0, 40.0), &colours, 0.0)?;
     println!(
         "Change of distance to the codeword, rotation minus STE, against θ: {} (red φ = 0°, black 90°, blue 180°; grey line 0).\n",
         path.display()
     );
     Ok(())
-}
-
-fn plot_curves(
-    path: &Path,
-    curves: &[Vec<(f32, f32)>],
-    x: (f32, f32),
-    colours: &[RGBColor],
-) -> Fallible<()> {
-    draw_curves(path, curves, x, colours, 1.0)
-}
-
-fn plot_curves_zero(
-    path: &Path,
-    curves: &[Vec<(f32, f32)>],
-    x: (f32, f32),
-    colours: &[RGBColor],
-) -> Fallible<()> {
-    draw_curves(path, curves, x, colours, 0.0)
 }
 
 /// Line plot of several curves with a grey reference line at `y = reference`.
