@@ -1,0 +1,58 @@
+//! The error type of `vq-data`.
+
+use std::path::PathBuf;
+
+/// Errors reading datasets. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DataError {
+    /// The file could not be opened or read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The file does not start with the expected magic number.
+    #[error(
+        "{path}: bad magic number 0x{found:08x} at offset 0 (expected 0x{expected:08x}: {what})"
+    )]
+    BadMagic {
+        /// The file.
+        path: PathBuf,
+        /// What the file should have been.
+        what: &'static str,
+        /// The expected magic.
+        expected: u32,
+        /// The magic found.
+        found: u32,
+    },
+    /// The file ends before the data its header announces.
+    #[error(
+        "{path}: truncated at byte offset {offset} (the header announces {expected} bytes in all)"
+    )]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Bytes actually present (after decompression).
+        offset: u64,
+        /// Bytes the header implies.
+        expected: u64,
+    },
+    /// Two files that must describe the same examples disagree.
+    #[error("{path}: {what}: expected {expected}, found {found}")]
+    Mismatch {
+        /// The second file.
+        path: PathBuf,
+        /// What disagrees.
+        what: &'static str,
+        /// Value implied by the first file.
+        expected: u64,
+        /// Value in this file.
+        found: u64,
+    },
+}
+
+/// `Result` with [`DataError`].
+pub type Result<T, E = DataError> = std::result::Result<T, E>;
