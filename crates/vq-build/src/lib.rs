@@ -49,3 +49,37 @@ pub fn link_libtorch() {
     println!("cargo:rustc-link-arg=-ltorch");
     println!("cargo:rustc-link-arg=-Wl,--as-needed");
 }
+
+/// Compiles C++ `files` (paths relative to the calling package) against the headers of the
+/// libtorch that torch-sys links, the way torch-sys compiles its own C++ (C++17, the CXX11 ABI
+/// of the PyPI and current libtorch builds), into a static library `name` linked into the
+/// calling package.
+///
+/// # Panics
+/// Panics (failing the build with the message) when `DEP_TCH_LIBTORCH_LIB` is missing or the
+/// C++ does not compile.
+pub fn compile_cpp_against_libtorch(files: &[&str], name: &str) {
+    let lib = PathBuf::from(std::env::var_os("DEP_TCH_LIBTORCH_LIB").expect(
+        "DEP_TCH_LIBTORCH_LIB is not set: add `torch-sys` to this package's [dependencies]",
+    ));
+    let root = lib
+        .parent()
+        .expect("the libtorch lib folder has a parent")
+        .to_path_buf();
+    let abi = std::env::var("LIBTORCH_CXX11_ABI").unwrap_or_else(|_| "1".to_owned());
+    println!("cargo:rerun-if-env-changed=LIBTORCH_CXX11_ABI");
+    for f in files {
+        println!("cargo:rerun-if-changed={f}");
+    }
+    cc::Build::new()
+        .cpp(true)
+        .pic(true)
+        .warnings(false)
+        .include(root.join("include"))
+        .include(root.join("include/torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag(format!("-D_GLIBCXX_USE_CXX11_ABI={abi}"))
+        .flag("-DGLOG_USE_GLOG_EXPORT")
+        .files(files)
+        .compile(name);
+}

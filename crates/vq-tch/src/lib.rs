@@ -3,7 +3,13 @@
 //! The maths is defined once in [`vq_core`]; this crate runs it on libtorch tensors (CPU and CUDA)
 //! and is tested to give the same numbers.
 
+mod error;
+mod estimator;
+
+pub use error::{Result, VqTchError};
+pub use estimator::apply_estimator;
 pub use tch;
+pub use vq_core::Estimator;
 
 /// What the linked libtorch offers at run time.
 #[derive(Debug, Clone, PartialEq, Eq)]

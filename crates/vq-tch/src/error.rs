@@ -1,0 +1,34 @@
+//! The error type of `vq-tch`.
+
+/// Errors of the libtorch VQ operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VqTchError {
+    /// Tensor shapes do not fit the operation.
+    #[error("shape error: {what} (e: {e:?}, q: {q:?})")]
+    Shape {
+        /// What was expected.
+        what: &'static str,
+        /// Shape of the encoder output.
+        e: Vec<i64>,
+        /// Shape of the codes.
+        q: Vec<i64>,
+    },
+    /// A tensor is not floating point.
+    #[error("expected a floating-point tensor (f32, f64, f16 or bf16), got {0:?}")]
+    Kind(tch::Kind),
+    /// The tensors live on different devices.
+    #[error("e is on {e:?} but q is on {q:?}")]
+    Device {
+        /// Device of the encoder output.
+        e: tch::Device,
+        /// Device of the codes.
+        q: tch::Device,
+    },
+    /// libtorch raised an error.
+    #[error("libtorch: {0}")]
+    Torch(String),
+}
+
+/// `Result` with [`VqTchError`].
+pub type Result<T, E = VqTchError> = std::result::Result<T, E>;

@@ -1,0 +1,91 @@
+//! The gradient estimators of [`vq_core::Estimator`] as one libtorch autograd node.
+//!
+//! The node is a C++ `torch::autograd::Function` (`csrc/vq_autograd.cpp`, compiled by this
+//! crate's build script against the linked libtorch's headers): its forward returns `q`, its
+//! backward maps `g = ∂L/∂q̃` to `∂L/∂e` with the maths of [`vq_core::Estimator::backward`]
+//! (tested to agree), on CPU or CUDA, and gives the codebook nothing. It saves only `e` and `q`.
+
+use std::ffi::CStr;
+use std::os::raw::c_char;
+
+use tch::{Kind, Tensor};
+use torch_sys::C_tensor;
+use vq_core::Estimator;
+
+use crate::error::{Result, VqTchError};
+
+unsafe extern "C" {
+    fn vq_tch_estimator_apply(e: *mut C_tensor, q: *mut C_tensor, estimator: i64) -> *mut C_tensor;
+    fn vq_tch_last_error() -> *const c_char;
+}
+
+fn code(estimator: Estimator) -> i64 {
+    match estimator {
+        Estimator::StraightThrough => 0,
+        Estimator::Rotation => 1,
+        Estimator::RotationNoRescale => 2,
+        Estimator::Reflection => 3,
+    }
+}
+
+/// `q̃`: the value `q` with the estimator's gradient to `e` (both (N, D), same device and
+/// floating dtype). `q` is treated as a constant: no gradient reaches it through this node.
+///
+/// ```
+/// use tch::{Kind, Tensor};
+/// use vq_core::Estimator;
+///
+/// let e = Tensor::from_slice(&[1.0f32, 0.0]).view([1, 2]).set_requires_grad(true);
+/// let q = Tensor::from_slice(&[0.0f32, 2.0]).view([1, 2]);
+/// let y = vq_tch::apply_estimator(&e, &q, Estimator::Rotation).unwrap();
+/// assert_eq!(Vec::<f32>::try_from(y.view([-1])).unwrap(), vec![0.0, 2.0]);
+/// (&y * Tensor::from_slice(&[0.0f32, 1.0]).view([1, 2])).sum(Kind::Float).backward();
+/// // The gradient along q reaches e along e, scaled by ‖q‖/‖e‖ = 2.
+/// let g = Vec::<f32>::try_from(e.grad().view([-1])).unwrap();
+/// assert!((g[0] - 2.0).abs() < 1e-6 && g[1].abs() < 1e-6);
+/// ```
+///
+/// # Errors
+/// [`VqTchError::Shape`] unless both are 2-D of equal shape, [`VqTchError::Kind`] for
+/// non-floating tensors, [`VqTchError::Device`] if they live on different devices,
+/// [`VqTchError::Torch`] for an error raised inside libtorch.
+pub fn apply_estimator(e: &Tensor, q: &Tensor, estimator: Estimator) -> Result<Tensor> {
+    if e.dim() != 2 || e.size() != q.size() {
+        return Err(VqTchError::Shape {
+            what: "e and q must both be (N, D) of one shape",
+            e: e.size(),
+            q: q.size(),
+        });
+    }
+    for t in [e, q] {
+        if !matches!(
+            t.kind(),
+            Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16
+        ) {
+            return Err(VqTchError::Kind(t.kind()));
+        }
+    }
+    if e.device() != q.device() {
+        return Err(VqTchError::Device {
+            e: e.device(),
+            q: q.device(),
+        });
+    }
+    // SAFETY: both pointers come from live tensors borrowed for the call; the C++ side only
+    // reads them and returns either null or a new heap tensor that we take ownership of, as tch
+    // does with the tensors its own C API returns.
+    unsafe {
+        let out = vq_tch_estimator_apply(
+            e.as_ptr() as *mut C_tensor,
+            q.as_ptr() as *mut C_tensor,
+            code(estimator),
+        );
+        if out.is_null() {
+            let msg = CStr::from_ptr(vq_tch_last_error())
+                .to_string_lossy()
+                .into_owned();
+            return Err(VqTchError::Torch(msg));
+        }
+        Ok(Tensor::from_ptr(out))
+    }
+}
