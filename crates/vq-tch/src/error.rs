@@ -25,6 +25,9 @@ pub enum VqTchError {
         /// Device of the codes.
         q: tch::Device,
     },
+    /// vq-core rejected the data (empty codebook, NaN/∞, ...).
+    #[error(transparent)]
+    Core(#[from] vq_core::VqError),
     /// libtorch raised an error.
     #[error("libtorch: {0}")]
     Torch(String),

@@ -5,11 +5,13 @@
 
 mod error;
 mod estimator;
+mod search;
 
 pub use error::{Result, VqTchError};
 pub use estimator::apply_estimator;
+pub use search::nearest_codes;
 pub use tch;
-pub use vq_core::Estimator;
+pub use vq_core::{Estimator, Metric};
 
 /// What the linked libtorch offers at run time.
 #[derive(Debug, Clone, PartialEq, Eq)]

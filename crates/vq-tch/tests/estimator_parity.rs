@@ -121,3 +121,42 @@ fn half_precision_inputs_get_gradients_in_their_dtype() {
     assert_eq!(et.grad().kind(), Kind::BFloat16);
     assert!(to_array(&et.grad()).iter().all(|v| v.is_finite()));
 }
+
+#[test]
+fn search_on_tensors_matches_vq_core_without_copying_contiguous_f32() {
+    for (n, k, d) in [(300, 50, 8), (130, 1100, 40), (1, 1, 1)] {
+        let x = randn(n, d, 7);
+        let cb = randn(k, d, 8);
+        for metric in [Metric::Euclidean, Metric::Cosine] {
+            let expect: Vec<i64> = vq_core::nearest_codes(x.view(), cb.view(), metric)
+                .unwrap()
+                .iter()
+                .map(|&i| i64::from(i))
+                .collect();
+            let got = Vec::<i64>::try_from(
+                vq_tch::nearest_codes(&to_tensor(&x), &to_tensor(&cb), metric).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(got, expect, "{metric:?} {n}×{k}×{d}");
+            // Strided and f64 inputs take the converting path and agree too.
+            let strided = to_tensor(&x).transpose(0, 1).contiguous().transpose(0, 1);
+            let got = Vec::<i64>::try_from(
+                vq_tch::nearest_codes(&strided.to_kind(Kind::Double), &to_tensor(&cb), metric)
+                    .unwrap(),
+            )
+            .unwrap();
+            assert_eq!(got, expect);
+        }
+    }
+    let bad = to_tensor(&randn(4, 3, 9));
+    let _ = bad.get(2).get(1).fill_(f64::NAN);
+    let err =
+        vq_tch::nearest_codes(&bad, &to_tensor(&randn(5, 3, 1)), Metric::Euclidean).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            vq_tch::VqTchError::Core(vq_core::VqError::NonFinite { row: 2, .. })
+        ),
+        "{err}"
+    );
+}
