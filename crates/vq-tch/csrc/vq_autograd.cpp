@@ -1,9 +1,11 @@
 // The VQ layer's gradient estimators as one libtorch autograd node.
 //
 // Forward: the value of every estimator is q (returned as a fresh tensor). Backward: dL/de from
-// g = dL/dq~, the same maths as vq_core::Estimator (see crates/vq-core/src/estimator.rs for the
-// formulas and the degenerate cases); nothing flows to q (the codebook). Per-row geometry in
-// float64, on whatever device the tensors live on; the result has g's dtype.
+// g = dL/dq~; nothing flows to q (the codebook). For f32 CPU tensors the backward calls back into
+// vq-core (vq_core::Estimator::backward_into, through a function pointer handed over by the Rust
+// side), so the CPU maths is vq-core's own. Elsewhere (CUDA, other dtypes) the same formulas run
+// as ATen ops with per-row geometry in float64 (see crates/vq-core/src/estimator.rs for the
+// formulas and the degenerate cases); the result has g's dtype.
 //
 // Estimator codes: 0 straight-through, 1 rotation, 2 rotation without rescale, 3 reflection.
 
@@ -25,8 +27,24 @@ at::Tensor rowdot(const at::Tensor& a, const at::Tensor& b) { return (a * b).sum
 // Householder reflection of the rows of t across w⊥: t − 2w(w·t).
 at::Tensor householder(const at::Tensor& t, const at::Tensor& w) { return t - 2.0 * w * rowdot(w, t); }
 
-at::Tensor estimator_backward(const at::Tensor& e_in, const at::Tensor& q_in, const at::Tensor& g_in, int64_t est) {
-  if (est == 0) return g_in.clone();
+// Rust callback: out = dL/de for contiguous f32 (n, d) arrays; returns 0 on success.
+using CpuBackward = int32_t (*)(const float* e, const float* q, const float* g, float* out, int64_t n, int64_t d,
+                                int64_t est);
+
+at::Tensor estimator_backward(const at::Tensor& e_in, const at::Tensor& q_in, const at::Tensor& g_in, int64_t est,
+                              CpuBackward cpu) {
+  if (est == 0) return g_in;  // straight-through: the gradient passes unchanged
+  if (cpu != nullptr && e_in.device().is_cpu() && e_in.scalar_type() == at::kFloat && q_in.scalar_type() == at::kFloat &&
+      g_in.scalar_type() == at::kFloat) {
+    const auto e = e_in.contiguous();
+    const auto q = q_in.contiguous();
+    const auto g = g_in.contiguous();
+    auto out = at::empty_like(g);
+    const int32_t rc = cpu(e.data_ptr<float>(), q.data_ptr<float>(), g.data_ptr<float>(), out.data_ptr<float>(),
+                           e.size(0), e.size(1), est);
+    TORCH_CHECK(rc == 0, "vq-core estimator backward failed (code ", rc, ")");
+    return out;
+  }
   const auto e = e_in.to(at::kDouble);
   const auto q = q_in.to(at::kDouble);
   const auto g = g_in.to(at::kDouble);
@@ -66,9 +84,11 @@ at::Tensor estimator_backward(const at::Tensor& e_in, const at::Tensor& q_in, co
 }
 
 struct VqEstimatorFn : public torch::autograd::Function<VqEstimatorFn> {
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& e, const at::Tensor& q, int64_t est) {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& e, const at::Tensor& q, int64_t est,
+                            int64_t cpu_backward) {
     ctx->save_for_backward({e, q});
     ctx->saved_data["estimator"] = est;
+    ctx->saved_data["cpu_backward"] = cpu_backward;
     return q.detach().clone();
   }
 
@@ -76,7 +96,8 @@ struct VqEstimatorFn : public torch::autograd::Function<VqEstimatorFn> {
                                                  torch::autograd::variable_list grads) {
     const auto saved = ctx->get_saved_variables();
     const auto est = ctx->saved_data["estimator"].toInt();
-    return {estimator_backward(saved[0], saved[1], grads[0], est), at::Tensor(), at::Tensor()};
+    const auto cpu = reinterpret_cast<CpuBackward>(ctx->saved_data["cpu_backward"].toInt());
+    return {estimator_backward(saved[0], saved[1], grads[0], est, cpu), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
@@ -86,9 +107,10 @@ extern "C" {
 
 // Returns a new tensor (owned by the caller, as tch's C API does) or nullptr with the message
 // available from vq_tch_last_error().
-at::Tensor* vq_tch_estimator_apply(at::Tensor* e, at::Tensor* q, int64_t estimator) {
+// cpu_backward: the Rust callback for f32 CPU tensors, or null to always use the ATen path.
+at::Tensor* vq_tch_estimator_apply(at::Tensor* e, at::Tensor* q, int64_t estimator, CpuBackward cpu_backward) {
   try {
-    return new at::Tensor(VqEstimatorFn::apply(*e, *q, estimator));
+    return new at::Tensor(VqEstimatorFn::apply(*e, *q, estimator, reinterpret_cast<int64_t>(cpu_backward)));
   } catch (const std::exception& ex) {
     last_error = ex.what();
     return nullptr;

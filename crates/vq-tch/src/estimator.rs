@@ -2,8 +2,10 @@
 //!
 //! The node is a C++ `torch::autograd::Function` (`csrc/vq_autograd.cpp`, compiled by this
 //! crate's build script against the linked libtorch's headers): its forward returns `q`, its
-//! backward maps `g = ∂L/∂q̃` to `∂L/∂e` with the maths of [`vq_core::Estimator::backward`]
-//! (tested to agree), on CPU or CUDA, and gives the codebook nothing. It saves only `e` and `q`.
+//! backward maps `g = ∂L/∂q̃` to `∂L/∂e` and gives the codebook nothing. It saves only `e` and
+//! `q`. For f32 CPU tensors the backward calls [`vq_core::Estimator::backward_into`] on the
+//! tensors' memory (through a callback, [`cpu_backward`]); on other devices and dtypes it runs
+//! the same formulas as ATen ops (f64 per-row geometry), tested to agree with vq-core.
 
 use std::ffi::CStr;
 use std::os::raw::c_char;
@@ -15,8 +17,62 @@ use vq_core::Estimator;
 use crate::error::{Result, VqTchError};
 
 unsafe extern "C" {
-    fn vq_tch_estimator_apply(e: *mut C_tensor, q: *mut C_tensor, estimator: i64) -> *mut C_tensor;
+    fn vq_tch_estimator_apply(
+        e: *mut C_tensor,
+        q: *mut C_tensor,
+        estimator: i64,
+        cpu: Option<CpuBackward>,
+    ) -> *mut C_tensor;
     fn vq_tch_last_error() -> *const c_char;
+}
+
+/// Signature of the CPU backward callback handed to the C++ node.
+type CpuBackward =
+    unsafe extern "C" fn(*const f32, *const f32, *const f32, *mut f32, i64, i64, i64) -> i32;
+
+/// The CPU backward of the node: `out = ∂L/∂e` for contiguous f32 arrays of `n·d` elements,
+/// computed by [`vq_core::Estimator::backward_into`]. Returns 0 on success, 1 for an unknown
+/// estimator code or bad sizes, 2 if vq-core panicked (a panic must not cross into C++).
+///
+/// # Safety
+/// `e`, `q`, `g` must point to `n·d` readable f32 and `out` to `n·d` writable f32 that do not
+/// overlap the inputs, all valid for the duration of the call.
+unsafe extern "C" fn cpu_backward(
+    e: *const f32,
+    q: *const f32,
+    g: *const f32,
+    out: *mut f32,
+    n: i64,
+    d: i64,
+    est: i64,
+) -> i32 {
+    let (Ok(n), Ok(d)) = (usize::try_from(n), usize::try_from(d)) else {
+        return 1;
+    };
+    let Some(estimator) = Estimator::ALL.into_iter().find(|&x| code(x) == est) else {
+        return 1;
+    };
+    if n == 0 || d == 0 {
+        return 0;
+    }
+    let run = || {
+        // SAFETY: guaranteed by the caller (the C++ node passes the data of contiguous f32
+        // tensors of shape (n, d) and a fresh output tensor of the same shape).
+        let (e, q, g, out) = unsafe {
+            (
+                ndarray::ArrayView2::from_shape_ptr((n, d), e),
+                ndarray::ArrayView2::from_shape_ptr((n, d), q),
+                ndarray::ArrayView2::from_shape_ptr((n, d), g),
+                ndarray::ArrayViewMut2::from_shape_ptr((n, d), out),
+            )
+        };
+        estimator.backward_into(e, q, g, out).is_ok()
+    };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        Err(_) => 2,
+    }
 }
 
 fn code(estimator: Estimator) -> i64 {
@@ -79,6 +135,7 @@ pub fn apply_estimator(e: &Tensor, q: &Tensor, estimator: Estimator) -> Result<T
             e.as_ptr() as *mut C_tensor,
             q.as_ptr() as *mut C_tensor,
             code(estimator),
+            Some(cpu_backward as CpuBackward),
         );
         if out.is_null() {
             let msg = CStr::from_ptr(vq_tch_last_error())

@@ -24,20 +24,32 @@ fn randn(n: usize, d: usize, seed: i64) -> Array2<f32> {
     ))
 }
 
-/// Runs the node: returns (forward value, ∂⟨w, q̃⟩/∂e, whether q received a gradient).
+/// Runs the node with tensors of `kind` (f32 on CPU: vq-core's kernel through the callback; f64:
+/// the ATen formulas that CUDA uses): returns (forward value, ∂⟨w, q̃⟩/∂e, whether q received
+/// a gradient).
+fn run_kind(
+    e: &Array2<f32>,
+    q: &Array2<f32>,
+    w: &Array2<f32>,
+    est: Estimator,
+    kind: Kind,
+) -> (Array2<f32>, Array2<f32>, bool) {
+    let et = to_tensor(e).to_kind(kind).set_requires_grad(true);
+    let qt = to_tensor(q).to_kind(kind).set_requires_grad(true);
+    let y = vq_tch::apply_estimator(&et, &qt, est).unwrap();
+    (&y * to_tensor(w).to_kind(kind)).sum(kind).backward();
+    let q_grad =
+        qt.grad().defined() && f64::try_from(qt.grad().abs().sum(Kind::Double)).unwrap() != 0.0;
+    (to_array(&y), to_array(&et.grad()), q_grad)
+}
+
 fn run(
     e: &Array2<f32>,
     q: &Array2<f32>,
     w: &Array2<f32>,
     est: Estimator,
 ) -> (Array2<f32>, Array2<f32>, bool) {
-    let et = to_tensor(e).set_requires_grad(true);
-    let qt = to_tensor(q).set_requires_grad(true);
-    let y = vq_tch::apply_estimator(&et, &qt, est).unwrap();
-    (&y * to_tensor(w)).sum(Kind::Float).backward();
-    let q_grad =
-        qt.grad().defined() && f64::try_from(qt.grad().abs().sum(Kind::Double)).unwrap() != 0.0;
-    (to_array(&y), to_array(&et.grad()), q_grad)
+    run_kind(e, q, w, est, Kind::Float)
 }
 
 fn assert_close(a: &Array2<f32>, b: &Array2<f32>, what: &str) {
@@ -63,6 +75,14 @@ fn gradients_match_vq_core_for_every_estimator_and_lookup() {
                 assert!(!q_grad, "{est:?}: no gradient may reach the codebook");
                 let expect = est.backward(e.view(), q.view(), w.view()).unwrap();
                 assert_close(&ge, &expect, &format!("{est:?} {metric:?} N={n} D={d}"));
+                let (y, ge, q_grad) = run_kind(&e, &q, &w, est, Kind::Double);
+                assert_eq!(y, q);
+                assert!(!q_grad);
+                assert_close(
+                    &ge,
+                    &expect,
+                    &format!("ATen path: {est:?} {metric:?} N={n} D={d}"),
+                );
             }
         }
     }
@@ -86,10 +106,12 @@ fn degenerate_rows_are_finite_and_match_vq_core() {
     ];
     let w = randn(5, 3, 4);
     for est in Estimator::ALL {
-        let (_, ge, _) = run(&e, &q, &w, est);
-        assert!(ge.iter().all(|v| v.is_finite()), "{est:?}: {ge:?}");
         let expect = est.backward(e.view(), q.view(), w.view()).unwrap();
-        assert_close(&ge, &expect, &format!("{est:?} degenerate"));
+        for kind in [Kind::Float, Kind::Double] {
+            let (_, ge, _) = run_kind(&e, &q, &w, est, kind);
+            assert!(ge.iter().all(|v| v.is_finite()), "{est:?} {kind:?}: {ge:?}");
+            assert_close(&ge, &expect, &format!("{est:?} {kind:?} degenerate"));
+        }
     }
 }
 
