@@ -28,6 +28,14 @@ pub enum VqTchError {
     /// vq-core rejected the data (empty codebook, NaN/∞, ...).
     #[error(transparent)]
     Core(#[from] vq_core::VqError),
+    /// An invalid configuration value.
+    #[error("invalid VectorQuantizer config: {field} {why}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// The rule it breaks.
+        why: &'static str,
+    },
     /// libtorch raised an error.
     #[error("libtorch: {0}")]
     Torch(String),

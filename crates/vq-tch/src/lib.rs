@@ -5,10 +5,14 @@
 
 mod error;
 mod estimator;
+mod quantizer;
 mod search;
 
 pub use error::{Result, VqTchError};
 pub use estimator::apply_estimator;
+pub use quantizer::{
+    CodebookLearning, VectorQuantizer, VectorQuantizerConfig, VqOutput, VqVaeLatent,
+};
 pub use search::nearest_codes;
 pub use tch;
 pub use vq_core::{Estimator, Metric};
