@@ -35,6 +35,9 @@ enum Cmd {
     /// Run the demo: the paper's 2-D experiments, STE vs rotation trick (tables on stdout, PNGs
     /// in runs/toy). Needs no libtorch.
     Demo,
+    /// On a GPU machine: set up, print what libtorch sees, run the vq-tch tests on CPU and CUDA
+    /// (feature cuda-tests), and time the op and a whole VQ step on CUDA against torch's ops.
+    GpuCheck,
     /// Set up if needed, then time the vq-core kernels against PyTorch on the same shapes.
     Bench {
         /// Threads for both sides (default: all cores).
@@ -78,6 +81,44 @@ fn main() -> Result<()> {
             )
         }
         Cmd::Demo => demo(&root),
+        Cmd::GpuCheck => {
+            setup::run(&root, false)?;
+            if let Ok(out) = Command::new("nvidia-smi").output() {
+                eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+            }
+            cargo(
+                &root,
+                &["run", "--release", "-p", "vq-train", "--", "info"],
+                &[],
+            )?;
+            cargo(
+                &root,
+                &[
+                    "test",
+                    "--release",
+                    "-p",
+                    "vq-tch",
+                    "--features",
+                    "cuda-tests",
+                ],
+                &[],
+            )?;
+            cargo(
+                &root,
+                &[
+                    "run",
+                    "--release",
+                    "-p",
+                    "vq-tch",
+                    "--example",
+                    "bench_op",
+                    "--",
+                    "--device",
+                    "cuda",
+                ],
+                &[],
+            )
+        }
         Cmd::Bench { threads, quick } => {
             let lt = setup::run(&root, false)?;
             bench(&root, &lt, threads, quick)

@@ -1,6 +1,8 @@
-//! CPU timing of the estimator node's forward + backward against the same maths written with
-//! plain tch ops (detach composition, as in the PyTorch reference script), same run, same
-//! threads. `cargo run --release -p vq-tch --example bench_op [-- --threads 2]`
+//! Timing of the estimator node's forward + backward against the same maths written with plain
+//! tch ops (detach composition, as in the PyTorch reference script), and of a whole VQ step
+//! (search + estimator + losses, forward + backward) against torch's own ops (‖e‖² − 2e·cᵀ + ‖c‖²,
+//! argmin, gather, composition); same run, same threads / device.
+//! `cargo run --release -p vq-tch --example bench_op [-- --threads 2 --device cuda]`
 
 use std::time::Instant;
 
@@ -23,12 +25,20 @@ fn rotate_composed(e: &Tensor, q: &Tensor) -> Tensor {
     (e - 2.0 * we * &w + 2.0 * ue * &v) * lambda
 }
 
-fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
+fn sync(device: Device) {
+    if let Device::Cuda(i) = device {
+        tch::Cuda::synchronize(i as i64);
+    }
+}
+
+fn median_ms(reps: usize, device: Device, mut f: impl FnMut()) -> f64 {
     f();
+    sync(device);
     let mut t: Vec<f64> = (0..reps)
         .map(|_| {
             let s = Instant::now();
             f();
+            sync(device);
             s.elapsed().as_secs_f64() * 1e3
         })
         .collect();
@@ -38,30 +48,32 @@ fn median_ms(reps: usize, mut f: impl FnMut()) -> f64 {
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let mut threads = 2;
+    let (mut threads, mut device) = (2, Device::Cpu);
     while let Some(flag) = args.next() {
-        match (flag.as_str(), args.next().and_then(|v| v.parse().ok())) {
-            ("--threads", Some(v)) => threads = v,
-            _ => panic!("usage: bench_op [--threads N]"),
+        match (flag.as_str(), args.next()) {
+            ("--threads", Some(v)) => threads = v.parse().expect("--threads: integer"),
+            ("--device", Some(v)) if v == "cuda" => device = Device::Cuda(0),
+            ("--device", Some(v)) if v == "cpu" => device = Device::Cpu,
+            _ => panic!("usage: bench_op [--threads N] [--device cpu|cuda]"),
         }
     }
     tch::set_num_threads(threads);
-    println!("threads: {threads}");
+    println!("threads: {threads}, device: {device:?}");
     println!(
         "| N×D | estimator | node fwd+bwd ms | tch composition fwd+bwd ms | node / composition |"
     );
     println!("|---|---|---|---|---|");
     for (n, d) in [(8192i64, 256i64), (65536, 8), (16384, 32)] {
         tch::manual_seed(0);
-        let mut e = Tensor::randn([n, d], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-        let q = Tensor::randn([n, d], (Kind::Float, Device::Cpu));
+        let mut e = Tensor::randn([n, d], (Kind::Float, device)).set_requires_grad(true);
+        let q = Tensor::randn([n, d], (Kind::Float, device));
         for est in [Estimator::StraightThrough, Estimator::Rotation] {
-            let node = median_ms(20, || {
+            let node = median_ms(20, device, || {
                 e.zero_grad();
                 let y = vq_tch::apply_estimator(&e, &q, est).expect("node");
                 (&y * &y).mean(Kind::Float).backward();
             });
-            let composed = median_ms(20, || {
+            let composed = median_ms(20, device, || {
                 e.zero_grad();
                 let y = match est {
                     Estimator::StraightThrough => &e + (&q - &e).detach(),
@@ -73,6 +85,60 @@ fn main() {
                 "| {n}×{d} | {} | {node:.2} | {composed:.2} | {:.2} |",
                 est.name(),
                 node / composed
+            );
+        }
+    }
+    full_step(device);
+}
+
+/// A whole VQ step: the library (nearest_codes + node + losses) against torch's own ops.
+fn full_step(device: Device) {
+    println!();
+    println!("| N×K×D | estimator | vq-tch step ms | torch-ops step ms | vq-tch / torch-ops |");
+    println!("|---|---|---|---|---|");
+    for (n, k, d) in [(8192i64, 1024i64, 256i64), (65536, 8192, 8)] {
+        tch::manual_seed(0);
+        let mut e = Tensor::randn([n, d], (Kind::Float, device)).set_requires_grad(true);
+        let mut cb = Tensor::randn([k, d], (Kind::Float, device)).set_requires_grad(true);
+        for est in [Estimator::StraightThrough, Estimator::Rotation] {
+            let ours = median_ms(5, device, || {
+                e.zero_grad();
+                cb.zero_grad();
+                let idx =
+                    vq_tch::nearest_codes(&e.detach(), &cb.detach(), vq_core::Metric::Euclidean)
+                        .expect("search");
+                let q_live = cb.index_select(0, &idx.to_device(device));
+                let q = q_live.detach();
+                let y = vq_tch::apply_estimator(&e, &q, est).expect("node");
+                let loss = (&y * &y).mean(Kind::Float)
+                    + e.mse_loss(&q, tch::Reduction::Mean) * 0.25
+                    + q_live.mse_loss(&e.detach(), tch::Reduction::Mean);
+                loss.backward();
+            });
+            let theirs = median_ms(5, device, || {
+                e.zero_grad();
+                cb.zero_grad();
+                let dist: Tensor = (&e * &e).sum_dim_intlist([1i64].as_slice(), true, Kind::Float)
+                    - 2.0 * e.matmul(&cb.transpose(0, 1))
+                    + (&cb * &cb)
+                        .sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
+                        .unsqueeze(0);
+                let idx = dist.argmin(1, false);
+                let q_live = cb.index_select(0, &idx);
+                let q = q_live.detach();
+                let y = match est {
+                    Estimator::StraightThrough => &e + (&q - &e).detach(),
+                    _ => rotate_composed(&e, &q),
+                };
+                let loss = (&y * &y).mean(Kind::Float)
+                    + e.mse_loss(&q, tch::Reduction::Mean) * 0.25
+                    + q_live.mse_loss(&e.detach(), tch::Reduction::Mean);
+                loss.backward();
+            });
+            println!(
+                "| {n}×{k}×{d} | {} | {ours:.1} | {theirs:.1} | {:.3} |",
+                est.name(),
+                ours / theirs
             );
         }
     }

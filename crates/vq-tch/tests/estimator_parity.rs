@@ -5,6 +5,20 @@ use ndarray::Array2;
 use tch::{Device, Kind, Tensor};
 use vq_core::{Estimator, Metric};
 
+/// Devices the test bodies run on: CPU, plus CUDA with the `cuda-tests` feature (which then
+/// requires a usable GPU).
+fn devices() -> Vec<Device> {
+    let mut d = vec![Device::Cpu];
+    if cfg!(feature = "cuda-tests") {
+        assert!(
+            tch::Cuda::is_available(),
+            "feature cuda-tests needs a CUDA device"
+        );
+        d.push(Device::Cuda(0));
+    }
+    d
+}
+
 fn to_tensor(a: &Array2<f32>) -> Tensor {
     let (n, d) = a.dim();
     Tensor::from_slice(a.as_slice().unwrap()).view([n as i64, d as i64])
@@ -12,7 +26,13 @@ fn to_tensor(a: &Array2<f32>) -> Tensor {
 
 fn to_array(t: &Tensor) -> Array2<f32> {
     let s = t.size();
-    let v = Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().view([-1])).unwrap();
+    let v = Vec::<f32>::try_from(
+        t.to_kind(Kind::Float)
+            .to_device(Device::Cpu)
+            .contiguous()
+            .view([-1]),
+    )
+    .unwrap();
     Array2::from_shape_vec((s[0] as usize, s[1] as usize), v).unwrap()
 }
 
@@ -33,11 +53,20 @@ fn run_kind(
     w: &Array2<f32>,
     est: Estimator,
     kind: Kind,
+    device: Device,
 ) -> (Array2<f32>, Array2<f32>, bool) {
-    let et = to_tensor(e).to_kind(kind).set_requires_grad(true);
-    let qt = to_tensor(q).to_kind(kind).set_requires_grad(true);
+    let et = to_tensor(e)
+        .to_kind(kind)
+        .to_device(device)
+        .set_requires_grad(true);
+    let qt = to_tensor(q)
+        .to_kind(kind)
+        .to_device(device)
+        .set_requires_grad(true);
     let y = vq_tch::apply_estimator(&et, &qt, est).unwrap();
-    (&y * to_tensor(w).to_kind(kind)).sum(kind).backward();
+    (&y * to_tensor(w).to_kind(kind).to_device(device))
+        .sum(kind)
+        .backward();
     let q_grad =
         qt.grad().defined() && f64::try_from(qt.grad().abs().sum(Kind::Double)).unwrap() != 0.0;
     (to_array(&y), to_array(&et.grad()), q_grad)
@@ -49,7 +78,7 @@ fn run(
     w: &Array2<f32>,
     est: Estimator,
 ) -> (Array2<f32>, Array2<f32>, bool) {
-    run_kind(e, q, w, est, Kind::Float)
+    run_kind(e, q, w, est, Kind::Float, Device::Cpu)
 }
 
 fn assert_close(a: &Array2<f32>, b: &Array2<f32>, what: &str) {
@@ -75,14 +104,17 @@ fn gradients_match_vq_core_for_every_estimator_and_lookup() {
                 assert!(!q_grad, "{est:?}: no gradient may reach the codebook");
                 let expect = est.backward(e.view(), q.view(), w.view()).unwrap();
                 assert_close(&ge, &expect, &format!("{est:?} {metric:?} N={n} D={d}"));
-                let (y, ge, q_grad) = run_kind(&e, &q, &w, est, Kind::Double);
-                assert_eq!(y, q);
-                assert!(!q_grad);
-                assert_close(
-                    &ge,
-                    &expect,
-                    &format!("ATen path: {est:?} {metric:?} N={n} D={d}"),
-                );
+                // f64 takes the ATen formulas (the path CUDA uses); with cuda-tests, both
+                // dtypes run on the GPU as well.
+                for device in devices() {
+                    for kind in [Kind::Float, Kind::Double] {
+                        let (y, ge, q_grad) = run_kind(&e, &q, &w, est, kind, device);
+                        assert_eq!(y, q);
+                        assert!(!q_grad);
+                        let what = format!("{device:?} {kind:?}: {est:?} {metric:?} N={n} D={d}");
+                        assert_close(&ge, &expect, &what);
+                    }
+                }
             }
         }
     }
@@ -107,8 +139,11 @@ fn degenerate_rows_are_finite_and_match_vq_core() {
     let w = randn(5, 3, 4);
     for est in Estimator::ALL {
         let expect = est.backward(e.view(), q.view(), w.view()).unwrap();
-        for kind in [Kind::Float, Kind::Double] {
-            let (_, ge, _) = run_kind(&e, &q, &w, est, kind);
+        for (kind, device) in devices()
+            .into_iter()
+            .flat_map(|d| [(Kind::Float, d), (Kind::Double, d)])
+        {
+            let (_, ge, _) = run_kind(&e, &q, &w, est, kind, device);
             assert!(ge.iter().all(|v| v.is_finite()), "{est:?} {kind:?}: {ge:?}");
             assert_close(&ge, &expect, &format!("{est:?} {kind:?} degenerate"));
         }
@@ -160,6 +195,20 @@ fn search_on_tensors_matches_vq_core_without_copying_contiguous_f32() {
             )
             .unwrap();
             assert_eq!(got, expect, "{metric:?} {n}×{k}×{d}");
+            for device in devices().into_iter().skip(1) {
+                // The device path does not re-rank near ties; random data have none.
+                let idx = vq_tch::nearest_codes(
+                    &to_tensor(&x).to_device(device),
+                    &to_tensor(&cb).to_device(device),
+                    metric,
+                )
+                .unwrap();
+                assert_eq!(
+                    Vec::<i64>::try_from(idx.to_device(Device::Cpu)).unwrap(),
+                    expect,
+                    "{device:?} {metric:?}"
+                );
+            }
             // Strided and f64 inputs take the converting path and agree too.
             let strided = to_tensor(&x).transpose(0, 1).contiguous().transpose(0, 1);
             let got = Vec::<i64>::try_from(
