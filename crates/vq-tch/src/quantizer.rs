@@ -285,11 +285,7 @@ impl VectorQuantizer {
                 .into_iter()
                 .map(|i| i as u32)
                 .collect();
-            ema.update(
-                to_array(&e.detach().to_device(Device::Cpu)).view(),
-                &idx_u32,
-                &mut self.rng,
-            )?;
+            ema.update(to_array(&e.detach()).view(), &idx_u32, &mut self.rng)?;
             let cb = from_array(ema.codebook().to_owned()).to_device(self.codebook.device());
             tch::no_grad(|| self.codebook.copy_(&cb));
         }
@@ -319,7 +315,7 @@ impl VectorQuantizer {
         else {
             return Ok(());
         };
-        let samples = to_array(&e.detach().to_device(Device::Cpu));
+        let samples = to_array(&e.detach());
         if samples.nrows() < self.config.codebook_size {
             return Ok(()); // too few samples for k-means: keep the random init
         }
@@ -338,13 +334,10 @@ impl VectorQuantizer {
     }
 }
 
-/// A (K, D) f32 CPU tensor as an ndarray (copied).
+/// A 2-D tensor (any dtype; moved to the CPU if needed) as an owned f32 ndarray.
 fn to_array(t: &Tensor) -> ndarray::Array2<f32> {
-    let s = t.size();
-    let v =
-        Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous().view([-1])).unwrap_or_default();
-    ndarray::Array2::from_shape_vec((s[0] as usize, s[1] as usize), v)
-        .expect("sizes from the tensor")
+    let cpu = crate::search::f32_contiguous(&t.to_device(Device::Cpu));
+    crate::search::view2(&cpu).to_owned()
 }
 
 fn from_array(a: ndarray::Array2<f32>) -> Tensor {

@@ -57,7 +57,7 @@ pub fn nearest_codes(x: &Tensor, codebook: &Tensor, metric: Metric) -> Result<Te
 }
 
 /// A contiguous f32 version of `t` (the same tensor when it already is one).
-fn f32_contiguous(t: &Tensor) -> Tensor {
+pub(crate) fn f32_contiguous(t: &Tensor) -> Tensor {
     if t.kind() == Kind::Float && t.is_contiguous() {
         t.shallow_clone()
     } else {
@@ -66,7 +66,7 @@ fn f32_contiguous(t: &Tensor) -> Tensor {
 }
 
 /// Borrows a contiguous f32 CPU tensor as an ndarray view.
-fn view2(t: &Tensor) -> ArrayView2<'_, f32> {
+pub(crate) fn view2(t: &Tensor) -> ArrayView2<'_, f32> {
     let s = t.size();
     let (n, d) = (s[0] as usize, s[1] as usize);
     if n * d == 0 {
