@@ -1,7 +1,8 @@
 //! The paper's vector-quantization layer for [`tch`] models.
 //!
 //! The maths is defined once in [`vq_core`]; this crate runs it on libtorch tensors (CPU and CUDA)
-//! and is tested to give the same numbers.
+//! and is tested to give the same numbers: [`apply_estimator`] (the gradient estimators as one
+//! autograd node), [`nearest_codes`], and the [`VectorQuantizer`] layer.
 
 mod error;
 mod estimator;
@@ -11,7 +12,7 @@ mod search;
 pub use error::{Result, VqTchError};
 pub use estimator::apply_estimator;
 pub use quantizer::{
-    CodebookLearning, VectorQuantizer, VectorQuantizerConfig, VqOutput, VqVaeLatent,
+    CodebookLearning, Mode, VectorQuantizer, VectorQuantizerConfig, VqOutput, VqVaeLatent,
 };
 pub use search::nearest_codes;
 pub use tch;

@@ -127,6 +127,15 @@ impl VectorQuantizerConfig {
     }
 }
 
+/// Whether a forward pass may update the codebook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Training: EMA codebooks learn from the batch.
+    Train,
+    /// Evaluation: the codebook is left as it is.
+    Eval,
+}
+
 /// The two latent settings of the paper's Table 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum VqVaeLatent {
@@ -220,18 +229,18 @@ impl VectorQuantizer {
         &self.config
     }
 
-    /// Quantizes `x`. With `train`, EMA codebooks are updated from this batch (after k-means
-    /// initialisation on the first one, if configured).
+    /// Quantizes `x`. In [`Mode::Train`], EMA codebooks are updated from this batch (after
+    /// k-means initialisation on the first one, if configured); [`Mode::Eval`] changes nothing.
     ///
     /// # Errors
     /// [`VqTchError::Shape`] if the channel dimension is not the code dimension or the rank is
     /// not 2, 4 or 5; errors of the search and the estimator.
-    pub fn forward(&mut self, x: &Tensor, train: bool) -> Result<VqOutput> {
+    pub fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<VqOutput> {
+        let train = mode == Mode::Train;
         let d = self.config.codebook_dim as i64;
         let rank = x.dim();
         let channels = match rank {
-            2 => x.size()[1],
-            4 | 5 => x.size()[1],
+            2 | 4 | 5 => x.size()[1],
             _ => -1,
         };
         if channels != d {

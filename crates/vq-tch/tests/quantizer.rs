@@ -3,7 +3,7 @@
 use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 use vq_core::{BetaPlacement, EmaCodebook, EmaConfig, Estimator, Metric};
-use vq_tch::{CodebookLearning, VectorQuantizer, VectorQuantizerConfig, VqVaeLatent};
+use vq_tch::{CodebookLearning, Mode, VectorQuantizer, VectorQuantizerConfig, VqVaeLatent};
 
 fn to_array(t: &Tensor) -> ndarray::Array2<f32> {
     let s = t.size();
@@ -26,7 +26,7 @@ fn image_and_video_layouts_round_trip_to_codewords() {
         VectorQuantizer::new(small(Metric::Euclidean, Estimator::Rotation), Device::Cpu).unwrap();
     for shape in [vec![2i64, 4, 3, 5], vec![2, 4, 2, 3, 3], vec![7, 4]] {
         let x = Tensor::randn(&shape[..], (Kind::Float, Device::Cpu));
-        let out = vq.forward(&x, false).unwrap();
+        let out = vq.forward(&x, Mode::Eval).unwrap();
         assert_eq!(out.quantized.size(), shape);
         let mut lead = vec![shape[0]];
         lead.extend_from_slice(&shape[2..]);
@@ -44,7 +44,7 @@ fn image_and_video_layouts_round_trip_to_codewords() {
     }
     let bad = Tensor::randn([2, 3, 4, 4], (Kind::Float, Device::Cpu));
     assert!(matches!(
-        vq.forward(&bad, false),
+        vq.forward(&bad, Mode::Eval),
         Err(vq_tch::VqTchError::Shape { .. })
     ));
 }
@@ -57,7 +57,7 @@ fn input_gradient_is_the_estimator_plus_the_commitment_term() {
         tch::manual_seed(5);
         let x = Tensor::randn([3, 4, 2, 2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let w = Tensor::randn([3, 4, 2, 2], (Kind::Float, Device::Cpu));
-        let out = vq.forward(&x, false).unwrap();
+        let out = vq.forward(&x, Mode::Eval).unwrap();
         ((&out.quantized * &w).sum(Kind::Float) + &out.commitment_loss).backward();
         let flat = |t: &Tensor| to_array(&t.movedim(&[1i64][..], &[-1i64][..]).reshape([-1, 4]));
         let (e, g, q) = (flat(&x.detach()), flat(&w), flat(&out.quantized.detach()));
@@ -101,7 +101,7 @@ fn ema_state_after_several_steps_equals_vq_core() {
         reference
             .update(e.view(), idx.as_slice().unwrap(), &mut rng)
             .unwrap();
-        let out = vq.forward(&x, true).unwrap();
+        let out = vq.forward(&x, Mode::Train).unwrap();
         let got: Vec<u32> = Vec::<i64>::try_from(out.indices)
             .unwrap()
             .into_iter()
@@ -122,7 +122,7 @@ fn learned_codebook_gets_gradient_only_from_the_codebook_loss() {
     };
     let mut vq = VectorQuantizer::new(cfg, Device::Cpu).unwrap();
     let x = Tensor::randn([10, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-    let out = vq.forward(&x, true).unwrap();
+    let out = vq.forward(&x, Mode::Train).unwrap();
     // Legacy placement: commitment weight 1, codebook weight β = 0.25; both equal mse(e, q).
     let (c, b) = (
         f64::try_from(&out.commitment_loss).unwrap(),
@@ -183,7 +183,7 @@ fn half_precision_and_cosine() {
     let mut vq =
         VectorQuantizer::new(small(Metric::Cosine, Estimator::Rotation), Device::Cpu).unwrap();
     let x = Tensor::randn([2, 4, 3, 3], (Kind::BFloat16, Device::Cpu)).set_requires_grad(true);
-    let out = vq.forward(&x, true).unwrap();
+    let out = vq.forward(&x, Mode::Train).unwrap();
     assert_eq!(out.quantized.kind(), Kind::BFloat16);
     out.quantized
         .to_kind(Kind::Float)
