@@ -19,7 +19,7 @@ use rand::Rng;
 use rand::seq::index::sample;
 use rayon::prelude::*;
 
-use crate::error::{Result, VqError};
+use crate::error::{Result, VqError, check_indices};
 use crate::search::{CodebookIndex, Metric};
 
 /// Hyper-parameters of an EMA codebook, validated once by [`EmaConfig::new`].
@@ -300,9 +300,7 @@ pub(crate) fn counts_and_sums(
     indices: &[u32],
     k: usize,
 ) -> Result<(Array1<u64>, Array2<f32>)> {
-    if let Some((position, &index)) = indices.iter().enumerate().find(|(_, i)| **i as usize >= k) {
-        return Err(VqError::IndexOutOfRange { index, position, k });
-    }
+    check_indices(indices, k)?;
     let mut counts = Array1::zeros(k);
     let mut sums = Array2::<f32>::zeros((k, x.ncols()));
     let block = k.div_ceil(rayon::current_num_threads() * 4).max(1);

@@ -55,3 +55,29 @@ pub enum VqError {
 
 /// `Result` with [`VqError`].
 pub type Result<T, E = VqError> = std::result::Result<T, E>;
+
+/// `Err(IndexOutOfRange)` for the first index that is not below `k`.
+pub(crate) fn check_indices(indices: &[u32], k: usize) -> Result<()> {
+    match indices.iter().enumerate().find(|(_, i)| **i as usize >= k) {
+        Some((position, &index)) => Err(VqError::IndexOutOfRange { index, position, k }),
+        None => Ok(()),
+    }
+}
+
+/// `Err(ShapeMismatch)` unless `a` and `b` have the same rows and columns (rows checked first).
+pub(crate) fn check_same_shape(
+    a: ndarray::ArrayView2<f32>,
+    b: ndarray::ArrayView2<f32>,
+    what: &'static str,
+) -> Result<()> {
+    for (expected, got) in [(a.nrows(), b.nrows()), (a.ncols(), b.ncols())] {
+        if expected != got {
+            return Err(VqError::ShapeMismatch {
+                what,
+                expected,
+                got,
+            });
+        }
+    }
+    Ok(())
+}

@@ -34,7 +34,7 @@
 use ndarray::{Array2, ArrayView1, ArrayView2, ArrayViewMut2};
 use rayon::prelude::*;
 
-use crate::error::{Result, VqError};
+use crate::error::{Result, VqError, check_same_shape};
 
 /// Rows per parallel task.
 const ROWS_PER_TASK: usize = 64;
@@ -101,7 +101,7 @@ impl Estimator {
     /// # Errors
     /// [`VqError::ShapeMismatch`] if the shapes differ.
     pub fn forward(self, e: ArrayView2<f32>, q: ArrayView2<f32>) -> Result<Array2<f32>> {
-        same_shape(e, q, "codes vs inputs")?;
+        check_same_shape(e, q, "codes vs inputs")?;
         Ok(q.to_owned())
     }
 
@@ -160,9 +160,9 @@ impl Estimator {
         commitment: f32,
         mut out: ArrayViewMut2<f32>,
     ) -> Result<()> {
-        same_shape(e, q, "codes vs inputs")?;
-        same_shape(e, g, "gradient vs inputs")?;
-        same_shape(e, out.view(), "output vs inputs")?;
+        check_same_shape(e, q, "codes vs inputs")?;
+        check_same_shape(e, g, "gradient vs inputs")?;
+        check_same_shape(e, out.view(), "output vs inputs")?;
         let d = e.ncols().max(1);
         let (e, q, g) = (
             e.as_standard_layout(),
@@ -211,24 +211,6 @@ impl Estimator {
         }
         Ok(())
     }
-}
-
-fn same_shape(a: ArrayView2<f32>, b: ArrayView2<f32>, what: &'static str) -> Result<()> {
-    if a.nrows() != b.nrows() {
-        return Err(VqError::ShapeMismatch {
-            what,
-            expected: a.nrows(),
-            got: b.nrows(),
-        });
-    }
-    if a.ncols() != b.ncols() {
-        return Err(VqError::ShapeMismatch {
-            what,
-            expected: a.ncols(),
-            got: b.ncols(),
-        });
-    }
-    Ok(())
 }
 
 /// `[e·e, q·q, e·q, e·g, q·g]`, accumulated in f32 lanes (which vectorise) and summed in f64:

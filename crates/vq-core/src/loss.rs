@@ -12,7 +12,7 @@
 use ndarray::{Array2, ArrayView2, Zip};
 use rayon::prelude::*;
 
-use crate::error::{Result, VqError};
+use crate::error::{Result, VqError, check_same_shape};
 
 /// Which term β multiplies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -136,18 +136,7 @@ const ROWS_PER_TASK: usize = 64;
 /// # Errors
 /// [`VqError::ShapeMismatch`] if the shapes differ.
 pub fn vq_loss(e: ArrayView2<f32>, q: ArrayView2<f32>, weights: LossWeights) -> Result<VqLoss> {
-    if e.dim() != q.dim() {
-        let (what, expected, got) = if e.nrows() != q.nrows() {
-            ("codes vs inputs (rows)", e.nrows(), q.nrows())
-        } else {
-            ("codes vs inputs (dim)", e.ncols(), q.ncols())
-        };
-        return Err(VqError::ShapeMismatch {
-            what,
-            expected,
-            got,
-        });
-    }
+    check_same_shape(e, q, "codes vs inputs")?;
     let n = (e.len().max(1)) as f64;
     let d = e.ncols().max(1);
     let (e, q) = (e.as_standard_layout(), q.as_standard_layout());

@@ -4,14 +4,7 @@ use std::collections::HashSet;
 
 use ndarray::{ArrayView2, Zip};
 
-use crate::error::{Result, VqError};
-
-fn check_indices(indices: &[u32], k: usize) -> Result<()> {
-    match indices.iter().enumerate().find(|(_, i)| **i as usize >= k) {
-        Some((position, &index)) => Err(VqError::IndexOutOfRange { index, position, k }),
-        None => Ok(()),
-    }
-}
+use crate::error::{Result, VqError, check_indices, check_same_shape};
 
 /// How many times each of the `k` codes was chosen.
 ///
@@ -98,13 +91,7 @@ pub fn codebook_usage(indices: &[u32], k: usize, group_len: usize) -> Result<f64
 /// # Errors
 /// [`VqError::ShapeMismatch`] if the shapes differ.
 pub fn quantization_error(e: ArrayView2<f32>, q: ArrayView2<f32>) -> Result<f64> {
-    if e.dim() != q.dim() {
-        return Err(VqError::ShapeMismatch {
-            what: "codes vs inputs (elements)",
-            expected: e.len(),
-            got: q.len(),
-        });
-    }
+    check_same_shape(e, q, "codes vs inputs")?;
     if e.nrows() == 0 {
         return Ok(0.0);
     }

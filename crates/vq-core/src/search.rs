@@ -21,7 +21,7 @@ use ndarray::{Array1, Array2, ArrayView1, ArrayView2, Axis, s};
 use rayon::prelude::*;
 use wide::{CmpLt, f32x8};
 
-use crate::error::{Result, VqError};
+use crate::error::{Result, VqError, check_indices};
 
 /// How "nearest" is measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -653,10 +653,7 @@ pub fn nearest_codes(
 /// # Errors
 /// [`VqError::IndexOutOfRange`] if an index is ≥ K.
 pub fn gather_codes(codebook: ArrayView2<f32>, indices: &[u32]) -> Result<Array2<f32>> {
-    let k = codebook.nrows();
-    if let Some((position, &index)) = indices.iter().enumerate().find(|(_, i)| **i as usize >= k) {
-        return Err(VqError::IndexOutOfRange { index, position, k });
-    }
+    check_indices(indices, codebook.nrows())?;
     let mut out = Array2::zeros((indices.len(), codebook.ncols()));
     out.axis_iter_mut(Axis(0))
         .into_par_iter()
