@@ -19,7 +19,7 @@ use rand::Rng;
 use rand::seq::index::sample;
 use rayon::prelude::*;
 
-use crate::error::{Result, VqError, check_indices};
+use crate::error::{Result, VqError, check_indices, check_same_shape};
 use crate::search::{CodebookIndex, Metric};
 
 /// Hyper-parameters of an EMA codebook, validated once by [`EmaConfig::new`].
@@ -174,6 +174,70 @@ impl EmaCodebook {
         Ok(Self {
             config,
             codes: centres,
+            sums,
+            sizes,
+        })
+    }
+
+    /// An EMA codebook from saved state: codes (K×D), running sums `m_k` (K×D) and cluster sizes
+    /// `N_k` (K), as returned by [`codebook`](Self::codebook),
+    /// [`running_sums`](Self::running_sums) and [`cluster_sizes`](Self::cluster_sizes). Used to
+    /// resume from a checkpoint; the state is taken as it is (no renormalisation).
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use vq_core::{EmaCodebook, EmaConfig, Metric};
+    ///
+    /// let cfg = EmaConfig::new(0.8, 1e-5, 0.0, Metric::Euclidean).unwrap();
+    /// let a = EmaCodebook::new(array![[1.0f32, 2.0], [3.0, 4.0]], cfg).unwrap();
+    /// let b = EmaCodebook::from_parts(
+    ///     a.codebook().to_owned(),
+    ///     a.running_sums().to_owned(),
+    ///     a.cluster_sizes().clone(),
+    ///     cfg,
+    /// )
+    /// .unwrap();
+    /// assert_eq!(a, b);
+    /// ```
+    ///
+    /// # Errors
+    /// [`VqError::EmptyCodebook`] for K = 0 or D = 0, [`VqError::ShapeMismatch`] if the parts
+    /// disagree in shape, [`VqError::NonFinite`] for NaN/∞ values,
+    /// [`VqError::InvalidParameter`] for a negative cluster size.
+    pub fn from_parts(
+        codes: Array2<f32>,
+        sums: Array2<f32>,
+        sizes: Array1<f32>,
+        config: EmaConfig,
+    ) -> Result<Self> {
+        let (k, d) = codes.dim();
+        if k == 0 || d == 0 {
+            return Err(VqError::EmptyCodebook { k, d });
+        }
+        check_same_shape(codes.view(), sums.view(), "EMA running sums vs codes")?;
+        if sizes.len() != k {
+            return Err(VqError::ShapeMismatch {
+                what: "EMA cluster sizes vs codes",
+                expected: k,
+                got: sizes.len(),
+            });
+        }
+        crate::search::check_finite(codes.view(), "EMA codes")?;
+        crate::search::check_finite(sums.view(), "EMA running sums")?;
+        if let Some((i, &s)) = sizes
+            .iter()
+            .enumerate()
+            .find(|(_, s)| !(s.is_finite() && **s >= 0.0))
+        {
+            return Err(VqError::InvalidParameter {
+                name: "cluster_sizes",
+                value: format!("N[{i}] = {s}"),
+                reason: "EMA cluster sizes must be finite and >= 0",
+            });
+        }
+        Ok(Self {
+            config,
+            codes,
             sums,
             sizes,
         })

@@ -89,6 +89,48 @@ fn main() {
         }
     }
     full_step(device);
+    layer_step(device);
+}
+
+/// A whole `VectorQuantizer` training step (forward in `Mode::Train` + backward), EMA codebook
+/// (updated by vq-core on the CPU) against a codebook learned by gradient.
+fn layer_step(device: Device) {
+    use vq_tch::{CodebookLearning, Mode, VectorQuantizer, VectorQuantizerConfig};
+    println!();
+    println!("| N×K×D | codebook | layer train step ms |");
+    println!("|---|---|---|");
+    for (n, k, d) in [(8192i64, 1024usize, 256usize), (65536, 8192, 8)] {
+        for ema in [true, false] {
+            let base = VectorQuantizerConfig::paper_vqgan(k, d);
+            let cfg = if ema {
+                VectorQuantizerConfig {
+                    learning: CodebookLearning::Ema {
+                        decay: 0.8,
+                        laplace_eps: 1e-5,
+                        dead_code_threshold: 0.0,
+                        kmeans_iters: 0,
+                    },
+                    ..base
+                }
+            } else {
+                base
+            };
+            let vs = tch::nn::VarStore::new(device);
+            let mut vq = VectorQuantizer::new(&vs.root(), cfg).expect("layer");
+            tch::manual_seed(0);
+            let mut e = Tensor::randn([n, d as i64], (Kind::Float, device)).set_requires_grad(true);
+            let ms = median_ms(5, device, || {
+                e.zero_grad();
+                let out = vq.forward(&e, Mode::Train).expect("forward");
+                ((&out.quantized * &out.quantized).mean(Kind::Float)
+                    + out.commitment_loss
+                    + out.codebook_loss)
+                    .backward();
+            });
+            let name = if ema { "EMA" } else { "gradient" };
+            println!("| {n}×{k}×{d} | {name} | {ms:.1} |");
+        }
+    }
 }
 
 /// A whole VQ step: the library (nearest_codes + node + losses) against torch's own ops.

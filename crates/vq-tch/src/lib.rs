@@ -12,7 +12,7 @@ mod search;
 pub use error::{Result, VqTchError};
 pub use estimator::apply_estimator;
 pub use quantizer::{
-    CodebookLearning, Mode, VectorQuantizer, VectorQuantizerConfig, VqOutput, VqVaeLatent,
+    CodebookLearning, Mode, Projection, VectorQuantizer, VectorQuantizerConfig, VqOutput, VqVaeLatent,
 };
 pub use search::nearest_codes;
 pub use tch;

@@ -5,9 +5,9 @@
 //! Output: the quantized tensor in the input's layout and dtype (value `q`, gradient to the input
 //! through the chosen [`Estimator`]), the code indices, and the loss terms.
 
-use rand::SeedableRng;
 use rand::rngs::StdRng;
-use tch::{Device, Kind, Reduction, Tensor};
+use rand::{Rng, SeedableRng};
+use tch::{Device, Kind, Reduction, Tensor, nn};
 use vq_core::{BetaPlacement, EmaCodebook, EmaConfig, Estimator, Metric};
 
 use crate::error::{Result, VqTchError};
@@ -49,11 +49,40 @@ pub struct VectorQuantizerConfig {
     pub beta: f32,
     /// Codebook learning.
     pub learning: CodebookLearning,
+    /// Projection between the input's channels and the code dimension.
+    pub projection: Projection,
     /// Seed of the codebook initialisation and of EMA sampling.
     pub seed: u64,
 }
 
+/// Projection between the input's channels C and the code dimension D (factorised codes,
+/// ViT-VQGAN): `Linear(C → D)` before the lookup and `Linear(D → C)` after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Projection {
+    /// The input has D channels; no projection.
+    Identity,
+    /// `Linear(C → D)` in, `Linear(D → C)` out.
+    Linear {
+        /// Input channels C.
+        channels: usize,
+    },
+    /// `Linear(C → D)` then `LayerNorm(D)` in, `Linear(D → C)` out (lucidrains' choice for
+    /// cosine codebooks).
+    LinearLayerNorm {
+        /// Input channels C.
+        channels: usize,
+    },
+}
+
 impl VectorQuantizerConfig {
+    /// Channels of the layer's input: C with a projection, else D.
+    pub fn input_channels(&self) -> usize {
+        match self.projection {
+            Projection::Identity => self.codebook_dim,
+            Projection::Linear { channels } | Projection::LinearLayerNorm { channels } => channels,
+        }
+    }
+
     /// Paper Table 1 (VQ-VAE, lucidrains quantizer): EMA decay 0.8, Laplace 1e-5, no dead-code
     /// replacement, no k-means, β = 1, rotation trick. `latent` picks the row: 16×16×32 with
     /// 1024 codes or 64×64×3 with 8192 codes.
@@ -74,6 +103,7 @@ impl VectorQuantizerConfig {
                 dead_code_threshold: 0.0,
                 kmeans_iters: 0,
             },
+            projection: Projection::Identity,
             seed: 0,
         }
     }
@@ -90,6 +120,27 @@ impl VectorQuantizerConfig {
             learning: CodebookLearning::Gradient {
                 placement: BetaPlacement::LegacyCodebook,
             },
+            projection: Projection::Identity,
+            seed: 0,
+        }
+    }
+
+    /// Paper Table 4 (ViT-VQGAN small, enhancing-transformers' quantizer): 8192 codes of
+    /// dimension 32, l2-normalised (cosine) lookup, `Linear(512 → 32)` / `Linear(32 → 512)`
+    /// projections, codebook learned by gradient with β = 0.25 on the commitment term, rotation
+    /// trick. The video models of Table 5 use the same quantizer with 1024 / 2048 codes and
+    /// `channels` = 256.
+    pub fn paper_vit_vqgan(codebook_size: usize, channels: usize) -> Self {
+        Self {
+            codebook_size,
+            codebook_dim: 32,
+            metric: Metric::Cosine,
+            estimator: Estimator::Rotation,
+            beta: 0.25,
+            learning: CodebookLearning::Gradient {
+                placement: BetaPlacement::Commitment,
+            },
+            projection: Projection::Linear { channels },
             seed: 0,
         }
     }
@@ -105,6 +156,9 @@ impl VectorQuantizerConfig {
         }
         if self.codebook_dim == 0 {
             return bad("codebook_dim", "must be > 0");
+        }
+        if self.input_channels() == 0 {
+            return bad("projection", "channels must be > 0");
         }
         if !(self.beta.is_finite() && self.beta >= 0.0) {
             return bad("beta", "must be finite and >= 0");
@@ -158,36 +212,85 @@ pub struct VqOutput {
     pub codebook_loss: Tensor,
 }
 
-/// The VQ layer. The codebook is a (K, D) f32 tensor on the layer's device; with
-/// [`CodebookLearning::Gradient`] it requires grad (hand it to the optimizer via
-/// [`codebook`](Self::codebook)); with EMA it is updated in [`forward`](Self::forward) during
-/// training by [`vq_core::EmaCodebook`].
+/// The VQ layer.
+///
+/// All state lives in a [`tch::nn::VarStore`] under the path given to [`new`](Self::new), so the
+/// store's `save`/`load` checkpoint it:
+///
+/// | name | shape | trainable | what |
+/// | --- | --- | --- | --- |
+/// | `codebook` | (K, D) f32 | with [`CodebookLearning::Gradient`] | the codes |
+/// | `ema_cluster_size` | (K) f32 | no | EMA cluster sizes `N_k` (EMA only) |
+/// | `ema_running_sum` | (K, D) f32 | no | EMA running sums `m_k` (EMA only) |
+/// | `ema_steps` | () i64 | no | EMA updates done (EMA only) |
+/// | `initialised` | () i64 | no | 1 once k-means initialisation has run or was not asked for |
+/// | `project_in.{weight,bias}`, `project_in_norm.{weight,bias}`, `project_out.{weight,bias}` | | yes | [`Projection`] layers |
+///
+/// EMA updates run in vq-core on the CPU (state copied from and back to the layer's device; on
+/// CUDA this costs one transfer of the batch per training step). Dead-code replacement at EMA step
+/// `s` draws from `StdRng::seed_from_u64(seed + s)`, so a resumed run replaces the same codes as
+/// an uninterrupted one.
+///
+/// ```
+/// use tch::{nn, Device, Kind, Tensor};
+/// use vq_tch::{Metric, Mode, VectorQuantizer, VectorQuantizerConfig, VqVaeLatent};
+///
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let cfg = VectorQuantizerConfig::paper_vqvae(VqVaeLatent::F16x16x32, Metric::Euclidean);
+/// let mut vq = VectorQuantizer::new(&vs.root().sub("quantizer"), cfg).unwrap();
+/// let z = Tensor::randn([2, 32, 16, 16], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+/// let out = vq.forward(&z, Mode::Train).unwrap();
+/// assert_eq!(out.quantized.size(), [2, 32, 16, 16]);
+/// assert_eq!(out.indices.size(), [2, 16, 16]);
+/// (out.quantized.square().mean(Kind::Float) + out.commitment_loss).backward();
+/// assert_eq!(z.grad().size(), [2, 32, 16, 16]);
+/// assert!(vs.variables().contains_key("quantizer.ema_running_sum"));
+/// ```
 #[derive(Debug)]
 pub struct VectorQuantizer {
     config: VectorQuantizerConfig,
     codebook: Tensor,
-    ema: Option<EmaCodebook>,
-    kmeans_pending: bool,
-    rng: StdRng,
+    ema: Option<EmaTensors>,
+    initialised: Tensor,
+    project_in: Option<nn::Linear>,
+    project_in_norm: Option<nn::LayerNorm>,
+    project_out: Option<nn::Linear>,
+}
+
+/// EMA state as variables of the store.
+#[derive(Debug)]
+struct EmaTensors {
+    config: EmaConfig,
+    kmeans_iters: usize,
+    sizes: Tensor,
+    sums: Tensor,
+    steps: Tensor,
 }
 
 impl VectorQuantizer {
-    /// A layer with a codebook drawn from N(0, 1) (l2-normalised for cosine) by the config's seed.
+    /// A layer whose variables live under `path` (device: the store's). The codebook is drawn
+    /// from N(0, 1) (l2-normalised for cosine) by the config's seed; projections use tch's
+    /// default Linear/LayerNorm initialisation.
     ///
     /// # Errors
     /// [`VqTchError::Config`] for an invalid config.
-    pub fn new(config: VectorQuantizerConfig, device: Device) -> Result<Self> {
+    pub fn new(path: &nn::Path, config: VectorQuantizerConfig) -> Result<Self> {
         config.validate()?;
         let (k, d) = (config.codebook_size as i64, config.codebook_dim as i64);
-        tch::manual_seed(config.seed as i64);
-        let mut init = Tensor::randn([k, d], (Kind::Float, Device::Cpu));
+        let device = path.device();
+        let mut rng = StdRng::seed_from_u64(config.seed);
+        let normal = rand_distr::StandardNormal;
+        let values: Vec<f32> = (0..k * d).map(|_| rng.sample(normal)).collect();
+        let mut init = Tensor::from_slice(&values).view([k, d]);
         if config.metric == Metric::Cosine {
             init = &init
                 / init
                     .norm_scalaropt_dim(2, [1i64].as_slice(), true)
                     .clamp_min(1e-12);
         }
-        let (ema, kmeans_pending) = match config.learning {
+        let init = init.to_device(device);
+        let scalar = |v: i64| Tensor::from(v).to_device(device);
+        let (codebook, ema) = match config.learning {
             CodebookLearning::Ema {
                 decay,
                 laplace_eps,
@@ -195,22 +298,45 @@ impl VectorQuantizer {
                 kmeans_iters,
             } => {
                 let cfg = EmaConfig::new(decay, laplace_eps, dead_code_threshold, config.metric)?;
+                let ema = EmaTensors {
+                    config: cfg,
+                    kmeans_iters,
+                    sizes: path.add(
+                        "ema_cluster_size",
+                        Tensor::ones([k], (Kind::Float, device)),
+                        false,
+                    ),
+                    sums: path.add("ema_running_sum", init.copy(), false),
+                    steps: path.add("ema_steps", scalar(0), false),
+                };
+                (path.add("codebook", init, false), Some(ema))
+            }
+            CodebookLearning::Gradient { .. } => (path.add("codebook", init, true), None),
+        };
+        let pending = matches!(&ema, Some(e) if e.kmeans_iters > 0);
+        let initialised = path.add("initialised", scalar(i64::from(!pending)), false);
+        let (project_in, project_in_norm, project_out) = match config.projection {
+            Projection::Identity => (None, None, None),
+            Projection::Linear { channels } | Projection::LinearLayerNorm { channels } => {
+                let c = channels as i64;
+                let lin = nn::LinearConfig::default();
+                let norm = matches!(config.projection, Projection::LinearLayerNorm { .. })
+                    .then(|| nn::layer_norm(path / "project_in_norm", vec![d], Default::default()));
                 (
-                    Some(EmaCodebook::new(to_array(&init), cfg)?),
-                    kmeans_iters > 0,
+                    Some(nn::linear(path / "project_in", c, d, lin)),
+                    norm,
+                    Some(nn::linear(path / "project_out", d, c, lin)),
                 )
             }
-            CodebookLearning::Gradient { .. } => (None, false),
         };
-        let codebook = init
-            .to_device(device)
-            .set_requires_grad(matches!(config.learning, CodebookLearning::Gradient { .. }));
         Ok(Self {
             config,
             codebook,
             ema,
-            kmeans_pending,
-            rng: StdRng::seed_from_u64(config.seed),
+            initialised,
+            project_in,
+            project_in_norm,
+            project_out,
         })
     }
 
@@ -219,9 +345,26 @@ impl VectorQuantizer {
         &self.codebook
     }
 
-    /// The EMA state, for EMA codebooks.
-    pub fn ema(&self) -> Option<&EmaCodebook> {
-        self.ema.as_ref()
+    /// A copy of the EMA state as vq-core's type, for EMA codebooks.
+    ///
+    /// # Errors
+    /// [`VqTchError::Core`] if the stored state is not valid (e.g. a checkpoint with negative
+    /// cluster sizes).
+    pub fn ema(&self) -> Result<Option<EmaCodebook>> {
+        self.ema
+            .as_ref()
+            .map(|ema| {
+                Ok(EmaCodebook::from_parts(
+                    to_array(&self.codebook),
+                    to_array(&ema.sums),
+                    ndarray::Array1::from(
+                        Vec::<f32>::try_from(ema.sizes.to_device(Device::Cpu))
+                            .map_err(|err| VqTchError::Torch(err.to_string()))?,
+                    ),
+                    ema.config,
+                )?)
+            })
+            .transpose()
     }
 
     /// The configuration.
@@ -233,24 +376,24 @@ impl VectorQuantizer {
     /// k-means initialisation on the first one, if configured); [`Mode::Eval`] changes nothing.
     ///
     /// # Errors
-    /// [`VqTchError::Shape`] if the channel dimension is not the code dimension or the rank is
-    /// not 2, 4 or 5; errors of the search and the estimator.
+    /// [`VqTchError::Shape`] if the channel dimension is not the layer's input channels or the
+    /// rank is not 2, 4 or 5; errors of the search and the estimator.
     pub fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<VqOutput> {
         let train = mode == Mode::Train;
-        let d = self.config.codebook_dim as i64;
+        let c = self.config.input_channels() as i64;
         let rank = x.dim();
         let channels = match rank {
             2 | 4 | 5 => x.size()[1],
             _ => -1,
         };
-        if channels != d {
+        if channels != c {
             return Err(VqTchError::Shape {
-                what: "input (N, D), (B, D, H, W) or (B, D, T, H, W)",
+                what: "input (N, C), (B, C, H, W) or (B, C, T, H, W) with C the layer's channels",
                 e: x.size(),
-                q: vec![d],
+                q: vec![c],
             });
         }
-        // Channels last, flattened to (N, D), computed in f32.
+        // Channels last, flattened to (N, C), computed in f32.
         let perm: Vec<i64> = match rank {
             2 => vec![0, 1],
             4 => vec![0, 2, 3, 1],
@@ -258,20 +401,26 @@ impl VectorQuantizer {
         };
         let xl = x.permute(&perm[..]);
         let lead: Vec<i64> = xl.size()[..rank - 1].to_vec();
-        let mut e = xl.reshape([-1, d]).to_kind(Kind::Float);
+        let mut e = xl.reshape([-1, c]).to_kind(Kind::Float);
+        if let Some(lin) = &self.project_in {
+            e = e.apply(lin);
+        }
+        if let Some(norm) = &self.project_in_norm {
+            e = e.apply(norm);
+        }
         if self.config.metric == Metric::Cosine {
             e = &e
                 / e.norm_scalaropt_dim(2, [1i64].as_slice(), true)
                     .clamp_min(1e-12);
         }
-        if train && self.kmeans_pending {
+        if train && i64::try_from(&self.initialised).unwrap_or(1) == 0 {
             self.kmeans_init(&e)?;
         }
         let idx = nearest_codes(&e.detach(), &self.codebook.detach(), self.config.metric)?
             .to_device(e.device());
         let q_live = self.codebook.index_select(0, &idx);
         let q = q_live.detach();
-        let out = apply_estimator(&e, &q, self.config.estimator)?;
+        let mut out = apply_estimator(&e, &q, self.config.estimator)?;
         let commit_mse = e.mse_loss(&q, Reduction::Mean);
         let (wc, wb) = match self.config.learning {
             CodebookLearning::Ema { .. } => (self.config.beta, 0.0),
@@ -288,25 +437,21 @@ impl VectorQuantizer {
         } else {
             Tensor::zeros([], (Kind::Float, e.device()))
         };
-        if let (true, Some(ema)) = (train, self.ema.as_mut()) {
-            let idx_u32: Vec<u32> = Vec::<i64>::try_from(idx.to_device(Device::Cpu))
-                .map_err(|err| VqTchError::Torch(err.to_string()))?
-                .into_iter()
-                .map(|i| i as u32)
-                .collect();
-            ema.update(to_array(&e.detach()).view(), &idx_u32, &mut self.rng)?;
-            let cb = from_array(ema.codebook().to_owned()).to_device(self.codebook.device());
-            tch::no_grad(|| self.codebook.copy_(&cb));
+        if train && self.ema.is_some() {
+            self.ema_update(&e.detach(), &idx)?;
         }
-        let mut lead_with_d = lead.clone();
-        lead_with_d.push(d);
+        if let Some(lin) = &self.project_out {
+            out = out.apply(lin);
+        }
+        let mut lead_with_c = lead.clone();
+        lead_with_c.push(c);
         let inverse: Vec<i64> = match rank {
             2 => vec![0, 1],
             4 => vec![0, 3, 1, 2],
             _ => vec![0, 4, 1, 2, 3],
         };
         let quantized = out
-            .reshape(&lead_with_d[..])
+            .reshape(&lead_with_c[..])
             .permute(&inverse[..])
             .to_kind(x.kind());
         Ok(VqOutput {
@@ -317,28 +462,56 @@ impl VectorQuantizer {
         })
     }
 
+    /// One EMA step in vq-core on the layer's stored state; writes the new state back.
+    fn ema_update(&mut self, e: &Tensor, idx: &Tensor) -> Result<()> {
+        let mut state = self.ema()?.expect("called for EMA codebooks only");
+        let ema = self.ema.as_ref().expect("called for EMA codebooks only");
+        let step = i64::try_from(&ema.steps).map_err(|err| VqTchError::Torch(err.to_string()))?;
+        let idx_u32: Vec<u32> = Vec::<i64>::try_from(idx.to_device(Device::Cpu))
+            .map_err(|err| VqTchError::Torch(err.to_string()))?
+            .into_iter()
+            .map(|i| i as u32)
+            .collect();
+        let mut rng = StdRng::seed_from_u64(self.config.seed.wrapping_add(step as u64));
+        state.update(to_array(e).view(), &idx_u32, &mut rng)?;
+        self.store_ema(&state, step + 1);
+        Ok(())
+    }
+
+    fn store_ema(&mut self, state: &EmaCodebook, steps: i64) {
+        let ema = self.ema.as_mut().expect("called for EMA codebooks only");
+        let device = self.codebook.device();
+        let sizes = Tensor::from_slice(state.cluster_sizes().as_slice().expect("contiguous"));
+        tch::no_grad(|| {
+            self.codebook
+                .copy_(&from_array(state.codebook().to_owned()).to_device(device));
+            ema.sums
+                .copy_(&from_array(state.running_sums().to_owned()).to_device(device));
+            ema.sizes.copy_(&sizes.to_device(device));
+            let _ = ema.steps.fill_(steps);
+        });
+    }
+
     fn kmeans_init(&mut self, e: &Tensor) -> Result<()> {
-        self.kmeans_pending = false;
-        let (Some(ema), CodebookLearning::Ema { kmeans_iters, .. }) =
-            (self.ema.as_ref(), self.config.learning)
-        else {
+        let Some(ema) = self.ema.as_ref() else {
             return Ok(());
         };
         let samples = to_array(&e.detach());
         if samples.nrows() < self.config.codebook_size {
-            return Ok(()); // too few samples for k-means: keep the random init
+            // Too few samples for k-means: keep the random init, try again on the next batch.
+            return Ok(());
         }
-        let cfg = *ema.config();
+        let mut rng = StdRng::seed_from_u64(self.config.seed ^ 0x6b6d_6561_6e73);
         let fresh = EmaCodebook::kmeans_init(
             samples.view(),
             self.config.codebook_size,
-            kmeans_iters,
-            cfg,
-            &mut self.rng,
+            ema.kmeans_iters,
+            ema.config,
+            &mut rng,
         )?;
-        let cb = from_array(fresh.codebook().to_owned()).to_device(self.codebook.device());
-        tch::no_grad(|| self.codebook.copy_(&cb));
-        self.ema = Some(fresh);
+        let steps = i64::try_from(&ema.steps).map_err(|err| VqTchError::Torch(err.to_string()))?;
+        self.store_ema(&fresh, steps);
+        let _ = tch::no_grad(|| self.initialised.fill_(1));
         Ok(())
     }
 }

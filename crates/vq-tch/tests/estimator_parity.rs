@@ -231,3 +231,49 @@ fn search_on_tensors_matches_vq_core_without_copying_contiguous_f32() {
         "{err}"
     );
 }
+
+/// Gradcheck of q̃ = sg(λR)e through libtorch: the node's gradient of ⟨w, q̃⟩ equals central
+/// finite differences of the frozen map M = λR (vq-core's `RowMap::apply`, evaluated in f64 at
+/// e + hδ with M fixed at e), on every device, in f32 (vq-core kernel on CPU) and f64 (ATen).
+#[test]
+fn gradient_equals_finite_differences_of_the_frozen_map() {
+    let (n, d) = (6, 5);
+    let e = randn(n, d, 21);
+    let mut q = randn(n, d, 22);
+    q.row_mut(0).assign(&(&e.row(0) * -0.5)); // antipodal row
+    let w = randn(n, d, 23);
+    let h = 1e-3;
+    for est in Estimator::ALL {
+        let mut fd = Array2::<f64>::zeros((n, d));
+        for r in 0..n {
+            let map = vq_core::RowMap::new(est, e.row(r), q.row(r));
+            let phi = |v: &ndarray::Array1<f32>| {
+                let mut out = vec![0f64; d];
+                map.apply(e.row(r), q.row(r), v.view(), &mut out);
+                out.iter()
+                    .zip(w.row(r))
+                    .map(|(a, &b)| a * f64::from(b))
+                    .sum::<f64>()
+            };
+            for j in 0..d {
+                let (mut up, mut down) = (e.row(r).to_owned(), e.row(r).to_owned());
+                up[j] += h as f32;
+                down[j] -= h as f32;
+                let step = f64::from(up[j]) - f64::from(down[j]);
+                fd[[r, j]] = (phi(&up) - phi(&down)) / step;
+            }
+        }
+        for (kind, device) in devices()
+            .into_iter()
+            .flat_map(|d| [(Kind::Float, d), (Kind::Double, d)])
+        {
+            let (_, ge, _) = run_kind(&e, &q, &w, est, kind, device);
+            for ((i, &g), &f) in ge.indexed_iter().zip(fd.iter()) {
+                assert!(
+                    (f64::from(g) - f).abs() <= 1e-3 * (1.0 + f.abs()),
+                    "{est:?} {kind:?} {device:?} at {i:?}: autograd {g} vs finite difference {f}"
+                );
+            }
+        }
+    }
+}

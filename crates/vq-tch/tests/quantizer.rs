@@ -1,9 +1,18 @@
 //! The VectorQuantizer layer: layouts, gradients and EMA state against vq-core.
 
 use rand::SeedableRng;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor, nn};
 use vq_core::{BetaPlacement, EmaCodebook, EmaConfig, Estimator, Metric};
-use vq_tch::{CodebookLearning, Mode, VectorQuantizer, VectorQuantizerConfig, VqVaeLatent};
+use vq_tch::{
+    CodebookLearning, Mode, Projection, VectorQuantizer, VectorQuantizerConfig, VqVaeLatent,
+};
+
+/// A layer in its own CPU VarStore.
+fn layer(cfg: VectorQuantizerConfig) -> (nn::VarStore, VectorQuantizer) {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let vq = VectorQuantizer::new(&vs.root(), cfg).unwrap();
+    (vs, vq)
+}
 
 fn to_array(t: &Tensor) -> ndarray::Array2<f32> {
     let s = t.size();
@@ -22,8 +31,7 @@ fn small(metric: Metric, estimator: Estimator) -> VectorQuantizerConfig {
 
 #[test]
 fn image_and_video_layouts_round_trip_to_codewords() {
-    let mut vq =
-        VectorQuantizer::new(small(Metric::Euclidean, Estimator::Rotation), Device::Cpu).unwrap();
+    let (_vs, mut vq) = layer(small(Metric::Euclidean, Estimator::Rotation));
     for shape in [vec![2i64, 4, 3, 5], vec![2, 4, 2, 3, 3], vec![7, 4]] {
         let x = Tensor::randn(&shape[..], (Kind::Float, Device::Cpu));
         let out = vq.forward(&x, Mode::Eval).unwrap();
@@ -52,8 +60,7 @@ fn image_and_video_layouts_round_trip_to_codewords() {
 #[test]
 fn input_gradient_is_the_estimator_plus_the_commitment_term() {
     for estimator in [Estimator::Rotation, Estimator::StraightThrough] {
-        let mut vq =
-            VectorQuantizer::new(small(Metric::Euclidean, estimator), Device::Cpu).unwrap();
+        let (_vs, mut vq) = layer(small(Metric::Euclidean, estimator));
         tch::manual_seed(5);
         let x = Tensor::randn([3, 4, 2, 2], (Kind::Float, Device::Cpu)).set_requires_grad(true);
         let w = Tensor::randn([3, 4, 2, 2], (Kind::Float, Device::Cpu));
@@ -85,14 +92,14 @@ fn ema_state_after_several_steps_equals_vq_core() {
         },
         ..small(Metric::Euclidean, Estimator::Rotation)
     };
-    let mut vq = VectorQuantizer::new(cfg, Device::Cpu).unwrap();
+    let (_vs, mut vq) = layer(cfg);
     let mut reference = EmaCodebook::new(
         to_array(vq.codebook()),
         EmaConfig::new(0.8, 1e-5, 0.5, Metric::Euclidean).unwrap(),
     )
     .unwrap();
-    let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed);
     for step in 0..4 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.seed + step as u64);
         tch::manual_seed(100 + step);
         let x = Tensor::randn([64, 4], (Kind::Float, Device::Cpu)) * 2.0;
         let e = to_array(&x);
@@ -110,7 +117,7 @@ fn ema_state_after_several_steps_equals_vq_core() {
         assert_eq!(got, idx.to_vec(), "step {step}: same assignments");
     }
     assert_eq!(to_array(vq.codebook()), reference.codebook().to_owned());
-    assert_eq!(vq.ema().unwrap(), &reference);
+    assert_eq!(vq.ema().unwrap().unwrap(), reference);
 }
 
 #[test]
@@ -120,7 +127,8 @@ fn learned_codebook_gets_gradient_only_from_the_codebook_loss() {
         codebook_dim: 4,
         ..VectorQuantizerConfig::paper_vqgan(16, 4)
     };
-    let mut vq = VectorQuantizer::new(cfg, Device::Cpu).unwrap();
+    let (vs, mut vq) = layer(cfg);
+    assert_eq!(vs.trainable_variables().len(), 1, "the codebook is trainable");
     let x = Tensor::randn([10, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let out = vq.forward(&x, Mode::Train).unwrap();
     // Legacy placement: commitment weight 1, codebook weight β = 0.25; both equal mse(e, q).
@@ -157,6 +165,20 @@ fn configs_are_validated_and_presets_are_valid() {
     VectorQuantizerConfig::paper_vqgan(1024, 256)
         .validate()
         .unwrap();
+    VectorQuantizerConfig::paper_vit_vqgan(8192, 512)
+        .validate()
+        .unwrap();
+    let bad = VectorQuantizerConfig {
+        projection: Projection::Linear { channels: 0 },
+        ..small(Metric::Euclidean, Estimator::Rotation)
+    };
+    assert!(matches!(
+        bad.validate(),
+        Err(vq_tch::VqTchError::Config {
+            field: "projection",
+            ..
+        })
+    ));
     let bad = VectorQuantizerConfig {
         codebook_size: 0,
         ..small(Metric::Euclidean, Estimator::Rotation)
@@ -173,15 +195,14 @@ fn configs_are_validated_and_presets_are_valid() {
         ..small(Metric::Euclidean, Estimator::Rotation)
     };
     assert!(matches!(
-        VectorQuantizer::new(bad, Device::Cpu),
+        VectorQuantizer::new(&nn::VarStore::new(Device::Cpu).root(), bad),
         Err(vq_tch::VqTchError::Config { field: "beta", .. })
     ));
 }
 
 #[test]
 fn half_precision_and_cosine() {
-    let mut vq =
-        VectorQuantizer::new(small(Metric::Cosine, Estimator::Rotation), Device::Cpu).unwrap();
+    let (_vs, mut vq) = layer(small(Metric::Cosine, Estimator::Rotation));
     let x = Tensor::randn([2, 4, 3, 3], (Kind::BFloat16, Device::Cpu)).set_requires_grad(true);
     let out = vq.forward(&x, Mode::Train).unwrap();
     assert_eq!(out.quantized.kind(), Kind::BFloat16);
@@ -195,4 +216,181 @@ fn half_precision_and_cosine() {
         .codebook()
         .norm_scalaropt_dim(2, [1i64].as_slice(), false);
     assert!(f64::try_from((norms - 1.0).abs().max()).unwrap() < 1e-5);
+}
+
+fn ema_config(dead_code_threshold: f32, kmeans_iters: usize) -> VectorQuantizerConfig {
+    VectorQuantizerConfig {
+        learning: CodebookLearning::Ema {
+            decay: 0.8,
+            laplace_eps: 1e-5,
+            dead_code_threshold,
+            kmeans_iters,
+        },
+        seed: 11,
+        ..small(Metric::Euclidean, Estimator::Rotation)
+    }
+}
+
+fn batch(step: i64) -> Tensor {
+    tch::manual_seed(1000 + step);
+    Tensor::randn([48, 4], (Kind::Float, Device::Cpu)) * 3.0
+}
+
+#[test]
+fn a_saved_and_reloaded_layer_continues_exactly() {
+    // k-means on the first batch, dead-code replacement on: all the state must round-trip.
+    let cfg = ema_config(0.9, 3);
+    let (vs, mut vq) = layer(cfg);
+    for step in 0..3 {
+        vq.forward(&batch(step), Mode::Train).unwrap();
+    }
+    let dir = std::env::temp_dir().join(format!("vq-tch-ckpt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("vq.safetensors");
+    vs.save(&file).unwrap();
+    let names: std::collections::BTreeSet<String> = vs.variables().into_keys().collect();
+    for name in [
+        "codebook",
+        "ema_cluster_size",
+        "ema_running_sum",
+        "ema_steps",
+        "initialised",
+    ] {
+        assert!(names.contains(name), "{name} missing from {names:?}");
+    }
+
+    let (mut vs2, mut resumed) = layer(cfg);
+    assert_ne!(resumed.ema().unwrap(), vq.ema().unwrap(), "fresh layer differs");
+    vs2.load(&file).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    assert_eq!(resumed.ema().unwrap(), vq.ema().unwrap());
+    for step in 3..6 {
+        let a = vq.forward(&batch(step), Mode::Train).unwrap();
+        let b = resumed.forward(&batch(step), Mode::Train).unwrap();
+        assert!(a.indices.equal(&b.indices), "step {step}");
+    }
+    // k-means did not rerun on the resumed layer, and dead-code draws followed the saved steps.
+    assert_eq!(resumed.ema().unwrap(), vq.ema().unwrap());
+}
+
+#[test]
+fn projections_map_channels_to_the_code_dimension_and_back() {
+    for projection in [
+        Projection::Linear { channels: 6 },
+        Projection::LinearLayerNorm { channels: 6 },
+    ] {
+        let cfg = VectorQuantizerConfig {
+            projection,
+            ..VectorQuantizerConfig::paper_vit_vqgan(16, 6)
+        };
+        let (vs, mut vq) = layer(cfg);
+        let x = Tensor::randn([2, 6, 3, 3], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+        let out = vq.forward(&x, Mode::Train).unwrap();
+        assert_eq!(out.quantized.size(), [2, 6, 3, 3]);
+        assert_eq!(out.indices.size(), [2, 3, 3]);
+        (out.quantized.square().sum(Kind::Float) + &out.commitment_loss + &out.codebook_loss)
+            .backward();
+        assert!(f64::try_from(x.grad().abs().sum(Kind::Double)).unwrap() > 0.0);
+        let expected = if projection == (Projection::Linear { channels: 6 }) {
+            5
+        } else {
+            7
+        };
+        assert_eq!(vs.trainable_variables().len(), expected, "{projection:?}");
+        for t in vs.trainable_variables() {
+            assert!(t.grad().defined(), "every projection parameter is reached");
+        }
+        // The input must have the projection's channels, not the code dimension.
+        assert!(matches!(
+            vq.forward(&Tensor::randn([2, 32], (Kind::Float, Device::Cpu)), Mode::Eval),
+            Err(vq_tch::VqTchError::Shape { .. })
+        ));
+    }
+}
+
+/// Devices beyond the CPU the test bodies also run on (`cuda-tests` feature).
+fn other_devices() -> Vec<Device> {
+    if cfg!(feature = "cuda-tests") {
+        assert!(
+            tch::Cuda::is_available(),
+            "feature cuda-tests needs a CUDA device"
+        );
+        vec![Device::Cuda(0)]
+    } else {
+        Vec::new()
+    }
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+    let b = b.to_device(a.device()).to_kind(a.kind());
+    f64::try_from((a - b).abs().max().to_kind(Kind::Double)).unwrap()
+}
+
+/// Same layer state on every device, same batches: same indices, values, losses, gradients and
+/// EMA state as on the CPU (where vq-core computes them).
+#[test]
+fn every_device_gives_the_cpu_numbers() {
+    let configs = [
+        ema_config(0.0, 0),
+        VectorQuantizerConfig {
+            metric: Metric::Cosine,
+            ..ema_config(0.0, 0)
+        },
+        VectorQuantizerConfig {
+            codebook_size: 16,
+            codebook_dim: 4,
+            ..VectorQuantizerConfig::paper_vqgan(16, 4)
+        },
+        VectorQuantizerConfig {
+            codebook_size: 16,
+            ..VectorQuantizerConfig::paper_vit_vqgan(16, 6)
+        },
+    ];
+    for device in other_devices() {
+        for cfg in configs {
+            let (cpu_vs, mut cpu) = layer(cfg);
+            let mut dev_vs = nn::VarStore::new(device);
+            let mut dev = VectorQuantizer::new(&dev_vs.root(), cfg).unwrap();
+            dev_vs.copy(&cpu_vs).unwrap();
+            for step in 0..3 {
+                tch::manual_seed(step);
+                let c = cfg.input_channels() as i64;
+                let x = Tensor::randn([4, c, 3, 5], (Kind::Float, Device::Cpu));
+                let w = Tensor::randn([4, c, 3, 5], (Kind::Float, Device::Cpu));
+                let mut grads = Vec::new();
+                let mut outs = Vec::new();
+                for (vq, d) in [(&mut cpu, Device::Cpu), (&mut dev, device)] {
+                    let xd = x.to_device(d).set_requires_grad(true);
+                    let out = vq.forward(&xd, Mode::Train).unwrap();
+                    ((&out.quantized * w.to_device(d)).sum(Kind::Float)
+                        + &out.commitment_loss
+                        + &out.codebook_loss)
+                        .backward();
+                    grads.push(xd.grad());
+                    outs.push(out);
+                }
+                let what = format!("{cfg:?} on {device:?}, step {step}");
+                assert!(
+                    outs[0].indices.equal(&outs[1].indices.to_device(Device::Cpu)),
+                    "{what}"
+                );
+                assert!(max_diff(&outs[0].quantized, &outs[1].quantized) < 1e-5, "{what}");
+                assert!(
+                    max_diff(&outs[0].commitment_loss, &outs[1].commitment_loss) < 1e-5,
+                    "{what}"
+                );
+                assert!(max_diff(&grads[0], &grads[1]) < 1e-5, "{what}");
+            }
+            assert!(max_diff(cpu.codebook(), dev.codebook()) < 1e-5, "{cfg:?}");
+            if let (Some(a), Some(b)) = (cpu.ema().unwrap(), dev.ema().unwrap()) {
+                // On the device e may differ from the CPU's in the last bit (cosine normalisation).
+                let close = |x: ndarray::ArrayView2<f32>, y: ndarray::ArrayView2<f32>| {
+                    x.iter().zip(y).all(|(u, v)| (u - v).abs() <= 1e-5 * (1.0 + v.abs()))
+                };
+                assert!(close(a.codebook(), b.codebook()), "{cfg:?}");
+                assert!(close(a.running_sums(), b.running_sums()), "{cfg:?}");
+                assert_eq!(a.cluster_sizes(), b.cluster_sizes(), "{cfg:?}");
+            }
+        }
+    }
 }
