@@ -338,7 +338,7 @@ impl EmaCodebook {
             .filter(|(_, s)| **s < t)
             .map(|(i, _)| i)
             .collect();
-        let picks = sample_rows(x.nrows(), dead.len(), rng);
+        let picks = replacement_rows(x.nrows(), dead.len(), rng);
         for (&k, &i) in dead.iter().zip(&picks) {
             self.codes.row_mut(k).assign(&x.row(i));
             self.sums.row_mut(k).assign(&x.row(i).mapv(|v| v * t));
@@ -348,8 +348,18 @@ impl EmaCodebook {
     }
 }
 
-/// `count` row indices below `n`: distinct when `n ≥ count`, else drawn with replacement.
-fn sample_rows(n: usize, count: usize, rng: &mut impl Rng) -> Vec<usize> {
+/// The batch rows that replace `count` dead codes in [`EmaCodebook::update`]: `count` row
+/// indices below `n`, distinct when `n ≥ count`, else drawn with replacement. Public so that
+/// other implementations of the EMA step (tensor ops on a GPU) draw the same rows from the same
+/// generator state; dead codes are taken in ascending index order.
+///
+/// ```
+/// use rand::SeedableRng;
+/// let rows = vq_core::replacement_rows(10, 3, &mut rand::rngs::StdRng::seed_from_u64(0));
+/// assert_eq!(rows.len(), 3);
+/// assert!(rows.iter().all(|&r| r < 10));
+/// ```
+pub fn replacement_rows(n: usize, count: usize, rng: &mut impl Rng) -> Vec<usize> {
     if n >= count {
         sample(rng, n, count).into_vec()
     } else {

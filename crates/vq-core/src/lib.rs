@@ -46,7 +46,8 @@ mod search;
 pub mod toy;
 
 pub use codebook::{
-    EmaCodebook, EmaConfig, EmaUpdate, kmeans, l2_normalise_rows, scatter_add_rows,
+    EmaCodebook, EmaConfig, EmaUpdate, kmeans, l2_normalise_rows, replacement_rows,
+    scatter_add_rows,
 };
 pub use error::{Result, VqError};
 pub use estimator::{Estimator, NORM_EPS, RowMap};

@@ -4,6 +4,7 @@
 //! and is tested to give the same numbers: [`apply_estimator`] (the gradient estimators as one
 //! autograd node), [`nearest_codes`], and the [`VectorQuantizer`] layer.
 
+mod ema;
 mod error;
 mod estimator;
 mod quantizer;
@@ -12,7 +13,8 @@ mod search;
 pub use error::{Result, VqTchError};
 pub use estimator::apply_estimator;
 pub use quantizer::{
-    CodebookLearning, Mode, Projection, VectorQuantizer, VectorQuantizerConfig, VqOutput, VqVaeLatent,
+    CodebookLearning, Mode, Projection, VectorQuantizer, VectorQuantizerConfig, VqOutput,
+    VqVaeLatent,
 };
 pub use search::nearest_codes;
 pub use tch;

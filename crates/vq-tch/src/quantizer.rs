@@ -226,8 +226,8 @@ pub struct VqOutput {
 /// | `initialised` | () i64 | no | 1 once k-means initialisation has run or was not asked for |
 /// | `project_in.{weight,bias}`, `project_in_norm.{weight,bias}`, `project_out.{weight,bias}` | | yes | [`Projection`] layers |
 ///
-/// EMA updates run in vq-core on the CPU (state copied from and back to the layer's device; on
-/// CUDA this costs one transfer of the batch per training step). Dead-code replacement at EMA step
+/// EMA updates run in vq-core on the CPU and as the same tensor ops on the layer's device
+/// elsewhere (tested to agree). Dead-code replacement at EMA step
 /// `s` draws from `StdRng::seed_from_u64(seed + s)`, so a resumed run replaces the same codes as
 /// an uninterrupted one.
 ///
@@ -462,17 +462,34 @@ impl VectorQuantizer {
         })
     }
 
-    /// One EMA step in vq-core on the layer's stored state; writes the new state back.
+    /// One EMA step: vq-core on the CPU, the same step as tensor ops ([`crate::ema`]) on other
+    /// devices. Dead-code rows are drawn from `StdRng::seed_from_u64(seed + step)` either way.
     fn ema_update(&mut self, e: &Tensor, idx: &Tensor) -> Result<()> {
-        let mut state = self.ema()?.expect("called for EMA codebooks only");
         let ema = self.ema.as_ref().expect("called for EMA codebooks only");
         let step = i64::try_from(&ema.steps).map_err(|err| VqTchError::Torch(err.to_string()))?;
-        let idx_u32: Vec<u32> = Vec::<i64>::try_from(idx.to_device(Device::Cpu))
+        let mut rng = StdRng::seed_from_u64(self.config.seed.wrapping_add(step as u64));
+        if self.codebook.device() != Device::Cpu {
+            let ema = self.ema.as_mut().expect("called for EMA codebooks only");
+            crate::ema::ema_step(
+                crate::ema::EmaTensorsMut {
+                    codes: &mut self.codebook,
+                    sums: &mut ema.sums,
+                    sizes: &mut ema.sizes,
+                },
+                e,
+                idx,
+                &ema.config,
+                &mut rng,
+            );
+            let _ = tch::no_grad(|| ema.steps.fill_(step + 1));
+            return Ok(());
+        }
+        let mut state = self.ema()?.expect("called for EMA codebooks only");
+        let idx_u32: Vec<u32> = Vec::<i64>::try_from(idx)
             .map_err(|err| VqTchError::Torch(err.to_string()))?
             .into_iter()
             .map(|i| i as u32)
             .collect();
-        let mut rng = StdRng::seed_from_u64(self.config.seed.wrapping_add(step as u64));
         state.update(to_array(e).view(), &idx_u32, &mut rng)?;
         self.store_ema(&state, step + 1);
         Ok(())

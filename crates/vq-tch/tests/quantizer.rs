@@ -128,7 +128,11 @@ fn learned_codebook_gets_gradient_only_from_the_codebook_loss() {
         ..VectorQuantizerConfig::paper_vqgan(16, 4)
     };
     let (vs, mut vq) = layer(cfg);
-    assert_eq!(vs.trainable_variables().len(), 1, "the codebook is trainable");
+    assert_eq!(
+        vs.trainable_variables().len(),
+        1,
+        "the codebook is trainable"
+    );
     let x = Tensor::randn([10, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let out = vq.forward(&x, Mode::Train).unwrap();
     // Legacy placement: commitment weight 1, codebook weight β = 0.25; both equal mse(e, q).
@@ -260,7 +264,11 @@ fn a_saved_and_reloaded_layer_continues_exactly() {
     }
 
     let (mut vs2, mut resumed) = layer(cfg);
-    assert_ne!(resumed.ema().unwrap(), vq.ema().unwrap(), "fresh layer differs");
+    assert_ne!(
+        resumed.ema().unwrap(),
+        vq.ema().unwrap(),
+        "fresh layer differs"
+    );
     vs2.load(&file).unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(resumed.ema().unwrap(), vq.ema().unwrap());
@@ -302,7 +310,10 @@ fn projections_map_channels_to_the_code_dimension_and_back() {
         }
         // The input must have the projection's channels, not the code dimension.
         assert!(matches!(
-            vq.forward(&Tensor::randn([2, 32], (Kind::Float, Device::Cpu)), Mode::Eval),
+            vq.forward(
+                &Tensor::randn([2, 32], (Kind::Float, Device::Cpu)),
+                Mode::Eval
+            ),
             Err(vq_tch::VqTchError::Shape { .. })
         ));
     }
@@ -331,7 +342,7 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn every_device_gives_the_cpu_numbers() {
     let configs = [
-        ema_config(0.0, 0),
+        ema_config(0.9, 0),
         VectorQuantizerConfig {
             metric: Metric::Cosine,
             ..ema_config(0.0, 0)
@@ -360,7 +371,7 @@ fn every_device_gives_the_cpu_numbers() {
                 let mut grads = Vec::new();
                 let mut outs = Vec::new();
                 for (vq, d) in [(&mut cpu, Device::Cpu), (&mut dev, device)] {
-                    let xd = x.to_device(d).set_requires_grad(true);
+                    let xd = x.to_device(d).detach().set_requires_grad(true);
                     let out = vq.forward(&xd, Mode::Train).unwrap();
                     ((&out.quantized * w.to_device(d)).sum(Kind::Float)
                         + &out.commitment_loss
@@ -371,10 +382,15 @@ fn every_device_gives_the_cpu_numbers() {
                 }
                 let what = format!("{cfg:?} on {device:?}, step {step}");
                 assert!(
-                    outs[0].indices.equal(&outs[1].indices.to_device(Device::Cpu)),
+                    outs[0]
+                        .indices
+                        .equal(&outs[1].indices.to_device(Device::Cpu)),
                     "{what}"
                 );
-                assert!(max_diff(&outs[0].quantized, &outs[1].quantized) < 1e-5, "{what}");
+                assert!(
+                    max_diff(&outs[0].quantized, &outs[1].quantized) < 1e-5,
+                    "{what}"
+                );
                 assert!(
                     max_diff(&outs[0].commitment_loss, &outs[1].commitment_loss) < 1e-5,
                     "{what}"
@@ -383,13 +399,20 @@ fn every_device_gives_the_cpu_numbers() {
             }
             assert!(max_diff(cpu.codebook(), dev.codebook()) < 1e-5, "{cfg:?}");
             if let (Some(a), Some(b)) = (cpu.ema().unwrap(), dev.ema().unwrap()) {
-                // On the device e may differ from the CPU's in the last bit (cosine normalisation).
+                // The device runs the EMA step as tensor ops with f32 sums (vq-core: f64).
                 let close = |x: ndarray::ArrayView2<f32>, y: ndarray::ArrayView2<f32>| {
-                    x.iter().zip(y).all(|(u, v)| (u - v).abs() <= 1e-5 * (1.0 + v.abs()))
+                    x.iter()
+                        .zip(y)
+                        .all(|(u, v)| (u - v).abs() <= 1e-5 * (1.0 + v.abs()))
                 };
                 assert!(close(a.codebook(), b.codebook()), "{cfg:?}");
                 assert!(close(a.running_sums(), b.running_sums()), "{cfg:?}");
-                assert_eq!(a.cluster_sizes(), b.cluster_sizes(), "{cfg:?}");
+                let (sa, sb) = (a.cluster_sizes().view(), b.cluster_sizes().view());
+                let (sa, sb) = (
+                    sa.insert_axis(ndarray::Axis(1)),
+                    sb.insert_axis(ndarray::Axis(1)),
+                );
+                assert!(close(sa, sb), "{cfg:?}");
             }
         }
     }
