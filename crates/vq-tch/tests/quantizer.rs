@@ -273,8 +273,10 @@ fn a_saved_and_reloaded_layer_continues_exactly() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert_eq!(resumed.ema().unwrap(), vq.ema().unwrap());
     for step in 3..6 {
-        let a = vq.forward(&batch(step), Mode::Train).unwrap();
-        let b = resumed.forward(&batch(step), Mode::Train).unwrap();
+        // One batch for both: the global torch seed is shared with tests running in parallel.
+        let x = batch(step);
+        let a = vq.forward(&x, Mode::Train).unwrap();
+        let b = resumed.forward(&x, Mode::Train).unwrap();
         assert!(a.indices.equal(&b.indices), "step {step}");
     }
     // k-means did not rerun on the resumed layer, and dead-code draws followed the saved steps.
