@@ -46,8 +46,11 @@ const DIRECTION_EPS: f64 = 1e-8;
 
 /// How the gradient passes from `q̃` back to `e`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case"))]
 pub enum Estimator {
     /// Straight-through: `∂L/∂e = ∂L/∂q`.
+    #[cfg_attr(feature = "serde", serde(rename = "ste", alias = "straight-through"))]
     StraightThrough,
     /// The rotation trick: `∂L/∂e = λ Rᵀ ∂L/∂q` (paper §4).
     #[default]

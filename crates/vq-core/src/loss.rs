@@ -16,6 +16,8 @@ use crate::error::{Result, VqError, check_same_shape};
 
 /// Which term β multiplies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum BetaPlacement {
     /// `β·commitment + codebook` (the VQ-VAE paper).
     #[default]

@@ -25,6 +25,8 @@ use crate::error::{Result, VqError, check_indices};
 
 /// How "nearest" is measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Metric {
     /// `argmin_k ‖x − c_k‖₂`.
     #[default]

@@ -15,6 +15,8 @@ use crate::{apply_estimator, nearest_codes};
 
 /// How the codebook is learned.
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum CodebookLearning {
     /// Exponential moving averages (no codebook loss).
     Ema {
@@ -36,6 +38,7 @@ pub enum CodebookLearning {
 
 /// Configuration of a [`VectorQuantizer`]; checked by [`VectorQuantizerConfig::validate`].
 #[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct VectorQuantizerConfig {
     /// Number of codes K.
     pub codebook_size: usize,
@@ -58,6 +61,8 @@ pub struct VectorQuantizerConfig {
 /// Projection between the input's channels C and the code dimension D (factorised codes,
 /// ViT-VQGAN): `Linear(C → D)` before the lookup and `Linear(D → C)` after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Projection {
     /// The input has D channels; no projection.
     Identity,
@@ -183,6 +188,8 @@ impl VectorQuantizerConfig {
 
 /// Whether a forward pass may update the codebook.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum Mode {
     /// Training: EMA codebooks learn from the batch.
     Train,
@@ -192,6 +199,8 @@ pub enum Mode {
 
 /// The two latent settings of the paper's Table 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
 pub enum VqVaeLatent {
     /// 16×16 latents of dimension 32, 1024 codes.
     F16x16x32,

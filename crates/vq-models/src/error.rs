@@ -1,0 +1,37 @@
+//! The error type of `vq-models`.
+
+/// Errors of model construction and use.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    /// An invalid configuration value.
+    #[error("invalid model config: {field}: {why}")]
+    Config {
+        /// The field.
+        field: &'static str,
+        /// The rule it breaks.
+        why: String,
+    },
+    /// No preset has this name.
+    #[error("unknown preset {name:?}; known: {known}")]
+    UnknownPreset {
+        /// The name asked for.
+        name: String,
+        /// The known names, comma-separated.
+        known: String,
+    },
+    /// The input does not fit the model.
+    #[error("input of shape {got:?} does not fit: {expected}")]
+    Input {
+        /// What the model takes.
+        expected: String,
+        /// The input's shape.
+        got: Vec<i64>,
+    },
+    /// The quantizer failed.
+    #[error(transparent)]
+    Quantizer(#[from] vq_tch::VqTchError),
+}
+
+/// `Result` with [`ModelError`].
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -1,0 +1,224 @@
+//! Architecture tests: shapes at reduced width, parameter counts of the full presets, variable
+//! names, gradient flow through the quantizer, and one optimiser step per preset.
+
+use tch::nn::{self, OptimizerConfig};
+use tch::{Device, Kind, Tensor};
+use vq_models::{Preset, QuantConv, VqAutoencoder, VqAutoencoderConfig};
+use vq_tch::{Estimator, Mode};
+
+/// The preset at reduced width and input size (same levels, attention, quantizer).
+fn reduced(preset: Preset) -> VqAutoencoderConfig {
+    let mut cfg = preset.config();
+    let a = &mut cfg.autoencoder;
+    if a.resolution > 32 {
+        // Keep the attention at the level it is on in the full model.
+        let scale = a.resolution / 32;
+        a.attn_resolutions = a.attn_resolutions.iter().map(|r| r / scale).collect();
+        a.resolution = 32;
+        a.ch = 32;
+        a.num_res_blocks = 1;
+    }
+    cfg
+}
+
+fn parameters(vs: &nn::VarStore) -> i64 {
+    vs.trainable_variables()
+        .iter()
+        .map(Tensor::numel)
+        .map(|n| n as i64)
+        .sum()
+}
+
+#[test]
+fn every_preset_gives_the_right_shapes_at_reduced_width() {
+    for preset in Preset::ALL {
+        let cfg = reduced(preset);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut model = VqAutoencoder::new(&vs.root(), &cfg).unwrap();
+        let a = &cfg.autoencoder;
+        let (c, r) = (a.in_channels as i64, a.resolution as i64);
+        let x = Tensor::randn([2, c, r, r], (Kind::Float, Device::Cpu));
+        let out = model.forward(&x, Mode::Eval).unwrap();
+        let lr = a.latent_resolution() as i64;
+        assert_eq!(
+            out.reconstruction.size(),
+            [2, a.out_channels as i64, r, r],
+            "{preset:?}"
+        );
+        assert_eq!(out.vq.indices.size(), [2, lr, lr], "{preset:?}");
+        assert_eq!(
+            out.vq.quantized.size(),
+            [2, cfg.quantizer.input_channels() as i64, lr, lr],
+            "{preset:?}"
+        );
+        let wrong = Tensor::zeros([2, c, r + 1, r + 1], (Kind::Float, Device::Cpu));
+        assert!(matches!(
+            model.forward(&wrong, Mode::Eval),
+            Err(vq_models::ModelError::Input { .. })
+        ));
+    }
+}
+
+/// Trainable parameters of the full presets. Reference: taming-transformers' Encoder and
+/// Decoder (`taming/modules/diffusionmodules/model.py`) instantiated in PyTorch with these
+/// settings, `sum(p.numel())`: f16 (ch 128, ch_mult [1,1,2,2,4], 2 blocks, attention at 16,
+/// z 256) encoder 29 298 176 + decoder 42 449 795; f4 (ch_mult [1,2,4], no attention, z 3)
+/// encoder 22 337 411 + decoder 32 960 771. The Table-1 quantizer adds Linear(256→32) and
+/// Linear(32→256) = 16 672 for f16 (+ LayerNorm(32) = 64 for cosine); EMA codebooks are not
+/// trainable.
+#[test]
+fn full_presets_have_the_reference_parameter_counts() {
+    let f16 = 29_298_176 + 42_449_795 + (256 * 32 + 32) + (32 * 256 + 256);
+    let f4 = 22_337_411 + 32_960_771;
+    for (preset, expected) in [
+        (Preset::VqVaeF16Euclidean, f16),
+        (Preset::VqVaeF16Cosine, f16 + 64),
+        (Preset::VqVaeF4Euclidean, f4),
+        (Preset::VqVaeF4Cosine, f4),
+    ] {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = VqAutoencoder::new(&vs.root(), &preset.config()).unwrap();
+        assert_eq!(parameters(&vs), expected, "{preset:?}");
+    }
+}
+
+/// Variable names follow taming's state-dict keys, so converted PyTorch weights load by name.
+#[test]
+fn variable_names_are_tamings() {
+    let vs = nn::VarStore::new(Device::Cpu);
+    let cfg = Preset::VqVaeF16Euclidean.config();
+    let _model = VqAutoencoder::new(&vs.root(), &cfg).unwrap();
+    let names = vs.variables();
+    for name in [
+        "encoder.conv_in.weight",
+        "encoder.down.0.block.0.norm1.weight",
+        "encoder.down.4.attn.1.q.weight",
+        "encoder.down.3.downsample.conv.weight",
+        "encoder.mid.attn_1.proj_out.bias",
+        "encoder.norm_out.bias",
+        "decoder.up.4.block.2.conv2.weight",
+        "decoder.up.4.attn.2.k.bias",
+        "decoder.up.1.upsample.conv.weight",
+        "decoder.mid.block_2.norm2.weight",
+        "decoder.conv_out.weight",
+        "quantize.codebook",
+        "quantize.project_in.weight",
+        "quantize.project_out.bias",
+    ] {
+        assert!(names.contains_key(name), "{name} missing");
+    }
+    assert!(!names.contains_key("encoder.down.4.downsample.conv.weight"));
+    assert!(!names.contains_key("decoder.up.0.upsample.conv.weight"));
+}
+
+#[test]
+fn gradient_reaches_the_encoder_through_the_quantizer_and_a_step_lowers_nothing_to_nan() {
+    for preset in Preset::ALL {
+        for estimator in [Estimator::Rotation, Estimator::StraightThrough] {
+            let mut cfg = reduced(preset);
+            cfg.quantizer.estimator = estimator;
+            let vs = nn::VarStore::new(Device::Cpu);
+            let mut model = VqAutoencoder::new(&vs.root(), &cfg).unwrap();
+            let mut opt = nn::AdamW::default().build(&vs, 1e-3).unwrap();
+            let a = &cfg.autoencoder;
+            let (c, r) = (a.in_channels as i64, a.resolution as i64);
+            tch::manual_seed(0);
+            let x = Tensor::rand([2, c, r, r], (Kind::Float, Device::Cpu));
+            let out = model.forward(&x, Mode::Train).unwrap();
+            let loss = out.reconstruction.mse_loss(&x, tch::Reduction::Mean)
+                + &out.vq.commitment_loss
+                + &out.vq.codebook_loss;
+            opt.zero_grad();
+            loss.backward();
+            // The reconstruction term reaches the encoder only through the estimator.
+            let g = vs.variables()["encoder.conv_in.weight"].grad();
+            let norm = f64::try_from(g.norm()).unwrap();
+            assert!(
+                norm > 0.0 && norm.is_finite(),
+                "{preset:?} {estimator:?}: {norm}"
+            );
+            opt.step();
+            for (name, t) in vs.variables() {
+                assert!(
+                    f64::try_from(t.isfinite().all().to_kind(Kind::Double)).unwrap() == 1.0,
+                    "{preset:?} {estimator:?}: {name} not finite after a step"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn estimators_differ_only_in_the_encoder_gradient() {
+    // Same weights, same input: same reconstruction and decoder gradient, different encoder
+    // gradient (the rotation changes only ∂q̃/∂e).
+    let x = Tensor::rand([2, 1, 32, 32], (Kind::Float, Device::Cpu));
+    let mut first: Option<nn::VarStore> = None;
+    let mut grads = Vec::new();
+    for estimator in [Estimator::StraightThrough, Estimator::Rotation] {
+        let mut cfg = Preset::DemoFashionMnist.config();
+        cfg.quantizer.estimator = estimator;
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let mut model = VqAutoencoder::new(&vs.root(), &cfg).unwrap();
+        if let Some(src) = &first {
+            vs.copy(src).unwrap();
+        }
+        let out = model.forward(&x, Mode::Eval).unwrap();
+        out.reconstruction
+            .mse_loss(&x, tch::Reduction::Mean)
+            .backward();
+        let v = vs.variables();
+        grads.push((
+            v["decoder.conv_out.weight"].grad(),
+            v["encoder.conv_in.weight"].grad(),
+        ));
+        first.get_or_insert(vs);
+    }
+    let diff = |a: &Tensor, b: &Tensor| f64::try_from((a - b).abs().max()).unwrap();
+    assert!(
+        diff(&grads[0].0, &grads[1].0) < 1e-6,
+        "decoder gradients equal"
+    );
+    assert!(
+        diff(&grads[0].1, &grads[1].1) > 1e-6,
+        "encoder gradients differ"
+    );
+}
+
+#[test]
+fn configs_round_trip_through_json_and_are_validated() {
+    for preset in Preset::ALL {
+        let cfg = preset.config();
+        let json = serde_json::to_string_pretty(&cfg).unwrap();
+        let back: VqAutoencoderConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, cfg, "{preset:?}");
+        assert_eq!(Preset::from_name(preset.name()).unwrap(), preset);
+        let t = serde_json::to_string(&preset.training()).unwrap();
+        assert_eq!(
+            serde_json::from_str::<vq_models::TrainingConfig>(&t).unwrap(),
+            preset.training()
+        );
+    }
+    let mut cfg = Preset::DemoFashionMnist.config();
+    cfg.autoencoder.norm_groups = 5;
+    let vs = nn::VarStore::new(Device::Cpu);
+    assert!(matches!(
+        VqAutoencoder::new(&vs.root(), &cfg),
+        Err(vq_models::ModelError::Config {
+            field: "norm_groups",
+            ..
+        })
+    ));
+    let mut cfg = Preset::DemoFashionMnist.config();
+    cfg.quant_conv = QuantConv::None;
+    cfg.autoencoder.z_channels = 16;
+    assert!(matches!(
+        cfg.validate(),
+        Err(vq_models::ModelError::Config {
+            field: "quantizer",
+            ..
+        })
+    ));
+    let json = r#"{"autoencoder": {"ch": 1}}"#;
+    assert!(serde_json::from_str::<VqAutoencoderConfig>(json).is_err());
+}
