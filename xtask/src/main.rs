@@ -32,9 +32,18 @@ enum Cmd {
     },
     /// What CI runs: setup, format check, clippy -D warnings, tests, documentation build.
     Ci,
-    /// Run the demo: the paper's 2-D experiments, STE vs rotation trick (tables on stdout, PNGs
-    /// in runs/toy). Needs no libtorch.
-    Demo,
+    /// Run the demo: set up if needed, then train the small VQ-VAE on the embedded Fashion-MNIST
+    /// data with STE and with the rotation trick and print the comparison table (run folder
+    /// runs/compare-demo-fashion-mnist; about 10 minutes on 2 cores). Arguments after `--` go to
+    /// `vq-train compare`.
+    Demo {
+        /// Extra arguments for `vq-train compare` (after `--`).
+        #[arg(last = true)]
+        args: Vec<String>,
+    },
+    /// The paper's 2-D experiments, STE vs rotation trick (tables on stdout, PNGs in runs/toy).
+    /// Needs no libtorch.
+    Toy,
     /// On a GPU machine: set up, print what libtorch sees, run the vq-tch tests on CPU and CUDA
     /// (feature cuda-tests), and time the op and a whole VQ step on CUDA against torch's ops.
     GpuCheck,
@@ -80,7 +89,11 @@ fn main() -> Result<()> {
                 &[("RUSTDOCFLAGS", "-D warnings")],
             )
         }
-        Cmd::Demo => demo(&root),
+        Cmd::Demo { args } => {
+            setup::run(&root, false)?;
+            demo(&root, &args)
+        }
+        Cmd::Toy => toy(&root),
         Cmd::GpuCheck => {
             setup::run(&root, false)?;
             if let Ok(out) = Command::new("nvidia-smi").output() {
@@ -117,6 +130,39 @@ fn main() -> Result<()> {
                     "cuda",
                 ],
                 &[],
+            )?;
+            // A short Table-1 VQ-VAE run on synthetic data: steps/s and memory on the GPU.
+            let run = root.join("runs/gpu-check");
+            if run.exists() {
+                std::fs::remove_dir_all(&run)
+                    .with_context(|| format!("removing {}", run.display()))?;
+            }
+            cargo(
+                &root,
+                &[
+                    "run",
+                    "--release",
+                    "-p",
+                    "vq-train",
+                    "--",
+                    "train",
+                    "--preset",
+                    "vqvae-f16-euclidean",
+                    "--data",
+                    "synthetic:256",
+                    "--device",
+                    "cuda",
+                    "--steps",
+                    "30",
+                    "--batch-size",
+                    "16",
+                    "--log-every",
+                    "10",
+                    "--out",
+                    "runs/gpu-check",
+                    "--quiet",
+                ],
+                &[],
             )
         }
         Cmd::Bench { threads, quick } => {
@@ -140,7 +186,29 @@ fn test(root: &Path, extra: &[String]) -> Result<()> {
     cargo(root, &args, &[])
 }
 
-fn demo(root: &Path) -> Result<()> {
+fn demo(root: &Path, extra: &[String]) -> Result<()> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    let mut args = vec![
+        "run",
+        "--release",
+        "-p",
+        "vq-train",
+        "--",
+        "compare",
+        "--preset",
+        "demo-fashion-mnist",
+        "--threads",
+        &threads,
+        // Re-running reuses finished runs and continues interrupted ones.
+        "--resume",
+    ];
+    args.extend(extra.iter().map(String::as_str));
+    cargo(root, &args, &[])
+}
+
+fn toy(root: &Path) -> Result<()> {
     cargo(
         root,
         &[

@@ -131,7 +131,7 @@ impl Preset {
             },
             Preset::DemoFashionMnist => VqAutoencoderConfig {
                 autoencoder: TamingConfig {
-                    ch: 32,
+                    ch: 16,
                     ch_mult: vec![1, 2, 2],
                     num_res_blocks: 1,
                     attn_resolutions: vec![],

@@ -219,6 +219,8 @@ pub struct VqOutput {
     pub commitment_loss: Tensor,
     /// Weighted codebook loss (scalar; zero for EMA codebooks).
     pub codebook_loss: Tensor,
+    /// Quantization error `mean((e − q)²)` per element, in code space (scalar, detached).
+    pub quantization_error: Tensor,
 }
 
 /// The VQ layer.
@@ -440,6 +442,7 @@ impl VectorQuantizer {
                 placement: BetaPlacement::LegacyCodebook,
             } => (1.0, self.config.beta),
         };
+        let quantization_error = commit_mse.detach();
         let commitment_loss = commit_mse * f64::from(wc);
         let codebook_loss = if wb > 0.0 {
             q_live.mse_loss(&e.detach(), Reduction::Mean) * f64::from(wb)
@@ -468,6 +471,7 @@ impl VectorQuantizer {
             indices: idx.reshape(&lead[..]),
             commitment_loss,
             codebook_loss,
+            quantization_error,
         })
     }
 

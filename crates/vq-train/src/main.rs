@@ -1,7 +1,22 @@
-//! `vq-train`: train, evaluate and compare vector-quantized autoencoders.
+//! `vq-train`: train, evaluate and compare vector-quantized autoencoders (STE vs the rotation
+//! trick). `vq-train --help` lists the subcommands.
 
-use anyhow::Result;
-use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tch::{Device, nn};
+use vq_data::Split;
+use vq_models::{Preset, VqAutoencoder};
+use vq_tch::Estimator;
+use vq_train::compare::{compare, default_out, markdown};
+use vq_train::data::{DataSource, ImageSet};
+use vq_train::eval::evaluate;
+use vq_train::train::{RunConfig, TrainOptions, train, write_atomic};
+use vq_train::checkpoint;
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -18,6 +33,169 @@ struct Cli {
 enum Command {
     /// Print the linked libtorch's capabilities (CUDA, cuDNN, CPU threads).
     Info,
+    /// List the presets, or print one's full configuration as JSON.
+    Presets {
+        /// Print this preset's run configuration (usable as --config).
+        name: Option<String>,
+    },
+    /// Train one model.
+    Train(RunArgs),
+    /// Train the same model with several estimators and print the paper-style table.
+    Compare {
+        #[command(flatten)]
+        run: RunArgs,
+        /// Estimators to compare, comma-separated.
+        #[arg(long, default_value = "ste,rotation", value_delimiter = ',')]
+        estimators: Vec<String>,
+    },
+    /// Evaluate a trained run (or a weights file) on both splits.
+    Eval {
+        /// Run folder written by `train` (its run.json and latest checkpoint are used).
+        #[arg(long)]
+        run: PathBuf,
+        /// Device.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Preset (see `vq-train presets`).
+    #[arg(long, default_value = "demo-fashion-mnist")]
+    preset: String,
+    /// Run configuration file (JSON, as printed by `vq-train presets <name>`); overrides the preset.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Gradient estimator: ste, rotation, rotation-no-rescale, reflection.
+    #[arg(long)]
+    estimator: Option<String>,
+    /// Data: fashion-mnist-demo, fashion-mnist:<dir>, synthetic[:<n>].
+    #[arg(long)]
+    data: Option<String>,
+    /// cpu, cuda or cuda:<n>.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Optimiser steps.
+    #[arg(long)]
+    steps: Option<usize>,
+    /// Images per optimiser step.
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Images per forward pass (gradient accumulation when smaller than the batch).
+    #[arg(long)]
+    micro_batch: Option<usize>,
+    /// Peak learning rate.
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Run folder (default runs/<preset>-<estimator> or runs/compare-<preset>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue from the run folder's latest checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Steps between metric lines.
+    #[arg(long, default_value_t = 25)]
+    log_every: usize,
+    /// Steps between checkpoints.
+    #[arg(long, default_value_t = 250)]
+    checkpoint_every: usize,
+    /// libtorch CPU threads (default: libtorch's choice).
+    #[arg(long)]
+    threads: Option<i32>,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+    /// Stop with a checkpoint after this many steps (continue later with --resume).
+    #[arg(long)]
+    stop_after: Option<usize>,
+}
+
+fn parse_device(s: &str) -> Result<Device> {
+    let d = match s {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda(0),
+        _ => match s.strip_prefix("cuda:") {
+            Some(n) => Device::Cuda(n.parse().with_context(|| format!("device {s:?}"))?),
+            None => bail!("unknown device {s:?}: expected cpu, cuda or cuda:<n>"),
+        },
+    };
+    if let Device::Cuda(n) = d
+        && !(tch::Cuda::is_available() && (n as i64) < tch::Cuda::device_count())
+    {
+        bail!("device {s} requested but libtorch sees {} CUDA device(s)", tch::Cuda::device_count());
+    }
+    Ok(d)
+}
+
+fn preset_config(name: &str) -> Result<RunConfig> {
+    let preset = Preset::from_name(name)?;
+    let training = preset.training();
+    let data = match preset {
+        Preset::DemoFashionMnist => "fashion-mnist-demo".to_owned(),
+        _ => "synthetic:512".to_owned(),
+    };
+    Ok(RunConfig {
+        preset: name.to_owned(),
+        model: preset.config(),
+        micro_batch: training.batch_size.min(64),
+        training,
+        data,
+        seed: 0,
+    })
+}
+
+impl RunArgs {
+    fn options(&self, default_out: PathBuf) -> Result<TrainOptions> {
+        let mut cfg = match &self.config {
+            Some(path) => serde_json::from_slice::<RunConfig>(
+                &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+            )
+            .with_context(|| format!("parsing {}", path.display()))?,
+            None => preset_config(&self.preset)?,
+        };
+        if let Some(e) = &self.estimator {
+            cfg.model.quantizer.estimator = Estimator::from_name(e)?;
+        }
+        if let Some(d) = &self.data {
+            DataSource::parse(d)?;
+            cfg.data = d.clone();
+        }
+        if let Some(s) = self.steps {
+            cfg.training.steps = s;
+        }
+        if let Some(b) = self.batch_size {
+            cfg.training.batch_size = b;
+            cfg.micro_batch = cfg.micro_batch.min(b);
+        }
+        if let Some(m) = self.micro_batch {
+            cfg.micro_batch = m;
+        }
+        if let Some(lr) = self.lr {
+            cfg.training.learning_rate = lr;
+        }
+        if let Some(s) = self.seed {
+            cfg.seed = s;
+            cfg.model.quantizer.seed = s;
+        }
+        cfg.validate()?;
+        if let Some(t) = self.threads {
+            tch::set_num_threads(t);
+        }
+        Ok(TrainOptions {
+            config: cfg,
+            device: parse_device(&self.device)?,
+            out: self.out.clone().unwrap_or(default_out),
+            log_every: self.log_every,
+            checkpoint_every: self.checkpoint_every,
+            resume: self.resume,
+            progress: !self.quiet,
+            stop_after: self.stop_after,
+        })
+    }
 }
 
 fn main() -> Result<()> {
@@ -32,6 +210,85 @@ fn main() -> Result<()> {
                 rt.cuda_available, rt.cuda_devices
             );
             println!("cuDNN available: {}", rt.cudnn_available);
+        }
+        Command::Presets { name: None } => {
+            for p in Preset::ALL {
+                let c = p.config();
+                let a = &c.autoencoder;
+                let lr = a.latent_resolution();
+                println!(
+                    "{:<22} {}×{} → {lr}×{lr}×{}, {} codes, {:?}",
+                    p.name(),
+                    a.resolution,
+                    a.resolution,
+                    c.quantizer.codebook_dim,
+                    c.quantizer.codebook_size,
+                    c.quantizer.metric
+                );
+            }
+        }
+        Command::Presets { name: Some(name) } => {
+            println!("{}", serde_json::to_string_pretty(&preset_config(&name)?)?);
+        }
+        Command::Train(args) => {
+            let est = args.estimator.clone().unwrap_or_else(|| "rotation".into());
+            let opts = args.options(PathBuf::from("runs").join(format!("{}-{est}", args.preset)))?;
+            let trained = train(&opts)?;
+            let steps = trained.history.last().map_or(0, |m| m.step);
+            println!(
+                "trained to step {steps} in {:.1} s; run folder {}",
+                trained.seconds,
+                opts.out.display()
+            );
+            if let Some(m) = trained.history.last() {
+                println!(
+                    "last window: loss {:.5}, rec {:.5}, usage {:.1}%, QE {:.3e}",
+                    m.loss,
+                    m.rec,
+                    100.0 * m.usage,
+                    m.quantization_error
+                );
+            }
+        }
+        Command::Compare { run, estimators } => {
+            let estimators = estimators
+                .iter()
+                .map(|e| Estimator::from_name(e))
+                .collect::<Result<Vec<_>, _>>()?;
+            let opts = run.options(default_out(&run.preset))?;
+            let rows = compare(&opts, &estimators)?;
+            println!();
+            println!("{}", markdown(&opts.config, &rows));
+            println!("written: {}/compare.md, compare.json, curves.png", opts.out.display());
+        }
+        Command::Eval { run, device } => {
+            let device = parse_device(&device)?;
+            let file = run.join("run.json");
+            let cfg: RunConfig = serde_json::from_slice(
+                &std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?,
+            )
+            .with_context(|| format!("parsing {}", file.display()))?;
+            let mut vs = nn::VarStore::new(device);
+            let mut model = VqAutoencoder::new(&vs.root(), &cfg.model)?;
+            checkpoint::load_model(&run, &mut vs)?;
+            let a = &cfg.model.autoencoder;
+            let source = DataSource::parse(&cfg.data)?;
+            let mut report = serde_json::Map::new();
+            for (name, split) in [("train", Split::Train), ("val", Split::Test)] {
+                let set = ImageSet::load(&source, split, a.in_channels, a.resolution)?;
+                let m = evaluate(&mut model, &set, cfg.micro_batch, device)?;
+                println!(
+                    "{name}: {} images, rec MSE {:.5}, L1 {:.5}, usage/256 {:.1}%, perplexity {:.1}, QE {:.3e}, LPIPS/r-FID/r-IS: needs weights",
+                    m.images,
+                    m.rec_mse,
+                    m.rec_l1,
+                    100.0 * m.usage,
+                    m.perplexity,
+                    m.quantization_error
+                );
+                report.insert(name.into(), serde_json::to_value(m)?);
+            }
+            write_atomic(&run.join("eval.json"), &serde_json::to_vec_pretty(&report)?)?;
         }
     }
     Ok(())

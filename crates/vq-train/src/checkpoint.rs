@@ -1,0 +1,147 @@
+//! Checkpoints: `<run>/checkpoints/step-NNNNNNNN/{model,optimizer}.safetensors` + `state.json`,
+//! and `<run>/checkpoints/latest` naming the newest. Each checkpoint is written into a hidden
+//! temporary folder and renamed into place, and `latest` is replaced by rename, so a crash at any
+//! point leaves the previous checkpoint intact and `latest` pointing at a complete one.
+//!
+//! `model.safetensors` holds the model's variables under taming's names (e.g.
+//! `encoder.down.0.block.0.conv1.weight`), f32; PyTorch reads it with
+//! `safetensors.torch.load_file(path)` and `model.load_state_dict(..., strict=False)`.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use tch::{Tensor, nn};
+
+use crate::optim::AdamW;
+
+/// What a checkpoint records beside the tensors.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct TrainState {
+    /// Optimiser steps done.
+    pub step: usize,
+    /// The run's configuration, to refuse resuming with another one.
+    pub run: serde_json::Value,
+}
+
+/// Checkpoints kept (older ones are deleted after a new one is complete).
+const KEEP: usize = 2;
+
+fn dir_of(run: &Path) -> PathBuf {
+    run.join("checkpoints")
+}
+
+/// Writes a checkpoint of `vs`, `opt` and `state`; returns its folder.
+///
+/// # Errors
+/// File-system and serialisation errors (the previous checkpoint is left as it was).
+pub fn save(run: &Path, vs: &nn::VarStore, opt: &AdamW, state: &TrainState) -> Result<PathBuf> {
+    let dir = dir_of(run);
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = format!("step-{:08}", state.step);
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+    }
+    fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    vs.save(tmp.join("model.safetensors"))
+        .with_context(|| format!("writing model weights into {}", tmp.display()))?;
+    let opt_state = opt.state();
+    let named: Vec<(&str, &Tensor)> = opt_state.iter().map(|(k, t)| (k.as_str(), t)).collect();
+    Tensor::write_safetensors(&named, tmp.join("optimizer.safetensors"))
+        .with_context(|| format!("writing optimizer state into {}", tmp.display()))?;
+    write_synced(&tmp.join("state.json"), &serde_json::to_vec_pretty(state)?)?;
+    let final_dir = dir.join(&name);
+    if final_dir.exists() {
+        fs::remove_dir_all(&final_dir)
+            .with_context(|| format!("replacing {}", final_dir.display()))?;
+    }
+    fs::rename(&tmp, &final_dir)
+        .with_context(|| format!("moving {} into place", tmp.display()))?;
+    let latest_tmp = dir.join(format!(".latest.tmp-{}", std::process::id()));
+    write_synced(&latest_tmp, name.as_bytes())?;
+    fs::rename(&latest_tmp, dir.join("latest")).context("updating checkpoints/latest")?;
+    prune(&dir)?;
+    Ok(final_dir)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn prune(dir: &Path) -> Result<()> {
+    let mut steps: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"))
+        })
+        .collect();
+    steps.sort();
+    for old in steps.iter().rev().skip(KEEP) {
+        fs::remove_dir_all(old).with_context(|| format!("removing old {}", old.display()))?;
+    }
+    Ok(())
+}
+
+/// The newest complete checkpoint of a run, if any.
+///
+/// # Errors
+/// An unreadable `latest` or `state.json`.
+pub fn latest(run: &Path) -> Result<Option<(PathBuf, TrainState)>> {
+    let dir = dir_of(run);
+    let pointer = dir.join("latest");
+    if !pointer.exists() {
+        return Ok(None);
+    }
+    let name = fs::read_to_string(&pointer)
+        .with_context(|| format!("reading {}", pointer.display()))?;
+    let ckpt = dir.join(name.trim());
+    let state_file = ckpt.join("state.json");
+    let state: TrainState = serde_json::from_slice(
+        &fs::read(&state_file).with_context(|| format!("reading {}", state_file.display()))?,
+    )
+    .with_context(|| format!("parsing {}", state_file.display()))?;
+    Ok(Some((ckpt, state)))
+}
+
+/// Loads a checkpoint folder into `vs` and `opt`.
+///
+/// # Errors
+/// Missing files, or tensors that do not fit the model.
+pub fn load(ckpt: &Path, vs: &mut nn::VarStore, opt: &mut AdamW) -> Result<()> {
+    let model = ckpt.join("model.safetensors");
+    vs.load(&model)
+        .with_context(|| format!("loading model weights from {}", model.display()))?;
+    let optim = ckpt.join("optimizer.safetensors");
+    let state: HashMap<String, Tensor> = Tensor::read_safetensors(&optim)
+        .with_context(|| format!("reading {}", optim.display()))?
+        .into_iter()
+        .collect();
+    opt.load_state(state)
+        .with_context(|| format!("loading optimizer state from {}", optim.display()))
+}
+
+/// Loads only the model weights of a checkpoint (or of a bare `.safetensors` file).
+///
+/// # Errors
+/// Missing files, or tensors that do not fit the model.
+pub fn load_model(path: &Path, vs: &mut nn::VarStore) -> Result<()> {
+    let file = if path.is_dir() {
+        match latest(path)? {
+            Some((ckpt, _)) => ckpt.join("model.safetensors"),
+            None if path.join("model.safetensors").is_file() => path.join("model.safetensors"),
+            None => bail!("{} holds no checkpoint", path.display()),
+        }
+    } else {
+        path.to_path_buf()
+    };
+    vs.load(&file)
+        .with_context(|| format!("loading model weights from {}", file.display()))
+}

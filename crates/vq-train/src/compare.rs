@@ -1,0 +1,186 @@
+//! `compare`: the same run with several estimators (same seed, weights, data order), evaluated
+//! and tabulated the way the paper's tables are.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use tch::{Device, nn};
+use vq_data::Split;
+use vq_models::VqAutoencoder;
+use vq_tch::Estimator;
+
+use crate::data::{DataSource, ImageSet};
+use crate::eval::{EvalMetrics, evaluate};
+use crate::train::{RunConfig, StepMetrics, TrainOptions, train, write_atomic};
+use crate::{checkpoint, plot};
+
+/// One row of the comparison.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct CompareRow {
+    /// Estimator name.
+    pub estimator: String,
+    /// Metrics on the training split.
+    pub train: EvalMetrics,
+    /// Metrics on the held-out split.
+    pub val: EvalMetrics,
+    /// Seconds spent training in this invocation (0 if the run was already complete).
+    pub train_seconds: f64,
+}
+
+/// Trains (or resumes / reuses) one run per estimator under `out/<estimator>/`, evaluates each
+/// on both splits, writes `compare.md`, `compare.json` and `curves.png` into `out`, and returns
+/// the rows.
+///
+/// # Errors
+/// As [`train`] and [`evaluate`].
+pub fn compare(
+    base: &TrainOptions,
+    estimators: &[Estimator],
+) -> Result<Vec<CompareRow>> {
+    let mut rows = Vec::new();
+    for &est in estimators {
+        let mut config = base.config.clone();
+        config.model.quantizer.estimator = est;
+        let out = base.out.join(est.name());
+        let finished = checkpoint::latest(&out)?
+            .is_some_and(|(_, s)| s.step >= config.training.steps && base.resume);
+        eprintln!("== {} ({})", est.name(), out.display());
+        let (mut model, seconds) = if finished {
+            eprintln!("   already trained; evaluating the last checkpoint");
+            let mut vs = nn::VarStore::new(base.device);
+            let model = VqAutoencoder::new(&vs.root(), &config.model)?;
+            checkpoint::load_model(&out, &mut vs)?;
+            (model, 0.0)
+        } else {
+            let resume = base.resume && checkpoint::latest(&out)?.is_some();
+            let opts = TrainOptions {
+                config: config.clone(),
+                out: out.clone(),
+                resume,
+                ..base.clone()
+            };
+            let trained = train(&opts)?;
+            (trained.model, trained.seconds)
+        };
+        let row = evaluate_run(&mut model, &config, &out, base.device, est, seconds)?;
+        eprintln!(
+            "   val rec {:.5}, usage {:.1}%, QE {:.3e}",
+            row.val.rec_mse,
+            100.0 * row.val.usage,
+            row.val.quantization_error
+        );
+        rows.push(row);
+    }
+    let md = markdown(&base.config, &rows);
+    write_atomic(&base.out.join("compare.md"), md.as_bytes())?;
+    write_atomic(
+        &base.out.join("compare.json"),
+        &serde_json::to_vec_pretty(&serde_json::json!({ "run": base.config, "rows": rows }))?,
+    )?;
+    let histories: Vec<Vec<StepMetrics>> = estimators
+        .iter()
+        .map(|e| read_metrics(&base.out.join(e.name()).join("metrics.jsonl")))
+        .collect::<Result<_>>()?;
+    let panel = |f: fn(&StepMetrics) -> f64| -> Vec<Vec<(f64, f64)>> {
+        histories
+            .iter()
+            .map(|h| h.iter().map(|m| (m.step as f64, f(m))).collect())
+            .collect()
+    };
+    plot::curves(
+        &base.out.join("curves.png"),
+        &[
+            panel(|m| m.rec.log10()),
+            panel(|m| m.usage),
+            panel(|m| m.quantization_error.max(1e-12).log10()),
+        ],
+    )?;
+    Ok(rows)
+}
+
+fn evaluate_run(
+    model: &mut VqAutoencoder,
+    config: &RunConfig,
+    out: &Path,
+    device: Device,
+    est: Estimator,
+    seconds: f64,
+) -> Result<CompareRow> {
+    let a = &config.model.autoencoder;
+    let source = DataSource::parse(&config.data)?;
+    let train_set = ImageSet::load(&source, Split::Train, a.in_channels, a.resolution)?;
+    let val_set = ImageSet::load(&source, Split::Test, a.in_channels, a.resolution)?;
+    let batch = config.micro_batch;
+    let train = evaluate(model, &train_set, batch, device)?;
+    let val = evaluate(model, &val_set, batch, device)?;
+    let show: Vec<i64> = (0..16.min(val_set.len() as i64)).collect();
+    let x = val_set.batch(&show, device);
+    let rec = tch::no_grad(|| model.forward(&x, vq_tch::Mode::Eval))?.reconstruction;
+    plot::reconstruction_grid(&out.join("reconstructions.png"), &x, &rec, 3)?;
+    let row = CompareRow {
+        estimator: est.name().to_owned(),
+        train,
+        val,
+        train_seconds: seconds,
+    };
+    write_atomic(&out.join("eval.json"), &serde_json::to_vec_pretty(&row)?)?;
+    Ok(row)
+}
+
+/// Reads a run's metrics lines.
+///
+/// # Errors
+/// Unreadable file or a malformed line (named by number).
+pub fn read_metrics(path: &Path) -> Result<Vec<StepMetrics>> {
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l).with_context(|| format!("{} line {}", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// The comparison as a markdown table (paper-style columns).
+pub fn markdown(config: &RunConfig, rows: &[CompareRow]) -> String {
+    let q = &config.model.quantizer;
+    let a = &config.model.autoencoder;
+    let lr = a.latent_resolution();
+    let mut s = format!(
+        "Preset `{}` on {}: latents {lr}×{lr}×{}, {} codes, {:?} lookup, {}; {} steps of batch {}, seed {}.\n\n",
+        config.preset,
+        config.data,
+        q.codebook_dim,
+        q.codebook_size,
+        q.metric,
+        match q.learning {
+            vq_tch::CodebookLearning::Ema { decay, .. } => format!("EMA codebook (decay {decay})"),
+            vq_tch::CodebookLearning::Gradient { .. } => "codebook learned by gradient".into(),
+        },
+        config.training.steps,
+        config.training.batch_size,
+        config.seed,
+    );
+    s.push_str("| Estimator | Codebook usage (val, per 256 images) | Train rec. MSE | Val rec. MSE | Quantization error (val) | Perplexity (val) | Codes used (all val) | LPIPS / r-FID / r-IS |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|\n");
+    for r in rows {
+        s.push_str(&format!(
+            "| {} | {:.1}% | {:.5} | {:.5} | {:.3e} | {:.1} | {:.1}% | needs weights |\n",
+            r.estimator,
+            100.0 * r.val.usage,
+            r.train.rec_mse,
+            r.val.rec_mse,
+            r.val.quantization_error,
+            r.val.perplexity,
+            100.0 * r.val.usage_total,
+        ));
+    }
+    s
+}
+
+/// Default run folder for a comparison.
+pub fn default_out(preset: &str) -> PathBuf {
+    PathBuf::from("runs").join(format!("compare-{preset}"))
+}

@@ -1,0 +1,10 @@
+//! The library behind the `vq-train` binary: data, optimiser, checkpoints, the training loop,
+//! evaluation, comparison of estimators and plots. See `vq-train --help`.
+
+pub mod checkpoint;
+pub mod compare;
+pub mod data;
+pub mod eval;
+pub mod optim;
+pub mod plot;
+pub mod train;

@@ -1,0 +1,153 @@
+//! End-to-end training tests on small settings: exact resume, non-finite loss handling, run
+//! folder protection, and the comparison outputs.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use tch::Device;
+use vq_models::Preset;
+use vq_tch::Estimator;
+use vq_train::train::{RunConfig, TrainOptions, train};
+
+/// Training seeds libtorch's global generator; tests that train run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vq-train-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn small(steps: usize) -> RunConfig {
+    let preset = Preset::DemoFashionMnist;
+    let mut training = preset.training();
+    training.steps = steps;
+    training.batch_size = 16;
+    training.warmup_steps = 2;
+    training.decay_steps = steps;
+    RunConfig {
+        preset: preset.name().into(),
+        model: preset.config(),
+        training,
+        data: "fashion-mnist-demo".into(),
+        seed: 5,
+        micro_batch: 8,
+    }
+}
+
+fn options(config: RunConfig, out: &Path) -> TrainOptions {
+    TrainOptions {
+        config,
+        device: Device::Cpu,
+        out: out.to_path_buf(),
+        log_every: 1,
+        checkpoint_every: 100,
+        resume: false,
+        progress: false,
+        stop_after: None,
+    }
+}
+
+fn weights(vs: &tch::nn::VarStore) -> Vec<(String, tch::Tensor)> {
+    let mut v: Vec<_> = vs.variables().into_iter().collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+#[test]
+fn an_interrupted_and_resumed_run_equals_an_uninterrupted_one() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (a, b) = (tmp("resume-a"), tmp("resume-b"));
+    let whole = train(&options(small(6), &a)).unwrap();
+
+    let first = train(&TrainOptions {
+        stop_after: Some(3),
+        ..options(small(6), &b)
+    })
+    .unwrap();
+    assert_eq!(first.history.last().unwrap().step, 3);
+    // Without --resume the folder is protected.
+    let err = train(&options(small(6), &b)).unwrap_err().to_string();
+    assert!(err.contains("--resume"), "{err}");
+    // Resuming with other numbers is refused.
+    let mut other = small(6);
+    other.training.learning_rate *= 2.0;
+    let err = train(&TrainOptions {
+        resume: true,
+        ..options(other, &b)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("another configuration"), "{err}");
+
+    let resumed = train(&TrainOptions {
+        resume: true,
+        ..options(small(6), &b)
+    })
+    .unwrap();
+    let (wa, wb) = (whole.history.last().unwrap(), resumed.history.last().unwrap());
+    assert_eq!(wb.step, 6);
+    assert_eq!(wa.loss, wb.loss, "same step-6 loss");
+    assert_eq!(wa.usage, wb.usage);
+    for ((na, ta), (nb, tb)) in weights(&whole.vs).iter().zip(weights(&resumed.vs).iter()) {
+        assert_eq!(na, nb);
+        assert!(ta.equal(tb), "{na} differs after resume");
+    }
+    // Every step logged once across the two invocations.
+    let lines = vq_train::compare::read_metrics(&b.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.iter().map(|m| m.step).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+    for d in [a, b] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = tmp("nan");
+    let mut cfg = small(20);
+    cfg.training.learning_rate = 1e30;
+    cfg.training.warmup_steps = 0;
+    cfg.training.grad_clip = 0.0;
+    let err = train(&TrainOptions {
+        checkpoint_every: 1,
+        ..options(cfg, &out)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("non-finite loss"), "{err}");
+    let (ckpt, state) = vq_train::checkpoint::latest(&out).unwrap().unwrap();
+    assert!(state.step >= 1 && state.step < 20, "{state:?}");
+    assert!(err.contains(&ckpt.display().to_string()), "{err}");
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
+fn compare_writes_the_table_json_and_plots() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = tmp("compare");
+    let mut cfg = small(3);
+    cfg.data = "synthetic:64".into();
+    cfg.model.autoencoder.in_channels = 1;
+    let rows = vq_train::compare::compare(
+        &options(cfg, &out),
+        &[Estimator::StraightThrough, Estimator::Rotation],
+    )
+    .unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0].estimator, "ste");
+    for r in &rows {
+        assert_eq!(r.val.images, 64);
+        assert!(r.val.usage > 0.0 && r.val.usage <= 1.0);
+        assert!(r.val.rec_mse.is_finite() && r.val.quantization_error.is_finite());
+    }
+    let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
+    assert!(md.contains("| ste |") && md.contains("| rotation |"), "{md}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("compare.json")).unwrap()).unwrap();
+    assert_eq!(json["rows"].as_array().unwrap().len(), 2);
+    for f in ["curves.png", "ste/reconstructions.png", "rotation/eval.json"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    std::fs::remove_dir_all(out).unwrap();
+}
