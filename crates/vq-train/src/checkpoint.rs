@@ -58,8 +58,7 @@ pub fn save(run: &Path, vs: &nn::VarStore, opt: &AdamW, state: &TrainState) -> R
         fs::remove_dir_all(&final_dir)
             .with_context(|| format!("replacing {}", final_dir.display()))?;
     }
-    fs::rename(&tmp, &final_dir)
-        .with_context(|| format!("moving {} into place", tmp.display()))?;
+    fs::rename(&tmp, &final_dir).with_context(|| format!("moving {} into place", tmp.display()))?;
     let latest_tmp = dir.join(format!(".latest.tmp-{}", std::process::id()));
     write_synced(&latest_tmp, name.as_bytes())?;
     fs::rename(&latest_tmp, dir.join("latest")).context("updating checkpoints/latest")?;
@@ -100,8 +99,8 @@ pub fn latest(run: &Path) -> Result<Option<(PathBuf, TrainState)>> {
     if !pointer.exists() {
         return Ok(None);
     }
-    let name = fs::read_to_string(&pointer)
-        .with_context(|| format!("reading {}", pointer.display()))?;
+    let name =
+        fs::read_to_string(&pointer).with_context(|| format!("reading {}", pointer.display()))?;
     let ckpt = dir.join(name.trim());
     let state_file = ckpt.join("state.json");
     let state: TrainState = serde_json::from_slice(

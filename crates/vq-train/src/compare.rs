@@ -34,10 +34,7 @@ pub struct CompareRow {
 ///
 /// # Errors
 /// As [`train`] and [`evaluate`].
-pub fn compare(
-    base: &TrainOptions,
-    estimators: &[Estimator],
-) -> Result<Vec<CompareRow>> {
+pub fn compare(base: &TrainOptions, estimators: &[Estimator]) -> Result<Vec<CompareRow>> {
     let mut rows = Vec::new();
     for &est in estimators {
         let mut config = base.config.clone();

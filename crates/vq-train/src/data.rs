@@ -39,7 +39,8 @@ impl DataSource {
             None if s == "synthetic" => Ok(Self::Synthetic { n: 512 }),
             Some(("fashion-mnist", dir)) => Ok(Self::FashionMnist(PathBuf::from(dir))),
             Some(("synthetic", n)) => Ok(Self::Synthetic {
-                n: n.parse().with_context(|| format!("synthetic image count {n:?}"))?,
+                n: n.parse()
+                    .with_context(|| format!("synthetic image count {n:?}"))?,
             }),
             _ => bail!(
                 "unknown data source {s:?}: expected fashion-mnist-demo, fashion-mnist:<dir> or synthetic[:<n>]"
@@ -109,7 +110,10 @@ impl ImageSet {
     }
 }
 
-fn read_fashion_mnist(dir: &Path, split: Split) -> Result<(ndarray::Array3<u8>, ndarray::Array1<u8>)> {
+fn read_fashion_mnist(
+    dir: &Path,
+    split: Split,
+) -> Result<(ndarray::Array3<u8>, ndarray::Array1<u8>)> {
     let prefix = match split {
         Split::Train => "train",
         Split::Test => "t10k",
@@ -143,8 +147,10 @@ fn from_u8(x: ndarray::Array3<u8>, channels: usize, resolution: usize) -> Result
         - 1.0;
     let (top, left) = ((resolution - h) / 2, (resolution - w) / 2);
     let (bottom, right) = (resolution - h - top, resolution - w - left);
-    Ok(t.constant_pad_nd([left as i64, right as i64, top as i64, bottom as i64])
-        + pad_mask(n, h, w, resolution, top, left))
+    Ok(
+        t.constant_pad_nd([left as i64, right as i64, top as i64, bottom as i64])
+            + pad_mask(n, h, w, resolution, top, left),
+    )
 }
 
 /// −1 outside the original image area, 0 inside (so padding reads as background −1).
@@ -174,7 +180,8 @@ fn synthetic(n: usize, split: Split, channels: usize, resolution: usize) -> Tens
                     use rand::Rng;
                     let mut img = Tensor::zeros([r, r], (Kind::Float, Device::Cpu));
                     for _ in 0..3 {
-                        let (fy, fx): (f64, f64) = (rng.gen_range(0.5..3.0), rng.gen_range(0.5..3.0));
+                        let (fy, fx): (f64, f64) =
+                            (rng.gen_range(0.5..3.0), rng.gen_range(0.5..3.0));
                         let phase: f64 = rng.gen_range(0.0..std::f64::consts::TAU);
                         img += ((&yy * fy + &xx * fx) + phase).sin() / 3.0;
                     }
@@ -216,7 +223,9 @@ impl Sampler {
     fn order(&mut self, epoch: usize) -> &[i64] {
         if self.cached.as_ref().map(|(e, _)| *e) != Some(epoch) {
             let mut order: Vec<i64> = (0..self.n as i64).collect();
-            let mut rng = StdRng::seed_from_u64(self.seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            let mut rng = StdRng::seed_from_u64(
+                self.seed ^ (epoch as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            );
             order.shuffle(&mut rng);
             self.cached = Some((epoch, order));
         }
@@ -246,7 +255,11 @@ mod tests {
         let mut epoch0 = first[..10].to_vec();
         epoch0.sort();
         assert_eq!(epoch0, (0..10).collect::<Vec<_>>());
-        assert_ne!(first[..10], first[10..20], "epochs are shuffled differently");
+        assert_ne!(
+            first[..10],
+            first[10..20],
+            "epochs are shuffled differently"
+        );
         let mut fresh = Sampler::new(3, 10, 4);
         assert_eq!(fresh.batch_indices(3), first[12..16]);
     }
@@ -257,7 +270,7 @@ mod tests {
         assert_eq!(set.len(), 1000);
         let b = set.batch(&[0, 1], Device::Cpu);
         assert_eq!(b.size(), [2, 1, 32, 32]);
-        assert_eq!(f64::try_from(b.max()).unwrap() <= 1.0, true);
+        assert!(f64::try_from(b.max()).unwrap() <= 1.0);
         assert_eq!(f64::try_from(b.min()).unwrap(), -1.0);
         // The two-pixel border is background.
         assert_eq!(f64::try_from(b.narrow(2, 0, 2).max()).unwrap(), -1.0);
@@ -267,8 +280,14 @@ mod tests {
 
     #[test]
     fn sources_parse() {
-        assert_eq!(DataSource::parse("fashion-mnist-demo").unwrap(), DataSource::FashionMnistDemo);
-        assert_eq!(DataSource::parse("synthetic:8").unwrap(), DataSource::Synthetic { n: 8 });
+        assert_eq!(
+            DataSource::parse("fashion-mnist-demo").unwrap(),
+            DataSource::FashionMnistDemo
+        );
+        assert_eq!(
+            DataSource::parse("synthetic:8").unwrap(),
+            DataSource::Synthetic { n: 8 }
+        );
         assert!(DataSource::parse("imagenet").is_err());
     }
 }

@@ -9,11 +9,11 @@ use tch::{Device, nn};
 use vq_data::Split;
 use vq_models::{Preset, VqAutoencoder};
 use vq_tch::Estimator;
+use vq_train::checkpoint;
 use vq_train::compare::{compare, default_out, markdown};
 use vq_train::data::{DataSource, ImageSet};
 use vq_train::eval::evaluate;
 use vq_train::train::{RunConfig, TrainOptions, train, write_atomic};
-use vq_train::checkpoint;
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -126,7 +126,10 @@ fn parse_device(s: &str) -> Result<Device> {
     if let Device::Cuda(n) = d
         && !(tch::Cuda::is_available() && (n as i64) < tch::Cuda::device_count())
     {
-        bail!("device {s} requested but libtorch sees {} CUDA device(s)", tch::Cuda::device_count());
+        bail!(
+            "device {s} requested but libtorch sees {} CUDA device(s)",
+            tch::Cuda::device_count()
+        );
     }
     Ok(d)
 }
@@ -232,7 +235,8 @@ fn main() -> Result<()> {
         }
         Command::Train(args) => {
             let est = args.estimator.clone().unwrap_or_else(|| "rotation".into());
-            let opts = args.options(PathBuf::from("runs").join(format!("{}-{est}", args.preset)))?;
+            let opts =
+                args.options(PathBuf::from("runs").join(format!("{}-{est}", args.preset)))?;
             let trained = train(&opts)?;
             let steps = trained.history.last().map_or(0, |m| m.step);
             println!(
@@ -259,7 +263,10 @@ fn main() -> Result<()> {
             let rows = compare(&opts, &estimators)?;
             println!();
             println!("{}", markdown(&opts.config, &rows));
-            println!("written: {}/compare.md, compare.json, curves.png", opts.out.display());
+            println!(
+                "written: {}/compare.md, compare.json, curves.png",
+                opts.out.display()
+            );
         }
         Command::Eval { run, device } => {
             let device = parse_device(&device)?;

@@ -70,7 +70,8 @@ impl AdamW {
             .iter()
             .map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double))
             .collect();
-        let norm = f64::try_from(Tensor::stack(&sq, 0).sum(Kind::Double).sqrt()).unwrap_or(f64::NAN);
+        let norm =
+            f64::try_from(Tensor::stack(&sq, 0).sum(Kind::Double).sqrt()).unwrap_or(f64::NAN);
         if max_norm > 0.0 && norm > max_norm {
             let scale = max_norm / (norm + 1e-6);
             tch::no_grad(|| {
@@ -121,13 +122,24 @@ impl AdamW {
     /// # Errors
     /// Missing entries or shape mismatches (a checkpoint of another model).
     pub fn load_state(&mut self, state: HashMap<String, Tensor>) -> Result<()> {
-        let get = |key: &str| state.get(key).with_context(|| format!("optimizer state lacks {key}"));
+        let get = |key: &str| {
+            state
+                .get(key)
+                .with_context(|| format!("optimizer state lacks {key}"))
+        };
         tch::no_grad(|| -> Result<()> {
             for ((name, p), (m, v)) in self.params.iter().zip(self.m.iter_mut().zip(&mut self.v)) {
-                for (slot, key) in [(&mut *m, format!("m.{name}")), (&mut *v, format!("v.{name}"))] {
+                for (slot, key) in [
+                    (&mut *m, format!("m.{name}")),
+                    (&mut *v, format!("v.{name}")),
+                ] {
                     let src = get(&key)?;
                     if src.size() != p.size() {
-                        bail!("optimizer state {key} has shape {:?}, the model {:?}", src.size(), p.size());
+                        bail!(
+                            "optimizer state {key} has shape {:?}, the model {:?}",
+                            src.size(),
+                            p.size()
+                        );
                     }
                     slot.copy_(src);
                 }
@@ -149,7 +161,13 @@ impl AdamW {
 /// assert!((learning_rate(10 + 50, 1.0, 10, 100, 0.5) - 0.75).abs() < 1e-12);
 /// assert_eq!(learning_rate(10_000, 1.0, 10, 100, 0.5), 0.5);
 /// ```
-pub fn learning_rate(step: usize, peak: f64, warmup: usize, decay: usize, final_fraction: f64) -> f64 {
+pub fn learning_rate(
+    step: usize,
+    peak: f64,
+    warmup: usize,
+    decay: usize,
+    final_fraction: f64,
+) -> f64 {
     if step < warmup {
         return peak * (step + 1) as f64 / warmup as f64;
     }
@@ -170,7 +188,9 @@ mod tests {
     #[test]
     fn adamw_matches_the_formula() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let p = vs.root().var_copy("p", &Tensor::from_slice(&[1.0f32, -2.0]));
+        let p = vs
+            .root()
+            .var_copy("p", &Tensor::from_slice(&[1.0f32, -2.0]));
         let mut opt = AdamW::new(&vs, (0.9, 0.99), 0.1);
         let (lr, mut expect) = (0.01, [1.0f64, -2.0]);
         let (mut m, mut v) = ([0.0f64; 2], [0.0f64; 2]);
@@ -183,7 +203,10 @@ mod tests {
                 expect[i] *= 1.0 - lr * 0.1;
                 m[i] = 0.9 * m[i] + 0.1 * g;
                 v[i] = 0.99 * v[i] + 0.01 * g * g;
-                let (mh, vh) = (m[i] / (1.0 - 0.9f64.powi(t)), v[i] / (1.0 - 0.99f64.powi(t)));
+                let (mh, vh) = (
+                    m[i] / (1.0 - 0.9f64.powi(t)),
+                    v[i] / (1.0 - 0.99f64.powi(t)),
+                );
                 expect[i] -= lr * mh / (vh.sqrt() + 1e-8);
             }
         }
@@ -192,7 +215,11 @@ mod tests {
             assert!((f64::from(*a) - b).abs() < 1e-6, "{a} vs {b}");
         }
         // State round trip.
-        let state: HashMap<String, Tensor> = opt.state().into_iter().map(|(k, t)| (k, t.copy())).collect();
+        let state: HashMap<String, Tensor> = opt
+            .state()
+            .into_iter()
+            .map(|(k, t)| (k, t.copy()))
+            .collect();
         let mut other = AdamW::new(&vs, (0.9, 0.99), 0.1);
         other.load_state(state).unwrap();
         assert_eq!(other.steps(), 2);

@@ -11,13 +11,23 @@ use tch::{Device, Kind, Tensor};
 ///
 /// # Errors
 /// Unwritable file.
-pub fn reconstruction_grid(path: &Path, originals: &Tensor, reconstructions: &Tensor, zoom: u32) -> Result<()> {
+pub fn reconstruction_grid(
+    path: &Path,
+    originals: &Tensor,
+    reconstructions: &Tensor,
+    zoom: u32,
+) -> Result<()> {
     let rows = [originals, reconstructions];
     let (b, c, h, w) = originals.size4()?;
     let (h, w, b) = (h as u32, w as u32, b as u32);
     let mut img = image::RgbImage::new(b * w * zoom, 2 * h * zoom);
     for (r, t) in rows.iter().enumerate() {
-        let px = ((t.to_device(Device::Cpu).to_kind(Kind::Float).clamp(-1.0, 1.0) + 1.0) * 127.5)
+        let px = ((t
+            .to_device(Device::Cpu)
+            .to_kind(Kind::Float)
+            .clamp(-1.0, 1.0)
+            + 1.0)
+            * 127.5)
             .round()
             .to_kind(Kind::Uint8)
             .contiguous();
@@ -36,7 +46,8 @@ pub fn reconstruction_grid(path: &Path, originals: &Tensor, reconstructions: &Te
             }
         }
     }
-    img.save(path).with_context(|| format!("writing {}", path.display()))
+    img.save(path)
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// Line chart of several named series (x = step) on one panel per metric, stacked vertically;

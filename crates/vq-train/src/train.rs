@@ -43,7 +43,10 @@ impl RunConfig {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         let t = &self.training;
-        ensure!(t.batch_size > 0 && self.micro_batch > 0, "batch sizes must be > 0");
+        ensure!(
+            t.batch_size > 0 && self.micro_batch > 0,
+            "batch sizes must be > 0"
+        );
         ensure!(
             t.batch_size.is_multiple_of(self.micro_batch),
             "batch size {} is not a multiple of the micro-batch {}",
@@ -178,13 +181,29 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
     let began = Instant::now();
     let mut window_start = Instant::now();
     for step in start..t.steps {
-        let lr = learning_rate(step, t.learning_rate, t.warmup_steps, t.decay_steps, t.final_lr_fraction);
+        let lr = learning_rate(
+            step,
+            t.learning_rate,
+            t.warmup_steps,
+            t.decay_steps,
+            t.final_lr_fraction,
+        );
         opt.zero_grad();
         let mut codes: Vec<i64> = Vec::new();
         let mut sums = [0f64; 4];
         for a in 0..accum {
             let x = data.batch(&sampler.batch_indices(step * accum + a), opts.device);
-            let out = model.forward(&x, Mode::Train)?;
+            let out = match model.forward(&x, Mode::Train) {
+                Ok(out) => out,
+                Err(vq_models::ModelError::Quantizer(vq_tch::VqTchError::Core(
+                    e @ vq_core::VqError::NonFinite { .. },
+                ))) => bail!(
+                    "non-finite encoder output at step {} ({e}); training stopped, last good checkpoint: {}",
+                    step + 1,
+                    last_checkpoint(&opts.out)?
+                ),
+                Err(e) => return Err(e.into()),
+            };
             let rec = out.reconstruction.mse_loss(&x, Reduction::Mean);
             let loss = &rec + &out.vq.commitment_loss + &out.vq.codebook_loss;
             (&loss / accum as f64).backward();
@@ -203,18 +222,18 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
             for (s, v) in sums.iter_mut().zip(parts) {
                 *s += v / accum as f64;
             }
-            codes.extend(Vec::<i64>::try_from(out.vq.indices.reshape([-1]).to_device(Device::Cpu))?);
+            codes.extend(Vec::<i64>::try_from(
+                out.vq.indices.reshape([-1]).to_device(Device::Cpu),
+            )?);
         }
         if !sums[0].is_finite() {
-            let last = checkpoint::latest(&opts.out)?
-                .map(|(p, s)| format!("{} (step {})", p.display(), s.step))
-                .unwrap_or_else(|| "none yet".into());
             bail!(
-                "non-finite loss {} at step {} (rec {}, commitment {}); training stopped, last good checkpoint: {last}",
+                "non-finite loss {} at step {} (rec {}, commitment {}); training stopped, last good checkpoint: {}",
                 sums[0],
                 step + 1,
                 sums[1],
-                sums[2]
+                sums[2],
+                last_checkpoint(&opts.out)?
             );
         }
         let grad_norm = opt.clip_grad_norm(t.grad_clip);
@@ -236,7 +255,8 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
                 m.quantization_error,
                 m.steps_per_s
             ));
-            writeln!(metrics_file, "{}", serde_json::to_string(&m)?).context("writing metrics.jsonl")?;
+            writeln!(metrics_file, "{}", serde_json::to_string(&m)?)
+                .context("writing metrics.jsonl")?;
             history.push(m);
             window = Window::default();
             window_start = Instant::now();
@@ -260,6 +280,12 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
         history,
         seconds: began.elapsed().as_secs_f64(),
     })
+}
+
+fn last_checkpoint(out: &Path) -> Result<String> {
+    Ok(checkpoint::latest(out)?
+        .map(|(p, s)| format!("{} (step {})", p.display(), s.step))
+        .unwrap_or_else(|| "none yet".into()))
 }
 
 #[derive(Debug, Default)]
