@@ -60,7 +60,7 @@ pub fn compare(base: &TrainOptions, estimators: &[Estimator]) -> Result<Vec<Comp
             let trained = train(&opts)?;
             (trained.model, trained.seconds)
         };
-        let row = evaluate_run(&mut model, &config, &out, base.device, est, seconds)?;
+        let row = evaluate_run(&mut model, &config, &out, base.device, seconds)?;
         eprintln!(
             "   val rec {:.5}, usage {:.1}%, QE {:.3e}",
             row.val.rec_mse,
@@ -79,29 +79,37 @@ pub fn compare(base: &TrainOptions, estimators: &[Estimator]) -> Result<Vec<Comp
         .iter()
         .map(|e| read_metrics(&base.out.join(e.name()).join("metrics.jsonl")))
         .collect::<Result<_>>()?;
+    plot::curves(&base.out.join("curves.png"), &curve_panels(&histories))?;
+    Ok(rows)
+}
+
+/// Three panels, one series per run: log₁₀ reconstruction MSE, fraction of codes used per
+/// batch, log₁₀ quantization error.
+fn curve_panels(histories: &[Vec<StepMetrics>]) -> Vec<Vec<Vec<(f64, f64)>>> {
     let panel = |f: fn(&StepMetrics) -> f64| -> Vec<Vec<(f64, f64)>> {
         histories
             .iter()
             .map(|h| h.iter().map(|m| (m.step as f64, f(m))).collect())
             .collect()
     };
-    plot::curves(
-        &base.out.join("curves.png"),
-        &[
-            panel(|m| m.rec.log10()),
-            panel(|m| m.usage),
-            panel(|m| m.quantization_error.max(1e-12).log10()),
-        ],
-    )?;
-    Ok(rows)
+    vec![
+        panel(|m| m.rec.max(1e-12).log10()),
+        panel(|m| m.usage),
+        panel(|m| m.quantization_error.max(1e-12).log10()),
+    ]
 }
 
-fn evaluate_run(
+/// Evaluates a trained run on both splits and writes `eval.json`, `reconstructions.png` (16
+/// held-out images over their reconstructions) and `curves.png` (from `metrics.jsonl`) into its
+/// folder.
+///
+/// # Errors
+/// Data, model and I/O errors.
+pub fn evaluate_run(
     model: &mut VqAutoencoder,
     config: &RunConfig,
     out: &Path,
     device: Device,
-    est: Estimator,
     seconds: f64,
 ) -> Result<CompareRow> {
     let a = &config.model.autoencoder;
@@ -115,8 +123,10 @@ fn evaluate_run(
     let x = val_set.batch(&show, device);
     let rec = tch::no_grad(|| model.forward(&x, vq_tch::Mode::Eval))?.reconstruction;
     plot::reconstruction_grid(&out.join("reconstructions.png"), &x, &rec, 3)?;
+    let history = read_metrics(&out.join("metrics.jsonl"))?;
+    plot::curves(&out.join("curves.png"), &curve_panels(&[history]))?;
     let row = CompareRow {
-        estimator: est.name().to_owned(),
+        estimator: config.model.quantizer.estimator.name().to_owned(),
         train,
         val,
         train_seconds: seconds,

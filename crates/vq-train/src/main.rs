@@ -6,14 +6,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use tch::{Device, nn};
-use vq_data::Split;
 use vq_models::{Preset, VqAutoencoder};
 use vq_tch::Estimator;
 use vq_train::checkpoint;
-use vq_train::compare::{compare, default_out, markdown};
-use vq_train::data::{DataSource, ImageSet};
-use vq_train::eval::evaluate;
-use vq_train::train::{RunConfig, TrainOptions, train, write_atomic};
+use vq_train::compare::{compare, default_out, evaluate_run, markdown};
+use vq_train::data::DataSource;
+use vq_train::train::{RunConfig, TrainOptions, train};
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -237,7 +235,7 @@ fn main() -> Result<()> {
             let est = args.estimator.clone().unwrap_or_else(|| "rotation".into());
             let opts =
                 args.options(PathBuf::from("runs").join(format!("{}-{est}", args.preset)))?;
-            let trained = train(&opts)?;
+            let mut trained = train(&opts)?;
             let steps = trained.history.last().map_or(0, |m| m.step);
             println!(
                 "trained to step {steps} in {:.1} s; run folder {}",
@@ -251,6 +249,26 @@ fn main() -> Result<()> {
                     m.rec,
                     100.0 * m.usage,
                     m.quantization_error
+                );
+            }
+            if opts
+                .stop_after
+                .is_none_or(|s| s >= opts.config.training.steps)
+            {
+                let row = evaluate_run(
+                    &mut trained.model,
+                    &opts.config,
+                    &opts.out,
+                    opts.device,
+                    trained.seconds,
+                )?;
+                println!(
+                    "val: rec MSE {:.5}, usage/256 {:.1}%, perplexity {:.1}, QE {:.3e}; eval.json, reconstructions.png, curves.png in {}",
+                    row.val.rec_mse,
+                    100.0 * row.val.usage,
+                    row.val.perplexity,
+                    row.val.quantization_error,
+                    opts.out.display()
                 );
             }
         }
@@ -278,12 +296,8 @@ fn main() -> Result<()> {
             let mut vs = nn::VarStore::new(device);
             let mut model = VqAutoencoder::new(&vs.root(), &cfg.model)?;
             checkpoint::load_model(&run, &mut vs)?;
-            let a = &cfg.model.autoencoder;
-            let source = DataSource::parse(&cfg.data)?;
-            let mut report = serde_json::Map::new();
-            for (name, split) in [("train", Split::Train), ("val", Split::Test)] {
-                let set = ImageSet::load(&source, split, a.in_channels, a.resolution)?;
-                let m = evaluate(&mut model, &set, cfg.micro_batch, device)?;
+            let row = evaluate_run(&mut model, &cfg, &run, device, 0.0)?;
+            for (name, m) in [("train", &row.train), ("val", &row.val)] {
                 println!(
                     "{name}: {} images, rec MSE {:.5}, L1 {:.5}, usage/256 {:.1}%, perplexity {:.1}, QE {:.3e}, LPIPS/r-FID/r-IS: needs weights",
                     m.images,
@@ -293,9 +307,11 @@ fn main() -> Result<()> {
                     m.perplexity,
                     m.quantization_error
                 );
-                report.insert(name.into(), serde_json::to_value(m)?);
             }
-            write_atomic(&run.join("eval.json"), &serde_json::to_vec_pretty(&report)?)?;
+            println!(
+                "written: eval.json, reconstructions.png, curves.png in {}",
+                run.display()
+            );
         }
     }
     Ok(())

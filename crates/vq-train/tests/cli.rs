@@ -1,0 +1,65 @@
+//! The binary end to end: train → eval → refusal to overwrite → resume of a finished run.
+
+use std::process::Command;
+
+fn vq_train(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vq-train"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn train_then_eval_writes_the_run_folder() {
+    let dir = std::env::temp_dir().join(format!("vq-train-cli-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let d = dir.to_str().unwrap();
+    let common = [
+        "train",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--log-every",
+        "1",
+        "--threads",
+        "1",
+        "--quiet",
+        "--data",
+        "synthetic:32",
+        "--out",
+        d,
+    ];
+    let (ok, text) = vq_train(&common);
+    assert!(ok, "{text}");
+    assert!(text.contains("trained to step 2"), "{text}");
+    for f in [
+        "run.json",
+        "metrics.jsonl",
+        "eval.json",
+        "reconstructions.png",
+        "curves.png",
+        "checkpoints/latest",
+    ] {
+        assert!(dir.join(f).is_file(), "{f} missing: {text}");
+    }
+    let (ok, text) = vq_train(&["eval", "--run", d]);
+    assert!(ok && text.contains("val: 32 images"), "{text}");
+    let (ok, text) = vq_train(&common);
+    assert!(!ok && text.contains("--resume"), "{text}");
+    let (ok, text) = vq_train(&["train", "--preset", "no-such-preset", "--out", d]);
+    assert!(
+        !ok && text.contains("demo-fashion-mnist"),
+        "lists the known presets: {text}"
+    );
+    let (ok, text) = vq_train(&["train", "--data", "imagenet", "--out", d]);
+    assert!(!ok && text.contains("unknown data source"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
