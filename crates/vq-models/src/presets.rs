@@ -10,6 +10,7 @@ use tch::Device;
 use vq_tch::{CodebookLearning, Metric, Projection, VectorQuantizerConfig, VqVaeLatent};
 
 use crate::error::{ModelError, Result};
+use crate::gan::GanConfig;
 use crate::taming::TamingConfig;
 use crate::vqvae::{QuantConv, VqAutoencoderConfig};
 
@@ -49,6 +50,16 @@ pub enum Preset {
     VqVaeF4Euclidean,
     /// Table 1 row 4: as row 3 with a cosine codebook.
     VqVaeF4Cosine,
+    /// Table 2: taming VQGAN 16×16×256, 1024 codes, learned codebook (β = 0.25, legacy
+    /// placement), PatchGAN (3 layers, start 250 001, weight 0.8), ImageNet 256².
+    VqganF16Imagenet,
+    /// Table 2, second row: the same model on FFHQ / CelebA-HQ (50 epochs).
+    VqganF16Faces,
+    /// Table 3: latent-diffusion VQ-f4, 64×64×3, 8192 codes, PatchGAN from step 0 (weight 0.75).
+    LdmF4,
+    /// Table 3: latent-diffusion VQ-f8, 32×32×4, 16384 codes, attention at 32, 2-layer PatchGAN
+    /// from step 1 (weight 0.6).
+    LdmF8,
     /// A small VQ-VAE for the embedded Fashion-MNIST demo (28² images padded to 32²; 8×8×32
     /// latents, 256 codes, EMA 0.8, β = 1, as lucidrains' Fashion-MNIST example).
     DemoFashionMnist,
@@ -56,11 +67,15 @@ pub enum Preset {
 
 impl Preset {
     /// Every preset.
-    pub const ALL: [Preset; 5] = [
+    pub const ALL: [Preset; 9] = [
         Preset::VqVaeF16Euclidean,
         Preset::VqVaeF16Cosine,
         Preset::VqVaeF4Euclidean,
         Preset::VqVaeF4Cosine,
+        Preset::VqganF16Imagenet,
+        Preset::VqganF16Faces,
+        Preset::LdmF4,
+        Preset::LdmF8,
         Preset::DemoFashionMnist,
     ];
 
@@ -71,6 +86,10 @@ impl Preset {
             Preset::VqVaeF16Cosine => "vqvae-f16-cosine",
             Preset::VqVaeF4Euclidean => "vqvae-f4-euclidean",
             Preset::VqVaeF4Cosine => "vqvae-f4-cosine",
+            Preset::VqganF16Imagenet => "vqgan-f16-imagenet",
+            Preset::VqganF16Faces => "vqgan-f16-faces",
+            Preset::LdmF4 => "ldm-vq-f4",
+            Preset::LdmF8 => "ldm-vq-f8",
             Preset::DemoFashionMnist => "demo-fashion-mnist",
         }
     }
@@ -129,6 +148,21 @@ impl Preset {
                 quant_conv: QuantConv::None,
                 quantizer: VectorQuantizerConfig::paper_vqvae(VqVaeLatent::F64x64x3, self.metric()),
             },
+            Preset::VqganF16Imagenet | Preset::VqganF16Faces => VqAutoencoderConfig {
+                autoencoder: imagenet(vec![1, 1, 2, 2, 4], vec![16], 256),
+                quant_conv: QuantConv::Conv1x1,
+                quantizer: VectorQuantizerConfig::paper_vqgan(1024, 256),
+            },
+            Preset::LdmF4 => VqAutoencoderConfig {
+                autoencoder: imagenet(vec![1, 2, 4], vec![], 3),
+                quant_conv: QuantConv::Conv1x1,
+                quantizer: VectorQuantizerConfig::paper_vqgan(8192, 3),
+            },
+            Preset::LdmF8 => VqAutoencoderConfig {
+                autoencoder: imagenet(vec![1, 2, 2, 4], vec![32], 4),
+                quant_conv: QuantConv::Conv1x1,
+                quantizer: VectorQuantizerConfig::paper_vqgan(16384, 4),
+            },
             Preset::DemoFashionMnist => VqAutoencoderConfig {
                 autoencoder: TamingConfig {
                     ch: 16,
@@ -173,7 +207,26 @@ impl Preset {
             grad_clip: 1.0,
             steps,
         };
+        // taming / latent-diffusion: Adam (0.5, 0.9), constant rate, no clipping. The paper's
+        // Table 9 lists 4.5e-6 as the effective rate; taming's main.py would multiply the base
+        // rate by the batch size (a discrepancy the paper leaves open): we take the table's value.
+        let gan = |batch_size: usize, steps: usize| TrainingConfig {
+            batch_size,
+            learning_rate: 4.5e-6,
+            weight_decay: 0.0,
+            betas: (0.5, 0.9),
+            warmup_steps: 0,
+            decay_steps: 0,
+            final_lr_fraction: 1.0,
+            grad_clip: 0.0,
+            steps,
+        };
         match self {
+            // 18 ImageNet epochs (1.28 M images) at batch 48; 50 FFHQ+CelebA-HQ (≈ 100 k images)
+            // epochs at batch 48; 4 ImageNet epochs at batch 16 for the LDM models.
+            Preset::VqganF16Imagenet => gan(48, 480_000),
+            Preset::VqganF16Faces => gan(48, 104_000),
+            Preset::LdmF4 | Preset::LdmF8 => gan(16, 320_000),
             Preset::VqVaeF16Euclidean => paper(5e-5, 0.0, 12_500),
             Preset::VqVaeF16Cosine => paper(1e-4, 1e-4, 12_500),
             Preset::VqVaeF4Euclidean => paper(5e-5, 0.0, 10_000),
@@ -189,6 +242,26 @@ impl Preset {
                 grad_clip: 1.0,
                 steps: 1000,
             },
+        }
+    }
+
+    /// The adversarial part, for the VQGAN presets (taming `VQLPIPSWithDiscriminator` settings).
+    pub fn gan(self) -> Option<GanConfig> {
+        let patch = |n_layers: usize, disc_start: usize, disc_weight: f64| GanConfig {
+            in_channels: 3,
+            ndf: 64,
+            n_layers,
+            disc_start,
+            disc_weight,
+            codebook_weight: 1.0,
+            perceptual_weight: 1.0,
+            disc_lr_multiplier: 1.0,
+        };
+        match self {
+            Preset::VqganF16Imagenet | Preset::VqganF16Faces => Some(patch(3, 250_001, 0.8)),
+            Preset::LdmF4 => Some(patch(3, 0, 0.75)),
+            Preset::LdmF8 => Some(patch(2, 1, 0.6)),
+            _ => None,
         }
     }
 

@@ -1,9 +1,10 @@
 //! Architecture tests: shapes at reduced width, parameter counts of the full presets, variable
 //! names, gradient flow through the quantizer, and one optimiser step per preset.
 
+use tch::nn::ModuleT;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
-use vq_models::{Preset, QuantConv, VqAutoencoder, VqAutoencoderConfig};
+use vq_models::{PatchDiscriminator, Preset, QuantConv, VqAutoencoder, VqAutoencoderConfig};
 use vq_tch::{Estimator, Mode};
 
 /// The preset at reduced width and input size (same levels, attention, quantizer).
@@ -65,7 +66,9 @@ fn every_preset_gives_the_right_shapes_at_reduced_width() {
 /// z 256) encoder 29 298 176 + decoder 42 449 795; f4 (ch_mult [1,2,4], no attention, z 3)
 /// encoder 22 337 411 + decoder 32 960 771. The Table-1 quantizer adds Linear(256→32) and
 /// Linear(32→256) = 16 672 for f16 (+ LayerNorm(32) = 64 for cosine); EMA codebooks are not
-/// trainable.
+/// trainable. latent-diffusion f8 (ch_mult [1,2,2,4], attention at 32, z 4): encoder 27 397 764
+/// + decoder 40 253 955. taming's NLayerDiscriminator (ndf 64): 2 765 633 parameters with 3
+/// layers, 663 361 with 2.
 #[test]
 fn full_presets_have_the_reference_parameter_counts() {
     let f16 = 29_298_176 + 42_449_795 + (256 * 32 + 32) + (32 * 256 + 256);
@@ -75,11 +78,61 @@ fn full_presets_have_the_reference_parameter_counts() {
         (Preset::VqVaeF16Cosine, f16 + 64),
         (Preset::VqVaeF4Euclidean, f4),
         (Preset::VqVaeF4Cosine, f4),
+        // VQGANs: + quant_conv and post_quant_conv (1×1, with bias) + the learned codebook.
+        (
+            Preset::VqganF16Imagenet,
+            29_298_176 + 42_449_795 + 2 * (256 * 256 + 256) + 1024 * 256,
+        ),
+        (Preset::LdmF4, f4 + 2 * (3 * 3 + 3) + 8192 * 3),
+        (
+            Preset::LdmF8,
+            27_397_764 + 40_253_955 + 2 * (4 * 4 + 4) + 16384 * 4,
+        ),
     ] {
         let vs = nn::VarStore::new(Device::Cpu);
         let _model = VqAutoencoder::new(&vs.root(), &preset.config()).unwrap();
         assert_eq!(parameters(&vs), expected, "{preset:?}");
     }
+}
+
+#[test]
+fn discriminators_have_the_reference_parameter_counts_and_names() {
+    for (preset, expected) in [
+        (Preset::VqganF16Imagenet, 2_765_633),
+        (Preset::LdmF8, 663_361),
+    ] {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let d = PatchDiscriminator::new(&vs.root(), &preset.gan().unwrap()).unwrap();
+        assert_eq!(parameters(&vs), expected, "{preset:?}");
+        let v = vs.variables();
+        for name in [
+            "main.0.weight",
+            "main.0.bias",
+            "main.2.weight",
+            "main.3.running_mean",
+        ] {
+            assert!(v.contains_key(name), "{name}");
+        }
+        assert!(!v.contains_key("main.2.bias"), "no bias before BatchNorm");
+        let logits = d.forward_t(
+            &Tensor::zeros([2, 3, 32, 32], (Kind::Float, Device::Cpu)),
+            true,
+        );
+        assert_eq!(logits.size()[..2], [2, 1]);
+    }
+    assert!(Preset::VqVaeF16Euclidean.gan().is_none());
+}
+
+#[test]
+fn adaptive_weight_is_the_gradient_norm_ratio() {
+    let w = Tensor::from_slice(&[1.0f32, 2.0]).set_requires_grad(true);
+    let nll = (&w * Tensor::from_slice(&[3.0f32, 4.0])).sum(Kind::Float); // ∇ = (3, 4), norm 5
+    let g = (&w * Tensor::from_slice(&[0.0f32, 2.0])).sum(Kind::Float); // ∇ = (0, 2), norm 2
+    let a = vq_models::adaptive_weight(&nll, &g, &w, 0.8).unwrap();
+    assert!((a - 0.8 * 5.0 / (2.0 + 1e-4)).abs() < 1e-6, "{a}");
+    // The graphs are kept: the losses can still be backpropagated.
+    (nll + g).backward();
+    assert!(w.grad().defined());
 }
 
 /// Variable names follow taming's state-dict keys, so converted PyTorch weights load by name.

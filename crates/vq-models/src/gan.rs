@@ -1,0 +1,204 @@
+//! The VQGAN adversarial parts (taming-transformers `taming/modules/discriminator/model.py` and
+//! `taming/modules/losses/vqperceptual.py`): the PatchGAN discriminator, the hinge loss, and the
+//! adaptive weight of the generator's adversarial term.
+
+use tch::nn::{self, ModuleT};
+use tch::{Kind, Tensor};
+
+use crate::error::{ModelError, Result};
+
+/// Shape of the PatchGAN discriminator and the weights of the VQGAN loss.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GanConfig {
+    /// Image channels.
+    pub in_channels: usize,
+    /// Base width `ndf`.
+    pub ndf: usize,
+    /// Stride-2 layers (taming default 3; the latent-diffusion f8 model uses 2).
+    pub n_layers: usize,
+    /// First optimiser step at which the adversarial terms are on (taming `disc_start`).
+    pub disc_start: usize,
+    /// Multiplier of the adaptive weight (taming `disc_weight`).
+    pub disc_weight: f64,
+    /// Weight of the quantizer's loss terms in the generator loss (taming `codebook_weight`).
+    pub codebook_weight: f64,
+    /// Weight of LPIPS in the reconstruction term (taming `perceptual_weight`; needs weights).
+    pub perceptual_weight: f64,
+    /// Discriminator learning rate as a multiple of the generator's (taming: 1).
+    pub disc_lr_multiplier: f64,
+}
+
+impl GanConfig {
+    /// Checks the shape once.
+    ///
+    /// # Errors
+    /// [`ModelError::Config`] naming the bad field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field, why: &str| {
+            Err(ModelError::Config {
+                field,
+                why: why.to_owned(),
+            })
+        };
+        if self.in_channels == 0 || self.ndf == 0 {
+            return bad("discriminator", "in_channels and ndf must be > 0");
+        }
+        if self.n_layers == 0 {
+            return bad("n_layers", "must be > 0");
+        }
+        for (field, v) in [
+            ("disc_weight", self.disc_weight),
+            ("codebook_weight", self.codebook_weight),
+            ("perceptual_weight", self.perceptual_weight),
+            ("disc_lr_multiplier", self.disc_lr_multiplier),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return bad(field, "must be finite and >= 0");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// PatchGAN discriminator: Conv4×4/2 + LeakyReLU(0.2), then `n_layers − 1` blocks of
+/// Conv4×4/2 (no bias) + BatchNorm + LeakyReLU with widths `ndf·min(2ⁿ, 8)`, one such block with
+/// stride 1, and a 4×4 convolution to one logit per patch. Weights N(0, 0.02), BatchNorm scales
+/// N(1, 0.02) (taming's `weights_init`). Variable names `main.{i}.*` as taming's `nn.Sequential`.
+///
+/// ```
+/// use tch::{nn, nn::ModuleT, Device, Kind, Tensor};
+/// use vq_models::{PatchDiscriminator, Preset};
+///
+/// let vs = nn::VarStore::new(Device::Cpu);
+/// let d = PatchDiscriminator::new(&vs.root(), &Preset::VqganF16Imagenet.gan().unwrap()).unwrap();
+/// let logits = d.forward_t(&Tensor::zeros([1, 3, 64, 64], (Kind::Float, Device::Cpu)), false);
+/// assert_eq!(logits.size(), [1, 1, 6, 6]);
+/// ```
+#[derive(Debug)]
+pub struct PatchDiscriminator {
+    convs: Vec<nn::Conv2D>,
+    norms: Vec<Option<nn::BatchNorm>>,
+}
+
+impl PatchDiscriminator {
+    /// Builds the discriminator's variables under `p`.
+    ///
+    /// # Errors
+    /// [`ModelError::Config`] for an invalid config.
+    pub fn new(p: &nn::Path, cfg: &GanConfig) -> Result<Self> {
+        cfg.validate()?;
+        let conv_init = nn::Init::Randn {
+            mean: 0.0,
+            stdev: 0.02,
+        };
+        let conv = |i: usize, cin: usize, cout: usize, stride: i64, bias: bool| {
+            nn::conv2d(
+                p / "main" / i,
+                cin as i64,
+                cout as i64,
+                4,
+                nn::ConvConfig {
+                    stride,
+                    padding: 1,
+                    bias,
+                    ws_init: conv_init,
+                    bs_init: nn::Init::Const(0.0),
+                    ..Default::default()
+                },
+            )
+        };
+        let bn = |i: usize, c: usize| {
+            Some(nn::batch_norm2d(
+                p / "main" / i,
+                c as i64,
+                nn::BatchNormConfig {
+                    ws_init: nn::Init::Randn {
+                        mean: 1.0,
+                        stdev: 0.02,
+                    },
+                    bs_init: nn::Init::Const(0.0),
+                    ..Default::default()
+                },
+            ))
+        };
+        let ndf = cfg.ndf;
+        let mut convs = vec![conv(0, cfg.in_channels, ndf, 2, true)];
+        let mut norms = vec![None];
+        // Sequential indices: conv, lrelu, then (conv, bn, lrelu) per block, then the last conv.
+        let mut idx = 2;
+        let mut mult = 1;
+        for n in 1..=cfg.n_layers {
+            let prev = mult;
+            mult = (1 << n).min(8);
+            let stride = if n < cfg.n_layers { 2 } else { 1 };
+            convs.push(conv(idx, ndf * prev, ndf * mult, stride, false));
+            norms.push(bn(idx + 1, ndf * mult));
+            idx += 3;
+        }
+        convs.push(conv(idx, ndf * mult, 1, 1, true));
+        norms.push(None);
+        Ok(Self { convs, norms })
+    }
+}
+
+impl ModuleT for PatchDiscriminator {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        let last = self.convs.len() - 1;
+        let mut h = x.shallow_clone();
+        for (i, (conv, norm)) in self.convs.iter().zip(&self.norms).enumerate() {
+            h = h.apply(conv);
+            if let Some(bn) = norm {
+                h = h.apply_t(bn, train);
+            }
+            if i != last {
+                // LeakyReLU(0.2) = max(x, 0.2x).
+                h = h.maximum(&(&h * 0.2));
+            }
+        }
+        h
+    }
+}
+
+/// Hinge loss of the discriminator: `½(mean(relu(1 − D(x))) + mean(relu(1 + D(x̃))))`.
+///
+/// ```
+/// use tch::Tensor;
+/// let l = vq_models::hinge_d_loss(&Tensor::from_slice(&[2.0f32]), &Tensor::from_slice(&[0.0f32]));
+/// assert_eq!(f64::try_from(l).unwrap(), 0.5); // real side 0, fake side 1
+/// ```
+pub fn hinge_d_loss(logits_real: &Tensor, logits_fake: &Tensor) -> Tensor {
+    let real = (logits_real.neg() + 1.0).relu().mean(Kind::Float);
+    let fake = (logits_fake + 1.0).relu().mean(Kind::Float);
+    (real + fake) * 0.5
+}
+
+/// Generator adversarial loss `−mean(D(x̃))`.
+pub fn generator_loss(logits_fake: &Tensor) -> Tensor {
+    -logits_fake.mean(Kind::Float)
+}
+
+/// taming's adaptive weight `disc_weight · ‖∇_w nll‖ / (‖∇_w g‖ + 1e-4)`, clamped to
+/// [0, 1e4] before the multiplier, with `w` the decoder's last layer weight. Both losses must
+/// still have their graphs (they are kept).
+///
+/// # Errors
+/// [`ModelError::Config`] if `w` is not reached by the losses.
+pub fn adaptive_weight(
+    nll: &Tensor,
+    g_loss: &Tensor,
+    last_layer: &Tensor,
+    disc_weight: f64,
+) -> Result<f64> {
+    let grad = |loss: &Tensor| -> Result<f64> {
+        let g = Tensor::f_run_backward(&[loss], &[last_layer], true, false).map_err(|e| {
+            ModelError::Config {
+                field: "adaptive_weight",
+                why: format!("the loss does not reach the decoder's last layer: {e}"),
+            }
+        })?;
+        Ok(f64::try_from(g[0].norm()).unwrap_or(f64::NAN))
+    };
+    let (a, b) = (grad(nll)?, grad(g_loss)?);
+    Ok((a / (b + 1e-4)).clamp(0.0, 1e4) * disc_weight)
+}
