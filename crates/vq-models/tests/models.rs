@@ -66,8 +66,8 @@ fn every_preset_gives_the_right_shapes_at_reduced_width() {
 /// z 256) encoder 29 298 176 + decoder 42 449 795; f4 (ch_mult [1,2,4], no attention, z 3)
 /// encoder 22 337 411 + decoder 32 960 771. The Table-1 quantizer adds Linear(256→32) and
 /// Linear(32→256) = 16 672 for f16 (+ LayerNorm(32) = 64 for cosine); EMA codebooks are not
-/// trainable. latent-diffusion f8 (ch_mult [1,2,2,4], attention at 32, z 4): encoder 27 397 764
-/// + decoder 40 253 955. taming's NLayerDiscriminator (ndf 64): 2 765 633 parameters with 3
+/// trainable. latent-diffusion f8 (ch_mult [1,2,2,4], attention at 32, z 4): encoder 27 397 764,
+/// decoder 40 253 955. taming's NLayerDiscriminator (ndf 64): 2 765 633 parameters with 3
 /// layers, 663 361 with 2.
 #[test]
 fn full_presets_have_the_reference_parameter_counts() {
