@@ -33,11 +33,34 @@ fn dir_of(run: &Path) -> PathBuf {
     run.join("checkpoints")
 }
 
-/// Writes a checkpoint of `vs`, `opt` and `state`; returns its folder.
+/// A set of variables and its optimiser, saved as `<name>.safetensors` and
+/// `<name>_optimizer.safetensors` (the model part: `model.safetensors`, `optimizer.safetensors`).
+#[derive(Debug)]
+pub struct Part<'a> {
+    /// `model` or `discriminator`.
+    pub name: &'static str,
+    /// The variables.
+    pub vs: &'a nn::VarStore,
+    /// Their optimiser.
+    pub opt: &'a AdamW,
+}
+
+fn files(name: &str) -> (String, String) {
+    if name == "model" {
+        ("model.safetensors".into(), "optimizer.safetensors".into())
+    } else {
+        (
+            format!("{name}.safetensors"),
+            format!("{name}_optimizer.safetensors"),
+        )
+    }
+}
+
+/// Writes a checkpoint of the parts and `state`; returns its folder.
 ///
 /// # Errors
 /// File-system and serialisation errors (the previous checkpoint is left as it was).
-pub fn save(run: &Path, vs: &nn::VarStore, opt: &AdamW, state: &TrainState) -> Result<PathBuf> {
+pub fn save(run: &Path, parts: &[Part<'_>], state: &TrainState) -> Result<PathBuf> {
     let dir = dir_of(run);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let name = format!("step-{:08}", state.step);
@@ -46,12 +69,16 @@ pub fn save(run: &Path, vs: &nn::VarStore, opt: &AdamW, state: &TrainState) -> R
         fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
     }
     fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    vs.save(tmp.join("model.safetensors"))
-        .with_context(|| format!("writing model weights into {}", tmp.display()))?;
-    let opt_state = opt.state();
-    let named: Vec<(&str, &Tensor)> = opt_state.iter().map(|(k, t)| (k.as_str(), t)).collect();
-    Tensor::write_safetensors(&named, tmp.join("optimizer.safetensors"))
-        .with_context(|| format!("writing optimizer state into {}", tmp.display()))?;
+    for part in parts {
+        let (weights, optim) = files(part.name);
+        part.vs
+            .save(tmp.join(&weights))
+            .with_context(|| format!("writing {weights} into {}", tmp.display()))?;
+        let opt_state = part.opt.state();
+        let named: Vec<(&str, &Tensor)> = opt_state.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        Tensor::write_safetensors(&named, tmp.join(&optim))
+            .with_context(|| format!("writing {optim} into {}", tmp.display()))?;
+    }
     write_synced(&tmp.join("state.json"), &serde_json::to_vec_pretty(state)?)?;
     let final_dir = dir.join(&name);
     if final_dir.exists() {
@@ -110,21 +137,29 @@ pub fn latest(run: &Path) -> Result<Option<(PathBuf, TrainState)>> {
     Ok(Some((ckpt, state)))
 }
 
-/// Loads a checkpoint folder into `vs` and `opt`.
+/// Loads a checkpoint folder into the parts' variables and optimisers (same names as
+/// [`save`]).
 ///
 /// # Errors
 /// Missing files, or tensors that do not fit the model.
-pub fn load(ckpt: &Path, vs: &mut nn::VarStore, opt: &mut AdamW) -> Result<()> {
-    let model = ckpt.join("model.safetensors");
-    vs.load(&model)
-        .with_context(|| format!("loading model weights from {}", model.display()))?;
-    let optim = ckpt.join("optimizer.safetensors");
-    let state: HashMap<String, Tensor> = Tensor::read_safetensors(&optim)
-        .with_context(|| format!("reading {}", optim.display()))?
-        .into_iter()
-        .collect();
-    opt.load_state(state)
-        .with_context(|| format!("loading optimizer state from {}", optim.display()))
+pub fn load(
+    ckpt: &Path,
+    parts: &mut [(&'static str, &mut nn::VarStore, &mut AdamW)],
+) -> Result<()> {
+    for (name, vs, opt) in parts.iter_mut() {
+        let (weights, optim) = files(name);
+        let file = ckpt.join(&weights);
+        vs.load(&file)
+            .with_context(|| format!("loading {}", file.display()))?;
+        let file = ckpt.join(&optim);
+        let state: HashMap<String, Tensor> = Tensor::read_safetensors(&file)
+            .with_context(|| format!("reading {}", file.display()))?
+            .into_iter()
+            .collect();
+        opt.load_state(state)
+            .with_context(|| format!("loading optimizer state from {}", file.display()))?;
+    }
+    Ok(())
 }
 
 /// Loads only the model weights of a checkpoint (or of a bare `.safetensors` file).

@@ -139,13 +139,19 @@ fn preset_config(name: &str) -> Result<RunConfig> {
         Preset::DemoFashionMnist => "fashion-mnist-demo".to_owned(),
         _ => "synthetic:512".to_owned(),
     };
+    // 256² models: 16 images per forward pass (the paper's per-GPU batch), accumulated.
+    let micro = match preset {
+        Preset::DemoFashionMnist => 64,
+        _ => 16,
+    };
     Ok(RunConfig {
         preset: name.to_owned(),
         model: preset.config(),
-        micro_batch: training.batch_size.min(64),
+        micro_batch: training.batch_size.min(micro),
         training,
         data,
         seed: 0,
+        gan: preset.gan(),
     })
 }
 

@@ -7,9 +7,13 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
+use tch::nn::ModuleT;
 use tch::{Device, Kind, Reduction, Tensor, nn};
 use vq_data::Split;
-use vq_models::{TrainingConfig, VqAutoencoder, VqAutoencoderConfig};
+use vq_models::{
+    GanConfig, PatchDiscriminator, TrainingConfig, VqAutoencoder, VqAutoencoderConfig,
+    adaptive_weight, generator_loss, hinge_d_loss,
+};
 use vq_tch::Mode;
 
 use crate::checkpoint::{self, TrainState};
@@ -33,6 +37,10 @@ pub struct RunConfig {
     pub seed: u64,
     /// Images per forward pass; `training.batch_size` must be a multiple (gradient accumulation).
     pub micro_batch: usize,
+    /// VQGAN adversarial training (PatchGAN, hinge loss, adaptive weight); `None` for a VQ-VAE
+    /// (reconstruction MSE + quantizer losses).
+    #[serde(default)]
+    pub gan: Option<GanConfig>,
 }
 
 impl RunConfig {
@@ -59,6 +67,15 @@ impl RunConfig {
             t.learning_rate
         );
         ensure!(t.steps > 0, "steps must be > 0");
+        if let Some(g) = &self.gan {
+            g.validate()?;
+            ensure!(
+                g.in_channels == self.model.autoencoder.out_channels,
+                "the discriminator takes {} channels but the decoder writes {}",
+                g.in_channels,
+                self.model.autoencoder.out_channels
+            );
+        }
         DataSource::parse(&self.data)?;
         Ok(())
     }
@@ -95,7 +112,7 @@ pub struct StepMetrics {
     pub lr: f64,
     /// Total loss.
     pub loss: f64,
-    /// Reconstruction MSE.
+    /// Reconstruction loss: MSE (VQ-VAE) or L1 (VQGAN).
     pub rec: f64,
     /// Weighted commitment loss.
     pub commitment: f64,
@@ -109,6 +126,15 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     /// Optimiser steps per second in the window.
     pub steps_per_s: f64,
+    /// VQGAN: discriminator hinge loss (0 before `disc_start`).
+    #[serde(default)]
+    pub d_loss: f64,
+    /// VQGAN: generator adversarial loss −mean D(x̃) (0 before `disc_start`).
+    #[serde(default)]
+    pub g_loss: f64,
+    /// VQGAN: adaptive weight of the adversarial term (0 before `disc_start`).
+    #[serde(default)]
+    pub d_weight: f64,
 }
 
 /// What [`train`] returns.
@@ -144,6 +170,23 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
     let mut model = VqAutoencoder::new(&vs.root(), &cfg.model)?;
     let t = &cfg.training;
     let mut opt = AdamW::new(&vs, t.betas, t.weight_decay);
+    let mut gan = match &cfg.gan {
+        Some(g) => {
+            let dvs = nn::VarStore::new(opts.device);
+            let disc = PatchDiscriminator::new(&dvs.root(), g)?;
+            let dopt = AdamW::new(&dvs, t.betas, t.weight_decay);
+            if g.perceptual_weight > 0.0 {
+                eprintln!(
+                    "WARNING: LPIPS is not available (no pretrained VGG16/LPIPS weights are loaded), \
+                     so this VQGAN trains WITHOUT its perceptual term (perceptual_weight {} ignored); \
+                     reconstruction is L1 only.",
+                    g.perceptual_weight
+                );
+            }
+            Some((g.clone(), dvs, disc, dopt))
+        }
+        None => None,
+    };
     let mut start = 0;
     match checkpoint::latest(&opts.out)? {
         Some((ckpt, state)) if opts.resume => {
@@ -153,7 +196,13 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
                     ckpt.display()
                 );
             }
-            checkpoint::load(&ckpt, &mut vs, &mut opt)?;
+            match gan.as_mut() {
+                Some((_, dvs, _, dopt)) => checkpoint::load(
+                    &ckpt,
+                    &mut [("model", &mut vs, &mut opt), ("discriminator", dvs, dopt)],
+                )?,
+                None => checkpoint::load(&ckpt, &mut [("model", &mut vs, &mut opt)])?,
+            }
             start = state.step;
             eprintln!("resuming {} at step {start}", opts.out.display());
         }
@@ -191,6 +240,9 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
         opt.zero_grad();
         let mut codes: Vec<i64> = Vec::new();
         let mut sums = [0f64; 4];
+        let mut adv = [0f64; 3];
+        let adversarial = gan.as_ref().is_some_and(|(g, ..)| step >= g.disc_start);
+        let mut pairs: Vec<(Tensor, Tensor)> = Vec::new();
         for a in 0..accum {
             let x = data.batch(&sampler.batch_indices(step * accum + a), opts.device);
             let out = match model.forward(&x, Mode::Train) {
@@ -204,8 +256,33 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
                 ),
                 Err(e) => return Err(e.into()),
             };
-            let rec = out.reconstruction.mse_loss(&x, Reduction::Mean);
-            let loss = &rec + &out.vq.commitment_loss + &out.vq.codebook_loss;
+            let qloss = &out.vq.commitment_loss + &out.vq.codebook_loss;
+            let (rec, loss) = match &gan {
+                None => {
+                    let rec = out.reconstruction.mse_loss(&x, Reduction::Mean);
+                    let loss = &rec + &qloss;
+                    (rec, loss)
+                }
+                Some((g, _, disc, _)) => {
+                    // taming: nll = mean|x − x̃| (+ LPIPS), loss = nll + λ·g_loss + w_cb·qloss.
+                    let nll = (&x - &out.reconstruction).abs().mean(Kind::Float);
+                    let mut loss = &nll + &qloss * g.codebook_weight;
+                    if adversarial {
+                        let g_loss = generator_loss(&disc.forward_t(&out.reconstruction, true));
+                        let w = adaptive_weight(
+                            &nll,
+                            &g_loss,
+                            model.decoder().last_layer_weight(),
+                            g.disc_weight,
+                        )?;
+                        adv[1] += f64::try_from(&g_loss).unwrap_or(f64::NAN) / accum as f64;
+                        adv[2] += w / accum as f64;
+                        loss = loss + g_loss * w;
+                    }
+                    pairs.push((x.shallow_clone(), out.reconstruction.detach()));
+                    (nll, loss)
+                }
+            };
             (&loss / accum as f64).backward();
             let parts = Tensor::stack(
                 &[
@@ -238,10 +315,20 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
         }
         let grad_norm = opt.clip_grad_norm(t.grad_clip);
         opt.step(lr);
+        if let (true, Some((g, _, disc, dopt))) = (adversarial, gan.as_mut()) {
+            // Discriminator step on the same images and the generator's (detached) outputs.
+            dopt.zero_grad();
+            for (x, rec) in &pairs {
+                let d_loss = hinge_d_loss(&disc.forward_t(x, true), &disc.forward_t(rec, true));
+                adv[0] += f64::try_from(&d_loss).unwrap_or(f64::NAN) / accum as f64;
+                (d_loss / accum as f64).backward();
+            }
+            dopt.step(lr * g.disc_lr_multiplier);
+        }
         let idx: Vec<u32> = codes.iter().map(|&i| i as u32).collect();
         let counts = vq_core::code_counts(&idx, k)?;
         let used = counts.iter().filter(|&&c| c > 0).count() as f64 / k as f64;
-        window.add(&sums, used, vq_core::perplexity(&counts), grad_norm);
+        window.add(&sums, &adv, used, vq_core::perplexity(&counts), grad_norm);
         let done = step + 1;
         bar.set_position(done as u64);
         if done % opts.log_every.max(1) == 0 || done == t.steps || opts.stop_after == Some(done) {
@@ -267,7 +354,19 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
                 step: done,
                 run: run_json.clone(),
             };
-            checkpoint::save(&opts.out, &vs, &opt, &state)?;
+            let mut parts = vec![checkpoint::Part {
+                name: "model",
+                vs: &vs,
+                opt: &opt,
+            }];
+            if let Some((_, dvs, _, dopt)) = &gan {
+                parts.push(checkpoint::Part {
+                    name: "discriminator",
+                    vs: dvs,
+                    opt: dopt,
+                });
+            }
+            checkpoint::save(&opts.out, &parts, &state)?;
         }
         if stop {
             break;
@@ -292,15 +391,26 @@ fn last_checkpoint(out: &Path) -> Result<String> {
 struct Window {
     n: usize,
     sums: [f64; 4],
+    adv: [f64; 3],
     usage: f64,
     perplexity: f64,
     grad_norm: f64,
 }
 
 impl Window {
-    fn add(&mut self, sums: &[f64; 4], usage: f64, perplexity: f64, grad_norm: f64) {
+    fn add(
+        &mut self,
+        sums: &[f64; 4],
+        adv: &[f64; 3],
+        usage: f64,
+        perplexity: f64,
+        grad_norm: f64,
+    ) {
         self.n += 1;
         for (a, b) in self.sums.iter_mut().zip(sums) {
+            *a += b;
+        }
+        for (a, b) in self.adv.iter_mut().zip(adv) {
             *a += b;
         }
         self.usage += usage;
@@ -321,6 +431,9 @@ impl Window {
             perplexity: self.perplexity / n,
             grad_norm: self.grad_norm / n,
             steps_per_s: n / secs.max(1e-9),
+            d_loss: self.adv[0] / n,
+            g_loss: self.adv[1] / n,
+            d_weight: self.adv[2] / n,
         }
     }
 }

@@ -32,6 +32,7 @@ fn small(steps: usize) -> RunConfig {
         data: "fashion-mnist-demo".into(),
         seed: 5,
         micro_batch: 8,
+        gan: None,
     }
 }
 
@@ -164,4 +165,67 @@ fn compare_writes_the_table_json_and_plots() {
         assert!(out.join(f).is_file(), "{f} missing");
     }
     std::fs::remove_dir_all(out).unwrap();
+}
+
+fn small_gan(steps: usize) -> RunConfig {
+    let preset = Preset::LdmF4;
+    let mut model = preset.config();
+    let a = &mut model.autoencoder;
+    a.ch = 32;
+    a.resolution = 32;
+    a.num_res_blocks = 1;
+    model.quantizer.codebook_size = 64;
+    let mut gan = preset.gan().unwrap();
+    gan.ndf = 16;
+    gan.n_layers = 2;
+    gan.disc_start = 1;
+    gan.perceptual_weight = 0.0;
+    let mut training = preset.training();
+    training.steps = steps;
+    training.batch_size = 4;
+    training.learning_rate = 1e-4;
+    RunConfig {
+        preset: preset.name().into(),
+        model,
+        training,
+        data: "synthetic:16".into(),
+        seed: 2,
+        micro_batch: 2,
+        gan: Some(gan),
+    }
+}
+
+#[test]
+fn vqgan_training_alternates_and_resumes_exactly() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let (a, b) = (tmp("gan-a"), tmp("gan-b"));
+    let whole = train(&options(small_gan(4), &a)).unwrap();
+    let h = &whole.history;
+    assert_eq!(h.len(), 4);
+    assert_eq!(
+        (h[0].d_loss, h[0].d_weight),
+        (0.0, 0.0),
+        "before disc_start"
+    );
+    for m in &h[1..] {
+        assert!(m.d_loss > 0.0 && m.d_loss.is_finite(), "{m:?}");
+        assert!(m.d_weight > 0.0 && m.d_weight.is_finite(), "{m:?}");
+    }
+    train(&TrainOptions {
+        stop_after: Some(2),
+        ..options(small_gan(4), &b)
+    })
+    .unwrap();
+    let ckpt = vq_train::checkpoint::latest(&b).unwrap().unwrap().0;
+    assert!(ckpt.join("discriminator_optimizer.safetensors").is_file());
+    let resumed = train(&TrainOptions {
+        resume: true,
+        ..options(small_gan(4), &b)
+    })
+    .unwrap();
+    let (x, y) = (h.last().unwrap(), resumed.history.last().unwrap());
+    assert_eq!((x.loss, x.d_loss), (y.loss, y.d_loss), "same step-4 losses");
+    for d in [a, b] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
 }
