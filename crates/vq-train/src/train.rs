@@ -277,7 +277,7 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
                         )?;
                         adv[1] += f64::try_from(&g_loss).unwrap_or(f64::NAN) / accum as f64;
                         adv[2] += w / accum as f64;
-                        loss = loss + g_loss * w;
+                        loss += g_loss * w;
                     }
                     pairs.push((x.shallow_clone(), out.reconstruction.detach()));
                     (nll, loss)
