@@ -28,6 +28,14 @@ pub enum ModelError {
         /// The input's shape.
         got: Vec<i64>,
     },
+    /// A pretrained-weights file could not be used.
+    #[error("weights file {file}: {why}")]
+    Weights {
+        /// The file.
+        file: String,
+        /// What went wrong.
+        why: String,
+    },
     /// The quantizer failed.
     #[error(transparent)]
     Quantizer(#[from] vq_tch::VqTchError),

@@ -4,17 +4,19 @@
 //! Implemented: the taming-transformers CNN encoder/decoder ([`taming`]), the VQ autoencoder
 //! around [`vq_tch::VectorQuantizer`] ([`VqAutoencoder`]), the PatchGAN discriminator with the
 //! hinge loss and taming's adaptive weight ([`PatchDiscriminator`]), and presets for the paper's
-//! Table-1 VQ-VAEs, Table-2/3 VQGANs and a small demo model ([`Preset`]). Not yet: LPIPS, the
-//! ViT-VQGAN and TimeSformer models. The quantizer itself lives in [`vq_tch`].
+//! Table-1 VQ-VAEs, Table-2/3 VQGANs and a small demo model ([`Preset`]), and LPIPS with
+//! user-supplied weights ([`Lpips`]). Not yet: the ViT-VQGAN and TimeSformer models. The quantizer itself lives in [`vq_tch`].
 
 mod error;
 mod gan;
+mod lpips;
 mod presets;
 pub mod taming;
 mod vqvae;
 
 pub use error::{ModelError, Result};
 pub use gan::{GanConfig, PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss};
+pub use lpips::Lpips;
 pub use presets::{Preset, TrainingConfig};
 pub use vq_tch;
 pub use vqvae::{AutoencoderOutput, QuantConv, VqAutoencoder, VqAutoencoderConfig};

@@ -117,8 +117,13 @@ pub fn evaluate_run(
     let train_set = ImageSet::load(&source, Split::Train, a.in_channels, a.resolution)?;
     let val_set = ImageSet::load(&source, Split::Test, a.in_channels, a.resolution)?;
     let batch = config.micro_batch;
-    let train = evaluate(model, &train_set, batch, device)?;
-    let val = evaluate(model, &val_set, batch, device)?;
+    let lpips = config
+        .lpips_weights
+        .as_ref()
+        .map(|f| vq_models::Lpips::load(f, device))
+        .transpose()?;
+    let train = evaluate(model, &train_set, batch, device, lpips.as_ref())?;
+    let val = evaluate(model, &val_set, batch, device, lpips.as_ref())?;
     let show: Vec<i64> = (0..16.min(val_set.len() as i64)).collect();
     let x = val_set.batch(&show, device);
     let rec = tch::no_grad(|| model.forward(&x, vq_tch::Mode::Eval))?.reconstruction;
@@ -170,11 +175,15 @@ pub fn markdown(config: &RunConfig, rows: &[CompareRow]) -> String {
         config.training.batch_size,
         config.seed,
     );
-    s.push_str("| Estimator | Codebook usage (val, per 256 images) | Train rec. MSE | Val rec. MSE | Quantization error (val) | Perplexity (val) | Codes used (all val) | LPIPS / r-FID / r-IS |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| Estimator | Codebook usage (val, per 256 images) | Train rec. MSE | Val rec. MSE | Quantization error (val) | Perplexity (val) | Codes used (all val) | LPIPS (val) | r-FID / r-IS |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
+        let lpips = r.val.lpips.map_or_else(
+            || "needs weights (--lpips)".to_owned(),
+            |v| format!("{v:.4}"),
+        );
         s.push_str(&format!(
-            "| {} | {:.1}% | {:.5} | {:.5} | {:.3e} | {:.1} | {:.1}% | needs weights |\n",
+            "| {} | {:.1}% | {:.5} | {:.5} | {:.3e} | {:.1} | {:.1}% | {lpips} | not implemented |\n",
             r.estimator,
             100.0 * r.val.usage,
             r.train.rec_mse,

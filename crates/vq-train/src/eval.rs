@@ -1,10 +1,10 @@
 //! Validation metrics: reconstruction MSE and L1, codebook usage per 256 inputs (the paper's
-//! convention), perplexity and quantization error. LPIPS, r-FID and r-IS need pretrained network
-//! weights the project cannot ship; they are reported as "needs weights".
+//! convention), perplexity, quantization error, and LPIPS when its weights are given. r-FID and
+//! r-IS (Inception features) are not implemented yet.
 
 use anyhow::Result;
 use tch::{Device, Kind, Reduction, Tensor};
-use vq_models::VqAutoencoder;
+use vq_models::{Lpips, VqAutoencoder};
 use vq_tch::Mode;
 
 use crate::data::ImageSet;
@@ -26,6 +26,9 @@ pub struct EvalMetrics {
     pub perplexity: f64,
     /// Quantization error mean((e − q)²) per element, in code space.
     pub quantization_error: f64,
+    /// Mean LPIPS distance between images and reconstructions (when weights were given).
+    #[serde(default)]
+    pub lpips: Option<f64>,
 }
 
 /// Evaluates `model` on `set` in batches of `batch` (no gradients, EMA frozen).
@@ -37,9 +40,10 @@ pub fn evaluate(
     set: &ImageSet,
     batch: usize,
     device: Device,
+    lpips: Option<&Lpips>,
 ) -> Result<EvalMetrics> {
     let k = model.config().quantizer.codebook_size;
-    let (mut mse, mut l1, mut qe) = (0f64, 0f64, 0f64);
+    let (mut mse, mut l1, mut qe, mut lp) = (0f64, 0f64, 0f64, 0f64);
     let mut codes: Vec<u32> = Vec::new();
     let mut per_image = 0;
     let n = set.len();
@@ -60,6 +64,9 @@ pub fn evaluate(
         .to_kind(Kind::Double)
         .to_device(Device::Cpu);
         let s = Vec::<f64>::try_from(stats)?;
+        if let Some(net) = lpips {
+            lp += f64::try_from(net.forward(&x, &out.reconstruction).sum(Kind::Double))?;
+        }
         mse += s[0] * w;
         l1 += s[1] * w;
         qe += s[2] * w;
@@ -81,5 +88,6 @@ pub fn evaluate(
         usage_total: counts.iter().filter(|&&c| c > 0).count() as f64 / k as f64,
         perplexity: vq_core::perplexity(&counts),
         quantization_error: qe / nf,
+        lpips: lpips.map(|_| lp / nf),
     })
 }

@@ -54,6 +54,9 @@ enum Command {
         /// Device.
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// LPIPS weights (safetensors) for the LPIPS column (default: the run's own, if any).
+        #[arg(long)]
+        lpips: Option<PathBuf>,
     },
 }
 
@@ -110,6 +113,10 @@ struct RunArgs {
     /// Stop with a checkpoint after this many steps (continue later with --resume).
     #[arg(long)]
     stop_after: Option<usize>,
+    /// LPIPS weights (safetensors; how to convert them: `vq_models::Lpips` docs): the perceptual
+    /// term of VQGAN training and the LPIPS column of evaluations.
+    #[arg(long)]
+    lpips: Option<PathBuf>,
 }
 
 fn parse_device(s: &str) -> Result<Device> {
@@ -152,6 +159,7 @@ fn preset_config(name: &str) -> Result<RunConfig> {
         data,
         seed: 0,
         gan: preset.gan(),
+        lpips_weights: None,
     })
 }
 
@@ -180,6 +188,9 @@ impl RunArgs {
         }
         if let Some(m) = self.micro_batch {
             cfg.micro_batch = m;
+        }
+        if let Some(f) = &self.lpips {
+            cfg.lpips_weights = Some(f.clone());
         }
         if let Some(lr) = self.lr {
             cfg.training.learning_rate = lr;
@@ -292,26 +303,33 @@ fn main() -> Result<()> {
                 opts.out.display()
             );
         }
-        Command::Eval { run, device } => {
+        Command::Eval { run, device, lpips } => {
             let device = parse_device(&device)?;
             let file = run.join("run.json");
-            let cfg: RunConfig = serde_json::from_slice(
+            let mut cfg: RunConfig = serde_json::from_slice(
                 &std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?,
             )
             .with_context(|| format!("parsing {}", file.display()))?;
+            if lpips.is_some() {
+                cfg.lpips_weights = lpips;
+            }
             let mut vs = nn::VarStore::new(device);
             let mut model = VqAutoencoder::new(&vs.root(), &cfg.model)?;
             checkpoint::load_model(&run, &mut vs)?;
             let row = evaluate_run(&mut model, &cfg, &run, device, 0.0)?;
             for (name, m) in [("train", &row.train), ("val", &row.val)] {
                 println!(
-                    "{name}: {} images, rec MSE {:.5}, L1 {:.5}, usage/256 {:.1}%, perplexity {:.1}, QE {:.3e}, LPIPS/r-FID/r-IS: needs weights",
+                    "{name}: {} images, rec MSE {:.5}, L1 {:.5}, usage/256 {:.1}%, perplexity {:.1}, QE {:.3e}, LPIPS {}, r-FID/r-IS not implemented",
                     m.images,
                     m.rec_mse,
                     m.rec_l1,
                     100.0 * m.usage,
                     m.perplexity,
-                    m.quantization_error
+                    m.quantization_error,
+                    m.lpips.map_or_else(
+                        || "needs weights (--lpips)".to_owned(),
+                        |v| format!("{v:.4}")
+                    )
                 );
             }
             println!(

@@ -11,7 +11,7 @@ use tch::nn::ModuleT;
 use tch::{Device, Kind, Reduction, Tensor, nn};
 use vq_data::Split;
 use vq_models::{
-    GanConfig, PatchDiscriminator, TrainingConfig, VqAutoencoder, VqAutoencoderConfig,
+    GanConfig, Lpips, PatchDiscriminator, TrainingConfig, VqAutoencoder, VqAutoencoderConfig,
     adaptive_weight, generator_loss, hinge_d_loss,
 };
 use vq_tch::Mode;
@@ -41,6 +41,10 @@ pub struct RunConfig {
     /// (reconstruction MSE + quantizer losses).
     #[serde(default)]
     pub gan: Option<GanConfig>,
+    /// LPIPS weights (safetensors, see `vq_models::Lpips`): the perceptual term of VQGAN
+    /// training and the LPIPS column of evaluations.
+    #[serde(default)]
+    pub lpips_weights: Option<PathBuf>,
 }
 
 impl RunConfig {
@@ -175,10 +179,10 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
             let dvs = nn::VarStore::new(opts.device);
             let disc = PatchDiscriminator::new(&dvs.root(), g)?;
             let dopt = AdamW::new(&dvs, t.betas, t.weight_decay);
-            if g.perceptual_weight > 0.0 {
+            if g.perceptual_weight > 0.0 && cfg.lpips_weights.is_none() {
                 eprintln!(
-                    "WARNING: LPIPS is not available (no pretrained VGG16/LPIPS weights are loaded), \
-                     so this VQGAN trains WITHOUT its perceptual term (perceptual_weight {} ignored); \
+                    "WARNING: no LPIPS weights given (--lpips FILE, see vq_models::Lpips), so this \
+                     VQGAN trains WITHOUT its perceptual term (perceptual_weight {} ignored); \
                      reconstruction is L1 only.",
                     g.perceptual_weight
                 );
@@ -186,6 +190,10 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
             Some((g.clone(), dvs, disc, dopt))
         }
         None => None,
+    };
+    let lpips = match (&cfg.gan, &cfg.lpips_weights) {
+        (Some(g), Some(file)) if g.perceptual_weight > 0.0 => Some(Lpips::load(file, opts.device)?),
+        _ => None,
     };
     let mut start = 0;
     match checkpoint::latest(&opts.out)? {
@@ -265,7 +273,11 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
                 }
                 Some((g, _, disc, _)) => {
                     // taming: nll = mean|x − x̃| (+ LPIPS), loss = nll + λ·g_loss + w_cb·qloss.
-                    let nll = (&x - &out.reconstruction).abs().mean(Kind::Float);
+                    let mut nll = (&x - &out.reconstruction).abs().mean(Kind::Float);
+                    if let Some(lp) = &lpips {
+                        let p = lp.forward(&x, &out.reconstruction).mean(Kind::Float);
+                        nll = nll + p * g.perceptual_weight;
+                    }
                     let mut loss = &nll + &qloss * g.codebook_weight;
                     if adversarial {
                         let g_loss = generator_loss(&disc.forward_t(&out.reconstruction, true));

@@ -33,6 +33,7 @@ fn small(steps: usize) -> RunConfig {
         seed: 5,
         micro_batch: 8,
         gan: None,
+        lpips_weights: None,
     }
 }
 
@@ -192,6 +193,7 @@ fn small_gan(steps: usize) -> RunConfig {
         seed: 2,
         micro_batch: 2,
         gan: Some(gan),
+        lpips_weights: None,
     }
 }
 
@@ -228,4 +230,80 @@ fn vqgan_training_alternates_and_resumes_exactly() {
     for d in [a, b] {
         std::fs::remove_dir_all(d).unwrap();
     }
+}
+
+/// Random LPIPS weights with the documented tensor names (the real ones cannot be shipped).
+fn lpips_file(dir: &Path) -> PathBuf {
+    let opts = (tch::Kind::Float, Device::Cpu);
+    let vgg = [
+        (0, 3, 64),
+        (2, 64, 64),
+        (5, 64, 128),
+        (7, 128, 128),
+        (10, 128, 256),
+        (12, 256, 256),
+        (14, 256, 256),
+        (17, 256, 512),
+        (19, 512, 512),
+        (21, 512, 512),
+        (24, 512, 512),
+        (26, 512, 512),
+        (28, 512, 512),
+    ];
+    let mut t: Vec<(String, tch::Tensor)> = Vec::new();
+    for (i, cin, cout) in vgg {
+        t.push((
+            format!("features.{i}.weight"),
+            tch::Tensor::randn([cout, cin, 3, 3], opts) * 0.05,
+        ));
+        t.push((
+            format!("features.{i}.bias"),
+            tch::Tensor::zeros([cout], opts),
+        ));
+    }
+    for (k, c) in [64, 128, 256, 512, 512].into_iter().enumerate() {
+        t.push((
+            format!("lin{k}.weight"),
+            tch::Tensor::rand([1, c, 1, 1], opts) * 0.1,
+        ));
+    }
+    std::fs::create_dir_all(dir).unwrap();
+    let file = dir.join("lpips.safetensors");
+    let named: Vec<(&str, &tch::Tensor)> = t.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    tch::Tensor::write_safetensors(&named, &file).unwrap();
+    file
+}
+
+#[test]
+fn lpips_weights_add_the_perceptual_term_and_the_eval_column() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = tmp("lpips");
+    let weights = lpips_file(&tmp("lpips-weights"));
+    let mut with = small_gan(2);
+    with.gan.as_mut().unwrap().perceptual_weight = 1.0;
+    with.lpips_weights = Some(weights.clone());
+    let without = small_gan(2);
+    let a = train(&options(with.clone(), &out.join("with"))).unwrap();
+    let b = train(&options(without, &out.join("without"))).unwrap();
+    // Same weights and data: the perceptual term makes the step-1 loss larger.
+    assert!(
+        a.history[0].loss > b.history[0].loss,
+        "{:?} vs {:?}",
+        a.history[0],
+        b.history[0]
+    );
+    let rows = vq_train::compare::compare(
+        &TrainOptions {
+            resume: true,
+            ..options(with, &out.join("cmp"))
+        },
+        &[Estimator::Rotation],
+    )
+    .unwrap();
+    let lp = rows[0].val.lpips.expect("LPIPS column");
+    assert!(lp.is_finite() && lp > 0.0, "{lp}");
+    let md = std::fs::read_to_string(out.join("cmp/compare.md")).unwrap();
+    assert!(!md.contains("needs weights"), "{md}");
+    std::fs::remove_dir_all(out).unwrap();
+    std::fs::remove_dir_all(weights.parent().unwrap()).unwrap();
 }
