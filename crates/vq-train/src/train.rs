@@ -276,7 +276,7 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
                     let mut nll = (&x - &out.reconstruction).abs().mean(Kind::Float);
                     if let Some(lp) = &lpips {
                         let p = lp.forward(&x, &out.reconstruction).mean(Kind::Float);
-                        nll = nll + p * g.perceptual_weight;
+                        nll += p * g.perceptual_weight;
                     }
                     let mut loss = &nll + &qloss * g.codebook_weight;
                     if adversarial {
