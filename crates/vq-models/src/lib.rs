@@ -9,6 +9,7 @@
 
 mod error;
 mod gan;
+mod inception;
 mod lpips;
 mod presets;
 pub mod taming;
@@ -16,6 +17,7 @@ mod vqvae;
 
 pub use error::{ModelError, Result};
 pub use gan::{GanConfig, PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss};
+pub use inception::{FidInception, frechet_distance, inception_score};
 pub use lpips::Lpips;
 pub use presets::{Preset, TrainingConfig};
 pub use vq_tch;
