@@ -194,38 +194,35 @@ impl Block {
     }
 }
 
-/// The FID Inception-v3 with its weights (frozen, evaluation mode).
+/// The FID Inception-v3 (evaluation mode: BatchNorm uses its running statistics).
 #[derive(Debug)]
 pub struct FidInception {
-    vs: nn::VarStore,
     stem: [BasicConv; 5],
     blocks: Vec<Block>,
     fc: nn::Linear,
 }
 
 impl FidInception {
-    /// Builds the network on `device` and loads `weights` (see the module docs).
+    /// Builds the network on `device` and loads `weights` (see the module docs); the weights
+    /// are frozen.
     ///
     /// # Errors
     /// [`ModelError::Weights`] naming the file when it cannot be read or lacks a tensor.
     pub fn load(weights: &Path, device: Device) -> Result<Self> {
         let mut vs = nn::VarStore::new(device);
-        let (stem, blocks, fc) = Self::build(&vs.root());
+        let net = Self::new(&vs.root());
         vs.load(weights).map_err(|e| ModelError::Weights {
             file: weights.display().to_string(),
             why: e.to_string(),
         })?;
         vs.freeze();
-        Ok(Self {
-            vs,
-            stem,
-            blocks,
-            fc,
-        })
+        Ok(net)
     }
 
-    /// The layers' variables under `p`: stem, mixed blocks, classifier.
-    fn build(p: &nn::Path) -> ([BasicConv; 5], Vec<Block>, nn::Linear) {
+    /// The network with its variables declared under `p` (tch's default initialisation; load
+    /// pretrained values into the store, as [`load`](Self::load) does). Also gives the exact
+    /// variable layout a weights file must have.
+    pub fn new(p: &nn::Path) -> Self {
         let blocks = vec![
             Block::a(p / "Mixed_5b", 192, 32),
             Block::a(p / "Mixed_5c", 256, 64),
@@ -246,16 +243,16 @@ impl FidInception {
             BasicConv::sq(p / "Conv2d_3b_1x1", 64, 80, 1, 0, 1),
             BasicConv::sq(p / "Conv2d_4a_3x3", 80, 192, 3, 0, 1),
         ];
-        (
+        Self {
             stem,
             blocks,
-            nn::linear(p / "fc", 2048, 1008, Default::default()),
-        )
+            fc: nn::linear(p / "fc", 2048, 1008, Default::default()),
+        }
     }
 
     /// The device the network lives on.
     pub fn device(&self) -> Device {
-        self.vs.device()
+        self.fc.ws.device()
     }
 
     /// Pool features (B, 2048) and class logits (B, 1008) of images in [−1, 1] (B, 3 or 1, H, W;
@@ -355,7 +352,7 @@ mod tests {
     #[test]
     fn the_network_has_pytorch_fid_shapes_and_names() {
         let vs = nn::VarStore::new(Device::Cpu);
-        let (stem, blocks, fc) = FidInception::build(&vs.root());
+        let net = FidInception::new(&vs.root());
         let n: i64 = vs
             .trainable_variables()
             .iter()
@@ -372,12 +369,6 @@ mod tests {
         ] {
             assert!(v.contains_key(k), "{k}");
         }
-        let net = FidInception {
-            vs,
-            stem,
-            blocks,
-            fc,
-        };
         let _guard = tch::no_grad_guard();
         let (pool, logits) =
             net.forward(&Tensor::zeros([2, 1, 32, 32], (Kind::Float, Device::Cpu)));

@@ -11,7 +11,7 @@ use vq_models::VqAutoencoder;
 use vq_tch::Estimator;
 
 use crate::data::{DataSource, ImageSet};
-use crate::eval::{EvalMetrics, evaluate};
+use crate::eval::{EvalMetrics, EvalNets, Perceptual, evaluate};
 use crate::train::{RunConfig, StepMetrics, TrainOptions, train, write_atomic};
 use crate::{checkpoint, plot};
 
@@ -117,13 +117,21 @@ pub fn evaluate_run(
     let train_set = ImageSet::load(&source, Split::Train, a.in_channels, a.resolution)?;
     let val_set = ImageSet::load(&source, Split::Test, a.in_channels, a.resolution)?;
     let batch = config.micro_batch;
-    let lpips = config
-        .lpips_weights
-        .as_ref()
-        .map(|f| vq_models::Lpips::load(f, device))
-        .transpose()?;
-    let train = evaluate(model, &train_set, batch, device, lpips.as_ref())?;
-    let val = evaluate(model, &val_set, batch, device, lpips.as_ref())?;
+    let nets = EvalNets::load(
+        config.lpips_weights.as_deref(),
+        config.inception_weights.as_deref(),
+        device,
+    )?;
+    // r-FID / r-IS are the held-out set's (as in the paper).
+    let train = evaluate(
+        model,
+        &train_set,
+        batch,
+        device,
+        &nets,
+        Perceptual::LpipsOnly,
+    )?;
+    let val = evaluate(model, &val_set, batch, device, &nets, Perceptual::All)?;
     let show: Vec<i64> = (0..16.min(val_set.len() as i64)).collect();
     let x = val_set.batch(&show, device);
     let rec = tch::no_grad(|| model.forward(&x, vq_tch::Mode::Eval))?.reconstruction;
@@ -175,15 +183,15 @@ pub fn markdown(config: &RunConfig, rows: &[CompareRow]) -> String {
         config.training.batch_size,
         config.seed,
     );
-    s.push_str("| Estimator | Codebook usage (val, per 256 images) | Train rec. MSE | Val rec. MSE | Quantization error (val) | Perplexity (val) | Codes used (all val) | LPIPS (val) | r-FID / r-IS |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| Estimator | Codebook usage (val, per 256 images) | Train rec. MSE | Val rec. MSE | Quantization error (val) | Perplexity (val) | Codes used (all val) | LPIPS (val) | r-FID | r-IS |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let lpips = r.val.lpips.map_or_else(
             || "needs weights (--lpips)".to_owned(),
             |v| format!("{v:.4}"),
         );
         s.push_str(&format!(
-            "| {} | {:.1}% | {:.5} | {:.5} | {:.3e} | {:.1} | {:.1}% | {lpips} | not implemented |\n",
+            "| {} | {:.1}% | {:.5} | {:.5} | {:.3e} | {:.1} | {:.1}% | {lpips} | {} | {} |\n",
             r.estimator,
             100.0 * r.val.usage,
             r.train.rec_mse,
@@ -191,6 +199,14 @@ pub fn markdown(config: &RunConfig, rows: &[CompareRow]) -> String {
             r.val.quantization_error,
             r.val.perplexity,
             100.0 * r.val.usage_total,
+            r.val.rfid.map_or_else(
+                || "needs weights (--inception)".to_owned(),
+                |v| format!("{v:.2}")
+            ),
+            r.val.ris.map_or_else(
+                || "needs weights (--inception)".to_owned(),
+                |v| format!("{v:.2}")
+            ),
         ));
     }
     s

@@ -1,10 +1,11 @@
 //! Validation metrics: reconstruction MSE and L1, codebook usage per 256 inputs (the paper's
-//! convention), perplexity, quantization error, and LPIPS when its weights are given. r-FID and
-//! r-IS (Inception features) are not implemented yet.
+//! convention), perplexity, quantization error, and — when the pretrained weights are given —
+//! LPIPS, reconstruction FID (images vs their reconstructions, pytorch-fid's Inception) and the
+//! reconstruction Inception score.
 
 use anyhow::Result;
 use tch::{Device, Kind, Reduction, Tensor};
-use vq_models::{Lpips, VqAutoencoder};
+use vq_models::{FidInception, Lpips, VqAutoencoder, frechet_distance, inception_score};
 use vq_tch::Mode;
 
 use crate::data::ImageSet;
@@ -29,6 +30,50 @@ pub struct EvalMetrics {
     /// Mean LPIPS distance between images and reconstructions (when weights were given).
     #[serde(default)]
     pub lpips: Option<f64>,
+    /// Reconstruction FID: Fréchet distance between the Inception features of the images and of
+    /// their reconstructions (when Inception weights were given).
+    #[serde(default)]
+    pub rfid: Option<f64>,
+    /// Reconstruction Inception score (10 splits; when Inception weights were given).
+    #[serde(default)]
+    pub ris: Option<f64>,
+}
+
+/// Which of the available perceptual metrics to compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Perceptual {
+    /// LPIPS and the Inception metrics.
+    All,
+    /// LPIPS only (the Inception metrics are defined on the held-out set).
+    LpipsOnly,
+}
+
+/// Pretrained networks for the perceptual columns, each optional.
+#[derive(Debug, Default)]
+pub struct EvalNets {
+    /// LPIPS.
+    pub lpips: Option<Lpips>,
+    /// FID Inception.
+    pub inception: Option<FidInception>,
+}
+
+impl EvalNets {
+    /// Loads the networks whose weight files are given.
+    ///
+    /// # Errors
+    /// Unreadable or mismatching weight files.
+    pub fn load(
+        lpips: Option<&std::path::Path>,
+        inception: Option<&std::path::Path>,
+        device: Device,
+    ) -> Result<Self> {
+        Ok(Self {
+            lpips: lpips.map(|f| Lpips::load(f, device)).transpose()?,
+            inception: inception
+                .map(|f| FidInception::load(f, device))
+                .transpose()?,
+        })
+    }
 }
 
 /// Evaluates `model` on `set` in batches of `batch` (no gradients, EMA frozen).
@@ -40,10 +85,16 @@ pub fn evaluate(
     set: &ImageSet,
     batch: usize,
     device: Device,
-    lpips: Option<&Lpips>,
+    nets: &EvalNets,
+    scope: Perceptual,
 ) -> Result<EvalMetrics> {
+    let inception = match scope {
+        Perceptual::All => nets.inception.as_ref(),
+        Perceptual::LpipsOnly => None,
+    };
     let k = model.config().quantizer.codebook_size;
     let (mut mse, mut l1, mut qe, mut lp) = (0f64, 0f64, 0f64, 0f64);
+    let (mut feats_x, mut feats_r, mut logits_r) = (Vec::new(), Vec::new(), Vec::new());
     let mut codes: Vec<u32> = Vec::new();
     let mut per_image = 0;
     let n = set.len();
@@ -64,8 +115,15 @@ pub fn evaluate(
         .to_kind(Kind::Double)
         .to_device(Device::Cpu);
         let s = Vec::<f64>::try_from(stats)?;
-        if let Some(net) = lpips {
+        if let Some(net) = &nets.lpips {
             lp += f64::try_from(net.forward(&x, &out.reconstruction).sum(Kind::Double))?;
+        }
+        if let Some(net) = inception {
+            let (fx, _) = net.forward(&x);
+            let (fr, logits) = net.forward(&out.reconstruction);
+            feats_x.push(fx.to_device(Device::Cpu));
+            feats_r.push(fr.to_device(Device::Cpu));
+            logits_r.push(logits.to_device(Device::Cpu));
         }
         mse += s[0] * w;
         l1 += s[1] * w;
@@ -88,6 +146,9 @@ pub fn evaluate(
         usage_total: counts.iter().filter(|&&c| c > 0).count() as f64 / k as f64,
         perplexity: vq_core::perplexity(&counts),
         quantization_error: qe / nf,
-        lpips: lpips.map(|_| lp / nf),
+        lpips: nets.lpips.as_ref().map(|_| lp / nf),
+        rfid: inception
+            .map(|_| frechet_distance(&Tensor::cat(&feats_x, 0), &Tensor::cat(&feats_r, 0))),
+        ris: inception.map(|_| inception_score(&Tensor::cat(&logits_r, 0), 10).0),
     })
 }

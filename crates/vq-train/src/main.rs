@@ -57,6 +57,9 @@ enum Command {
         /// LPIPS weights (safetensors) for the LPIPS column (default: the run's own, if any).
         #[arg(long)]
         lpips: Option<PathBuf>,
+        /// FID Inception weights (safetensors) for the r-FID / r-IS columns.
+        #[arg(long)]
+        inception: Option<PathBuf>,
     },
 }
 
@@ -117,6 +120,10 @@ struct RunArgs {
     /// term of VQGAN training and the LPIPS column of evaluations.
     #[arg(long)]
     lpips: Option<PathBuf>,
+    /// FID Inception weights (safetensors; `vq_models::FidInception` docs): the r-FID and r-IS
+    /// columns of evaluations.
+    #[arg(long)]
+    inception: Option<PathBuf>,
 }
 
 fn parse_device(s: &str) -> Result<Device> {
@@ -137,6 +144,23 @@ fn parse_device(s: &str) -> Result<Device> {
         );
     }
     Ok(d)
+}
+
+/// A metric that needs pretrained weights: its value, or which option supplies them.
+fn show(v: Option<f64>, option: &str) -> String {
+    v.map_or_else(
+        || format!("needs weights ({option})"),
+        |v| format!("{v:.4}"),
+    )
+}
+
+/// r-FID / r-IS are computed on the held-out split only.
+fn inception_column(v: Option<f64>, split: &str, cfg: &RunConfig) -> String {
+    if split == "train" && cfg.inception_weights.is_some() {
+        "(val only)".to_owned()
+    } else {
+        show(v, "--inception")
+    }
 }
 
 fn preset_config(name: &str) -> Result<RunConfig> {
@@ -160,6 +184,7 @@ fn preset_config(name: &str) -> Result<RunConfig> {
         seed: 0,
         gan: preset.gan(),
         lpips_weights: None,
+        inception_weights: None,
     })
 }
 
@@ -191,6 +216,9 @@ impl RunArgs {
         }
         if let Some(f) = &self.lpips {
             cfg.lpips_weights = Some(f.clone());
+        }
+        if let Some(f) = &self.inception {
+            cfg.inception_weights = Some(f.clone());
         }
         if let Some(lr) = self.lr {
             cfg.training.learning_rate = lr;
@@ -303,7 +331,12 @@ fn main() -> Result<()> {
                 opts.out.display()
             );
         }
-        Command::Eval { run, device, lpips } => {
+        Command::Eval {
+            run,
+            device,
+            lpips,
+            inception,
+        } => {
             let device = parse_device(&device)?;
             let file = run.join("run.json");
             let mut cfg: RunConfig = serde_json::from_slice(
@@ -313,23 +346,25 @@ fn main() -> Result<()> {
             if lpips.is_some() {
                 cfg.lpips_weights = lpips;
             }
+            if inception.is_some() {
+                cfg.inception_weights = inception;
+            }
             let mut vs = nn::VarStore::new(device);
             let mut model = VqAutoencoder::new(&vs.root(), &cfg.model)?;
             checkpoint::load_model(&run, &mut vs)?;
             let row = evaluate_run(&mut model, &cfg, &run, device, 0.0)?;
             for (name, m) in [("train", &row.train), ("val", &row.val)] {
                 println!(
-                    "{name}: {} images, rec MSE {:.5}, L1 {:.5}, usage/256 {:.1}%, perplexity {:.1}, QE {:.3e}, LPIPS {}, r-FID/r-IS not implemented",
+                    "{name}: {} images, rec MSE {:.5}, L1 {:.5}, usage/256 {:.1}%, perplexity {:.1}, QE {:.3e}, LPIPS {}, r-FID {}, r-IS {}",
                     m.images,
                     m.rec_mse,
                     m.rec_l1,
                     100.0 * m.usage,
                     m.perplexity,
                     m.quantization_error,
-                    m.lpips.map_or_else(
-                        || "needs weights (--lpips)".to_owned(),
-                        |v| format!("{v:.4}")
-                    )
+                    show(m.lpips, "--lpips"),
+                    inception_column(m.rfid, name, &cfg),
+                    inception_column(m.ris, name, &cfg),
                 );
             }
             println!(

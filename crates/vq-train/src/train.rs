@@ -45,6 +45,10 @@ pub struct RunConfig {
     /// training and the LPIPS column of evaluations.
     #[serde(default)]
     pub lpips_weights: Option<PathBuf>,
+    /// FID Inception weights (safetensors, see `vq_models::FidInception`): the r-FID and r-IS
+    /// columns of evaluations.
+    #[serde(default)]
+    pub inception_weights: Option<PathBuf>,
 }
 
 impl RunConfig {

@@ -34,6 +34,7 @@ fn small(steps: usize) -> RunConfig {
         micro_batch: 8,
         gan: None,
         lpips_weights: None,
+        inception_weights: None,
     }
 }
 
@@ -194,6 +195,7 @@ fn small_gan(steps: usize) -> RunConfig {
         micro_batch: 2,
         gan: Some(gan),
         lpips_weights: None,
+        inception_weights: None,
     }
 }
 
@@ -304,6 +306,36 @@ fn lpips_weights_add_the_perceptual_term_and_the_eval_column() {
     assert!(lp.is_finite() && lp > 0.0, "{lp}");
     let md = std::fs::read_to_string(out.join("cmp/compare.md")).unwrap();
     assert!(!md.contains("needs weights"), "{md}");
+    std::fs::remove_dir_all(out).unwrap();
+    std::fs::remove_dir_all(weights.parent().unwrap()).unwrap();
+}
+
+/// Random FID-Inception weights with pytorch-fid's tensor names, from the network itself.
+fn inception_file(dir: &Path) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let file = dir.join("inception.safetensors");
+    // The structure is vq-models'; its names and parameter count are tested there against
+    // torchvision's. Build it once with random values through a VarStore save.
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    vq_models::FidInception::new(&vs.root());
+    vs.save(&file).unwrap();
+    file
+}
+
+#[test]
+fn inception_weights_fill_the_rfid_and_ris_columns() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = tmp("inception");
+    let weights = inception_file(&tmp("inception-weights"));
+    let mut cfg = small(1);
+    cfg.data = "synthetic:8".into();
+    cfg.inception_weights = Some(weights.clone());
+    let rows = vq_train::compare::compare(&options(cfg, &out), &[Estimator::Rotation]).unwrap();
+    let v = &rows[0].val;
+    let (fid, is) = (v.rfid.expect("r-FID"), v.ris.expect("r-IS"));
+    assert!(fid.is_finite() && fid >= -1e-6, "{fid}");
+    assert!(is.is_finite() && is >= 1.0 - 1e-9, "{is}");
+    assert!(rows[0].train.rfid.is_none(), "r-FID is the held-out set's");
     std::fs::remove_dir_all(out).unwrap();
     std::fs::remove_dir_all(weights.parent().unwrap()).unwrap();
 }
