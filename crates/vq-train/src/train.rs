@@ -167,7 +167,11 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
     let cfg = &opts.config;
     cfg.validate()?;
     fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
-    let run_json = serde_json::to_value(cfg)?;
+    // What a resume must match: everything but the evaluation-only Inception weights.
+    let mut run_json = serde_json::to_value(cfg)?;
+    if let Some(o) = run_json.as_object_mut() {
+        o.remove("inception_weights");
+    }
     let a = &cfg.model.autoencoder;
     let source = DataSource::parse(&cfg.data)?;
     let data = ImageSet::load(&source, Split::Train, a.in_channels, a.resolution)
@@ -216,6 +220,7 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
                 None => checkpoint::load(&ckpt, &mut [("model", &mut vs, &mut opt)])?,
             }
             start = state.step;
+            truncate_metrics(&opts.out.join("metrics.jsonl"), start)?;
             eprintln!("resuming {} at step {start}", opts.out.display());
         }
         Some((ckpt, _)) => bail!(
@@ -395,6 +400,24 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
         history,
         seconds: began.elapsed().as_secs_f64(),
     })
+}
+
+/// Drops metric lines after `step` (logged after the checkpoint a resume starts from), so that
+/// every step appears once.
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let text = fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let kept: String = text
+        .lines()
+        .filter(|l| serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step <= step))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    if kept.len() != text.len() {
+        write_atomic(path, kept.as_bytes())?;
+    }
+    Ok(())
 }
 
 fn last_checkpoint(out: &Path) -> Result<String> {

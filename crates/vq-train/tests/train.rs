@@ -69,6 +69,18 @@ fn an_interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     })
     .unwrap();
     assert_eq!(first.history.last().unwrap().step, 3);
+    // A crash after step 3's checkpoint but after logging step 4: the line goes on resume.
+    let metrics = b.join("metrics.jsonl");
+    let mut text = std::fs::read_to_string(&metrics).unwrap();
+    text.push_str(
+        &text
+            .lines()
+            .last()
+            .unwrap()
+            .replace("\"step\":3", "\"step\":4"),
+    );
+    text.push('\n');
+    std::fs::write(&metrics, text).unwrap();
     // Without --resume the folder is protected.
     let err = train(&options(small(6), &b)).unwrap_err().to_string();
     assert!(err.contains("--resume"), "{err}");
