@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use tch::{Device, nn};
 use vq_data::Split;
 use vq_models::VqAutoencoder;
@@ -40,8 +40,19 @@ pub fn compare(base: &TrainOptions, estimators: &[Estimator]) -> Result<Vec<Comp
         let mut config = base.config.clone();
         config.model.quantizer.estimator = est;
         let out = base.out.join(est.name());
-        let finished = checkpoint::latest(&out)?
-            .is_some_and(|(_, s)| s.step >= config.training.steps && base.resume);
+        let latest = checkpoint::latest(&out)?;
+        if let (true, Some((ckpt, state))) = (base.resume, &latest)
+            && state.run != config.resume_key()?
+        {
+            bail!(
+                "{} was trained with another configuration; use the same settings or another --out",
+                ckpt.display()
+            );
+        }
+        let finished = base.resume
+            && latest
+                .as_ref()
+                .is_some_and(|(_, s)| s.step >= config.training.steps);
         eprintln!("== {} ({})", est.name(), out.display());
         let (mut model, seconds) = if finished {
             eprintln!("   already trained; evaluating the last checkpoint");
@@ -50,7 +61,7 @@ pub fn compare(base: &TrainOptions, estimators: &[Estimator]) -> Result<Vec<Comp
             checkpoint::load_model(&out, &mut vs)?;
             (model, 0.0)
         } else {
-            let resume = base.resume && checkpoint::latest(&out)?.is_some();
+            let resume = base.resume && latest.is_some();
             let opts = TrainOptions {
                 config: config.clone(),
                 out: out.clone(),

@@ -52,6 +52,19 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// What a checkpoint records and a resume must match: everything but the evaluation-only
+    /// Inception weights.
+    ///
+    /// # Errors
+    /// Serialisation errors.
+    pub fn resume_key(&self) -> Result<serde_json::Value> {
+        let mut v = serde_json::to_value(self)?;
+        if let Some(o) = v.as_object_mut() {
+            o.remove("inception_weights");
+        }
+        Ok(v)
+    }
+
     /// Checks what the parts cannot check alone.
     ///
     /// # Errors
@@ -167,11 +180,7 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
     let cfg = &opts.config;
     cfg.validate()?;
     fs::create_dir_all(&opts.out).with_context(|| format!("creating {}", opts.out.display()))?;
-    // What a resume must match: everything but the evaluation-only Inception weights.
-    let mut run_json = serde_json::to_value(cfg)?;
-    if let Some(o) = run_json.as_object_mut() {
-        o.remove("inception_weights");
-    }
+    let run_json = cfg.resume_key()?;
     let a = &cfg.model.autoencoder;
     let source = DataSource::parse(&cfg.data)?;
     let data = ImageSet::load(&source, Split::Train, a.in_channels, a.resolution)

@@ -152,7 +152,7 @@ fn compare_writes_the_table_json_and_plots() {
     cfg.data = "synthetic:64".into();
     cfg.model.autoencoder.in_channels = 1;
     let rows = vq_train::compare::compare(
-        &options(cfg, &out),
+        &options(cfg.clone(), &out),
         &[Estimator::StraightThrough, Estimator::Rotation],
     )
     .unwrap();
@@ -178,6 +178,29 @@ fn compare_writes_the_table_json_and_plots() {
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
+    // Re-running with --resume reuses the finished runs; other settings are refused.
+    let again = vq_train::compare::compare(
+        &TrainOptions {
+            resume: true,
+            ..options(cfg.clone(), &out)
+        },
+        &[Estimator::StraightThrough],
+    )
+    .unwrap();
+    assert_eq!(again[0].train_seconds, 0.0);
+    assert_eq!(again[0].val, rows[0].val);
+    let mut other = cfg;
+    other.training.learning_rate *= 3.0;
+    let err = vq_train::compare::compare(
+        &TrainOptions {
+            resume: true,
+            ..options(other, &out)
+        },
+        &[Estimator::StraightThrough],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("another configuration"), "{err}");
     std::fs::remove_dir_all(out).unwrap();
 }
 
