@@ -34,7 +34,7 @@ enum Cmd {
     Ci,
     /// Run the demo: set up if needed, then train the small VQ-VAE on the embedded Fashion-MNIST
     /// data with STE and with the rotation trick and print the comparison table (run folder
-    /// runs/compare-demo-fashion-mnist; about 10 minutes on 2 cores). Arguments after `--` go to
+    /// runs/compare-demo-fashion-mnist; about 8 minutes on 2 cores). Arguments after `--` go to
     /// `vq-train compare`.
     Demo {
         /// Extra arguments for `vq-train compare` (after `--`).

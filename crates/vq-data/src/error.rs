@@ -40,6 +40,26 @@ pub enum DataError {
         /// Bytes the header implies.
         expected: u64,
     },
+    /// A TFRecord checksum does not match its bytes.
+    #[error("{path}: TFRecord {what} checksum mismatch in the record at byte offset {offset}")]
+    Checksum {
+        /// The file.
+        path: PathBuf,
+        /// Which checksum: the length field's or the payload's.
+        what: &'static str,
+        /// Offset of the record's first byte.
+        offset: u64,
+    },
+    /// A record's payload is not the expected message or lacks a field.
+    #[error("{path}: record at byte offset {offset}: {why}")]
+    BadRecord {
+        /// The file.
+        path: PathBuf,
+        /// Offset of the record's first byte.
+        offset: u64,
+        /// What is wrong.
+        why: String,
+    },
     /// Two files that must describe the same examples disagree.
     #[error("{path}: {what}: expected {expected}, found {found}")]
     Mismatch {

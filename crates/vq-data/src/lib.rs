@@ -3,11 +3,14 @@
 //! This crate never links libtorch; `vq-train` converts its batches to tensors. Every error
 //! names the file (and, where it applies, the byte offset) it comes from.
 //!
-//! Implemented so far: the IDX format of (Fashion-)MNIST, gzipped or not ([`idx`]), and the
-//! embedded demo data ([`fashion_mnist_demo`]).
+//! Implemented so far: the IDX format of (Fashion-)MNIST, gzipped or not ([`idx`]), the embedded
+//! demo data ([`fashion_mnist_demo`]), TFRecord / `tf.train.Example` ([`tfrecord`]) and BAIR
+//! trajectories ([`bair`]).
 
+pub mod bair;
 mod error;
 pub mod idx;
+pub mod tfrecord;
 
 pub use error::{DataError, Result};
 
