@@ -18,7 +18,11 @@ fn reads_trajectories_written_by_the_python_tfrecord_package() {
     for (v, s) in videos.iter().zip([0usize, 5]) {
         assert_eq!(v.dim(), (30, 64, 64, 3));
         for (t, y, x, c) in [(0, 0, 0, 0), (3, 10, 20, 2), (29, 63, 63, 1)] {
-            assert_eq!(usize::from(v[[t, y, x, c]]), x % 64 + t + s, "({t},{y},{x},{c})");
+            assert_eq!(
+                usize::from(v[[t, y, x, c]]),
+                x % 64 + t + s,
+                "({t},{y},{x},{c})"
+            );
         }
     }
 }
