@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: project automation (alias defined in `.cargo/config.toml`).
 
+mod download;
 mod setup;
 
 use std::path::{Path, PathBuf};
@@ -47,6 +48,22 @@ enum Cmd {
     /// On a GPU machine: set up, print what libtorch sees, run the vq-tch tests on CPU and CUDA
     /// (feature cuda-tests), and time the op and a whole VQ step on CUDA against torch's ops.
     GpuCheck,
+    /// Download a dataset listed in datasets/ (resumable, verified against the manifest's
+    /// checksums, moved into place only when complete; .tgz archives are extracted).
+    DownloadData {
+        /// Dataset: fashion-mnist, imagenette, bair, ucf101, imagenet.
+        name: String,
+        /// Folder to put it in (default: data/<name>).
+        #[arg(long)]
+        dest: Option<PathBuf>,
+        /// Only these files of the manifest (default: all, except imagenette: the 160 px
+        /// variant, and ucf101: the zip mirror and the split lists).
+        #[arg(long = "file")]
+        files: Vec<String>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
     /// Set up if needed, then time the vq-core kernels against PyTorch on the same shapes.
     Bench {
         /// Threads for both sides (default: all cores).
@@ -165,6 +182,12 @@ fn main() -> Result<()> {
                 &[],
             )
         }
+        Cmd::DownloadData {
+            name,
+            dest,
+            files,
+            quiet,
+        } => download_data(&root, &name, dest, &files, !quiet),
         Cmd::Bench { threads, quick } => {
             let lt = setup::run(&root, false)?;
             bench(&root, &lt, threads, quick)
@@ -206,6 +229,99 @@ fn demo(root: &Path, extra: &[String]) -> Result<()> {
     ];
     args.extend(extra.iter().map(String::as_str));
     cargo(root, &args, &[])
+}
+
+fn download_data(
+    root: &Path,
+    name: &str,
+    dest: Option<PathBuf>,
+    only: &[String],
+    progress: bool,
+) -> Result<()> {
+    if name == "fashion-mnist-demo" {
+        bail!(
+            "fashion-mnist-demo is committed under datasets/fashion-mnist-demo: nothing to download"
+        );
+    }
+    let manifest = download::Manifest::load(root, name)?;
+    let dir = dest.unwrap_or_else(|| root.join("data").join(name));
+    let defaults: &[&str] = match name {
+        "imagenette" => &["imagenette2-160.tgz"],
+        "ucf101" => &[
+            "UCF101_videos.zip",
+            "UCF101TrainTestSplits-RecognitionTask.zip",
+        ],
+        _ => &[],
+    };
+    let chosen: Vec<&download::FileEntry> = manifest
+        .files
+        .iter()
+        .filter(|f| {
+            if only.is_empty() {
+                defaults.is_empty() || defaults.contains(&f.name.as_str())
+            } else {
+                only.contains(&f.name)
+            }
+        })
+        .collect();
+    if let Some(missing) = only
+        .iter()
+        .find(|o| !manifest.files.iter().any(|f| &f.name == *o))
+    {
+        let names: Vec<&str> = manifest.files.iter().map(|f| f.name.as_str()).collect();
+        bail!(
+            "{name} has no file {missing:?}; its files: {}",
+            names.join(", ")
+        );
+    }
+    if manifest.auth != "none" && !manifest.auth.starts_with("none") {
+        // Files behind a login (ImageNet): verify what the user put there, or say what to do.
+        let absent: Vec<&str> = chosen
+            .iter()
+            .filter(|f| !dir.join(&f.name).is_file())
+            .map(|f| f.name.as_str())
+            .collect();
+        if !absent.is_empty() {
+            bail!(
+                "{name} cannot be downloaded anonymously (access: see \"auth\" in datasets/{name}.json). \
+                 Download {} yourself (from {}) into {} (or pass --dest <folder holding them>), \
+                 then run this command again to verify them against the manifest.",
+                absent.join(", "),
+                chosen[0].url,
+                dir.display()
+            );
+        }
+        for f in &chosen {
+            let t = download::Target::of(f, &dir);
+            download::verify(&t.dest, &t)?;
+            eprintln!("{}: verified", t.dest.display());
+        }
+        return Ok(());
+    }
+    for f in &chosen {
+        if let Some(n) = f.bytes
+            && n > 10 << 30
+        {
+            eprintln!("{}: {:.1} GB", f.name, n as f64 / 1e9);
+        }
+        let t = download::Target::of(f, &dir);
+        download::fetch(&t, progress)?;
+        if f.name.ends_with(".tgz") || f.name.ends_with(".tar.gz") {
+            let marker = dir.join(format!(".extracted-{}", f.name));
+            if !marker.exists() {
+                let n = download::extract(&t.dest, &dir)?;
+                std::fs::write(&marker, n.to_string())
+                    .with_context(|| format!("writing {}", marker.display()))?;
+                eprintln!("{}: extracted {n} entries into {}", f.name, dir.display());
+            }
+        } else if f.name.ends_with(".zip") || f.name.ends_with(".rar") {
+            eprintln!(
+                "{}: not extracted (zip/rar extraction is not implemented yet; use unzip / unrar)",
+                f.name
+            );
+        }
+    }
+    Ok(())
 }
 
 fn toy(root: &Path) -> Result<()> {
