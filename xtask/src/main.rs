@@ -53,7 +53,7 @@ enum Cmd {
     DownloadData {
         /// Dataset: fashion-mnist, imagenette, bair, ucf101, imagenet.
         name: String,
-        /// Folder to put it in (default: data/<name>).
+        /// Folder to put it in (default: `data/<name>`).
         #[arg(long)]
         dest: Option<PathBuf>,
         /// Only these files of the manifest (default: all, except imagenette: the 160 px

@@ -74,10 +74,10 @@ struct RunArgs {
     /// Gradient estimator: ste, rotation, rotation-no-rescale, reflection.
     #[arg(long)]
     estimator: Option<String>,
-    /// Data: fashion-mnist-demo, fashion-mnist:<dir>, synthetic[:<n>].
+    /// Data: `fashion-mnist-demo`, `fashion-mnist:<dir>`, `synthetic[:<n>]`.
     #[arg(long)]
     data: Option<String>,
-    /// cpu, cuda or cuda:<n>.
+    /// `cpu`, `cuda` or `cuda:<n>`.
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Optimiser steps.
