@@ -8,7 +8,7 @@
 //! deletes the partial file and says which checksum failed.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -170,7 +170,7 @@ pub fn fetch(t: &Target, progress: bool) -> Result<()> {
             .with_context(|| format!("opening {}", part.display()))?;
         let start = if append { have } else { 0 };
         bar.set_position(start);
-        match copy(resp.into_reader(), &mut out, &bar) {
+        match io::copy(&mut bar.wrap_read(resp.into_reader()), &mut out) {
             Ok(_) => {
                 out.sync_all()
                     .with_context(|| format!("writing {}", part.display()))?;
@@ -220,22 +220,6 @@ fn bar(show: bool, len: Option<u64>) -> indicatif::ProgressBar {
         .progress_chars("=> "),
     );
     bar
-}
-
-fn copy(mut from: impl Read, to: &mut File, bar: &indicatif::ProgressBar) -> io::Result<u64> {
-    let mut buf = vec![0u8; 1 << 16];
-    let mut total = 0;
-    loop {
-        let n = match from.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        to.write_all(&buf[..n])?;
-        total += n as u64;
-        bar.inc(n as u64);
-    }
 }
 
 /// Checks size, sha256 and md5 (those the target names) of `path`.
@@ -339,7 +323,7 @@ pub fn extract(archive: &Path, dir: &Path) -> Result<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::io::{BufRead, BufReader};
+    use std::io::{BufRead, BufReader, Write};
     use std::net::TcpListener;
     use std::sync::{Arc, Mutex};
 

@@ -43,29 +43,41 @@ const VGG: [(usize, i64, i64); 13] = [
 /// Feature taps (after the ReLU of these convolutions) and their channels.
 const TAPS: [(usize, i64); 5] = [(2, 64), (7, 128), (14, 256), (21, 512), (28, 512)];
 
-/// The LPIPS network with its weights (frozen).
+/// The LPIPS network.
 #[derive(Debug)]
 pub struct Lpips {
-    vs: nn::VarStore,
     convs: Vec<(usize, nn::Conv2D)>,
     lins: Vec<nn::Conv2D>,
 }
 
 impl Lpips {
-    /// Builds the network on `device` and loads `weights` (see the module docs for the layout).
+    /// Builds the network on `device` and loads `weights` (see the module docs for the layout);
+    /// the weights are frozen.
     ///
     /// # Errors
     /// [`ModelError::Weights`] naming the file when it cannot be read or lacks a tensor.
     pub fn load(weights: &Path, device: Device) -> Result<Self> {
         let mut vs = nn::VarStore::new(device);
-        let root = vs.root();
+        let net = Self::new(&vs.root());
+        vs.load(weights).map_err(|e| ModelError::Weights {
+            file: weights.display().to_string(),
+            why: e.to_string(),
+        })?;
+        vs.freeze();
+        Ok(net)
+    }
+
+    /// The network with its variables declared under `p` (tch's default initialisation; load
+    /// pretrained values into the store, as [`load`](Self::load) does). Also gives the exact
+    /// variable layout a weights file must have.
+    pub fn new(p: &nn::Path) -> Self {
         let cfg = nn::ConvConfig {
             padding: 1,
             ..Default::default()
         };
         let convs = VGG
             .iter()
-            .map(|&(i, cin, cout)| (i, nn::conv2d(&root / "features" / i, cin, cout, 3, cfg)))
+            .map(|&(i, cin, cout)| (i, nn::conv2d(p / "features" / i, cin, cout, 3, cfg)))
             .collect();
         let lin_cfg = nn::ConvConfig {
             bias: false,
@@ -74,19 +86,14 @@ impl Lpips {
         let lins = TAPS
             .iter()
             .enumerate()
-            .map(|(k, &(_, c))| nn::conv2d(&root / format!("lin{k}"), c, 1, 1, lin_cfg))
+            .map(|(k, &(_, c))| nn::conv2d(p / format!("lin{k}"), c, 1, 1, lin_cfg))
             .collect();
-        vs.load(weights).map_err(|e| ModelError::Weights {
-            file: weights.display().to_string(),
-            why: e.to_string(),
-        })?;
-        vs.freeze();
-        Ok(Self { vs, convs, lins })
+        Self { convs, lins }
     }
 
     /// The device the network lives on.
     pub fn device(&self) -> Device {
-        self.vs.device()
+        self.lins[0].ws.device()
     }
 
     /// Distance per image, (B,), between `x` and `y` (B, 3 or 1, H, W) in [−1, 1] (grayscale is

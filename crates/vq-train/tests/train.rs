@@ -269,45 +269,21 @@ fn vqgan_training_alternates_and_resumes_exactly() {
     }
 }
 
-/// Random LPIPS weights with the documented tensor names (the real ones cannot be shipped).
+/// Random LPIPS weights in the network's own layout (the real ones cannot be shipped), with
+/// non-negative heads as the trained ones have.
 fn lpips_file(dir: &Path) -> PathBuf {
-    let opts = (tch::Kind::Float, Device::Cpu);
-    let vgg = [
-        (0, 3, 64),
-        (2, 64, 64),
-        (5, 64, 128),
-        (7, 128, 128),
-        (10, 128, 256),
-        (12, 256, 256),
-        (14, 256, 256),
-        (17, 256, 512),
-        (19, 512, 512),
-        (21, 512, 512),
-        (24, 512, 512),
-        (26, 512, 512),
-        (28, 512, 512),
-    ];
-    let mut t: Vec<(String, tch::Tensor)> = Vec::new();
-    for (i, cin, cout) in vgg {
-        t.push((
-            format!("features.{i}.weight"),
-            tch::Tensor::randn([cout, cin, 3, 3], opts) * 0.05,
-        ));
-        t.push((
-            format!("features.{i}.bias"),
-            tch::Tensor::zeros([cout], opts),
-        ));
-    }
-    for (k, c) in [64, 128, 256, 512, 512].into_iter().enumerate() {
-        t.push((
-            format!("lin{k}.weight"),
-            tch::Tensor::rand([1, c, 1, 1], opts) * 0.1,
-        ));
-    }
     std::fs::create_dir_all(dir).unwrap();
     let file = dir.join("lpips.safetensors");
-    let named: Vec<(&str, &tch::Tensor)> = t.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    tch::Tensor::write_safetensors(&named, &file).unwrap();
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    vq_models::Lpips::new(&vs.root());
+    tch::no_grad(|| {
+        for (name, mut t) in vs.variables() {
+            if name.starts_with("lin") {
+                let _ = t.abs_();
+            }
+        }
+    });
+    vs.save(&file).unwrap();
     file
 }
 
