@@ -72,6 +72,33 @@ pub enum DataError {
         /// Value in this file.
         found: u64,
     },
+    /// Bytes that should be an image (or a video) but do not decode.
+    #[error("{path}: cannot decode: {why}")]
+    Decode {
+        /// The file (or `archive:member`).
+        path: PathBuf,
+        /// The decoder's message.
+        why: String,
+    },
+    /// A folder or list that should name samples names none.
+    #[error("{path}: no {what}")]
+    Empty {
+        /// The folder or file.
+        path: PathBuf,
+        /// What was looked for.
+        what: &'static str,
+    },
+    /// An external program failed or is missing.
+    #[error("{program}: {why}")]
+    Tool {
+        /// The program.
+        program: PathBuf,
+        /// What happened, with the remedy where there is one.
+        why: String,
+    },
+    /// An invalid configuration value.
+    #[error("invalid data configuration: {0}")]
+    Config(String),
 }
 
 /// `Result` with [`DataError`].

@@ -7,10 +7,14 @@
 //! demo data ([`fashion_mnist_demo`]), TFRecord / `tf.train.Example` ([`tfrecord`]) and BAIR
 //! trajectories ([`bair`]).
 
+pub mod archive;
 pub mod bair;
 mod error;
 pub mod idx;
+pub mod images;
+pub mod loader;
 pub mod tfrecord;
+pub mod transform;
 
 pub use error::{DataError, Result};
 

@@ -1,0 +1,634 @@
+//! Image datasets: a folder of class sub-folders (Imagenette, an extracted ImageNet), the
+//! official ImageNet archives read in place (the train tar of per-class tars, the flat val tar),
+//! decoded to RGB and preprocessed by a [`Transform`].
+//!
+//! Class indices follow the order every PyTorch code base uses: the position of the class
+//! folder (the WordNet id for ImageNet) in sorted order. For ImageNet the list of all 1000
+//! WNIDs shipped in `datasets/imagenet/wnids.txt` is used, so a partial copy keeps the
+//! canonical indices.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ndarray::Array3;
+use rand::rngs::StdRng;
+
+use crate::archive::{Location, index_tar};
+use crate::error::{DataError, Result};
+use crate::loader::Dataset;
+use crate::transform::{Transform, hwc_to_chw};
+
+/// File name extensions taken as images (case-insensitive).
+pub const IMAGE_EXTENSIONS: [&str; 4] = ["jpeg", "jpg", "png", "webp"];
+
+/// Decodes a JPEG or PNG (format sniffed from the bytes, not the name: ImageNet has a PNG
+/// named `.JPEG`) into RGB `(H, W, 3)`; grayscale, CMYK, alpha and 16-bit images are
+/// converted.
+///
+/// # Errors
+/// [`DataError::Decode`] naming `path` for bytes that are not a decodable image.
+pub fn decode_rgb(path: &Path, bytes: &[u8]) -> Result<Array3<u8>> {
+    let img = image::load_from_memory(bytes).map_err(|e| DataError::Decode {
+        path: path.to_path_buf(),
+        why: e.to_string(),
+    })?;
+    let rgb = img.into_rgb8();
+    let (w, h) = rgb.dimensions();
+    Ok(
+        Array3::from_shape_vec((h as usize, w as usize, 3), rgb.into_raw())
+            .expect("RgbImage holds h·w·3 bytes"),
+    )
+}
+
+/// One image of a dataset.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageEntry {
+    /// Where its bytes are.
+    pub location: Location,
+    /// Class index.
+    pub label: u32,
+}
+
+/// A decoded, preprocessed image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageSample {
+    /// `(3, size, size)` RGB, channel first.
+    pub pixels: Array3<u8>,
+    /// Class index.
+    pub label: u32,
+}
+
+/// A list of images with labels and a preprocessing [`Transform`]; random access by index.
+#[derive(Debug, Clone)]
+pub struct ImageDataset {
+    entries: Vec<ImageEntry>,
+    classes: Vec<String>,
+    transform: Transform,
+}
+
+/// Which ImageNet split.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageNetSplit {
+    /// 1,281,167 training images.
+    Train,
+    /// 50,000 validation images.
+    Val,
+}
+
+fn is_image(name: &str) -> bool {
+    name.rsplit_once('.')
+        .is_some_and(|(_, ext)| IMAGE_EXTENSIONS.iter().any(|e| ext.eq_ignore_ascii_case(e)))
+}
+
+fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
+    let io = |source| DataError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut v = std::fs::read_dir(dir)
+        .map_err(io)?
+        .map(|e| e.map(|e| e.path()))
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(io)?;
+    v.sort();
+    Ok(v)
+}
+
+/// The 1000 ImageNet WordNet ids in sorted order (class index = position), shipped with the
+/// project (from TensorFlow Datasets' `imagenet2012/labels.txt`, Apache-2.0).
+pub fn imagenet_wnids() -> Result<Vec<String>> {
+    let path = imagenet_meta_dir().join("wnids.txt");
+    let text = std::fs::read_to_string(&path).map_err(|source| DataError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(text.lines().map(str::to_owned).collect())
+}
+
+/// Folder of the shipped ImageNet label files in this source tree.
+pub fn imagenet_meta_dir() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../datasets/imagenet"
+    ))
+}
+
+/// The WNID of each validation image in file-name order (`ILSVRC2012_val_00000001.JPEG` first)
+/// from a labels file: one WNID per line (TensorFlow Datasets' `validation_labels.txt`, shipped
+/// gzipped as `datasets/imagenet/validation_labels.txt.gz`, the default) or lines
+/// `<file name> <wnid>` (taming-transformers' `validation_synset.txt`).
+///
+/// # Errors
+/// [`DataError::Io`] / [`DataError::BadRecord`] naming the file and line.
+pub fn imagenet_val_labels(
+    path: Option<&Path>,
+) -> Result<std::collections::HashMap<String, String>> {
+    let default = imagenet_meta_dir().join("validation_labels.txt.gz");
+    let path = path.unwrap_or(&default);
+    let io = |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let raw = std::fs::read(path).map_err(io)?;
+    let mut text = String::new();
+    if raw.starts_with(&[0x1f, 0x8b]) {
+        flate2::read::GzDecoder::new(raw.as_slice())
+            .read_to_string(&mut text)
+            .map_err(io)?;
+    } else {
+        text = String::from_utf8(raw).map_err(|e| io(std::io::Error::other(e)))?;
+    }
+    let mut map = std::collections::HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let (file, wnid) = match line.split_once(char::is_whitespace) {
+            Some((f, w)) => (f.to_owned(), w.trim().to_owned()),
+            None => (format!("ILSVRC2012_val_{:08}.JPEG", i + 1), line.to_owned()),
+        };
+        if !(wnid.starts_with('n') && wnid.len() == 9) {
+            return Err(DataError::BadRecord {
+                path: path.to_path_buf(),
+                offset: i as u64 + 1,
+                why: format!("line {}: {wnid:?} is not a WordNet id", i + 1),
+            });
+        }
+        map.insert(file, wnid);
+    }
+    Ok(map)
+}
+
+impl ImageDataset {
+    /// Images under `root/<class>/…` (any depth below the class folder), classes in sorted
+    /// order of the folder names, images in sorted path order (torchvision's `ImageFolder`).
+    ///
+    /// # Errors
+    /// [`DataError::Io`] for unreadable folders, [`DataError::Empty`] if no image is found.
+    pub fn folder(root: &Path, transform: Transform) -> Result<Self> {
+        let classes: Vec<PathBuf> = read_dir_sorted(root)?
+            .into_iter()
+            .filter(|p| p.is_dir())
+            .collect();
+        let names: Vec<String> = classes
+            .iter()
+            .map(|p| {
+                p.file_name()
+                    .unwrap_or_default()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        Self::from_class_dirs(root, &classes, &names, &names, transform)
+    }
+
+    fn from_class_dirs(
+        root: &Path,
+        dirs: &[PathBuf],
+        dir_names: &[String],
+        classes: &[String],
+        transform: Transform,
+    ) -> Result<Self> {
+        let mut entries = Vec::new();
+        for (dir, name) in dirs.iter().zip(dir_names) {
+            let label = classes
+                .iter()
+                .position(|c| c == name)
+                .ok_or_else(|| DataError::Empty {
+                    path: dir.clone(),
+                    what: "a known class (the folder name is not in the class list)",
+                })?;
+            let mut stack = vec![dir.clone()];
+            let mut files = Vec::new();
+            while let Some(d) = stack.pop() {
+                for p in read_dir_sorted(&d)? {
+                    if p.is_dir() {
+                        stack.push(p);
+                    } else if is_image(&p.to_string_lossy()) {
+                        files.push(p);
+                    }
+                }
+            }
+            files.sort();
+            entries.extend(files.into_iter().map(|p| ImageEntry {
+                location: Location::File(p),
+                label: label as u32,
+            }));
+        }
+        if entries.is_empty() {
+            return Err(DataError::Empty {
+                path: root.to_path_buf(),
+                what: "images in class sub-folders",
+            });
+        }
+        Ok(Self {
+            entries,
+            classes: classes.to_vec(),
+            transform,
+        })
+    }
+
+    /// ImageNet from the official archives or an extracted copy:
+    /// - `ILSVRC2012_img_train.tar` (a tar of per-class tars) or `ILSVRC2012_img_val.tar`,
+    ///   read in place (indexed once by their headers, ~1 s per 10⁴ members);
+    /// - a folder `train/<wnid>/…` / `val/<wnid>/…` (torchvision's layout), or a flat `val/`
+    ///   folder of `ILSVRC2012_val_*.JPEG` files;
+    /// - the folder holding either of those.
+    ///
+    /// Validation labels come from `val_labels` ([`imagenet_val_labels`]; the shipped file by
+    /// default), never from archive order.
+    ///
+    /// # Errors
+    /// Unreadable files, unknown WNIDs, validation images missing from the labels file, or no
+    /// images at all.
+    pub fn imagenet(
+        path: &Path,
+        split: ImageNetSplit,
+        val_labels: Option<&Path>,
+        transform: Transform,
+    ) -> Result<Self> {
+        let wnids = imagenet_wnids()?;
+        let label_of = |wnid: &str, at: &Path| -> Result<u32> {
+            wnids
+                .binary_search_by(|w| w.as_str().cmp(wnid))
+                .map(|i| i as u32)
+                .map_err(|_| DataError::BadRecord {
+                    path: at.to_path_buf(),
+                    offset: 0,
+                    why: format!("{wnid:?} is not one of the 1000 ImageNet WordNet ids"),
+                })
+        };
+        let (tar_name, dir_name) = match split {
+            ImageNetSplit::Train => ("ILSVRC2012_img_train.tar", "train"),
+            ImageNetSplit::Val => ("ILSVRC2012_img_val.tar", "val"),
+        };
+        let path = if path.is_dir() && path.join(tar_name).is_file() {
+            path.join(tar_name)
+        } else if path.is_dir() && path.join(dir_name).is_dir() {
+            path.join(dir_name)
+        } else {
+            path.to_path_buf()
+        };
+        let mut entries = Vec::new();
+        if path.is_file() {
+            let archive = Arc::new(path.clone());
+            let members = index_tar(&path, |_| split == ImageNetSplit::Train)?;
+            let labels = match split {
+                ImageNetSplit::Val => Some(imagenet_val_labels(val_labels)?),
+                ImageNetSplit::Train => None,
+            };
+            for m in members {
+                if !is_image(&m.name) {
+                    continue;
+                }
+                let file = m
+                    .name
+                    .rsplit([':', '/'])
+                    .next()
+                    .unwrap_or(&m.name)
+                    .to_owned();
+                let wnid = match &labels {
+                    Some(l) => l.get(&file).cloned().ok_or_else(|| DataError::BadRecord {
+                        path: path.clone(),
+                        offset: m.offset,
+                        why: format!("{file} is not in the validation labels file"),
+                    })?,
+                    // `n01440764.tar:n01440764_10026.JPEG`: the class is the inner tar's name.
+                    None => m
+                        .name
+                        .split_once(".tar:")
+                        .map(|(w, _)| w.rsplit('/').next().unwrap_or(w).to_owned())
+                        .unwrap_or_else(|| file.split('_').next().unwrap_or("").to_owned()),
+                };
+                entries.push(ImageEntry {
+                    label: label_of(&wnid, &path)?,
+                    location: Location::Member {
+                        archive: archive.clone(),
+                        name: m.name,
+                        offset: m.offset,
+                        len: m.len,
+                    },
+                });
+            }
+        } else {
+            let subdirs: Vec<PathBuf> = read_dir_sorted(&path)?
+                .into_iter()
+                .filter(|p| p.is_dir())
+                .collect();
+            if subdirs.is_empty() && split == ImageNetSplit::Val {
+                let labels = imagenet_val_labels(val_labels)?;
+                for p in read_dir_sorted(&path)? {
+                    let file = p
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_string_lossy()
+                        .into_owned();
+                    if !is_image(&file) {
+                        continue;
+                    }
+                    let wnid = labels.get(&file).ok_or_else(|| DataError::BadRecord {
+                        path: p.clone(),
+                        offset: 0,
+                        why: format!("{file} is not in the validation labels file"),
+                    })?;
+                    entries.push(ImageEntry {
+                        label: label_of(wnid, &p)?,
+                        location: Location::File(p),
+                    });
+                }
+            } else {
+                let names: Vec<String> = subdirs
+                    .iter()
+                    .map(|p| {
+                        p.file_name()
+                            .unwrap_or_default()
+                            .to_string_lossy()
+                            .into_owned()
+                    })
+                    .collect();
+                for n in &names {
+                    label_of(n, &path)?;
+                }
+                return Self::from_class_dirs(&path, &subdirs, &names, &wnids, transform);
+            }
+        }
+        if entries.is_empty() {
+            return Err(DataError::Empty {
+                path,
+                what: "ImageNet images",
+            });
+        }
+        Ok(Self {
+            entries,
+            classes: wnids,
+            transform,
+        })
+    }
+
+    /// The images.
+    pub fn entries(&self) -> &[ImageEntry] {
+        &self.entries
+    }
+
+    /// Class names; a label indexes this list.
+    pub fn classes(&self) -> &[String] {
+        &self.classes
+    }
+
+    /// The preprocessing.
+    pub fn transform(&self) -> Transform {
+        self.transform
+    }
+
+    /// The same images with another preprocessing.
+    pub fn with_transform(mut self, transform: Transform) -> Self {
+        self.transform = transform;
+        self
+    }
+}
+
+impl Dataset for ImageDataset {
+    type Sample = ImageSample;
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn get(&self, index: usize, rng: &mut StdRng) -> Result<ImageSample> {
+        let e = &self.entries[index];
+        let bytes = e.location.read()?;
+        let rgb = decode_rgb(&e.location.path(), &bytes)?;
+        Ok(ImageSample {
+            pixels: hwc_to_chw(self.transform.apply(rgb.view(), rng)),
+            label: e.label,
+        })
+    }
+
+    fn name(&self, index: usize) -> String {
+        self.entries[index].location.path().display().to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::archive::tests::tar_bytes;
+    use rand::SeedableRng;
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/images")
+            .join(name)
+    }
+
+    /// The fixtures are 40×30 gradients whose pixel (10, 20) is RGB (120, 80, 90) and (29, 39)
+    /// is (234, 232, 204) (Pillow's reading; see tests/fixtures/README.md).
+    #[test]
+    fn decodes_rgb_cmyk_gray_and_a_png_named_jpeg() {
+        for (name, gray) in [
+            ("rgb.JPEG", false),
+            ("cmyk.JPEG", false),
+            ("png_named.JPEG", false),
+            ("gray.JPEG", true),
+        ] {
+            let p = fixture(name);
+            let img = decode_rgb(&p, &std::fs::read(&p).unwrap()).unwrap();
+            assert_eq!(img.dim(), (30, 40, 3), "{name}");
+            let px = |y, x| [img[[y, x, 0]], img[[y, x, 1]], img[[y, x, 2]]];
+            let close = |a: [u8; 3], b: [u8; 3]| a.iter().zip(b).all(|(a, b)| a.abs_diff(b) <= 6);
+            if gray {
+                let [r, g, b] = px(10, 20);
+                assert!(
+                    r == g && g == b && r.abs_diff(93) <= 3,
+                    "{name}: {:?}",
+                    px(10, 20)
+                );
+            } else {
+                assert!(close(px(10, 20), [120, 80, 90]), "{name}: {:?}", px(10, 20));
+                assert!(
+                    close(px(29, 39), [234, 232, 204]),
+                    "{name}: {:?}",
+                    px(29, 39)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn corrupt_images_are_typed_errors_naming_the_file() {
+        let p = fixture("rgb.JPEG");
+        let bytes = std::fs::read(&p).unwrap();
+        for bad in [
+            &bytes[..bytes.len() / 3],
+            b"GIF89a not really".as_slice(),
+            &[],
+        ] {
+            let err = decode_rgb(Path::new("x/broken.JPEG"), bad).unwrap_err();
+            assert!(matches!(err, DataError::Decode { .. }), "{err}");
+            assert!(err.to_string().contains("x/broken.JPEG"), "{err}");
+        }
+    }
+
+    fn write_folder(root: &Path, layout: &[(&str, &str)]) {
+        for (dir, file) in layout {
+            let d = root.join(dir);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::copy(fixture(file), d.join(file)).unwrap();
+        }
+    }
+
+    #[test]
+    fn image_folder_orders_classes_and_files_like_torchvision() {
+        let root = std::env::temp_dir().join(format!("imgfolder-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        write_folder(
+            &root,
+            &[
+                ("zebra", "rgb.JPEG"),
+                ("ant", "gray.JPEG"),
+                ("ant/nested", "cmyk.JPEG"),
+                ("ant", "png_named.JPEG"),
+            ],
+        );
+        std::fs::write(root.join("ant/notes.txt"), "x").unwrap();
+        let ds = ImageDataset::folder(&root, Transform::taming(16, false)).unwrap();
+        assert_eq!(ds.classes(), ["ant", "zebra"]);
+        let names: Vec<(&str, u32)> = ds
+            .entries()
+            .iter()
+            .map(|e| (e.location.file_name(), e.label))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("gray.JPEG", 0),
+                ("cmyk.JPEG", 0),
+                ("png_named.JPEG", 0),
+                ("rgb.JPEG", 1)
+            ]
+        );
+        let s = ds.get(3, &mut StdRng::seed_from_u64(0)).unwrap();
+        assert_eq!((s.pixels.dim(), s.label), ((3, 16, 16), 1));
+        // A corrupt file is an error naming it.
+        std::fs::write(root.join("zebra/rgb.JPEG"), b"\xff\xd8\xff garbage").unwrap();
+        let err = ds
+            .get(3, &mut StdRng::seed_from_u64(0))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("zebra/rgb.JPEG"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
+        assert!(matches!(
+            ImageDataset::folder(&root, Transform::taming(16, false)),
+            Err(DataError::Io { .. })
+        ));
+    }
+
+    #[test]
+    fn imagenet_train_tar_of_tars_val_tar_and_folders_agree() {
+        let dir = std::env::temp_dir().join(format!("imagenet-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let img = |n: &str| std::fs::read(fixture(n)).unwrap();
+        let (rgb, cmyk, png) = (img("rgb.JPEG"), img("cmyk.JPEG"), img("png_named.JPEG"));
+        // Classes n01440764 (index 0) and n15075141 (index 999), in reverse archive order.
+        let last = tar_bytes(&[("n15075141_1.JPEG", &rgb)]);
+        let first = tar_bytes(&[("n01440764_7.JPEG", &cmyk), ("n01440764_2.JPEG", &png)]);
+        std::fs::write(
+            dir.join("ILSVRC2012_img_train.tar"),
+            tar_bytes(&[("n15075141.tar", &last), ("n01440764.tar", &first)]),
+        )
+        .unwrap();
+        // Validation images 1 and 3 (labels n01751748 and n02105855 in the shipped file), out of order.
+        std::fs::write(
+            dir.join("ILSVRC2012_img_val.tar"),
+            tar_bytes(&[
+                ("ILSVRC2012_val_00000003.JPEG", &rgb),
+                ("ILSVRC2012_val_00000001.JPEG", &png),
+            ]),
+        )
+        .unwrap();
+        let t = Transform::taming(8, false);
+        let train = ImageDataset::imagenet(&dir, ImageNetSplit::Train, None, t).unwrap();
+        let labels: Vec<(String, u32)> = train
+            .entries()
+            .iter()
+            .map(|e| (e.location.file_name().to_owned(), e.label))
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                ("n15075141_1.JPEG".into(), 999),
+                ("n01440764_7.JPEG".into(), 0),
+                ("n01440764_2.JPEG".into(), 0)
+            ]
+        );
+        let wnids = imagenet_wnids().unwrap();
+        assert_eq!(train.classes().len(), 1000);
+        let val = ImageDataset::imagenet(
+            &dir.join("ILSVRC2012_img_val.tar"),
+            ImageNetSplit::Val,
+            None,
+            t,
+        )
+        .unwrap();
+        let got: Vec<&str> = val
+            .entries()
+            .iter()
+            .map(|e| wnids[e.label as usize].as_str())
+            .collect();
+        assert_eq!(got, ["n02105855", "n01751748"]);
+        let mut rng = StdRng::seed_from_u64(0);
+        // The same images from an extracted tree give the same pixels.
+        std::fs::create_dir_all(dir.join("x/train/n01440764")).unwrap();
+        std::fs::write(dir.join("x/train/n01440764/n01440764_2.JPEG"), &png).unwrap();
+        let folder = ImageDataset::imagenet(&dir.join("x"), ImageNetSplit::Train, None, t).unwrap();
+        assert_eq!(folder.entries()[0].label, 0);
+        assert_eq!(
+            folder.get(0, &mut rng).unwrap(),
+            train.get(2, &mut rng).unwrap()
+        );
+        std::fs::create_dir_all(dir.join("x/val")).unwrap();
+        std::fs::write(dir.join("x/val/ILSVRC2012_val_00000001.JPEG"), &png).unwrap();
+        let flat = ImageDataset::imagenet(&dir.join("x"), ImageNetSplit::Val, None, t).unwrap();
+        assert_eq!(
+            flat.get(0, &mut rng).unwrap(),
+            val.get(1, &mut rng).unwrap()
+        );
+        // A class folder that is not a WNID, and a val image missing from the labels.
+        std::fs::create_dir_all(dir.join("x/train/cats")).unwrap();
+        let err = ImageDataset::imagenet(&dir.join("x"), ImageNetSplit::Train, None, t)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("\"cats\""), "{err}");
+        std::fs::write(dir.join("x/val/ILSVRC2012_val_99999999.JPEG"), &png).unwrap();
+        let err = ImageDataset::imagenet(&dir.join("x"), ImageNetSplit::Val, None, t)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("ILSVRC2012_val_99999999.JPEG"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn val_labels_accept_both_file_formats() {
+        let shipped = imagenet_val_labels(None).unwrap();
+        assert_eq!(shipped.len(), 50_000);
+        assert_eq!(shipped["ILSVRC2012_val_00000002.JPEG"], "n09193705");
+        let p = std::env::temp_dir().join(format!("synset-{}.txt", std::process::id()));
+        std::fs::write(
+            &p,
+            "ILSVRC2012_val_00000001.JPEG n01751748\nILSVRC2012_val_00000002.JPEG n09193705\n",
+        )
+        .unwrap();
+        let two = imagenet_val_labels(Some(&p)).unwrap();
+        assert_eq!(two["ILSVRC2012_val_00000002.JPEG"], "n09193705");
+        std::fs::write(&p, "n01751748\ncat\n").unwrap();
+        let err = imagenet_val_labels(Some(&p)).unwrap_err().to_string();
+        assert!(
+            err.contains("line 2") && err.contains(&p.display().to_string()),
+            "{err}"
+        );
+        std::fs::remove_file(&p).unwrap();
+    }
+}

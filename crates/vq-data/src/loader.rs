@@ -1,0 +1,656 @@
+//! Streaming batches from any random-access [`Dataset`] with background decode workers.
+//!
+//! The sample order is a pure function of the configuration, so runs are reproducible and
+//! resumable: the stream is the endless sequence of positions `0, 1, 2, …`; position `p` is
+//! sample `k = p mod m` of epoch `e = p div m` (`m` = samples per epoch of this shard), i.e. the
+//! dataset index `perm_e[k · world + rank]`, where `perm_e` is the permutation of epoch `e`
+//! (seeded by `(seed, e)`; the identity for [`Order::Sequential`]). Each shard takes every
+//! `world`-th slot of the same permutation, so shards are disjoint within an epoch; the last
+//! `n mod world` slots of each permutation are dropped so that all shards have the same length.
+//! Batch `b` holds positions `start + b·B … start + (b+1)·B − 1`. Random augmentation of a
+//! sample draws from a generator seeded by `(seed, epoch, index)`, so it does not depend on the
+//! number of workers or on where a run was resumed.
+//!
+//! Memory stays flat: each of the `W` workers decodes the batches `b ≡ w (mod W)` into its own
+//! bounded queue of `prefetch` batches, and the consumer takes them in order.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::thread::JoinHandle;
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+use crate::error::{DataError, Result};
+
+/// A dataset with random access: sample `index` is decoded on demand.
+pub trait Dataset: Send + Sync + 'static {
+    /// What one sample decodes to.
+    type Sample: Send + 'static;
+
+    /// Number of samples.
+    fn len(&self) -> usize;
+
+    /// Whether there are no samples.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Decodes sample `index`, drawing any random augmentation from `rng`.
+    ///
+    /// # Errors
+    /// Unreadable or corrupt data, named by file (and offset).
+    fn get(&self, index: usize, rng: &mut StdRng) -> Result<Self::Sample>;
+
+    /// A name for sample `index` in reports (its file or archive member).
+    fn name(&self, index: usize) -> String;
+}
+
+/// The order samples are visited in within an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// A fresh permutation per epoch, seeded by `(seed, epoch)`.
+    Shuffled,
+    /// Index order (evaluation).
+    Sequential,
+}
+
+/// What a sample that fails to decode does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// The stream yields the error (naming the file and offset) and ends.
+    Fail,
+    /// The sample is left out of its batch (which is then smaller) and counted; the count and
+    /// the names are reported per epoch by [`Batches::finished_epochs`].
+    Skip,
+}
+
+/// This process's part of a data-parallel run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This process's rank, `0 ≤ rank < world`.
+    pub rank: usize,
+    /// Number of processes.
+    pub world: usize,
+}
+
+impl Shard {
+    /// The whole dataset (one process).
+    pub const ALL: Self = Self { rank: 0, world: 1 };
+}
+
+/// How a [`Loader`] streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoaderConfig {
+    /// Samples per batch.
+    pub batch_size: usize,
+    /// Shuffled or sequential.
+    pub order: Order,
+    /// Seed of the permutations and of the per-sample augmentation.
+    pub seed: u64,
+    /// Data-parallel shard.
+    pub shard: Shard,
+    /// Decode threads.
+    pub workers: usize,
+    /// Batches each worker may hold ready.
+    pub prefetch: usize,
+    /// First position of the stream (resume: the number of samples already consumed).
+    pub start: u64,
+    /// Positions to stream in all (`None`: endless).
+    pub limit: Option<u64>,
+    /// Failing samples stop the stream or are skipped.
+    pub on_error: OnError,
+}
+
+impl LoaderConfig {
+    /// Shuffled, endless, one process, 2 workers with 2 batches each, failing on errors.
+    pub fn train(batch_size: usize, seed: u64) -> Self {
+        Self {
+            batch_size,
+            order: Order::Shuffled,
+            seed,
+            shard: Shard::ALL,
+            workers: 2,
+            prefetch: 2,
+            start: 0,
+            limit: None,
+            on_error: OnError::Fail,
+        }
+    }
+
+    /// One sequential pass over the first `n` samples (evaluation).
+    pub fn eval(batch_size: usize, n: usize) -> Self {
+        Self {
+            order: Order::Sequential,
+            limit: Some(n as u64),
+            ..Self::train(batch_size, 0)
+        }
+    }
+}
+
+/// A sample left out of its batch under [`OnError::Skip`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// Dataset index.
+    pub index: usize,
+    /// The error, naming the file.
+    pub error: String,
+}
+
+/// One batch, in stream order.
+#[derive(Debug)]
+pub struct Batch<S> {
+    /// Stream position of the batch's first slot.
+    pub position: u64,
+    /// The decoded samples.
+    pub samples: Vec<S>,
+    /// Their dataset indices.
+    pub indices: Vec<usize>,
+    /// Samples left out (only with [`OnError::Skip`]).
+    pub skipped: Vec<Skipped>,
+}
+
+/// What an epoch of the stream skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EpochSummary {
+    /// Epoch number.
+    pub epoch: u64,
+    /// Samples the epoch had in this shard.
+    pub samples: u64,
+    /// Samples left out.
+    pub skipped: Vec<Skipped>,
+}
+
+impl std::fmt::Display for EpochSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "epoch {}: {} of {} samples skipped",
+            self.epoch,
+            self.skipped.len(),
+            self.samples
+        )?;
+        for s in self.skipped.iter().take(10) {
+            write!(f, "\n  {}", s.error)?;
+        }
+        if self.skipped.len() > 10 {
+            write!(f, "\n  … and {} more", self.skipped.len() - 10)?;
+        }
+        Ok(())
+    }
+}
+
+/// The position → index map of a configuration (see the module docs).
+#[derive(Debug, Clone)]
+struct Schedule {
+    n: usize,
+    per_epoch: u64,
+    cfg: LoaderConfig,
+    cached: Option<(u64, Vec<u32>)>,
+}
+
+fn mix(a: u64, b: u64) -> u64 {
+    // SplitMix64 finaliser of a combined word: decorrelates nearby (seed, epoch) pairs.
+    let mut z = a ^ b.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+impl Schedule {
+    fn index(&mut self, position: u64) -> (u64, usize) {
+        let (epoch, k) = (position / self.per_epoch, position % self.per_epoch);
+        let slot = k as usize * self.cfg.shard.world + self.cfg.shard.rank;
+        let index = match self.cfg.order {
+            Order::Sequential => slot,
+            Order::Shuffled => {
+                if self.cached.as_ref().map(|c| c.0) != Some(epoch) {
+                    let mut perm: Vec<u32> = (0..self.n as u32).collect();
+                    perm.shuffle(&mut StdRng::seed_from_u64(mix(self.cfg.seed, epoch)));
+                    self.cached = Some((epoch, perm));
+                }
+                self.cached.as_ref().expect("just filled").1[slot] as usize
+            }
+        };
+        (epoch, index)
+    }
+}
+
+/// Streams batches of a [`Dataset`]; see the module docs for the order.
+///
+/// ```
+/// use vq_data::loader::{Dataset, Loader, LoaderConfig};
+/// #[derive(Debug)]
+/// struct Squares;
+/// impl Dataset for Squares {
+///     type Sample = usize;
+///     fn len(&self) -> usize { 10 }
+///     fn get(&self, i: usize, _: &mut rand::rngs::StdRng) -> vq_data::Result<usize> { Ok(i * i) }
+///     fn name(&self, i: usize) -> String { i.to_string() }
+/// }
+/// let loader = Loader::new(Squares, LoaderConfig::eval(4, 10)).unwrap();
+/// let sizes: Vec<usize> = loader.batches().map(|b| b.unwrap().samples.len()).collect();
+/// assert_eq!(sizes, [4, 4, 2]);
+/// ```
+#[derive(Debug)]
+pub struct Loader<D> {
+    dataset: Arc<D>,
+    cfg: LoaderConfig,
+    per_epoch: u64,
+}
+
+impl<D: Dataset> Loader<D> {
+    /// A loader over `dataset`.
+    ///
+    /// # Errors
+    /// [`DataError::Config`] for a zero batch size, worker or prefetch count, a rank outside
+    /// the world, or fewer samples than processes.
+    pub fn new(dataset: D, cfg: LoaderConfig) -> Result<Self> {
+        let bad = |what: String| Err(DataError::Config(what));
+        if cfg.batch_size == 0 || cfg.workers == 0 || cfg.prefetch == 0 {
+            return bad(format!(
+                "batch size, workers and prefetch must be positive (got {}, {}, {})",
+                cfg.batch_size, cfg.workers, cfg.prefetch
+            ));
+        }
+        if cfg.shard.world == 0 || cfg.shard.rank >= cfg.shard.world {
+            return bad(format!(
+                "shard rank {} outside world size {}",
+                cfg.shard.rank, cfg.shard.world
+            ));
+        }
+        let per_epoch = (dataset.len() / cfg.shard.world) as u64;
+        if per_epoch == 0 {
+            return bad(format!(
+                "{} samples cannot be split over {} processes",
+                dataset.len(),
+                cfg.shard.world
+            ));
+        }
+        Ok(Self {
+            dataset: Arc::new(dataset),
+            cfg,
+            per_epoch,
+        })
+    }
+
+    /// Samples per epoch in this shard.
+    pub fn epoch_len(&self) -> u64 {
+        self.per_epoch
+    }
+
+    /// The dataset.
+    pub fn dataset(&self) -> &D {
+        &self.dataset
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LoaderConfig {
+        &self.cfg
+    }
+
+    /// The dataset index at stream position `position`.
+    pub fn index_at(&self, position: u64) -> usize {
+        self.schedule().index(position).1
+    }
+
+    fn schedule(&self) -> Schedule {
+        Schedule {
+            n: self.dataset.len(),
+            per_epoch: self.per_epoch,
+            cfg: self.cfg,
+            cached: None,
+        }
+    }
+
+    /// Starts the workers and returns the batch iterator. Dropping it stops them.
+    pub fn batches(&self) -> Batches<D::Sample> {
+        let w = self.cfg.workers;
+        let mut receivers = Vec::with_capacity(w);
+        let mut handles = Vec::with_capacity(w);
+        for worker in 0..w {
+            let (tx, rx) = sync_channel(self.cfg.prefetch);
+            let dataset = Arc::clone(&self.dataset);
+            let schedule = self.schedule();
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("vq-data-{worker}"))
+                    .spawn(move || work(&*dataset, schedule, worker, w, &tx))
+                    .expect("spawning a loader thread"),
+            );
+            receivers.push(rx);
+        }
+        Batches {
+            receivers,
+            handles,
+            next: 0,
+            done: false,
+            per_epoch: self.per_epoch,
+            open: Vec::new(),
+            finished: Vec::new(),
+        }
+    }
+}
+
+fn work<D: Dataset>(
+    dataset: &D,
+    mut schedule: Schedule,
+    worker: usize,
+    workers: usize,
+    tx: &SyncSender<Result<Batch<D::Sample>>>,
+) {
+    let cfg = schedule.cfg;
+    let b = cfg.batch_size as u64;
+    let mut batch = worker as u64;
+    loop {
+        let first = cfg.start + batch * b;
+        let end = match cfg.limit {
+            Some(l) => (cfg.start + l).min(first + b),
+            None => first + b,
+        };
+        if first >= end {
+            return;
+        }
+        let mut out = Batch {
+            position: first,
+            samples: Vec::with_capacity((end - first) as usize),
+            indices: Vec::with_capacity((end - first) as usize),
+            skipped: Vec::new(),
+        };
+        let mut failed = None;
+        for p in first..end {
+            let (epoch, index) = schedule.index(p);
+            let mut rng = StdRng::seed_from_u64(mix(mix(cfg.seed, epoch), index as u64 + 1));
+            match dataset.get(index, &mut rng) {
+                Ok(s) => {
+                    out.samples.push(s);
+                    out.indices.push(index);
+                }
+                Err(e) if cfg.on_error == OnError::Skip => out.skipped.push(Skipped {
+                    index,
+                    error: e.to_string(),
+                }),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
+        }
+        let stop = failed.is_some();
+        if tx.send(failed.map_or(Ok(out), Err)).is_err() || stop {
+            return;
+        }
+        batch += workers as u64;
+    }
+}
+
+/// The batch iterator of a [`Loader`].
+#[derive(Debug)]
+pub struct Batches<S> {
+    receivers: Vec<Receiver<Result<Batch<S>>>>,
+    handles: Vec<JoinHandle<()>>,
+    next: u64,
+    done: bool,
+    per_epoch: u64,
+    open: Vec<Skipped>,
+    finished: Vec<EpochSummary>,
+}
+
+impl<S> Batches<S> {
+    /// Summaries of the epochs completed so far that have not been taken yet (only epochs
+    /// that skipped something under [`OnError::Skip`]).
+    pub fn finished_epochs(&mut self) -> Vec<EpochSummary> {
+        std::mem::take(&mut self.finished)
+    }
+
+    fn account(&mut self, batch: &Batch<S>) {
+        let n = (batch.samples.len() + batch.skipped.len()) as u64;
+        let end = batch.position + n;
+        self.open.extend(batch.skipped.iter().cloned());
+        // A batch can close at most a few epochs (when the batch is larger than an epoch).
+        let mut epoch_end = (batch.position / self.per_epoch + 1) * self.per_epoch;
+        while epoch_end <= end {
+            if !self.open.is_empty() {
+                self.finished.push(EpochSummary {
+                    epoch: epoch_end / self.per_epoch - 1,
+                    samples: self.per_epoch,
+                    skipped: std::mem::take(&mut self.open),
+                });
+            }
+            epoch_end += self.per_epoch;
+        }
+    }
+}
+
+impl<S> Iterator for Batches<S> {
+    type Item = Result<Batch<S>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let w = self.receivers.len();
+        let which = (self.next % w as u64) as usize;
+        match self.receivers[which].recv() {
+            Ok(Ok(batch)) => {
+                self.next += 1;
+                self.account(&batch);
+                Some(Ok(batch))
+            }
+            Ok(Err(e)) => {
+                self.done = true;
+                Some(Err(e))
+            }
+            Err(_) => {
+                // The worker ended: either the stream is complete or the worker panicked.
+                self.done = true;
+                let handle = self.handles.remove(which);
+                if let Err(panic) = handle.join() {
+                    std::panic::resume_unwind(panic);
+                }
+                None
+            }
+        }
+    }
+}
+
+impl<S> Drop for Batches<S> {
+    fn drop(&mut self) {
+        // Disconnect the queues first so that blocked workers return, then wait for them.
+        self.receivers.clear();
+        for h in self.handles.drain(..) {
+            let _ = h.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Sample = (index, a random draw); indices in `bad` fail.
+    #[derive(Debug)]
+    struct Probe {
+        n: usize,
+        bad: Vec<usize>,
+        live: Arc<AtomicUsize>,
+    }
+
+    impl Dataset for Probe {
+        type Sample = (usize, u64, Arc<AtomicUsize>);
+        fn len(&self) -> usize {
+            self.n
+        }
+        fn get(&self, index: usize, rng: &mut StdRng) -> Result<Self::Sample> {
+            if self.bad.contains(&index) {
+                return Err(DataError::Decode {
+                    path: format!("img{index}.JPEG").into(),
+                    why: "broken".into(),
+                });
+            }
+            self.live.fetch_add(1, Ordering::SeqCst);
+            use rand::Rng;
+            Ok((index, rng.r#gen(), self.live.clone()))
+        }
+        fn name(&self, index: usize) -> String {
+            format!("img{index}.JPEG")
+        }
+    }
+
+    fn probe(n: usize, bad: &[usize]) -> Probe {
+        Probe {
+            n,
+            bad: bad.to_vec(),
+            live: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    fn collect(n: usize, cfg: LoaderConfig, batches: usize) -> Vec<(usize, u64)> {
+        Loader::new(probe(n, &[]), cfg)
+            .unwrap()
+            .batches()
+            .take(batches)
+            .flat_map(|b| b.unwrap().samples)
+            .map(|(i, r, _)| (i, r))
+            .collect()
+    }
+
+    #[test]
+    fn each_epoch_is_a_permutation_and_workers_do_not_change_the_stream() {
+        let cfg = LoaderConfig::train(7, 42);
+        let one = collect(50, LoaderConfig { workers: 1, ..cfg }, 15);
+        let three = collect(
+            50,
+            LoaderConfig {
+                workers: 3,
+                prefetch: 1,
+                ..cfg
+            },
+            15,
+        );
+        assert_eq!(one, three);
+        for epoch in one.chunks(50).take(2) {
+            let set: HashSet<usize> = epoch.iter().map(|s| s.0).collect();
+            assert_eq!(set.len(), 50);
+        }
+        let e0: Vec<usize> = one[..50].iter().map(|s| s.0).collect();
+        let e1: Vec<usize> = one[50..100].iter().map(|s| s.0).collect();
+        assert_ne!(e0, e1);
+        assert_ne!(e0, (0..50).collect::<Vec<_>>());
+        // Another seed, another order.
+        assert_ne!(collect(50, LoaderConfig::train(7, 43), 1)[..7], one[..7]);
+    }
+
+    #[test]
+    fn resuming_at_a_sample_offset_continues_the_same_stream() {
+        let cfg = LoaderConfig::train(8, 5);
+        let full = collect(30, cfg, 10);
+        let resumed = collect(30, LoaderConfig { start: 24, ..cfg }, 7);
+        assert_eq!(resumed, full[24..80]);
+    }
+
+    #[test]
+    fn shards_are_disjoint_and_equal_sized() {
+        let n = 23;
+        let mut seen = Vec::new();
+        for rank in 0..3 {
+            let cfg = LoaderConfig {
+                shard: Shard { rank, world: 3 },
+                limit: Some(7),
+                ..LoaderConfig::train(4, 1)
+            };
+            let loader = Loader::new(probe(n, &[]), cfg).unwrap();
+            assert_eq!(loader.epoch_len(), 7);
+            seen.extend(collect(n, cfg, 10).into_iter().map(|s| s.0));
+        }
+        let set: HashSet<usize> = seen.iter().copied().collect();
+        assert_eq!((seen.len(), set.len()), (21, 21));
+    }
+
+    #[test]
+    fn sequential_eval_is_one_ordered_pass() {
+        let got: Vec<usize> = collect(10, LoaderConfig::eval(3, 10), 100)
+            .into_iter()
+            .map(|s| s.0)
+            .collect();
+        assert_eq!(got, (0..10).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn errors_fail_the_stream_or_are_skipped_and_summarised() {
+        let bad = [5, 11];
+        let cfg = LoaderConfig::eval(4, 12);
+        let mut it = Loader::new(probe(12, &bad), cfg).unwrap().batches();
+        assert!(it.next().unwrap().is_ok());
+        let err = it.next().unwrap().unwrap_err().to_string();
+        assert!(err.contains("img5.JPEG"), "{err}");
+        assert!(it.next().is_none());
+
+        let cfg = LoaderConfig {
+            on_error: OnError::Skip,
+            limit: Some(24),
+            ..cfg
+        };
+        let loader = Loader::new(probe(12, &bad), cfg).unwrap();
+        let mut it = loader.batches();
+        let sizes: Vec<usize> = it.by_ref().map(|b| b.unwrap().samples.len()).collect();
+        assert_eq!(sizes, [4, 3, 3, 4, 3, 3]);
+        let summaries = it.finished_epochs();
+        assert_eq!(summaries.len(), 2);
+        assert_eq!(summaries[1].epoch, 1);
+        let text = summaries[0].to_string();
+        assert!(
+            text.contains("2 of 12 samples skipped") && text.contains("img11.JPEG"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn memory_is_bounded_by_the_queues() {
+        let p = probe(100_000, &[]);
+        let live = p.live.clone();
+        let cfg = LoaderConfig {
+            workers: 2,
+            prefetch: 2,
+            ..LoaderConfig::train(10, 0)
+        };
+        let loader = Loader::new(p, cfg).unwrap();
+        let mut it = loader.batches();
+        let first = it.next().unwrap().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        // Decoded so far: the batch held here, 2 queued per worker, 1 in hand per worker.
+        let decoded = live.load(Ordering::SeqCst);
+        assert!(
+            decoded <= 10 * (1 + 2 * 2 + 2),
+            "{decoded} samples decoded ahead"
+        );
+        drop(first);
+        drop(it);
+    }
+
+    #[test]
+    fn bad_configurations_are_refused() {
+        for cfg in [
+            LoaderConfig {
+                batch_size: 0,
+                ..LoaderConfig::train(1, 0)
+            },
+            LoaderConfig {
+                shard: Shard { rank: 2, world: 2 },
+                ..LoaderConfig::train(1, 0)
+            },
+            LoaderConfig {
+                shard: Shard { rank: 0, world: 20 },
+                ..LoaderConfig::train(1, 0)
+            },
+        ] {
+            assert!(matches!(
+                Loader::new(probe(10, &[]), cfg),
+                Err(DataError::Config(_))
+            ));
+        }
+    }
+}
