@@ -2,12 +2,19 @@
 //! frames each, feature `"{t}/image_aux1/encoded"` = raw 64×64×3 RGB bytes (row-major HWC, not
 //! PNG), the camera every video-tokenizer paper uses.
 
-use std::path::Path;
+use std::fs::File;
+use std::io::{BufReader, Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ndarray::Array4;
+use rand::Rng;
+use rand::rngs::StdRng;
 
+use crate::archive::{Location, TarMember, index_tar};
 use crate::error::{DataError, Result};
-use crate::tfrecord::{Example, Records};
+use crate::loader::Dataset;
+use crate::tfrecord::{Example, Records, masked_crc};
 
 /// Frames per BAIR trajectory.
 pub const FRAMES: usize = 30;
@@ -108,6 +115,259 @@ pub fn for_each_in_tar(
         }
     }
     Ok(n)
+}
+
+/// Which frames of a trajectory make a clip.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClipWindow {
+    /// A uniformly random start in `0 ..= 30 − frames` (training). VideoGPT draws
+    /// `randint(0, 30 − frames)`, whose upper bound is exclusive, so it never takes the last
+    /// window; here every window is possible.
+    Random,
+    /// Always the same start frame (evaluation).
+    Fixed(usize),
+}
+
+/// One record of an index: where its payload and payload checksum are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RecordRef {
+    location: Location,
+    /// Offset of the record's first byte in its `.tfrecords` file (for messages).
+    record_offset: u64,
+}
+
+/// BAIR trajectories with random access: the records of every `.tfrecords` file of a split are
+/// indexed once (length fields only, each checked against its CRC), then a sample reads one
+/// record, checks the payload CRC and returns a `(3, frames, 64, 64)` clip (channel first,
+/// `u8`).
+#[derive(Debug, Clone)]
+pub struct BairDataset {
+    records: Vec<RecordRef>,
+    frames: usize,
+    window: ClipWindow,
+}
+
+fn scan_records(
+    name: &Path,
+    reader: &mut (impl Read + Seek),
+    base: u64,
+    len: u64,
+    location: impl Fn(u64, u64) -> Location,
+    out: &mut Vec<RecordRef>,
+) -> Result<()> {
+    let io = |source| DataError::Io {
+        path: name.to_path_buf(),
+        source,
+    };
+    let mut at = 0u64;
+    while at < len {
+        if len - at < 12 {
+            return Err(DataError::Truncated {
+                path: name.to_path_buf(),
+                offset: len,
+                expected: at + 12,
+            });
+        }
+        reader.seek(SeekFrom::Start(base + at)).map_err(io)?;
+        let mut head = [0u8; 12];
+        reader.read_exact(&mut head).map_err(io)?;
+        let n = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+        if masked_crc(&head[..8]) != u32::from_le_bytes(head[8..].try_into().expect("4 bytes")) {
+            return Err(DataError::Checksum {
+                path: name.to_path_buf(),
+                what: "length",
+                offset: at,
+            });
+        }
+        let end = at.saturating_add(16).saturating_add(n);
+        if end > len {
+            return Err(DataError::Truncated {
+                path: name.to_path_buf(),
+                offset: len,
+                expected: end,
+            });
+        }
+        out.push(RecordRef {
+            location: location(base + at + 12, n + 4),
+            record_offset: at,
+        });
+        at = end;
+    }
+    Ok(())
+}
+
+impl BairDataset {
+    /// Indexes one split from the official archive `bair_robot_pushing_dataset_v0.tar`
+    /// (read in place), from the extracted `softmotion30_44k/` folder (or the folder holding
+    /// it), or from a folder of `.tfrecords` files. Files are taken in sorted name order.
+    ///
+    /// # Errors
+    /// Unreadable files, a length field that fails its CRC or overruns its file, no records,
+    /// or `frames` outside `1..=30`.
+    pub fn open(path: &Path, split: BairSplit, frames: usize, window: ClipWindow) -> Result<Self> {
+        if frames == 0 || frames > FRAMES {
+            return Err(DataError::Config(format!(
+                "BAIR clips have 1 to {FRAMES} frames, not {frames}"
+            )));
+        }
+        if let ClipWindow::Fixed(start) = window
+            && start + frames > FRAMES
+        {
+            return Err(DataError::Config(format!(
+                "a {frames}-frame BAIR clip cannot start at frame {start}"
+            )));
+        }
+        let dir = match split {
+            BairSplit::Train => "train",
+            BairSplit::Test => "test",
+        };
+        let mut records = Vec::new();
+        let io = |p: &Path| {
+            let p = p.to_path_buf();
+            move |source| DataError::Io { path: p, source }
+        };
+        if path.is_file() {
+            let archive = Arc::new(path.to_path_buf());
+            let mut members: Vec<TarMember> = index_tar(path, |_| false)?
+                .into_iter()
+                .filter(|m| m.name.contains(&format!("/{dir}/")) && m.name.ends_with(".tfrecords"))
+                .collect();
+            members.sort_by(|a, b| a.name.cmp(&b.name));
+            let mut f = BufReader::new(File::open(path).map_err(io(path))?);
+            for m in members {
+                let name = PathBuf::from(format!("{}:{}", path.display(), m.name));
+                let (archive, member) = (archive.clone(), m.name.clone());
+                scan_records(
+                    &name,
+                    &mut f,
+                    m.offset,
+                    m.len,
+                    |offset, len| Location::Member {
+                        archive: archive.clone(),
+                        name: member.clone(),
+                        offset,
+                        len,
+                    },
+                    &mut records,
+                )?;
+            }
+        } else {
+            let folder = [
+                path.join("softmotion30_44k").join(dir),
+                path.join(dir),
+                path.to_path_buf(),
+            ]
+            .into_iter()
+            .find(|p| p.is_dir())
+            .ok_or_else(|| DataError::Empty {
+                path: path.to_path_buf(),
+                what: "BAIR archive or folder",
+            })?;
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&folder)
+                .map_err(io(&folder))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "tfrecords"))
+                .collect();
+            files.sort();
+            for file in files {
+                let mut f = BufReader::new(File::open(&file).map_err(io(&file))?);
+                let len = f.get_ref().metadata().map_err(io(&file))?.len();
+                let archive = Arc::new(file.clone());
+                scan_records(
+                    &file,
+                    &mut f,
+                    0,
+                    len,
+                    |offset, len| Location::Member {
+                        archive: archive.clone(),
+                        name: String::new(),
+                        offset,
+                        len,
+                    },
+                    &mut records,
+                )?;
+            }
+        }
+        if records.is_empty() {
+            return Err(DataError::Empty {
+                path: path.to_path_buf(),
+                what: "BAIR .tfrecords records for this split",
+            });
+        }
+        Ok(Self {
+            records,
+            frames,
+            window,
+        })
+    }
+
+    /// Frames per clip.
+    pub fn frames(&self) -> usize {
+        self.frames
+    }
+
+    fn file_of(&self, index: usize) -> PathBuf {
+        match &self.records[index].location {
+            Location::Member { archive, name, .. } if name.is_empty() => archive.to_path_buf(),
+            l => l.path(),
+        }
+    }
+
+    /// The whole trajectory `index` as (T = 30, H, W, C).
+    ///
+    /// # Errors
+    /// As [`decode_trajectory`], [`DataError::Checksum`] for a payload that fails its CRC.
+    pub fn trajectory(&self, index: usize) -> Result<Array4<u8>> {
+        let r = &self.records[index];
+        let file = self.file_of(index);
+        let bytes = r.location.read().map_err(|e| match e {
+            DataError::Io { source, .. } => DataError::Io {
+                path: file.clone(),
+                source,
+            },
+            e => e,
+        })?;
+        let (payload, crc) = bytes.split_at(bytes.len() - 4);
+        if masked_crc(payload) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
+            return Err(DataError::Checksum {
+                path: file,
+                what: "payload",
+                offset: r.record_offset,
+            });
+        }
+        decode_trajectory(&file, r.record_offset, payload)
+    }
+}
+
+impl Dataset for BairDataset {
+    type Sample = Array4<u8>;
+
+    fn len(&self) -> usize {
+        self.records.len()
+    }
+
+    /// `(3, frames, 64, 64)`.
+    fn get(&self, index: usize, rng: &mut StdRng) -> Result<Array4<u8>> {
+        let t = self.trajectory(index)?;
+        let start = match self.window {
+            ClipWindow::Random => rng.gen_range(0..=FRAMES - self.frames),
+            ClipWindow::Fixed(s) => s,
+        };
+        Ok(
+            t.slice_move(ndarray::s![start..start + self.frames, .., .., ..])
+                .permuted_axes([3, 0, 1, 2])
+                .as_standard_layout()
+                .into_owned(),
+        )
+    }
+
+    fn name(&self, index: usize) -> String {
+        format!(
+            "{} (record at byte {})",
+            self.file_of(index).display(),
+            self.records[index].record_offset
+        )
+    }
 }
 
 #[cfg(test)]
@@ -246,5 +506,63 @@ mod tests {
         assert!(err.contains("not a tf.train.Example"), "{err}");
         assert!(it.next().is_none());
         std::fs::remove_file(&path).unwrap();
+    }
+
+    #[test]
+    fn the_indexed_dataset_reads_clips_from_files_and_from_the_archive() {
+        use rand::SeedableRng;
+        let dir = std::env::temp_dir().join(format!("bair-ds-{}", std::process::id()));
+        let split = dir.join("softmotion30_44k/train");
+        std::fs::create_dir_all(&split).unwrap();
+        let mut a = Vec::new();
+        for s in [1u8, 2] {
+            write_record(&mut a, &trajectory_payload(s)).unwrap();
+        }
+        let mut b = Vec::new();
+        write_record(&mut b, &trajectory_payload(3)).unwrap();
+        std::fs::write(split.join("traj_256_to_511.tfrecords"), &b).unwrap();
+        std::fs::write(split.join("traj_0_to_255.tfrecords"), &a).unwrap();
+        let tar_path = dir.join("bair.tar");
+        let mut t = tar::Builder::new(std::fs::File::create(&tar_path).unwrap());
+        t.append_dir_all("softmotion30_44k", dir.join("softmotion30_44k"))
+            .unwrap();
+        t.finish().unwrap();
+        drop(t);
+        for path in [dir.clone(), tar_path.clone()] {
+            let ds = BairDataset::open(&path, BairSplit::Train, 16, ClipWindow::Fixed(2)).unwrap();
+            assert_eq!(ds.len(), 3);
+            let mut rng = StdRng::seed_from_u64(0);
+            let clip = ds.get(2, &mut rng).unwrap();
+            assert_eq!(clip.dim(), (3, 16, 64, 64));
+            // Channel c, frame k (= trajectory frame 2 + k), pixel (y, x): (t + y + x + c) + shift 3.
+            assert_eq!(clip[[1, 4, 5, 6]], (6 + 5 + 6 + 1 + 3) as u8);
+            let random =
+                BairDataset::open(&path, BairSplit::Train, 16, ClipWindow::Random).unwrap();
+            let starts: std::collections::HashSet<u8> = (0..200)
+                .map(|s| random.get(0, &mut StdRng::seed_from_u64(s)).unwrap()[[0, 0, 0, 0]] - 1)
+                .collect();
+            assert_eq!(starts.len(), 15, "every start 0..=14 is drawn");
+            assert!(BairDataset::open(&path, BairSplit::Test, 16, ClipWindow::Random).is_err());
+        }
+        // A flipped payload byte: found when the sample is read, naming the file and record.
+        let file = split.join("traj_0_to_255.tfrecords");
+        let mut bytes = std::fs::read(&file).unwrap();
+        let second = 16 + trajectory_payload(1).len();
+        bytes[second + 500] ^= 4;
+        std::fs::write(&file, &bytes).unwrap();
+        let ds = BairDataset::open(&dir, BairSplit::Train, 16, ClipWindow::Random).unwrap();
+        let err = ds.get(1, &mut StdRng::seed_from_u64(0)).unwrap_err();
+        assert!(
+            matches!(err, DataError::Checksum { what: "payload", offset, .. } if offset == second as u64),
+            "{err}"
+        );
+        assert!(err.to_string().contains("traj_0_to_255.tfrecords"), "{err}");
+        // A truncated file fails at indexing.
+        std::fs::write(&file, &bytes[..second + 100]).unwrap();
+        let err = BairDataset::open(&dir, BairSplit::Train, 16, ClipWindow::Random).unwrap_err();
+        assert!(matches!(err, DataError::Truncated { .. }), "{err}");
+        assert!(BairDataset::open(&dir, BairSplit::Train, 31, ClipWindow::Random).is_err());
+        assert!(BairDataset::open(&dir, BairSplit::Train, 16, ClipWindow::Fixed(15)).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
