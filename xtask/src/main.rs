@@ -79,13 +79,19 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let root = project_root();
     match cli.command {
-        Cmd::Setup { force } => setup::run(&root, force).map(|_| ()),
+        Cmd::Setup { force } => {
+            setup::run(&root, force)?;
+            setup::ffmpeg(&root);
+            Ok(())
+        }
         Cmd::Test { args } => {
             setup::run(&root, false)?;
+            setup::ffmpeg(&root);
             test(&root, &args)
         }
         Cmd::Ci => {
             setup::run(&root, false)?;
+            setup::ffmpeg(&root);
             cargo(&root, &["fmt", "--all", "--check"], &[])?;
             cargo(
                 &root,

@@ -177,6 +177,101 @@ fn install_from_pip(base: &Path, site: &Path, link: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The imageio-ffmpeg wheel that provides a static ffmpeg when the system has none.
+const IMAGEIO_FFMPEG: &str = "imageio-ffmpeg==0.8.1";
+
+/// Makes `.tools/bin/ffmpeg` (what `.cargo/config.toml` names as `VQ_FFMPEG`) a link to a
+/// working ffmpeg: the system's when one is on the PATH, else the static build in PyPI's
+/// `imageio-ffmpeg` wheel installed into `.tools/imageio-ffmpeg` (68 MB). Needed for UCF-101;
+/// everything else works without it, so failures here are warnings.
+pub fn ffmpeg(root: &Path) {
+    if let Err(e) = ensure_ffmpeg(root) {
+        eprintln!(
+            "warning: no ffmpeg ({e:#}). Only UCF-101 needs it: install it (e.g. `apt-get install \
+             ffmpeg`) and run `cargo xtask setup` again."
+        );
+    }
+}
+
+fn runs(program: &Path) -> bool {
+    Command::new(program)
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn ensure_ffmpeg(root: &Path) -> Result<()> {
+    let tools = root.join(".tools");
+    let link = tools.join("bin/ffmpeg");
+    if runs(&link) {
+        eprintln!("ffmpeg: ready in {}", link.display());
+        return Ok(());
+    }
+    fs::create_dir_all(tools.join("bin")).context("creating .tools/bin")?;
+    // The system's, if any.
+    let system = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("ffmpeg"))
+            .find(|p| p.is_file() && runs(p))
+    });
+    if let Some(found) = system {
+        replace_symlink(&found, &link)?;
+        eprintln!("ffmpeg: using {}", found.display());
+        return Ok(());
+    }
+    let site = tools.join("imageio-ffmpeg");
+    let staging = tools.join(format!("staging-{}", std::process::id()));
+    let py = python()?;
+    eprintln!(
+        "ffmpeg: none on the PATH; installing {IMAGEIO_FFMPEG} from PyPI into {}",
+        site.display()
+    );
+    let status = Command::new(&py)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--no-input",
+            "--disable-pip-version-check",
+            "--no-cache-dir",
+            "--no-deps",
+            "--target",
+        ])
+        .arg(&staging)
+        .arg(IMAGEIO_FFMPEG)
+        .env("PYTHONNOUSERSITE", "1")
+        .status()
+        .with_context(|| format!("running {py} -m pip"))?;
+    if !status.success() {
+        let _ = fs::remove_dir_all(&staging);
+        bail!("`pip install {IMAGEIO_FFMPEG}` failed ({status})");
+    }
+    if site.exists() {
+        fs::remove_dir_all(&site).with_context(|| format!("removing {}", site.display()))?;
+    }
+    fs::rename(&staging, &site).with_context(|| format!("renaming into {}", site.display()))?;
+    let bin_dir = site.join("imageio_ffmpeg/binaries");
+    let binary = fs::read_dir(&bin_dir)
+        .with_context(|| format!("listing {}", bin_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("ffmpeg-"))
+        })
+        .with_context(|| format!("no ffmpeg binary in {}", bin_dir.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&binary, fs::Permissions::from_mode(0o755))
+        .with_context(|| format!("making {} executable", binary.display()))?;
+    let rel = Path::new("../imageio-ffmpeg/imageio_ffmpeg/binaries")
+        .join(binary.file_name().expect("a file"));
+    replace_symlink(&rel, &link)?;
+    if !runs(&link) {
+        bail!("{} does not run", link.display());
+    }
+    eprintln!("ffmpeg: installed {}", link.display());
+    Ok(())
+}
+
 /// Points `link` at `target`, replacing whatever link was there, atomically (link + rename).
 fn replace_symlink(target: &Path, link: &Path) -> Result<()> {
     let tmp = link.with_extension("tmp-link");

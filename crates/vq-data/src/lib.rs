@@ -15,6 +15,7 @@ pub mod images;
 pub mod loader;
 pub mod tfrecord;
 pub mod transform;
+pub mod ucf101;
 
 pub use error::{DataError, Result};
 
