@@ -43,19 +43,20 @@ impl Taps {
         first: usize,
         count: usize,
     ) -> Self {
-        let scale = len as f64 / out as f64;
         match filter {
             Filter::Bilinear => {
                 // ATen's upsample_bilinear2d: src = max(scale·(i + ½) − ½, 0), taps ⌊src⌋ and
                 // ⌊src⌋ + 1 (the last pixel takes the whole weight at the far edge).
                 let mut start = Vec::with_capacity(count);
                 let mut weights = Vec::with_capacity(2 * count);
+                // In f32 like ATen, so coordinates round the same way.
+                let scale = len as f32 / out as f32;
                 for i in first..first + count {
-                    let src = ((i as f64 + 0.5) * scale - 0.5).max(0.0);
+                    let src = (scale * (i as f32 + 0.5) - 0.5).max(0.0);
                     let i0 = (src as usize).min(len - 1);
-                    let l1 = if i0 + 1 < len { src - i0 as f64 } else { 0.0 };
+                    let l1 = if i0 + 1 < len { src - i0 as f32 } else { 0.0 };
                     start.push(offset + i0);
-                    weights.extend([(1.0 - l1) as f32, l1 as f32]);
+                    weights.extend([1.0 - l1, l1]);
                 }
                 Self {
                     start,
@@ -64,26 +65,28 @@ impl Taps {
                 }
             }
             Filter::BilinearAntialias => {
+                // ATen's _upsample_bilinear2d_aa weights (PIL's), computed in f32 like ATen.
+                let scale = len as f32 / out as f32;
                 let support = scale.max(1.0);
                 let inv = 1.0 / scale.max(1.0);
                 let width = (support.ceil() as usize) * 2 + 1;
                 let mut start = Vec::with_capacity(count);
                 let mut weights = vec![0f32; width * count];
                 for (k, i) in (first..first + count).enumerate() {
-                    let center = scale * (i as f64 + 0.5);
-                    let lo = ((center - support + 0.5).floor().max(0.0)) as usize;
-                    let hi = ((center + support + 0.5).floor() as usize).min(len);
-                    let mut ws: Vec<f64> = (lo..hi)
-                        .map(|j| (1.0 - ((j as f64 - center + 0.5) * inv).abs()).max(0.0))
+                    let center = scale * (i as f32 + 0.5);
+                    let lo = ((center - support + 0.5).max(0.0)) as usize;
+                    let hi = ((center + support + 0.5) as usize).min(len);
+                    let mut ws: Vec<f32> = (lo..hi)
+                        .map(|j| (1.0 - ((j as f32 - center + 0.5) * inv).abs()).max(0.0))
                         .collect();
-                    let total: f64 = ws.iter().sum();
+                    let total: f32 = ws.iter().sum();
                     if total > 0.0 {
                         ws.iter_mut().for_each(|w| *w /= total);
                     }
                     // Keep the taps inside the source even near the far edge.
                     let lo_fit = lo.min(len.saturating_sub(width));
                     for (j, w) in (lo..hi).zip(ws) {
-                        weights[k * width + (j - lo_fit)] = w as f32;
+                        weights[k * width + (j - lo_fit)] = w;
                     }
                     start.push(offset + lo_fit);
                 }

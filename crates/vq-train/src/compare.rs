@@ -10,7 +10,7 @@ use vq_data::Split;
 use vq_models::VqAutoencoder;
 use vq_tch::Estimator;
 
-use crate::data::{DataSource, ImageSet};
+use crate::data::{DataSource, ImageSet, Pipeline};
 use crate::eval::{EvalMetrics, EvalNets, Perceptual, evaluate};
 use crate::train::{RunConfig, StepMetrics, TrainOptions, train, write_atomic};
 use crate::{checkpoint, plot};
@@ -125,8 +125,9 @@ pub fn evaluate_run(
 ) -> Result<CompareRow> {
     let a = &config.model.autoencoder;
     let source = DataSource::parse(&config.data)?;
-    let train_set = ImageSet::load(&source, Split::Train, a.in_channels, a.resolution)?;
-    let val_set = ImageSet::load(&source, Split::Test, a.in_channels, a.resolution)?;
+    let pipeline = Pipeline::for_preset(&config.preset);
+    let train_set = ImageSet::load(&source, Split::Train, a.in_channels, a.resolution, pipeline)?;
+    let val_set = ImageSet::load(&source, Split::Test, a.in_channels, a.resolution, pipeline)?;
     let batch = config.micro_batch;
     let nets = EvalNets::load(
         config.lpips_weights.as_deref(),
@@ -137,14 +138,15 @@ pub fn evaluate_run(
     let train = evaluate(
         model,
         &train_set,
+        Some(crate::eval::MAX_TRAIN_EVAL_IMAGES),
         batch,
         device,
         &nets,
         Perceptual::LpipsOnly,
     )?;
-    let val = evaluate(model, &val_set, batch, device, &nets, Perceptual::All)?;
+    let val = evaluate(model, &val_set, None, batch, device, &nets, Perceptual::All)?;
     let show: Vec<i64> = (0..16.min(val_set.len() as i64)).collect();
-    let x = val_set.batch(&show, device);
+    let x = val_set.batch(&show, device)?;
     let rec = tch::no_grad(|| model.forward(&x, vq_tch::Mode::Eval))?.reconstruction;
     plot::reconstruction_grid(&out.join("reconstructions.png"), &x, &rec, 3)?;
     let history = read_metrics(&out.join("metrics.jsonl"))?;

@@ -76,13 +76,19 @@ impl EvalNets {
     }
 }
 
-/// Evaluates `model` on `set` in batches of `batch` (no gradients, EMA frozen).
+/// Largest number of images of a training set that [`evaluate`] visits (evenly spaced through
+/// the set); held-out sets are evaluated whole.
+pub const MAX_TRAIN_EVAL_IMAGES: usize = 10_000;
+
+/// Evaluates `model` on `set` in batches of `batch` (no gradients, EMA frozen): on every image,
+/// or on `limit` evenly spaced ones when the set is larger.
 ///
 /// # Errors
 /// Model errors.
 pub fn evaluate(
     model: &mut VqAutoencoder,
     set: &ImageSet,
+    limit: Option<usize>,
     batch: usize,
     device: Device,
     nets: &EvalNets,
@@ -97,11 +103,12 @@ pub fn evaluate(
     let (mut feats_x, mut feats_r, mut logits_r) = (Vec::new(), Vec::new(), Vec::new());
     let mut codes: Vec<u32> = Vec::new();
     let mut per_image = 0;
-    let n = set.len();
+    let total = set.len();
+    let n = limit.map_or(total, |l| l.min(total));
+    let chosen: Vec<i64> = (0..n).map(|i| (i * total / n.max(1)) as i64).collect();
     let _guard = tch::no_grad_guard();
-    for lo in (0..n).step_by(batch.max(1)) {
-        let idx: Vec<i64> = (lo as i64..(lo + batch).min(n) as i64).collect();
-        let x = set.batch(&idx, device);
+    for idx in chosen.chunks(batch.max(1)) {
+        let x = set.batch(idx, device)?;
         let out = model.forward(&x, Mode::Eval)?;
         let w = idx.len() as f64;
         let stats = Tensor::stack(

@@ -17,7 +17,7 @@ use vq_models::{
 use vq_tch::Mode;
 
 use crate::checkpoint::{self, TrainState};
-use crate::data::{DataSource, ImageSet, Sampler};
+use crate::data::{DataSource, ImageSet, Pipeline, TrainBatches};
 use crate::optim::{AdamW, learning_rate};
 
 /// Everything that defines a run's numbers (saved in `run.json` and in every checkpoint; a
@@ -183,8 +183,14 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
     let run_json = cfg.resume_key()?;
     let a = &cfg.model.autoencoder;
     let source = DataSource::parse(&cfg.data)?;
-    let data = ImageSet::load(&source, Split::Train, a.in_channels, a.resolution)
-        .with_context(|| format!("loading training data {}", source.describe()))?;
+    let data = ImageSet::load(
+        &source,
+        Split::Train,
+        a.in_channels,
+        a.resolution,
+        Pipeline::for_preset(&cfg.preset),
+    )
+    .with_context(|| format!("loading training data {}", source.describe()))?;
 
     tch::manual_seed(cfg.seed as i64);
     let mut vs = nn::VarStore::new(opts.device);
@@ -243,7 +249,7 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
     write_atomic(&opts.out.join("run.json"), &serde_json::to_vec_pretty(cfg)?)?;
 
     let accum = t.batch_size / cfg.micro_batch;
-    let mut sampler = Sampler::new(cfg.seed, data.len(), cfg.micro_batch);
+    let mut batches = TrainBatches::new(&data, cfg.seed, cfg.micro_batch, start * accum)?;
     let k = cfg.model.quantizer.codebook_size;
     let mut metrics_file = OpenOptions::new()
         .create(true)
@@ -270,7 +276,7 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
         let adversarial = gan.as_ref().is_some_and(|(g, ..)| step >= g.disc_start);
         let mut pairs: Vec<(Tensor, Tensor)> = Vec::new();
         for a in 0..accum {
-            let x = data.batch(&sampler.batch_indices(step * accum + a), opts.device);
+            let x = batches.get(&data, step * accum + a, opts.device)?;
             let out = match model.forward(&x, Mode::Train) {
                 Ok(out) => out,
                 Err(vq_models::ModelError::Quantizer(vq_tch::VqTchError::Core(

@@ -350,3 +350,79 @@ fn inception_weights_fill_the_rfid_and_ris_columns() {
     std::fs::remove_dir_all(out).unwrap();
     std::fs::remove_dir_all(weights.parent().unwrap()).unwrap();
 }
+
+/// An `image-folder:` source (Imagenette's layout) trains through the streaming loader, resumes
+/// exactly, and evaluates on its `val/` images.
+#[test]
+fn an_image_folder_trains_streams_and_resumes() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let root = tmp("image-folder");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vq-data/tests/fixtures/images");
+    for (split, class, file) in [
+        ("train", "n01", "rgb.JPEG"),
+        ("train", "n01", "gray.JPEG"),
+        ("train", "n02", "cmyk.JPEG"),
+        ("train", "n02", "png_named.JPEG"),
+        ("val", "n01", "rgb.JPEG"),
+        ("val", "n02", "cmyk.JPEG"),
+    ] {
+        let d = root.join("data").join(split).join(class);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(fixtures.join(file), d.join(file)).unwrap();
+    }
+    let preset = Preset::VqganF16Imagenet;
+    let mut model = preset.config();
+    model.autoencoder.resolution = 16;
+    model.autoencoder.ch = 32;
+    model.autoencoder.ch_mult = vec![1, 2];
+    model.autoencoder.attn_resolutions = vec![];
+    model.autoencoder.num_res_blocks = 1;
+    model.autoencoder.z_channels = 8;
+    model.quantizer.codebook_dim = 8;
+    model.quantizer.codebook_size = 16;
+    let mut training = preset.training();
+    training.steps = 4;
+    training.batch_size = 3;
+    training.warmup_steps = 1;
+    training.decay_steps = 4;
+    let cfg = RunConfig {
+        preset: preset.name().into(),
+        model,
+        training,
+        data: format!("image-folder:{}", root.join("data").display()),
+        seed: 2,
+        micro_batch: 3,
+        gan: None,
+        lpips_weights: None,
+        inception_weights: None,
+    };
+    let (a, b) = (root.join("a"), root.join("b"));
+    let whole = train(&options(cfg.clone(), &a)).unwrap();
+    train(&TrainOptions {
+        stop_after: Some(2),
+        ..options(cfg.clone(), &b)
+    })
+    .unwrap();
+    let resumed = train(&TrainOptions {
+        resume: true,
+        ..options(cfg.clone(), &b)
+    })
+    .unwrap();
+    assert_eq!(
+        whole.history.last().unwrap().loss,
+        resumed.history.last().unwrap().loss
+    );
+    let mut trained = whole;
+    let row =
+        vq_train::compare::evaluate_run(&mut trained.model, &cfg, &a, Device::Cpu, 0.0).unwrap();
+    assert!(
+        row.val.rec_mse.is_finite() && row.val.images == 2,
+        "{row:?}"
+    );
+    // A corrupt training image is skipped and reported, not fatal.
+    std::fs::write(root.join("data/train/n01/gray.JPEG"), b"\xff\xd8 truncated").unwrap();
+    let c = root.join("c");
+    let again = train(&options(cfg, &c)).unwrap();
+    assert_eq!(again.history.last().unwrap().step, 4);
+    std::fs::remove_dir_all(&root).unwrap();
+}
