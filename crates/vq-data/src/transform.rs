@@ -50,13 +50,26 @@ impl Taps {
                 let mut start = Vec::with_capacity(count);
                 let mut weights = Vec::with_capacity(2 * count);
                 // In f32 like ATen, so coordinates round the same way.
+                if len == 1 {
+                    return Self {
+                        start: vec![offset; count],
+                        weights: vec![1.0; count],
+                        width: 1,
+                    };
+                }
                 let scale = len as f32 / out as f32;
                 for i in first..first + count {
                     let src = (scale * (i as f32 + 0.5) - 0.5).max(0.0);
                     let i0 = (src as usize).min(len - 1);
-                    let l1 = if i0 + 1 < len { src - i0 as f32 } else { 0.0 };
-                    start.push(offset + i0);
-                    weights.extend([1.0 - l1, l1]);
+                    if i0 + 1 < len {
+                        let l1 = src - i0 as f32;
+                        start.push(offset + i0);
+                        weights.extend([1.0 - l1, l1]);
+                    } else {
+                        // The far edge: all weight on the last pixel, taps kept inside.
+                        start.push(offset + len - 2);
+                        weights.extend([0.0, 1.0]);
+                    }
                 }
                 Self {
                     start,
@@ -135,6 +148,30 @@ pub fn resample(
     window: (usize, usize, usize, usize),
     filter: Filter,
 ) -> Array3<f32> {
+    resample_any(src, region, out, window, filter)
+}
+
+/// [`resample`] of a `u8` image, rounded back to `u8` (no `f32` copy of the source is made).
+///
+/// # Panics
+/// As [`resample`].
+pub fn resample_u8(
+    src: ArrayView3<'_, u8>,
+    region: (usize, usize, usize, usize),
+    out: (usize, usize),
+    window: (usize, usize, usize, usize),
+    filter: Filter,
+) -> Array3<u8> {
+    resample_any(src, region, out, window, filter).mapv(|v| v.round().clamp(0.0, 255.0) as u8)
+}
+
+fn resample_any<T: Copy + Into<f32>>(
+    src: ArrayView3<'_, T>,
+    region: (usize, usize, usize, usize),
+    out: (usize, usize),
+    window: (usize, usize, usize, usize),
+    filter: Filter,
+) -> Array3<f32> {
     let (h, w, c) = src.dim();
     let (top, left, rh, rw) = region;
     assert!(
@@ -146,42 +183,66 @@ pub fn resample(
         wt + wh <= out.0 && wl + ww <= out.1,
         "window outside the output"
     );
+    let src = src.as_standard_layout();
+    let src = src.as_slice().expect("standard layout");
     let ty = Taps::new(filter, top, rh, out.0, wt, wh);
     let tx = Taps::new(filter, left, rw, out.1, wl, ww);
     // Source rows the vertical pass reads.
     let row_lo = *ty.start.iter().min().expect("non-empty window");
-    let row_hi = ty.start.iter().max().expect("non-empty window") + ty.width;
-    let row_hi = row_hi.min(h);
-    // Horizontal pass over those rows.
-    let mut tmp = Array3::<f32>::zeros((row_hi - row_lo, ww, c));
-    for (r, mut trow) in tmp.axis_iter_mut(Axis(0)).enumerate() {
-        let srow = src.index_axis(Axis(0), row_lo + r);
-        for (x, mut px) in trow.axis_iter_mut(Axis(0)).enumerate() {
-            let s = tx.start[x];
-            for (k, &wgt) in tx.weights[x * tx.width..(x + 1) * tx.width]
-                .iter()
-                .enumerate()
-            {
-                if wgt != 0.0 {
-                    px.scaled_add(wgt, &srow.index_axis(Axis(0), s + k));
+    let row_hi = (ty.start.iter().max().expect("non-empty window") + ty.width).min(h);
+    // Horizontal pass over those rows (every tap lies inside the source).
+    let line = ww * c;
+    let mut tmp = vec![0f32; (row_hi - row_lo) * line];
+    for (r, trow) in tmp.chunks_exact_mut(line).enumerate() {
+        let srow = &src[(row_lo + r) * w * c..(row_lo + r + 1) * w * c];
+        match c {
+            3 => horizontal::<T, 3>(srow, trow, &tx),
+            1 => horizontal::<T, 1>(srow, trow, &tx),
+            _ => {
+                for (x, px) in trow.chunks_exact_mut(c).enumerate() {
+                    let taps = &tx.weights[x * tx.width..(x + 1) * tx.width];
+                    let p = &srow[tx.start[x] * c..(tx.start[x] + tx.width) * c];
+                    for (wgt, p) in taps.iter().zip(p.chunks_exact(c)) {
+                        for (o, &v) in px.iter_mut().zip(p) {
+                            *o += wgt * v.into();
+                        }
+                    }
                 }
             }
         }
     }
-    // Vertical pass.
-    let mut dst = Array3::<f32>::zeros((wh, ww, c));
-    for (y, mut drow) in dst.axis_iter_mut(Axis(0)).enumerate() {
+    // Vertical pass: whole rows at a time.
+    let mut dst = vec![0f32; wh * line];
+    for (y, drow) in dst.chunks_exact_mut(line).enumerate() {
         let s = ty.start[y] - row_lo;
         for (k, &wgt) in ty.weights[y * ty.width..(y + 1) * ty.width]
             .iter()
             .enumerate()
         {
             if wgt != 0.0 {
-                drow.scaled_add(wgt, &tmp.index_axis(Axis(0), s + k));
+                let trow = &tmp[(s + k) * line..(s + k + 1) * line];
+                for (o, &v) in drow.iter_mut().zip(trow) {
+                    *o += wgt * v;
+                }
             }
         }
     }
-    dst
+    Array3::from_shape_vec((wh, ww, c), dst).expect("sizes match")
+}
+
+/// One row of the horizontal pass with `C` channels known at compile time.
+fn horizontal<T: Copy + Into<f32>, const C: usize>(src: &[T], dst: &mut [f32], tx: &Taps) {
+    for (x, px) in dst.chunks_exact_mut(C).enumerate() {
+        let taps = &tx.weights[x * tx.width..(x + 1) * tx.width];
+        let p = &src[tx.start[x] * C..(tx.start[x] + tx.width) * C];
+        let mut acc = [0f32; C];
+        for (wgt, p) in taps.iter().zip(p.chunks_exact(C)) {
+            for ch in 0..C {
+                acc[ch] += wgt * p[ch].into();
+            }
+        }
+        px.copy_from_slice(&acc);
+    }
 }
 
 /// Where a crop goes.
@@ -335,21 +396,11 @@ impl Transform {
                     Crop::Center => ((nh - size) / 2, (nw - size) / 2),
                     Crop::Random => (rng.gen_range(0..=nh - size), rng.gen_range(0..=nw - size)),
                 };
-                to_u8(resample(
-                    to_f32(img).view(),
-                    (0, 0, h, w),
-                    (nh, nw),
-                    (top, left, size, size),
-                    filter,
-                ))
+                resample_u8(img, (0, 0, h, w), (nh, nw), (top, left, size, size), filter)
             }
-            Self::Resize { size, filter } => to_u8(resample(
-                to_f32(img).view(),
-                (0, 0, h, w),
-                (size, size),
-                (0, 0, size, size),
-                filter,
-            )),
+            Self::Resize { size, filter } => {
+                resample_u8(img, (0, 0, h, w), (size, size), (0, 0, size, size), filter)
+            }
             Self::RandomResizedCrop {
                 size,
                 scale,
@@ -358,13 +409,7 @@ impl Transform {
                 filter,
             } => {
                 let region = random_resized_crop_region(h, w, scale, ratio, rng);
-                let mut out = to_u8(resample(
-                    to_f32(img).view(),
-                    region,
-                    (size, size),
-                    (0, 0, size, size),
-                    filter,
-                ));
+                let mut out = resample_u8(img, region, (size, size), (0, 0, size, size), filter);
                 if flip && rng.gen_bool(0.5) {
                     out.invert_axis(Axis(1));
                     out = out.as_standard_layout().into_owned();
@@ -412,14 +457,6 @@ fn random_resized_crop_region(
     };
     let (ch, cw) = (ch.clamp(1, h), cw.clamp(1, w));
     ((h - ch) / 2, (w - cw) / 2, ch, cw)
-}
-
-fn to_f32(img: ArrayView3<'_, u8>) -> Array3<f32> {
-    img.mapv(f32::from)
-}
-
-fn to_u8(img: Array3<f32>) -> Array3<u8> {
-    img.mapv(|v| v.round().clamp(0.0, 255.0) as u8)
 }
 
 /// How `u8` pixels become model inputs.

@@ -19,7 +19,7 @@ use rand::rngs::StdRng;
 
 use crate::error::{DataError, Result};
 use crate::loader::Dataset;
-use crate::transform::{Filter, resample};
+use crate::transform::{Filter, resample_u8};
 
 /// The `ffmpeg` program.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -509,9 +509,8 @@ pub fn resize_center_crop(frames: &Array4<u8>, size: usize) -> Array4<u8> {
     let (top, left) = ((nh - size) / 2, (nw - size) / 2);
     let mut out = Array4::<u8>::zeros((3, t, size, size));
     for (k, frame) in frames.axis_iter(Axis(0)).enumerate() {
-        let f = frame.mapv(f32::from);
-        let r = resample(
-            f.view(),
+        let r = resample_u8(
+            frame,
             (0, 0, h, w),
             (nh, nw),
             (top, left, size, size),
@@ -520,10 +519,7 @@ pub fn resize_center_crop(frames: &Array4<u8>, size: usize) -> Array4<u8> {
         for c in 0..3 {
             out.index_axis_mut(Axis(0), c)
                 .index_axis_mut(Axis(0), k)
-                .assign(
-                    &r.index_axis(Axis(2), c)
-                        .mapv(|v| v.round().clamp(0.0, 255.0) as u8),
-                );
+                .assign(&r.index_axis(Axis(2), c));
         }
     }
     out
@@ -555,6 +551,7 @@ impl Dataset for Ucf101 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transform::resample;
     use rand::SeedableRng;
 
     #[test]
