@@ -321,10 +321,18 @@ fn download_data(
                 eprintln!("{}: extracted {n} entries into {}", f.name, dir.display());
             }
         } else if f.name.ends_with(".zip") || f.name.ends_with(".rar") {
-            eprintln!(
-                "{}: not extracted (zip/rar extraction is not implemented yet; use unzip / unrar)",
-                f.name
-            );
+            let marker = dir.join(format!(".extracted-{}", f.name));
+            if !marker.exists() {
+                let n = if f.name.ends_with(".zip") {
+                    download::extract_zip(&t.dest, &dir)?.to_string()
+                } else {
+                    download::extract_rar(&t.dest, &dir)?;
+                    "all".to_owned()
+                };
+                std::fs::write(&marker, &n)
+                    .with_context(|| format!("writing {}", marker.display()))?;
+                eprintln!("{}: extracted {n} entries into {}", f.name, dir.display());
+            }
         }
     }
     Ok(())
