@@ -181,6 +181,25 @@ impl std::fmt::Display for EpochSummary {
     }
 }
 
+/// Stacks equally shaped samples into one array with a leading batch axis: `(C, H, W)` images
+/// into NCHW, `(C, T, H, W)` clips into NCTHW.
+///
+/// ```
+/// use ndarray::Array3;
+/// let images = vec![Array3::<u8>::zeros((3, 8, 8)); 5];
+/// assert_eq!(vq_data::loader::stack(&images).unwrap().dim(), (5, 3, 8, 8));
+/// ```
+///
+/// # Errors
+/// [`DataError::Config`] if the shapes differ or there are no samples.
+pub fn stack<A: Clone, D: ndarray::Dimension>(
+    samples: &[ndarray::Array<A, D>],
+) -> Result<ndarray::Array<A, D::Larger>> {
+    let views: Vec<_> = samples.iter().map(|s| s.view()).collect();
+    ndarray::stack(ndarray::Axis(0), &views)
+        .map_err(|e| DataError::Config(format!("cannot stack {} samples: {e}", samples.len())))
+}
+
 /// The position → index map of a configuration (see the module docs).
 #[derive(Debug, Clone)]
 struct Schedule {

@@ -217,9 +217,9 @@ impl ImageSet {
 
 /// Samples `(3, R, R)` u8 → `(N, 3, R, R)` f32 in [−1, 1].
 fn to_tensor(samples: &[ImageSample]) -> Tensor {
-    let views: Vec<_> = samples.iter().map(|s| s.pixels.view()).collect();
+    let pixels: Vec<_> = samples.iter().map(|s| s.pixels.clone()).collect();
     let x = Normalization::MinusOneOne.apply(
-        ndarray::stack(ndarray::Axis(0), &views)
+        vq_data::loader::stack(&pixels)
             .expect("the transform gives one size")
             .view(),
     );
