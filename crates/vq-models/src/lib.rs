@@ -12,7 +12,9 @@ mod gan;
 mod inception;
 mod lpips;
 mod presets;
+mod stylegan;
 pub mod taming;
+pub mod vit;
 mod vqvae;
 
 pub use error::{ModelError, Result};
@@ -20,5 +22,8 @@ pub use gan::{GanConfig, PatchDiscriminator, adaptive_weight, generator_loss, hi
 pub use inception::{FidInception, frechet_distance, inception_score};
 pub use lpips::Lpips;
 pub use presets::{Preset, TrainingConfig};
+pub use stylegan::{
+    StyleDiscriminator, StyleDiscriminatorConfig, r1_penalty, vanilla_d_loss, vanilla_g_loss,
+};
 pub use vq_tch;
 pub use vqvae::{AutoencoderOutput, QuantConv, VqAutoencoder, VqAutoencoderConfig};
