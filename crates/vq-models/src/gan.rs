@@ -1,13 +1,67 @@
 //! The VQGAN adversarial parts (taming-transformers `taming/modules/discriminator/model.py` and
-//! `taming/modules/losses/vqperceptual.py`): the PatchGAN discriminator, the hinge loss, and the
-//! adaptive weight of the generator's adversarial term.
+//! `taming/modules/losses/vqperceptual.py`, and enhancing-transformers' variant for ViT-VQGAN):
+//! the discriminators, the GAN losses, and the adaptive weight of the generator's adversarial
+//! term.
 
-use tch::nn::{self, ModuleT};
+use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
 
 use crate::error::{ModelError, Result};
+use crate::stylegan::{
+    StyleDiscriminator, StyleDiscriminatorConfig, vanilla_d_loss, vanilla_g_loss,
+};
 
-/// Shape of the PatchGAN discriminator and the weights of the VQGAN loss.
+/// Which discriminator a VQGAN trains against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DiscriminatorKind {
+    /// taming's PatchGAN (`in_channels`, `ndf`, `n_layers` of [`GanConfig`]).
+    #[default]
+    PatchGan,
+    /// enhancing-transformers' StyleGAN2-type discriminator.
+    StyleGan(StyleDiscriminatorConfig),
+}
+
+/// The GAN objective.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdversarialLoss {
+    /// Hinge loss for D, `−mean D(x̃)` for G (taming).
+    #[default]
+    Hinge,
+    /// Non-saturating log-sigmoid losses (enhancing-transformers' "vanilla").
+    Vanilla,
+}
+
+/// How the generator's adversarial term is weighted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AdversarialWeighting {
+    /// `disc_weight · ‖∇nll‖ / (‖∇g‖ + 1e-4)` on the decoder's last layer ([`adaptive_weight`]).
+    #[default]
+    Adaptive,
+    /// `disc_weight` alone.
+    Fixed,
+}
+
+/// The lazy R1 penalty on the discriminator: every `every` discriminator steps,
+/// `γ · every / 2 · mean‖∇ₓD(x)‖²` on real images is added to its loss.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct R1Penalty {
+    /// γ.
+    pub gamma: f64,
+    /// Steps between penalties.
+    pub every: usize,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// Shape of the discriminator and the weights of the VQGAN loss. The fields after
+/// `disc_lr_multiplier` default to taming's choices (PatchGAN, hinge, adaptive weight, L1
+/// reconstruction, no R1).
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GanConfig {
@@ -27,6 +81,25 @@ pub struct GanConfig {
     pub perceptual_weight: f64,
     /// Discriminator learning rate as a multiple of the generator's (taming: 1).
     pub disc_lr_multiplier: f64,
+    /// The discriminator architecture.
+    #[serde(default)]
+    pub discriminator: DiscriminatorKind,
+    /// The GAN objective.
+    #[serde(default)]
+    pub adversarial_loss: AdversarialLoss,
+    /// Adaptive or fixed adversarial weight.
+    #[serde(default)]
+    pub adversarial_weighting: AdversarialWeighting,
+    /// Weight of `mean|x − x̃|` in the reconstruction term (enhancing-transformers'
+    /// "log-Laplace" term; taming: 1).
+    #[serde(default = "one")]
+    pub l1_weight: f64,
+    /// Weight of `mean (x − x̃)²` (the "log-Gaussian" term; taming: 0).
+    #[serde(default)]
+    pub l2_weight: f64,
+    /// R1 penalty of the discriminator (enhancing-transformers), if any.
+    #[serde(default)]
+    pub r1: Option<R1Penalty>,
 }
 
 impl GanConfig {
@@ -52,12 +125,81 @@ impl GanConfig {
             ("codebook_weight", self.codebook_weight),
             ("perceptual_weight", self.perceptual_weight),
             ("disc_lr_multiplier", self.disc_lr_multiplier),
+            ("l1_weight", self.l1_weight),
+            ("l2_weight", self.l2_weight),
+            ("r1", self.r1.map_or(0.0, |r| r.gamma)),
         ] {
             if !(v.is_finite() && v >= 0.0) {
                 return bad(field, "must be finite and >= 0");
             }
         }
+        if self.r1.is_some_and(|r| r.every == 0) {
+            return bad("r1", "every must be > 0");
+        }
+        if let DiscriminatorKind::StyleGan(s) = &self.discriminator {
+            s.validate()?;
+        }
         Ok(())
+    }
+
+    /// The discriminator's loss on real and reconstructed logits.
+    pub fn d_loss(&self, logits_real: &Tensor, logits_fake: &Tensor) -> Tensor {
+        match self.adversarial_loss {
+            AdversarialLoss::Hinge => hinge_d_loss(logits_real, logits_fake),
+            AdversarialLoss::Vanilla => vanilla_d_loss(logits_real, logits_fake),
+        }
+    }
+
+    /// The generator's adversarial loss on reconstructed logits.
+    pub fn g_loss(&self, logits_fake: &Tensor) -> Tensor {
+        match self.adversarial_loss {
+            AdversarialLoss::Hinge => generator_loss(logits_fake),
+            AdversarialLoss::Vanilla => vanilla_g_loss(logits_fake),
+        }
+    }
+
+    /// The reconstruction term `l1·mean|x − x̃| + l2·mean (x − x̃)²` (perceptual term apart).
+    pub fn pixel_loss(&self, x: &Tensor, rec: &Tensor) -> Tensor {
+        let d = x - rec;
+        let mut loss = d.abs().mean(Kind::Float) * self.l1_weight;
+        if self.l2_weight > 0.0 {
+            loss += d.square().mean(Kind::Float) * self.l2_weight;
+        }
+        loss
+    }
+}
+
+/// A VQGAN discriminator of either kind.
+#[derive(Debug)]
+pub enum Discriminator {
+    /// taming's PatchGAN.
+    Patch(PatchDiscriminator),
+    /// The StyleGAN2-type one.
+    Style(StyleDiscriminator),
+}
+
+impl Discriminator {
+    /// Builds the configured discriminator under `p`.
+    ///
+    /// # Errors
+    /// [`ModelError::Config`] for an invalid config.
+    pub fn new(p: &nn::Path, cfg: &GanConfig) -> Result<Self> {
+        cfg.validate()?;
+        Ok(match &cfg.discriminator {
+            DiscriminatorKind::PatchGan => Self::Patch(PatchDiscriminator::new(p, cfg)?),
+            DiscriminatorKind::StyleGan(s) => {
+                Self::Style(StyleDiscriminator::new(p, s, cfg.in_channels)?)
+            }
+        })
+    }
+}
+
+impl ModuleT for Discriminator {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
+        match self {
+            Self::Patch(d) => d.forward_t(x, train),
+            Self::Style(d) => d.forward(x),
+        }
     }
 }
 

@@ -18,7 +18,10 @@ pub mod vit;
 mod vqvae;
 
 pub use error::{ModelError, Result};
-pub use gan::{GanConfig, PatchDiscriminator, adaptive_weight, generator_loss, hinge_d_loss};
+pub use gan::{
+    AdversarialLoss, AdversarialWeighting, Discriminator, DiscriminatorKind, GanConfig,
+    PatchDiscriminator, R1Penalty, adaptive_weight, generator_loss, hinge_d_loss,
+};
 pub use inception::{FidInception, frechet_distance, inception_score};
 pub use lpips::Lpips;
 pub use presets::{Preset, TrainingConfig};
@@ -26,4 +29,4 @@ pub use stylegan::{
     StyleDiscriminator, StyleDiscriminatorConfig, r1_penalty, vanilla_d_loss, vanilla_g_loss,
 };
 pub use vq_tch;
-pub use vqvae::{AutoencoderOutput, QuantConv, VqAutoencoder, VqAutoencoderConfig};
+pub use vqvae::{AutoencoderOutput, Backbone, QuantConv, VqAutoencoder, VqAutoencoderConfig};

@@ -10,9 +10,11 @@ use tch::Device;
 use vq_tch::{CodebookLearning, Metric, Projection, VectorQuantizerConfig, VqVaeLatent};
 
 use crate::error::{ModelError, Result};
-use crate::gan::GanConfig;
+use crate::gan::{AdversarialLoss, AdversarialWeighting, DiscriminatorKind, GanConfig, R1Penalty};
+use crate::stylegan::StyleDiscriminatorConfig;
 use crate::taming::TamingConfig;
-use crate::vqvae::{QuantConv, VqAutoencoderConfig};
+use crate::vit::VitConfig;
+use crate::vqvae::{Backbone, QuantConv, VqAutoencoderConfig};
 
 /// Optimiser and schedule numbers of a preset.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -60,6 +62,9 @@ pub enum Preset {
     /// Table 3: latent-diffusion VQ-f8, 32×32×4, 16384 codes, attention at 32, 2-layer PatchGAN
     /// from step 1 (weight 0.6).
     LdmF8,
+    /// Table 4: ViT-VQGAN small (enhancing-transformers), 32×32 tokens of 8192 l2-normalised
+    /// 32-dim codes, StyleGAN2-type discriminator, L2 + 0.1 LPIPS + 0.1 adversarial, ImageNet 256².
+    VitVqganSmall,
     /// A small VQ-VAE for the embedded Fashion-MNIST demo (28² images padded to 32²; 8×8×32
     /// latents, 256 codes, EMA 0.8, β = 1, as lucidrains' Fashion-MNIST example).
     DemoFashionMnist,
@@ -67,7 +72,7 @@ pub enum Preset {
 
 impl Preset {
     /// Every preset.
-    pub const ALL: [Preset; 9] = [
+    pub const ALL: [Preset; 10] = [
         Preset::VqVaeF16Euclidean,
         Preset::VqVaeF16Cosine,
         Preset::VqVaeF4Euclidean,
@@ -76,6 +81,7 @@ impl Preset {
         Preset::VqganF16Faces,
         Preset::LdmF4,
         Preset::LdmF8,
+        Preset::VitVqganSmall,
         Preset::DemoFashionMnist,
     ];
 
@@ -90,6 +96,7 @@ impl Preset {
             Preset::VqganF16Faces => "vqgan-f16-faces",
             Preset::LdmF4 => "ldm-vq-f4",
             Preset::LdmF8 => "ldm-vq-f8",
+            Preset::VitVqganSmall => "vit-vqgan-small",
             Preset::DemoFashionMnist => "demo-fashion-mnist",
         }
     }
@@ -135,7 +142,7 @@ impl Preset {
                     Metric::Cosine => Projection::LinearLayerNorm { channels: 256 },
                 };
                 VqAutoencoderConfig {
-                    autoencoder: imagenet(vec![1, 1, 2, 2, 4], vec![16], 256),
+                    autoencoder: Backbone::Taming(imagenet(vec![1, 1, 2, 2, 4], vec![16], 256)),
                     quant_conv: QuantConv::None,
                     quantizer: VectorQuantizerConfig {
                         projection,
@@ -144,27 +151,44 @@ impl Preset {
                 }
             }
             Preset::VqVaeF4Euclidean | Preset::VqVaeF4Cosine => VqAutoencoderConfig {
-                autoencoder: imagenet(vec![1, 2, 4], vec![], 3),
+                autoencoder: Backbone::Taming(imagenet(vec![1, 2, 4], vec![], 3)),
                 quant_conv: QuantConv::None,
                 quantizer: VectorQuantizerConfig::paper_vqvae(VqVaeLatent::F64x64x3, self.metric()),
             },
             Preset::VqganF16Imagenet | Preset::VqganF16Faces => VqAutoencoderConfig {
-                autoencoder: imagenet(vec![1, 1, 2, 2, 4], vec![16], 256),
+                autoencoder: Backbone::Taming(imagenet(vec![1, 1, 2, 2, 4], vec![16], 256)),
                 quant_conv: QuantConv::Conv1x1,
                 quantizer: VectorQuantizerConfig::paper_vqgan(1024, 256),
             },
             Preset::LdmF4 => VqAutoencoderConfig {
-                autoencoder: imagenet(vec![1, 2, 4], vec![], 3),
+                autoencoder: Backbone::Taming(imagenet(vec![1, 2, 4], vec![], 3)),
                 quant_conv: QuantConv::Conv1x1,
                 quantizer: VectorQuantizerConfig::paper_vqgan(8192, 3),
             },
             Preset::LdmF8 => VqAutoencoderConfig {
-                autoencoder: imagenet(vec![1, 2, 2, 4], vec![32], 4),
+                autoencoder: Backbone::Taming(imagenet(vec![1, 2, 2, 4], vec![32], 4)),
                 quant_conv: QuantConv::Conv1x1,
                 quantizer: VectorQuantizerConfig::paper_vqgan(16384, 4),
             },
+            // Table 4 / enhancing-transformers' imagenet_vitvq_small config: patch 8 on 256²
+            // (a 32×32 token grid — Table 4's caption says 8×8), width 512, 8 blocks of 8 heads of
+            // 64, MLP 2048 (Table 10 says 1024; the config the results came from says 2048).
+            Preset::VitVqganSmall => VqAutoencoderConfig {
+                autoencoder: Backbone::Vit(VitConfig {
+                    image_size: 256,
+                    patch_size: 8,
+                    channels: 3,
+                    dim: 512,
+                    depth: 8,
+                    heads: 8,
+                    dim_head: 64,
+                    mlp_dim: 2048,
+                }),
+                quant_conv: QuantConv::None,
+                quantizer: VectorQuantizerConfig::paper_vit_vqgan(8192, 512),
+            },
             Preset::DemoFashionMnist => VqAutoencoderConfig {
-                autoencoder: TamingConfig {
+                autoencoder: Backbone::Taming(TamingConfig {
                     ch: 16,
                     ch_mult: vec![1, 2, 2],
                     num_res_blocks: 1,
@@ -174,7 +198,7 @@ impl Preset {
                     resolution: 32,
                     z_channels: 32,
                     norm_groups: 8,
-                },
+                }),
                 quant_conv: QuantConv::None,
                 quantizer: VectorQuantizerConfig {
                     codebook_size: 256,
@@ -231,6 +255,20 @@ impl Preset {
             Preset::VqVaeF16Cosine => paper(1e-4, 1e-4, 12_500),
             Preset::VqVaeF4Euclidean => paper(5e-5, 0.0, 10_000),
             Preset::VqVaeF4Cosine => paper(1e-4, 1e-4, 10_000),
+            // Table 10: batch 32, AdamW (0.9, 0.99), constant 1e-4, weight decay 1e-4, 10 ImageNet
+            // epochs (1,281,167 images) = 400,365 steps. (enhancing-transformers exempts biases,
+            // norms and position embeddings from weight decay; vq-train decays every weight.)
+            Preset::VitVqganSmall => TrainingConfig {
+                batch_size: 32,
+                learning_rate: 1e-4,
+                weight_decay: 1e-4,
+                betas: (0.9, 0.99),
+                warmup_steps: 0,
+                decay_steps: 0,
+                final_lr_fraction: 1.0,
+                grad_clip: 0.0,
+                steps: 400_365,
+            },
             Preset::DemoFashionMnist => TrainingConfig {
                 batch_size: 64,
                 learning_rate: 3e-4,
@@ -256,11 +294,38 @@ impl Preset {
             codebook_weight: 1.0,
             perceptual_weight: 1.0,
             disc_lr_multiplier: 1.0,
+            discriminator: DiscriminatorKind::PatchGan,
+            adversarial_loss: AdversarialLoss::Hinge,
+            adversarial_weighting: AdversarialWeighting::Adaptive,
+            l1_weight: 1.0,
+            l2_weight: 0.0,
+            r1: None,
         };
         match self {
             Preset::VqganF16Imagenet | Preset::VqganF16Faces => Some(patch(3, 250_001, 0.8)),
             Preset::LdmF4 => Some(patch(3, 0, 0.75)),
             Preset::LdmF8 => Some(patch(2, 1, 0.6)),
+            // enhancing-transformers' VQLPIPSWithDiscriminator (the version whose defaults the
+            // Table-4 config relies on: disc_start 0, vanilla loss, fixed weight, lazy R1 with
+            // γ = 10 every 16 steps) with Table 10's weights: L1 0, L2 1, LPIPS 0.1, adversarial
+            // 0.1, codebook 1. That code trains on [0, 1] images; vq-train trains on [−1, 1],
+            // where the same objective has L2 weight ¼ ((2Δ)² = 4Δ²) and R1 γ = 40
+            // (‖∇_{2x−1}‖² = ¼‖∇ₓ‖²); LPIPS and the logits are unchanged.
+            Preset::VitVqganSmall => Some(GanConfig {
+                disc_start: 0,
+                disc_weight: 0.1,
+                perceptual_weight: 0.1,
+                discriminator: DiscriminatorKind::StyleGan(StyleDiscriminatorConfig::VIT_VQGAN),
+                adversarial_loss: AdversarialLoss::Vanilla,
+                adversarial_weighting: AdversarialWeighting::Fixed,
+                l1_weight: 0.0,
+                l2_weight: 0.25,
+                r1: Some(R1Penalty {
+                    gamma: 40.0,
+                    every: 16,
+                }),
+                ..patch(3, 0, 0.1)
+            }),
             _ => None,
         }
     }

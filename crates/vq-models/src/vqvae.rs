@@ -1,5 +1,6 @@
-//! A VQ autoencoder: taming encoder → (1×1 conv) → [`VectorQuantizer`] → (1×1 conv) → taming
-//! decoder. The paper's VQ-VAE (Table 1) and the autoencoder of its VQGANs (Tables 2–3).
+//! A VQ autoencoder: encoder → (1×1 conv) → [`VectorQuantizer`] → (1×1 conv) → decoder, with a
+//! taming CNN or a ViT as encoder/decoder. The paper's VQ-VAE (Table 1), the autoencoder of its
+//! VQGANs (Tables 2–3) and ViT-VQGAN (Table 4).
 
 use tch::Tensor;
 use tch::nn::{self, Module};
@@ -7,6 +8,83 @@ use vq_tch::{Mode, Projection, VectorQuantizer, VectorQuantizerConfig, VqOutput}
 
 use crate::error::{ModelError, Result};
 use crate::taming::{Decoder, Encoder, TamingConfig};
+use crate::vit::{VitConfig, VitDecoder, VitEncoder};
+
+/// The encoder / decoder architecture. Serialised as the inner configuration (the fields tell
+/// which one it is).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Backbone {
+    /// taming-transformers' CNN.
+    Taming(TamingConfig),
+    /// enhancing-transformers' ViT.
+    Vit(VitConfig),
+}
+
+impl Backbone {
+    /// Image channels in.
+    pub fn in_channels(&self) -> usize {
+        match self {
+            Self::Taming(t) => t.in_channels,
+            Self::Vit(v) => v.channels,
+        }
+    }
+
+    /// Image channels out.
+    pub fn out_channels(&self) -> usize {
+        match self {
+            Self::Taming(t) => t.out_channels,
+            Self::Vit(v) => v.channels,
+        }
+    }
+
+    /// Input side length.
+    pub fn resolution(&self) -> usize {
+        match self {
+            Self::Taming(t) => t.resolution,
+            Self::Vit(v) => v.image_size,
+        }
+    }
+
+    /// Channels of the encoder output.
+    pub fn latent_channels(&self) -> usize {
+        match self {
+            Self::Taming(t) => t.z_channels,
+            Self::Vit(v) => v.dim,
+        }
+    }
+
+    /// Side length of the latent grid.
+    pub fn latent_resolution(&self) -> usize {
+        match self {
+            Self::Taming(t) => t.latent_resolution(),
+            Self::Vit(v) => v.grid(),
+        }
+    }
+
+    /// The taming configuration, if it is one.
+    pub fn taming_mut(&mut self) -> Option<&mut TamingConfig> {
+        match self {
+            Self::Taming(t) => Some(t),
+            Self::Vit(_) => None,
+        }
+    }
+
+    /// The ViT configuration, if it is one.
+    pub fn vit_mut(&mut self) -> Option<&mut VitConfig> {
+        match self {
+            Self::Vit(v) => Some(v),
+            Self::Taming(_) => None,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        match self {
+            Self::Taming(t) => t.validate(),
+            Self::Vit(v) => v.validate(),
+        }
+    }
+}
 
 /// How the encoder's `z_channels` reach the quantizer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -24,8 +102,8 @@ pub enum QuantConv {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VqAutoencoderConfig {
-    /// Encoder / decoder shape.
-    pub autoencoder: TamingConfig,
+    /// Encoder / decoder architecture and shape.
+    pub autoencoder: Backbone,
     /// Convolutions around the quantizer.
     pub quant_conv: QuantConv,
     /// The quantizer.
@@ -40,7 +118,7 @@ impl VqAutoencoderConfig {
     pub fn validate(&self) -> Result<()> {
         self.autoencoder.validate()?;
         self.quantizer.validate()?;
-        let z = self.autoencoder.z_channels;
+        let z = self.autoencoder.latent_channels();
         let q = &self.quantizer;
         let (field, ok, want) = match self.quant_conv {
             QuantConv::None => ("quantizer", q.input_channels() == z, z),
@@ -75,7 +153,8 @@ pub struct AutoencoderOutput {
 }
 
 /// Encoder, quantizer and decoder. Variables live under the given path with taming's names
-/// (`encoder.*`, `quant_conv.*`, `quantize.*`, `post_quant_conv.*`, `decoder.*`).
+/// (`encoder.*`, `quant_conv.*`, `quantize.*`, `post_quant_conv.*`, `decoder.*`; inside
+/// `encoder`/`decoder` the names of the backbone's reference code).
 ///
 /// ```
 /// use tch::{nn, Device, Kind, Tensor};
@@ -93,11 +172,17 @@ pub struct AutoencoderOutput {
 #[derive(Debug)]
 pub struct VqAutoencoder {
     config: VqAutoencoderConfig,
-    encoder: Encoder,
+    encoder: Box<dyn Module>,
     quant_conv: Option<nn::Conv2D>,
     quantize: VectorQuantizer,
     post_quant_conv: Option<nn::Conv2D>,
-    decoder: Decoder,
+    decoder: AnyDecoder,
+}
+
+#[derive(Debug)]
+enum AnyDecoder {
+    Taming(Decoder),
+    Vit(VitDecoder),
 }
 
 impl VqAutoencoder {
@@ -107,7 +192,7 @@ impl VqAutoencoder {
     /// [`ModelError::Config`] for an invalid config.
     pub fn new(p: &nn::Path, config: &VqAutoencoderConfig) -> Result<Self> {
         config.validate()?;
-        let z = config.autoencoder.z_channels as i64;
+        let z = config.autoencoder.latent_channels() as i64;
         let d = config.quantizer.codebook_dim as i64;
         let one = nn::ConvConfig::default();
         let (quant_conv, post_quant_conv) = match config.quant_conv {
@@ -117,12 +202,22 @@ impl VqAutoencoder {
                 Some(nn::conv2d(p / "post_quant_conv", d, z, 1, one)),
             ),
         };
+        let (encoder, decoder): (Box<dyn Module>, AnyDecoder) = match &config.autoencoder {
+            Backbone::Taming(t) => (
+                Box::new(Encoder::new(&(p / "encoder"), t)?),
+                AnyDecoder::Taming(Decoder::new(&(p / "decoder"), t)?),
+            ),
+            Backbone::Vit(v) => (
+                Box::new(VitEncoder::new(&(p / "encoder"), v)?),
+                AnyDecoder::Vit(VitDecoder::new(&(p / "decoder"), v)?),
+            ),
+        };
         Ok(Self {
-            encoder: Encoder::new(&(p / "encoder"), &config.autoencoder)?,
+            encoder,
             quant_conv,
             quantize: VectorQuantizer::new(&(p / "quantize"), config.quantizer)?,
             post_quant_conv,
-            decoder: Decoder::new(&(p / "decoder"), &config.autoencoder)?,
+            decoder,
             config: config.clone(),
         })
     }
@@ -137,9 +232,12 @@ impl VqAutoencoder {
         &self.quantize
     }
 
-    /// The decoder (its last layer feeds VQGAN's adaptive weight).
-    pub fn decoder(&self) -> &Decoder {
-        &self.decoder
+    /// The weight of the decoder's last layer (VQGAN's adaptive weight is computed on it).
+    pub fn last_layer_weight(&self) -> &Tensor {
+        match &self.decoder {
+            AnyDecoder::Taming(d) => d.last_layer_weight(),
+            AnyDecoder::Vit(d) => d.last_layer_weight(),
+        }
     }
 
     /// Image → quantized latents (EMA codebooks learn in [`Mode::Train`]).
@@ -150,7 +248,7 @@ impl VqAutoencoder {
     pub fn encode(&mut self, x: &Tensor, mode: Mode) -> Result<VqOutput> {
         let a = &self.config.autoencoder;
         let size = x.size();
-        let (c, r) = (a.in_channels as i64, a.resolution as i64);
+        let (c, r) = (a.in_channels() as i64, a.resolution() as i64);
         if size.len() != 4 || size[1] != c || size[2] != r || size[3] != r {
             return Err(ModelError::Input {
                 expected: format!("(B, {c}, {r}, {r})"),
@@ -170,7 +268,10 @@ impl VqAutoencoder {
             Some(conv) => quantized.apply(conv),
             None => quantized.shallow_clone(),
         };
-        self.decoder.forward(&h)
+        match &self.decoder {
+            AnyDecoder::Taming(d) => d.forward(&h),
+            AnyDecoder::Vit(d) => d.forward(&h),
+        }
     }
 
     /// Encode, quantize, decode.

@@ -4,20 +4,35 @@
 use tch::nn::ModuleT;
 use tch::nn::{self, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
-use vq_models::{PatchDiscriminator, Preset, QuantConv, VqAutoencoder, VqAutoencoderConfig};
+use vq_models::{
+    Backbone, Discriminator, DiscriminatorKind, PatchDiscriminator, Preset, QuantConv,
+    VqAutoencoder, VqAutoencoderConfig,
+};
 use vq_tch::{Estimator, Mode};
 
 /// The preset at reduced width and input size (same levels, attention, quantizer).
 fn reduced(preset: Preset) -> VqAutoencoderConfig {
     let mut cfg = preset.config();
-    let a = &mut cfg.autoencoder;
-    if a.resolution > 32 {
-        // Keep the attention at the level it is on in the full model.
-        let scale = a.resolution / 32;
-        a.attn_resolutions = a.attn_resolutions.iter().map(|r| r / scale).collect();
-        a.resolution = 32;
-        a.ch = 32;
-        a.num_res_blocks = 1;
+    match &mut cfg.autoencoder {
+        Backbone::Taming(a) if a.resolution > 32 => {
+            // Keep the attention at the level it is on in the full model.
+            let scale = a.resolution / 32;
+            a.attn_resolutions = a.attn_resolutions.iter().map(|r| r / scale).collect();
+            a.resolution = 32;
+            a.ch = 32;
+            a.num_res_blocks = 1;
+        }
+        Backbone::Taming(_) => {}
+        Backbone::Vit(v) => {
+            // Same patch size, a 4×4 token grid, narrow and shallow.
+            v.image_size = 32;
+            v.dim = 32;
+            v.depth = 1;
+            v.heads = 2;
+            v.dim_head = 8;
+            v.mlp_dim = 48;
+            cfg.quantizer.projection = vq_tch::Projection::Linear { channels: 32 };
+        }
     }
     cfg
 }
@@ -37,13 +52,13 @@ fn every_preset_gives_the_right_shapes_at_reduced_width() {
         let vs = nn::VarStore::new(Device::Cpu);
         let mut model = VqAutoencoder::new(&vs.root(), &cfg).unwrap();
         let a = &cfg.autoencoder;
-        let (c, r) = (a.in_channels as i64, a.resolution as i64);
+        let (c, r) = (a.in_channels() as i64, a.resolution() as i64);
         let x = Tensor::randn([2, c, r, r], (Kind::Float, Device::Cpu));
         let out = model.forward(&x, Mode::Eval).unwrap();
         let lr = a.latent_resolution() as i64;
         assert_eq!(
             out.reconstruction.size(),
-            [2, a.out_channels as i64, r, r],
+            [2, a.out_channels() as i64, r, r],
             "{preset:?}"
         );
         assert_eq!(out.vq.indices.size(), [2, lr, lr], "{preset:?}");
@@ -68,7 +83,10 @@ fn every_preset_gives_the_right_shapes_at_reduced_width() {
 /// Linear(32→256) = 16 672 for f16 (+ LayerNorm(32) = 64 for cosine); EMA codebooks are not
 /// trainable. latent-diffusion f8 (ch_mult [1,2,2,4], attention at 32, z 4): encoder 27 397 764,
 /// decoder 40 253 955. taming's NLayerDiscriminator (ndf 64): 2 765 633 parameters with 3
-/// layers, 663 361 with 2.
+/// layers, 663 361 with 2. enhancing-transformers' ViT encoder / decoder (image 256, patch 8,
+/// dim 512, depth 8, heads 8 × 64, MLP 2048; position embeddings not trainable) rebuilt in
+/// PyTorch from its module definitions: 25 306 624 / 25 306 115; its StyleDiscriminator at 256²
+/// (capacity 16, at most 512 channels): 38 410 881.
 #[test]
 fn full_presets_have_the_reference_parameter_counts() {
     let f16 = 29_298_176 + 42_449_795 + (256 * 32 + 32) + (32 * 256 + 256);
@@ -87,6 +105,11 @@ fn full_presets_have_the_reference_parameter_counts() {
         (
             Preset::LdmF8,
             27_397_764 + 40_253_955 + 2 * (4 * 4 + 4) + 16384 * 4,
+        ),
+        // + pre_quant Linear(512→32) and post_quant Linear(32→512) + the learned codebook.
+        (
+            Preset::VitVqganSmall,
+            25_306_624 + 25_306_115 + (512 * 32 + 32) + (32 * 512 + 512) + 8192 * 32,
         ),
     ] {
         let vs = nn::VarStore::new(Device::Cpu);
@@ -121,6 +144,11 @@ fn discriminators_have_the_reference_parameter_counts_and_names() {
         assert_eq!(logits.size()[..2], [2, 1]);
     }
     assert!(Preset::VqVaeF16Euclidean.gan().is_none());
+    let gan = Preset::VitVqganSmall.gan().unwrap();
+    assert!(matches!(gan.discriminator, DiscriminatorKind::StyleGan(_)));
+    let vs = nn::VarStore::new(Device::Cpu);
+    let _d = Discriminator::new(&vs.root(), &gan).unwrap();
+    assert_eq!(parameters(&vs), 38_410_881);
 }
 
 #[test]
@@ -174,7 +202,7 @@ fn gradient_reaches_the_encoder_through_the_quantizer_and_a_step_lowers_nothing_
             let mut model = VqAutoencoder::new(&vs.root(), &cfg).unwrap();
             let mut opt = nn::AdamW::default().build(&vs, 1e-3).unwrap();
             let a = &cfg.autoencoder;
-            let (c, r) = (a.in_channels as i64, a.resolution as i64);
+            let (c, r) = (a.in_channels() as i64, a.resolution() as i64);
             tch::manual_seed(0);
             let x = Tensor::rand([2, c, r, r], (Kind::Float, Device::Cpu));
             let out = model.forward(&x, Mode::Train).unwrap();
@@ -184,7 +212,11 @@ fn gradient_reaches_the_encoder_through_the_quantizer_and_a_step_lowers_nothing_
             opt.zero_grad();
             loss.backward();
             // The reconstruction term reaches the encoder only through the estimator.
-            let g = vs.variables()["encoder.conv_in.weight"].grad();
+            let first_layer = match cfg.autoencoder {
+                Backbone::Taming(_) => "encoder.conv_in.weight",
+                Backbone::Vit(_) => "encoder.to_patch_embedding.0.weight",
+            };
+            let g = vs.variables()[first_layer].grad();
             let norm = f64::try_from(g.norm()).unwrap();
             assert!(
                 norm > 0.0 && norm.is_finite(),
@@ -253,7 +285,7 @@ fn configs_round_trip_through_json_and_are_validated() {
         );
     }
     let mut cfg = Preset::DemoFashionMnist.config();
-    cfg.autoencoder.norm_groups = 5;
+    cfg.autoencoder.taming_mut().unwrap().norm_groups = 5;
     let vs = nn::VarStore::new(Device::Cpu);
     assert!(matches!(
         VqAutoencoder::new(&vs.root(), &cfg),
@@ -264,7 +296,7 @@ fn configs_round_trip_through_json_and_are_validated() {
     ));
     let mut cfg = Preset::DemoFashionMnist.config();
     cfg.quant_conv = QuantConv::None;
-    cfg.autoencoder.z_channels = 16;
+    cfg.autoencoder.taming_mut().unwrap().z_channels = 16;
     assert!(matches!(
         cfg.validate(),
         Err(vq_models::ModelError::Config {

@@ -126,8 +126,20 @@ pub fn evaluate_run(
     let a = &config.model.autoencoder;
     let source = DataSource::parse(&config.data)?;
     let pipeline = Pipeline::for_preset(&config.preset);
-    let train_set = ImageSet::load(&source, Split::Train, a.in_channels, a.resolution, pipeline)?;
-    let val_set = ImageSet::load(&source, Split::Test, a.in_channels, a.resolution, pipeline)?;
+    let train_set = ImageSet::load(
+        &source,
+        Split::Train,
+        a.in_channels(),
+        a.resolution(),
+        pipeline,
+    )?;
+    let val_set = ImageSet::load(
+        &source,
+        Split::Test,
+        a.in_channels(),
+        a.resolution(),
+        pipeline,
+    )?;
     let batch = config.micro_batch;
     let nets = EvalNets::load(
         config.lpips_weights.as_deref(),

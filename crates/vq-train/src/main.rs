@@ -265,8 +265,8 @@ fn main() -> Result<()> {
                 println!(
                     "{:<22} {}×{} → {lr}×{lr}×{}, {} codes, {:?}",
                     p.name(),
-                    a.resolution,
-                    a.resolution,
+                    a.resolution(),
+                    a.resolution(),
                     c.quantizer.codebook_dim,
                     c.quantizer.codebook_size,
                     c.quantizer.metric

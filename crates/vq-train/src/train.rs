@@ -11,8 +11,8 @@ use tch::nn::ModuleT;
 use tch::{Device, Kind, Reduction, Tensor, nn};
 use vq_data::Split;
 use vq_models::{
-    GanConfig, Lpips, PatchDiscriminator, TrainingConfig, VqAutoencoder, VqAutoencoderConfig,
-    adaptive_weight, generator_loss, hinge_d_loss,
+    AdversarialWeighting, Discriminator, GanConfig, Lpips, TrainingConfig, VqAutoencoder,
+    VqAutoencoderConfig, adaptive_weight, r1_penalty,
 };
 use vq_tch::Mode;
 
@@ -91,10 +91,10 @@ impl RunConfig {
         if let Some(g) = &self.gan {
             g.validate()?;
             ensure!(
-                g.in_channels == self.model.autoencoder.out_channels,
+                g.in_channels == self.model.autoencoder.out_channels(),
                 "the discriminator takes {} channels but the decoder writes {}",
                 g.in_channels,
-                self.model.autoencoder.out_channels
+                self.model.autoencoder.out_channels()
             );
         }
         DataSource::parse(&self.data)?;
@@ -186,8 +186,8 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
     let data = ImageSet::load(
         &source,
         Split::Train,
-        a.in_channels,
-        a.resolution,
+        a.in_channels(),
+        a.resolution(),
         Pipeline::for_preset(&cfg.preset),
     )
     .with_context(|| format!("loading training data {}", source.describe()))?;
@@ -200,7 +200,7 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
     let mut gan = match &cfg.gan {
         Some(g) => {
             let dvs = nn::VarStore::new(opts.device);
-            let disc = PatchDiscriminator::new(&dvs.root(), g)?;
+            let disc = Discriminator::new(&dvs.root(), g)?;
             let dopt = AdamW::new(&dvs, t.betas, t.weight_decay);
             if g.perceptual_weight > 0.0 && cfg.lpips_weights.is_none() {
                 eprintln!(
@@ -296,21 +296,25 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
                     (rec, loss)
                 }
                 Some((g, _, disc, _)) => {
-                    // taming: nll = mean|x − x̃| (+ LPIPS), loss = nll + λ·g_loss + w_cb·qloss.
-                    let mut nll = (&x - &out.reconstruction).abs().mean(Kind::Float);
+                    // taming: nll = mean|x − x̃| (+ LPIPS), loss = nll + λ·g_loss + w_cb·qloss
+                    // (ViT-VQGAN: L2 instead of L1, a fixed λ).
+                    let mut nll = g.pixel_loss(&x, &out.reconstruction);
                     if let Some(lp) = &lpips {
                         let p = lp.forward(&x, &out.reconstruction).mean(Kind::Float);
                         nll += p * g.perceptual_weight;
                     }
                     let mut loss = &nll + &qloss * g.codebook_weight;
                     if adversarial {
-                        let g_loss = generator_loss(&disc.forward_t(&out.reconstruction, true));
-                        let w = adaptive_weight(
-                            &nll,
-                            &g_loss,
-                            model.decoder().last_layer_weight(),
-                            g.disc_weight,
-                        )?;
+                        let g_loss = g.g_loss(&disc.forward_t(&out.reconstruction, true));
+                        let w = match g.adversarial_weighting {
+                            AdversarialWeighting::Adaptive => adaptive_weight(
+                                &nll,
+                                &g_loss,
+                                model.last_layer_weight(),
+                                g.disc_weight,
+                            )?,
+                            AdversarialWeighting::Fixed => g.disc_weight,
+                        };
                         adv[1] += f64::try_from(&g_loss).unwrap_or(f64::NAN) / accum as f64;
                         adv[2] += w / accum as f64;
                         loss += g_loss * w;
@@ -354,9 +358,19 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
         if let (true, Some((g, _, disc, dopt))) = (adversarial, gan.as_mut()) {
             // Discriminator step on the same images and the generator's (detached) outputs.
             dopt.zero_grad();
+            // The lazy R1 penalty on real images every `every` steps.
+            let r1 = g.r1.filter(|r| step % r.every == 0);
             for (x, rec) in &pairs {
-                let d_loss = hinge_d_loss(&disc.forward_t(x, true), &disc.forward_t(rec, true));
+                let x = match r1 {
+                    Some(_) => x.detach().set_requires_grad(true),
+                    None => x.shallow_clone(),
+                };
+                let real = disc.forward_t(&x, true);
+                let mut d_loss = g.d_loss(&real, &disc.forward_t(rec, true));
                 adv[0] += f64::try_from(&d_loss).unwrap_or(f64::NAN) / accum as f64;
+                if let Some(r) = r1 {
+                    d_loss += r1_penalty(&real, &x)? * (r.gamma * r.every as f64 / 2.0);
+                }
                 (d_loss / accum as f64).backward();
             }
             dopt.step(lr * g.disc_lr_multiplier);

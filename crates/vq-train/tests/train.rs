@@ -150,7 +150,7 @@ fn compare_writes_the_table_json_and_plots() {
     let out = tmp("compare");
     let mut cfg = small(3);
     cfg.data = "synthetic:64".into();
-    cfg.model.autoencoder.in_channels = 1;
+    cfg.model.autoencoder.taming_mut().unwrap().in_channels = 1;
     let rows = vq_train::compare::compare(
         &options(cfg.clone(), &out),
         &[Estimator::StraightThrough, Estimator::Rotation],
@@ -207,7 +207,7 @@ fn compare_writes_the_table_json_and_plots() {
 fn small_gan(steps: usize) -> RunConfig {
     let preset = Preset::LdmF4;
     let mut model = preset.config();
-    let a = &mut model.autoencoder;
+    let a = model.autoencoder.taming_mut().unwrap();
     a.ch = 32;
     a.resolution = 32;
     a.num_res_blocks = 1;
@@ -263,6 +263,75 @@ fn vqgan_training_alternates_and_resumes_exactly() {
     })
     .unwrap();
     let (x, y) = (h.last().unwrap(), resumed.history.last().unwrap());
+    assert_eq!((x.loss, x.d_loss), (y.loss, y.d_loss), "same step-4 losses");
+    for d in [a, b] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+/// ViT-VQGAN (Table 4) at toy size: ViT encoder/decoder, StyleGAN2-type discriminator with the
+/// non-saturating loss and the lazy R1 penalty, fixed adversarial weight, L2 reconstruction.
+#[test]
+fn vit_vqgan_trains_with_the_style_discriminator_and_resumes_exactly() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let preset = Preset::VitVqganSmall;
+    let mut model = preset.config();
+    let v = model.autoencoder.vit_mut().unwrap();
+    v.image_size = 16;
+    v.patch_size = 4;
+    v.dim = 32;
+    v.depth = 1;
+    v.heads = 2;
+    v.dim_head = 8;
+    v.mlp_dim = 48;
+    model.quantizer.projection = vq_tch::Projection::Linear { channels: 32 };
+    model.quantizer.codebook_size = 32;
+    let mut gan = preset.gan().unwrap();
+    gan.discriminator =
+        vq_models::DiscriminatorKind::StyleGan(vq_models::StyleDiscriminatorConfig {
+            image_size: 16,
+            network_capacity: 2,
+            fmap_max: 16,
+        });
+    gan.perceptual_weight = 0.0;
+    gan.r1 = Some(vq_models::R1Penalty {
+        gamma: 40.0,
+        every: 2,
+    });
+    let mut training = preset.training();
+    training.steps = 4;
+    training.batch_size = 4;
+    let cfg = RunConfig {
+        preset: preset.name().into(),
+        model,
+        training,
+        data: "synthetic:16".into(),
+        seed: 3,
+        micro_batch: 2,
+        gan: Some(gan),
+        lpips_weights: None,
+        inception_weights: None,
+    };
+    let (a, b) = (tmp("vit-a"), tmp("vit-b"));
+    let whole = train(&options(cfg.clone(), &a)).unwrap();
+    for m in &whole.history {
+        assert!(m.d_loss > 0.0 && m.d_loss.is_finite(), "{m:?}");
+        assert_eq!(m.d_weight, 0.1, "fixed adversarial weight");
+    }
+    train(&TrainOptions {
+        stop_after: Some(1),
+        ..options(cfg.clone(), &b)
+    })
+    .unwrap();
+    let resumed = train(&TrainOptions {
+        resume: true,
+        ..options(cfg, &b)
+    })
+    .unwrap();
+    let (x, y) = (
+        whole.history.last().unwrap(),
+        resumed.history.last().unwrap(),
+    );
     assert_eq!((x.loss, x.d_loss), (y.loss, y.d_loss), "same step-4 losses");
     for d in [a, b] {
         std::fs::remove_dir_all(d).unwrap();
@@ -372,12 +441,13 @@ fn an_image_folder_trains_streams_and_resumes() {
     }
     let preset = Preset::VqganF16Imagenet;
     let mut model = preset.config();
-    model.autoencoder.resolution = 16;
-    model.autoencoder.ch = 32;
-    model.autoencoder.ch_mult = vec![1, 2];
-    model.autoencoder.attn_resolutions = vec![];
-    model.autoencoder.num_res_blocks = 1;
-    model.autoencoder.z_channels = 8;
+    let a = model.autoencoder.taming_mut().unwrap();
+    a.resolution = 16;
+    a.ch = 32;
+    a.ch_mult = vec![1, 2];
+    a.attn_resolutions = vec![];
+    a.num_res_blocks = 1;
+    a.z_channels = 8;
     model.quantizer.codebook_dim = 8;
     model.quantizer.codebook_size = 16;
     let mut training = preset.training();
