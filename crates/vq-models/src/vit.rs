@@ -56,7 +56,7 @@ impl VitConfig {
                 return bad(field, "must be > 0".into());
             }
         }
-        if self.image_size == 0 || self.image_size % self.patch_size != 0 {
+        if self.image_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
             return bad(
                 "image_size",
                 format!(
@@ -65,7 +65,7 @@ impl VitConfig {
                 ),
             );
         }
-        if self.dim == 0 || self.dim % 4 != 0 {
+        if self.dim == 0 || !self.dim.is_multiple_of(4) {
             return bad(
                 "dim",
                 format!(

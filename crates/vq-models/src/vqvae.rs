@@ -181,8 +181,8 @@ pub struct VqAutoencoder {
 
 #[derive(Debug)]
 enum AnyDecoder {
-    Taming(Decoder),
-    Vit(VitDecoder),
+    Taming(Box<Decoder>),
+    Vit(Box<VitDecoder>),
 }
 
 impl VqAutoencoder {
@@ -205,11 +205,11 @@ impl VqAutoencoder {
         let (encoder, decoder): (Box<dyn Module>, AnyDecoder) = match &config.autoencoder {
             Backbone::Taming(t) => (
                 Box::new(Encoder::new(&(p / "encoder"), t)?),
-                AnyDecoder::Taming(Decoder::new(&(p / "decoder"), t)?),
+                AnyDecoder::Taming(Box::new(Decoder::new(&(p / "decoder"), t)?)),
             ),
             Backbone::Vit(v) => (
                 Box::new(VitEncoder::new(&(p / "encoder"), v)?),
-                AnyDecoder::Vit(VitDecoder::new(&(p / "decoder"), v)?),
+                AnyDecoder::Vit(Box::new(VitDecoder::new(&(p / "decoder"), v)?)),
             ),
         };
         Ok(Self {
