@@ -14,6 +14,7 @@ mod lpips;
 mod presets;
 mod stylegan;
 pub mod taming;
+pub mod timesformer;
 pub mod vit;
 mod vqvae;
 

@@ -8,17 +8,20 @@ use vq_tch::{Mode, Projection, VectorQuantizer, VectorQuantizerConfig, VqOutput}
 
 use crate::error::{ModelError, Result};
 use crate::taming::{Decoder, Encoder, TamingConfig};
+use crate::timesformer::{TimeSformerConfig, TimeSformerDecoder, TimeSformerEncoder};
 use crate::vit::{VitConfig, VitDecoder, VitEncoder};
 
 /// The encoder / decoder architecture. Serialised as the inner configuration (the fields tell
 /// which one it is).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(untagged)]
 pub enum Backbone {
     /// taming-transformers' CNN.
     Taming(TamingConfig),
     /// enhancing-transformers' ViT.
     Vit(VitConfig),
+    /// TimeSformer for video (inputs `(B, C, T, S, S)`).
+    TimeSformer(TimeSformerConfig),
 }
 
 impl Backbone {
@@ -27,6 +30,7 @@ impl Backbone {
         match self {
             Self::Taming(t) => t.in_channels,
             Self::Vit(v) => v.channels,
+            Self::TimeSformer(s) => s.channels,
         }
     }
 
@@ -35,6 +39,7 @@ impl Backbone {
         match self {
             Self::Taming(t) => t.out_channels,
             Self::Vit(v) => v.channels,
+            Self::TimeSformer(s) => s.channels,
         }
     }
 
@@ -43,6 +48,7 @@ impl Backbone {
         match self {
             Self::Taming(t) => t.resolution,
             Self::Vit(v) => v.image_size,
+            Self::TimeSformer(s) => s.image_size,
         }
     }
 
@@ -51,6 +57,7 @@ impl Backbone {
         match self {
             Self::Taming(t) => t.z_channels,
             Self::Vit(v) => v.dim,
+            Self::TimeSformer(s) => s.hidden,
         }
     }
 
@@ -59,6 +66,15 @@ impl Backbone {
         match self {
             Self::Taming(t) => t.latent_resolution(),
             Self::Vit(v) => v.grid(),
+            Self::TimeSformer(s) => s.grid(),
+        }
+    }
+
+    /// Frames per clip for video backbones, `None` for images.
+    pub fn frames(&self) -> Option<usize> {
+        match self {
+            Self::TimeSformer(s) => Some(s.frames),
+            _ => None,
         }
     }
 
@@ -66,7 +82,7 @@ impl Backbone {
     pub fn taming_mut(&mut self) -> Option<&mut TamingConfig> {
         match self {
             Self::Taming(t) => Some(t),
-            Self::Vit(_) => None,
+            _ => None,
         }
     }
 
@@ -74,7 +90,15 @@ impl Backbone {
     pub fn vit_mut(&mut self) -> Option<&mut VitConfig> {
         match self {
             Self::Vit(v) => Some(v),
-            Self::Taming(_) => None,
+            _ => None,
+        }
+    }
+
+    /// The TimeSformer configuration, if it is one.
+    pub fn timesformer_mut(&mut self) -> Option<&mut TimeSformerConfig> {
+        match self {
+            Self::TimeSformer(s) => Some(s),
+            _ => None,
         }
     }
 
@@ -82,6 +106,7 @@ impl Backbone {
         match self {
             Self::Taming(t) => t.validate(),
             Self::Vit(v) => v.validate(),
+            Self::TimeSformer(s) => s.validate(),
         }
     }
 }
@@ -183,6 +208,7 @@ pub struct VqAutoencoder {
 enum AnyDecoder {
     Taming(Box<Decoder>),
     Vit(Box<VitDecoder>),
+    TimeSformer(Box<TimeSformerDecoder>),
 }
 
 impl VqAutoencoder {
@@ -211,6 +237,10 @@ impl VqAutoencoder {
                 Box::new(VitEncoder::new(&(p / "encoder"), v)?),
                 AnyDecoder::Vit(Box::new(VitDecoder::new(&(p / "decoder"), v)?)),
             ),
+            Backbone::TimeSformer(s) => (
+                Box::new(TimeSformerEncoder::new(&(p / "encoder"), s)?),
+                AnyDecoder::TimeSformer(Box::new(TimeSformerDecoder::new(&(p / "decoder"), s)?)),
+            ),
         };
         Ok(Self {
             encoder,
@@ -237,21 +267,30 @@ impl VqAutoencoder {
         match &self.decoder {
             AnyDecoder::Taming(d) => d.last_layer_weight(),
             AnyDecoder::Vit(d) => d.last_layer_weight(),
+            AnyDecoder::TimeSformer(d) => d.last_layer_weight(),
         }
     }
 
     /// Image → quantized latents (EMA codebooks learn in [`Mode::Train`]).
     ///
     /// # Errors
-    /// [`ModelError::Input`] if `x` is not (B, in_channels, R, R) at the configured resolution;
+    /// [`ModelError::Input`] if `x` is not (B, in_channels, R, R) at the configured resolution
+    /// ((B, in_channels, T, R, R) for video backbones);
     /// quantizer errors.
     pub fn encode(&mut self, x: &Tensor, mode: Mode) -> Result<VqOutput> {
         let a = &self.config.autoencoder;
         let size = x.size();
         let (c, r) = (a.in_channels() as i64, a.resolution() as i64);
-        if size.len() != 4 || size[1] != c || size[2] != r || size[3] != r {
+        let ok = match a.frames() {
+            None => size.len() == 4 && size[1..] == [c, r, r],
+            Some(t) => size.len() == 5 && size[1..] == [c, t as i64, r, r],
+        };
+        if !ok {
             return Err(ModelError::Input {
-                expected: format!("(B, {c}, {r}, {r})"),
+                expected: match a.frames() {
+                    None => format!("(B, {c}, {r}, {r})"),
+                    Some(t) => format!("(B, {c}, {t}, {r}, {r})"),
+                },
                 got: size,
             });
         }
@@ -271,6 +310,7 @@ impl VqAutoencoder {
         match &self.decoder {
             AnyDecoder::Taming(d) => d.forward(&h),
             AnyDecoder::Vit(d) => d.forward(&h),
+            AnyDecoder::TimeSformer(d) => d.forward(&h),
         }
     }
 
