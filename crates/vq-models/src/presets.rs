@@ -13,6 +13,7 @@ use crate::error::{ModelError, Result};
 use crate::gan::{AdversarialLoss, AdversarialWeighting, DiscriminatorKind, GanConfig, R1Penalty};
 use crate::stylegan::StyleDiscriminatorConfig;
 use crate::taming::TamingConfig;
+use crate::timesformer::TimeSformerConfig;
 use crate::vit::VitConfig;
 use crate::vqvae::{Backbone, QuantConv, VqAutoencoderConfig};
 
@@ -65,6 +66,12 @@ pub enum Preset {
     /// Table 4: ViT-VQGAN small (enhancing-transformers), 32×32 tokens of 8192 l2-normalised
     /// 32-dim codes, StyleGAN2-type discriminator, L2 + 0.1 LPIPS + 0.1 adversarial, ImageNet 256².
     VitVqganSmall,
+    /// Table 5 / Table 11, BAIR: TimeSformer-VQGAN on 16×64×64 clips, patch 2 (16×32×32 tokens),
+    /// 1024 l2-normalised 32-dim codes, losses as ViT-VQGAN.
+    TimeSformerBair,
+    /// Table 5 / Table 11, UCF-101: 16×128×128 clips, patch 4, 2048 codes (Table 11; Table 5's
+    /// caption says 1024).
+    TimeSformerUcf101,
     /// A small VQ-VAE for the embedded Fashion-MNIST demo (28² images padded to 32²; 8×8×32
     /// latents, 256 codes, EMA 0.8, β = 1, as lucidrains' Fashion-MNIST example).
     DemoFashionMnist,
@@ -72,7 +79,7 @@ pub enum Preset {
 
 impl Preset {
     /// Every preset.
-    pub const ALL: [Preset; 10] = [
+    pub const ALL: [Preset; 12] = [
         Preset::VqVaeF16Euclidean,
         Preset::VqVaeF16Cosine,
         Preset::VqVaeF4Euclidean,
@@ -82,6 +89,8 @@ impl Preset {
         Preset::LdmF4,
         Preset::LdmF8,
         Preset::VitVqganSmall,
+        Preset::TimeSformerBair,
+        Preset::TimeSformerUcf101,
         Preset::DemoFashionMnist,
     ];
 
@@ -97,6 +106,8 @@ impl Preset {
             Preset::LdmF4 => "ldm-vq-f4",
             Preset::LdmF8 => "ldm-vq-f8",
             Preset::VitVqganSmall => "vit-vqgan-small",
+            Preset::TimeSformerBair => "timesformer-bair",
+            Preset::TimeSformerUcf101 => "timesformer-ucf101",
             Preset::DemoFashionMnist => "demo-fashion-mnist",
         }
     }
@@ -187,6 +198,29 @@ impl Preset {
                 quant_conv: QuantConv::None,
                 quantizer: VectorQuantizerConfig::paper_vit_vqgan(8192, 512),
             },
+            // Table 11: 8 layers, hidden 256, 4 heads, MLP 768, codes of dimension 32 with
+            // enhancing-transformers' quantizer (Linear 256 → 32 / 32 → 256, cosine, learned).
+            Preset::TimeSformerBair | Preset::TimeSformerUcf101 => {
+                let (size, patch, codes) = match self {
+                    Preset::TimeSformerBair => (64, 2, 1024),
+                    _ => (128, 4, 2048),
+                };
+                VqAutoencoderConfig {
+                    autoencoder: Backbone::TimeSformer(TimeSformerConfig {
+                        frames: 16,
+                        image_size: size,
+                        patch_size: patch,
+                        channels: 3,
+                        hidden: 256,
+                        layers: 8,
+                        heads: 4,
+                        intermediate: 768,
+                        layer_norm_eps: 1e-6,
+                    }),
+                    quant_conv: QuantConv::None,
+                    quantizer: VectorQuantizerConfig::paper_vit_vqgan(codes, 256),
+                }
+            }
             Preset::DemoFashionMnist => VqAutoencoderConfig {
                 autoencoder: Backbone::Taming(TamingConfig {
                     ch: 16,
@@ -269,6 +303,26 @@ impl Preset {
                 grad_clip: 0.0,
                 steps: 400_365,
             },
+            // Table 11: BAIR batch 24, 1e-4, 30 epochs of 43,264 trajectories (one random clip
+            // each) = 54,080 steps; UCF-101 batch 20, 4.5e-6, 3 epochs of every 16-frame window of
+            // split-1 train (≈ 1.63 M clips: 9,537 videos of ≈ 186 frames; estimate) ≈ 244,600.
+            Preset::TimeSformerBair | Preset::TimeSformerUcf101 => {
+                let (batch_size, learning_rate, steps) = match self {
+                    Preset::TimeSformerBair => (24, 1e-4, 54_080),
+                    _ => (20, 4.5e-6, 244_600),
+                };
+                TrainingConfig {
+                    batch_size,
+                    learning_rate,
+                    weight_decay: 1e-4,
+                    betas: (0.9, 0.99),
+                    warmup_steps: 0,
+                    decay_steps: 0,
+                    final_lr_fraction: 1.0,
+                    grad_clip: 0.0,
+                    steps,
+                }
+            }
             Preset::DemoFashionMnist => TrainingConfig {
                 batch_size: 64,
                 learning_rate: 3e-4,
@@ -311,6 +365,17 @@ impl Preset {
             // 0.1, codebook 1. That code trains on [0, 1] images; vq-train trains on [−1, 1],
             // where the same objective has L2 weight ¼ ((2Δ)² = 4Δ²) and R1 γ = 40
             // (‖∇_{2x−1}‖² = ¼‖∇ₓ‖²); LPIPS and the logits are unchanged.
+            // Table 11: the video models use ViT-VQGAN's loss weights; the paper does not name
+            // their discriminator: here the same StyleGAN2-type one, on every frame (64² / 128²).
+            Preset::TimeSformerBair | Preset::TimeSformerUcf101 => {
+                let size = self.config().autoencoder.resolution();
+                let mut g = Preset::VitVqganSmall.gan().expect("a GAN preset");
+                g.discriminator = DiscriminatorKind::StyleGan(StyleDiscriminatorConfig {
+                    image_size: size,
+                    ..StyleDiscriminatorConfig::VIT_VQGAN
+                });
+                Some(g)
+            }
             Preset::VitVqganSmall => Some(GanConfig {
                 disc_start: 0,
                 disc_weight: 0.1,

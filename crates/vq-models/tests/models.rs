@@ -23,6 +23,15 @@ fn reduced(preset: Preset) -> VqAutoencoderConfig {
             a.num_res_blocks = 1;
         }
         Backbone::Taming(_) => {}
+        Backbone::TimeSformer(t) => {
+            // Same patch size, 4 frames of 16², narrow and shallow.
+            t.frames = 4;
+            t.image_size = 16;
+            t.hidden = 32;
+            t.layers = 1;
+            t.intermediate = 48;
+            cfg.quantizer.projection = vq_tch::Projection::Linear { channels: 32 };
+        }
         Backbone::Vit(v) => {
             // Same patch size, a 4×4 token grid, narrow and shallow.
             v.image_size = 32;
@@ -35,6 +44,24 @@ fn reduced(preset: Preset) -> VqAutoencoderConfig {
         }
     }
     cfg
+}
+
+/// `(B, C, R, R)` for images, `(B, C, T, R, R)` for video, with `R` replaced by `r`.
+fn input_shape(cfg: &VqAutoencoderConfig, b: i64, r: i64) -> Vec<i64> {
+    let c = cfg.autoencoder.in_channels() as i64;
+    match cfg.autoencoder.frames() {
+        None => vec![b, c, r, r],
+        Some(t) => vec![b, c, t as i64, r, r],
+    }
+}
+
+/// The latent grid shape after the batch: `[T,] h, w`.
+fn grid_shape(cfg: &VqAutoencoderConfig) -> Vec<i64> {
+    let lr = cfg.autoencoder.latent_resolution() as i64;
+    match cfg.autoencoder.frames() {
+        None => vec![lr, lr],
+        Some(t) => vec![t as i64, lr, lr],
+    }
 }
 
 fn parameters(vs: &nn::VarStore) -> i64 {
@@ -52,22 +79,24 @@ fn every_preset_gives_the_right_shapes_at_reduced_width() {
         let vs = nn::VarStore::new(Device::Cpu);
         let mut model = VqAutoencoder::new(&vs.root(), &cfg).unwrap();
         let a = &cfg.autoencoder;
-        let (c, r) = (a.in_channels() as i64, a.resolution() as i64);
-        let x = Tensor::randn([2, c, r, r], (Kind::Float, Device::Cpu));
+        let r = a.resolution() as i64;
+        let x = Tensor::randn(input_shape(&cfg, 2, r), (Kind::Float, Device::Cpu));
         let out = model.forward(&x, Mode::Eval).unwrap();
-        let lr = a.latent_resolution() as i64;
         assert_eq!(
             out.reconstruction.size(),
-            [2, a.out_channels() as i64, r, r],
+            input_shape(&cfg, 2, r).as_slice(),
             "{preset:?}"
         );
-        assert_eq!(out.vq.indices.size(), [2, lr, lr], "{preset:?}");
+        let grid = grid_shape(&cfg);
+        assert_eq!(out.vq.indices.size()[1..], grid[..], "{preset:?}");
         assert_eq!(
             out.vq.quantized.size(),
-            [2, cfg.quantizer.input_channels() as i64, lr, lr],
+            [&[2, cfg.quantizer.input_channels() as i64][..], &grid[..]]
+                .concat()
+                .as_slice(),
             "{preset:?}"
         );
-        let wrong = Tensor::zeros([2, c, r + 1, r + 1], (Kind::Float, Device::Cpu));
+        let wrong = Tensor::zeros(input_shape(&cfg, 2, r + 1), (Kind::Float, Device::Cpu));
         assert!(matches!(
             model.forward(&wrong, Mode::Eval),
             Err(vq_models::ModelError::Input { .. })
@@ -86,7 +115,10 @@ fn every_preset_gives_the_right_shapes_at_reduced_width() {
 /// layers, 663 361 with 2. enhancing-transformers' ViT encoder / decoder (image 256, patch 8,
 /// dim 512, depth 8, heads 8 × 64, MLP 2048; position embeddings not trainable) rebuilt in
 /// PyTorch from its module definitions: 25 306 624 / 25 306 115; its StyleDiscriminator at 256²
-/// (capacity 16, at most 512 channels): 38 410 881.
+/// (capacity 16, at most 512 channels): 38 410 881. transformers' `TimesformerModel` (4.46.3) with
+/// Table 11's settings (16 frames, hidden 256, 8 layers, 4 heads, MLP 768, divided space-time):
+/// 8 173 824 parameters at 64², patch 2 (BAIR) and 8 183 040 at 128², patch 4 (UCF-101); our
+/// decoder is the same trunk with a transposed-convolution head instead of the patch embedding.
 #[test]
 fn full_presets_have_the_reference_parameter_counts() {
     let f16 = 29_298_176 + 42_449_795 + (256 * 32 + 32) + (32 * 256 + 256);
@@ -105,6 +137,24 @@ fn full_presets_have_the_reference_parameter_counts() {
         (
             Preset::LdmF8,
             27_397_764 + 40_253_955 + 2 * (4 * 4 + 4) + 16384 * 4,
+        ),
+        // Encoder = TimesformerModel; decoder = the same minus the patch embedding (3·256·p² +
+        // 256) plus the ConvTranspose head (256·3·p² + 3); + Linear(256→32), Linear(32→256), codes.
+        (
+            Preset::TimeSformerBair,
+            8_173_824
+                + (8_173_824 - 3_328 + 3_075)
+                + (256 * 32 + 32)
+                + (32 * 256 + 256)
+                + 1024 * 32,
+        ),
+        (
+            Preset::TimeSformerUcf101,
+            8_183_040
+                + (8_183_040 - 12_544 + 12_291)
+                + (256 * 32 + 32)
+                + (32 * 256 + 256)
+                + 2048 * 32,
         ),
         // + pre_quant Linear(512→32) and post_quant Linear(32→512) + the learned codebook.
         (
@@ -202,9 +252,9 @@ fn gradient_reaches_the_encoder_through_the_quantizer_and_a_step_lowers_nothing_
             let mut model = VqAutoencoder::new(&vs.root(), &cfg).unwrap();
             let mut opt = nn::AdamW::default().build(&vs, 1e-3).unwrap();
             let a = &cfg.autoencoder;
-            let (c, r) = (a.in_channels() as i64, a.resolution() as i64);
+            let r = a.resolution() as i64;
             tch::manual_seed(0);
-            let x = Tensor::rand([2, c, r, r], (Kind::Float, Device::Cpu));
+            let x = Tensor::rand(input_shape(&cfg, 2, r), (Kind::Float, Device::Cpu));
             let out = model.forward(&x, Mode::Train).unwrap();
             let loss = out.reconstruction.mse_loss(&x, tch::Reduction::Mean)
                 + &out.vq.commitment_loss
@@ -215,6 +265,7 @@ fn gradient_reaches_the_encoder_through_the_quantizer_and_a_step_lowers_nothing_
             let first_layer = match cfg.autoencoder {
                 Backbone::Taming(_) => "encoder.conv_in.weight",
                 Backbone::Vit(_) => "encoder.to_patch_embedding.0.weight",
+                Backbone::TimeSformer(_) => "encoder.embeddings.patch_embeddings.projection.weight",
             };
             let g = vs.variables()[first_layer].grad();
             let norm = f64::try_from(g.norm()).unwrap();
