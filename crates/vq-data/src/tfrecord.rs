@@ -221,6 +221,11 @@ impl Example {
         Example::decode(payload).map_err(|e| e.to_string())
     }
 
+    /// The protobuf encoding (a record payload).
+    pub fn encode_payload(&self) -> Vec<u8> {
+        self.encode_to_vec()
+    }
+
     /// The single byte string of feature `key`, if it is a one-element bytes list.
     pub fn bytes(&self, key: &str) -> Option<&[u8]> {
         match self.features.as_ref()?.feature.get(key)?.kind.as_ref()? {

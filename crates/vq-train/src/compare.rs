@@ -131,6 +131,7 @@ pub fn evaluate_run(
         Split::Train,
         a.in_channels(),
         a.resolution(),
+        a.frames(),
         pipeline,
     )?;
     let val_set = ImageSet::load(
@@ -138,6 +139,7 @@ pub fn evaluate_run(
         Split::Test,
         a.in_channels(),
         a.resolution(),
+        a.frames(),
         pipeline,
     )?;
     let batch = config.micro_batch;
@@ -156,11 +158,29 @@ pub fn evaluate_run(
         &nets,
         Perceptual::LpipsOnly,
     )?;
-    let val = evaluate(model, &val_set, None, batch, device, &nets, Perceptual::All)?;
-    let show: Vec<i64> = (0..16.min(val_set.len() as i64)).collect();
+    // Held-out sets are evaluated whole, except video sets (UCF-101's test split has ~600 k
+    // clips): at most MAX_TRAIN_EVAL_IMAGES evenly spaced clips.
+    let val_limit = a.frames().map(|_| crate::eval::MAX_TRAIN_EVAL_IMAGES);
+    let val = evaluate(
+        model,
+        &val_set,
+        val_limit,
+        batch,
+        device,
+        &nets,
+        Perceptual::All,
+    )?;
+    // 16 images, or the frames of 2 clips.
+    let show_n = if a.frames().is_some() { 2 } else { 16 };
+    let show: Vec<i64> = (0..show_n.min(val_set.len() as i64)).collect();
     let x = val_set.batch(&show, device)?;
     let rec = tch::no_grad(|| model.forward(&x, vq_tch::Mode::Eval))?.reconstruction;
-    plot::reconstruction_grid(&out.join("reconstructions.png"), &x, &rec, 3)?;
+    plot::reconstruction_grid(
+        &out.join("reconstructions.png"),
+        &crate::data::frames_as_images(&x),
+        &crate::data::frames_as_images(&rec),
+        3,
+    )?;
     let history = read_metrics(&out.join("metrics.jsonl"))?;
     plot::curves(&out.join("curves.png"), &curve_panels(&[history]))?;
     let row = CompareRow {

@@ -21,11 +21,16 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rayon::prelude::*;
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 use vq_data::Split;
+
+use ndarray::ArrayD;
+use vq_data::bair::{BairDataset, BairSplit, ClipWindow};
 use vq_data::images::{ImageDataset, ImageNetSplit, ImageSample};
 use vq_data::loader::{Batches, Dataset, Loader, LoaderConfig, OnError};
-use vq_data::transform::{Normalization, Transform};
+use vq_data::transform::Transform;
+use vq_data::ucf101::{ClipSpec, Ffmpeg, Ucf101, UcfSplit};
 
 /// Where images come from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,6 +48,11 @@ pub enum DataSource {
     ImageFolder(PathBuf),
     /// ImageNet: the official tars or an extracted copy.
     ImageNet(PathBuf),
+    /// BAIR robot pushing: the official tar or its extracted folder (video models).
+    Bair(PathBuf),
+    /// UCF-101: a folder holding the videos (`UCF-101/` or `UCF101/`) and `ucfTrainTestlist/`
+    /// (video models; split 1).
+    Ucf101(PathBuf),
 }
 
 impl DataSource {
@@ -57,13 +67,15 @@ impl DataSource {
             Some(("fashion-mnist", dir)) => Ok(Self::FashionMnist(PathBuf::from(dir))),
             Some(("image-folder", dir)) => Ok(Self::ImageFolder(PathBuf::from(dir))),
             Some(("imagenet", path)) => Ok(Self::ImageNet(PathBuf::from(path))),
+            Some(("bair", path)) => Ok(Self::Bair(PathBuf::from(path))),
+            Some(("ucf101", path)) => Ok(Self::Ucf101(PathBuf::from(path))),
             Some(("synthetic", n)) => Ok(Self::Synthetic {
                 n: n.parse()
                     .with_context(|| format!("synthetic image count {n:?}"))?,
             }),
             _ => bail!(
                 "unknown data source {s:?}: expected fashion-mnist-demo, fashion-mnist:<dir>, \
-                 image-folder:<dir>, imagenet:<path> or synthetic[:<n>]"
+                 image-folder:<dir>, imagenet:<path>, bair:<path>, ucf101:<dir> or synthetic[:<n>]"
             ),
         }
     }
@@ -76,6 +88,8 @@ impl DataSource {
             Self::Synthetic { n } => format!("synthetic ({n} images per split)"),
             Self::ImageFolder(dir) => format!("image folder ({})", dir.display()),
             Self::ImageNet(path) => format!("ImageNet ({})", path.display()),
+            Self::Bair(path) => format!("BAIR ({})", path.display()),
+            Self::Ucf101(path) => format!("UCF-101 ({})", path.display()),
         }
     }
 }
@@ -118,14 +132,73 @@ impl Pipeline {
     }
 }
 
-/// A split of images: one f32 tensor `(N, C, R, R)` in [−1, 1] on the CPU, or a dataset on
-/// disk decoded on demand.
+/// Any `vq-data` dataset whose samples are channel-first `u8` pixels (images `(C, H, W)` or
+/// clips `(C, T, H, W)`).
+#[derive(Clone)]
+pub struct PixelSource(Arc<dyn Dataset<Sample = ArrayD<u8>>>);
+
+impl std::fmt::Debug for PixelSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PixelSource({} samples)", self.0.len())
+    }
+}
+
+impl Dataset for PixelSource {
+    type Sample = ArrayD<u8>;
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+    fn get(&self, index: usize, rng: &mut StdRng) -> vq_data::Result<ArrayD<u8>> {
+        self.0.get(index, rng)
+    }
+    fn name(&self, index: usize) -> String {
+        self.0.name(index)
+    }
+}
+
+/// A dataset with its samples mapped to pixels.
+#[derive(Debug)]
+struct Pixels<D, F> {
+    inner: D,
+    map: F,
+}
+
+impl<D: Dataset, F> Dataset for Pixels<D, F>
+where
+    F: Fn(D::Sample) -> ArrayD<u8> + Send + Sync + 'static,
+{
+    type Sample = ArrayD<u8>;
+    fn len(&self) -> usize {
+        self.inner.len()
+    }
+    fn get(&self, index: usize, rng: &mut StdRng) -> vq_data::Result<ArrayD<u8>> {
+        self.inner.get(index, rng).map(&self.map)
+    }
+    fn name(&self, index: usize) -> String {
+        self.inner.name(index)
+    }
+}
+
+impl PixelSource {
+    fn new<D: Dataset>(
+        inner: D,
+        map: impl Fn(D::Sample) -> ArrayD<u8> + Send + Sync + 'static,
+    ) -> Self
+    where
+        D: std::fmt::Debug,
+    {
+        Self(Arc::new(Pixels { inner, map }))
+    }
+}
+
+/// A split of images or clips: one f32 tensor `(N, C, [T,] R, R)` in [−1, 1] on the CPU, or a
+/// dataset on disk decoded on demand.
 #[derive(Debug)]
 pub enum ImageSet {
-    /// All images in memory.
+    /// All samples in memory.
     Memory(Tensor),
-    /// Images read and preprocessed per batch.
-    Files(ImageDataset),
+    /// Samples read and preprocessed per batch.
+    Files(PixelSource),
 }
 
 impl ImageSet {
@@ -140,9 +213,24 @@ impl ImageSet {
         split: Split,
         channels: usize,
         resolution: usize,
+        frames: Option<usize>,
         pipeline: Pipeline,
     ) -> Result<Self> {
         let transform = pipeline.transform(resolution, split);
+        let video = matches!(source, DataSource::Bair(_) | DataSource::Ucf101(_));
+        let synthetic_source = matches!(source, DataSource::Synthetic { .. });
+        if video != frames.is_some() && !synthetic_source {
+            bail!(
+                "{} holds {} but the model takes {}",
+                source.describe(),
+                if video { "video clips" } else { "images" },
+                if frames.is_some() {
+                    "video clips"
+                } else {
+                    "images"
+                }
+            );
+        }
         let files = |ds: ImageDataset| -> Result<Self> {
             if channels != 3 {
                 bail!(
@@ -150,9 +238,50 @@ impl ImageSet {
                     source.describe()
                 );
             }
-            Ok(Self::Files(ds))
+            Ok(Self::Files(PixelSource::new(ds, |s: ImageSample| {
+                s.pixels.into_dyn()
+            })))
         };
+        let frames_n = frames.unwrap_or(1);
         let images = match source {
+            DataSource::Bair(path) => {
+                if resolution != vq_data::bair::SIZE {
+                    bail!("BAIR frames are 64×64; the model takes {resolution}×{resolution}");
+                }
+                let (s, window) = match split {
+                    Split::Train => (BairSplit::Train, ClipWindow::Random),
+                    Split::Test => (BairSplit::Test, ClipWindow::Fixed(0)),
+                };
+                let ds = BairDataset::open(path, s, frames_n, window)?;
+                return Ok(Self::Files(PixelSource::new(
+                    ds,
+                    |c: ndarray::Array4<u8>| c.into_dyn(),
+                )));
+            }
+            DataSource::Ucf101(dir) => {
+                let root = ["UCF-101", "UCF101"]
+                    .map(|n| dir.join(n))
+                    .into_iter()
+                    .find(|p| p.is_dir())
+                    .with_context(|| {
+                        format!("no UCF-101/ or UCF101/ folder in {}", dir.display())
+                    })?;
+                let spec = ClipSpec {
+                    frames: frames_n,
+                    size: resolution,
+                    ..ClipSpec::PAPER
+                };
+                let s = match split {
+                    Split::Train => UcfSplit::Train,
+                    Split::Test => UcfSplit::Test,
+                };
+                let lists = dir.join("ucfTrainTestlist");
+                let ds = Ucf101::open(&root, &lists, 1, s, spec, None, Ffmpeg::locate()?)?;
+                return Ok(Self::Files(PixelSource::new(
+                    ds,
+                    |(c, _): (ndarray::Array4<u8>, u32)| c.into_dyn(),
+                )));
+            }
             DataSource::ImageFolder(dir) => {
                 let sub = dir.join(match split {
                     Split::Train => "train",
@@ -176,7 +305,19 @@ impl ImageSet {
                 let (x, _) = read_fashion_mnist(dir, split)?;
                 from_u8(x, channels, resolution)?
             }
-            DataSource::Synthetic { n } => synthetic(*n, split, channels, resolution),
+            DataSource::Synthetic { n } => {
+                let x = synthetic(*n * frames_n, split, channels, resolution);
+                match frames {
+                    None => x,
+                    // Clips of consecutive synthetic images: (N, C, T, R, R).
+                    Some(t) => {
+                        let r = resolution as i64;
+                        x.view([*n as i64, t as i64, channels as i64, r, r])
+                            .permute([0, 2, 1, 3, 4])
+                            .contiguous()
+                    }
+                }
+            }
         };
         Ok(Self::Memory(images))
     }
@@ -209,22 +350,34 @@ impl ImageSet {
                     .par_iter()
                     .map(|&i| ds.get(i as usize, &mut StdRng::seed_from_u64(i as u64)))
                     .collect::<vq_data::Result<Vec<_>>>()?;
-                Ok(to_tensor(&samples).to_device(device))
+                Ok(to_tensor(&samples)?.to_device(device))
             }
         }
     }
 }
 
-/// Samples `(3, R, R)` u8 → `(N, 3, R, R)` f32 in [−1, 1].
-fn to_tensor(samples: &[ImageSample]) -> Tensor {
-    let pixels: Vec<_> = samples.iter().map(|s| s.pixels.clone()).collect();
-    let x = Normalization::MinusOneOne.apply(
-        vq_data::loader::stack(&pixels)
-            .expect("the transform gives one size")
-            .view(),
-    );
+/// Video batches `(B, C, T, H, W)` as frames `(B·T, C, H, W)` (for the per-frame
+/// discriminator, LPIPS, Inception and plots); image batches unchanged.
+pub fn frames_as_images(x: &Tensor) -> Tensor {
+    let s = x.size();
+    if s.len() == 5 {
+        x.transpose(1, 2).reshape([s[0] * s[2], s[1], s[3], s[4]])
+    } else {
+        x.shallow_clone()
+    }
+}
+
+/// Samples `(C, [T,] R, R)` u8 → `(N, C, [T,] R, R)` f32 in [−1, 1] (`x / 127.5 − 1`).
+fn to_tensor(samples: &[ArrayD<u8>]) -> Result<Tensor> {
+    let x = vq_data::loader::stack(samples)?;
     let shape: Vec<i64> = x.shape().iter().map(|&d| d as i64).collect();
-    Tensor::from_slice(x.as_slice().expect("standard layout")).view(shape.as_slice())
+    let flat = x.as_standard_layout();
+    let bytes = flat.as_slice().expect("standard layout");
+    Ok(Tensor::from_slice(bytes)
+        .view(shape.as_slice())
+        .to_kind(Kind::Float)
+        / 127.5
+        - 1.0)
 }
 
 /// The training batches of a run: from the [`Sampler`] for sets in memory, from a background
@@ -235,7 +388,7 @@ pub enum TrainBatches {
     /// Indices into an in-memory set.
     Memory(Sampler),
     /// A streaming loader.
-    Stream(Batches<ImageSample>),
+    Stream(Batches<ArrayD<u8>>),
 }
 
 impl TrainBatches {
@@ -280,7 +433,7 @@ impl TrainBatches {
                         batch.skipped
                     );
                 }
-                Ok(to_tensor(&batch.samples).to_device(device))
+                Ok(to_tensor(&batch.samples)?.to_device(device))
             }
         }
     }

@@ -8,7 +8,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 use vq_models::{FidInception, Lpips, VqAutoencoder, frechet_distance, inception_score};
 use vq_tch::Mode;
 
-use crate::data::ImageSet;
+use crate::data::{ImageSet, frames_as_images};
 
 /// Metrics of a model on an image set.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -123,11 +123,14 @@ pub fn evaluate(
         .to_device(Device::Cpu);
         let s = Vec::<f64>::try_from(stats)?;
         if let Some(net) = &nets.lpips {
-            lp += f64::try_from(net.forward(&x, &out.reconstruction).sum(Kind::Double))?;
+            let (fx, fr) = (frames_as_images(&x), frames_as_images(&out.reconstruction));
+            // Per sample: the mean over its frames (one frame for images).
+            let per_frame = fx.size()[0] as f64 / x.size()[0] as f64;
+            lp += f64::try_from(net.forward(&fx, &fr).sum(Kind::Double))? / per_frame;
         }
         if let Some(net) = inception {
-            let (fx, _) = net.forward(&x);
-            let (fr, logits) = net.forward(&out.reconstruction);
+            let (fx, _) = net.forward(&frames_as_images(&x));
+            let (fr, logits) = net.forward(&frames_as_images(&out.reconstruction));
             feats_x.push(fx.to_device(Device::Cpu));
             feats_r.push(fr.to_device(Device::Cpu));
             logits_r.push(logits.to_device(Device::Cpu));

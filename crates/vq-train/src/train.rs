@@ -17,7 +17,7 @@ use vq_models::{
 use vq_tch::Mode;
 
 use crate::checkpoint::{self, TrainState};
-use crate::data::{DataSource, ImageSet, Pipeline, TrainBatches};
+use crate::data::{DataSource, ImageSet, Pipeline, TrainBatches, frames_as_images};
 use crate::optim::{AdamW, learning_rate};
 
 /// Everything that defines a run's numbers (saved in `run.json` and in every checkpoint; a
@@ -188,6 +188,7 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
         Split::Train,
         a.in_channels(),
         a.resolution(),
+        a.frames(),
         Pipeline::for_preset(&cfg.preset),
     )
     .with_context(|| format!("loading training data {}", source.describe()))?;
@@ -300,12 +301,18 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
                     // (ViT-VQGAN: L2 instead of L1, a fixed λ).
                     let mut nll = g.pixel_loss(&x, &out.reconstruction);
                     if let Some(lp) = &lpips {
-                        let p = lp.forward(&x, &out.reconstruction).mean(Kind::Float);
+                        let p = lp
+                            .forward(
+                                &frames_as_images(&x),
+                                &frames_as_images(&out.reconstruction),
+                            )
+                            .mean(Kind::Float);
                         nll += p * g.perceptual_weight;
                     }
                     let mut loss = &nll + &qloss * g.codebook_weight;
                     if adversarial {
-                        let g_loss = g.g_loss(&disc.forward_t(&out.reconstruction, true));
+                        let g_loss =
+                            g.g_loss(&disc.forward_t(&frames_as_images(&out.reconstruction), true));
                         let w = match g.adversarial_weighting {
                             AdversarialWeighting::Adaptive => adaptive_weight(
                                 &nll,
@@ -319,7 +326,10 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
                         adv[2] += w / accum as f64;
                         loss += g_loss * w;
                     }
-                    pairs.push((x.shallow_clone(), out.reconstruction.detach()));
+                    pairs.push((
+                        frames_as_images(&x),
+                        frames_as_images(&out.reconstruction.detach()),
+                    ));
                     (nll, loss)
                 }
             };

@@ -496,3 +496,88 @@ fn an_image_folder_trains_streams_and_resumes() {
     assert_eq!(again.history.last().unwrap().step, 4);
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+/// A TimeSformer video tokenizer (Table 5, at toy size) trains on BAIR clips read from
+/// `.tfrecords` files through the streaming loader, with the per-frame StyleGAN discriminator,
+/// and evaluates on the test split's fixed windows.
+#[test]
+fn a_video_tokenizer_trains_on_bair_clips() {
+    use vq_data::tfrecord::{Example, write_record};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let root = tmp("bair");
+    for (split, n) in [("train", 3u8), ("test", 1)] {
+        let dir = root.join("softmotion30_44k").join(split);
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut bytes = Vec::new();
+        for s in 0..n {
+            let frames: Vec<Vec<u8>> = (0..30)
+                .map(|t| {
+                    (0..64 * 64 * 3)
+                        .map(|i| ((i / 3 + 7 * t + 50 * s as usize) % 256) as u8)
+                        .collect()
+                })
+                .collect();
+            let ex = Example::from_bytes_features(
+                frames
+                    .iter()
+                    .enumerate()
+                    .map(|(t, f)| (format!("{t}/image_aux1/encoded"), f.as_slice())),
+            );
+            write_record(&mut bytes, &ex.encode_payload()).unwrap();
+        }
+        std::fs::write(dir.join("traj_0_to_255.tfrecords"), bytes).unwrap();
+    }
+    let preset = Preset::TimeSformerBair;
+    let mut model = preset.config();
+    let t = model.autoencoder.timesformer_mut().unwrap();
+    t.frames = 4;
+    t.patch_size = 16;
+    t.hidden = 32;
+    t.layers = 1;
+    t.intermediate = 48;
+    model.quantizer.projection = vq_tch::Projection::Linear { channels: 32 };
+    model.quantizer.codebook_size = 16;
+    let mut gan = preset.gan().unwrap();
+    gan.discriminator =
+        vq_models::DiscriminatorKind::StyleGan(vq_models::StyleDiscriminatorConfig {
+            image_size: 64,
+            network_capacity: 1,
+            fmap_max: 8,
+        });
+    gan.perceptual_weight = 0.0;
+    let mut training = preset.training();
+    training.steps = 2;
+    training.batch_size = 2;
+    let cfg = RunConfig {
+        preset: preset.name().into(),
+        model,
+        training,
+        data: format!("bair:{}", root.display()),
+        seed: 4,
+        micro_batch: 2,
+        gan: Some(gan),
+        lpips_weights: None,
+        inception_weights: None,
+    };
+    let out = root.join("run");
+    let mut trained = train(&options(cfg.clone(), &out)).unwrap();
+    assert!(
+        trained
+            .history
+            .iter()
+            .all(|m| m.loss.is_finite() && m.d_loss > 0.0)
+    );
+    let row =
+        vq_train::compare::evaluate_run(&mut trained.model, &cfg, &out, Device::Cpu, 0.0).unwrap();
+    assert_eq!((row.train.images, row.val.images), (3, 1), "{row:?}");
+    assert!(out.join("reconstructions.png").is_file());
+    // A video model refuses image data.
+    let mut images = cfg;
+    images.data = "fashion-mnist-demo".into();
+    let err = format!(
+        "{:#}",
+        train(&options(images, &root.join("wrong"))).unwrap_err()
+    );
+    assert!(err.contains("video clips"), "{err}");
+    std::fs::remove_dir_all(&root).unwrap();
+}
