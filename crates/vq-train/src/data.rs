@@ -183,10 +183,7 @@ impl PixelSource {
     fn new<D: Dataset>(
         inner: D,
         map: impl Fn(D::Sample) -> ArrayD<u8> + Send + Sync + 'static,
-    ) -> Self
-    where
-        D: std::fmt::Debug,
-    {
+    ) -> Self {
         Self(Arc::new(Pixels { inner, map }))
     }
 }
