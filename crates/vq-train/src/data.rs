@@ -597,6 +597,7 @@ mod tests {
             Split::Test,
             1,
             32,
+            None,
             Pipeline::Taming,
         )
         .unwrap();
@@ -613,6 +614,7 @@ mod tests {
                 Split::Test,
                 3,
                 32,
+                None,
                 Pipeline::Taming
             )
             .is_err()
@@ -623,6 +625,49 @@ mod tests {
                 Split::Test,
                 1,
                 16,
+                None,
+                Pipeline::Taming
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn synthetic_clips_and_frames() {
+        let set = ImageSet::load(
+            &DataSource::Synthetic { n: 3 },
+            Split::Train,
+            3,
+            8,
+            Some(4),
+            Pipeline::Taming,
+        )
+        .unwrap();
+        let b = set.batch(&[0, 2], Device::Cpu).unwrap();
+        assert_eq!(b.size(), [2, 3, 4, 8, 8]);
+        let f = frames_as_images(&b);
+        assert_eq!(f.size(), [8, 3, 8, 8]);
+        // Frame t of clip 1 is element (1, :, t).
+        assert!(f.get(5).equal(&b.get(1).select(1, 1)));
+        // Image sources refuse video models and the other way round.
+        assert!(
+            ImageSet::load(
+                &DataSource::FashionMnistDemo,
+                Split::Test,
+                1,
+                32,
+                Some(4),
+                Pipeline::Taming
+            )
+            .is_err()
+        );
+        assert!(
+            ImageSet::load(
+                &DataSource::Bair("x".into()),
+                Split::Test,
+                3,
+                64,
+                None,
                 Pipeline::Taming
             )
             .is_err()
