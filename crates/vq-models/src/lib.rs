@@ -1,11 +1,14 @@
 //! Encoder, decoder and discriminator architectures of the paper's training paradigms as
 //! [`tch`] modules with named presets.
 //!
-//! Implemented: the taming-transformers CNN encoder/decoder ([`taming`]), the VQ autoencoder
-//! around [`vq_tch::VectorQuantizer`] ([`VqAutoencoder`]), the PatchGAN discriminator with the
-//! hinge loss and taming's adaptive weight ([`PatchDiscriminator`]), and presets for the paper's
-//! Table-1 VQ-VAEs, Table-2/3 VQGANs and a small demo model ([`Preset`]), and LPIPS with
-//! user-supplied weights ([`Lpips`]). Not yet: the ViT-VQGAN and TimeSformer models. The quantizer itself lives in [`vq_tch`].
+//! The encoders/decoders: taming-transformers' CNN ([`taming`]), enhancing-transformers' ViT
+//! ([`vit`]) and TimeSformer for video ([`timesformer`]), chosen by [`Backbone`] inside the VQ
+//! autoencoder around [`vq_tch::VectorQuantizer`] ([`VqAutoencoder`]). The adversarial parts:
+//! taming's PatchGAN with the hinge loss and adaptive weight ([`PatchDiscriminator`]), the
+//! StyleGAN2-type discriminator with the non-saturating loss and R1 ([`StyleDiscriminator`]).
+//! LPIPS and the FID Inception with user-supplied weights ([`Lpips`], [`FidInception`]).
+//! Presets for all eleven paradigms of the paper's Tables 1–5 and a small demo model
+//! ([`Preset`]). The quantizer itself lives in [`vq_tch`].
 
 mod error;
 mod gan;

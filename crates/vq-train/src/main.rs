@@ -261,12 +261,11 @@ fn main() -> Result<()> {
             for p in Preset::ALL {
                 let c = p.config();
                 let a = &c.autoencoder;
-                let lr = a.latent_resolution();
+                let (r, lr) = (a.resolution(), a.latent_resolution());
+                let t = a.frames().map_or(String::new(), |t| format!("{t}×"));
                 println!(
-                    "{:<22} {}×{} → {lr}×{lr}×{}, {} codes, {:?}",
+                    "{:<22} {t}{r}×{r} → {t}{lr}×{lr}×{}, {} codes, {:?}",
                     p.name(),
-                    a.resolution(),
-                    a.resolution(),
                     c.quantizer.codebook_dim,
                     c.quantizer.codebook_size,
                     c.quantizer.metric
