@@ -134,21 +134,7 @@ fn install_from_pip(base: &Path, site: &Path, link: &Path) -> Result<()> {
         "libtorch: installing torch=={TORCH_VERSION} from PyPI into {} (about 4.7 GB, a few minutes)",
         site.display()
     );
-    let status = Command::new(&py)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--no-input",
-            "--disable-pip-version-check",
-            "--no-cache-dir",
-        ])
-        .arg("--target")
-        .arg(&staging)
-        .arg(format!("torch=={TORCH_VERSION}"))
-        .env("PYTHONNOUSERSITE", "1")
-        .status()
-        .with_context(|| format!("running {py} -m pip"))?;
+    let status = pip_install(&py, &staging, &format!("torch=={TORCH_VERSION}"), &[])?;
     if !status.success() {
         let _ = fs::remove_dir_all(&staging);
         bail!("`pip install torch=={TORCH_VERSION}` failed ({status}); see pip's output above");
@@ -175,6 +161,31 @@ fn install_from_pip(base: &Path, site: &Path, link: &Path) -> Result<()> {
     replace_symlink(Path::new("site/torch"), link)?;
     eprintln!("libtorch {TORCH_VERSION}: installed in {}", link.display());
     Ok(())
+}
+
+/// `py -m pip install --target <target> <spec>` without the user's site packages or pip's cache.
+fn pip_install(
+    py: &str,
+    target: &Path,
+    spec: &str,
+    extra: &[&str],
+) -> Result<std::process::ExitStatus> {
+    Command::new(py)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--no-input",
+            "--disable-pip-version-check",
+            "--no-cache-dir",
+        ])
+        .args(extra)
+        .arg("--target")
+        .arg(target)
+        .arg(spec)
+        .env("PYTHONNOUSERSITE", "1")
+        .status()
+        .with_context(|| format!("running {py} -m pip"))
 }
 
 /// The imageio-ffmpeg wheel that provides a static ffmpeg when the system has none.
@@ -226,22 +237,7 @@ fn ensure_ffmpeg(root: &Path) -> Result<()> {
         "ffmpeg: none on the PATH; installing {IMAGEIO_FFMPEG} from PyPI into {}",
         site.display()
     );
-    let status = Command::new(&py)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--no-input",
-            "--disable-pip-version-check",
-            "--no-cache-dir",
-            "--no-deps",
-            "--target",
-        ])
-        .arg(&staging)
-        .arg(IMAGEIO_FFMPEG)
-        .env("PYTHONNOUSERSITE", "1")
-        .status()
-        .with_context(|| format!("running {py} -m pip"))?;
+    let status = pip_install(&py, &staging, IMAGEIO_FFMPEG, &["--no-deps"])?;
     if !status.success() {
         let _ = fs::remove_dir_all(&staging);
         bail!("`pip install {IMAGEIO_FFMPEG}` failed ({status})");

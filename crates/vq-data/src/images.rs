@@ -95,6 +95,28 @@ fn read_dir_sorted(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// The names of `dirs` (their last path components).
+fn folder_names(dirs: &[PathBuf]) -> Vec<String> {
+    dirs.iter()
+        .map(|p| {
+            p.file_name()
+                .unwrap_or_default()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect()
+}
+
+/// The sub-folders of `dir` in sorted order, with their names.
+fn subfolders(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>)> {
+    let dirs: Vec<PathBuf> = read_dir_sorted(dir)?
+        .into_iter()
+        .filter(|p| p.is_dir())
+        .collect();
+    let names = folder_names(&dirs);
+    Ok((dirs, names))
+}
+
 /// The 1000 ImageNet WordNet ids in sorted order (class index = position), shipped with the
 /// project (from TensorFlow Datasets' `imagenet2012/labels.txt`, Apache-2.0).
 pub fn imagenet_wnids() -> Result<Vec<String>> {
@@ -168,19 +190,7 @@ impl ImageDataset {
     /// # Errors
     /// [`DataError::Io`] for unreadable folders, [`DataError::Empty`] if no image is found.
     pub fn folder(root: &Path, transform: Transform) -> Result<Self> {
-        let classes: Vec<PathBuf> = read_dir_sorted(root)?
-            .into_iter()
-            .filter(|p| p.is_dir())
-            .collect();
-        let names: Vec<String> = classes
-            .iter()
-            .map(|p| {
-                p.file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned()
-            })
-            .collect();
+        let (classes, names) = subfolders(root)?;
         Self::from_class_dirs(root, &classes, &names, &names, transform)
     }
 
@@ -313,10 +323,7 @@ impl ImageDataset {
                 });
             }
         } else {
-            let subdirs: Vec<PathBuf> = read_dir_sorted(&path)?
-                .into_iter()
-                .filter(|p| p.is_dir())
-                .collect();
+            let (subdirs, names) = subfolders(&path)?;
             if subdirs.is_empty() && split == ImageNetSplit::Val {
                 let labels = imagenet_val_labels(val_labels)?;
                 for p in read_dir_sorted(&path)? {
@@ -339,15 +346,6 @@ impl ImageDataset {
                     });
                 }
             } else {
-                let names: Vec<String> = subdirs
-                    .iter()
-                    .map(|p| {
-                        p.file_name()
-                            .unwrap_or_default()
-                            .to_string_lossy()
-                            .into_owned()
-                    })
-                    .collect();
                 for n in &names {
                     label_of(n, &path)?;
                 }
