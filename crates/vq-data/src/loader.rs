@@ -134,6 +134,8 @@ impl LoaderConfig {
 pub struct Skipped {
     /// Dataset index.
     pub index: usize,
+    /// Stream position.
+    pub position: u64,
     /// The error, naming the file.
     pub error: String,
 }
@@ -346,6 +348,7 @@ impl<D: Dataset> Loader<D> {
             next: 0,
             done: false,
             per_epoch: self.per_epoch,
+            closed: self.cfg.start / self.per_epoch,
             open: Vec::new(),
             finished: Vec::new(),
         }
@@ -388,6 +391,7 @@ fn work<D: Dataset>(
                 }
                 Err(e) if cfg.on_error == OnError::Skip => out.skipped.push(Skipped {
                     index,
+                    position: p,
                     error: e.to_string(),
                 }),
                 Err(e) => {
@@ -412,6 +416,8 @@ pub struct Batches<S> {
     next: u64,
     done: bool,
     per_epoch: u64,
+    /// Epochs before this one have been summarised.
+    closed: u64,
     open: Vec<Skipped>,
     finished: Vec<EpochSummary>,
 }
@@ -425,19 +431,23 @@ impl<S> Batches<S> {
 
     fn account(&mut self, batch: &Batch<S>) {
         let n = (batch.samples.len() + batch.skipped.len()) as u64;
-        let end = batch.position + n;
         self.open.extend(batch.skipped.iter().cloned());
-        // A batch can close at most a few epochs (when the batch is larger than an epoch).
-        let mut epoch_end = (batch.position / self.per_epoch + 1) * self.per_epoch;
-        while epoch_end <= end {
-            if !self.open.is_empty() {
+        // Close every epoch that ends within this batch (several when a batch spans epochs).
+        let done = (batch.position + n) / self.per_epoch;
+        while self.closed < done {
+            let epoch = self.closed;
+            let (mine, later): (Vec<Skipped>, Vec<Skipped>) = std::mem::take(&mut self.open)
+                .into_iter()
+                .partition(|s| s.position / self.per_epoch <= epoch);
+            self.open = later;
+            if !mine.is_empty() {
                 self.finished.push(EpochSummary {
-                    epoch: epoch_end / self.per_epoch - 1,
+                    epoch,
                     samples: self.per_epoch,
-                    skipped: std::mem::take(&mut self.open),
+                    skipped: mine,
                 });
             }
-            epoch_end += self.per_epoch;
+            self.closed += 1;
         }
     }
 }
@@ -620,11 +630,31 @@ mod tests {
         let summaries = it.finished_epochs();
         assert_eq!(summaries.len(), 2);
         assert_eq!(summaries[1].epoch, 1);
+        assert!(summaries.iter().all(|s| s.skipped.len() == 2));
         let text = summaries[0].to_string();
         assert!(
             text.contains("2 of 12 samples skipped") && text.contains("img11.JPEG"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn skips_are_reported_in_the_epoch_they_belong_to() {
+        // Epochs of 5 samples, batches of 4: batch 1 holds positions 4..8 (epochs 0 and 1).
+        let cfg = LoaderConfig {
+            on_error: OnError::Skip,
+            limit: Some(10),
+            ..LoaderConfig::eval(4, 10)
+        };
+        let mut it = Loader::new(probe(5, &[4, 0]), cfg).unwrap().batches();
+        let _: Vec<_> = it.by_ref().collect();
+        let s = it.finished_epochs();
+        let positions: Vec<Vec<u64>> = s
+            .iter()
+            .map(|e| e.skipped.iter().map(|k| k.position).collect())
+            .collect();
+        assert_eq!(positions, [vec![0, 4], vec![5, 9]]);
+        assert_eq!((s[0].epoch, s[1].epoch), (0, 1));
     }
 
     #[test]
