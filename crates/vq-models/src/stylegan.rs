@@ -182,7 +182,7 @@ impl StyleBlock {
 /// `blocks.{i}.downsample.1.*`, `final_conv.*`, `final_linear.{0,1}.*`).
 ///
 /// ```
-/// use tch::{nn, Device, Kind, Tensor};
+/// use tch::{nn, nn::Module, Device, Kind, Tensor};
 /// use vq_models::{StyleDiscriminator, StyleDiscriminatorConfig};
 /// let vs = nn::VarStore::new(Device::Cpu);
 /// let cfg = StyleDiscriminatorConfig { image_size: 16, network_capacity: 2, fmap_max: 32 };

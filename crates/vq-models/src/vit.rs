@@ -27,6 +27,8 @@ pub struct VitConfig {
     /// Attention heads.
     pub heads: usize,
     /// Width of one head (enhancing-transformers: 64; `heads · dim_head` need not equal `dim`).
+    /// The attention's output projection is always present (enhancing-transformers replaces it
+    /// by the identity when `heads = 1` and `dim_head = dim`, a case no preset uses).
     pub dim_head: usize,
     /// Hidden width of the MLP.
     pub mlp_dim: usize,
