@@ -221,6 +221,9 @@ pub struct VqOutput {
     pub codebook_loss: Tensor,
     /// Quantization error `mean((e − q)²)` per element, in code space (scalar, detached).
     pub quantization_error: Tensor,
+    /// `mean(e²)` per element, in code space (scalar, detached): the scale against which the
+    /// quantization error can be compared across models whose latents have different scales.
+    pub latent_power: Tensor,
 }
 
 /// The VQ layer.
@@ -443,6 +446,7 @@ impl VectorQuantizer {
             } => (1.0, self.config.beta),
         };
         let quantization_error = commit_mse.detach();
+        let latent_power = e.detach().square().mean(Kind::Float);
         let commitment_loss = commit_mse * f64::from(wc);
         let codebook_loss = if wb > 0.0 {
             q_live.mse_loss(&e.detach(), Reduction::Mean) * f64::from(wb)
@@ -472,6 +476,7 @@ impl VectorQuantizer {
             commitment_loss,
             codebook_loss,
             quantization_error,
+            latent_power,
         })
     }
 

@@ -48,6 +48,11 @@ fn image_and_video_layouts_round_trip_to_codewords() {
                 .reshape([-1, 4])
         };
         let expect = vq.codebook().index_select(0, &out.indices.reshape([-1]));
+        // The reported errors: mean((e − q)²) and mean(e²) per element.
+        let qe = f64::try_from((&x - &out.quantized).square().mean(Kind::Float)).unwrap();
+        let power = f64::try_from(x.square().mean(Kind::Float)).unwrap();
+        assert!((f64::try_from(&out.quantization_error).unwrap() - qe).abs() < 1e-6 * qe.max(1.0));
+        assert!((f64::try_from(&out.latent_power).unwrap() - power).abs() < 1e-6 * power);
         assert!(f64::try_from((flat - expect).abs().max()).unwrap() < 1e-6);
     }
     let bad = Tensor::randn([2, 3, 4, 4], (Kind::Float, Device::Cpu));

@@ -228,20 +228,21 @@ pub fn markdown(config: &RunConfig, rows: &[CompareRow]) -> String {
         config.training.batch_size,
         config.seed,
     );
-    s.push_str("| Estimator | Codebook usage (val, per 256 images) | Train rec. MSE | Val rec. MSE | Quantization error (val) | Perplexity (val) | Codes used (all val) | LPIPS (val) | r-FID | r-IS |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| Estimator | Codebook usage (val, per 256 images) | Train rec. MSE | Val rec. MSE | Quantization error (val) | QE / mean(e²) (val) | Perplexity (val) | Codes used (all val) | LPIPS (val) | r-FID | r-IS |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let lpips = r.val.lpips.map_or_else(
             || "needs weights (--lpips)".to_owned(),
             |v| format!("{v:.4}"),
         );
         s.push_str(&format!(
-            "| {} | {:.1}% | {:.5} | {:.5} | {:.3e} | {:.1} | {:.1}% | {lpips} | {} | {} |\n",
+            "| {} | {:.1}% | {:.5} | {:.5} | {:.3e} | {:.1}% | {:.1} | {:.1}% | {lpips} | {} | {} |\n",
             r.estimator,
             100.0 * r.val.usage,
             r.train.rec_mse,
             r.val.rec_mse,
             r.val.quantization_error,
+            100.0 * r.val.relative_quantization_error,
             r.val.perplexity,
             100.0 * r.val.usage_total,
             r.val.rfid.map_or_else(

@@ -27,6 +27,10 @@ pub struct EvalMetrics {
     pub perplexity: f64,
     /// Quantization error mean((e − q)²) per element, in code space.
     pub quantization_error: f64,
+    /// The quantization error relative to the latents' scale, mean((e − q)²) / mean(e²):
+    /// comparable between models whose latents have different scales.
+    #[serde(default)]
+    pub relative_quantization_error: f64,
     /// Mean LPIPS distance between images and reconstructions (when weights were given).
     #[serde(default)]
     pub lpips: Option<f64>,
@@ -100,6 +104,7 @@ pub fn evaluate(
     };
     let k = model.config().quantizer.codebook_size;
     let (mut mse, mut l1, mut qe, mut lp) = (0f64, 0f64, 0f64, 0f64);
+    let mut power = 0f64;
     let (mut feats_x, mut feats_r, mut logits_r) = (Vec::new(), Vec::new(), Vec::new());
     let mut codes: Vec<u32> = Vec::new();
     let mut per_image = 0;
@@ -116,6 +121,7 @@ pub fn evaluate(
                 out.reconstruction.mse_loss(&x, Reduction::Mean),
                 out.reconstruction.l1_loss(&x, Reduction::Mean),
                 out.vq.quantization_error.shallow_clone(),
+                out.vq.latent_power.shallow_clone(),
             ],
             0,
         )
@@ -138,6 +144,7 @@ pub fn evaluate(
         mse += s[0] * w;
         l1 += s[1] * w;
         qe += s[2] * w;
+        power += s[3] * w;
         let flat = out.vq.indices.reshape([idx.len() as i64, -1]);
         per_image = flat.size()[1] as usize;
         codes.extend(
@@ -156,6 +163,7 @@ pub fn evaluate(
         usage_total: counts.iter().filter(|&&c| c > 0).count() as f64 / k as f64,
         perplexity: vq_core::perplexity(&counts),
         quantization_error: qe / nf,
+        relative_quantization_error: qe / power.max(f64::MIN_POSITIVE),
         lpips: nets.lpips.as_ref().map(|_| lp / nf),
         rfid: inception
             .map(|_| frechet_distance(&Tensor::cat(&feats_x, 0), &Tensor::cat(&feats_r, 0))),

@@ -307,11 +307,12 @@ fn main() -> Result<()> {
                     trained.seconds,
                 )?;
                 println!(
-                    "val: rec MSE {:.5}, usage/256 {:.1}%, perplexity {:.1}, QE {:.3e}; eval.json, reconstructions.png, curves.png in {}",
+                    "val: rec MSE {:.5}, usage/256 {:.1}%, perplexity {:.1}, QE {:.3e} ({:.1}% of mean e²); eval.json, reconstructions.png, curves.png in {}",
                     row.val.rec_mse,
                     100.0 * row.val.usage,
                     row.val.perplexity,
                     row.val.quantization_error,
+                    100.0 * row.val.relative_quantization_error,
                     opts.out.display()
                 );
             }

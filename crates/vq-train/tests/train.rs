@@ -162,6 +162,8 @@ fn compare_writes_the_table_json_and_plots() {
         assert_eq!(r.val.images, 64);
         assert!(r.val.usage > 0.0 && r.val.usage <= 1.0);
         assert!(r.val.rec_mse.is_finite() && r.val.quantization_error.is_finite());
+        assert!(r.val.relative_quantization_error > 0.0);
+        assert!(r.val.relative_quantization_error < 10.0 * r.val.quantization_error.max(1.0));
     }
     let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
     assert!(
