@@ -7,7 +7,7 @@
 //! [`Filter::BilinearAntialias`] is `antialias=True`, i.e. PIL's `BILINEAR` as torchvision applies
 //! it to PIL images. Both compute in `f32` and round to the nearest `u8`.
 
-use ndarray::{Array3, Array4, ArrayView3, Axis};
+use ndarray::{Array3, ArrayView3, Axis};
 use rand::Rng;
 
 /// Resampling filter.
@@ -480,7 +480,8 @@ pub const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
 pub const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_6, 0.275_777_1];
 
 impl Normalization {
-    /// Normalises a batch of channel-first `u8` images `(N, C, H, W)`.
+    /// Normalises a batch of channel-first `u8` samples: images `(N, C, H, W)` or clips
+    /// `(N, C, T, H, W)` (any layout with channels on axis 1).
     ///
     /// ```
     /// use ndarray::Array4;
@@ -490,14 +491,21 @@ impl Normalization {
     /// ```
     ///
     /// # Panics
-    /// [`Normalization::ClipMeanStd`] on images that do not have 3 channels.
-    pub fn apply(&self, x: ndarray::ArrayView4<'_, u8>) -> Array4<f32> {
+    /// [`Normalization::ClipMeanStd`] on samples that do not have 3 channels.
+    pub fn apply<D: ndarray::RemoveAxis>(
+        &self,
+        x: ndarray::ArrayView<'_, u8, D>,
+    ) -> ndarray::Array<f32, D> {
         match self {
             Self::MinusOneOne => x.mapv(|v| f32::from(v) / 127.5 - 1.0),
             Self::ZeroOne => x.mapv(|v| f32::from(v) / 255.0),
             Self::MinusHalfHalf => x.mapv(|v| f32::from(v) / 255.0 - 0.5),
             Self::ClipMeanStd => {
-                assert_eq!(x.dim().1, 3, "CLIP statistics are for RGB images");
+                assert_eq!(
+                    x.shape().get(1),
+                    Some(&3),
+                    "CLIP statistics are for RGB images"
+                );
                 let mut out = x.mapv(|v| f32::from(v) / 255.0);
                 for (ch, mut plane) in out.axis_iter_mut(Axis(1)).enumerate() {
                     plane.mapv_inplace(|v| (v - CLIP_MEAN[ch]) / CLIP_STD[ch]);
@@ -518,6 +526,7 @@ pub fn hwc_to_chw(img: Array3<u8>) -> Array3<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ndarray::Array4;
     use rand::SeedableRng;
     use rand::rngs::StdRng;
 
@@ -683,5 +692,10 @@ mod tests {
         );
         let c = Normalization::ClipMeanStd.apply(x.view());
         assert!((c[[0, 0, 0, 0]] + CLIP_MEAN[0] / CLIP_STD[0]).abs() < 1e-6);
+        // Clips (N, C, T, H, W): channels are still axis 1.
+        let clip =
+            ndarray::Array5::from_shape_fn((1, 3, 2, 1, 1), |(_, c, _, _, _)| [0u8, 128, 255][c]);
+        let n = Normalization::ClipMeanStd.apply(clip.view());
+        assert_eq!(n[[0, 1, 1, 0, 0]], c[[0, 1, 0, 0]]);
     }
 }

@@ -29,7 +29,7 @@ use ndarray::ArrayD;
 use vq_data::bair::{BairDataset, BairSplit, ClipWindow};
 use vq_data::images::{ImageDataset, ImageNetSplit, ImageSample};
 use vq_data::loader::{Batches, Dataset, Loader, LoaderConfig, OnError};
-use vq_data::transform::Transform;
+use vq_data::transform::{Normalization, Transform};
 use vq_data::ucf101::{ClipSpec, Ffmpeg, Ucf101, UcfSplit};
 
 /// Where images come from.
@@ -366,15 +366,9 @@ pub fn frames_as_images(x: &Tensor) -> Tensor {
 
 /// Samples `(C, [T,] R, R)` u8 → `(N, C, [T,] R, R)` f32 in [−1, 1] (`x / 127.5 − 1`).
 fn to_tensor(samples: &[ArrayD<u8>]) -> Result<Tensor> {
-    let x = vq_data::loader::stack(samples)?;
+    let x = Normalization::MinusOneOne.apply(vq_data::loader::stack(samples)?.view());
     let shape: Vec<i64> = x.shape().iter().map(|&d| d as i64).collect();
-    let flat = x.as_standard_layout();
-    let bytes = flat.as_slice().expect("standard layout");
-    Ok(Tensor::from_slice(bytes)
-        .view(shape.as_slice())
-        .to_kind(Kind::Float)
-        / 127.5
-        - 1.0)
+    Ok(Tensor::from_slice(x.as_slice().expect("standard layout")).view(shape.as_slice()))
 }
 
 /// The training batches of a run: from the [`Sampler`] for sets in memory, from a background
