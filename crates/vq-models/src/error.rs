@@ -43,3 +43,26 @@ pub enum ModelError {
 
 /// `Result` with [`ModelError`].
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// [`ModelError::Config`] for the first field that is zero.
+pub(crate) fn require_positive(fields: &[(&'static str, usize)]) -> Result<()> {
+    match fields.iter().find(|(_, v)| *v == 0) {
+        Some(&(field, _)) => Err(ModelError::Config {
+            field,
+            why: "must be > 0".into(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// [`ModelError::Config`] unless `image_size` is a positive multiple of `patch_size` (> 0).
+pub(crate) fn require_patch_grid(image_size: usize, patch_size: usize) -> Result<()> {
+    require_positive(&[("patch_size", patch_size)])?;
+    if image_size == 0 || !image_size.is_multiple_of(patch_size) {
+        return Err(ModelError::Config {
+            field: "image_size",
+            why: format!("{image_size} must be a positive multiple of patch_size {patch_size}"),
+        });
+    }
+    Ok(())
+}

@@ -18,7 +18,7 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use crate::error::{ModelError, Result};
+use crate::error::{ModelError, Result, require_patch_grid, require_positive};
 
 /// Shape of a TimeSformer encoder / decoder pair.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -56,27 +56,15 @@ impl TimeSformerConfig {
     /// [`ModelError::Config`] naming the bad field.
     pub fn validate(&self) -> Result<()> {
         let bad = |field, why: String| Err(ModelError::Config { field, why });
-        for (field, v) in [
+        require_positive(&[
             ("frames", self.frames),
             ("patch_size", self.patch_size),
             ("channels", self.channels),
             ("layers", self.layers),
             ("heads", self.heads),
             ("intermediate", self.intermediate),
-        ] {
-            if v == 0 {
-                return bad(field, "must be > 0".into());
-            }
-        }
-        if self.image_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
-            return bad(
-                "image_size",
-                format!(
-                    "{} must be a positive multiple of patch_size {}",
-                    self.image_size, self.patch_size
-                ),
-            );
-        }
+        ])?;
+        require_patch_grid(self.image_size, self.patch_size)?;
         if self.hidden == 0 || !self.hidden.is_multiple_of(self.heads) {
             return bad(
                 "hidden",

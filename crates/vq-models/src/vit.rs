@@ -8,7 +8,7 @@
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
 
-use crate::error::{ModelError, Result};
+use crate::error::{ModelError, Result, require_patch_grid, require_positive};
 
 /// Shape of a ViT encoder / decoder pair.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -46,27 +46,15 @@ impl VitConfig {
     /// [`ModelError::Config`] naming the bad field.
     pub fn validate(&self) -> Result<()> {
         let bad = |field, why: String| Err(ModelError::Config { field, why });
-        for (field, v) in [
+        require_positive(&[
             ("patch_size", self.patch_size),
             ("channels", self.channels),
             ("depth", self.depth),
             ("heads", self.heads),
             ("dim_head", self.dim_head),
             ("mlp_dim", self.mlp_dim),
-        ] {
-            if v == 0 {
-                return bad(field, "must be > 0".into());
-            }
-        }
-        if self.image_size == 0 || !self.image_size.is_multiple_of(self.patch_size) {
-            return bad(
-                "image_size",
-                format!(
-                    "{} must be a positive multiple of patch_size {}",
-                    self.image_size, self.patch_size
-                ),
-            );
-        }
+        ])?;
+        require_patch_grid(self.image_size, self.patch_size)?;
         if self.dim == 0 || !self.dim.is_multiple_of(4) {
             return bad(
                 "dim",
