@@ -279,6 +279,19 @@ impl Preset {
             grad_clip: 0.0,
             steps,
         };
+        // enhancing-transformers (ViT-VQGAN, and the video models built on it): AdamW
+        // (0.9, 0.99), weight decay 1e-4, constant rate, no clipping.
+        let enhancing = |batch_size: usize, learning_rate: f64, steps: usize| TrainingConfig {
+            batch_size,
+            learning_rate,
+            weight_decay: 1e-4,
+            betas: (0.9, 0.99),
+            warmup_steps: 0,
+            decay_steps: 0,
+            final_lr_fraction: 1.0,
+            grad_clip: 0.0,
+            steps,
+        };
         match self {
             // 18 ImageNet epochs (1.28 M images) at batch 48; 50 FFHQ+CelebA-HQ (≈ 100 k images)
             // epochs at batch 48; 4 ImageNet epochs at batch 16 for the LDM models.
@@ -292,37 +305,12 @@ impl Preset {
             // Table 10: batch 32, AdamW (0.9, 0.99), constant 1e-4, weight decay 1e-4, 10 ImageNet
             // epochs (1,281,167 images) = 400,365 steps. (enhancing-transformers exempts biases,
             // norms and position embeddings from weight decay; vq-train decays every weight.)
-            Preset::VitVqganSmall => TrainingConfig {
-                batch_size: 32,
-                learning_rate: 1e-4,
-                weight_decay: 1e-4,
-                betas: (0.9, 0.99),
-                warmup_steps: 0,
-                decay_steps: 0,
-                final_lr_fraction: 1.0,
-                grad_clip: 0.0,
-                steps: 400_365,
-            },
+            Preset::VitVqganSmall => enhancing(32, 1e-4, 400_365),
             // Table 11: BAIR batch 24, 1e-4, 30 epochs of 43,264 trajectories (one random clip
             // each) = 54,080 steps; UCF-101 batch 20, 4.5e-6, 3 epochs of every 16-frame window of
             // split-1 train (≈ 1.63 M clips: 9,537 videos of ≈ 186 frames; estimate) ≈ 244,600.
-            Preset::TimeSformerBair | Preset::TimeSformerUcf101 => {
-                let (batch_size, learning_rate, steps) = match self {
-                    Preset::TimeSformerBair => (24, 1e-4, 54_080),
-                    _ => (20, 4.5e-6, 244_600),
-                };
-                TrainingConfig {
-                    batch_size,
-                    learning_rate,
-                    weight_decay: 1e-4,
-                    betas: (0.9, 0.99),
-                    warmup_steps: 0,
-                    decay_steps: 0,
-                    final_lr_fraction: 1.0,
-                    grad_clip: 0.0,
-                    steps,
-                }
-            }
+            Preset::TimeSformerBair => enhancing(24, 1e-4, 54_080),
+            Preset::TimeSformerUcf101 => enhancing(20, 4.5e-6, 244_600),
             Preset::DemoFashionMnist => TrainingConfig {
                 batch_size: 64,
                 learning_rate: 3e-4,
