@@ -82,16 +82,19 @@ fn main() -> Result<()> {
         Cmd::Setup { force } => {
             setup::run(&root, force)?;
             setup::ffmpeg(&root);
+            setup::cuda_headers(&root);
             Ok(())
         }
         Cmd::Test { args } => {
             setup::run(&root, false)?;
             setup::ffmpeg(&root);
+            setup::cuda_headers(&root);
             test(&root, &args)
         }
         Cmd::Ci => {
             setup::run(&root, false)?;
             setup::ffmpeg(&root);
+            setup::cuda_headers(&root);
             cargo(&root, &["fmt", "--all", "--check"], &[])?;
             cargo(
                 &root,

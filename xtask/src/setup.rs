@@ -188,6 +188,68 @@ fn pip_install(
         .with_context(|| format!("running {py} -m pip"))
 }
 
+/// The CUDA header wheels that the CUDA build of torch 2.13.0 leaves out but its `c10d` NCCL
+/// header needs (`crt/host_config.h`, CCCL's `nv/target`): the versions of torch's own
+/// `cuda-toolkit==13.0.3` pin. Headers only (3 MB); vq-dist compiles its NCCL shim against them.
+const CUDA_HEADER_WHEELS: &[&str] = &["nvidia-cuda-crt==13.0.88", "nvidia-cuda-cccl==13.0.85"];
+
+/// Installs [`CUDA_HEADER_WHEELS`] into `.libtorch/cuda-headers` when the libtorch is a CUDA
+/// build from pip (where `vq_build::CudaHeaders` looks for them). Without them vq-dist builds
+/// with Gloo only, so failures here are warnings.
+pub fn cuda_headers(root: &Path) {
+    if let Err(e) = ensure_cuda_headers(root) {
+        eprintln!(
+            "warning: no CUDA headers for NCCL ({e:#}); vq-dist will build with Gloo only (CPU)."
+        );
+    }
+}
+
+fn ensure_cuda_headers(root: &Path) -> Result<()> {
+    let base = root.join(".libtorch");
+    if !base.join("torch/lib/libtorch_cuda.so").exists() || !base.join("site").is_dir() {
+        return Ok(());
+    }
+    let dest = base.join("cuda-headers");
+    let marker = dest.join(MARKER);
+    let want = CUDA_HEADER_WHEELS.join(" ");
+    if fs::read_to_string(&marker).is_ok_and(|m| m == want) {
+        eprintln!("CUDA headers: ready in {}", dest.display());
+        return Ok(());
+    }
+    let py = python()?;
+    let staging = base.join(format!("cuda-headers-staging-{}", std::process::id()));
+    if staging.exists() {
+        fs::remove_dir_all(&staging).with_context(|| format!("removing {}", staging.display()))?;
+    }
+    eprintln!("CUDA headers: installing {want} from PyPI into {}", dest.display());
+    let mut cmd = Command::new(&py);
+    cmd.args([
+        "-m",
+        "pip",
+        "install",
+        "--no-input",
+        "--disable-pip-version-check",
+        "--no-cache-dir",
+        "--no-deps",
+        "--target",
+    ])
+    .arg(&staging)
+    .args(CUDA_HEADER_WHEELS)
+    .env("PYTHONNOUSERSITE", "1");
+    let status = cmd.status().with_context(|| format!("running {py} -m pip"))?;
+    if !status.success() {
+        let _ = fs::remove_dir_all(&staging);
+        bail!("`pip install {want}` failed ({status})");
+    }
+    fs::write(staging.join(MARKER), &want).context("writing the CUDA header marker")?;
+    if dest.exists() {
+        fs::remove_dir_all(&dest).with_context(|| format!("removing {}", dest.display()))?;
+    }
+    fs::rename(&staging, &dest).with_context(|| format!("renaming into {}", dest.display()))?;
+    eprintln!("CUDA headers: installed in {}", dest.display());
+    Ok(())
+}
+
 /// The imageio-ffmpeg wheel that provides a static ffmpeg when the system has none.
 const IMAGEIO_FFMPEG: &str = "imageio-ffmpeg==0.8.1";
 

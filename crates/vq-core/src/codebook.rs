@@ -264,7 +264,8 @@ impl EmaCodebook {
     }
 
     /// One EMA step from a batch `x` (N×D) and its code assignments, then dead-code replacement
-    /// (using `rng` to pick replacement samples).
+    /// (using `rng` to pick replacement samples). The same as [`statistics`](Self::statistics)
+    /// followed by [`update_with`](Self::update_with) on the batch's own (prepared) rows.
     ///
     /// # Errors
     /// [`VqError::ShapeMismatch`] for a wrong input dimension or index count,
@@ -275,7 +276,26 @@ impl EmaCodebook {
         indices: &[u32],
         rng: &mut impl Rng,
     ) -> Result<EmaUpdate> {
-        let (k, d) = self.codes.dim();
+        let x = self.checked_rows(x, indices)?;
+        let stats = self.statistics_of_prepared(x.view(), indices)?;
+        self.update_with(&stats, x.view(), rng)
+    }
+
+    /// The batch statistics of an EMA step: per-code counts `n_k` and sums `Σ_{i: idx_i = k} x_i`
+    /// of the rows of `x` (l2-normalised first for cosine; sums accumulated in f64). Statistics of
+    /// several batches (e.g. of the ranks of a data-parallel group) add up to the statistics of
+    /// their union, so a distributed step sums them over ranks before
+    /// [`update_with`](Self::update_with).
+    ///
+    /// # Errors
+    /// As [`update`](Self::update).
+    pub fn statistics(&self, x: ArrayView2<f32>, indices: &[u32]) -> Result<EmaStatistics> {
+        let x = self.checked_rows(x, indices)?;
+        self.statistics_of_prepared(x.view(), indices)
+    }
+
+    fn checked_rows(&self, x: ArrayView2<f32>, indices: &[u32]) -> Result<Array2<f32>> {
+        let d = self.codes.ncols();
         if x.ncols() != d {
             return Err(VqError::ShapeMismatch {
                 what: "input dim vs codebook dim",
@@ -291,13 +311,73 @@ impl EmaCodebook {
             });
         }
         crate::search::check_finite(x, "inputs")?;
-        let x = self.prepare(x);
-        let (counts, batch_sums) = counts_and_sums(x.view(), indices, k)?;
+        Ok(self.prepare(x))
+    }
+
+    fn statistics_of_prepared(&self, x: ArrayView2<f32>, indices: &[u32]) -> Result<EmaStatistics> {
+        let (counts, sums) = counts_and_sums(x, indices, self.codes.nrows())?;
+        Ok(EmaStatistics {
+            counts: counts.mapv(|c| c as f32),
+            sums,
+        })
+    }
+
+    /// The EMA step from batch statistics, then dead-code replacement from the rows of `pool`
+    /// (prepared as by [`prepare_rows`](Self::prepare_rows); `rng` picks them):
+    ///
+    /// N_k ← γN_k + (1−γ)n_k, m_k ← γm_k + (1−γ)s_k,
+    /// c_k ← m_k / ((N_k + ε)/(ΣN + Kε)·ΣN), then (cosine) c_k ← c_k/‖c_k‖; codes with N_k below
+    /// the threshold t get a row r of `pool`: c_k ← r, m_k ← t·r, N_k ← t.
+    ///
+    /// ```
+    /// use ndarray::array;
+    /// use rand::SeedableRng;
+    /// use vq_core::{EmaCodebook, EmaConfig, Metric};
+    ///
+    /// let cfg = EmaConfig::new(0.5, 1e-5, 0.0, Metric::Euclidean).unwrap();
+    /// let cb = EmaCodebook::new(array![[0.0f32], [10.0]], cfg).unwrap();
+    /// let (a, b) = (array![[2.0f32]], array![[4.0f32]]);
+    /// // Two halves of a batch, their statistics summed, equal the whole batch's step.
+    /// let mut sa = cb.statistics(a.view(), &[0]).unwrap();
+    /// sa.add(&cb.statistics(b.view(), &[0]).unwrap()).unwrap();
+    /// let mut split = cb.clone();
+    /// let rng = &mut rand::rngs::StdRng::seed_from_u64(0);
+    /// split.update_with(&sa, a.view(), rng).unwrap();
+    /// let mut whole = cb.clone();
+    /// whole.update(array![[2.0f32], [4.0]].view(), &[0, 0], rng).unwrap();
+    /// assert_eq!(split, whole);
+    /// ```
+    ///
+    /// # Errors
+    /// [`VqError::ShapeMismatch`] if the statistics or the pool do not fit the codebook;
+    /// [`VqError::NonFinite`] for non-finite statistics.
+    pub fn update_with(
+        &mut self,
+        stats: &EmaStatistics,
+        pool: ArrayView2<f32>,
+        rng: &mut impl Rng,
+    ) -> Result<EmaUpdate> {
+        let (k, d) = self.codes.dim();
+        if stats.counts.len() != k || stats.sums.dim() != (k, d) {
+            return Err(VqError::ShapeMismatch {
+                what: "EMA statistics vs codebook (K counts, K×D sums)",
+                expected: k,
+                got: stats.counts.len(),
+            });
+        }
+        if pool.ncols() != d {
+            return Err(VqError::ShapeMismatch {
+                what: "replacement pool dim vs codebook dim",
+                expected: d,
+                got: pool.ncols(),
+            });
+        }
+        crate::search::check_finite(stats.sums.view(), "EMA batch sums")?;
         let g = self.config.decay;
         self.sizes
-            .zip_mut_with(&counts, |s, &c| *s = g * *s + (1.0 - g) * c as f32);
+            .zip_mut_with(&stats.counts, |s, &c| *s = g * *s + (1.0 - g) * c);
         self.sums
-            .zip_mut_with(&batch_sums, |m, &s| *m = g * *m + (1.0 - g) * s);
+            .zip_mut_with(&stats.sums, |m, &s| *m = g * *m + (1.0 - g) * s);
         let total: f64 = self.sizes.iter().map(|&s| f64::from(s)).sum();
         let eps = f64::from(self.config.laplace_eps);
         for ((mut c, m), &n) in self
@@ -314,8 +394,29 @@ impl EmaCodebook {
             l2_normalise_rows(&mut self.codes);
         }
         Ok(EmaUpdate {
-            replaced: self.replace_dead(x.view(), rng),
+            replaced: self.replace_dead(pool, rng),
         })
+    }
+
+    /// Codes whose cluster size is below the dead-code threshold (ascending): the ones the next
+    /// [`update_with`](Self::update_with) would replace if its step left them there. Empty when
+    /// replacement is off.
+    pub fn dead_codes(&self) -> Vec<usize> {
+        let t = self.config.dead_code_threshold;
+        if t <= 0.0 {
+            return Vec::new();
+        }
+        self.sizes
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| **s < t)
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// Rows as the EMA step sees them: l2-normalised for cosine, unchanged for Euclidean.
+    pub fn prepare_rows(&self, x: ArrayView2<f32>) -> Array2<f32> {
+        self.prepare(x)
     }
 
     fn prepare(&self, x: ArrayView2<f32>) -> Array2<f32> {
@@ -331,13 +432,7 @@ impl EmaCodebook {
         if t <= 0.0 || x.nrows() == 0 {
             return 0;
         }
-        let dead: Vec<usize> = self
-            .sizes
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| **s < t)
-            .map(|(i, _)| i)
-            .collect();
+        let dead = self.dead_codes();
         let picks = replacement_rows(x.nrows(), dead.len(), rng);
         for (&k, &i) in dead.iter().zip(&picks) {
             self.codes.row_mut(k).assign(&x.row(i));
@@ -345,6 +440,35 @@ impl EmaCodebook {
             self.sizes[k] = t;
         }
         dead.len()
+    }
+}
+
+/// Batch statistics of an EMA step ([`EmaCodebook::statistics`]): per-code counts (K) and
+/// sums of the assigned rows (K×D).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmaStatistics {
+    /// `n_k`: rows assigned to code k (integers, stored as f32 like the cluster sizes).
+    pub counts: Array1<f32>,
+    /// `s_k`: the sum of the rows assigned to code k.
+    pub sums: Array2<f32>,
+}
+
+impl EmaStatistics {
+    /// Adds another batch's statistics (the union of the two batches).
+    ///
+    /// # Errors
+    /// [`VqError::ShapeMismatch`] for statistics of another codebook shape.
+    pub fn add(&mut self, other: &Self) -> Result<()> {
+        if self.counts.len() != other.counts.len() || self.sums.dim() != other.sums.dim() {
+            return Err(VqError::ShapeMismatch {
+                what: "EMA statistics of different codebooks",
+                expected: self.counts.len(),
+                got: other.counts.len(),
+            });
+        }
+        self.counts += &other.counts;
+        self.sums += &other.sums;
+        Ok(())
     }
 }
 

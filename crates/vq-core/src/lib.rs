@@ -46,7 +46,7 @@ mod search;
 pub mod toy;
 
 pub use codebook::{
-    EmaCodebook, EmaConfig, EmaUpdate, kmeans, l2_normalise_rows, replacement_rows,
+    EmaCodebook, EmaConfig, EmaStatistics, EmaUpdate, kmeans, l2_normalise_rows, replacement_rows,
     scatter_add_rows,
 };
 pub use error::{Result, VqError};

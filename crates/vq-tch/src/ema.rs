@@ -28,13 +28,37 @@ pub(crate) fn ema_step(
     config: &EmaConfig,
     rng: &mut impl Rng,
 ) -> usize {
-    let EmaTensorsMut { codes, sums, sizes } = state;
-    let (k, n) = (sizes.size()[0], e.size()[0]);
+    let (counts, batch_sums) = batch_statistics(e, idx, state.sizes.size()[0]);
+    ema_apply(state, &counts, &batch_sums, e, config, rng)
+}
+
+/// The batch statistics of an EMA step: per-code counts n_k (K) and sums of the assigned rows
+/// (K, D), f32 on `e`'s device ([`vq_core::EmaCodebook::statistics`] as tensor ops).
+pub(crate) fn batch_statistics(e: &Tensor, idx: &Tensor, k: i64) -> (Tensor, Tensor) {
     let opts = (Kind::Float, e.device());
+    let n = e.size()[0];
+    tch::no_grad(|| {
+        (
+            Tensor::zeros([k], opts).index_add(0, idx, &Tensor::ones([n], opts)),
+            Tensor::zeros([k, e.size()[1]], opts).index_add(0, idx, &e.to_kind(Kind::Float)),
+        )
+    })
+}
+
+/// The EMA step from batch statistics, then dead-code replacement from the rows of `pool`
+/// ([`vq_core::EmaCodebook::update_with`] as tensor ops).
+pub(crate) fn ema_apply(
+    state: EmaTensorsMut<'_>,
+    counts: &Tensor,
+    batch_sums: &Tensor,
+    pool: &Tensor,
+    config: &EmaConfig,
+    rng: &mut impl Rng,
+) -> usize {
+    let EmaTensorsMut { codes, sums, sizes } = state;
+    let (k, n) = (sizes.size()[0], pool.size()[0]);
     let g = f64::from(config.decay());
     tch::no_grad(|| {
-        let counts = Tensor::zeros([k], opts).index_add(0, idx, &Tensor::ones([n], opts));
-        let batch_sums = Tensor::zeros([k, e.size()[1]], opts).index_add(0, idx, e);
         let _ = sizes.g_mul_scalar_(g).g_add_(&(counts * (1.0 - g)));
         let _ = sums.g_mul_scalar_(g).g_add_(&(batch_sums * (1.0 - g)));
         let eps = f64::from(config.laplace_eps());
@@ -62,7 +86,9 @@ pub(crate) fn ema_step(
             .into_iter()
             .map(|r| r as i64)
             .collect();
-        let rows = e.index_select(0, &Tensor::from_slice(&picks).to_device(e.device()));
+        let rows = pool
+            .index_select(0, &Tensor::from_slice(&picks).to_device(pool.device()))
+            .to_kind(Kind::Float);
         let _ = codes.index_copy_(0, &dead, &rows);
         let _ = sums.index_copy_(0, &dead, &(&rows * f64::from(t)));
         let _ = sizes.index_fill_(0, &dead, f64::from(t));

@@ -39,6 +39,9 @@ pub enum VqTchError {
     /// libtorch raised an error.
     #[error("libtorch: {0}")]
     Torch(String),
+    /// A collective of the data-parallel group failed (a rank was lost).
+    #[error(transparent)]
+    Dist(#[from] vq_dist::DistError),
 }
 
 /// `Result` with [`VqTchError`].

@@ -5,8 +5,11 @@
 //! Output: the quantized tensor in the input's layout and dtype (value `q`, gradient to the input
 //! through the chosen [`Estimator`]), the code indices, and the loss terms.
 
+use std::sync::Arc;
+
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use vq_dist::ProcessGroup;
 use tch::{Device, Kind, Reduction, Tensor, nn};
 use vq_core::{BetaPlacement, EmaCodebook, EmaConfig, Estimator, Metric};
 
@@ -269,6 +272,7 @@ pub struct VectorQuantizer {
     project_in: Option<nn::Linear>,
     project_in_norm: Option<nn::LayerNorm>,
     project_out: Option<nn::Linear>,
+    group: Option<Arc<ProcessGroup>>,
 }
 
 /// EMA state as variables of the store.
@@ -351,7 +355,19 @@ impl VectorQuantizer {
             project_in,
             project_in_norm,
             project_out,
+            group: None,
         })
+    }
+
+    /// Trains data-parallel in `group` (or alone with `None`): every EMA step sums the batch
+    /// statistics (per-code counts and sums) over the ranks before updating, so every rank
+    /// holds the same codebook, equal to one process's on the union of the ranks' batches
+    /// (lucidrains' `sync_codebook`); dead-code replacement draws from the union of the ranks'
+    /// rows (all-gathered, in the order of the union batch), and k-means initialisation runs on
+    /// the union and is broadcast from rank 0. Every rank must call [`forward`](Self::forward)
+    /// in [`Mode::Train`] equally often with batches of one size.
+    pub fn set_process_group(&mut self, group: Option<Arc<ProcessGroup>>) {
+        self.group = group;
     }
 
     /// The codebook (K, D).
@@ -486,6 +502,9 @@ impl VectorQuantizer {
         let ema = self.ema.as_ref().expect("called for EMA codebooks only");
         let step = i64::try_from(&ema.steps).map_err(|err| VqTchError::Torch(err.to_string()))?;
         let mut rng = StdRng::seed_from_u64(self.config.seed.wrapping_add(step as u64));
+        if let Some(group) = self.group.clone() {
+            return self.ema_update_synced(&group, e, idx, &mut rng, step);
+        }
         if self.codebook.device() != Device::Cpu {
             let ema = self.ema.as_mut().expect("called for EMA codebooks only");
             crate::ema::ema_step(
@@ -503,12 +522,7 @@ impl VectorQuantizer {
             return Ok(());
         }
         let mut state = self.ema()?.expect("called for EMA codebooks only");
-        let idx_u32: Vec<u32> = Vec::<i64>::try_from(idx)
-            .map_err(|err| VqTchError::Torch(err.to_string()))?
-            .into_iter()
-            .map(|i| i as u32)
-            .collect();
-        state.update(to_array(e).view(), &idx_u32, &mut rng)?;
+        state.update(to_array(e).view(), &indices_u32(idx)?, &mut rng)?;
         self.store_ema(&state, step + 1);
         Ok(())
     }
@@ -531,7 +545,10 @@ impl VectorQuantizer {
         let Some(ema) = self.ema.as_ref() else {
             return Ok(());
         };
-        let samples = to_array(&e.detach());
+        let samples = match &self.group {
+            Some(g) => to_array(&union_rows(g, &e.detach())?),
+            None => to_array(&e.detach()),
+        };
         if samples.nrows() < self.config.codebook_size {
             // Too few samples for k-means: keep the random init, try again on the next batch.
             return Ok(());
@@ -546,9 +563,95 @@ impl VectorQuantizer {
         )?;
         let steps = i64::try_from(&ema.steps).map_err(|err| VqTchError::Torch(err.to_string()))?;
         self.store_ema(&fresh, steps);
+        if let Some(g) = &self.group {
+            let ema = self.ema.as_ref().expect("EMA codebook");
+            for t in [&self.codebook, &ema.sums, &ema.sizes] {
+                g.broadcast(t, 0)?;
+            }
+        }
         let _ = tch::no_grad(|| self.initialised.fill_(1));
         Ok(())
     }
+
+    /// The EMA step of a data-parallel group: statistics summed over ranks, replacement rows from
+    /// the union of the ranks' rows.
+    fn ema_update_synced(
+        &mut self,
+        group: &ProcessGroup,
+        e: &Tensor,
+        idx: &Tensor,
+        rng: &mut StdRng,
+        step: i64,
+    ) -> Result<()> {
+        let ema = self.ema.as_ref().expect("called for EMA codebooks only");
+        let k = self.config.codebook_size as i64;
+        let on_cpu = self.codebook.device() == Device::Cpu;
+        let (counts, sums) = if on_cpu {
+            // vq-core's statistics (f64 accumulation), as the single-process step uses.
+            let state = self.ema()?.expect("called for EMA codebooks only");
+            let stats = state.statistics(to_array(e).view(), &indices_u32(idx)?)?;
+            (
+                Tensor::from_slice(stats.counts.as_slice().expect("contiguous")),
+                from_array(stats.sums),
+            )
+        } else {
+            crate::ema::batch_statistics(e, idx, k)
+        };
+        let (counts, sums) = (counts.to_device(group.device()), sums.to_device(group.device()));
+        group.all_reduce_sum(&counts)?;
+        group.all_reduce_sum(&sums)?;
+        let pool = if ema.config.dead_code_threshold() > 0.0 {
+            union_rows(group, e)?
+        } else {
+            e.shallow_clone()
+        };
+        if !on_cpu {
+            let ema = self.ema.as_mut().expect("called for EMA codebooks only");
+            let device = self.codebook.device();
+            crate::ema::ema_apply(
+                crate::ema::EmaTensorsMut {
+                    codes: &mut self.codebook,
+                    sums: &mut ema.sums,
+                    sizes: &mut ema.sizes,
+                },
+                &counts.to_device(device),
+                &sums.to_device(device),
+                &pool.to_device(device),
+                &ema.config,
+                rng,
+            );
+            let _ = tch::no_grad(|| ema.steps.fill_(step + 1));
+            return Ok(());
+        }
+        let mut state = self.ema()?.expect("called for EMA codebooks only");
+        let stats = vq_core::EmaStatistics {
+            counts: ndarray::Array1::from(
+                Vec::<f32>::try_from(counts.to_device(Device::Cpu))
+                    .map_err(|err| VqTchError::Torch(err.to_string()))?,
+            ),
+            sums: to_array(&sums),
+        };
+        let pool = state.prepare_rows(to_array(&pool).view());
+        state.update_with(&stats, pool.view(), rng)?;
+        self.store_ema(&state, step + 1);
+        Ok(())
+    }
+}
+
+/// The rows of every rank's `e` (N, D), in the order of the union batch: rank r's row i is row
+/// `i·world + r`, the order in which the data-parallel trainer deals a batch out to the ranks.
+fn union_rows(group: &ProcessGroup, e: &Tensor) -> Result<Tensor> {
+    let d = e.size()[1];
+    let all = group.all_gather(&e.to_device(group.device()).contiguous())?;
+    Ok(all.transpose(0, 1).reshape([-1, d]).to_device(e.device()))
+}
+
+fn indices_u32(idx: &Tensor) -> Result<Vec<u32>> {
+    Ok(Vec::<i64>::try_from(idx.to_device(Device::Cpu))
+        .map_err(|err| VqTchError::Torch(err.to_string()))?
+        .into_iter()
+        .map(|i| i as u32)
+        .collect())
 }
 
 /// A 2-D tensor (any dtype; moved to the CPU if needed) as an owned f32 ndarray.

@@ -1,0 +1,12 @@
+// The NCCL process group, compiled only when the linked libtorch has CUDA and nccl.h is found
+// (build.rs defines VQ_DIST_NCCL and USE_C10D_NCCL). Kept apart from vq_dist.cpp because its
+// headers pull in the CUDA runtime's.
+
+#include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
+
+c10::intrusive_ptr<c10d::Backend> vq_dist_make_nccl(const c10::intrusive_ptr<c10d::Store>& store, int rank, int world,
+                                                    std::chrono::milliseconds timeout) {
+  auto opts = c10d::ProcessGroupNCCL::Options::create();
+  opts->timeout = timeout;
+  return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts);
+}
