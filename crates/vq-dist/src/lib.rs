@@ -166,6 +166,7 @@ pub struct ProcessGroup {
     device: Device,
     timeout: Duration,
     healthy: AtomicBool,
+    finished: AtomicBool,
 }
 
 // SAFETY: c10d's TCPStore and process groups are used from several threads by torch itself (the
@@ -239,6 +240,7 @@ impl ProcessGroup {
             device: cfg.device,
             timeout: cfg.timeout,
             healthy: AtomicBool::new(true),
+            finished: AtomicBool::new(false),
         };
         pg.check_membership()?;
         let heartbeat_ms = HEARTBEAT.as_millis() as i64;
@@ -569,17 +571,16 @@ impl ProcessGroup {
         }
     }
 
-    /// Ends membership cleanly: waits for every rank, then stops the heartbeat and releases the
-    /// backend and the store (rank 0 stops hosting it).
+    /// Ends membership cleanly: waits for every rank; dropping the group afterwards stops the
+    /// heartbeat and releases the backend and the store (rank 0 stops hosting it). No
+    /// collective may follow.
     ///
     /// # Errors
     /// [`DistError::Lost`] if a rank did not get to the end.
-    pub fn finish(self) -> Result<()> {
+    pub fn finish(&self) -> Result<()> {
         self.barrier()?;
-        let raw = self.raw;
-        std::mem::forget(self);
-        // SAFETY: raw is live and no longer reachable from Rust.
-        unsafe { vq_dist_destroy(raw, 1) };
+        self.finished.store(true, Ordering::SeqCst);
+        self.poison();
         Ok(())
     }
 
@@ -629,12 +630,13 @@ impl ProcessGroup {
 }
 
 impl Drop for ProcessGroup {
-    /// Without [`finish`](ProcessGroup::finish) (an error path): stops the heartbeat but leaves
-    /// the backend and the store to the process's exit, since their destructors may wait for
-    /// peers that are gone.
+    /// After [`finish`](ProcessGroup::finish): releases everything. Without it (an error path):
+    /// stops the heartbeat but leaves the backend and the store to the process's exit, since
+    /// their destructors may wait for peers that are gone.
     fn drop(&mut self) {
-        // SAFETY: raw is live; the shim does not free it when graceful = 0.
-        unsafe { vq_dist_destroy(self.raw, 0) };
+        let graceful = i32::from(self.finished.load(Ordering::SeqCst));
+        // SAFETY: raw is live and dropped once; the shim frees it only when graceful = 1.
+        unsafe { vq_dist_destroy(self.raw, graceful) };
     }
 }
 

@@ -39,6 +39,9 @@ pub enum ModelError {
     /// The quantizer failed.
     #[error(transparent)]
     Quantizer(#[from] vq_tch::VqTchError),
+    /// A collective of the data-parallel group failed.
+    #[error(transparent)]
+    Dist(#[from] vq_dist::DistError),
 }
 
 /// `Result` with [`ModelError`].

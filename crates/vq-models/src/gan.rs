@@ -3,8 +3,11 @@
 //! the discriminators, the GAN losses, and the adaptive weight of the generator's adversarial
 //! term.
 
+use std::sync::Arc;
+
 use tch::nn::{self, Module, ModuleT};
 use tch::{Kind, Tensor};
+use vq_dist::ProcessGroup;
 
 use crate::error::{ModelError, Result};
 use crate::stylegan::{
@@ -192,6 +195,28 @@ impl Discriminator {
             }
         })
     }
+
+    /// Trains data-parallel in `group` (or alone with `None`): the PatchGAN's batch
+    /// normalisation then uses the statistics of every rank's batch together (torch's
+    /// `SyncBatchNorm`), so N ranks compute what one process computes on the union batch. (The
+    /// StyleGAN2-type discriminator has no batch statistics.)
+    pub fn set_process_group(&mut self, group: Option<Arc<ProcessGroup>>) {
+        if let Self::Patch(d) = self {
+            d.group = group;
+        }
+    }
+
+    /// [`forward_t`](ModuleT::forward_t) that reports a failed collective of synchronised batch
+    /// statistics as an error.
+    ///
+    /// # Errors
+    /// [`ModelError::Dist`].
+    pub fn try_forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Self::Patch(d) => d.try_forward_t(x, train),
+            Self::Style(d) => Ok(d.forward(x)),
+        }
+    }
 }
 
 impl ModuleT for Discriminator {
@@ -221,6 +246,7 @@ impl ModuleT for Discriminator {
 pub struct PatchDiscriminator {
     convs: Vec<nn::Conv2D>,
     norms: Vec<Option<nn::BatchNorm>>,
+    group: Option<Arc<ProcessGroup>>,
 }
 
 impl PatchDiscriminator {
@@ -280,11 +306,90 @@ impl PatchDiscriminator {
         }
         convs.push(conv(idx, ndf * mult, 1, 1, true));
         norms.push(None);
-        Ok(Self { convs, norms })
+        Ok(Self {
+            convs,
+            norms,
+            group: None,
+        })
+    }
+
+    /// The forward pass; in training mode inside a process group the batch statistics are the
+    /// group's ([`sync_batch_norm`]).
+    ///
+    /// # Errors
+    /// [`ModelError::Dist`] if a collective fails.
+    pub fn try_forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let last = self.convs.len() - 1;
+        let mut h = x.shallow_clone();
+        for (i, (conv, norm)) in self.convs.iter().zip(&self.norms).enumerate() {
+            h = h.apply(conv);
+            if let Some(bn) = norm {
+                h = match (&self.group, train) {
+                    (Some(g), true) => sync_batch_norm(&h, bn, g)?,
+                    _ => h.apply_t(bn, train),
+                };
+            }
+            if i != last {
+                // LeakyReLU(0.2) = max(x, 0.2x).
+                h = h.maximum(&(&h * 0.2));
+            }
+        }
+        Ok(h)
     }
 }
 
+/// `BatchNormConfig::default()`'s ε and momentum, which the PatchGAN's layers use (PyTorch's).
+const BN_EPS: f64 = 1e-5;
+const BN_MOMENTUM: f64 = 0.1;
+
+/// Training-mode batch normalisation of `x` (B, C, H, W) with the statistics of the whole
+/// data-parallel batch, as torch's `SyncBatchNorm`: over all ranks' elements of each channel,
+/// n = Σ_r n_r, μ = Σ_r Σ x / n, σ² = Σ_r Σ (x − μ)² / n (two passes, each one differentiable
+/// all-reduce, so the backward is the one of the union batch), y = (x − μ)/√(σ² + ε)·γ + β; the
+/// running statistics move by the momentum towards μ and the unbiased n/(n−1)·σ², on every rank
+/// alike.
+///
+/// # Errors
+/// [`ModelError::Dist`] if a collective fails.
+pub fn sync_batch_norm(x: &Tensor, bn: &nn::BatchNorm, group: &ProcessGroup) -> Result<Tensor> {
+    let c = x.size()[1];
+    let dims = [0i64, 2, 3];
+    let local = (x.numel() as i64 / c.max(1)) as f64;
+    let to_group = |t: Tensor| t.to_device(group.device());
+    let back = |t: Tensor| t.to_device(x.device());
+    let counts = Tensor::from_slice(&[local as f32]).to_device(x.device());
+    let sums = Tensor::cat(&[x.sum_dim_intlist(&dims[..], false, Kind::Float), counts], 0);
+    let sums = back(group.all_reduce_sum_autograd(&to_group(sums))?);
+    let n = f64::try_from(sums.get(c)).unwrap_or(f64::NAN);
+    let mean = sums.narrow(0, 0, c) / n;
+    let centred = x - mean.view([1, c, 1, 1]);
+    let m2 = centred
+        .square()
+        .sum_dim_intlist(&dims[..], false, Kind::Float);
+    let var = back(group.all_reduce_sum_autograd(&to_group(m2))?) / n;
+    let mut y = &centred * (&var + BN_EPS).rsqrt().view([1, c, 1, 1]);
+    if let Some(w) = &bn.ws {
+        y = y * w.view([1, c, 1, 1]);
+    }
+    if let Some(b) = &bn.bs {
+        y = y + b.view([1, c, 1, 1]);
+    }
+    tch::no_grad(|| {
+        let (mut rm, mut rv) = (bn.running_mean.shallow_clone(), bn.running_var.shallow_clone());
+        let unbiased = var.detach() * (n / (n - 1.0).max(1.0));
+        let _ = rm
+            .g_mul_scalar_(1.0 - BN_MOMENTUM)
+            .g_add_(&(mean.detach() * BN_MOMENTUM));
+        let _ = rv
+            .g_mul_scalar_(1.0 - BN_MOMENTUM)
+            .g_add_(&(unbiased * BN_MOMENTUM));
+    });
+    Ok(y)
+}
+
 impl ModuleT for PatchDiscriminator {
+    /// The forward pass with this rank's own batch statistics (see
+    /// [`try_forward_t`](PatchDiscriminator::try_forward_t) for the synchronised one).
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
         let last = self.convs.len() - 1;
         let mut h = x.shallow_clone();
@@ -332,6 +437,22 @@ pub fn adaptive_weight(
     last_layer: &Tensor,
     disc_weight: f64,
 ) -> Result<f64> {
+    adaptive_weight_in(None, nll, g_loss, last_layer, disc_weight)
+}
+
+/// [`adaptive_weight`] of a data-parallel group: both gradients are averaged over the ranks
+/// before their norms are taken, so every rank uses the weight that one process computes on the
+/// union batch (taming under DDP uses each GPU's own). `None`: a single process.
+///
+/// # Errors
+/// As [`adaptive_weight`]; [`ModelError::Dist`].
+pub fn adaptive_weight_in(
+    group: Option<&ProcessGroup>,
+    nll: &Tensor,
+    g_loss: &Tensor,
+    last_layer: &Tensor,
+    disc_weight: f64,
+) -> Result<f64> {
     let grad = |loss: &Tensor| -> Result<f64> {
         let g = Tensor::f_run_backward(&[loss], &[last_layer], true, false).map_err(|e| {
             ModelError::Config {
@@ -339,6 +460,11 @@ pub fn adaptive_weight(
                 why: format!("the loss does not reach the decoder's last layer: {e}"),
             }
         })?;
+        if let Some(group) = group {
+            let g0 = g[0].to_device(group.device()).contiguous();
+            group.all_reduce_mean(std::slice::from_ref(&g0), vq_dist::DEFAULT_BUCKET_BYTES)?;
+            return Ok(f64::try_from(g0.norm()).unwrap_or(f64::NAN));
+        }
         Ok(f64::try_from(g[0].norm()).unwrap_or(f64::NAN))
     };
     let (a, b) = (grad(nll)?, grad(g_loss)?);

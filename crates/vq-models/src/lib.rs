@@ -24,7 +24,8 @@ mod vqvae;
 pub use error::{ModelError, Result};
 pub use gan::{
     AdversarialLoss, AdversarialWeighting, Discriminator, DiscriminatorKind, GanConfig,
-    PatchDiscriminator, R1Penalty, adaptive_weight, generator_loss, hinge_d_loss,
+    PatchDiscriminator, R1Penalty, adaptive_weight, adaptive_weight_in, generator_loss,
+    hinge_d_loss, sync_batch_norm,
 };
 pub use inception::{FidInception, frechet_distance, inception_score};
 pub use lpips::Lpips;
@@ -32,5 +33,6 @@ pub use presets::{Preset, TrainingConfig};
 pub use stylegan::{
     StyleDiscriminator, StyleDiscriminatorConfig, r1_penalty, vanilla_d_loss, vanilla_g_loss,
 };
+pub use vq_dist;
 pub use vq_tch;
 pub use vqvae::{AutoencoderOutput, Backbone, QuantConv, VqAutoencoder, VqAutoencoderConfig};

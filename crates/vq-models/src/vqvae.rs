@@ -262,6 +262,13 @@ impl VqAutoencoder {
         &self.quantize
     }
 
+    /// Trains data-parallel in `group` (or alone with `None`): the quantizer's EMA codebook
+    /// statistics are summed over the ranks ([`VectorQuantizer::set_process_group`]). The
+    /// encoder and decoder need nothing (their gradients are averaged by the trainer).
+    pub fn set_process_group(&mut self, group: Option<std::sync::Arc<vq_dist::ProcessGroup>>) {
+        self.quantize.set_process_group(group);
+    }
+
     /// The weight of the decoder's last layer (VQGAN's adaptive weight is computed on it).
     pub fn last_layer_weight(&self) -> &Tensor {
         match &self.decoder {

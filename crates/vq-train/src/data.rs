@@ -28,6 +28,7 @@ use vq_data::Split;
 use ndarray::ArrayD;
 use vq_data::bair::{BairDataset, BairSplit, ClipWindow};
 use vq_data::images::{ImageDataset, ImageNetSplit, ImageSample};
+pub use vq_data::loader::Shard;
 use vq_data::loader::{Batches, Dataset, Loader, LoaderConfig, OnError};
 use vq_data::transform::{Normalization, Transform};
 use vq_data::ucf101::{ClipSpec, Ffmpeg, Ucf101, UcfSplit};
@@ -383,13 +384,36 @@ pub enum TrainBatches {
 }
 
 impl TrainBatches {
-    /// Batches of `micro_batch` images, starting at micro-batch number `first`.
+    /// Batches of `micro_batch` images, starting at micro-batch number `first`, of one
+    /// process.
     ///
     /// # Errors
     /// An empty set.
     pub fn new(set: &ImageSet, seed: u64, micro_batch: usize, first: usize) -> Result<Self> {
+        Self::sharded(set, seed, micro_batch, first, Shard::ALL)
+    }
+
+    /// Batches of `micro_batch` images of this rank's shard, starting at this rank's micro-batch
+    /// number `first`: rank r takes every `world`-th sample (in memory: of the one-process
+    /// sequence, [`Sampler::sharded`]; streamed: of each epoch's permutation, as vq-data's
+    /// loader shards).
+    ///
+    /// # Errors
+    /// An empty set.
+    pub fn sharded(
+        set: &ImageSet,
+        seed: u64,
+        micro_batch: usize,
+        first: usize,
+        shard: Shard,
+    ) -> Result<Self> {
         match set {
-            ImageSet::Memory(_) => Ok(Self::Memory(Sampler::new(seed, set.len(), micro_batch))),
+            ImageSet::Memory(_) => Ok(Self::Memory(Sampler::sharded(
+                seed,
+                set.len(),
+                micro_batch,
+                shard,
+            ))),
             ImageSet::Files(ds) => {
                 let workers = std::thread::available_parallelism()
                     .map_or(2, |n| n.get())
@@ -397,6 +421,7 @@ impl TrainBatches {
                 let cfg = LoaderConfig {
                     workers,
                     start: (first * micro_batch) as u64,
+                    shard,
                     on_error: OnError::Skip,
                     ..LoaderConfig::train(micro_batch, seed)
                 };
@@ -517,11 +542,17 @@ fn synthetic(n: usize, split: Split, channels: usize, resolution: usize) -> Tens
 /// Which images each step trains on: epoch `e` visits the set in the order of a shuffle seeded
 /// by `(seed, e)`; step `s` takes positions `s·B .. (s+1)·B` of that endless sequence. So any
 /// step's batch is known without replaying the ones before (exact resume).
+///
+/// A data-parallel rank r of `world` takes positions `(s·B + k)·world + r`, k < B: the ranks'
+/// batches of step s together are one process's batch of `world·B` (each rank every
+/// `world`-th image of it), whatever the world size, so a run resumes on another world size at
+/// the same image.
 #[derive(Debug)]
 pub struct Sampler {
     seed: u64,
     n: usize,
     batch: usize,
+    shard: Shard,
     cached: Option<(usize, Vec<i64>)>,
 }
 
@@ -531,11 +562,21 @@ impl Sampler {
     /// # Panics
     /// If `n` or `batch` is 0.
     pub fn new(seed: u64, n: usize, batch: usize) -> Self {
+        Self::sharded(seed, n, batch, Shard::ALL)
+    }
+
+    /// A sampler of one rank's shard (see the type's docs).
+    ///
+    /// # Panics
+    /// If `n` or `batch` is 0, or the shard's rank is outside its world.
+    pub fn sharded(seed: u64, n: usize, batch: usize, shard: Shard) -> Self {
         assert!(n > 0 && batch > 0, "Sampler needs images and a batch size");
+        assert!(shard.rank < shard.world, "shard rank outside its world");
         Self {
             seed,
             n,
             batch,
+            shard,
             cached: None,
         }
     }
@@ -556,7 +597,7 @@ impl Sampler {
     pub fn batch_indices(&mut self, step: usize) -> Vec<i64> {
         (0..self.batch)
             .map(|k| {
-                let pos = step * self.batch + k;
+                let pos = (step * self.batch + k) * self.shard.world + self.shard.rank;
                 let (epoch, at) = (pos / self.n, pos % self.n);
                 self.order(epoch)[at]
             })
@@ -582,6 +623,14 @@ mod tests {
         );
         let mut fresh = Sampler::new(3, 10, 4);
         assert_eq!(fresh.batch_indices(3), first[12..16]);
+        // Two ranks with batches of 2 deal out one process's batches of 4, interleaved.
+        let mut r0 = Sampler::sharded(3, 10, 2, Shard { rank: 0, world: 2 });
+        let mut r1 = Sampler::sharded(3, 10, 2, Shard { rank: 1, world: 2 });
+        for step in 0..5 {
+            let (a, b) = (r0.batch_indices(step), r1.batch_indices(step));
+            let whole = &first[step * 4..(step + 1) * 4];
+            assert_eq!([a[0], b[0], a[1], b[1]], whole, "step {step}");
+        }
     }
 
     #[test]

@@ -4,7 +4,9 @@
 pub mod checkpoint;
 pub mod compare;
 pub mod data;
+pub mod dist;
 pub mod eval;
 pub mod optim;
 pub mod plot;
 pub mod train;
+pub mod trainer;

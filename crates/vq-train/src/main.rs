@@ -2,16 +2,19 @@
 //! trick). `vq-train --help` lists the subcommands.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use tch::{Device, nn};
 use vq_models::{Preset, VqAutoencoder};
+use vq_dist::Launch;
 use vq_tch::Estimator;
 use vq_train::checkpoint;
 use vq_train::compare::{compare, default_out, evaluate_run, markdown};
 use vq_train::data::DataSource;
-use vq_train::train::{RunConfig, TrainOptions, train};
+use vq_train::dist::join_from_env;
+use vq_train::train::{RunConfig, TrainOptions, train_in};
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -124,6 +127,15 @@ struct RunArgs {
     /// columns of evaluations.
     #[arg(long)]
     inception: Option<PathBuf>,
+    /// Data-parallel on this machine: start N processes of this command (ranks 0..N, Gloo on
+    /// the CPU, NCCL with `--device cuda`, one GPU each), as `torchrun --nproc-per-node N`
+    /// would. Under torchrun or srun leave it out: the ranks come from their environment.
+    #[arg(long)]
+    nproc: Option<usize>,
+    /// Seconds a data-parallel rank waits in a collective (or at the start for the others)
+    /// before it gives up and names the rank it lost.
+    #[arg(long, default_value_t = 600)]
+    dist_timeout: u64,
 }
 
 fn parse_device(s: &str) -> Result<Device> {
@@ -244,6 +256,83 @@ impl RunArgs {
     }
 }
 
+/// `train --nproc N`: starts N ranks of this same command on this machine with the variables
+/// torchrun sets (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`,
+/// `MASTER_PORT` = a free port) and waits for them. When one fails, the others stop by
+/// themselves within the collective timeout (naming it); any left after that are killed.
+fn launch_local(n: usize, timeout_s: u64) -> Result<()> {
+    use std::process::Command as Process;
+    use std::time::{Duration, Instant};
+    if n == 0 {
+        bail!("--nproc must be at least 1");
+    }
+    if Launch::from_env()?.is_some() {
+        bail!("--nproc under a launcher (RANK/WORLD_SIZE or SLURM_* are set): leave --nproc out");
+    }
+    let exe = std::env::current_exe().context("locating the vq-train executable")?;
+    let mut args: Vec<String> = Vec::new();
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        if a == "--nproc" {
+            it.next();
+        } else if !a.starts_with("--nproc=") {
+            args.push(a);
+        }
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .context("finding a free port for the rendezvous")?
+        .port();
+    // As torchrun: the ranks share the cores (libtorch reads OMP_NUM_THREADS at start).
+    let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+    let threads = std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| (cores / n).max(1).to_string());
+    let mut children = Vec::new();
+    for rank in 0..n {
+        let child = Process::new(&exe)
+            .args(&args)
+            .env("OMP_NUM_THREADS", &threads)
+            .env("RANK", rank.to_string())
+            .env("LOCAL_RANK", rank.to_string())
+            .env("WORLD_SIZE", n.to_string())
+            .env("LOCAL_WORLD_SIZE", n.to_string())
+            .env("MASTER_ADDR", "127.0.0.1")
+            .env("MASTER_PORT", port.to_string())
+            .spawn()
+            .with_context(|| format!("starting rank {rank} ({})", exe.display()))?;
+        children.push(Some(child));
+    }
+    let mut failed: Vec<String> = Vec::new();
+    let mut first_failure: Option<Instant> = None;
+    let grace = Duration::from_secs(timeout_s.max(1) + 30);
+    while children.iter().any(Option::is_some) {
+        for (rank, slot) in children.iter_mut().enumerate() {
+            let Some(child) = slot else { continue };
+            if let Some(status) = child.try_wait().context("waiting for a rank")? {
+                if !status.success() {
+                    failed.push(format!("rank {rank} ({status})"));
+                    first_failure.get_or_insert_with(Instant::now);
+                }
+                *slot = None;
+            }
+        }
+        if first_failure.is_some_and(|t| t.elapsed() > grace) {
+            for (rank, slot) in children.iter_mut().enumerate() {
+                if let Some(mut child) = slot.take() {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    failed.push(format!("rank {rank} (killed after the others failed)"));
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        bail!("data-parallel run failed: {}", failed.join(", "))
+    }
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command.unwrap_or(Command::Info) {
@@ -276,10 +365,40 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&preset_config(&name)?)?);
         }
         Command::Train(args) => {
+            if let Some(n) = args.nproc {
+                return launch_local(n, args.dist_timeout);
+            }
             let est = args.estimator.clone().unwrap_or_else(|| "rotation".into());
-            let opts =
+            let mut opts =
                 args.options(PathBuf::from("runs").join(format!("{}-{est}", args.preset)))?;
-            let mut trained = train(&opts)?;
+            let group = match Launch::from_env()? {
+                Some(launch) => {
+                    opts.device = vq_train::dist::rank_device(opts.device, &launch)?;
+                    let timeout = std::time::Duration::from_secs(args.dist_timeout.max(1));
+                    let (_, pg) = join_from_env(opts.device, timeout)?
+                        .context("the launch environment vanished")?;
+                    if pg.is_main() {
+                        eprintln!(
+                            "data-parallel: {} ranks over {} ({:?} launch), global batch {} = {} × micro-batch {} × {} accumulation",
+                            pg.world(),
+                            pg.backend().name(),
+                            launch.launcher,
+                            opts.config.training.batch_size,
+                            pg.world(),
+                            opts.config.micro_batch,
+                            opts.config.training.batch_size
+                                / (pg.world() * opts.config.micro_batch).max(1)
+                        );
+                    }
+                    Some(Arc::new(pg))
+                }
+                None => None,
+            };
+            let main_rank = group.as_ref().is_none_or(|g| g.is_main());
+            let mut trained = train_in(&opts, group)?;
+            if !main_rank {
+                return Ok(());
+            }
             let steps = trained.history.last().map_or(0, |m| m.step);
             println!(
                 "trained to step {steps} in {:.1} s; run folder {}",
@@ -318,6 +437,12 @@ fn main() -> Result<()> {
             }
         }
         Command::Compare { run, estimators } => {
+            if run.nproc.is_some() || Launch::from_env()?.is_some() {
+                bail!(
+                    "compare runs in one process; for data-parallel runs train each estimator with \
+                     `vq-train train --nproc N --estimator E` (or under torchrun) and compare the runs' eval.json"
+                );
+            }
             let estimators = estimators
                 .iter()
                 .map(|e| Estimator::from_name(e))

@@ -47,6 +47,30 @@ impl AdamW {
         self.step
     }
 
+    /// The gradients of the parameters (in name order; undefined ones left out).
+    pub fn gradients(&self) -> Vec<Tensor> {
+        self.params
+            .iter()
+            .map(|(_, p)| p.grad())
+            .filter(Tensor::defined)
+            .collect()
+    }
+
+    /// The moment tensors (m then v per parameter, in name order), shared with the optimiser:
+    /// writing into them changes its state.
+    pub fn state_tensors(&self) -> Vec<Tensor> {
+        self.m
+            .iter()
+            .zip(&self.v)
+            .flat_map(|(m, v)| [m.shallow_clone(), v.shallow_clone()])
+            .collect()
+    }
+
+    /// Sets the number of steps taken (the bias correction's t).
+    pub fn set_steps(&mut self, steps: i64) {
+        self.step = steps;
+    }
+
     /// Clears every gradient.
     pub fn zero_grad(&mut self) {
         for (_, p) in &mut self.params {

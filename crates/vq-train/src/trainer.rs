@@ -1,0 +1,673 @@
+//! The training loop as a type: [`Trainer`] owns the model, its optimiser, the discriminator
+//! and its optimiser, the data stream, the process group, a [`Logger`] and a [`Checkpointer`];
+//! one method per step kind (VQ-VAE micro-step, VQGAN generator micro-step, discriminator step).
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail, ensure};
+use tch::{Device, Kind, Reduction, Tensor, nn};
+use vq_data::Split;
+use vq_models::{
+    AdversarialWeighting, Discriminator, GanConfig, Lpips, VqAutoencoder, adaptive_weight_in,
+    r1_penalty,
+};
+use vq_tch::Mode;
+
+use crate::checkpoint::{self, TrainState};
+use crate::data::{DataSource, ImageSet, Pipeline, Shard, TrainBatches, frames_as_images};
+use crate::dist::{Dist, counts_from_f64, counts_to_f64};
+use crate::optim::{AdamW, learning_rate};
+use crate::train::{
+    StepMetrics, TrainOptions, Trained, last_checkpoint, truncate_metrics, write_atomic,
+};
+
+/// The adversarial half of a VQGAN run.
+#[derive(Debug)]
+struct GanPart {
+    config: GanConfig,
+    vs: nn::VarStore,
+    disc: Discriminator,
+    opt: AdamW,
+}
+
+/// What one micro-batch contributes to a step's metrics.
+#[derive(Debug, Default)]
+struct MicroStats {
+    /// loss, rec, commitment, quantization error.
+    parts: [f64; 4],
+    /// g_loss, d_weight (VQGAN after `disc_start`).
+    g_loss: f64,
+    d_weight: f64,
+    /// Code indices of the micro-batch.
+    codes: Vec<u32>,
+}
+
+/// A step's metrics summed over micro-batches (and ranks).
+#[derive(Debug)]
+struct StepStats {
+    sums: [f64; 4],
+    adv: [f64; 3],
+    counts: Vec<u64>,
+}
+
+/// Runs one training job (one process of it when data-parallel).
+#[derive(Debug)]
+pub struct Trainer<'a> {
+    opts: &'a TrainOptions,
+    dist: Dist,
+    data: ImageSet,
+    batches: TrainBatches,
+    vs: nn::VarStore,
+    model: VqAutoencoder,
+    opt: AdamW,
+    gan: Option<GanPart>,
+    lpips: Option<Lpips>,
+    /// Micro-batches per optimiser step on this rank.
+    accum: usize,
+    start: usize,
+    checkpointer: Checkpointer,
+    logger: Logger,
+}
+
+impl<'a> Trainer<'a> {
+    /// Validates, loads the data, builds the networks, resumes (rank 0 reads the run folder, the
+    /// others receive its state) and synchronises the ranks.
+    ///
+    /// # Errors
+    /// Bad configuration (also: different on different ranks), unreadable data, a run folder
+    /// holding another run, a lost rank.
+    pub fn new(opts: &'a TrainOptions, dist: Dist) -> Result<Self> {
+        let cfg = &opts.config;
+        cfg.validate()?;
+        let run_json = cfg.resume_key()?;
+        dist.check_same(
+            "the run configuration (preset, model, training, data, seed)",
+            serde_json::to_string(&run_json)?.as_bytes(),
+        )?;
+        let t = &cfg.training;
+        let per_step = dist.world() * cfg.micro_batch;
+        ensure!(
+            t.batch_size.is_multiple_of(per_step),
+            "batch size {} is not a multiple of world size {} × micro-batch {} = {per_step}",
+            t.batch_size,
+            dist.world(),
+            cfg.micro_batch
+        );
+        let accum = t.batch_size / per_step;
+        if dist.is_main() {
+            fs::create_dir_all(&opts.out)
+                .with_context(|| format!("creating {}", opts.out.display()))?;
+        }
+        let a = &cfg.model.autoencoder;
+        let source = DataSource::parse(&cfg.data)?;
+        let data = ImageSet::load(
+            &source,
+            Split::Train,
+            a.in_channels(),
+            a.resolution(),
+            a.frames(),
+            Pipeline::for_preset(&cfg.preset),
+        )
+        .with_context(|| format!("loading training data {}", source.describe()))?;
+
+        tch::manual_seed(cfg.seed as i64);
+        let mut vs = nn::VarStore::new(opts.device);
+        let mut model = VqAutoencoder::new(&vs.root(), &cfg.model)?;
+        let mut opt = AdamW::new(&vs, t.betas, t.weight_decay);
+        let mut gan = match &cfg.gan {
+            Some(g) => {
+                let dvs = nn::VarStore::new(opts.device);
+                let disc = Discriminator::new(&dvs.root(), g)?;
+                let dopt = AdamW::new(&dvs, t.betas, t.weight_decay);
+                if g.perceptual_weight > 0.0 && cfg.lpips_weights.is_none() && dist.is_main() {
+                    eprintln!(
+                        "WARNING: no LPIPS weights given (--lpips FILE, see vq_models::Lpips), so this \
+                         VQGAN trains WITHOUT its perceptual term (perceptual_weight {} ignored); \
+                         reconstruction is L1 only.",
+                        g.perceptual_weight
+                    );
+                }
+                Some(GanPart {
+                    config: g.clone(),
+                    vs: dvs,
+                    disc,
+                    opt: dopt,
+                })
+            }
+            None => None,
+        };
+        let lpips = match (&cfg.gan, &cfg.lpips_weights) {
+            (Some(g), Some(file)) if g.perceptual_weight > 0.0 => {
+                Some(Lpips::load(file, opts.device)?)
+            }
+            _ => None,
+        };
+        let checkpointer = Checkpointer {
+            out: opts.out.clone(),
+            run: run_json,
+            main: dist.is_main(),
+        };
+        let start = if dist.is_main() {
+            checkpointer.resume(opts.resume, &mut vs, &mut opt, gan.as_mut())?
+        } else {
+            0
+        };
+        let start = usize::try_from(dist.broadcast_i64(start as i64)?)?;
+        dist.broadcast_state("model", &vs, &mut opt)?;
+        if let Some(g) = gan.as_mut() {
+            dist.broadcast_state("discriminator", &g.vs, &mut g.opt)?;
+            g.disc.set_process_group(dist.group().cloned());
+        }
+        model.set_process_group(dist.group().cloned());
+        if dist.is_main() {
+            if start > 0 {
+                truncate_metrics(&opts.out.join("metrics.jsonl"), start)?;
+                eprintln!(
+                    "resuming {} at step {start}{}",
+                    opts.out.display(),
+                    if dist.world() > 1 {
+                        format!(" on {} ranks", dist.world())
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            write_atomic(&opts.out.join("run.json"), &serde_json::to_vec_pretty(cfg)?)?;
+        }
+        let shard = Shard {
+            rank: dist.rank(),
+            world: dist.world(),
+        };
+        let batches = TrainBatches::sharded(&data, cfg.seed, cfg.micro_batch, start * accum, shard)?;
+        let logger = Logger::new(opts, dist.is_main(), start)?;
+        Ok(Self {
+            opts,
+            dist,
+            data,
+            batches,
+            vs,
+            model,
+            opt,
+            gan,
+            lpips,
+            accum,
+            start,
+            checkpointer,
+            logger,
+        })
+    }
+
+    /// Trains from the start (or resumed) step to the end or to `stop_after`.
+    ///
+    /// # Errors
+    /// A non-finite loss (training stops; the last good checkpoint stays), unreadable data, I/O
+    /// errors, a lost rank.
+    pub fn run(mut self) -> Result<Trained> {
+        let began = Instant::now();
+        let steps = self.opts.config.training.steps;
+        for step in self.start..steps {
+            let (stats, lr, grad_norm) = self.step(step)?;
+            let done = step + 1;
+            let stop = self.opts.stop_after == Some(done);
+            self.logger.record(done, lr, &stats, grad_norm, done == steps || stop)?;
+            if done.is_multiple_of(self.opts.checkpoint_every.max(1)) || done == steps || stop {
+                self.checkpointer
+                    .save(done, &self.vs, &self.opt, self.gan.as_ref())?;
+            }
+            if stop {
+                break;
+            }
+        }
+        self.logger.bar.finish_and_clear();
+        self.dist.finish()?;
+        // Evaluation after training runs in this process alone.
+        self.model.set_process_group(None);
+        Ok(Trained {
+            model: self.model,
+            vs: self.vs,
+            history: self.logger.history,
+            seconds: began.elapsed().as_secs_f64(),
+        })
+    }
+
+    /// One optimiser step: the micro-batches (VQ-VAE or generator), metrics summed over ranks,
+    /// gradients averaged and clipped, the update, then the discriminator's step.
+    fn step(&mut self, step: usize) -> Result<(StepStats, f64, f64)> {
+        let t = &self.opts.config.training;
+        let lr = learning_rate(
+            step,
+            t.learning_rate,
+            t.warmup_steps,
+            t.decay_steps,
+            t.final_lr_fraction,
+        );
+        self.opt.zero_grad();
+        let adversarial = self
+            .gan
+            .as_ref()
+            .is_some_and(|g| step >= g.config.disc_start);
+        let k = self.opts.config.model.quantizer.codebook_size;
+        let accum = self.accum as f64;
+        let mut sums = [0f64; 4];
+        let mut adv = [0f64; 3];
+        let mut codes = Vec::new();
+        let mut pairs = Vec::new();
+        for a in 0..self.accum {
+            let x = self
+                .batches
+                .get(&self.data, step * self.accum + a, self.opts.device)?;
+            let m = match self.gan.is_some() {
+                false => self.vqvae_micro_step(&x, step)?,
+                true => {
+                    let (m, pair) = self.generator_micro_step(&x, step, adversarial)?;
+                    pairs.push(pair);
+                    m
+                }
+            };
+            for (s, v) in sums.iter_mut().zip(m.parts) {
+                *s += v / accum;
+            }
+            adv[1] += m.g_loss / accum;
+            adv[2] += m.d_weight / accum;
+            codes.extend(m.codes);
+        }
+        let mut counts = vq_core::code_counts(&codes, k)?;
+        if self.dist.world() > 1 {
+            // One collective: the metrics (averaged over ranks) and the code counts (summed).
+            let mut all: Vec<f64> = sums.iter().chain(&adv[1..]).copied().collect();
+            all.extend(counts_to_f64(&counts));
+            self.dist.sum(&mut all)?;
+            let w = self.dist.world() as f64;
+            for (s, v) in sums.iter_mut().zip(&all[..4]) {
+                *s = v / w;
+            }
+            adv[1] = all[4] / w;
+            adv[2] = all[5] / w;
+            counts = counts_from_f64(&all[6..]);
+        }
+        if !sums[0].is_finite() {
+            bail!(
+                "non-finite loss {} at step {} (rec {}, commitment {}); training stopped, last good checkpoint: {}",
+                sums[0],
+                step + 1,
+                sums[1],
+                sums[2],
+                last_checkpoint(&self.opts.out)?
+            );
+        }
+        self.dist.average_gradients(&self.opt)?;
+        let grad_norm = self.opt.clip_grad_norm(t.grad_clip);
+        self.opt.step(lr);
+        if adversarial {
+            adv[0] = self.discriminator_step(&pairs, step, lr)?;
+        }
+        Ok((StepStats { sums, adv, counts }, lr, grad_norm))
+    }
+
+    /// Encoder → quantizer → decoder on one micro-batch, with the error of a non-finite encoder
+    /// output named.
+    fn forward(&mut self, x: &Tensor, step: usize) -> Result<vq_models::AutoencoderOutput> {
+        match self.model.forward(x, Mode::Train) {
+            Ok(out) => Ok(out),
+            Err(vq_models::ModelError::Quantizer(vq_tch::VqTchError::Core(
+                e @ vq_core::VqError::NonFinite { .. },
+            ))) => bail!(
+                "non-finite encoder output at step {} ({e}); training stopped, last good checkpoint: {}",
+                step + 1,
+                last_checkpoint(&self.opts.out)?
+            ),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// VQ-VAE: loss = MSE(x̃, x) + quantizer losses; backward of loss / accumulation.
+    fn vqvae_micro_step(&mut self, x: &Tensor, step: usize) -> Result<MicroStats> {
+        let out = self.forward(x, step)?;
+        let qloss = &out.vq.commitment_loss + &out.vq.codebook_loss;
+        let rec = out.reconstruction.mse_loss(x, Reduction::Mean);
+        let loss = &rec + &qloss;
+        (&loss / self.accum as f64).backward();
+        finish_micro(&loss, &rec, &out, 0.0, 0.0)
+    }
+
+    /// VQGAN generator (taming): nll = mean|x − x̃| (+ LPIPS), loss = nll + λ·g_loss +
+    /// w_cb·qloss (ViT-VQGAN: L2 instead of L1, a fixed λ); returns the pair (x, sg(x̃)) for the
+    /// discriminator step.
+    fn generator_micro_step(
+        &mut self,
+        x: &Tensor,
+        step: usize,
+        adversarial: bool,
+    ) -> Result<(MicroStats, (Tensor, Tensor))> {
+        let out = self.forward(x, step)?;
+        let g = self.gan.as_ref().expect("a VQGAN run");
+        let qloss = &out.vq.commitment_loss + &out.vq.codebook_loss;
+        let mut nll = g.config.pixel_loss(x, &out.reconstruction);
+        if let Some(lp) = &self.lpips {
+            let p = lp
+                .forward(
+                    &frames_as_images(x),
+                    &frames_as_images(&out.reconstruction),
+                )
+                .mean(Kind::Float);
+            nll += p * g.config.perceptual_weight;
+        }
+        let mut loss = &nll + &qloss * g.config.codebook_weight;
+        let (mut g_value, mut w) = (0.0, 0.0);
+        if adversarial {
+            let g_loss = g.config.g_loss(
+                &g.disc
+                    .try_forward_t(&frames_as_images(&out.reconstruction), true)?,
+            );
+            w = match g.config.adversarial_weighting {
+                AdversarialWeighting::Adaptive => adaptive_weight_in(
+                    self.dist.group().map(|g| &**g),
+                    &nll,
+                    &g_loss,
+                    self.model.last_layer_weight(),
+                    g.config.disc_weight,
+                )?,
+                AdversarialWeighting::Fixed => g.config.disc_weight,
+            };
+            g_value = f64::try_from(&g_loss).unwrap_or(f64::NAN);
+            loss += g_loss * w;
+        }
+        let pair = (
+            frames_as_images(x),
+            frames_as_images(&out.reconstruction.detach()),
+        );
+        (&loss / self.accum as f64).backward();
+        Ok((finish_micro(&loss, &nll, &out, g_value, w)?, pair))
+    }
+
+    /// Discriminator step on the step's images and the generator's (detached) outputs, with the
+    /// lazy R1 penalty on real images every `every` steps; gradients averaged over ranks.
+    /// Returns the hinge loss averaged over micro-batches and ranks.
+    fn discriminator_step(
+        &mut self,
+        pairs: &[(Tensor, Tensor)],
+        step: usize,
+        lr: f64,
+    ) -> Result<f64> {
+        let accum = self.accum as f64;
+        let g = self.gan.as_mut().expect("a VQGAN run");
+        g.opt.zero_grad();
+        let r1 = g.config.r1.filter(|r| step.is_multiple_of(r.every));
+        let mut d_sum = 0.0;
+        for (x, rec) in pairs {
+            let x = match r1 {
+                Some(_) => x.detach().set_requires_grad(true),
+                None => x.shallow_clone(),
+            };
+            let real = g.disc.try_forward_t(&x, true)?;
+            let mut d_loss = g.config.d_loss(&real, &g.disc.try_forward_t(rec, true)?);
+            d_sum += f64::try_from(&d_loss).unwrap_or(f64::NAN) / accum;
+            if let Some(r) = r1 {
+                d_loss += r1_penalty(&real, &x)? * (r.gamma * r.every as f64 / 2.0);
+            }
+            (d_loss / accum).backward();
+        }
+        self.dist.average_gradients(&g.opt)?;
+        g.opt.step(lr * g.config.disc_lr_multiplier);
+        let mut d = [d_sum];
+        if self.dist.world() > 1 {
+            self.dist.sum(&mut d)?;
+            d[0] /= self.dist.world() as f64;
+        }
+        Ok(d[0])
+    }
+}
+
+/// The host-side numbers of a micro-batch (one device → host copy).
+fn finish_micro(
+    loss: &Tensor,
+    rec: &Tensor,
+    out: &vq_models::AutoencoderOutput,
+    g_loss: f64,
+    d_weight: f64,
+) -> Result<MicroStats> {
+    let parts = Tensor::stack(
+        &[
+            loss.detach(),
+            rec.detach(),
+            out.vq.commitment_loss.detach(),
+            out.vq.quantization_error.shallow_clone(),
+        ],
+        0,
+    )
+    .to_kind(Kind::Double)
+    .to_device(Device::Cpu);
+    let parts = Vec::<f64>::try_from(parts).context("reading losses")?;
+    let codes = Vec::<i64>::try_from(out.vq.indices.reshape([-1]).to_device(Device::Cpu))?
+        .into_iter()
+        .map(|i| i as u32)
+        .collect();
+    Ok(MicroStats {
+        parts: [parts[0], parts[1], parts[2], parts[3]],
+        g_loss,
+        d_weight,
+        codes,
+    })
+}
+
+/// Writes checkpoints (rank 0 only) and resumes from them.
+#[derive(Debug)]
+pub struct Checkpointer {
+    out: PathBuf,
+    run: serde_json::Value,
+    main: bool,
+}
+
+impl Checkpointer {
+    /// Loads the run folder's latest checkpoint when resuming; returns the step to start at.
+    /// Refuses a folder that holds another run or a run without `--resume`.
+    fn resume(
+        &self,
+        resume: bool,
+        vs: &mut nn::VarStore,
+        opt: &mut AdamW,
+        gan: Option<&mut GanPart>,
+    ) -> Result<usize> {
+        match checkpoint::latest(&self.out)? {
+            Some((ckpt, state)) if resume => {
+                if state.run != self.run {
+                    bail!(
+                        "{} was trained with another configuration; resume with the same settings or use another --out",
+                        ckpt.display()
+                    );
+                }
+                match gan {
+                    Some(g) => checkpoint::load(
+                        &ckpt,
+                        &mut [("model", vs, opt), ("discriminator", &mut g.vs, &mut g.opt)],
+                    )?,
+                    None => checkpoint::load(&ckpt, &mut [("model", vs, opt)])?,
+                }
+                Ok(state.step)
+            }
+            Some((ckpt, _)) => bail!(
+                "{} already holds a run (checkpoint {}); pass --resume to continue it or choose another --out",
+                self.out.display(),
+                ckpt.display()
+            ),
+            None if resume => bail!("--resume: no checkpoint in {}", self.out.display()),
+            None => Ok(0),
+        }
+    }
+
+    fn save(
+        &self,
+        done: usize,
+        vs: &nn::VarStore,
+        opt: &AdamW,
+        gan: Option<&GanPart>,
+    ) -> Result<()> {
+        if !self.main {
+            return Ok(());
+        }
+        let state = TrainState {
+            step: done,
+            run: self.run.clone(),
+        };
+        let mut parts = vec![checkpoint::Part {
+            name: "model",
+            vs,
+            opt,
+        }];
+        if let Some(g) = gan {
+            parts.push(checkpoint::Part {
+                name: "discriminator",
+                vs: &g.vs,
+                opt: &g.opt,
+            });
+        }
+        checkpoint::save(&self.out, &parts, &state)?;
+        Ok(())
+    }
+}
+
+/// Metric windows → `metrics.jsonl` (rank 0), the progress bar, and the history returned.
+#[derive(Debug)]
+pub struct Logger {
+    file: Option<fs::File>,
+    log_every: usize,
+    window: Window,
+    window_start: Instant,
+    history: Vec<StepMetrics>,
+    bar: indicatif::ProgressBar,
+}
+
+impl Logger {
+    fn new(opts: &TrainOptions, main: bool, start: usize) -> Result<Self> {
+        let file = match main {
+            true => Some(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(opts.out.join("metrics.jsonl"))
+                    .context("opening metrics.jsonl")?,
+            ),
+            false => None,
+        };
+        Ok(Self {
+            file,
+            log_every: opts.log_every.max(1),
+            window: Window::default(),
+            window_start: Instant::now(),
+            history: Vec::new(),
+            bar: progress_bar(opts.progress && main, start, opts.config.training.steps),
+        })
+    }
+
+    /// Adds step `done`'s numbers; closes the window every `log_every` steps (or when `last`).
+    fn record(
+        &mut self,
+        done: usize,
+        lr: f64,
+        stats: &StepStats,
+        grad_norm: f64,
+        last: bool,
+    ) -> Result<()> {
+        let k = stats.counts.len().max(1);
+        let used = stats.counts.iter().filter(|&&c| c > 0).count() as f64 / k as f64;
+        self.window.add(
+            &stats.sums,
+            &stats.adv,
+            used,
+            vq_core::perplexity(&stats.counts),
+            grad_norm,
+        );
+        self.bar.set_position(done as u64);
+        if !(done.is_multiple_of(self.log_every) || last) {
+            return Ok(());
+        }
+        let m = self
+            .window
+            .finish(done, lr, self.window_start.elapsed().as_secs_f64());
+        self.bar.set_message(format!(
+            "loss {:.4} rec {:.4} usage {:.1}% qe {:.2e} {:.1} it/s",
+            m.loss,
+            m.rec,
+            100.0 * m.usage,
+            m.quantization_error,
+            m.steps_per_s
+        ));
+        if let Some(f) = &mut self.file {
+            writeln!(f, "{}", serde_json::to_string(&m)?).context("writing metrics.jsonl")?;
+        }
+        self.history.push(m);
+        self.window = Window::default();
+        self.window_start = Instant::now();
+        Ok(())
+    }
+}
+
+#[derive(Debug, Default)]
+struct Window {
+    n: usize,
+    sums: [f64; 4],
+    adv: [f64; 3],
+    usage: f64,
+    perplexity: f64,
+    grad_norm: f64,
+}
+
+impl Window {
+    fn add(
+        &mut self,
+        sums: &[f64; 4],
+        adv: &[f64; 3],
+        usage: f64,
+        perplexity: f64,
+        grad_norm: f64,
+    ) {
+        self.n += 1;
+        for (a, b) in self.sums.iter_mut().zip(sums) {
+            *a += b;
+        }
+        for (a, b) in self.adv.iter_mut().zip(adv) {
+            *a += b;
+        }
+        self.usage += usage;
+        self.perplexity += perplexity;
+        self.grad_norm += grad_norm;
+    }
+
+    fn finish(&self, step: usize, lr: f64, secs: f64) -> StepMetrics {
+        let n = self.n.max(1) as f64;
+        StepMetrics {
+            step,
+            lr,
+            loss: self.sums[0] / n,
+            rec: self.sums[1] / n,
+            commitment: self.sums[2] / n,
+            quantization_error: self.sums[3] / n,
+            usage: self.usage / n,
+            perplexity: self.perplexity / n,
+            grad_norm: self.grad_norm / n,
+            steps_per_s: n / secs.max(1e-9),
+            d_loss: self.adv[0] / n,
+            g_loss: self.adv[1] / n,
+            d_weight: self.adv[2] / n,
+        }
+    }
+}
+
+fn progress_bar(show: bool, start: usize, steps: usize) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new(steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:30}] {pos}/{len} (eta {eta}) {msg}",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    bar.set_position(start as u64);
+    bar
+}
