@@ -443,8 +443,10 @@ impl VectorQuantizer {
                 / e.norm_scalaropt_dim(2, [1i64].as_slice(), true)
                     .clamp_min(1e-12);
         }
+        // Rows per sample: a data-parallel union batch interleaves whole samples.
+        let per_sample = lead[1..].iter().product::<i64>().max(1);
         if train && i64::try_from(&self.initialised).unwrap_or(1) == 0 {
-            self.kmeans_init(&e)?;
+            self.kmeans_init(&e, per_sample)?;
         }
         let idx = nearest_codes(&e.detach(), &self.codebook.detach(), self.config.metric)?
             .to_device(e.device());
@@ -470,7 +472,7 @@ impl VectorQuantizer {
             Tensor::zeros([], (Kind::Float, e.device()))
         };
         if train && self.ema.is_some() {
-            self.ema_update(&e.detach(), &idx)?;
+            self.ema_update(&e.detach(), &idx, per_sample)?;
         }
         if let Some(lin) = &self.project_out {
             out = out.apply(lin);
@@ -498,12 +500,12 @@ impl VectorQuantizer {
 
     /// One EMA step: vq-core on the CPU, the same step as tensor ops ([`crate::ema`]) on other
     /// devices. Dead-code rows are drawn from `StdRng::seed_from_u64(seed + step)` either way.
-    fn ema_update(&mut self, e: &Tensor, idx: &Tensor) -> Result<()> {
+    fn ema_update(&mut self, e: &Tensor, idx: &Tensor, per_sample: i64) -> Result<()> {
         let ema = self.ema.as_ref().expect("called for EMA codebooks only");
         let step = i64::try_from(&ema.steps).map_err(|err| VqTchError::Torch(err.to_string()))?;
         let mut rng = StdRng::seed_from_u64(self.config.seed.wrapping_add(step as u64));
         if let Some(group) = self.group.clone() {
-            return self.ema_update_synced(&group, e, idx, &mut rng, step);
+            return self.ema_update_synced(&group, e, idx, per_sample, &mut rng, step);
         }
         if self.codebook.device() != Device::Cpu {
             let ema = self.ema.as_mut().expect("called for EMA codebooks only");
@@ -541,12 +543,12 @@ impl VectorQuantizer {
         });
     }
 
-    fn kmeans_init(&mut self, e: &Tensor) -> Result<()> {
+    fn kmeans_init(&mut self, e: &Tensor, per_sample: i64) -> Result<()> {
         let Some(ema) = self.ema.as_ref() else {
             return Ok(());
         };
         let samples = match &self.group {
-            Some(g) => to_array(&union_rows(g, &e.detach())?),
+            Some(g) => to_array(&union_rows(g, &e.detach(), per_sample)?),
             None => to_array(&e.detach()),
         };
         if samples.nrows() < self.config.codebook_size {
@@ -580,6 +582,7 @@ impl VectorQuantizer {
         group: &ProcessGroup,
         e: &Tensor,
         idx: &Tensor,
+        per_sample: i64,
         rng: &mut StdRng,
         step: i64,
     ) -> Result<()> {
@@ -601,7 +604,7 @@ impl VectorQuantizer {
         group.all_reduce_sum(&counts)?;
         group.all_reduce_sum(&sums)?;
         let pool = if ema.config.dead_code_threshold() > 0.0 {
-            union_rows(group, e)?
+            union_rows(group, e, per_sample)?
         } else {
             e.shallow_clone()
         };
@@ -638,12 +641,19 @@ impl VectorQuantizer {
     }
 }
 
-/// The rows of every rank's `e` (N, D), in the order of the union batch: rank r's row i is row
-/// `i·world + r`, the order in which the data-parallel trainer deals a batch out to the ranks.
-fn union_rows(group: &ProcessGroup, e: &Tensor) -> Result<Tensor> {
-    let d = e.size()[1];
+/// The rows of every rank's `e` (N, D) in the order of the union batch, where `e` holds
+/// `per_sample` consecutive rows per sample (H·W latents of an image): rank r's sample j is
+/// sample `j·world + r` of the union, the order in which the data-parallel trainer deals a
+/// batch out to the ranks.
+fn union_rows(group: &ProcessGroup, e: &Tensor, per_sample: i64) -> Result<Tensor> {
+    let (n, d) = (e.size()[0], e.size()[1]);
     let all = group.all_gather(&e.to_device(group.device()).contiguous())?;
-    Ok(all.transpose(0, 1).reshape([-1, d]).to_device(e.device()))
+    let world = group.world() as i64;
+    Ok(all
+        .view([world, n / per_sample, per_sample, d])
+        .transpose(0, 1)
+        .reshape([-1, d])
+        .to_device(e.device()))
 }
 
 fn indices_u32(idx: &Tensor) -> Result<Vec<u32>> {

@@ -1,0 +1,382 @@
+//! Data-parallel training end to end: ranks are processes of the `vq-train` binary talking Gloo
+//! over 127.0.0.1 (started by `train --nproc 2`, or one by one with the variables torchrun
+//! sets), tiny models, a few steps.
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use tch::{Kind, Tensor};
+use vq_models::Preset;
+use vq_train::train::RunConfig;
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("vq-dist-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// `vq-train train --config <cfg> --out <out> …`; panics with the output if it fails.
+fn train(cfg: &Path, out: &Path, extra: &[&str]) -> String {
+    let o = Command::new(env!("CARGO_BIN_EXE_vq-train"))
+        .args(["train", "--quiet", "--log-every", "1", "--threads", "1"])
+        .arg("--config")
+        .arg(cfg)
+        .arg("--out")
+        .arg(out)
+        .args(extra)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    t
+}
+
+/// One rank with the variables torchrun would set.
+fn spawn_rank(rank: usize, world: usize, port: u16, args: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_vq-train"))
+        .args(["train", "--quiet", "--threads", "1"])
+        .args(args)
+        .env("RANK", rank.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("WORLD_SIZE", world.to_string())
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .env("RUST_BACKTRACE", "0")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn write_config(dir: &Path, name: &str, cfg: &RunConfig) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, serde_json::to_vec_pretty(cfg).unwrap()).unwrap();
+    p
+}
+
+/// Dead-code threshold of [`small_vqvae`]: high enough that codes die every step.
+const DEAD: f32 = 1.5;
+
+/// The demo VQ-VAE (EMA codebook) with k-means initialisation and dead-code replacement, so
+/// that every synchronised part of the quantizer is exercised.
+fn small_vqvae(steps: usize, micro_batch: usize) -> RunConfig {
+    let preset = Preset::DemoFashionMnist;
+    let mut model = preset.config();
+    model.quantizer.learning = vq_tch::CodebookLearning::Ema {
+        decay: 0.8,
+        laplace_eps: 1e-5,
+        dead_code_threshold: DEAD,
+        kmeans_iters: 2,
+    };
+    let mut training = preset.training();
+    training.steps = steps;
+    training.batch_size = 16;
+    training.warmup_steps = 2;
+    training.decay_steps = steps;
+    RunConfig {
+        preset: preset.name().into(),
+        model,
+        training,
+        data: "synthetic:64".into(),
+        seed: 7,
+        micro_batch,
+        gan: None,
+        lpips_weights: None,
+        inception_weights: None,
+    }
+}
+
+/// A small taming VQGAN: learned codebook, PatchGAN with BatchNorm, adaptive weight from step 1.
+fn small_vqgan(steps: usize, micro_batch: usize) -> RunConfig {
+    let preset = Preset::LdmF4;
+    let mut model = preset.config();
+    let a = model.autoencoder.taming_mut().unwrap();
+    a.ch = 32;
+    a.resolution = 32;
+    a.num_res_blocks = 1;
+    model.quantizer.codebook_size = 64;
+    let mut gan = preset.gan().unwrap();
+    gan.ndf = 16;
+    gan.n_layers = 2;
+    gan.disc_start = 1;
+    gan.perceptual_weight = 0.0;
+    let mut training = preset.training();
+    training.steps = steps;
+    training.batch_size = 4;
+    training.learning_rate = 1e-4;
+    RunConfig {
+        preset: preset.name().into(),
+        model,
+        training,
+        data: "synthetic:16".into(),
+        seed: 2,
+        micro_batch,
+        gan: Some(gan),
+        lpips_weights: None,
+        inception_weights: None,
+    }
+}
+
+fn tensors(file: &Path) -> HashMap<String, Tensor> {
+    Tensor::read_safetensors(file)
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+        .into_iter()
+        .collect()
+}
+
+fn latest(run: &Path) -> PathBuf {
+    vq_train::checkpoint::latest(run).unwrap().unwrap().0
+}
+
+/// max |a − b| / (1 + max |a|) over every tensor of two checkpoints' `file`.
+fn max_difference(a: &Path, b: &Path, file: &str) -> (f64, String) {
+    let (ta, tb) = (tensors(&latest(a).join(file)), tensors(&latest(b).join(file)));
+    assert_eq!(
+        ta.keys().collect::<std::collections::BTreeSet<_>>(),
+        tb.keys().collect::<std::collections::BTreeSet<_>>()
+    );
+    let mut worst = (0.0, String::new());
+    for (name, x) in &ta {
+        let y = &tb[name];
+        let x = x.to_kind(Kind::Double);
+        let d = f64::try_from((&x - y.to_kind(Kind::Double)).abs().max()).unwrap();
+        let scale = 1.0 + f64::try_from(x.abs().max()).unwrap();
+        if d / scale > worst.0 {
+            worst = (d / scale, name.clone());
+        }
+    }
+    worst
+}
+
+fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// Step 1 (same weights on both sides) must agree to float rounding of the reductions; later
+/// steps within `tol`.
+fn assert_same_losses(a: &Path, b: &Path, keys: &[&str], tol: f64) {
+    let (ma, mb) = (metrics(a), metrics(b));
+    assert_eq!(ma.len(), mb.len());
+    for (i, (x, y)) in ma.iter().zip(&mb).enumerate() {
+        let tol = if i == 0 { FIRST_STEP_TOL } else { tol };
+        for k in keys {
+            let (u, v) = (x[k].as_f64().unwrap(), y[k].as_f64().unwrap());
+            assert!(
+                (u - v).abs() <= tol * (1.0 + u.abs()),
+                "step {}: {k} {u} (1 rank) vs {v} (2 ranks)",
+                x["step"]
+            );
+        }
+    }
+}
+
+/// Tolerance of the first step's metrics (gradient norm included): the ranks sum their halves'
+/// statistics and gradients in another order than one process sums the whole batch.
+const FIRST_STEP_TOL: f64 = 1e-5;
+
+/// Tolerance of the weights and later metrics, relative to 1 + max |w| per tensor. Parameters
+/// whose exact gradient is zero (a convolution bias before GroupNorm, an attention key bias)
+/// receive rounding noise that Adam normalises into steps of up to lr, so the bound is a few lr.
+const TOL: f64 = 1e-3;
+
+#[test]
+fn two_ranks_train_an_ema_vqvae_as_one_process_with_the_whole_batch() {
+    let dir = tmp("vqvae");
+    let one = write_config(&dir, "one.json", &small_vqvae(4, 16));
+    let two = write_config(&dir, "two.json", &small_vqvae(4, 8));
+    let (r1, r2) = (dir.join("r1"), dir.join("r2"));
+    train(&one, &r1, &[]);
+    let out = train(&two, &r2, &["--nproc", "2"]);
+    assert!(out.contains("2 ranks over gloo"), "{out}");
+    let (d, name) = max_difference(&r1, &r2, "model.safetensors");
+    eprintln!("VQ-VAE, 1 vs 2 ranks: largest relative weight difference {d:.2e} ({name})");
+    assert!(d < TOL, "weights differ by {d:.2e} (relative) in {name}");
+    // The EMA codebook and statistics are variables of the model file; check them tighter.
+    let (ta, tb) = (
+        tensors(&latest(&r1).join("model.safetensors")),
+        tensors(&latest(&r2).join("model.safetensors")),
+    );
+    for k in ["quantize.codebook", "quantize.ema_cluster_size", "quantize.ema_running_sum"] {
+        let diff = f64::try_from((&ta[k] - &tb[k]).abs().max()).unwrap();
+        assert!(diff < 1e-4, "{k} differs by {diff:.2e}");
+    }
+    // Codes were replaced at the last step (their size is set to the threshold).
+    let sizes = Vec::<f32>::try_from(&tb["quantize.ema_cluster_size"]).unwrap();
+    assert!(sizes.contains(&DEAD), "no dead-code replacement exercised");
+    assert_eq!(
+        i64::try_from(&ta["quantize.ema_steps"]).unwrap(),
+        i64::try_from(&tb["quantize.ema_steps"]).unwrap()
+    );
+    assert_same_losses(
+        &r1,
+        &r2,
+        &["loss", "rec", "commitment", "quantization_error", "usage", "perplexity", "grad_norm"],
+        TOL,
+    );
+    // Only rank 0 wrote the folder, and evaluated.
+    assert!(r2.join("eval.json").is_file() && r2.join("run.json").is_file());
+}
+
+#[test]
+fn two_ranks_train_a_vqgan_as_one_process_with_the_whole_batch() {
+    let dir = tmp("vqgan");
+    let one = write_config(&dir, "one.json", &small_vqgan(3, 2));
+    let two = write_config(&dir, "two.json", &small_vqgan(3, 1));
+    let (r1, r2) = (dir.join("r1"), dir.join("r2"));
+    train(&one, &r1, &[]);
+    train(&two, &r2, &["--nproc", "2"]);
+    for file in ["model.safetensors", "discriminator.safetensors"] {
+        let (d, name) = max_difference(&r1, &r2, file);
+        eprintln!("VQGAN, 1 vs 2 ranks: largest relative difference in {file} {d:.2e} ({name})");
+        assert!(d < TOL, "{file}: differs by {d:.2e} (relative) in {name}");
+    }
+    // BatchNorm running statistics are synchronised too (they are in discriminator.safetensors).
+    assert_same_losses(
+        &r1,
+        &r2,
+        &["loss", "rec", "d_loss", "g_loss", "d_weight", "usage", "grad_norm"],
+        TOL,
+    );
+    let m = metrics(&r2);
+    assert!(m.last().unwrap()["d_weight"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn an_interrupted_two_rank_run_resumes_exactly() {
+    let dir = tmp("resume");
+    let cfg = write_config(&dir, "two.json", &small_vqvae(4, 8));
+    let (a, b) = (dir.join("a"), dir.join("b"));
+    train(&cfg, &a, &["--nproc", "2"]);
+    train(&cfg, &b, &["--nproc", "2", "--stop-after", "2"]);
+    let out = train(&cfg, &b, &["--nproc", "2", "--resume"]);
+    assert!(out.contains("resuming") && out.contains("at step 2"), "{out}");
+    let (d, name) = max_difference(&a, &b, "model.safetensors");
+    assert_eq!(d, 0.0, "resumed weights differ in {name}");
+    let (d, name) = max_difference(&a, &b, "optimizer.safetensors");
+    assert_eq!(d, 0.0, "resumed optimizer state differs in {name}");
+    let (ma, mb) = (metrics(&a), metrics(&b));
+    assert_eq!(ma.len(), 4);
+    for (x, y) in ma.iter().zip(&mb) {
+        assert_eq!(x["loss"], y["loss"]);
+    }
+}
+
+#[test]
+fn a_killed_rank_makes_the_other_exit_naming_it_and_keeps_the_checkpoint() {
+    let dir = tmp("kill");
+    let cfg = write_config(&dir, "two.json", &small_vqvae(100_000, 8));
+    let run = dir.join("run");
+    let port = free_port();
+    let args = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--checkpoint-every",
+        "3",
+        "--dist-timeout",
+        "20",
+    ];
+    let mut r0 = spawn_rank(0, 2, port, &args);
+    let mut r1 = spawn_rank(1, 2, port, &args);
+    let began = Instant::now();
+    while vq_train::checkpoint::latest(&run).ok().flatten().is_none() {
+        assert!(began.elapsed() < Duration::from_secs(120), "no checkpoint");
+        if let Some(s) = r0.try_wait().unwrap() {
+            panic!("rank 0 stopped early ({s}): {}", text(&r0.wait_with_output().unwrap()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    r1.kill().unwrap();
+    let _ = r1.wait();
+    let killed = Instant::now();
+    let out = r0.wait_with_output().unwrap();
+    let waited = killed.elapsed();
+    let t = text(&out);
+    assert!(!out.status.success(), "rank 0 went on: {t}");
+    assert!(t.contains("rank(s) [1] stopped"), "{t}");
+    assert!(
+        waited < Duration::from_secs(20 + 15),
+        "rank 0 took {waited:?} to give up"
+    );
+    // The last checkpoint is complete and loads.
+    let ckpt = latest(&run);
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(ckpt.join("state.json")).unwrap()).unwrap();
+    assert!(state["step"].as_u64().unwrap() >= 3);
+    assert!(!tensors(&ckpt.join("model.safetensors")).is_empty());
+    assert!(!tensors(&ckpt.join("optimizer.safetensors")).is_empty());
+}
+
+#[test]
+fn ranks_with_different_configurations_refuse_to_start() {
+    let dir = tmp("mismatch");
+    let cfg = write_config(&dir, "two.json", &small_vqvae(2, 8));
+    let run = dir.join("run");
+    let port = free_port();
+    let base = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--dist-timeout",
+        "20",
+    ];
+    let r0 = spawn_rank(0, 2, port, &base);
+    let mut other = base.to_vec();
+    other.extend(["--seed", "9"]);
+    let r1 = spawn_rank(1, 2, port, &other);
+    for (rank, child) in [r0, r1].into_iter().enumerate() {
+        let out = child.wait_with_output().unwrap();
+        let t = text(&out);
+        assert!(!out.status.success(), "rank {rank} trained: {t}");
+        assert!(
+            t.contains("run configuration") && t.contains("differs between ranks"),
+            "rank {rank}: {t}"
+        );
+    }
+    assert!(vq_train::checkpoint::latest(&run).unwrap().is_none());
+}
+
+#[test]
+fn a_batch_that_the_ranks_cannot_split_is_refused() {
+    let dir = tmp("split");
+    // 16 images per step cannot be 2 ranks × micro-batch 16.
+    let cfg = write_config(&dir, "c.json", &small_vqvae(2, 16));
+    let o = Command::new(env!("CARGO_BIN_EXE_vq-train"))
+        .args(["train", "--quiet", "--threads", "1", "--nproc", "2"])
+        .arg("--config")
+        .arg(&cfg)
+        .arg("--out")
+        .arg(dir.join("run"))
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(!o.status.success());
+    assert!(t.contains("not a multiple of world size 2"), "{t}");
+}
