@@ -221,7 +221,10 @@ fn ensure_cuda_headers(root: &Path) -> Result<()> {
     if staging.exists() {
         fs::remove_dir_all(&staging).with_context(|| format!("removing {}", staging.display()))?;
     }
-    eprintln!("CUDA headers: installing {want} from PyPI into {}", dest.display());
+    eprintln!(
+        "CUDA headers: installing {want} from PyPI into {}",
+        dest.display()
+    );
     let mut cmd = Command::new(&py);
     cmd.args([
         "-m",
@@ -236,7 +239,9 @@ fn ensure_cuda_headers(root: &Path) -> Result<()> {
     .arg(&staging)
     .args(CUDA_HEADER_WHEELS)
     .env("PYTHONNOUSERSITE", "1");
-    let status = cmd.status().with_context(|| format!("running {py} -m pip"))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("running {py} -m pip"))?;
     if !status.success() {
         let _ = fs::remove_dir_all(&staging);
         bail!("`pip install {want}` failed ({status})");

@@ -137,7 +137,10 @@ impl CudaHeaders {
             roots.push(site.join("nvidia"));
             if let Some(base) = site.parent() {
                 roots.push(base.join("cuda-headers/nvidia"));
-                println!("cargo:rerun-if-changed={}", base.join("cuda-headers").display());
+                println!(
+                    "cargo:rerun-if-changed={}",
+                    base.join("cuda-headers").display()
+                );
             }
         }
         for nvidia in roots {
@@ -152,10 +155,8 @@ impl CudaHeaders {
                 }
             }
         }
-        let cuda_home = std::env::var_os("CUDA_HOME").map_or_else(
-            || PathBuf::from("/usr/local/cuda"),
-            PathBuf::from,
-        );
+        let cuda_home = std::env::var_os("CUDA_HOME")
+            .map_or_else(|| PathBuf::from("/usr/local/cuda"), PathBuf::from);
         candidates.push(cuda_home.join("include"));
         if let Some(d) = std::env::var_os("NCCL_INCLUDE_DIR") {
             candidates.push(PathBuf::from(d));

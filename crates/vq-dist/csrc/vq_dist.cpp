@@ -9,6 +9,7 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -100,20 +101,24 @@ extern "C" {
 
 const char* vq_dist_last_error() { return last_error.c_str(); }
 
-// Joins the group: rank 0 hosts the TCPStore on `port` of `host`, the others connect to it. The
-// store, the backend's connections and every collective use `timeout_ms`. backend: 0 Gloo, 1 NCCL.
-// Returns nullptr on failure (message in vq_dist_last_error()).
-void* vq_dist_store_connect(const char* host, int32_t port, int32_t rank, int32_t world, int64_t timeout_ms) {
+// Connects to the rendezvous: the TCPStore on `port` of `host`, hosted by this process when
+// `is_server` (rank 0, unless a launcher's agent already hosts it), every key under `prefix` (one
+// per launch attempt, so that a restarted group never sees the keys of the one before). The store,
+// the backend's connections and every collective use `timeout_ms`. Returns nullptr on failure
+// (message in vq_dist_last_error()).
+void* vq_dist_store_connect(const char* host, int32_t port, int32_t is_server, const char* prefix, int32_t rank,
+                            int32_t world, int64_t timeout_ms) {
   try {
     c10d::TCPStoreOptions opts;
     opts.port = static_cast<std::uint16_t>(port);
-    opts.isServer = rank == 0;
+    opts.isServer = is_server != 0;
     opts.numWorkers = world;
     opts.waitWorkers = false;
     opts.timeout = std::chrono::milliseconds(timeout_ms);
     auto g = new Group();
     try {
-      g->store = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+      auto tcp = c10::make_intrusive<c10d::TCPStore>(std::string(host), opts);
+      g->store = c10::make_intrusive<c10d::PrefixStore>(std::string(prefix), tcp);
     } catch (...) {
       delete g;
       throw;

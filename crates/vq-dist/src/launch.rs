@@ -16,6 +16,16 @@ pub enum Launcher {
     Slurm,
 }
 
+impl Launcher {
+    /// The variables it was read from, for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Torchrun => "RANK/WORLD_SIZE (torchrun)",
+            Self::Slurm => "SLURM_PROCID/SLURM_NTASKS (srun)",
+        }
+    }
+}
+
 /// This process's place in the group.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Launch {
@@ -31,6 +41,11 @@ pub struct Launch {
     pub master_port: u16,
     /// Who launched us.
     pub launcher: Launcher,
+    /// The launcher's agent hosts the rendezvous store (torchrun sets
+    /// `TORCHELASTIC_USE_AGENT_STORE=True`); rank 0 then connects to it like the others.
+    pub agent_store: bool,
+    /// Launch attempt (torchrun's `TORCHELASTIC_RESTART_COUNT`, else 0).
+    pub attempt: usize,
 }
 
 impl Launch {
@@ -44,7 +59,8 @@ impl Launch {
 
     /// As [`from_env`](Self::from_env), with the variables from `get`.
     ///
-    /// Rules: `RANK` and `WORLD_SIZE` (torchrun) win; `LOCAL_RANK` defaults to 0, `MASTER_ADDR`
+    /// Rules: `RANK` and `WORLD_SIZE` (torchrun, with `TORCHELASTIC_USE_AGENT_STORE` and
+    /// `TORCHELASTIC_RESTART_COUNT` when set) win; `LOCAL_RANK` defaults to 0, `MASTER_ADDR`
     /// and `MASTER_PORT` must be set when `WORLD_SIZE` > 1 (torchrun always sets them). Else
     /// `SLURM_PROCID` and `SLURM_NTASKS` with more than one task: `SLURM_LOCALID` (default 0),
     /// `MASTER_ADDR` or the first host of `SLURM_JOB_NODELIST` (`SLURM_NODELIST`),
@@ -152,6 +168,9 @@ impl Launch {
                 (num("SLURM_LOCALID")?.unwrap_or(0), addr, p)
             }
         };
+        let agent_store = get("TORCHELASTIC_USE_AGENT_STORE")
+            .is_some_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "true" | "1"));
+        let attempt = num("TORCHELASTIC_RESTART_COUNT")?.unwrap_or(0);
         Ok(Some(Self {
             rank,
             world,
@@ -159,6 +178,8 @@ impl Launch {
             master_addr,
             master_port,
             launcher,
+            agent_store,
+            attempt,
         }))
     }
 }
@@ -262,8 +283,20 @@ mod tests {
                 master_addr: "10.0.0.2".into(),
                 master_port: 29501,
                 launcher: Launcher::Torchrun,
+                agent_store: false,
+                attempt: 0,
             }
         );
+        let l = launch(&[
+            ("RANK", "0"),
+            ("WORLD_SIZE", "1"),
+            ("TORCHELASTIC_USE_AGENT_STORE", "True"),
+            ("TORCHELASTIC_RESTART_COUNT", "2"),
+        ])
+        .unwrap()
+        .unwrap();
+        assert!(l.agent_store);
+        assert_eq!(l.attempt, 2);
         // torchrun wins over Slurm variables (torchrun inside an allocation).
         let l = launch(&[
             ("RANK", "0"),

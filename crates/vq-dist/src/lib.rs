@@ -43,6 +43,8 @@ unsafe extern "C" {
     fn vq_dist_store_connect(
         host: *const c_char,
         port: i32,
+        is_server: i32,
+        prefix: *const c_char,
         rank: i32,
         world: i32,
         timeout_ms: i64,
@@ -132,6 +134,12 @@ pub struct GroupConfig {
     /// Timeout of the rendezvous and of every collective: a rank that hangs longer makes the
     /// others fail with an error naming it.
     pub timeout: Duration,
+    /// Whether rank 0 hosts the store (false when a launcher's agent already does: torchrun's
+    /// `TORCHELASTIC_USE_AGENT_STORE`).
+    pub host_store: bool,
+    /// Prefix of every store key of this group (one per launch attempt: torchrun restarts a
+    /// failed group on the same store).
+    pub prefix: String,
 }
 
 impl GroupConfig {
@@ -144,6 +152,8 @@ impl GroupConfig {
             master_port: launch.master_port,
             device,
             timeout: Duration::from_secs(600),
+            host_store: !launch.agent_store,
+            prefix: format!("vq/attempt_{}", launch.attempt),
         }
     }
 
@@ -205,11 +215,18 @@ impl ProcessGroup {
             why: "contains a NUL byte".into(),
         })?;
         let timeout_ms = i64::try_from(cfg.timeout.as_millis()).unwrap_or(i64::MAX);
-        // SAFETY: host is a valid C string for the call.
+        let prefix = CString::new(cfg.prefix.as_str()).map_err(|_| DistError::Join {
+            rank: cfg.rank,
+            why: "the store prefix contains a NUL byte".into(),
+        })?;
+        let is_server = i32::from(cfg.rank == 0 && cfg.host_store);
+        // SAFETY: host and prefix are valid C strings for the call.
         let raw = unsafe {
             vq_dist_store_connect(
                 host.as_ptr(),
                 i32::from(cfg.master_port),
+                is_server,
+                prefix.as_ptr(),
                 cfg.rank as i32,
                 cfg.world as i32,
                 timeout_ms,
@@ -218,7 +235,7 @@ impl ProcessGroup {
         if raw.is_null() {
             let detail = last_error();
             let in_use = detail.contains("in use") || detail.contains("EADDRINUSE");
-            return Err(if cfg.rank == 0 && in_use {
+            return Err(if is_server == 1 && in_use {
                 DistError::PortInUse {
                     addr: cfg.master_addr.clone(),
                     port: cfg.master_port,
@@ -501,8 +518,7 @@ impl ProcessGroup {
     pub fn all_reduce_sum_autograd(&self, t: &Tensor) -> Result<Tensor> {
         self.ready("all_reduce (autograd)")?;
         // SAFETY: raw is live; t is borrowed; the shim returns null or a new tensor we own.
-        let out =
-            unsafe { vq_dist_allreduce_sum_autograd(self.raw, t.as_ptr() as *mut C_tensor) };
+        let out = unsafe { vq_dist_allreduce_sum_autograd(self.raw, t.as_ptr() as *mut C_tensor) };
         if out.is_null() {
             let detail = first_line(&last_error());
             self.poison();
@@ -539,7 +555,12 @@ impl ProcessGroup {
     ///
     /// # Errors
     /// [`DistError::Lost`].
-    pub fn broadcast_all(&self, tensors: &[Tensor], root: usize, bucket_bytes: usize) -> Result<()> {
+    pub fn broadcast_all(
+        &self,
+        tensors: &[Tensor],
+        root: usize,
+        bucket_bytes: usize,
+    ) -> Result<()> {
         for bucket in buckets(tensors, bucket_bytes) {
             let flat = flatten(&bucket);
             self.broadcast(&flat, root)?;
@@ -720,7 +741,11 @@ pub fn fingerprint(tensors: &[Tensor]) -> Vec<u8> {
     let mut out = Vec::new();
     tch::no_grad(|| {
         for t in tensors {
-            let x = t.detach().to_device(Device::Cpu).to_kind(Kind::Double).reshape([-1]);
+            let x = t
+                .detach()
+                .to_device(Device::Cpu)
+                .to_kind(Kind::Double)
+                .reshape([-1]);
             let w = Tensor::arange(x.numel() as i64, (Kind::Double, Device::Cpu)).sin();
             for v in [
                 x.sum(Kind::Double),
@@ -758,7 +783,10 @@ mod tests {
         let bucket = vec![a.shallow_clone(), b.shallow_clone()];
         let flat = flatten(&bucket) * 2.0;
         unflatten(&flat, &bucket);
-        assert_eq!(Vec::<f32>::try_from(a.view([-1])).unwrap(), [2.0, 4.0, 6.0, 8.0]);
+        assert_eq!(
+            Vec::<f32>::try_from(a.view([-1])).unwrap(),
+            [2.0, 4.0, 6.0, 8.0]
+        );
         assert_eq!(Vec::<f32>::try_from(b).unwrap(), [10.0]);
     }
 

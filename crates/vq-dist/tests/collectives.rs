@@ -24,6 +24,8 @@ fn config(rank: usize, world: usize, port: u16) -> GroupConfig {
         master_port: port,
         device: Device::Cpu,
         timeout: Duration::from_secs(20),
+        host_store: true,
+        prefix: "test".into(),
     }
 }
 
@@ -63,7 +65,9 @@ fn collectives_match_their_definitions() {
         pg.broadcast(&b, 1).unwrap();
         assert_eq!(values(&b), [1.0; 3]);
         // all-gather in rank order.
-        let g = pg.all_gather(&Tensor::from_slice(&[r, -r]).view([1, 2])).unwrap();
+        let g = pg
+            .all_gather(&Tensor::from_slice(&[r, -r]).view([1, 2]))
+            .unwrap();
         assert_eq!(g.size(), [2, 1, 2]);
         assert_eq!(values(&g), [0.0, -0.0, 1.0, -1.0]);
         // Bucketed mean over several tensors and two dtypes, buckets smaller than the tensors.
@@ -76,7 +80,11 @@ fn collectives_match_their_definitions() {
         assert_eq!(values(&ts[0]), [1.0; 5]);
         assert_eq!(values(&ts[1]), [2.0; 4]);
         assert_eq!(values(&ts[2]), [1.5; 3]);
-        let ps = vec![Tensor::full([4], f64::from(r) + 7.0, (Kind::Float, Device::Cpu))];
+        let ps = vec![Tensor::full(
+            [4],
+            f64::from(r) + 7.0,
+            (Kind::Float, Device::Cpu),
+        )];
         pg.broadcast_all(&ps, 0, 1 << 20).unwrap();
         assert_eq!(values(&ps[0]), [7.0; 4]);
         // Differentiable all-reduce: d/dx_r of (Σ_r x_r)·w_r summed over ranks = Σ_r w_r.
@@ -120,7 +128,7 @@ fn disagreeing_world_sizes_fail_at_start() {
     let e0 = r0.join().unwrap().unwrap_err().to_string();
     let e1 = r1.join().unwrap().unwrap_err().to_string();
     assert!(e0.contains("WORLD_SIZE=3") && e0.contains("rank 1"), "{e0}");
-    assert!(e1.contains("WORLD_SIZE") , "{e1}");
+    assert!(e1.contains("WORLD_SIZE"), "{e1}");
 }
 
 #[test]
@@ -132,7 +140,7 @@ fn a_duplicate_rank_fails_at_start() {
             std::thread::spawn(move || {
                 let mut c = config(rank, 2, port);
                 c.timeout = Duration::from_secs(5);
-                ProcessGroup::join(&c).map(|pg| std::mem::forget(pg))
+                ProcessGroup::join(&c).map(std::mem::forget)
             })
         })
         .collect();
@@ -141,7 +149,9 @@ fn a_duplicate_rank_fails_at_start() {
         .filter_map(|h| h.join().unwrap().err().map(|e| e.to_string()))
         .collect();
     assert!(
-        errors.iter().any(|e| e.contains("two processes were started as rank 1")),
+        errors
+            .iter()
+            .any(|e| e.contains("two processes were started as rank 1")),
         "{errors:?}"
     );
 }

@@ -358,7 +358,10 @@ pub fn sync_batch_norm(x: &Tensor, bn: &nn::BatchNorm, group: &ProcessGroup) -> 
     let to_group = |t: Tensor| t.to_device(group.device());
     let back = |t: Tensor| t.to_device(x.device());
     let counts = Tensor::from_slice(&[local as f32]).to_device(x.device());
-    let sums = Tensor::cat(&[x.sum_dim_intlist(&dims[..], false, Kind::Float), counts], 0);
+    let sums = Tensor::cat(
+        &[x.sum_dim_intlist(&dims[..], false, Kind::Float), counts],
+        0,
+    );
     let sums = back(group.all_reduce_sum_autograd(&to_group(sums))?);
     let n = f64::try_from(sums.get(c)).unwrap_or(f64::NAN);
     let mean = sums.narrow(0, 0, c) / n;
@@ -369,13 +372,16 @@ pub fn sync_batch_norm(x: &Tensor, bn: &nn::BatchNorm, group: &ProcessGroup) -> 
     let var = back(group.all_reduce_sum_autograd(&to_group(m2))?) / n;
     let mut y = &centred * (&var + BN_EPS).rsqrt().view([1, c, 1, 1]);
     if let Some(w) = &bn.ws {
-        y = y * w.view([1, c, 1, 1]);
+        y = &y * w.view([1, c, 1, 1]);
     }
     if let Some(b) = &bn.bs {
-        y = y + b.view([1, c, 1, 1]);
+        y = &y + b.view([1, c, 1, 1]);
     }
     tch::no_grad(|| {
-        let (mut rm, mut rv) = (bn.running_mean.shallow_clone(), bn.running_var.shallow_clone());
+        let (mut rm, mut rv) = (
+            bn.running_mean.shallow_clone(),
+            bn.running_var.shallow_clone(),
+        );
         let unbiased = var.detach() * (n / (n - 1.0).max(1.0));
         let _ = rm
             .g_mul_scalar_(1.0 - BN_MOMENTUM)

@@ -9,9 +9,9 @@ use std::sync::Arc;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use vq_dist::ProcessGroup;
 use tch::{Device, Kind, Reduction, Tensor, nn};
 use vq_core::{BetaPlacement, EmaCodebook, EmaConfig, Estimator, Metric};
+use vq_dist::ProcessGroup;
 
 use crate::error::{Result, VqTchError};
 use crate::{apply_estimator, nearest_codes};
@@ -600,7 +600,10 @@ impl VectorQuantizer {
         } else {
             crate::ema::batch_statistics(e, idx, k)
         };
-        let (counts, sums) = (counts.to_device(group.device()), sums.to_device(group.device()));
+        let (counts, sums) = (
+            counts.to_device(group.device()),
+            sums.to_device(group.device()),
+        );
         group.all_reduce_sum(&counts)?;
         group.all_reduce_sum(&sums)?;
         let pool = if ema.config.dead_code_threshold() > 0.0 {

@@ -120,7 +120,10 @@ impl Dist {
             .iter()
             .map(|(n, t)| format!("{n}:{:?}:{:?};", t.size(), t.kind()))
             .collect();
-        g.check_same(&format!("the {what}'s variables (names, shapes)"), layout.as_bytes())?;
+        g.check_same(
+            &format!("the {what}'s variables (names, shapes)"),
+            layout.as_bytes(),
+        )?;
         let tensors: Vec<Tensor> = vars.iter().map(|(_, t)| t.shallow_clone()).collect();
         tch::no_grad(|| g.broadcast_all(&tensors, 0, DEFAULT_BUCKET_BYTES))?;
         let state = opt.state_tensors();

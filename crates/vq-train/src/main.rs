@@ -7,8 +7,8 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use tch::{Device, nn};
-use vq_models::{Preset, VqAutoencoder};
 use vq_dist::Launch;
+use vq_models::{Preset, VqAutoencoder};
 use vq_tch::Estimator;
 use vq_train::checkpoint;
 use vq_train::compare::{compare, default_out, evaluate_run, markdown};
@@ -285,7 +285,8 @@ fn launch_local(n: usize, timeout_s: u64) -> Result<()> {
         .port();
     // As torchrun: the ranks share the cores (libtorch reads OMP_NUM_THREADS at start).
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
-    let threads = std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| (cores / n).max(1).to_string());
+    let threads =
+        std::env::var("OMP_NUM_THREADS").unwrap_or_else(|_| (cores / n).max(1).to_string());
     let mut children = Vec::new();
     for rank in 0..n {
         let child = Process::new(&exe)
@@ -379,10 +380,10 @@ fn main() -> Result<()> {
                         .context("the launch environment vanished")?;
                     if pg.is_main() {
                         eprintln!(
-                            "data-parallel: {} ranks over {} ({:?} launch), global batch {} = {} × micro-batch {} × {} accumulation",
+                            "data-parallel: {} ranks over {} (from {}), global batch {} = {} × micro-batch {} × {} accumulation",
                             pg.world(),
                             pg.backend().name(),
-                            launch.launcher,
+                            launch.launcher.describe(),
                             opts.config.training.batch_size,
                             pg.world(),
                             opts.config.micro_batch,

@@ -181,7 +181,8 @@ impl<'a> Trainer<'a> {
             rank: dist.rank(),
             world: dist.world(),
         };
-        let batches = TrainBatches::sharded(&data, cfg.seed, cfg.micro_batch, start * accum, shard)?;
+        let batches =
+            TrainBatches::sharded(&data, cfg.seed, cfg.micro_batch, start * accum, shard)?;
         let logger = Logger::new(opts, dist.is_main(), start)?;
         Ok(Self {
             opts,
@@ -212,7 +213,8 @@ impl<'a> Trainer<'a> {
             let (stats, lr, grad_norm) = self.step(step)?;
             let done = step + 1;
             let stop = self.opts.stop_after == Some(done);
-            self.logger.record(done, lr, &stats, grad_norm, done == steps || stop)?;
+            self.logger
+                .record(done, lr, &stats, grad_norm, done == steps || stop)?;
             if done.is_multiple_of(self.opts.checkpoint_every.max(1)) || done == steps || stop {
                 self.checkpointer
                     .save(done, &self.vs, &self.opt, self.gan.as_ref())?;
@@ -348,10 +350,7 @@ impl<'a> Trainer<'a> {
         let mut nll = g.config.pixel_loss(x, &out.reconstruction);
         if let Some(lp) = &self.lpips {
             let p = lp
-                .forward(
-                    &frames_as_images(x),
-                    &frames_as_images(&out.reconstruction),
-                )
+                .forward(&frames_as_images(x), &frames_as_images(&out.reconstruction))
                 .mean(Kind::Float);
             nll += p * g.config.perceptual_weight;
         }

@@ -151,7 +151,10 @@ fn latest(run: &Path) -> PathBuf {
 
 /// max |a − b| / (1 + max |a|) over every tensor of two checkpoints' `file`.
 fn max_difference(a: &Path, b: &Path, file: &str) -> (f64, String) {
-    let (ta, tb) = (tensors(&latest(a).join(file)), tensors(&latest(b).join(file)));
+    let (ta, tb) = (
+        tensors(&latest(a).join(file)),
+        tensors(&latest(b).join(file)),
+    );
     assert_eq!(
         ta.keys().collect::<std::collections::BTreeSet<_>>(),
         tb.keys().collect::<std::collections::BTreeSet<_>>()
@@ -221,7 +224,11 @@ fn two_ranks_train_an_ema_vqvae_as_one_process_with_the_whole_batch() {
         tensors(&latest(&r1).join("model.safetensors")),
         tensors(&latest(&r2).join("model.safetensors")),
     );
-    for k in ["quantize.codebook", "quantize.ema_cluster_size", "quantize.ema_running_sum"] {
+    for k in [
+        "quantize.codebook",
+        "quantize.ema_cluster_size",
+        "quantize.ema_running_sum",
+    ] {
         let diff = f64::try_from((&ta[k] - &tb[k]).abs().max()).unwrap();
         assert!(diff < 1e-4, "{k} differs by {diff:.2e}");
     }
@@ -235,7 +242,15 @@ fn two_ranks_train_an_ema_vqvae_as_one_process_with_the_whole_batch() {
     assert_same_losses(
         &r1,
         &r2,
-        &["loss", "rec", "commitment", "quantization_error", "usage", "perplexity", "grad_norm"],
+        &[
+            "loss",
+            "rec",
+            "commitment",
+            "quantization_error",
+            "usage",
+            "perplexity",
+            "grad_norm",
+        ],
         TOL,
     );
     // Only rank 0 wrote the folder, and evaluated.
@@ -259,7 +274,15 @@ fn two_ranks_train_a_vqgan_as_one_process_with_the_whole_batch() {
     assert_same_losses(
         &r1,
         &r2,
-        &["loss", "rec", "d_loss", "g_loss", "d_weight", "usage", "grad_norm"],
+        &[
+            "loss",
+            "rec",
+            "d_loss",
+            "g_loss",
+            "d_weight",
+            "usage",
+            "grad_norm",
+        ],
         TOL,
     );
     let m = metrics(&r2);
@@ -274,7 +297,10 @@ fn an_interrupted_two_rank_run_resumes_exactly() {
     train(&cfg, &a, &["--nproc", "2"]);
     train(&cfg, &b, &["--nproc", "2", "--stop-after", "2"]);
     let out = train(&cfg, &b, &["--nproc", "2", "--resume"]);
-    assert!(out.contains("resuming") && out.contains("at step 2"), "{out}");
+    assert!(
+        out.contains("resuming") && out.contains("at step 2"),
+        "{out}"
+    );
     let (d, name) = max_difference(&a, &b, "model.safetensors");
     assert_eq!(d, 0.0, "resumed weights differ in {name}");
     let (d, name) = max_difference(&a, &b, "optimizer.safetensors");
@@ -308,7 +334,10 @@ fn a_killed_rank_makes_the_other_exit_naming_it_and_keeps_the_checkpoint() {
     while vq_train::checkpoint::latest(&run).ok().flatten().is_none() {
         assert!(began.elapsed() < Duration::from_secs(120), "no checkpoint");
         if let Some(s) = r0.try_wait().unwrap() {
-            panic!("rank 0 stopped early ({s}): {}", text(&r0.wait_with_output().unwrap()));
+            panic!(
+                "rank 0 stopped early ({s}): {}",
+                text(&r0.wait_with_output().unwrap())
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -331,6 +360,105 @@ fn a_killed_rank_makes_the_other_exit_naming_it_and_keeps_the_checkpoint() {
     assert!(state["step"].as_u64().unwrap() >= 3);
     assert!(!tensors(&ckpt.join("model.safetensors")).is_empty());
     assert!(!tensors(&ckpt.join("optimizer.safetensors")).is_empty());
+}
+
+#[test]
+fn a_hung_rank_makes_the_other_exit_within_the_timeout() {
+    let dir = tmp("hang");
+    let cfg = write_config(&dir, "two.json", &small_vqvae(100_000, 8));
+    let run = dir.join("run");
+    let port = free_port();
+    let args = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--checkpoint-every",
+        "3",
+        "--dist-timeout",
+        "5",
+    ];
+    let mut r0 = spawn_rank(0, 2, port, &args);
+    let mut r1 = spawn_rank(1, 2, port, &args);
+    let began = Instant::now();
+    while vq_train::checkpoint::latest(&run).ok().flatten().is_none() {
+        assert!(began.elapsed() < Duration::from_secs(120), "no checkpoint");
+        if let Some(s) = r0.try_wait().unwrap() {
+            panic!(
+                "rank 0 stopped early ({s}): {}",
+                text(&r0.wait_with_output().unwrap())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let stop = |sig: &str| {
+        Command::new("kill")
+            .args([sig, &r1.id().to_string()])
+            .status()
+            .unwrap()
+    };
+    assert!(stop("-STOP").success());
+    let stopped = Instant::now();
+    let out = r0.wait_with_output().unwrap();
+    let waited = stopped.elapsed();
+    let _ = r1.kill();
+    let _ = r1.wait();
+    let t = text(&out);
+    assert!(!out.status.success(), "{t}");
+    assert!(t.contains("rank(s) [1] stopped"), "{t}");
+    assert!(waited < Duration::from_secs(5 + 15), "took {waited:?}");
+}
+
+#[test]
+fn torchrun_launches_the_binary() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.libtorch/site");
+    let torchrun = root.join("bin/torchrun");
+    if !torchrun.is_file() {
+        eprintln!(
+            "skipped: {} is absent (libtorch adopted from LIBTORCH, not installed by `cargo xtask setup`)",
+            torchrun.display()
+        );
+        return;
+    }
+    let dir = tmp("torchrun");
+    let cfg = write_config(&dir, "two.json", &small_vqvae(2, 8));
+    let run = dir.join("run");
+    let o = Command::new("python3")
+        .arg(&torchrun)
+        .args(["--no-python", "--nproc-per-node", "2", "--master-port"])
+        .arg(free_port().to_string())
+        .arg(env!("CARGO_BIN_EXE_vq-train"))
+        .args(["train", "--quiet", "--threads", "1", "--config"])
+        .arg(&cfg)
+        .arg("--out")
+        .arg(&run)
+        .env("PYTHONPATH", &root)
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("2 ranks over gloo"), "{t}");
+    assert_eq!(metrics(&run).last().unwrap()["step"], 2);
+}
+
+#[test]
+fn a_run_resumes_on_another_world_size() {
+    let dir = tmp("reshape");
+    let cfg = write_config(&dir, "c.json", &small_vqvae(4, 8));
+    let run = dir.join("run");
+    train(&cfg, &run, &["--nproc", "2", "--stop-after", "2"]);
+    // One process, two micro-batches of 8 per step: the same images in the same steps.
+    let out = train(&cfg, &run, &["--resume", "--stop-after", "3"]);
+    assert!(out.contains("at step 2"), "{out}");
+    let out = train(&cfg, &run, &["--resume", "--nproc", "2"]);
+    assert!(out.contains("at step 3 on 2 ranks"), "{out}");
+    let m = metrics(&run);
+    assert_eq!(
+        m.iter()
+            .map(|l| l["step"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
 }
 
 #[test]
