@@ -155,3 +155,28 @@ fn a_duplicate_rank_fails_at_start() {
         "{errors:?}"
     );
 }
+
+#[test]
+fn a_rank_that_reports_its_failure_is_named_by_the_others() {
+    let port = free_port();
+    let r1 = std::thread::spawn(move || {
+        let mut c = config(1, 2, port);
+        c.timeout = Duration::from_secs(3);
+        let pg = ProcessGroup::join(&c).unwrap();
+        pg.report_failure("data/x.jpg: not a JPEG");
+        // Gone without a word: the peer's next collective times out.
+        std::mem::forget(pg);
+    });
+    let mut c = config(0, 2, port);
+    c.timeout = Duration::from_secs(3);
+    let pg = ProcessGroup::join(&c).unwrap();
+    r1.join().unwrap();
+    let err = pg
+        .all_reduce_sum(&Tensor::from_slice(&[1.0f32]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("rank 1 failed: data/x.jpg: not a JPEG"), "{err}");
+    // The group is poisoned: later calls fail at once.
+    let again = pg.barrier().unwrap_err().to_string();
+    assert!(again.contains("already failed"), "{again}");
+}
