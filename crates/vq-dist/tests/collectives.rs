@@ -175,7 +175,10 @@ fn a_rank_that_reports_its_failure_is_named_by_the_others() {
         .all_reduce_sum(&Tensor::from_slice(&[1.0f32]))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("rank 1 failed: data/x.jpg: not a JPEG"), "{err}");
+    assert!(
+        err.contains("rank 1 failed: data/x.jpg: not a JPEG"),
+        "{err}"
+    );
     // The group is poisoned: later calls fail at once.
     let again = pg.barrier().unwrap_err().to_string();
     assert!(again.contains("already failed"), "{again}");

@@ -647,16 +647,36 @@ impl VectorQuantizer {
 /// The rows of every rank's `e` (N, D) in the order of the union batch, where `e` holds
 /// `per_sample` consecutive rows per sample (H·W latents of an image): rank r's sample j is
 /// sample `j·world + r` of the union, the order in which the data-parallel trainer deals a
-/// batch out to the ranks.
+/// batch out to the ranks. Ranks with fewer rows (samples skipped as unreadable) are padded for
+/// the all-gather and their rows then taken rank after rank.
 fn union_rows(group: &ProcessGroup, e: &Tensor, per_sample: i64) -> Result<Tensor> {
     let (n, d) = (e.size()[0], e.size()[1]);
-    let all = group.all_gather(&e.to_device(group.device()).contiguous())?;
+    let dev = group.device();
+    let sizes = group.all_gather(&Tensor::from_slice(&[n]).to_device(dev))?;
+    let sizes = Vec::<i64>::try_from(sizes.to_device(Device::Cpu).view([-1]))
+        .map_err(|err| VqTchError::Torch(err.to_string()))?;
+    let most = sizes.iter().copied().max().unwrap_or(n);
     let world = group.world() as i64;
-    Ok(all
-        .view([world, n / per_sample, per_sample, d])
-        .transpose(0, 1)
-        .reshape([-1, d])
-        .to_device(e.device()))
+    let rows = e.to_device(dev).to_kind(Kind::Float);
+    let padded = if n < most {
+        Tensor::cat(&[rows, Tensor::zeros([most - n, d], (Kind::Float, dev))], 0)
+    } else {
+        rows
+    };
+    let all = group.all_gather(&padded.contiguous())?;
+    let union = if sizes.iter().all(|&s| s == n) {
+        all.view([world, n / per_sample, per_sample, d])
+            .transpose(0, 1)
+            .reshape([-1, d])
+    } else {
+        let parts: Vec<Tensor> = sizes
+            .iter()
+            .enumerate()
+            .map(|(r, &s)| all.get(r as i64).narrow(0, 0, s))
+            .collect();
+        Tensor::cat(&parts, 0)
+    };
+    Ok(union.to_device(e.device()))
 }
 
 fn indices_u32(idx: &Tensor) -> Result<Vec<u32>> {

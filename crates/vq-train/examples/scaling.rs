@@ -13,7 +13,10 @@ use vq_models::{Discriminator, Preset, VqAutoencoder};
 use vq_tch::CodebookLearning;
 
 fn trainable(vs: &nn::VarStore) -> i64 {
-    vs.trainable_variables().iter().map(|t| t.numel() as i64).sum()
+    vs.trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum()
 }
 
 fn ring_ms(bytes: f64, n: f64, gbps: f64) -> f64 {
