@@ -16,6 +16,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
 #include <mutex>
@@ -170,7 +171,14 @@ int32_t vq_dist_init_backend(void* group, int32_t backend, int64_t heartbeat_ms)
   return guarded([&] {
     if (backend == 0) {
       auto opts = c10d::ProcessGroupGloo::Options::create(g->timeout);
-      opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+      // As torch.distributed: the interface named by GLOO_SOCKET_IFNAME, else the address the
+      // host name resolves to.
+      const char* ifname = std::getenv("GLOO_SOCKET_IFNAME");
+      if (ifname != nullptr && *ifname != '\0') {
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDeviceForInterface(std::string(ifname)));
+      } else {
+        opts->devices.push_back(c10d::ProcessGroupGloo::createDefaultDevice());
+      }
       g->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(g->store, g->rank, g->world, opts);
     } else {
 #ifdef VQ_DIST_NCCL

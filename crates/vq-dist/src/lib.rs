@@ -372,15 +372,23 @@ impl ProcessGroup {
 
     fn ready(&self, op: &'static str) -> Result<()> {
         if self.healthy.load(Ordering::SeqCst) {
-            Ok(())
-        } else {
-            Err(DistError::Lost {
-                rank: self.rank,
-                op,
-                lost: "the group already failed".into(),
-                detail: "an earlier collective failed".into(),
-            })
+            return Ok(());
         }
+        let finished = self.finished.load(Ordering::SeqCst);
+        Err(DistError::Lost {
+            rank: self.rank,
+            op,
+            lost: if finished {
+                "the group was finished".into()
+            } else {
+                "the group already failed".into()
+            },
+            detail: if finished {
+                "no collective may follow finish()".into()
+            } else {
+                "an earlier collective failed".into()
+            },
+        })
     }
 
     /// Runs a collective; on failure poisons the group and names the lost ranks.

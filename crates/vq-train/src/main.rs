@@ -258,9 +258,9 @@ impl RunArgs {
 
 /// `train --nproc N`: starts N ranks of this same command on this machine with the variables
 /// torchrun sets (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `LOCAL_WORLD_SIZE`, `MASTER_ADDR`,
-/// `MASTER_PORT` = a free port) and waits for them. When one fails, the others stop by
-/// themselves within the collective timeout (naming it); any left after that are killed.
-fn launch_local(n: usize, timeout_s: u64) -> Result<()> {
+/// `MASTER_PORT` = a free port) and waits for them. When one fails, the others get a few seconds
+/// to stop by themselves (their errors name it), then any left are killed, as torchrun does.
+fn launch_local(n: usize) -> Result<()> {
     use std::process::Command as Process;
     use std::time::{Duration, Instant};
     if n == 0 {
@@ -304,7 +304,8 @@ fn launch_local(n: usize, timeout_s: u64) -> Result<()> {
     }
     let mut failed: Vec<String> = Vec::new();
     let mut first_failure: Option<Instant> = None;
-    let grace = Duration::from_secs(timeout_s.max(1) + 30);
+    // Long enough for a survivor's diagnosis (heartbeats watched for 2.5 s) to be printed.
+    let grace = Duration::from_secs(10);
     while children.iter().any(Option::is_some) {
         for (rank, slot) in children.iter_mut().enumerate() {
             let Some(child) = slot else { continue };
@@ -321,7 +322,7 @@ fn launch_local(n: usize, timeout_s: u64) -> Result<()> {
                 if let Some(mut child) = slot.take() {
                     let _ = child.kill();
                     let _ = child.wait();
-                    failed.push(format!("rank {rank} (killed after the others failed)"));
+                    failed.push(format!("rank {rank} (stopped: another rank had failed)"));
                 }
             }
         }
@@ -367,7 +368,7 @@ fn main() -> Result<()> {
         }
         Command::Train(args) => {
             if let Some(n) = args.nproc {
-                return launch_local(n, args.dist_timeout);
+                return launch_local(n);
             }
             let est = args.estimator.clone().unwrap_or_else(|| "rotation".into());
             let mut opts =
