@@ -35,9 +35,6 @@ fn main() -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|");
     for preset in Preset::ALL {
-        if preset == Preset::DemoFashionMnist {
-            continue;
-        }
         let cfg = preset.config();
         let vs = nn::VarStore::new(Device::Cpu);
         let _ae = VqAutoencoder::new(&vs.root(), &cfg)?;
