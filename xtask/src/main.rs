@@ -122,6 +122,7 @@ fn main() -> Result<()> {
         Cmd::Toy => toy(&root),
         Cmd::GpuCheck => {
             setup::run(&root, false)?;
+            setup::cuda_headers(&root);
             if let Ok(out) = Command::new("nvidia-smi").output() {
                 eprintln!("{}", String::from_utf8_lossy(&out.stdout));
             }
@@ -157,6 +158,7 @@ fn main() -> Result<()> {
                 ],
                 &[],
             )?;
+            gpu_check_distributed(&root)?;
             // Short runs on synthetic data (steps/s and memory on the GPU): a Table-1 VQ-VAE,
             // the Table-4 ViT-VQGAN and the Table-5 BAIR video tokenizer, at the paper's batch
             // sizes for the latter two.
@@ -212,6 +214,49 @@ fn main() -> Result<()> {
             bench(&root, &lt, threads, quick)
         }
     }
+}
+
+/// The NCCL path: vq-dist's tests (a world of one on cuda:0), then the demo trained with one
+/// rank per visible GPU (`train --nproc N --device cuda`).
+fn gpu_check_distributed(root: &Path) -> Result<()> {
+    cargo(root, &["test", "--release", "-p", "vq-dist"], &[])?;
+    let gpus = Command::new("nvidia-smi")
+        .arg("--list-gpus")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
+        .unwrap_or(1)
+        .max(1)
+        .to_string();
+    let out = "runs/gpu-check/nccl-demo";
+    let run = root.join(out);
+    if run.exists() {
+        std::fs::remove_dir_all(&run).with_context(|| format!("removing {}", run.display()))?;
+    }
+    cargo(
+        root,
+        &[
+            "run",
+            "--release",
+            "-p",
+            "vq-train",
+            "--",
+            "train",
+            "--nproc",
+            &gpus,
+            "--device",
+            "cuda",
+            "--preset",
+            "demo-fashion-mnist",
+            "--steps",
+            "30",
+            "--log-every",
+            "10",
+            "--out",
+            out,
+            "--quiet",
+        ],
+        &[],
+    )
 }
 
 /// The workspace root (the parent of this crate's folder).

@@ -26,7 +26,7 @@
 
 #ifdef VQ_DIST_NCCL
 c10::intrusive_ptr<c10d::Backend> vq_dist_make_nccl(const c10::intrusive_ptr<c10d::Store>& store, int rank, int world,
-                                                    std::chrono::milliseconds timeout);
+                                                    std::chrono::milliseconds timeout, int device);
 #endif
 
 namespace {
@@ -38,6 +38,7 @@ struct Group {
   c10::intrusive_ptr<c10d::Backend> backend;
   int rank = 0;
   int world = 1;
+  int cuda_device = -1;  // NCCL: this rank's GPU
   std::chrono::milliseconds timeout{0};
   std::thread heartbeat;
   std::mutex mutex;
@@ -165,8 +166,9 @@ int32_t vq_dist_store_add(void* group, const char* key, int64_t delta, int64_t* 
   return guarded([&] { *value = g->store->add(key, delta); });
 }
 
-// Creates the process group on the joined store and starts the heartbeat.
-int32_t vq_dist_init_backend(void* group, int32_t backend, int64_t heartbeat_ms) {
+// Creates the process group on the joined store and starts the heartbeat. backend: 0 Gloo, 1 NCCL
+// on CUDA device `cuda_device`.
+int32_t vq_dist_init_backend(void* group, int32_t backend, int32_t cuda_device, int64_t heartbeat_ms) {
   auto g = static_cast<Group*>(group);
   return guarded([&] {
     if (backend == 0) {
@@ -182,7 +184,8 @@ int32_t vq_dist_init_backend(void* group, int32_t backend, int64_t heartbeat_ms)
       g->backend = c10::make_intrusive<c10d::ProcessGroupGloo>(g->store, g->rank, g->world, opts);
     } else {
 #ifdef VQ_DIST_NCCL
-      g->backend = vq_dist_make_nccl(g->store, g->rank, g->world, g->timeout);
+      g->cuda_device = cuda_device;
+      g->backend = vq_dist_make_nccl(g->store, g->rank, g->world, g->timeout, cuda_device);
 #else
       TORCH_CHECK(false, "this build of vq-dist has no NCCL (libtorch without CUDA, or nccl.h not found)");
 #endif
@@ -224,7 +227,11 @@ int32_t vq_dist_allgather(void* group, at::Tensor* out, at::Tensor* t) {
 
 int32_t vq_dist_barrier(void* group) {
   auto g = static_cast<Group*>(group);
-  return guarded([&] { wait(g->backend->barrier()); });
+  return guarded([&] {
+    c10d::BarrierOptions opts;
+    if (g->cuda_device >= 0) opts.device_ids = {g->cuda_device};
+    wait(g->backend->barrier(opts));
+  });
 }
 
 // Differentiable all-reduce; returns a new tensor or nullptr.

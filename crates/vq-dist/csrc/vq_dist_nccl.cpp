@@ -4,8 +4,12 @@
 
 #include <torch/csrc/distributed/c10d/ProcessGroupNCCL.hpp>
 
+// The group of this rank's GPU `device`. NCCL creates its communicators lazily on the device of
+// the first collective's tensors (the trainer keeps them on cuda:LOCAL_RANK); barriers name the
+// device explicitly (vq_dist_barrier).
 c10::intrusive_ptr<c10d::Backend> vq_dist_make_nccl(const c10::intrusive_ptr<c10d::Store>& store, int rank, int world,
-                                                    std::chrono::milliseconds timeout) {
+                                                    std::chrono::milliseconds timeout, int device) {
+  (void)device;
   auto opts = c10d::ProcessGroupNCCL::Options::create();
   opts->timeout = timeout;
   return c10::make_intrusive<c10d::ProcessGroupNCCL>(store, rank, world, opts);

@@ -59,7 +59,12 @@ unsafe extern "C" {
     fn vq_dist_free_bytes(p: *mut u8);
     fn vq_dist_store_check(g: *mut c_void, key: *const c_char, found: *mut i32) -> i32;
     fn vq_dist_store_add(g: *mut c_void, key: *const c_char, delta: i64, value: *mut i64) -> i32;
-    fn vq_dist_init_backend(g: *mut c_void, backend: i32, heartbeat_ms: i64) -> i32;
+    fn vq_dist_init_backend(
+        g: *mut c_void,
+        backend: i32,
+        cuda_device: i32,
+        heartbeat_ms: i64,
+    ) -> i32;
     fn vq_dist_allreduce_sum(g: *mut c_void, t: *mut C_tensor) -> i32;
     fn vq_dist_broadcast(g: *mut c_void, t: *mut C_tensor, root: i32) -> i32;
     fn vq_dist_allgather(g: *mut c_void, out: *mut C_tensor, t: *mut C_tensor) -> i32;
@@ -209,6 +214,18 @@ impl ProcessGroup {
         if !backend.compiled() {
             return Err(DistError::NoNccl);
         }
+        if backend == Backend::Nccl
+            && let Device::Cuda(i) = cfg.device
+            && !(tch::Cuda::is_available() && (i as i64) < tch::Cuda::device_count())
+        {
+            return Err(DistError::Join {
+                rank: cfg.rank,
+                why: format!(
+                    "the nccl backend runs on cuda:{i}, but libtorch sees {} CUDA device(s)",
+                    tch::Cuda::device_count()
+                ),
+            });
+        }
         let host = CString::new(cfg.master_addr.as_str()).map_err(|_| DistError::Env {
             var: "MASTER_ADDR",
             value: cfg.master_addr.clone(),
@@ -261,8 +278,14 @@ impl ProcessGroup {
         };
         pg.check_membership()?;
         let heartbeat_ms = HEARTBEAT.as_millis() as i64;
+        let cuda_device = match cfg.device {
+            Device::Cuda(i) => i as i32,
+            _ => -1,
+        };
         // SAFETY: raw is the live group returned above.
-        if unsafe { vq_dist_init_backend(pg.raw, backend_code(backend), heartbeat_ms) } != 0 {
+        if unsafe { vq_dist_init_backend(pg.raw, backend_code(backend), cuda_device, heartbeat_ms) }
+            != 0
+        {
             let detail = last_error();
             pg.poison();
             return Err(DistError::Join {

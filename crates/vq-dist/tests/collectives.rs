@@ -183,3 +183,25 @@ fn a_rank_that_reports_its_failure_is_named_by_the_others() {
     let again = pg.barrier().unwrap_err().to_string();
     assert!(again.contains("already failed"), "{again}");
 }
+
+/// CUDA tensors get NCCL, chosen by the same code as Gloo; without a GPU the error says so, on
+/// a GPU machine a world of one runs the NCCL collectives.
+#[test]
+fn cuda_devices_get_nccl() {
+    let mut cfg = config(0, 1, free_port());
+    cfg.device = Device::Cuda(0);
+    assert_eq!(cfg.backend(), vq_dist::Backend::Nccl);
+    assert!(vq_dist::Backend::Nccl.compiled() || !tch::Cuda::is_available());
+    if !tch::Cuda::is_available() {
+        let err = ProcessGroup::join(&cfg).unwrap_err().to_string();
+        assert!(err.contains("nccl") && err.contains("cuda:0"), "{err}");
+        return;
+    }
+    let pg = ProcessGroup::join(&cfg).unwrap();
+    let t = Tensor::from_slice(&[2.0f32, 3.0]).to_device(Device::Cuda(0));
+    pg.all_reduce_sum(&t).unwrap();
+    assert_eq!(values(&t.to_device(Device::Cpu)), [2.0, 3.0]);
+    let g = pg.all_gather(&t).unwrap();
+    assert_eq!(g.size(), [1, 2]);
+    pg.finish().unwrap();
+}
