@@ -217,7 +217,7 @@ fn main() -> Result<()> {
 }
 
 /// The NCCL path: vq-dist's tests (a world of one on cuda:0), then the demo trained with one
-/// rank per visible GPU (`train --nproc N --device cuda`).
+/// rank per visible GPU (`train --nproc N --device cuda`, micro-batch 64 per rank).
 fn gpu_check_distributed(root: &Path) -> Result<()> {
     cargo(root, &["test", "--release", "-p", "vq-dist"], &[])?;
     let gpus = Command::new("nvidia-smi")
@@ -225,8 +225,10 @@ fn gpu_check_distributed(root: &Path) -> Result<()> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).lines().count())
         .unwrap_or(1)
-        .max(1)
-        .to_string();
+        .max(1);
+    // The demo's micro-batch of 64 per rank.
+    let batch = (64 * gpus).to_string();
+    let gpus = gpus.to_string();
     let out = "runs/gpu-check/nccl-demo";
     let run = root.join(out);
     if run.exists() {
