@@ -53,6 +53,25 @@ struct StepStats {
     counts: Vec<u64>,
 }
 
+impl StepStats {
+    /// The step's numbers over the whole group, in one collective: metrics averaged over ranks,
+    /// code counts summed (so usage and perplexity are the global batch's).
+    fn over_ranks(mut self, dist: &Dist) -> Result<Self> {
+        if dist.world() == 1 {
+            return Ok(self);
+        }
+        let mut all: Vec<f64> = self.sums.iter().chain(&self.adv).copied().collect();
+        all.extend(counts_to_f64(&self.counts));
+        dist.sum(&mut all)?;
+        let w = dist.world() as f64;
+        for (s, v) in self.sums.iter_mut().chain(self.adv.iter_mut()).zip(&all) {
+            *s = v / w;
+        }
+        self.counts = counts_from_f64(&all[7..]);
+        Ok(self)
+    }
+}
+
 /// Runs one training job (one process of it when data-parallel).
 #[derive(Debug)]
 pub struct Trainer<'a> {
@@ -276,20 +295,16 @@ impl<'a> Trainer<'a> {
             adv[2] += m.d_weight / accum;
             codes.extend(m.codes);
         }
-        let mut counts = vq_core::code_counts(&codes, k)?;
-        if self.dist.world() > 1 {
-            // One collective: the metrics (averaged over ranks) and the code counts (summed).
-            let mut all: Vec<f64> = sums.iter().chain(&adv[1..]).copied().collect();
-            all.extend(counts_to_f64(&counts));
-            self.dist.sum(&mut all)?;
-            let w = self.dist.world() as f64;
-            for (s, v) in sums.iter_mut().zip(&all[..4]) {
-                *s = v / w;
-            }
-            adv[1] = all[4] / w;
-            adv[2] = all[5] / w;
-            counts = counts_from_f64(&all[6..]);
+        let StepStats {
+            sums,
+            mut adv,
+            counts,
+        } = StepStats {
+            sums,
+            adv,
+            counts: vq_core::code_counts(&codes, k)?,
         }
+        .over_ranks(&self.dist)?;
         if !sums[0].is_finite() {
             bail!(
                 "non-finite loss {} at step {} (rec {}, commitment {}); training stopped, last good checkpoint: {}",
