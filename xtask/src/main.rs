@@ -249,6 +249,8 @@ fn gpu_check_distributed(root: &Path) -> Result<()> {
             "cuda",
             "--preset",
             "demo-fashion-mnist",
+            "--batch-size",
+            &batch,
             "--steps",
             "30",
             "--log-every",
