@@ -138,6 +138,26 @@ impl Dist {
         Ok(())
     }
 
+    /// Checks that every rank still holds the same variables (fingerprints): the ranks' updates
+    /// are identical by construction (every rank applies the same all-reduced numbers), so a
+    /// difference means a rank drifted, which is an error rather than a silent divergence.
+    ///
+    /// # Errors
+    /// A rank whose variables differ from rank 0's, or a lost rank.
+    pub fn check_in_sync(&self, what: &str, vs: &nn::VarStore, step: usize) -> Result<()> {
+        let Some(g) = &self.0 else {
+            return Ok(());
+        };
+        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let tensors: Vec<Tensor> = vars.into_iter().map(|(_, t)| t).collect();
+        g.check_same(
+            &format!("the {what}'s variables at step {step}"),
+            &vq_dist::fingerprint(&tensors),
+        )?;
+        Ok(())
+    }
+
     /// Tells the other ranks why this one stops (their errors then name it).
     pub fn report_failure(&self, message: &str) {
         if let Some(g) = &self.0 {

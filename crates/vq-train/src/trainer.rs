@@ -106,6 +106,11 @@ impl<'a> Trainer<'a> {
             "the run configuration (preset, model, training, data, seed)",
             serde_json::to_string(&run_json)?.as_bytes(),
         )?;
+        // The options that decide when the ranks communicate.
+        dist.check_same(
+            "--stop-after / --checkpoint-every",
+            format!("{:?} {}", opts.stop_after, opts.checkpoint_every).as_bytes(),
+        )?;
         let t = &cfg.training;
         let per_step = dist.world() * cfg.micro_batch;
         ensure!(
@@ -235,6 +240,10 @@ impl<'a> Trainer<'a> {
             self.logger
                 .record(done, lr, &stats, grad_norm, done == steps || stop)?;
             if done.is_multiple_of(self.opts.checkpoint_every.max(1)) || done == steps || stop {
+                self.dist.check_in_sync("model", &self.vs, done)?;
+                if let Some(g) = &self.gan {
+                    self.dist.check_in_sync("discriminator", &g.vs, done)?;
+                }
                 self.checkpointer
                     .save(done, &self.vs, &self.opt, self.gan.as_ref())?;
             }
