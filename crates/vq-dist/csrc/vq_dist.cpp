@@ -7,12 +7,14 @@
 // after a failed collective the survivors can tell which rank stopped (dead or hung).
 
 #include <ATen/ATen.h>
+#include <c10/util/Logging.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/distributed/c10d/Backend.hpp>
 #include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -153,6 +155,21 @@ int32_t vq_dist_store_get(void* group, const char* key, uint8_t** value, int64_t
 }
 
 void vq_dist_free_bytes(uint8_t* p) { std::free(p); }
+
+// After a failure: c10's warnings (every failed store request of the diagnosis logs one with a
+// C++ stack trace) are left out; errors are still printed. The process is about to stop.
+void vq_dist_quiet_warnings() { FLAGS_caffe2_log_level = std::max(FLAGS_caffe2_log_level, 2); }
+
+// Stops the heartbeat (before the final barrier, so that no rank talks to the store afterwards).
+void vq_dist_stop_heartbeat(void* group) {
+  auto g = static_cast<Group*>(group);
+  {
+    std::lock_guard<std::mutex> lock(g->mutex);
+    g->stop = true;
+  }
+  g->cv.notify_all();
+  if (g->heartbeat.joinable()) g->heartbeat.join();
+}
 
 // *found = whether `key` is set (does not wait).
 int32_t vq_dist_store_check(void* group, const char* key, int32_t* found) {

@@ -71,6 +71,8 @@ unsafe extern "C" {
     fn vq_dist_barrier(g: *mut c_void) -> i32;
     fn vq_dist_allreduce_sum_autograd(g: *mut c_void, t: *mut C_tensor) -> *mut C_tensor;
     fn vq_dist_destroy(g: *mut c_void, graceful: i32);
+    fn vq_dist_quiet_warnings();
+    fn vq_dist_stop_heartbeat(g: *mut c_void);
 }
 
 fn last_error() -> String {
@@ -393,6 +395,14 @@ impl ProcessGroup {
         self.healthy.store(false, Ordering::SeqCst);
     }
 
+    /// After a failed collective: poisons the group and silences libtorch's warnings (each store
+    /// request to a dead peer logs one with a stack trace), so that our error is what is read.
+    fn fail(&self) {
+        self.poison();
+        // SAFETY: sets an integer flag of c10's logging.
+        unsafe { vq_dist_quiet_warnings() };
+    }
+
     fn ready(&self, op: &'static str) -> Result<()> {
         if self.healthy.load(Ordering::SeqCst) {
             return Ok(());
@@ -421,7 +431,7 @@ impl ProcessGroup {
             return Ok(());
         }
         let detail = first_line(&last_error());
-        self.poison();
+        self.fail();
         Err(DistError::Lost {
             rank: self.rank,
             op,
@@ -476,6 +486,19 @@ impl ProcessGroup {
                 "rank(s) {lost:?} stopped (no heartbeat for {:.1} s): killed, crashed or hung",
                 LOST_AFTER.as_secs_f64()
             )
+        }
+    }
+
+    /// The error for a collective that failed outside this type's own calls (the backward of
+    /// [`all_reduce_sum_autograd`](Self::all_reduce_sum_autograd) runs inside libtorch's
+    /// autograd engine): poisons the group and names the lost ranks.
+    pub fn lost(&self, op: &'static str, detail: &str) -> DistError {
+        self.fail();
+        DistError::Lost {
+            rank: self.rank,
+            op,
+            lost: self.diagnose(),
+            detail: first_line(detail),
         }
     }
 
@@ -552,7 +575,7 @@ impl ProcessGroup {
         let out = unsafe { vq_dist_allreduce_sum_autograd(self.raw, t.as_ptr() as *mut C_tensor) };
         if out.is_null() {
             let detail = first_line(&last_error());
-            self.poison();
+            self.fail();
             return Err(DistError::Lost {
                 rank: self.rank,
                 op: "all_reduce (autograd)",
@@ -630,6 +653,9 @@ impl ProcessGroup {
     /// # Errors
     /// [`DistError::Lost`] if a rank did not get to the end.
     pub fn finish(&self) -> Result<()> {
+        // No rank talks to the store after the barrier, so rank 0 may stop hosting it at once.
+        // SAFETY: raw is live; the heartbeat thread is joined (destroy handles a stopped one).
+        unsafe { vq_dist_stop_heartbeat(self.raw) };
         self.barrier()?;
         self.finished.store(true, Ordering::SeqCst);
         self.poison();

@@ -355,7 +355,7 @@ impl<'a> Trainer<'a> {
         let qloss = &out.vq.commitment_loss + &out.vq.codebook_loss;
         let rec = out.reconstruction.mse_loss(x, Reduction::Mean);
         let loss = &rec + &qloss;
-        (&loss / self.accum as f64).backward();
+        backward(&(&loss / self.accum as f64), &self.dist)?;
         finish_micro(&loss, &rec, &out, 0.0, 0.0)
     }
 
@@ -402,7 +402,7 @@ impl<'a> Trainer<'a> {
             frames_as_images(x),
             frames_as_images(&out.reconstruction.detach()),
         );
-        (&loss / self.accum as f64).backward();
+        backward(&(&loss / self.accum as f64), &self.dist)?;
         Ok((finish_micro(&loss, &nll, &out, g_value, w)?, pair))
     }
 
@@ -431,7 +431,7 @@ impl<'a> Trainer<'a> {
             if let Some(r) = r1 {
                 d_loss += r1_penalty(&real, &x)? * (r.gamma * r.every as f64 / 2.0);
             }
-            (d_loss / accum).backward();
+            backward(&(d_loss / accum), &self.dist)?;
         }
         self.dist.average_gradients(&g.opt)?;
         g.opt.step(lr * g.config.disc_lr_multiplier);
@@ -442,6 +442,17 @@ impl<'a> Trainer<'a> {
         }
         Ok(d[0])
     }
+}
+
+/// The backward pass, with libtorch's errors as errors rather than panics; inside a group a
+/// failure is a collective of synchronised BatchNorm that lost a peer, named as such.
+fn backward(loss: &Tensor, dist: &Dist) -> Result<()> {
+    loss.f_backward().map_err(|e| match dist.group() {
+        Some(g) => g
+            .lost("all_reduce in the backward pass", &e.to_string())
+            .into(),
+        None => anyhow::anyhow!("backward pass failed: {e}"),
+    })
 }
 
 /// The host-side numbers of a micro-batch (one device → host copy).

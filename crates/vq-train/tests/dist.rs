@@ -312,9 +312,11 @@ fn an_interrupted_two_rank_run_resumes_exactly() {
     }
 }
 
-#[test]
-fn a_killed_rank_makes_the_other_exit_naming_it_and_keeps_the_checkpoint() {
-    let dir = tmp("kill");
+/// Starts two ranks, waits for their first checkpoint, `kill -9`s rank `victim`; the survivor
+/// must exit non-zero within the timeout with `expected` in its error, leaving an intact
+/// checkpoint.
+fn kill_one(name: &str, victim: usize, expected: &str) {
+    let dir = tmp(name);
     let cfg = write_config(&dir, "two.json", &small_vqvae(100_000, 8));
     let run = dir.join("run");
     let port = free_port();
@@ -328,30 +330,33 @@ fn a_killed_rank_makes_the_other_exit_naming_it_and_keeps_the_checkpoint() {
         "--dist-timeout",
         "20",
     ];
-    let mut r0 = spawn_rank(0, 2, port, &args);
-    let mut r1 = spawn_rank(1, 2, port, &args);
+    let mut ranks = vec![spawn_rank(0, 2, port, &args), spawn_rank(1, 2, port, &args)];
     let began = Instant::now();
     while vq_train::checkpoint::latest(&run).ok().flatten().is_none() {
         assert!(began.elapsed() < Duration::from_secs(120), "no checkpoint");
-        if let Some(s) = r0.try_wait().unwrap() {
-            panic!(
-                "rank 0 stopped early ({s}): {}",
-                text(&r0.wait_with_output().unwrap())
-            );
+        for (r, child) in ranks.iter_mut().enumerate() {
+            if let Some(s) = child.try_wait().unwrap() {
+                panic!("rank {r} stopped early ({s})");
+            }
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    r1.kill().unwrap();
-    let _ = r1.wait();
+    let mut dead = ranks.remove(victim);
+    dead.kill().unwrap();
+    let _ = dead.wait();
     let killed = Instant::now();
-    let out = r0.wait_with_output().unwrap();
+    let out = ranks.pop().unwrap().wait_with_output().unwrap();
     let waited = killed.elapsed();
     let t = text(&out);
-    assert!(!out.status.success(), "rank 0 went on: {t}");
-    assert!(t.contains("rank(s) [1] stopped"), "{t}");
+    assert!(!out.status.success(), "the survivor went on: {t}");
+    assert!(t.contains(expected), "{t}");
+    assert!(
+        !t.contains("frame #"),
+        "libtorch's stack traces leak into the error: {t}"
+    );
     assert!(
         waited < Duration::from_secs(20 + 15),
-        "rank 0 took {waited:?} to give up"
+        "the survivor took {waited:?} to give up"
     );
     // The last checkpoint is complete and loads.
     let ckpt = latest(&run);
@@ -360,6 +365,16 @@ fn a_killed_rank_makes_the_other_exit_naming_it_and_keeps_the_checkpoint() {
     assert!(state["step"].as_u64().unwrap() >= 3);
     assert!(!tensors(&ckpt.join("model.safetensors")).is_empty());
     assert!(!tensors(&ckpt.join("optimizer.safetensors")).is_empty());
+}
+
+#[test]
+fn a_killed_rank_makes_the_other_exit_naming_it_and_keeps_the_checkpoint() {
+    kill_one("kill1", 1, "rank(s) [1] stopped");
+}
+
+#[test]
+fn a_killed_rank_0_takes_its_store_along_and_the_other_says_so() {
+    kill_one("kill0", 0, "rank 0 is gone");
 }
 
 #[test]
