@@ -70,10 +70,15 @@ impl DataSource {
             Some(("imagenet", path)) => Ok(Self::ImageNet(PathBuf::from(path))),
             Some(("bair", path)) => Ok(Self::Bair(PathBuf::from(path))),
             Some(("ucf101", path)) => Ok(Self::Ucf101(PathBuf::from(path))),
-            Some(("synthetic", n)) => Ok(Self::Synthetic {
-                n: n.parse()
-                    .with_context(|| format!("synthetic image count {n:?}"))?,
-            }),
+            Some(("synthetic", n)) => {
+                let n: usize = n
+                    .parse()
+                    .with_context(|| format!("synthetic image count {n:?}"))?;
+                if n == 0 {
+                    bail!("synthetic:0 has no images: give a count of at least 1");
+                }
+                Ok(Self::Synthetic { n })
+            }
             _ => bail!(
                 "unknown data source {s:?}: expected fashion-mnist-demo, fashion-mnist:<dir>, \
                  image-folder:<dir>, imagenet:<path>, bair:<path>, ucf101:<dir> or synthetic[:<n>]"
@@ -728,5 +733,11 @@ mod tests {
             DataSource::Synthetic { n: 8 }
         );
         assert!(DataSource::parse("imagenet").is_err());
+        assert!(
+            DataSource::parse("synthetic:0")
+                .unwrap_err()
+                .to_string()
+                .contains("at least 1")
+        );
     }
 }

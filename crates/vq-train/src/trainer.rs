@@ -136,6 +136,11 @@ impl<'a> Trainer<'a> {
             Pipeline::for_preset(&cfg.preset),
         )
         .with_context(|| format!("loading training data {}", source.describe()))?;
+        ensure!(
+            !data.is_empty(),
+            "the training split of {} holds no images",
+            source.describe()
+        );
 
         tch::manual_seed(cfg.seed as i64);
         let mut vs = nn::VarStore::new(opts.device);

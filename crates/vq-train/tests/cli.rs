@@ -63,3 +63,52 @@ fn train_then_eval_writes_the_run_folder() {
     assert!(!ok && text.contains("unknown data source"), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Runs `vq-train args`; returns (exit code, output).
+fn code(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vq-train"))
+        .args(args)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code(), text)
+}
+
+#[test]
+fn empty_data_and_bad_thread_counts_are_errors_not_panics() {
+    let dir = std::env::temp_dir().join(format!("vq-train-cli-empty-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = dir.join("run");
+    let out = out.to_str().unwrap();
+    // IDX files with valid headers and no images.
+    let mut images = vec![0u8, 0, 8, 3];
+    for v in [0u32, 28, 28] {
+        images.extend(v.to_be_bytes());
+    }
+    let mut labels = vec![0u8, 0, 8, 1];
+    labels.extend(0u32.to_be_bytes());
+    for split in ["train", "t10k"] {
+        std::fs::write(dir.join(format!("{split}-images-idx3-ubyte")), &images).unwrap();
+        std::fs::write(dir.join(format!("{split}-labels-idx1-ubyte")), &labels).unwrap();
+    }
+    let idx = format!("fashion-mnist:{}", dir.display());
+    for (args, expected) in [
+        (vec!["--data", "synthetic:0"], "at least 1"),
+        (vec!["--data", idx.as_str()], "no images"),
+        (vec!["--threads", "0"], "at least 1 thread"),
+        (vec!["--threads=-3"], "at least 1 thread"),
+    ] {
+        let mut all = vec!["train", "--quiet", "--steps", "1", "--out", out];
+        all.extend(&args);
+        let (status, text) = code(&all);
+        assert_eq!(status, Some(1), "{args:?}: {text}");
+        assert!(text.contains(expected), "{args:?}: {text}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
