@@ -93,7 +93,7 @@ struct RunArgs {
     #[arg(long)]
     micro_batch: Option<usize>,
     /// Peak learning rate.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
     /// Seed.
     #[arg(long)]
@@ -111,7 +111,7 @@ struct RunArgs {
     #[arg(long, default_value_t = 250)]
     checkpoint_every: usize,
     /// libtorch CPU threads (default: libtorch's choice).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     threads: Option<i32>,
     /// No progress bar.
     #[arg(long)]

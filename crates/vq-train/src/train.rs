@@ -83,6 +83,41 @@ impl RunConfig {
             t.learning_rate
         );
         ensure!(t.steps > 0, "steps must be > 0");
+        ensure!(
+            t.grad_clip.is_finite() && t.grad_clip >= 0.0,
+            "grad_clip must be >= 0 (0: no clipping), got {}",
+            t.grad_clip
+        );
+        ensure!(
+            t.weight_decay.is_finite() && t.weight_decay >= 0.0,
+            "weight_decay must be >= 0, got {}",
+            t.weight_decay
+        );
+        ensure!(
+            [t.betas.0, t.betas.1]
+                .iter()
+                .all(|b| b.is_finite() && (0.0..1.0).contains(b)),
+            "AdamW betas must be in [0, 1), got ({}, {})",
+            t.betas.0,
+            t.betas.1
+        );
+        ensure!(
+            t.final_lr_fraction.is_finite() && t.final_lr_fraction >= 0.0,
+            "final_lr_fraction must be >= 0, got {}",
+            t.final_lr_fraction
+        );
+        for (flag, file) in [
+            ("--lpips", &self.lpips_weights),
+            ("--inception", &self.inception_weights),
+        ] {
+            if let Some(f) = file {
+                ensure!(
+                    f.is_file(),
+                    "{flag} {}: no such file (the weights are checked before training starts)",
+                    f.display()
+                );
+            }
+        }
         if let Some(g) = &self.gan {
             g.validate()?;
             ensure!(
@@ -186,9 +221,15 @@ pub fn train(opts: &TrainOptions) -> Result<Trained> {
 /// with an error naming it, within the group's timeout).
 pub fn train_in(opts: &TrainOptions, group: Option<Arc<ProcessGroup>>) -> Result<Trained> {
     let dist = Dist::new(group);
+    let fresh = !opts.out.exists();
     let result = Trainer::new(opts, dist.clone()).and_then(Trainer::run);
     if let Err(e) = &result {
         dist.report_failure(&format!("{e:#}"));
+        if fresh && dist.is_main() {
+            // A run that failed before writing anything leaves no empty folder behind
+            // (remove_dir refuses a folder that holds anything).
+            let _ = fs::remove_dir(&opts.out);
+        }
     }
     result
 }

@@ -152,10 +152,15 @@ impl<'a> Trainer<'a> {
                 let disc = Discriminator::new(&dvs.root(), g)?;
                 let dopt = AdamW::new(&dvs, t.betas, t.weight_decay);
                 if g.perceptual_weight > 0.0 && cfg.lpips_weights.is_none() && dist.is_main() {
+                    let pixel = match (g.l1_weight > 0.0, g.l2_weight > 0.0) {
+                        (true, true) => "L1 + L2",
+                        (false, true) => "L2",
+                        _ => "L1",
+                    };
                     eprintln!(
                         "WARNING: no LPIPS weights given (--lpips FILE, see vq_models::Lpips), so this \
                          VQGAN trains WITHOUT its perceptual term (perceptual_weight {} ignored); \
-                         reconstruction is L1 only.",
+                         reconstruction is {pixel} only.",
                         g.perceptual_weight
                     );
                 }
@@ -513,9 +518,12 @@ impl Checkpointer {
         match checkpoint::latest(&self.out)? {
             Some((ckpt, state)) if resume => {
                 if state.run != self.run {
+                    let mut diffs = Vec::new();
+                    json_differences("", &state.run, &self.run, &mut diffs);
                     bail!(
-                        "{} was trained with another configuration; resume with the same settings or use another --out",
-                        ckpt.display()
+                        "{} was trained with another configuration ({}); resume with the same settings or use another --out",
+                        ckpt.display(),
+                        diffs.join(", ")
                     );
                 }
                 match gan {
@@ -565,6 +573,42 @@ impl Checkpointer {
         }
         checkpoint::save(&self.out, &parts, &state)?;
         Ok(())
+    }
+}
+
+/// The settings in which two run configurations differ, as `path: checkpoint → now` (at most
+/// eight).
+fn json_differences(
+    path: &str,
+    was: &serde_json::Value,
+    now: &serde_json::Value,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    if out.len() >= 8 || was == now {
+        return;
+    }
+    match (was, now) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let sub = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                let null = Value::Null;
+                json_differences(
+                    &sub,
+                    a.get(k).unwrap_or(&null),
+                    b.get(k).unwrap_or(&null),
+                    out,
+                );
+            }
+        }
+        _ => out.push(format!("{path}: {was} in the checkpoint, {now} now")),
     }
 }
 
@@ -709,4 +753,25 @@ fn progress_bar(show: bool, start: usize, steps: usize) -> indicatif::ProgressBa
     );
     bar.set_position(start as u64);
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_differences_are_named() {
+        let was = serde_json::json!({"seed": 1, "training": {"steps": 6, "lr": 0.1}, "gan": null});
+        let now =
+            serde_json::json!({"seed": 1, "training": {"steps": 8, "lr": 0.1}, "gan": {"ndf": 4}});
+        let mut d = Vec::new();
+        json_differences("", &was, &now, &mut d);
+        assert_eq!(
+            d,
+            [
+                "gan: null in the checkpoint, {\"ndf\":4} now",
+                "training.steps: 6 in the checkpoint, 8 now"
+            ]
+        );
+    }
 }

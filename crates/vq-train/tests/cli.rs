@@ -103,12 +103,19 @@ fn empty_data_and_bad_thread_counts_are_errors_not_panics() {
         (vec!["--data", idx.as_str()], "no images"),
         (vec!["--threads", "0"], "at least 1 thread"),
         (vec!["--threads=-3"], "at least 1 thread"),
+        (vec!["--threads", "-3"], "at least 1 thread"),
+        (vec!["--lr", "-0.001"], "learning rate must be > 0"),
+        (
+            vec!["--lpips", "/nonexistent/lpips.safetensors"],
+            "no such file",
+        ),
     ] {
         let mut all = vec!["train", "--quiet", "--steps", "1", "--out", out];
         all.extend(&args);
         let (status, text) = code(&all);
         assert_eq!(status, Some(1), "{args:?}: {text}");
         assert!(text.contains(expected), "{args:?}: {text}");
+        assert!(!dir.join("run").exists(), "{args:?} left a run folder");
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
