@@ -20,15 +20,22 @@ use crate::loader::Dataset;
 use crate::transform::{Transform, hwc_to_chw};
 
 /// File name extensions taken as images (case-insensitive).
-pub const IMAGE_EXTENSIONS: [&str; 4] = ["jpeg", "jpg", "png", "webp"];
+pub const IMAGE_EXTENSIONS: [&str; 8] = ["jpeg", "jpg", "png", "webp", "bmp", "tif", "tiff", "gif"];
 
-/// Decodes a JPEG or PNG (format sniffed from the bytes, not the name: ImageNet has a PNG
-/// named `.JPEG`) into RGB `(H, W, 3)`; grayscale, CMYK, alpha and 16-bit images are
-/// converted.
+/// Decodes a JPEG, PNG, WebP, BMP, TIFF or GIF (first frame) — format sniffed from the bytes,
+/// not the name: ImageNet has a PNG named `.JPEG` — into RGB `(H, W, 3)`; grayscale, CMYK,
+/// alpha and 16-bit images are converted. A truncated JPEG is an error, not a grey-filled image.
 ///
 /// # Errors
 /// [`DataError::Decode`] naming `path` for bytes that are not a decodable image.
 pub fn decode_rgb(path: &Path, bytes: &[u8]) -> Result<Array3<u8>> {
+    if is_truncated_jpeg(bytes) {
+        // The decoder would fill the missing rows with grey; refuse as Pillow does by default.
+        return Err(DataError::Decode {
+            path: path.to_path_buf(),
+            why: "truncated JPEG: no end-of-image marker after the last scan".into(),
+        });
+    }
     let img = image::load_from_memory(bytes).map_err(|e| DataError::Decode {
         path: path.to_path_buf(),
         why: e.to_string(),
@@ -39,6 +46,21 @@ pub fn decode_rgb(path: &Path, bytes: &[u8]) -> Result<Array3<u8>> {
         Array3::from_shape_vec((h as usize, w as usize, 3), rgb.into_raw())
             .expect("RgbImage holds h·w·3 bytes"),
     )
+}
+
+/// A JPEG (starts with SOI, `FF D8`) whose last scan (`FF DA`; entropy-coded data cannot hold
+/// that pair, a data byte `FF` being stuffed as `FF 00`) is not followed by the end-of-image
+/// marker `FF D9`: the file was cut. Bytes after EOI (some cameras append data) are fine.
+fn is_truncated_jpeg(bytes: &[u8]) -> bool {
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let marker = |m: u8| bytes.windows(2).rposition(|w| w == [0xFF, m]);
+    match (marker(0xDA), marker(0xD9)) {
+        (Some(sos), Some(eoi)) => eoi < sos,
+        (_, None) => true,
+        (None, Some(_)) => false,
+    }
 }
 
 /// One image of a dataset.
@@ -210,9 +232,15 @@ impl ImageDataset {
                     path: dir.clone(),
                     what: "a known class (the folder name is not in the class list)",
                 })?;
+            // Links are followed, but no folder is walked twice (a link to a parent would
+            // otherwise list every image again and again).
+            let mut seen = std::collections::HashSet::new();
             let mut stack = vec![dir.clone()];
             let mut files = Vec::new();
             while let Some(d) = stack.pop() {
+                if !seen.insert(d.canonicalize().unwrap_or_else(|_| d.clone())) {
+                    continue;
+                }
                 for p in read_dir_sorted(&d)? {
                     if p.is_dir() {
                         stack.push(p);
@@ -452,6 +480,53 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_jpeg_cut_in_half_is_refused_and_other_formats_decode() {
+        let p = fixture("rgb.JPEG");
+        let bytes = std::fs::read(&p).unwrap();
+        let err = decode_rgb(Path::new("x/half.JPEG"), &bytes[..bytes.len() / 2]).unwrap_err();
+        assert!(err.to_string().contains("truncated JPEG"), "{err}");
+        // Trailing bytes after the end-of-image marker are accepted.
+        let mut padded = bytes.clone();
+        padded.extend(b"camera trailer");
+        assert!(decode_rgb(&p, &padded).is_ok());
+        // The other formats the folder reader lists, written by the `image` crate.
+        let img =
+            image::RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, 7]));
+        for format in [
+            image::ImageFormat::Bmp,
+            image::ImageFormat::Tiff,
+            image::ImageFormat::Gif,
+            image::ImageFormat::WebP,
+        ] {
+            let mut buf = std::io::Cursor::new(Vec::new());
+            image::DynamicImage::ImageRgb8(img.clone())
+                .write_to(&mut buf, format)
+                .unwrap();
+            let got = decode_rgb(Path::new("x"), buf.get_ref())
+                .unwrap_or_else(|e| panic!("{format:?}: {e}"));
+            assert_eq!(got.dim(), (4, 5, 3), "{format:?}");
+            if format != image::ImageFormat::Gif {
+                assert_eq!(got[[3, 4, 0]], 160, "{format:?}");
+            }
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_link_loop_in_an_image_folder_lists_each_image_once() {
+        let root = std::env::temp_dir().join(format!("vq-data-loop-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let class = root.join("a/sub");
+        std::fs::create_dir_all(&class).unwrap();
+        std::fs::copy(fixture("rgb.JPEG"), root.join("a/one.JPEG")).unwrap();
+        std::fs::copy(fixture("rgb.JPEG"), class.join("two.JPEG")).unwrap();
+        std::os::unix::fs::symlink("..", class.join("loop")).unwrap();
+        let ds = ImageDataset::folder(&root, Transform::taming(16, false)).unwrap();
+        assert_eq!(ds.entries().len(), 2);
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]
