@@ -141,6 +141,29 @@ impl<'a> Trainer<'a> {
             "the training split of {} holds no images",
             source.describe()
         );
+        if dist.is_main() && opts.stop_after.is_none_or(|s| s >= t.steps) {
+            // The held-out split is evaluated after the last step: find a missing or empty one
+            // now, not after training.
+            let held_out = ImageSet::load(
+                &source,
+                Split::Test,
+                a.in_channels(),
+                a.resolution(),
+                a.frames(),
+                Pipeline::for_preset(&cfg.preset),
+            )
+            .with_context(|| {
+                format!(
+                    "loading the held-out split of {} (evaluated after training)",
+                    source.describe()
+                )
+            })?;
+            ensure!(
+                !held_out.is_empty(),
+                "the held-out split of {} holds no images (it is evaluated after training)",
+                source.describe()
+            );
+        }
 
         tch::manual_seed(cfg.seed as i64);
         let mut vs = nn::VarStore::new(opts.device);

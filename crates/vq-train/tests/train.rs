@@ -583,3 +583,27 @@ fn a_video_tokenizer_trains_on_bair_clips() {
     assert!(err.contains("video clips"), "{err}");
     std::fs::remove_dir_all(&root).unwrap();
 }
+
+#[test]
+fn a_missing_held_out_split_is_found_before_the_first_step() {
+    let root = tmp("no-val");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vq-data/tests/fixtures/images");
+    let d = root.join("data/train/n01");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::copy(fixtures.join("rgb.JPEG"), d.join("rgb.JPEG")).unwrap();
+    let mut cfg = small(2);
+    cfg.data = format!("image-folder:{}", root.join("data").display());
+    cfg.model.autoencoder.taming_mut().unwrap().in_channels = 3;
+    cfg.model.autoencoder.taming_mut().unwrap().out_channels = 3;
+    cfg.training.batch_size = 1;
+    cfg.micro_batch = 1;
+    let out = root.join("run");
+    let began = std::time::Instant::now();
+    let err = format!("{:#}", train(&options(cfg, &out)).unwrap_err());
+    assert!(err.contains("held-out split"), "{err}");
+    assert!(
+        vq_train::checkpoint::latest(&out).unwrap().is_none(),
+        "trained first"
+    );
+    assert!(began.elapsed().as_secs() < 30);
+}
