@@ -365,7 +365,7 @@ impl VectorQuantizer {
     /// (lucidrains' `sync_codebook`); dead-code replacement draws from the union of the ranks'
     /// rows (all-gathered, in the order of the union batch), and k-means initialisation runs on
     /// the union and is broadcast from rank 0. Every rank must call [`forward`](Self::forward)
-    /// in [`Mode::Train`] equally often with batches of one size.
+    /// in [`Mode::Train`] equally often (batch sizes may differ, e.g. after skipped samples).
     pub fn set_process_group(&mut self, group: Option<Arc<ProcessGroup>>) {
         self.group = group;
     }
