@@ -206,6 +206,18 @@ fn world_var(l: Launcher) -> &'static str {
     }
 }
 
+/// A TCP port that is free on 127.0.0.1 now (the kernel's pick for a bind to port 0), for a
+/// single-machine rendezvous. Another process may take it before it is used; rank 0 then fails
+/// with [`DistError::PortInUse`](crate::DistError::PortInUse).
+///
+/// # Errors
+/// The bind failing.
+pub fn free_local_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 /// The first host of a Slurm host list, as `scontrol show hostnames` would print it first:
 /// `gpu[07-09,12],cpu3` → `gpu07`, `rack[1-2]-n[3-4]` → `rack1-n3`, `a,b` → `a`. `None` for an
 /// empty or malformed list.

@@ -9,11 +9,7 @@ use tch::{Device, Kind, Tensor};
 use vq_dist::{DistError, GroupConfig, ProcessGroup};
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    vq_dist::launch::free_local_port().unwrap()
 }
 
 fn config(rank: usize, world: usize, port: u16) -> GroupConfig {

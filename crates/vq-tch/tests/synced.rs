@@ -41,11 +41,7 @@ fn state(vq: &VectorQuantizer) -> Vec<f32> {
 }
 
 fn port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    vq_dist::launch::free_local_port().unwrap()
 }
 
 /// Runs `steps` training forwards on each rank's images; rank r of `sizes.len()` gets

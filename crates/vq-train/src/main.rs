@@ -287,10 +287,8 @@ fn launch_local(n: usize) -> Result<()> {
             args.push(a);
         }
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("finding a free port for the rendezvous")?
-        .port();
+    let port =
+        vq_dist::launch::free_local_port().context("finding a free port for the rendezvous")?;
     // As torchrun: the ranks share the cores (libtorch reads OMP_NUM_THREADS at start).
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let threads =

@@ -3,7 +3,6 @@
 //! sets), tiny models, a few steps.
 
 use std::collections::HashMap;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -20,11 +19,7 @@ fn tmp(name: &str) -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    vq_dist::launch::free_local_port().unwrap()
 }
 
 fn text(out: &Output) -> String {
