@@ -11,6 +11,9 @@ use tch::{Kind, Tensor};
 use vq_models::Preset;
 use vq_train::train::RunConfig;
 
+mod common;
+use common::small_vqgan;
+
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("vq-dist-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
@@ -97,37 +100,6 @@ fn small_vqvae(steps: usize, micro_batch: usize) -> RunConfig {
         seed: 7,
         micro_batch,
         gan: None,
-        lpips_weights: None,
-        inception_weights: None,
-    }
-}
-
-/// A small taming VQGAN: learned codebook, PatchGAN with BatchNorm, adaptive weight from step 1.
-fn small_vqgan(steps: usize, micro_batch: usize) -> RunConfig {
-    let preset = Preset::LdmF4;
-    let mut model = preset.config();
-    let a = model.autoencoder.taming_mut().unwrap();
-    a.ch = 32;
-    a.resolution = 32;
-    a.num_res_blocks = 1;
-    model.quantizer.codebook_size = 64;
-    let mut gan = preset.gan().unwrap();
-    gan.ndf = 16;
-    gan.n_layers = 2;
-    gan.disc_start = 1;
-    gan.perceptual_weight = 0.0;
-    let mut training = preset.training();
-    training.steps = steps;
-    training.batch_size = 4;
-    training.learning_rate = 1e-4;
-    RunConfig {
-        preset: preset.name().into(),
-        model,
-        training,
-        data: "synthetic:16".into(),
-        seed: 2,
-        micro_batch,
-        gan: Some(gan),
         lpips_weights: None,
         inception_weights: None,
     }
@@ -307,14 +279,14 @@ fn an_interrupted_two_rank_run_resumes_exactly() {
     }
 }
 
-/// Starts two ranks, waits for their first checkpoint, `kill -9`s rank `victim`; the survivor
-/// must exit non-zero within the timeout with `expected` in its error, leaving an intact
-/// checkpoint.
-fn kill_one(name: &str, victim: usize, expected: &str) {
+/// Two ranks of a long run with a checkpoint every 3 steps and the collective timeout
+/// `timeout_s`, once their first checkpoint exists: the run folder and the ranks (rank order).
+fn two_ranks_past_a_checkpoint(name: &str, timeout_s: u64) -> (PathBuf, Vec<Child>) {
     let dir = tmp(name);
     let cfg = write_config(&dir, "two.json", &small_vqvae(100_000, 8));
     let run = dir.join("run");
     let port = free_port();
+    let timeout = timeout_s.to_string();
     let args = [
         "--config",
         cfg.to_str().unwrap(),
@@ -323,7 +295,7 @@ fn kill_one(name: &str, victim: usize, expected: &str) {
         "--checkpoint-every",
         "3",
         "--dist-timeout",
-        "20",
+        &timeout,
     ];
     let mut ranks = vec![spawn_rank(0, 2, port, &args), spawn_rank(1, 2, port, &args)];
     let began = Instant::now();
@@ -336,6 +308,14 @@ fn kill_one(name: &str, victim: usize, expected: &str) {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    (run, ranks)
+}
+
+/// Starts two ranks, waits for their first checkpoint, `kill -9`s rank `victim`; the survivor
+/// must exit non-zero within the timeout with `expected` in its error, leaving an intact
+/// checkpoint.
+fn kill_one(name: &str, victim: usize, expected: &str) {
+    let (run, mut ranks) = two_ranks_past_a_checkpoint(name, 20);
     let mut dead = ranks.remove(victim);
     dead.kill().unwrap();
     let _ = dead.wait();
@@ -374,33 +354,8 @@ fn a_killed_rank_0_takes_its_store_along_and_the_other_says_so() {
 
 #[test]
 fn a_hung_rank_makes_the_other_exit_within_the_timeout() {
-    let dir = tmp("hang");
-    let cfg = write_config(&dir, "two.json", &small_vqvae(100_000, 8));
-    let run = dir.join("run");
-    let port = free_port();
-    let args = [
-        "--config",
-        cfg.to_str().unwrap(),
-        "--out",
-        run.to_str().unwrap(),
-        "--checkpoint-every",
-        "3",
-        "--dist-timeout",
-        "5",
-    ];
-    let mut r0 = spawn_rank(0, 2, port, &args);
-    let mut r1 = spawn_rank(1, 2, port, &args);
-    let began = Instant::now();
-    while vq_train::checkpoint::latest(&run).ok().flatten().is_none() {
-        assert!(began.elapsed() < Duration::from_secs(120), "no checkpoint");
-        if let Some(s) = r0.try_wait().unwrap() {
-            panic!(
-                "rank 0 stopped early ({s}): {}",
-                text(&r0.wait_with_output().unwrap())
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let (_run, mut ranks) = two_ranks_past_a_checkpoint("hang", 5);
+    let (mut r1, r0) = (ranks.pop().unwrap(), ranks.pop().unwrap());
     let stop = |sig: &str| {
         Command::new("kill")
             .args([sig, &r1.id().to_string()])

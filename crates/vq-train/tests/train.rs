@@ -9,6 +9,8 @@ use vq_models::Preset;
 use vq_tch::Estimator;
 use vq_train::train::{RunConfig, TrainOptions, train};
 
+mod common;
+
 /// Training seeds libtorch's global generator; tests that train run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -207,33 +209,7 @@ fn compare_writes_the_table_json_and_plots() {
 }
 
 fn small_gan(steps: usize) -> RunConfig {
-    let preset = Preset::LdmF4;
-    let mut model = preset.config();
-    let a = model.autoencoder.taming_mut().unwrap();
-    a.ch = 32;
-    a.resolution = 32;
-    a.num_res_blocks = 1;
-    model.quantizer.codebook_size = 64;
-    let mut gan = preset.gan().unwrap();
-    gan.ndf = 16;
-    gan.n_layers = 2;
-    gan.disc_start = 1;
-    gan.perceptual_weight = 0.0;
-    let mut training = preset.training();
-    training.steps = steps;
-    training.batch_size = 4;
-    training.learning_rate = 1e-4;
-    RunConfig {
-        preset: preset.name().into(),
-        model,
-        training,
-        data: "synthetic:16".into(),
-        seed: 2,
-        micro_batch: 2,
-        gan: Some(gan),
-        lpips_weights: None,
-        inception_weights: None,
-    }
+    common::small_vqgan(steps, 2)
 }
 
 #[test]
