@@ -168,11 +168,7 @@ fn main() -> Result<()> {
                 ("timesformer-bair", "24"),
             ] {
                 let out = format!("runs/gpu-check/{preset}");
-                let run = root.join(&out);
-                if run.exists() {
-                    std::fs::remove_dir_all(&run)
-                        .with_context(|| format!("removing {}", run.display()))?;
-                }
+                fresh_run_folder(&root, &out)?;
                 cargo(
                     &root,
                     &[
@@ -230,10 +226,7 @@ fn gpu_check_distributed(root: &Path) -> Result<()> {
     let batch = (64 * gpus).to_string();
     let gpus = gpus.to_string();
     let out = "runs/gpu-check/nccl-demo";
-    let run = root.join(out);
-    if run.exists() {
-        std::fs::remove_dir_all(&run).with_context(|| format!("removing {}", run.display()))?;
-    }
+    fresh_run_folder(root, out)?;
     cargo(
         root,
         &[
@@ -261,6 +254,16 @@ fn gpu_check_distributed(root: &Path) -> Result<()> {
         ],
         &[],
     )
+}
+
+/// Removes the gpu-check run folder `out` (relative to `root`) of an earlier check, so that the
+/// training starts afresh.
+fn fresh_run_folder(root: &Path, out: &str) -> Result<()> {
+    let run = root.join(out);
+    if run.exists() {
+        std::fs::remove_dir_all(&run).with_context(|| format!("removing {}", run.display()))?;
+    }
+    Ok(())
 }
 
 /// The workspace root (the parent of this crate's folder).

@@ -134,7 +134,7 @@ fn install_from_pip(base: &Path, site: &Path, link: &Path) -> Result<()> {
         "libtorch: installing torch=={TORCH_VERSION} from PyPI into {} (about 4.7 GB, a few minutes)",
         site.display()
     );
-    let status = pip_install(&py, &staging, &format!("torch=={TORCH_VERSION}"), &[])?;
+    let status = pip_install(&py, &staging, &[&format!("torch=={TORCH_VERSION}")], &[])?;
     if !status.success() {
         let _ = fs::remove_dir_all(&staging);
         bail!("`pip install torch=={TORCH_VERSION}` failed ({status}); see pip's output above");
@@ -163,11 +163,12 @@ fn install_from_pip(base: &Path, site: &Path, link: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `py -m pip install --target <target> <spec>` without the user's site packages or pip's cache.
+/// `py -m pip install --target <target> <specs>` without the user's site packages or pip's
+/// cache.
 fn pip_install(
     py: &str,
     target: &Path,
-    spec: &str,
+    specs: &[&str],
     extra: &[&str],
 ) -> Result<std::process::ExitStatus> {
     Command::new(py)
@@ -182,7 +183,7 @@ fn pip_install(
         .args(extra)
         .arg("--target")
         .arg(target)
-        .arg(spec)
+        .args(specs)
         .env("PYTHONNOUSERSITE", "1")
         .status()
         .with_context(|| format!("running {py} -m pip"))
@@ -225,23 +226,7 @@ fn ensure_cuda_headers(root: &Path) -> Result<()> {
         "CUDA headers: installing {want} from PyPI into {}",
         dest.display()
     );
-    let mut cmd = Command::new(&py);
-    cmd.args([
-        "-m",
-        "pip",
-        "install",
-        "--no-input",
-        "--disable-pip-version-check",
-        "--no-cache-dir",
-        "--no-deps",
-        "--target",
-    ])
-    .arg(&staging)
-    .args(CUDA_HEADER_WHEELS)
-    .env("PYTHONNOUSERSITE", "1");
-    let status = cmd
-        .status()
-        .with_context(|| format!("running {py} -m pip"))?;
+    let status = pip_install(&py, &staging, CUDA_HEADER_WHEELS, &["--no-deps"])?;
     if !status.success() {
         let _ = fs::remove_dir_all(&staging);
         bail!("`pip install {want}` failed ({status})");
@@ -304,7 +289,7 @@ fn ensure_ffmpeg(root: &Path) -> Result<()> {
         "ffmpeg: none on the PATH; installing {IMAGEIO_FFMPEG} from PyPI into {}",
         site.display()
     );
-    let status = pip_install(&py, &staging, IMAGEIO_FFMPEG, &["--no-deps"])?;
+    let status = pip_install(&py, &staging, &[IMAGEIO_FFMPEG], &["--no-deps"])?;
     if !status.success() {
         let _ = fs::remove_dir_all(&staging);
         bail!("`pip install {IMAGEIO_FFMPEG}` failed ({status})");
