@@ -588,17 +588,21 @@ impl VectorQuantizer {
     ) -> Result<()> {
         let ema = self.ema.as_ref().expect("called for EMA codebooks only");
         let k = self.config.codebook_size as i64;
-        let on_cpu = self.codebook.device() == Device::Cpu;
-        let (counts, sums) = if on_cpu {
-            // vq-core's statistics (f64 accumulation), as the single-process step uses.
-            let state = self.ema()?.expect("called for EMA codebooks only");
-            let stats = state.statistics(to_array(e).view(), &indices_u32(idx)?)?;
-            (
-                Tensor::from_slice(stats.counts.as_slice().expect("contiguous")),
-                from_array(stats.sums),
-            )
-        } else {
-            crate::ema::batch_statistics(e, idx, k)
+        // On the CPU, vq-core's state and statistics (f64 accumulation), as the single-process
+        // step uses.
+        let mut cpu_state = match self.codebook.device() {
+            Device::Cpu => self.ema()?,
+            _ => None,
+        };
+        let (counts, sums) = match &cpu_state {
+            Some(state) => {
+                let stats = state.statistics(to_array(e).view(), &indices_u32(idx)?)?;
+                (
+                    Tensor::from_slice(stats.counts.as_slice().expect("contiguous")),
+                    from_array(stats.sums),
+                )
+            }
+            None => crate::ema::batch_statistics(e, idx, k),
         };
         let (counts, sums) = (
             counts.to_device(group.device()),
@@ -611,7 +615,7 @@ impl VectorQuantizer {
         } else {
             e.shallow_clone()
         };
-        if !on_cpu {
+        let Some(mut state) = cpu_state.take() else {
             let ema = self.ema.as_mut().expect("called for EMA codebooks only");
             let device = self.codebook.device();
             crate::ema::ema_apply(
@@ -628,8 +632,7 @@ impl VectorQuantizer {
             );
             let _ = tch::no_grad(|| ema.steps.fill_(step + 1));
             return Ok(());
-        }
-        let mut state = self.ema()?.expect("called for EMA codebooks only");
+        };
         let stats = vq_core::EmaStatistics {
             counts: ndarray::Array1::from(
                 Vec::<f32>::try_from(counts.to_device(Device::Cpu))

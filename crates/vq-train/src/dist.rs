@@ -114,8 +114,7 @@ impl Dist {
         let Some(g) = &self.0 else {
             return Ok(());
         };
-        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
+        let vars = sorted_variables(vs);
         let layout: String = vars
             .iter()
             .map(|(n, t)| format!("{n}:{:?}:{:?};", t.size(), t.kind()))
@@ -148,9 +147,7 @@ impl Dist {
         let Some(g) = &self.0 else {
             return Ok(());
         };
-        let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
-        vars.sort_by(|a, b| a.0.cmp(&b.0));
-        let tensors: Vec<Tensor> = vars.into_iter().map(|(_, t)| t).collect();
+        let tensors: Vec<Tensor> = sorted_variables(vs).into_iter().map(|(_, t)| t).collect();
         g.check_same(
             &format!("the {what}'s variables at step {step}"),
             &vq_dist::fingerprint(&tensors),
@@ -217,6 +214,13 @@ pub fn rank_device(requested: Device, launch: &Launch) -> Result<Device> {
         }
         d => Ok(d),
     }
+}
+
+/// The variables of `vs` in name order, the same on every rank.
+fn sorted_variables(vs: &nn::VarStore) -> Vec<(String, Tensor)> {
+    let mut vars: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
 }
 
 /// Code counts as f64 (for the all-reduce), and back.
