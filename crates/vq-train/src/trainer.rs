@@ -127,15 +127,18 @@ impl<'a> Trainer<'a> {
         }
         let a = &cfg.model.autoencoder;
         let source = DataSource::parse(&cfg.data)?;
-        let data = ImageSet::load(
-            &source,
-            Split::Train,
-            a.in_channels(),
-            a.resolution(),
-            a.frames(),
-            Pipeline::for_preset(&cfg.preset),
-        )
-        .with_context(|| format!("loading training data {}", source.describe()))?;
+        let load = |split| {
+            ImageSet::load(
+                &source,
+                split,
+                a.in_channels(),
+                a.resolution(),
+                a.frames(),
+                Pipeline::for_preset(&cfg.preset),
+            )
+        };
+        let data = load(Split::Train)
+            .with_context(|| format!("loading training data {}", source.describe()))?;
         ensure!(
             !data.is_empty(),
             "the training split of {} holds no images",
@@ -144,15 +147,7 @@ impl<'a> Trainer<'a> {
         if dist.is_main() && opts.stop_after.is_none_or(|s| s >= t.steps) {
             // The held-out split is evaluated after the last step: find a missing or empty one
             // now, not after training.
-            let held_out = ImageSet::load(
-                &source,
-                Split::Test,
-                a.in_channels(),
-                a.resolution(),
-                a.frames(),
-                Pipeline::for_preset(&cfg.preset),
-            )
-            .with_context(|| {
+            let held_out = load(Split::Test).with_context(|| {
                 format!(
                     "loading the held-out split of {} (evaluated after training)",
                     source.describe()
