@@ -208,7 +208,7 @@ fn world_var(l: Launcher) -> &'static str {
 
 /// A TCP port that is free on 127.0.0.1 now (the kernel's pick for a bind to port 0), for a
 /// single-machine rendezvous. Another process may take it before it is used; rank 0 then fails
-/// with [`DistError::PortInUse`](crate::DistError::PortInUse).
+/// with [`DistError::PortInUse`].
 ///
 /// # Errors
 /// The bind failing.
