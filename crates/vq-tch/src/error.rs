@@ -39,6 +39,19 @@ pub enum VqTchError {
     /// libtorch raised an error.
     #[error("libtorch: {0}")]
     Torch(String),
+    /// A precision libtorch cannot autocast to on a device.
+    #[error("precision {precision} is not available on {device:?}: {why}")]
+    Precision {
+        /// The precision asked for.
+        precision: &'static str,
+        /// The device.
+        device: tch::Device,
+        /// What failed.
+        why: String,
+    },
+    /// A precision name that is not one of `f32`, `bf16`, `f16`.
+    #[error("unknown precision {0:?}: expected f32, bf16 or f16")]
+    UnknownPrecision(String),
     /// A collective of the data-parallel group failed (a rank was lost).
     #[error(transparent)]
     Dist(#[from] vq_dist::DistError),

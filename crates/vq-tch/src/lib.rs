@@ -7,11 +7,13 @@
 mod ema;
 mod error;
 mod estimator;
+mod precision;
 mod quantizer;
 mod search;
 
 pub use error::{Result, VqTchError};
 pub use estimator::apply_estimator;
+pub use precision::{Autocast, Precision, autocast};
 pub use quantizer::{
     CodebookLearning, Mode, Projection, VectorQuantizer, VectorQuantizerConfig, VqOutput,
     VqVaeLatent,

@@ -14,7 +14,7 @@ use vq_core::{BetaPlacement, EmaCodebook, EmaConfig, Estimator, Metric};
 use vq_dist::ProcessGroup;
 
 use crate::error::{Result, VqTchError};
-use crate::{apply_estimator, nearest_codes};
+use crate::{Autocast, Precision, apply_estimator, nearest_codes};
 
 /// How the codebook is learned.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -404,11 +404,16 @@ impl VectorQuantizer {
 
     /// Quantizes `x`. In [`Mode::Train`], EMA codebooks are updated from this batch (after
     /// k-means initialisation on the first one, if configured); [`Mode::Eval`] changes nothing.
+    /// Runs in f32 inside any autocast region (an f16/bf16 `x` is read as f32); the output
+    /// `quantized` has `x`'s dtype.
     ///
     /// # Errors
     /// [`VqTchError::Shape`] if the channel dimension is not the layer's input channels or the
     /// rank is not 2, 4 or 5; errors of the search and the estimator.
     pub fn forward(&mut self, x: &Tensor, mode: Mode) -> Result<VqOutput> {
+        // The search, the estimator, the EMA and the losses run in f32 even inside an autocast
+        // region (autocast exists for CPU and CUDA only; elsewhere there is none to close).
+        let _f32 = Autocast::enter(x.device(), Precision::F32).ok();
         let train = mode == Mode::Train;
         let c = self.config.input_channels() as i64;
         let rank = x.dim();

@@ -4,7 +4,8 @@ use rand::SeedableRng;
 use tch::{Device, Kind, Tensor, nn};
 use vq_core::{BetaPlacement, EmaCodebook, EmaConfig, Estimator, Metric};
 use vq_tch::{
-    CodebookLearning, Mode, Projection, VectorQuantizer, VectorQuantizerConfig, VqVaeLatent,
+    CodebookLearning, Mode, Precision, Projection, VectorQuantizer, VectorQuantizerConfig,
+    VqVaeLatent, autocast,
 };
 
 /// A layer in its own CPU VarStore.
@@ -324,6 +325,35 @@ fn projections_map_channels_to_the_code_dimension_and_back() {
             Err(vq_tch::VqTchError::Shape { .. })
         ));
     }
+}
+
+/// Inside a bf16 autocast region the layer still runs in f32: its projections, search, losses
+/// and gradient give exactly the numbers of a forward outside any region.
+#[test]
+fn autocast_regions_do_not_reach_the_quantizer() {
+    let cfg = VectorQuantizerConfig {
+        projection: Projection::Linear { channels: 6 },
+        ..VectorQuantizerConfig::paper_vit_vqgan(16, 6)
+    };
+    let (_vs, mut vq) = layer(cfg);
+    let x = Tensor::randn([2, 6, 3, 3], (Kind::Float, Device::Cpu));
+    let run = |vq: &mut VectorQuantizer, precision: Precision| {
+        let x = x.copy().set_requires_grad(true);
+        let out = autocast(Device::Cpu, precision, || vq.forward(&x, Mode::Eval))
+            .unwrap()
+            .unwrap();
+        assert_eq!(out.commitment_loss.kind(), Kind::Float);
+        assert_eq!(out.quantized.kind(), Kind::Float);
+        (out.quantized.square().sum(Kind::Float) + &out.commitment_loss).backward();
+        (out.indices, out.quantized.detach(), x.grad())
+    };
+    let (i32_, q32, g32) = run(&mut vq, Precision::F32);
+    let (i16_, q16, g16) = run(&mut vq, Precision::Bf16);
+    assert!(i32_.equal(&i16_) && q32.equal(&q16) && g32.equal(&g16));
+    // A bf16 input (an encoder that ran under autocast) is read as f32.
+    let out = vq.forward(&x.to_kind(Kind::BFloat16), Mode::Eval).unwrap();
+    assert_eq!(out.quantized.kind(), Kind::BFloat16);
+    assert_eq!(out.commitment_loss.kind(), Kind::Float);
 }
 
 /// Devices beyond the CPU the test bodies also run on (`cuda-tests` feature).

@@ -128,6 +128,11 @@ impl Dist {
         let state = opt.state_tensors();
         tch::no_grad(|| g.broadcast_all(&state, 0, DEFAULT_BUCKET_BYTES))?;
         opt.set_steps(self.broadcast_i64(opt.steps())?);
+        if let Some(s) = opt.loss_scale_mut() {
+            // A power of two, sent exactly as its bits.
+            s.scale = f64::from_bits(self.broadcast_i64(s.scale.to_bits() as i64)? as u64);
+            s.growth_tracker = self.broadcast_i64(s.growth_tracker)?;
+        }
         let mut all = tensors;
         all.extend(state);
         g.check_same(

@@ -83,6 +83,11 @@ struct RunArgs {
     /// `cpu`, `cuda` or `cuda:<n>`.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Arithmetic of the networks around the quantizer: f32, bf16 (autocast, the paper's
+    /// setting; recommended on CUDA) or f16 (autocast with a dynamic loss scale). The quantizer,
+    /// the weights and the optimiser state are f32 in every precision.
+    #[arg(long)]
+    precision: Option<String>,
     /// Optimiser steps.
     #[arg(long)]
     steps: Option<usize>,
@@ -202,6 +207,7 @@ fn preset_config(name: &str) -> Result<RunConfig> {
         gan: preset.gan(),
         lpips_weights: None,
         inception_weights: None,
+        precision: Default::default(),
     })
 }
 
@@ -220,6 +226,9 @@ impl RunArgs {
         if let Some(d) = &self.data {
             DataSource::parse(d)?;
             cfg.data = d.clone();
+        }
+        if let Some(p) = &self.precision {
+            cfg.precision = p.parse().context("--precision")?;
         }
         if let Some(s) = self.steps {
             cfg.training.steps = s;

@@ -10,6 +10,9 @@ use tch::{Kind, Tensor, nn};
 /// Decoupled weight-decay Adam (Loshchilov & Hutter), as `torch.optim.AdamW`:
 /// `p ← p − lr·wd·p`, `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
 /// `p ← p − lr·(m/(1−β₁ᵗ)) / (√(v/(1−β₂ᵗ)) + ε)`.
+///
+/// With [`with_loss_scaling`](Self::with_loss_scaling) it also owns the dynamic [`LossScale`] of
+/// its gradients (f16 training), as `torch.amp.GradScaler` is stepped with its optimiser.
 #[derive(Debug)]
 pub struct AdamW {
     params: Vec<(String, Tensor)>,
@@ -19,6 +22,66 @@ pub struct AdamW {
     betas: (f64, f64),
     eps: f64,
     weight_decay: f64,
+    loss_scale: Option<LossScale>,
+}
+
+/// The dynamic loss scale of f16 training, with `torch.amp.GradScaler`'s defaults and rules: the
+/// loss is multiplied by `scale` before the backward pass; a step whose gradients hold an inf or
+/// NaN is skipped and the scale halved; after 2000 applied steps in a row it doubles.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LossScale {
+    /// The current scale (a power of two).
+    pub scale: f64,
+    /// Steps applied since the scale last changed.
+    pub growth_tracker: i64,
+}
+
+impl Default for LossScale {
+    fn default() -> Self {
+        Self {
+            scale: Self::INIT,
+            growth_tracker: 0,
+        }
+    }
+}
+
+impl LossScale {
+    /// The first scale, 2¹⁶.
+    pub const INIT: f64 = 65536.0;
+    /// Factor after `GROWTH_INTERVAL` applied steps.
+    pub const GROWTH: f64 = 2.0;
+    /// Factor after a skipped step.
+    pub const BACKOFF: f64 = 0.5;
+    /// Applied steps between growths.
+    pub const GROWTH_INTERVAL: i64 = 2000;
+    /// Below this scale (f16's smallest subnormal, 2⁻²⁴, reached after 40 skipped steps in a
+    /// row from the first scale) no scale can help: the run has diverged.
+    pub const MIN: f64 = 5.960_464_477_539_063e-8;
+
+    /// The scale after a step whose gradients were finite (`true`) or not.
+    ///
+    /// ```
+    /// use vq_train::optim::LossScale;
+    /// let mut s = LossScale::default();
+    /// s.update(false);
+    /// assert_eq!(s.scale, 32768.0);
+    /// for _ in 0..LossScale::GROWTH_INTERVAL {
+    ///     s.update(true);
+    /// }
+    /// assert_eq!((s.scale, s.growth_tracker), (65536.0, 0));
+    /// ```
+    pub fn update(&mut self, finite: bool) {
+        if finite {
+            self.growth_tracker += 1;
+            if self.growth_tracker == Self::GROWTH_INTERVAL {
+                self.scale *= Self::GROWTH;
+                self.growth_tracker = 0;
+            }
+        } else {
+            self.scale *= Self::BACKOFF;
+            self.growth_tracker = 0;
+        }
+    }
 }
 
 impl AdamW {
@@ -39,7 +102,25 @@ impl AdamW {
             betas,
             eps: 1e-8,
             weight_decay,
+            loss_scale: None,
         }
+    }
+
+    /// Trains with a dynamic [`LossScale`] (f16 training).
+    #[must_use]
+    pub fn with_loss_scaling(mut self) -> Self {
+        self.loss_scale = Some(LossScale::default());
+        self
+    }
+
+    /// The factor the loss is multiplied by before the backward pass (1 without loss scaling).
+    pub fn loss_scale(&self) -> f64 {
+        self.loss_scale.map_or(1.0, |s| s.scale)
+    }
+
+    /// The loss scale's state, if the optimiser has one (to keep ranks in step).
+    pub fn loss_scale_mut(&mut self) -> Option<&mut LossScale> {
+        self.loss_scale.as_mut()
     }
 
     /// Steps taken.
@@ -78,15 +159,12 @@ impl AdamW {
         }
     }
 
-    /// Scales the gradients so that their global l2 norm is at most `max_norm` (0: no clipping);
-    /// returns the norm before clipping.
-    pub fn clip_grad_norm(&mut self, max_norm: f64) -> f64 {
-        let grads: Vec<Tensor> = self
-            .params
-            .iter()
-            .map(|(_, p)| p.grad())
-            .filter(Tensor::defined)
-            .collect();
+    /// Unscales the gradients (divides them by [`loss_scale`](Self::loss_scale)) and scales
+    /// them so that their global l2 norm is at most `max_norm` (0: no clipping), in one pass;
+    /// returns the (unscaled) norm before clipping. A non-finite norm leaves the gradients as
+    /// they were.
+    pub fn unscale_and_clip(&mut self, max_norm: f64) -> f64 {
+        let grads = self.gradients();
         if grads.is_empty() {
             return 0.0;
         }
@@ -94,17 +172,42 @@ impl AdamW {
             .iter()
             .map(|g| g.to_kind(Kind::Double).square().sum(Kind::Double))
             .collect();
-        let norm =
-            f64::try_from(Tensor::stack(&sq, 0).sum(Kind::Double).sqrt()).unwrap_or(f64::NAN);
-        if max_norm > 0.0 && norm > max_norm {
-            let scale = max_norm / (norm + 1e-6);
+        let scale = self.loss_scale();
+        let norm = f64::try_from(Tensor::stack(&sq, 0).sum(Kind::Double).sqrt())
+            .unwrap_or(f64::NAN)
+            / scale;
+        if !norm.is_finite() {
+            return norm;
+        }
+        let clip = match max_norm > 0.0 && norm > max_norm {
+            true => max_norm / (norm + 1e-6),
+            false => 1.0,
+        };
+        let factor = clip / scale;
+        if factor != 1.0 {
             tch::no_grad(|| {
                 for mut g in grads {
-                    let _ = g.g_mul_scalar_(scale);
+                    let _ = g.g_mul_scalar_(factor);
                 }
             });
         }
         norm
+    }
+
+    /// [`step`](Self::step) unless loss scaling is on and `grad_norm` (from
+    /// [`unscale_and_clip`](Self::unscale_and_clip)) is not finite; updates the loss scale.
+    /// Returns whether the update was applied.
+    pub fn step_unless_overflow(&mut self, lr: f64, grad_norm: f64) -> bool {
+        let Some(scale) = &mut self.loss_scale else {
+            self.step(lr);
+            return true;
+        };
+        let finite = grad_norm.is_finite();
+        scale.update(finite);
+        if finite {
+            self.step(lr);
+        }
+        finite
     }
 
     /// One update with learning rate `lr`.
@@ -138,6 +241,13 @@ impl AdamW {
             out.push((format!("v.{name}"), v.shallow_clone()));
         }
         out.push(("step".into(), Tensor::from(self.step)));
+        if let Some(s) = self.loss_scale {
+            out.push(("loss_scale".into(), Tensor::from(s.scale)));
+            out.push((
+                "loss_scale_growth_tracker".into(),
+                Tensor::from(s.growth_tracker),
+            ));
+        }
         out
     }
 
@@ -171,6 +281,15 @@ impl AdamW {
             Ok(())
         })?;
         self.step = i64::try_from(get("step")?).context("optimizer step")?;
+        // A checkpoint written without loss scaling (f32 / bf16) starts the scale afresh.
+        if let (Some(s), Some(scale), Some(tracker)) = (
+            &mut self.loss_scale,
+            state.get("loss_scale"),
+            state.get("loss_scale_growth_tracker"),
+        ) {
+            s.scale = f64::try_from(scale).context("loss scale")?;
+            s.growth_tracker = i64::try_from(tracker).context("loss scale growth tracker")?;
+        }
         Ok(())
     }
 }
@@ -256,8 +375,36 @@ mod tests {
         let p = vs.root().var_copy("p", &Tensor::from_slice(&[3.0f32, 4.0]));
         let mut opt = AdamW::new(&vs, (0.9, 0.99), 0.0);
         (&p * &p).sum(Kind::Float).g_mul_scalar(0.5).backward();
-        assert!((opt.clip_grad_norm(1.0) - 5.0).abs() < 1e-6);
+        assert!((opt.unscale_and_clip(1.0) - 5.0).abs() < 1e-6);
         let g = f64::try_from(p.grad().norm()).unwrap();
         assert!((g - 1.0).abs() < 1e-5, "{g}");
+    }
+
+    /// A scaled backward pass gives the unscaled gradients back; an overflow skips the step,
+    /// halves the scale and leaves the weights alone; the scale survives a state round trip.
+    #[test]
+    fn loss_scaling_unscales_skips_and_round_trips() {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let p = vs.root().var_copy("p", &Tensor::from_slice(&[3.0f32, 4.0]));
+        let mut opt = AdamW::new(&vs, (0.9, 0.99), 0.0).with_loss_scaling();
+        let s = opt.loss_scale();
+        ((&p * &p).sum(Kind::Float) * (0.5 * s)).backward();
+        assert!((opt.unscale_and_clip(0.0) - 5.0).abs() < 1e-5);
+        assert_eq!(Vec::<f32>::try_from(p.grad()).unwrap(), [3.0, 4.0]);
+        assert!(opt.step_unless_overflow(0.1, 5.0));
+        assert_eq!(opt.steps(), 1);
+        let before = p.copy();
+        opt.zero_grad();
+        (&p * f64::INFINITY).sum(Kind::Float).backward();
+        let norm = opt.unscale_and_clip(1.0);
+        assert!(!norm.is_finite());
+        assert!(!opt.step_unless_overflow(0.1, norm));
+        assert!(p.equal(&before), "a skipped step must not move the weights");
+        assert_eq!(opt.steps(), 1);
+        assert_eq!(opt.loss_scale(), s / 2.0);
+        let state: HashMap<String, Tensor> = opt.state().into_iter().collect();
+        let mut other = AdamW::new(&vs, (0.9, 0.99), 0.0).with_loss_scaling();
+        other.load_state(state).unwrap();
+        assert_eq!(other.loss_scale(), s / 2.0);
     }
 }

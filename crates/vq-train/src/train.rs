@@ -9,6 +9,7 @@ use anyhow::{Context, Result, ensure};
 use tch::{Device, nn};
 use vq_dist::ProcessGroup;
 use vq_models::{GanConfig, TrainingConfig, VqAutoencoder, VqAutoencoderConfig};
+use vq_tch::Precision;
 
 use crate::checkpoint;
 use crate::data::DataSource;
@@ -44,11 +45,17 @@ pub struct RunConfig {
     /// columns of evaluations.
     #[serde(default)]
     pub inception_weights: Option<PathBuf>,
+    /// Arithmetic of the encoder, decoder, discriminator and perceptual network (autocast);
+    /// the quantizer, the optimiser state and the weights stay f32 whatever it is, so
+    /// checkpoints are the same for every precision.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl RunConfig {
     /// What a checkpoint records and a resume must match: everything but the evaluation-only
-    /// Inception weights.
+    /// Inception weights and the precision (checkpoints are f32 in every precision, so a run
+    /// may continue in another one; only an unchanged precision continues bit for bit).
     ///
     /// # Errors
     /// Serialisation errors.
@@ -56,6 +63,7 @@ impl RunConfig {
         let mut v = serde_json::to_value(self)?;
         if let Some(o) = v.as_object_mut() {
             o.remove("inception_weights");
+            o.remove("precision");
         }
         Ok(v)
     }
@@ -186,6 +194,16 @@ pub struct StepMetrics {
     /// VQGAN: adaptive weight of the adversarial term (0 before `disc_start`).
     #[serde(default)]
     pub d_weight: f64,
+    /// f16: steps of the window whose update was skipped because the gradients overflowed.
+    #[serde(default)]
+    pub skipped_steps: usize,
+    /// f16: the model's loss scale at the window's last step (1 in f32 and bf16).
+    #[serde(default = "one")]
+    pub loss_scale: f64,
+}
+
+fn one() -> f64 {
+    1.0
 }
 
 /// What [`train`] returns.

@@ -19,7 +19,7 @@ use vq_tch::Mode;
 use crate::checkpoint::{self, TrainState};
 use crate::data::{DataSource, ImageSet, Pipeline, Shard, TrainBatches, frames_as_images};
 use crate::dist::{Dist, counts_from_f64, counts_to_f64};
-use crate::optim::{AdamW, learning_rate};
+use crate::optim::{AdamW, LossScale, learning_rate};
 use crate::train::{
     StepMetrics, TrainOptions, Trained, last_checkpoint, truncate_metrics, write_atomic,
 };
@@ -51,6 +51,10 @@ struct StepStats {
     sums: [f64; 4],
     adv: [f64; 3],
     counts: Vec<u64>,
+    /// The update was skipped (f16: the gradients overflowed).
+    skipped: bool,
+    /// The model's loss scale after the step (1 without loss scaling).
+    loss_scale: f64,
 }
 
 impl StepStats {
@@ -112,6 +116,7 @@ impl<'a> Trainer<'a> {
             format!("{:?} {}", opts.stop_after, opts.checkpoint_every).as_bytes(),
         )?;
         let t = &cfg.training;
+        cfg.precision.check_available(opts.device)?;
         let per_step = dist.world() * cfg.micro_batch;
         ensure!(
             t.batch_size.is_multiple_of(per_step),
@@ -163,12 +168,19 @@ impl<'a> Trainer<'a> {
         tch::manual_seed(cfg.seed as i64);
         let mut vs = nn::VarStore::new(opts.device);
         let mut model = VqAutoencoder::new(&vs.root(), &cfg.model)?;
-        let mut opt = AdamW::new(&vs, t.betas, t.weight_decay);
+        let optimiser = |vs: &nn::VarStore| {
+            let opt = AdamW::new(vs, t.betas, t.weight_decay);
+            match cfg.precision.needs_loss_scaling() {
+                true => opt.with_loss_scaling(),
+                false => opt,
+            }
+        };
+        let mut opt = optimiser(&vs);
         let mut gan = match &cfg.gan {
             Some(g) => {
                 let dvs = nn::VarStore::new(opts.device);
                 let disc = Discriminator::new(&dvs.root(), g)?;
-                let dopt = AdamW::new(&dvs, t.betas, t.weight_decay);
+                let dopt = optimiser(&dvs);
                 if g.perceptual_weight > 0.0 && cfg.lpips_weights.is_none() && dist.is_main() {
                     let pixel = match (g.l1_weight > 0.0, g.l2_weight > 0.0) {
                         (true, true) => "L1 + L2",
@@ -336,13 +348,18 @@ impl<'a> Trainer<'a> {
             sums,
             mut adv,
             counts,
+            ..
         } = StepStats {
             sums,
             adv,
             counts: vq_core::code_counts(&codes, k)?,
+            skipped: false,
+            loss_scale: 1.0,
         }
         .over_ranks(&self.dist)?;
-        if !sums[0].is_finite() {
+        let scaled = self.opts.config.precision.needs_loss_scaling();
+        // Under loss scaling a non-finite loss is an overflow: the step is skipped below.
+        if !sums[0].is_finite() && !scaled {
             bail!(
                 "non-finite loss {} at step {} (rec {}, commitment {}); training stopped, last good checkpoint: {}",
                 sums[0],
@@ -353,19 +370,62 @@ impl<'a> Trainer<'a> {
             );
         }
         self.dist.average_gradients(&self.opt)?;
-        let grad_norm = self.opt.clip_grad_norm(t.grad_clip);
-        self.opt.step(lr);
+        let grad_norm = self.opt.unscale_and_clip(t.grad_clip);
+        let applied = self.opt.step_unless_overflow(lr, grad_norm);
+        self.check_loss_scale(step)?;
         if adversarial {
             adv[0] = self.discriminator_step(&pairs, step, lr)?;
         }
-        Ok((StepStats { sums, adv, counts }, lr, grad_norm))
+        let stats = StepStats {
+            sums,
+            adv,
+            counts,
+            skipped: !applied,
+            loss_scale: self.opt.loss_scale(),
+        };
+        Ok((stats, lr, grad_norm))
+    }
+
+    /// Loss scaling that has backed off to nothing: every step for a long while overflowed.
+    fn check_loss_scale(&self, step: usize) -> Result<()> {
+        let scales = [Some(&self.opt), self.gan.as_ref().map(|g| &g.opt)];
+        for (what, opt) in ["model", "discriminator"].iter().zip(scales) {
+            let Some(opt) = opt else { continue };
+            if opt.loss_scale() < LossScale::MIN {
+                bail!(
+                    "f16 loss scale of the {what} fell to {:e} at step {}: its gradients overflowed \
+                     at every step for {} steps in a row (the run diverged or f16's range is too \
+                     small for it; try --precision bf16); last good checkpoint: {}",
+                    opt.loss_scale(),
+                    step + 1,
+                    (LossScale::INIT / LossScale::MIN).log2().round(),
+                    last_checkpoint(&self.opts.out)?
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` in the run's autocast region (nothing changes in f32).
+    fn autocast<T>(&self, f: impl FnOnce() -> T) -> Result<T> {
+        Ok(vq_tch::autocast(
+            self.opts.device,
+            self.opts.config.precision,
+            f,
+        )?)
     }
 
     /// Encoder → quantizer → decoder on one micro-batch, with the error of a non-finite encoder
     /// output named.
+    /// Inside the run's autocast region; the reconstruction comes back in f32.
     fn forward(&mut self, x: &Tensor, step: usize) -> Result<vq_models::AutoencoderOutput> {
-        match self.model.forward(x, Mode::Train) {
-            Ok(out) => Ok(out),
+        let (device, precision) = (self.opts.device, self.opts.config.precision);
+        let out = vq_tch::autocast(device, precision, || self.model.forward(x, Mode::Train))?;
+        match out {
+            Ok(mut out) => {
+                out.reconstruction = out.reconstruction.to_kind(Kind::Float);
+                Ok(out)
+            }
             Err(vq_models::ModelError::Quantizer(vq_tch::VqTchError::Core(
                 e @ vq_core::VqError::NonFinite { .. },
             ))) => bail!(
@@ -383,7 +443,7 @@ impl<'a> Trainer<'a> {
         let qloss = &out.vq.commitment_loss + &out.vq.codebook_loss;
         let rec = out.reconstruction.mse_loss(x, Reduction::Mean);
         let loss = &rec + &qloss;
-        backward(&(&loss / self.accum as f64), &self.dist)?;
+        backward(&(&loss * self.backward_factor()), &self.dist)?;
         finish_micro(&loss, &rec, &out, 0.0, 0.0)
     }
 
@@ -401,8 +461,11 @@ impl<'a> Trainer<'a> {
         let qloss = &out.vq.commitment_loss + &out.vq.codebook_loss;
         let mut nll = g.config.pixel_loss(x, &out.reconstruction);
         if let Some(lp) = &self.lpips {
-            let p = lp
-                .forward(&frames_as_images(x), &frames_as_images(&out.reconstruction))
+            let p = self
+                .autocast(|| {
+                    lp.forward(&frames_as_images(x), &frames_as_images(&out.reconstruction))
+                })?
+                .to_kind(Kind::Float)
                 .mean(Kind::Float);
             nll += p * g.config.perceptual_weight;
         }
@@ -410,8 +473,7 @@ impl<'a> Trainer<'a> {
         let (mut g_value, mut w) = (0.0, 0.0);
         if adversarial {
             let g_loss = g.config.g_loss(
-                &g.disc
-                    .try_forward_t(&frames_as_images(&out.reconstruction), true)?,
+                &self.autocast(|| logits(&g.disc, &frames_as_images(&out.reconstruction)))??,
             );
             w = match g.config.adversarial_weighting {
                 AdversarialWeighting::Adaptive => adaptive_weight_in(
@@ -430,8 +492,14 @@ impl<'a> Trainer<'a> {
             frames_as_images(x),
             frames_as_images(&out.reconstruction.detach()),
         );
-        backward(&(&loss / self.accum as f64), &self.dist)?;
+        backward(&(&loss * self.backward_factor()), &self.dist)?;
         Ok((finish_micro(&loss, &nll, &out, g_value, w)?, pair))
+    }
+
+    /// What a micro-batch's loss is multiplied by before its backward pass: 1 / accumulation,
+    /// times the loss scale under f16.
+    fn backward_factor(&self) -> f64 {
+        self.opt.loss_scale() / self.accum as f64
     }
 
     /// Discriminator step on the step's images and the generator's (detached) outputs, with the
@@ -444,6 +512,7 @@ impl<'a> Trainer<'a> {
         lr: f64,
     ) -> Result<f64> {
         let accum = self.accum as f64;
+        let (device, precision) = (self.opts.device, self.opts.config.precision);
         let g = self.gan.as_mut().expect("a VQGAN run");
         g.opt.zero_grad();
         let r1 = g.config.r1.filter(|r| step.is_multiple_of(r.every));
@@ -453,16 +522,20 @@ impl<'a> Trainer<'a> {
                 Some(_) => x.detach().set_requires_grad(true),
                 None => x.shallow_clone(),
             };
-            let real = g.disc.try_forward_t(&x, true)?;
-            let mut d_loss = g.config.d_loss(&real, &g.disc.try_forward_t(rec, true)?);
+            let (real, fake) = vq_tch::autocast(device, precision, || {
+                Ok::<_, anyhow::Error>((logits(&g.disc, &x)?, logits(&g.disc, rec)?))
+            })??;
+            let mut d_loss = g.config.d_loss(&real, &fake);
             d_sum += f64::try_from(&d_loss).unwrap_or(f64::NAN) / accum;
             if let Some(r) = r1 {
                 d_loss += r1_penalty(&real, &x)? * (r.gamma * r.every as f64 / 2.0);
             }
-            backward(&(d_loss / accum), &self.dist)?;
+            backward(&(d_loss * (g.opt.loss_scale() / accum)), &self.dist)?;
         }
         self.dist.average_gradients(&g.opt)?;
-        g.opt.step(lr * g.config.disc_lr_multiplier);
+        let norm = g.opt.unscale_and_clip(0.0);
+        g.opt
+            .step_unless_overflow(lr * g.config.disc_lr_multiplier, norm);
         let mut d = [d_sum];
         if self.dist.world() > 1 {
             self.dist.sum(&mut d)?;
@@ -470,6 +543,11 @@ impl<'a> Trainer<'a> {
         }
         Ok(d[0])
     }
+}
+
+/// The discriminator's logits in f32 (its forward may run under autocast).
+fn logits(disc: &Discriminator, x: &Tensor) -> Result<Tensor> {
+    Ok(disc.try_forward_t(x, true)?.to_kind(Kind::Float))
 }
 
 /// The backward pass, with libtorch's errors as errors rather than panics; inside a group a
@@ -681,6 +759,8 @@ impl Logger {
             vq_core::perplexity(&stats.counts),
             grad_norm,
         );
+        self.window.skipped += usize::from(stats.skipped);
+        self.window.loss_scale = stats.loss_scale;
         self.bar.set_position(done as u64);
         if !(done.is_multiple_of(self.log_every) || last) {
             return Ok(());
@@ -709,6 +789,8 @@ impl Logger {
 #[derive(Debug, Default)]
 struct Window {
     n: usize,
+    skipped: usize,
+    loss_scale: f64,
     sums: [f64; 4],
     adv: [f64; 3],
     usage: f64,
@@ -753,6 +835,8 @@ impl Window {
             d_loss: self.adv[0] / n,
             g_loss: self.adv[1] / n,
             d_weight: self.adv[2] / n,
+            skipped_steps: self.skipped,
+            loss_scale: self.loss_scale,
         }
     }
 }

@@ -102,6 +102,7 @@ fn small_vqvae(steps: usize, micro_batch: usize) -> RunConfig {
         gan: None,
         lpips_weights: None,
         inception_weights: None,
+        precision: Default::default(),
     }
 }
 

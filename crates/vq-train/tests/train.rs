@@ -37,6 +37,7 @@ fn small(steps: usize) -> RunConfig {
         gan: None,
         lpips_weights: None,
         inception_weights: None,
+        precision: Default::default(),
     }
 }
 
@@ -289,6 +290,7 @@ fn vit_vqgan_trains_with_the_style_discriminator_and_resumes_exactly() {
         gan: Some(gan),
         lpips_weights: None,
         inception_weights: None,
+        precision: Default::default(),
     };
     let (a, b) = (tmp("vit-a"), tmp("vit-b"));
     let whole = train(&options(cfg.clone(), &a)).unwrap();
@@ -443,6 +445,7 @@ fn an_image_folder_trains_streams_and_resumes() {
         gan: None,
         lpips_weights: None,
         inception_weights: None,
+        precision: Default::default(),
     };
     let (a, b) = (root.join("a"), root.join("b"));
     let whole = train(&options(cfg.clone(), &a)).unwrap();
@@ -536,6 +539,7 @@ fn a_video_tokenizer_trains_on_bair_clips() {
         gan: Some(gan),
         lpips_weights: None,
         inception_weights: None,
+        precision: Default::default(),
     };
     let out = root.join("run");
     let mut trained = train(&options(cfg.clone(), &out)).unwrap();

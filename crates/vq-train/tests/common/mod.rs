@@ -31,5 +31,6 @@ pub fn small_vqgan(steps: usize, micro_batch: usize) -> RunConfig {
         gan: Some(gan),
         lpips_weights: None,
         inception_weights: None,
+        precision: Default::default(),
     }
 }
