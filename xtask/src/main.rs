@@ -1,5 +1,6 @@
 //! `cargo xtask <command>`: project automation (alias defined in `.cargo/config.toml`).
 
+mod bench_train;
 mod download;
 mod setup;
 
@@ -73,6 +74,10 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
+    /// Set up if needed, then time N training steps of `vq-train` and of the same model in
+    /// PyTorch (crates/vq-train/examples/torch_twin.py), one after the other, and print steps/s,
+    /// images/s, peak memory and the step-time ratio.
+    BenchTrain(bench_train::BenchTrain),
 }
 
 fn main() -> Result<()> {
@@ -208,6 +213,10 @@ fn main() -> Result<()> {
         Cmd::Bench { threads, quick } => {
             let lt = setup::run(&root, false)?;
             bench(&root, &lt, threads, quick)
+        }
+        Cmd::BenchTrain(b) => {
+            let lt = setup::run(&root, false)?;
+            b.run(&root, &lt)
         }
     }
 }

@@ -443,8 +443,9 @@ fn main() -> Result<()> {
                     trained.seconds,
                 )?;
                 println!(
-                    "val: rec MSE {:.5}, usage/256 {:.1}%, perplexity {:.1}, QE {:.3e} ({:.1}% of mean e²); eval.json, reconstructions.png, curves.png in {}",
+                    "val: rec MSE {:.5}, usage/{} {:.1}%, perplexity {:.1}, QE {:.3e} ({:.1}% of mean e²); eval.json, reconstructions.png, curves.png in {}",
                     row.val.rec_mse,
+                    opts.config.model.quantizer.codebook_size,
                     100.0 * row.val.usage,
                     row.val.perplexity,
                     row.val.quantization_error,
@@ -497,10 +498,11 @@ fn main() -> Result<()> {
             let row = evaluate_run(&mut model, &cfg, &run, device, 0.0)?;
             for (name, m) in [("train", &row.train), ("val", &row.val)] {
                 println!(
-                    "{name}: {} images, rec MSE {:.5}, L1 {:.5}, usage/256 {:.1}%, perplexity {:.1}, QE {:.3e}, LPIPS {}, r-FID {}, r-IS {}",
+                    "{name}: {} images, rec MSE {:.5}, L1 {:.5}, usage/{} {:.1}%, perplexity {:.1}, QE {:.3e}, LPIPS {}, r-FID {}, r-IS {}",
                     m.images,
                     m.rec_mse,
                     m.rec_l1,
+                    cfg.model.quantizer.codebook_size,
                     100.0 * m.usage,
                     m.perplexity,
                     m.quantization_error,

@@ -1,0 +1,403 @@
+"""The PyTorch twin of a vq-train run: the same network, quantizer, optimiser, batch and precision,
+built from a run configuration as `vq-train presets <name>` prints it, trained for a few steps and
+timed. `cargo xtask bench-train` runs it beside `vq-train train` and prints the ratio.
+
+The network is taming-transformers' Encoder / Decoder (taming/modules/diffusionmodules/model.py,
+as crates/vq-models/src/taming.rs rebuilds it) with the optional 1x1 quant_conv pair; the quantizer
+is lucidrains' vector-quantize-pytorch layer written with torch ops (EMA codebook with Laplace
+smoothing, or a learned one; Euclidean or cosine lookup; straight-through or the rotation trick of
+`rotate_to`; commitment loss beta * mse(e, sg(q))); the optimiser torch.optim.AdamW with the
+run's betas, weight decay, warm-up + cosine schedule and global gradient-norm clip. The quantizer
+runs outside autocast in float32, as the paper's code does.
+
+Usage: python torch_twin.py CONFIG.json --steps N --warmup W --device cpu|cuda --precision f32|bf16|f16
+       [--batch-size B] [--threads T] [--images N] [--seed S]
+       python torch_twin.py CONFIG.json --describe
+Prints one JSON line: trainable parameters, steps/s, images/s, peak memory, last loss; with
+--describe the trainable parameters' names and shapes (taming's names, as vq-train's checkpoints
+use them) and nothing is trained."""
+
+import argparse
+import json
+import math
+import resource
+import sys
+import time
+import warnings
+
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy")
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def fail(msg):
+    print(f"torch_twin: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+# --- taming-transformers Encoder / Decoder ---------------------------------------------------
+
+def normalize(c, groups):
+    return nn.GroupNorm(groups, c, eps=1e-6, affine=True)
+
+
+def swish(x):
+    return x * torch.sigmoid(x)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, cin, cout, groups):
+        super().__init__()
+        self.norm1 = normalize(cin, groups)
+        self.conv1 = nn.Conv2d(cin, cout, 3, 1, 1)
+        self.norm2 = normalize(cout, groups)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1)
+        self.nin_shortcut = nn.Conv2d(cin, cout, 1, 1, 0) if cin != cout else None
+
+    def forward(self, x):
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(swish(self.norm2(h)))
+        return (self.nin_shortcut(x) if self.nin_shortcut is not None else x) + h
+
+
+class AttnBlock(nn.Module):
+    def __init__(self, c, groups):
+        super().__init__()
+        self.norm = normalize(c, groups)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        hn = self.norm(x)
+        q = self.q(hn).reshape(b, c, h * w).permute(0, 2, 1)
+        k = self.k(hn).reshape(b, c, h * w)
+        v = self.v(hn).reshape(b, c, h * w)
+        attn = torch.softmax(torch.bmm(q, k) * c ** -0.5, dim=2)
+        out = torch.bmm(v, attn.permute(0, 2, 1)).reshape(b, c, h, w)
+        return x + self.proj_out(out)
+
+
+class Level(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.ModuleList()
+        self.attn = nn.ModuleList()
+
+    def run(self, h):
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if i < len(self.attn):
+                h = self.attn[i](h)
+        return h
+
+
+class Mid(nn.Module):
+    def __init__(self, c, groups):
+        super().__init__()
+        self.block_1 = ResnetBlock(c, c, groups)
+        self.attn_1 = AttnBlock(c, groups)
+        self.block_2 = ResnetBlock(c, c, groups)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    def __init__(self, t):
+        super().__init__()
+        g, ch, mult = t["norm_groups"], t["ch"], t["ch_mult"]
+        self.conv_in = nn.Conv2d(t["in_channels"], ch, 3, 1, 1)
+        res, block_in = t["resolution"], ch
+        self.down = nn.ModuleList()
+        for i, m in enumerate(mult):
+            level = Level()
+            for _ in range(t["num_res_blocks"]):
+                level.block.append(ResnetBlock(block_in, ch * m, g))
+                block_in = ch * m
+                if res in t["attn_resolutions"]:
+                    level.attn.append(AttnBlock(block_in, g))
+            if i + 1 != len(mult):
+                level.downsample = nn.Module()
+                level.downsample.conv = nn.Conv2d(block_in, block_in, 3, 2, 0)
+                res //= 2
+            self.down.append(level)
+        self.mid = Mid(block_in, g)
+        self.norm_out = normalize(block_in, g)
+        self.conv_out = nn.Conv2d(block_in, t["z_channels"], 3, 1, 1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level.run(h)
+            if hasattr(level, "downsample"):
+                h = level.downsample.conv(F.pad(h, (0, 1, 0, 1)))
+        return self.conv_out(swish(self.norm_out(self.mid(h))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, t):
+        super().__init__()
+        g, ch, mult = t["norm_groups"], t["ch"], t["ch_mult"]
+        block_in = ch * mult[-1]
+        res = t["resolution"] // 2 ** (len(mult) - 1)
+        self.conv_in = nn.Conv2d(t["z_channels"], block_in, 3, 1, 1)
+        self.mid = Mid(block_in, g)
+        up = []
+        for i in reversed(range(len(mult))):
+            level = Level()
+            for _ in range(t["num_res_blocks"] + 1):
+                level.block.append(ResnetBlock(block_in, ch * mult[i], g))
+                block_in = ch * mult[i]
+                if res in t["attn_resolutions"]:
+                    level.attn.append(AttnBlock(block_in, g))
+            if i != 0:
+                level.upsample = nn.Module()
+                level.upsample.conv = nn.Conv2d(block_in, block_in, 3, 1, 1)
+                res *= 2
+            up.insert(0, level)
+        self.up = nn.ModuleList(up)  # PyTorch index up.{i} holds resolution level i
+        self.norm_out = normalize(block_in, g)
+        self.conv_out = nn.Conv2d(block_in, t["out_channels"], 3, 1, 1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level.run(h)
+            if hasattr(level, "upsample"):
+                h = level.upsample.conv(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+# --- lucidrains-style vector quantizer --------------------------------------------------------
+
+def l2norm(t, eps=1e-12):
+    return F.normalize(t, dim=-1, eps=eps)
+
+
+def rotate_to(src, tgt):
+    """lucidrains' rotate_to: the rotation + rescale that carries src onto tgt, as a constant."""
+    n_src = src.norm(dim=-1, keepdim=True)
+    n_tgt = tgt.norm(dim=-1, keepdim=True)
+    u = (src / n_src.clamp(min=1e-6)).detach()
+    q = (tgt / n_tgt.clamp(min=1e-6)).detach()
+    w = l2norm(u + q).detach()
+    rotated = src - 2 * (src * w).sum(-1, keepdim=True) * w + 2 * (src * u).sum(-1, keepdim=True) * q
+    return rotated * (n_tgt / n_src.clamp(min=1e-6)).detach()
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        k, d = cfg["codebook_size"], cfg["codebook_dim"]
+        self.metric, self.beta, self.estimator = cfg["metric"], cfg["beta"], cfg["estimator"]
+        if self.estimator not in ("ste", "rotation"):
+            fail(f"estimator {self.estimator!r}: the twin has ste and rotation")
+        learning = cfg["learning"]
+        self.ema = learning.get("ema") if isinstance(learning, dict) else None
+        proj = cfg["projection"]
+        if proj == "identity":
+            self.project_in = self.project_in_norm = self.project_out = None
+        else:
+            kind, channels = next(iter(proj.items()))
+            self.project_in = nn.Linear(channels["channels"], d)
+            self.project_in_norm = nn.LayerNorm(d) if kind == "linear_layer_norm" else None
+            self.project_out = nn.Linear(d, channels["channels"])
+        embed = torch.randn(k, d)
+        if self.metric == "cosine":
+            embed = l2norm(embed)
+        if self.ema is not None:
+            self.register_buffer("codebook", embed)
+            self.register_buffer("cluster_size", torch.zeros(k))
+            self.register_buffer("embed_avg", embed.clone())
+        else:
+            self.codebook = nn.Parameter(embed)
+            self.legacy = learning["gradient"]["placement"] == "legacy"
+
+    def forward(self, x):
+        # (B, C, h, w) -> (B*h*w, C), float32 whatever the autocast region around it.
+        b, c, h, w = x.shape
+        flat = x.float().permute(0, 2, 3, 1).reshape(-1, c)
+        e = self.project_in(flat) if self.project_in is not None else flat
+        if self.project_in_norm is not None:
+            e = self.project_in_norm(e)
+        if self.metric == "cosine":
+            e = l2norm(e)
+        codebook = self.codebook
+        with torch.no_grad():
+            cb = codebook.detach()
+            if self.metric == "cosine":
+                idx = (e.detach() @ cb.t()).argmax(1)
+            else:
+                dist = (e.detach() ** 2).sum(1, keepdim=True) - 2 * e.detach() @ cb.t() + (cb ** 2).sum(1)
+                idx = dist.argmin(1)
+        q = F.embedding(idx, codebook)
+        if self.ema is not None:
+            commit = self.beta * F.mse_loss(e, q.detach())
+            loss = commit
+            if self.training:
+                self.ema_update(e.detach(), idx)
+        else:
+            commit = F.mse_loss(e, q.detach())
+            code = F.mse_loss(q, e.detach())
+            loss = (commit + self.beta * code) if self.legacy else (self.beta * commit + code)
+        out = rotate_to(e, q) if self.estimator == "rotation" else e + (q - e).detach()
+        if self.project_out is not None:
+            out = self.project_out(out)
+        out = out.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        return out, loss, idx, commit
+
+    @torch.no_grad()
+    def ema_update(self, e, idx):
+        k = self.codebook.shape[0]
+        decay, eps = self.ema["decay"], self.ema["laplace_eps"]
+        onehot = F.one_hot(idx, k).type(e.dtype)
+        self.cluster_size.lerp_(onehot.sum(0), 1 - decay)
+        self.embed_avg.lerp_(onehot.t() @ e, 1 - decay)
+        n = self.cluster_size.sum()
+        smoothed = (self.cluster_size + eps) / (n + k * eps) * n
+        embed = self.embed_avg / smoothed.unsqueeze(1)
+        self.codebook.copy_(l2norm(embed) if self.metric == "cosine" else embed)
+
+
+class VqAutoencoder(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        t = taming(model)
+        self.encoder, self.decoder = Encoder(t), Decoder(t)
+        q = model["quantizer"]
+        if model["quant_conv"] != "none":
+            d = q["codebook_dim"] if q["projection"] == "identity" else next(iter(q["projection"].values()))["channels"]
+            self.quant_conv = nn.Conv2d(t["z_channels"], d, 1)
+            self.post_quant_conv = nn.Conv2d(d, t["z_channels"], 1)
+        else:
+            self.quant_conv = self.post_quant_conv = None
+        self.quantize = VectorQuantizer(q)
+
+    def forward(self, x, precision, device):
+        with autocast(device, precision):
+            h = self.encoder(x)
+            if self.quant_conv is not None:
+                h = self.quant_conv(h)
+        with torch.autocast(device_type=device.type, enabled=False):
+            quantized, qloss, idx, commit = self.quantize(h)
+        with autocast(device, precision):
+            if self.post_quant_conv is not None:
+                quantized = self.post_quant_conv(quantized)
+            rec = self.decoder(quantized)
+        return rec.float(), qloss, idx, commit
+
+
+def taming(model):
+    """The taming CNN's settings of a model configuration (the backbone is untagged in the JSON)."""
+    backbone = model["autoencoder"]
+    if "ch_mult" not in backbone:
+        fail("the model's backbone is not the taming CNN (ViT and TimeSformer have no twin yet)")
+    return backbone
+
+
+def autocast(device, precision):
+    dtype = {"f32": None, "bf16": torch.bfloat16, "f16": torch.float16}[precision]
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def learning_rate(step, t):
+    """vq_train::optim::learning_rate: linear warm-up, cosine to final_lr_fraction, constant."""
+    peak, warm, decay, final = t["learning_rate"], t["warmup_steps"], t["decay_steps"], t["final_lr_fraction"]
+    if step < warm:
+        return peak * (step + 1) / warm
+    s = step - warm
+    if decay == 0 or s >= decay:
+        return peak * final
+    return peak * (final + (1 - final) * 0.5 * (1 + math.cos(math.pi * s / decay)))
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("config")
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="f32", choices=["f32", "bf16", "f16"])
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--describe", action="store_true")
+    a = ap.parse_args()
+    with open(a.config) as f:
+        cfg = json.load(f)
+    if a.describe:
+        model = VqAutoencoder(cfg["model"])
+        print(json.dumps({n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}))
+        return
+    if cfg.get("gan") is not None:
+        fail("the configuration trains a discriminator: the twin covers VQ-VAE runs (no gan section)")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    device = torch.device(a.device)
+    t = cfg["training"]
+    batch = a.batch_size or t["batch_size"]
+    micro = min(cfg.get("micro_batch") or batch, batch)
+    if batch % micro:
+        fail(f"batch size {batch} is not a multiple of the micro-batch {micro}")
+    model = VqAutoencoder(cfg["model"]).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_params = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=t["learning_rate"], betas=tuple(t["betas"]),
+                            weight_decay=t["weight_decay"])
+    scaler = torch.amp.GradScaler(device.type, enabled=a.precision == "f16")
+    tm = taming(cfg["model"])
+    res, chans = tm["resolution"], tm["in_channels"]
+    images = torch.rand(a.images, chans, res, res) * 2 - 1
+    accum = batch // micro
+
+    def step(i):
+        for g in opt.param_groups:
+            g["lr"] = learning_rate(i, t)
+        opt.zero_grad(set_to_none=True)
+        idx = torch.randint(0, a.images, (batch,))
+        x_all = images[idx].to(device, non_blocking=True)
+        total = 0.0
+        for x in x_all.split(micro):
+            rec, qloss, _, _ = model(x, a.precision, device)
+            loss = F.mse_loss(rec, x) + qloss
+            scaler.scale(loss / accum).backward()
+            total = total + loss.detach()
+        scaler.unscale_(opt)
+        if t["grad_clip"] > 0:
+            torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
+        scaler.step(opt)
+        scaler.update()
+        return total / accum
+
+    for i in range(a.warmup):
+        step(i)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    for i in range(a.warmup, a.warmup + a.steps):
+        loss = step(i)
+    loss = float(loss)  # waits for the device
+    elapsed = time.perf_counter() - start
+    print(json.dumps({
+        "parameters": n_params,
+        "steps": a.steps,
+        "steps_per_s": a.steps / elapsed,
+        "images_per_s": a.steps * batch / elapsed,
+        "peak_memory_bytes": peak_memory(device),
+        "loss": loss,
+        "torch": torch.__version__,
+    }))
+
+
+if __name__ == "__main__":
+    main()
