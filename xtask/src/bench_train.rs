@@ -81,8 +81,9 @@ impl BenchTrain {
         }
         let (ours, theirs) = (median(&ours), median(&theirs));
         let mem = |t: &Timing| {
-            t.peak_memory
-                .map_or("n/a".to_owned(), |b| format!("{:.0} MiB", b as f64 / 1048576.0))
+            t.peak_memory.map_or("n/a".to_owned(), |b| {
+                format!("{:.0} MiB", b as f64 / 1048576.0)
+            })
         };
         println!(
             "\n{} ({} estimator), {} {}, batch {batch}, {threads} threads, {steps} timed steps after {} warm-up, median of {}",
@@ -148,7 +149,10 @@ impl BenchTrain {
             .args(["--data", "synthetic:512", "--device", &self.device])
             .args(["--precision", &self.precision, "--stop-after", &total])
             .args(["--log-every", &self.warmup.to_string()])
-            .args(["--checkpoint-every", &(10 * (self.warmup + steps)).to_string()])
+            .args([
+                "--checkpoint-every",
+                &(10 * (self.warmup + steps)).to_string(),
+            ])
             .args(["--threads", &threads.to_string(), "--quiet", "--out"])
             .arg(&run);
         if let Some(b) = self.batch_size {
@@ -230,7 +234,10 @@ fn config_batch(config: &Path) -> Result<usize> {
 /// Runs `cmd` (stdout captured, stderr shown) and samples its peak memory the same way for
 /// both sides: the kernel's high-water mark of resident memory (`VmHWM`) on CPU, the largest
 /// `nvidia-smi` reading for the process on CUDA.
-fn watch(mut cmd: Command, device: &str) -> Result<(std::process::ExitStatus, Option<u64>, String)> {
+fn watch(
+    mut cmd: Command,
+    device: &str,
+) -> Result<(std::process::ExitStatus, Option<u64>, String)> {
     let mut child: Child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
