@@ -51,6 +51,21 @@ struct Timing {
 }
 
 impl BenchTrain {
+    /// A CUDA run of `preset` at batch `batch` in `precision` (30 timed steps).
+    pub fn cuda(preset: &str, precision: &str, batch: usize) -> Self {
+        Self {
+            preset: preset.into(),
+            estimator: "rotation".into(),
+            device: "cuda".into(),
+            precision: precision.into(),
+            batch_size: Some(batch),
+            steps: 30,
+            warmup: 10,
+            threads: None,
+            repeats: 1,
+        }
+    }
+
     pub fn run(&self, root: &Path, lt: &Libtorch) -> Result<()> {
         if self.warmup == 0 || self.steps == 0 || self.repeats == 0 {
             bail!("--steps, --warmup and --repeats must be at least 1");

@@ -47,7 +47,8 @@ enum Cmd {
     /// Needs no libtorch.
     Toy,
     /// On a GPU machine: set up, print what libtorch sees, run the vq-tch tests on CPU and CUDA
-    /// (feature cuda-tests), and time the op and a whole VQ step on CUDA against torch's ops.
+    /// (feature cuda-tests), time the op and a whole VQ step on CUDA against torch's ops, and a
+    /// Table-1 VQ-VAE's training step against its PyTorch twin in f32 and bf16.
     GpuCheck,
     /// Download a dataset listed in datasets/ (resumable, verified against the manifest's
     /// checksums, moved into place only when complete; .tgz archives are extracted).
@@ -201,6 +202,13 @@ fn main() -> Result<()> {
                     ],
                     &[],
                 )?;
+            }
+            // The twin benchmark (vq-train against the same model in PyTorch) in f32 and bf16
+            // at the paper's per-GPU batch.
+            let lt = setup::run(&root, false)?;
+            for precision in ["f32", "bf16"] {
+                bench_train::BenchTrain::cuda("vqvae-f16-euclidean", precision, 16)
+                    .run(&root, &lt)?;
             }
             Ok(())
         }
