@@ -216,14 +216,32 @@ impl Estimator {
     }
 }
 
-/// `[e·e, q·q, e·q, e·g, q·g]`, accumulated in f32 lanes (which vectorise) and summed in f64:
-/// 16-lane blocks, then 8-lane blocks, then a scalar tail, so that both long rows (independent
-/// accumulator chains) and short ones (D = 8) vectorise.
+/// Lanes of the f64 row accumulations (one AVX-512 register, two AVX2 ones).
+const LANES: usize = 8;
+
+/// `[e·e, q·q, e·q, e·g, q·g]` in f64 (8 independent lanes, then a scalar tail). Products of
+/// f32 values are exact in f64 and their sums cannot overflow (|x|² ≤ 1.2e77), so the dots are
+/// accurate for rows of any magnitude: the coefficients of the map, which cancel when ê ≈ ±q̂,
+/// depend on them to ~1e-16 rather than f32's 6e-8.
 fn dots5(e: &[f32], q: &[f32], g: &[f32]) -> [f64; 5] {
-    let mut out = [0f64; 5];
-    let n16 = dots5_lanes::<16>(e, q, g, &mut out);
-    let n8 = n16 + dots5_lanes::<8>(&e[n16..], &q[n16..], &g[n16..], &mut out);
-    for ((&a, &b), &c) in e[n8..].iter().zip(&q[n8..]).zip(&g[n8..]) {
+    let mut acc = [[0f64; LANES]; 5];
+    let n = e.len() / LANES * LANES;
+    for ((ec, qc), gc) in e[..n]
+        .chunks_exact(LANES)
+        .zip(q[..n].chunks_exact(LANES))
+        .zip(g[..n].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            let (a, b, c) = (f64::from(ec[l]), f64::from(qc[l]), f64::from(gc[l]));
+            acc[0][l] += a * a;
+            acc[1][l] += b * b;
+            acc[2][l] += a * b;
+            acc[3][l] += a * c;
+            acc[4][l] += b * c;
+        }
+    }
+    let mut out = acc.map(|lanes| lanes.iter().sum::<f64>());
+    for ((&a, &b), &c) in e[n..].iter().zip(&q[n..]).zip(&g[n..]) {
         let (a, b, c) = (f64::from(a), f64::from(b), f64::from(c));
         out[0] += a * a;
         out[1] += b * b;
@@ -234,39 +252,13 @@ fn dots5(e: &[f32], q: &[f32], g: &[f32]) -> [f64; 5] {
     out
 }
 
-/// Adds the dots over the whole L-blocks of the slices to `out`; returns the elements covered.
-fn dots5_lanes<const L: usize>(e: &[f32], q: &[f32], g: &[f32], out: &mut [f64; 5]) -> usize {
-    let (mut ee, mut qq, mut eq, mut eg, mut qg) =
-        ([0f32; L], [0f32; L], [0f32; L], [0f32; L], [0f32; L]);
-    let n = e.len() / L * L;
-    for ((ec, qc), gc) in e[..n]
-        .chunks_exact(L)
-        .zip(q[..n].chunks_exact(L))
-        .zip(g[..n].chunks_exact(L))
-    {
-        for l in 0..L {
-            ee[l] += ec[l] * ec[l];
-            qq[l] += qc[l] * qc[l];
-            eq[l] += ec[l] * qc[l];
-            eg[l] += ec[l] * gc[l];
-            qg[l] += qc[l] * gc[l];
-        }
-    }
-    for (o, lanes) in out.iter_mut().zip([ee, qq, eq, eg, qg]) {
-        *o += lanes.iter().map(|&v| f64::from(v)).sum::<f64>();
-    }
-    n
-}
-
-/// `‖αe + βq‖²` as a sum of squares (no cancellation however small it is), f32 lanes.
+/// `‖αe + βq‖²` as a sum of squares in f64 (no cancellation however small it is).
 fn combination_norm2(e: &[f32], q: &[f32], alpha: f64, beta: f64) -> f64 {
-    const L: usize = 8;
-    let (a, b) = (alpha as f32, beta as f32);
-    let mut acc = [0f32; L];
-    let n = e.len() / L * L;
-    for (ec, qc) in e[..n].chunks_exact(L).zip(q[..n].chunks_exact(L)) {
-        for l in 0..L {
-            let t = a * ec[l] + b * qc[l];
+    let mut acc = [0f64; LANES];
+    let n = e.len() / LANES * LANES;
+    for (ec, qc) in e[..n].chunks_exact(LANES).zip(q[..n].chunks_exact(LANES)) {
+        for l in 0..LANES {
+            let t = alpha * f64::from(ec[l]) + beta * f64::from(qc[l]);
             acc[l] += t * t;
         }
     }
@@ -275,7 +267,7 @@ fn combination_norm2(e: &[f32], q: &[f32], alpha: f64, beta: f64) -> f64 {
         .zip(&q[n..])
         .map(|(&x, &y)| (alpha * f64::from(x) + beta * f64::from(y)).powi(2))
         .sum();
-    acc.iter().map(|&v| f64::from(v)).sum::<f64>() + tail
+    acc.iter().sum::<f64>() + tail
 }
 
 /// The Householder vector of a row map, defined from `e` and `q` without storing it.
@@ -416,8 +408,9 @@ impl RowMap {
         buf: &mut Vec<f64>,
     ) {
         if estimator == Estimator::StraightThrough {
+            let k = f64::from(commitment);
             for (((o, &a), &b), &c) in out.iter_mut().zip(e).zip(q).zip(g) {
-                *o = c + commitment * (a - b);
+                *o = (f64::from(c) + k * (f64::from(a) - f64::from(b))) as f32;
             }
             return;
         }
@@ -451,18 +444,21 @@ impl RowMap {
                     ArrayView1::from(g),
                     buf,
                 );
+                let k = f64::from(commitment);
                 for (((o, &v), &a), &b) in out.iter_mut().zip(buf.iter()).zip(e).zip(q) {
-                    *o = v as f32 + commitment * (a - b);
+                    *o = (v + k * (f64::from(a) - f64::from(b))) as f32;
                 }
                 return;
             }
         };
-        // The combination itself in f32: the coefficients carry the f64 accuracy.
+        // The combination in f64: near ê = ±q̂ the terms ce·e and cq·q are ~2/‖ê ± q̂‖ times
+        // larger than the result and cancel, so rounding them to f32 first would lose up to
+        // 1e-3 of the result at the thresholds.
         let s = map.scale;
         let c = f64::from(commitment);
-        let (s32, ce, cq) = (s as f32, (s * ce + c) as f32, (s * cq - c) as f32);
-        for (((o, &a), &b), &c) in out.iter_mut().zip(e).zip(q).zip(g) {
-            *o = s32 * c + ce * a + cq * b;
+        let (ce, cq) = (s * ce + c, s * cq - c);
+        for (((o, &a), &b), &x) in out.iter_mut().zip(e).zip(q).zip(g) {
+            *o = (s * f64::from(x) + ce * f64::from(a) + cq * f64::from(b)) as f32;
         }
     }
 
@@ -841,6 +837,218 @@ mod tests {
             assert_eq!(Estimator::from_name(est.name()).unwrap(), est);
         }
         assert!(Estimator::from_name("rot").is_err());
+    }
+
+    /// `Mᵀg` in f64 from the paper's formulas, independent of `RowMap`: rotation
+    /// `λ(g − 2(w·g)w + 2(q̂·g)ê)` with `w = (ê + q̂)/‖ê + q̂‖`, reflection `λ(g − 2(r·g)r)` with
+    /// `r = (ê − q̂)/‖ê − q̂‖`, `λ = 1` without rescaling. `None` inside the fallback zones
+    /// (‖ê ± q̂‖² < 1e-8), where only the norm is checked.
+    fn reference_backward(est: Estimator, e: &[f32], q: &[f32], g: &[f32]) -> Option<Vec<f64>> {
+        let (e, q, g): (Vec<f64>, Vec<f64>, Vec<f64>) = (
+            e.iter().map(|&v| f64::from(v)).collect(),
+            q.iter().map(|&v| f64::from(v)).collect(),
+            g.iter().map(|&v| f64::from(v)).collect(),
+        );
+        let (ne, nq) = (dot64(&e, &e).sqrt(), dot64(&q, &q).sqrt());
+        let lambda = match est {
+            Estimator::Rotation | Estimator::Reflection => nq / ne.max(NORM_EPS),
+            _ => 1.0,
+        };
+        if est == Estimator::StraightThrough || ne < NORM_EPS || nq < NORM_EPS {
+            return Some(g.iter().map(|v| v * lambda).collect());
+        }
+        let eh: Vec<f64> = e.iter().map(|v| v / ne).collect();
+        let qh: Vec<f64> = q.iter().map(|v| v / nq).collect();
+        let sign = if est == Estimator::Reflection {
+            -1.0
+        } else {
+            1.0
+        };
+        let r: Vec<f64> = eh.iter().zip(&qh).map(|(a, b)| a + sign * b).collect();
+        let nr2 = dot64(&r, &r);
+        if nr2 < 1.01 * DIRECTION_EPS {
+            return None;
+        }
+        let r: Vec<f64> = r.iter().map(|v| v / nr2.sqrt()).collect();
+        let rg = dot64(&r, &g);
+        let out = match est {
+            Estimator::Reflection => (0..e.len()).map(|i| g[i] - 2.0 * rg * r[i]).collect(),
+            _ => {
+                let qg = dot64(&qh, &g);
+                (0..e.len())
+                    .map(|i| lambda * (g[i] - 2.0 * rg * r[i] + 2.0 * qg * eh[i]))
+                    .collect::<Vec<_>>()
+            }
+        };
+        Some(match est {
+            Estimator::Reflection => out.iter().map(|v: &f64| v * lambda).collect(),
+            _ => out,
+        })
+    }
+
+    /// Every row of the batch path within `1e-6·λ‖g‖` of the f64 reference (only the norm in the
+    /// fallback zones, where the reference is undefined).
+    fn check_rows(
+        est: Estimator,
+        e: &Array2<f32>,
+        q: &Array2<f32>,
+        g: &Array2<f32>,
+    ) -> Result<(), String> {
+        let out = est.backward(e.view(), q.view(), g.view()).unwrap();
+        for i in 0..e.nrows() {
+            let (er, qr, gr) = (e.row(i), q.row(i), g.row(i));
+            let row = out.row(i);
+            if row.iter().any(|v| !v.is_finite()) {
+                return Err(format!("{}: row {i} not finite: {row}", est.name()));
+            }
+            let lambda = match est {
+                Estimator::Rotation | Estimator::Reflection => {
+                    norm64(qr) / norm64(er).max(NORM_EPS)
+                }
+                _ => 1.0,
+            };
+            let bound = lambda * norm64(gr);
+            let tol = 1e-6 * bound + f64::from(f32::MIN_POSITIVE);
+            match reference_backward(
+                est,
+                er.as_slice().unwrap(),
+                qr.as_slice().unwrap(),
+                gr.as_slice().unwrap(),
+            ) {
+                Some(want) => {
+                    let err = row
+                        .iter()
+                        .zip(&want)
+                        .map(|(&a, b)| (f64::from(a) - b).abs())
+                        .fold(0.0, f64::max);
+                    if err > tol {
+                        return Err(format!(
+                            "{}: row {i}: error {err:e} > {tol:e} (e {er}, q {qr}, g {gr}, got {row}, want {want:?})",
+                            est.name()
+                        ));
+                    }
+                }
+                None => {
+                    let n = norm64(row);
+                    if (n - bound).abs() > tol {
+                        return Err(format!(
+                            "{}: row {i}: norm {n:e}, want {bound:e}",
+                            est.name()
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    const ALL: [Estimator; 4] = [
+        Estimator::StraightThrough,
+        Estimator::Rotation,
+        Estimator::RotationNoRescale,
+        Estimator::Reflection,
+    ];
+
+    #[test]
+    fn near_antipodal_rows_keep_full_accuracy() {
+        // ‖ê + q̂‖ = 1.1e-4, just above the antipodal threshold: the exact result is [−1.1e-4, −1, 0].
+        let e = array![[-1.0f32, 1.1e-4, 0.0]];
+        let q = array![[1.0f32, 0.0, 0.0]];
+        let g = array![[0.0f32, 1.0, 0.0]];
+        let out = Estimator::Rotation
+            .backward(e.view(), q.view(), g.view())
+            .unwrap();
+        assert!((out[[0, 0]] + 1.1e-4).abs() < 1e-9, "{out}");
+        assert!((out[[0, 1]] + 1.0).abs() < 1e-6, "{out}");
+        check_rows(Estimator::Rotation, &e, &q, &g).unwrap();
+    }
+
+    #[test]
+    fn rows_whose_squares_overflow_f32_are_exact() {
+        // D = 16, e = q = [2e19; 16]: e·e = 6.4e39 overflows f32; the map is the identity.
+        let e = Array2::from_elem((1, 16), 2e19f32);
+        let g = Array2::from_elem((1, 16), 1.0f32);
+        for est in ALL {
+            let out = est.backward(e.view(), e.view(), g.view()).unwrap();
+            for &v in &out {
+                assert!((v - 1.0).abs() < 1e-6, "{}: {out}", est.name());
+            }
+            check_rows(est, &e, &e, &g).unwrap();
+        }
+        // Largest finite values, opposite signs.
+        let e = array![[3e38f32, -3e38, 1.0]];
+        let q = array![[-3e38f32, 3e38, 2.0]];
+        let g = array![[1.0f32, 2.0, 3.0]];
+        for est in ALL {
+            check_rows(est, &e, &q, &g).unwrap();
+        }
+    }
+
+    /// Unit `u`, and `v = ±u + s·p` with `p ⊥ u`: rows at distance ~s from the thresholds.
+    fn near_rows(
+        d: usize,
+        n: usize,
+        s: f64,
+        antipodal: bool,
+        seed: u64,
+    ) -> (Array2<f32>, Array2<f32>) {
+        let a = randn((n, d), seed);
+        let b = randn((n, d), seed + 1);
+        let mut e = Array2::zeros((n, d));
+        let mut q = Array2::zeros((n, d));
+        for i in 0..n {
+            let u: Vec<f64> = a.row(i).iter().map(|&v| f64::from(v)).collect();
+            let nu = dot64(&u, &u).sqrt();
+            let u: Vec<f64> = u.iter().map(|v| v / nu).collect();
+            let p: Vec<f64> = b.row(i).iter().map(|&v| f64::from(v)).collect();
+            let pu = dot64(&p, &u);
+            let p: Vec<f64> = p.iter().zip(&u).map(|(x, y)| x - pu * y).collect();
+            let np = dot64(&p, &p).sqrt().max(1e-300);
+            let sign = if antipodal { -1.0 } else { 1.0 };
+            for j in 0..d {
+                e[[i, j]] = u[j] as f32;
+                q[[i, j]] = (sign * u[j] + s * p[j] / np) as f32;
+            }
+        }
+        (e, q)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Any magnitude from 1e-30 to 1e37, any D in 1..=40, fewer or more rows than a lane block.
+        #[test]
+        fn prop_every_estimator_matches_the_f64_reference_at_any_magnitude(
+            n in 1usize..6, d in 1usize..=40, seed in 0u64..10_000,
+            le in -30i32..=37, lq in -30i32..=37, lg in -30i32..=30,
+        ) {
+            // Keep λ‖g‖ representable in f32 (the exact result itself must be finite).
+            prop_assume!(lq - le.max(-6) + lg <= 36);
+            let scale = |m: &Array2<f32>, l: i32| m.mapv(|v| (f64::from(v) * 10f64.powi(l) / (d as f64).sqrt()) as f32);
+            let (e, q, g) = (randn((n, d), seed), randn((n, d), seed + 1), randn((n, d), seed + 2));
+            let (e, q, g) = (scale(&e, le), scale(&q, lq), scale(&g, lg));
+            for est in ALL {
+                check_rows(est, &e, &q, &g).map_err(TestCaseError::fail)?;
+            }
+        }
+
+        /// Rows from ‖ê ± q̂‖ = 1e-1 down past the thresholds (1e-4), for the rotation (near
+        /// antipodes) and the reflection (near-parallel rows, its normal regime).
+        #[test]
+        fn prop_full_accuracy_down_to_the_thresholds(
+            d in 2usize..=40, seed in 0u64..10_000, ls in -4.5f64..-1.0, lm in -20i32..=20,
+        ) {
+            let s = 10f64.powf(ls);
+            let g = randn((4, d), seed + 7);
+            for (est, antipodal) in [
+                (Estimator::Rotation, true),
+                (Estimator::RotationNoRescale, true),
+                (Estimator::Reflection, false),
+            ] {
+                let (e, q) = near_rows(d, 4, s, antipodal, seed);
+                let (e, q) = (e.mapv(|v| v * 10f32.powi(lm)), q.mapv(|v| v * 10f32.powi(-lm / 2)));
+                check_rows(est, &e, &q, &g).map_err(TestCaseError::fail)?;
+            }
+        }
     }
 
     proptest! {
