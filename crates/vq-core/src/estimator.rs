@@ -216,6 +216,10 @@ impl Estimator {
     }
 }
 
+/// Smallest `‖ê ± q̂‖²` of the f32 fast path of the backward (rows of random directions in
+/// high dimension have ≈ 2 for the rotation).
+const FAST_NORM2: f64 = 0.5;
+
 /// Lanes of the f64 row accumulations (one AVX-512 register, two AVX2 ones).
 const LANES: usize = 8;
 
@@ -250,6 +254,70 @@ fn dots5(e: &[f32], q: &[f32], g: &[f32]) -> [f64; 5] {
         out[4] += b * c;
     }
     out
+}
+
+/// `[e·e, q·q, e·q, e·g, q·g, g·g]` accumulated in f32 lanes (16, then 8, then a scalar tail in
+/// f64), summed in f64: the fast path of well-scaled rows.
+fn dots6_f32(e: &[f32], q: &[f32], g: &[f32]) -> [f64; 6] {
+    let mut out = [0f64; 6];
+    let n16 = dots6_lanes::<16>(e, q, g, &mut out);
+    let n8 = n16 + dots6_lanes::<8>(&e[n16..], &q[n16..], &g[n16..], &mut out);
+    for ((&a, &b), &c) in e[n8..].iter().zip(&q[n8..]).zip(&g[n8..]) {
+        let (a, b, c) = (f64::from(a), f64::from(b), f64::from(c));
+        for (o, v) in out
+            .iter_mut()
+            .zip([a * a, b * b, a * b, a * c, b * c, c * c])
+        {
+            *o += v;
+        }
+    }
+    out
+}
+
+/// Adds the dots over the whole L-blocks of the slices to `out`; returns the elements covered.
+fn dots6_lanes<const L: usize>(e: &[f32], q: &[f32], g: &[f32], out: &mut [f64; 6]) -> usize {
+    let (mut ee, mut qq, mut eq, mut eg, mut qg, mut gg) = (
+        [0f32; L], [0f32; L], [0f32; L], [0f32; L], [0f32; L], [0f32; L],
+    );
+    let n = e.len() / L * L;
+    for ((ec, qc), gc) in e[..n]
+        .chunks_exact(L)
+        .zip(q[..n].chunks_exact(L))
+        .zip(g[..n].chunks_exact(L))
+    {
+        for l in 0..L {
+            ee[l] += ec[l] * ec[l];
+            qq[l] += qc[l] * qc[l];
+            eq[l] += ec[l] * qc[l];
+            eg[l] += ec[l] * gc[l];
+            qg[l] += qc[l] * gc[l];
+            gg[l] += gc[l] * gc[l];
+        }
+    }
+    for (o, lanes) in out.iter_mut().zip([ee, qq, eq, eg, qg, gg]) {
+        *o += lanes.iter().map(|&v| f64::from(v)).sum::<f64>();
+    }
+    n
+}
+
+/// `‖αe + βq‖²` in f32 lanes (the fast path, where it is not small).
+fn combination_norm2_f32(e: &[f32], q: &[f32], alpha: f64, beta: f64) -> f64 {
+    const L: usize = 8;
+    let (a, b) = (alpha as f32, beta as f32);
+    let mut acc = [0f32; L];
+    let n = e.len() / L * L;
+    for (ec, qc) in e[..n].chunks_exact(L).zip(q[..n].chunks_exact(L)) {
+        for l in 0..L {
+            let t = a * ec[l] + b * qc[l];
+            acc[l] += t * t;
+        }
+    }
+    let tail: f64 = e[n..]
+        .iter()
+        .zip(&q[n..])
+        .map(|(&x, &y)| (alpha * f64::from(x) + beta * f64::from(y)).powi(2))
+        .sum();
+    acc.iter().map(|&v| f64::from(v)).sum::<f64>() + tail
 }
 
 /// `‖αe + βq‖²` as a sum of squares in f64 (no cancellation however small it is).
@@ -414,12 +482,83 @@ impl RowMap {
             }
             return;
         }
+        if Self::backward_row_fast(estimator, e, q, g, commitment, out) {
+            return;
+        }
         let [ee, qq, eq, eg, qg] = dots5(e, q, g);
         let norm2 = |alpha, beta| combination_norm2(e, q, alpha, beta);
         let map = Self::from_dots(estimator, ArrayView1::from(e), ee, qq, eq, Some(&norm2));
-        let (ne, nq) = (map.ne, map.nq);
-        // out = λ(g + ce·e + cq·q)
-        let (ce, cq) = match map.kind {
+        let Some((ce, cq)) = map.coefficients(eq, qq, eg, qg) else {
+            buf.resize(e.len(), 0.0);
+            map.apply_transpose(
+                ArrayView1::from(e),
+                ArrayView1::from(q),
+                ArrayView1::from(g),
+                buf,
+            );
+            let k = f64::from(commitment);
+            for (((o, &v), &a), &b) in out.iter_mut().zip(buf.iter()).zip(e).zip(q) {
+                *o = (v + k * (f64::from(a) - f64::from(b))) as f32;
+            }
+            return;
+        };
+        // The combination in f64: near ê = ±q̂ the terms ce·e and cq·q are ~2/‖ê ± q̂‖ times
+        // larger than the result and cancel, so rounding them to f32 first would lose up to
+        // 1e-3 of the result at the thresholds.
+        let s = map.scale;
+        let c = f64::from(commitment);
+        let (ce, cq) = (s * ce + c, s * cq - c);
+        for (((o, &a), &b), &x) in out.iter_mut().zip(e).zip(q).zip(g) {
+            *o = (s * f64::from(x) + ce * f64::from(a) + cq * f64::from(b)) as f32;
+        }
+    }
+
+    /// The common row in f32 arithmetic: dots in f32 lanes (summed in f64), the combination in
+    /// f32 with f64 coefficients. Taken only where that is as accurate as the f64 path to
+    /// ~1e-7 of λ‖g‖: norms of e, q within 2^±30 and of g within 2^±50 (no overflow, no
+    /// subnormal products) and ‖ê ± q̂‖² ≥ [`FAST_NORM2`] (the coefficients amplify the
+    /// dots' and the combination's rounding by ~2/‖ê ± q̂‖). Returns false, writing nothing,
+    /// otherwise.
+    fn backward_row_fast(
+        estimator: Estimator,
+        e: &[f32],
+        q: &[f32],
+        g: &[f32],
+        commitment: f32,
+        out: &mut [f32],
+    ) -> bool {
+        let [ee, qq, eq, eg, qg, gg] = dots6_f32(e, q, g);
+        let within = |v: f64, b: i32| v >= 2f64.powi(-2 * b) && v <= 2f64.powi(2 * b);
+        if !(within(ee, 30) && within(qq, 30) && within(gg, 50)) {
+            return false;
+        }
+        let norm2 = |alpha, beta| combination_norm2_f32(e, q, alpha, beta);
+        let map = Self::from_dots(estimator, ArrayView1::from(e), ee, qq, eq, Some(&norm2));
+        let conditioned = match map.kind {
+            MapKind::Identity => true,
+            MapKind::Rotation(Some(Householder::Combination { norm, .. }))
+            | MapKind::Reflection(Householder::Combination { norm, .. }) => {
+                norm * norm >= FAST_NORM2
+            }
+            _ => false,
+        };
+        let Some((ce, cq)) = map.coefficients(eq, qq, eg, qg).filter(|_| conditioned) else {
+            return false;
+        };
+        let s = map.scale;
+        let c = f64::from(commitment);
+        let (s32, ce, cq) = (s as f32, (s * ce + c) as f32, (s * cq - c) as f32);
+        for (((o, &a), &b), &x) in out.iter_mut().zip(e).zip(q).zip(g) {
+            *o = s32 * x + ce * a + cq * b;
+        }
+        true
+    }
+
+    /// `(ce, cq)` of `Mᵀg = λ(g + ce·e + cq·q)` from the row's dots, for maps whose Householder
+    /// vectors lie in span(e, q); `None` for the antipodal fallback (a vector off that plane).
+    fn coefficients(&self, eq: f64, qq: f64, eg: f64, qg: f64) -> Option<(f64, f64)> {
+        let (ne, nq) = (self.ne, self.nq);
+        Some(match self.kind {
             MapKind::Identity => (0.0, 0.0),
             MapKind::Reflection(Householder::Combination { sign, norm }) => {
                 // r = αe + βq; H_r g = g − 2(r·g) r.
@@ -436,30 +575,8 @@ impl RowMap {
             }
             MapKind::Rotation(None) => (0.0, -2.0 * qg / (nq * nq)),
             MapKind::Rotation(Some(Householder::Orthogonal { .. }))
-            | MapKind::Reflection(Householder::Orthogonal { .. }) => {
-                buf.resize(e.len(), 0.0);
-                map.apply_transpose(
-                    ArrayView1::from(e),
-                    ArrayView1::from(q),
-                    ArrayView1::from(g),
-                    buf,
-                );
-                let k = f64::from(commitment);
-                for (((o, &v), &a), &b) in out.iter_mut().zip(buf.iter()).zip(e).zip(q) {
-                    *o = (v + k * (f64::from(a) - f64::from(b))) as f32;
-                }
-                return;
-            }
-        };
-        // The combination in f64: near ê = ±q̂ the terms ce·e and cq·q are ~2/‖ê ± q̂‖ times
-        // larger than the result and cancel, so rounding them to f32 first would lose up to
-        // 1e-3 of the result at the thresholds.
-        let s = map.scale;
-        let c = f64::from(commitment);
-        let (ce, cq) = (s * ce + c, s * cq - c);
-        for (((o, &a), &b), &x) in out.iter_mut().zip(e).zip(q).zip(g) {
-            *o = (s * f64::from(x) + ce * f64::from(a) + cq * f64::from(b)) as f32;
-        }
+            | MapKind::Reflection(Householder::Orthogonal { .. }) => return None,
+        })
     }
 
     /// The scale factor (`λ = ‖q‖/max(‖e‖, 1e-6)`, or 1 for the unscaled estimators).
@@ -961,6 +1078,26 @@ mod tests {
         assert!((out[[0, 0]] + 1.1e-4).abs() < 1e-9, "{out}");
         assert!((out[[0, 1]] + 1.0).abs() < 1e-6, "{out}");
         check_rows(Estimator::Rotation, &e, &q, &g).unwrap();
+    }
+
+    #[test]
+    fn long_ordinary_rows_take_the_fast_path_at_full_accuracy() {
+        // Random directions (‖ê ± q̂‖² ≈ 2: the f32 path), codes near e (the reflection's
+        // f64 path), and offsets that make the rows nearly parallel.
+        for (d, seed) in [(64usize, 1u64), (256, 2), (512, 3), (33, 4)] {
+            let (e, q, g) = (
+                randn((64, d), seed),
+                randn((64, d), seed + 10),
+                randn((64, d), seed + 20),
+            );
+            let near = &e + &randn((64, d), seed + 30).mapv(|v| 0.01 * v);
+            let shifted = e.mapv(|v| v + 3.0);
+            for est in ALL {
+                check_rows(est, &e, &q, &g).unwrap();
+                check_rows(est, &e, &near, &g).unwrap();
+                check_rows(est, &shifted, &q.mapv(|v| v + 3.0), &g).unwrap();
+            }
+        }
     }
 
     #[test]

@@ -86,9 +86,9 @@ pub struct CodebookIndex<'a> {
     /// μ (Euclidean) or empty (cosine).
     centre: Array1<f32>,
     /// max_k ‖c̄_k‖.
-    max_norm: f32,
+    max_norm: f64,
     /// max_k bias_k.
-    max_bias: f32,
+    max_bias: f64,
     /// For D ≤ SMALL_D_MAX: the register kernel's layout.
     small: Option<SmallKernel>,
 }
@@ -127,28 +127,27 @@ impl<'a> CodebookIndex<'a> {
             Metric::Cosine => {
                 let mut prepared = codebook.to_owned();
                 for mut row in prepared.rows_mut() {
-                    let n = row.dot(&row).sqrt().max(COSINE_EPS);
-                    row.mapv_inplace(|v| v / n);
+                    let n = norm_f64(row.view()).max(f64::from(COSINE_EPS));
+                    row.mapv_inplace(|v| (f64::from(v) / n) as f32);
                 }
                 (prepared, Array1::zeros(0))
             }
         };
-        let norms: Vec<f32> = prepared
-            .rows()
-            .into_iter()
-            .map(|r| r.dot(&r).sqrt())
-            .collect();
-        let max_norm = norms.iter().copied().fold(0.0, f32::max);
+        let norms: Vec<f64> = prepared.rows().into_iter().map(norm_f64).collect();
+        let max_norm = norms.iter().copied().fold(0.0, f64::max);
         // A multiple of both LANES and CHUNK.
         let padded = k.div_ceil(CHUNK) * CHUNK;
         let mut bias = Array1::from_elem(padded, f32::INFINITY);
         for (b, &n) in bias.iter_mut().zip(&norms) {
             *b = match metric {
-                Metric::Euclidean => 0.5 * n * n,
+                Metric::Euclidean => (0.5 * n * n) as f32,
                 Metric::Cosine => 0.0,
             };
         }
-        let max_bias = bias.iter().take(k).copied().fold(0.0, f32::max);
+        let max_bias = match metric {
+            Metric::Euclidean => 0.5 * max_norm * max_norm,
+            Metric::Cosine => 0.0,
+        };
         let small = (d <= SMALL_D_MAX).then(|| {
             let mut cols = vec![[0f32; CHUNK]; k.div_ceil(CHUNK) * d];
             for (j, row) in prepared.rows().into_iter().enumerate() {
@@ -254,7 +253,12 @@ impl<'a> CodebookIndex<'a> {
         let rows = tile.nrows();
         let d = self.dim();
         let k = self.len();
-        let eps = f32::EPSILON;
+        // Bound of the f32 score error: relative (D + 8)·u of the terms, plus the absolute error
+        // of up to D + 8 roundings in the subnormal range (tiny rows or codes), in f64 so that
+        // the bound itself neither underflows nor hides an overflow (an infinite bound sends
+        // the row to the exact scan).
+        let (eps, tiny) = (f64::from(f32::EPSILON), f64::from(f32::from_bits(1)));
+        let slack = 2.0 * (d as f64 + 8.0);
         // Prepare the row tile: centred or normalised copy; per-row tolerance.
         let mut xt = sc.x.slice_mut(s![..rows, ..]);
         for ((mut dst, src), tol) in xt.rows_mut().into_iter().zip(tile.rows()).zip(&mut sc.tol) {
@@ -264,15 +268,24 @@ impl<'a> CodebookIndex<'a> {
                         .zip(src)
                         .zip(&self.centre)
                         .for_each(|((o, &v), &m)| *o = v - m);
-                    let n = dst.dot(&dst).sqrt();
+                    let n = norm_f64(dst.view());
                     // |error of bias_k − x̄·c̄_k| ≤ (D + 8)·u·(‖x̄‖‖c̄_k‖ + bias_k), doubled for
                     // the difference of two scores.
-                    *tol = 2.0 * (d as f32 + 8.0) * eps * (n * self.max_norm + self.max_bias);
+                    // Scores and partial dots are bounded by ‖x̄‖‖c̄‖ + bias; beyond half of
+                    // f32's range they may overflow.
+                    let bound = n * self.max_norm + self.max_bias;
+                    *tol = if bound < 0.5 * f64::from(f32::MAX) {
+                        (slack * (eps * bound + tiny)) as f32
+                    } else {
+                        f32::INFINITY
+                    };
                 }
                 Metric::Cosine => {
-                    let n = src.dot(&src).sqrt().max(COSINE_EPS);
-                    dst.iter_mut().zip(src).for_each(|(o, &v)| *o = v / n);
-                    *tol = 2.0 * (d as f32 + 8.0) * eps * (1.0 + self.max_norm);
+                    let n = norm_f64(src).max(f64::from(COSINE_EPS));
+                    dst.iter_mut()
+                        .zip(src)
+                        .for_each(|(o, &v)| *o = (f64::from(v) / n) as f32);
+                    *tol = (slack * (eps * (1.0 + self.max_norm) + tiny)) as f32;
                 }
             }
         }
@@ -334,7 +347,11 @@ impl<'a> CodebookIndex<'a> {
         }
         for r in 0..rows {
             let st = sc.state[r];
-            out[r] = if st.second - st.best <= sc.tol[r] {
+            out[r] = if !sc.tol[r].is_finite() || st.idx as usize >= k {
+                // Scores that overflowed f32 (|x̄|·|c̄| or ½|c̄|² beyond f32's range): the f32
+                // bounds say nothing, so every code is scored exactly.
+                self.exact_argmin(tile.row(r), 0..k as u32)
+            } else if st.second - st.best <= sc.tol[r] {
                 let cands = &mut sc.cands[r];
                 if cands.len() > MAX_CANDIDATES {
                     self.exact_argmin(tile.row(r), 0..k as u32)
@@ -370,12 +387,16 @@ impl<'a> CodebookIndex<'a> {
             let x = x.as_slice().expect("scratch rows are contiguous");
             let (best, idx, second) = chunk_top2(x, chunked, bias, d);
             let tol = sc.tol[r];
-            *o = if second - best <= tol {
+            *o = if !tol.is_finite() || idx as usize >= k {
+                // Overflowed scores (see search_tile): every code exactly.
+                self.exact_argmin(tile.row(r), 0..k as u32)
+            } else if second - best <= tol {
                 // Cold path: re-score every code plainly and re-rank the near ties exactly.
                 let cands = &mut sc.cands[r];
                 cands.clear();
                 for (c, (cols, b)) in chunked.chunks_exact(d).zip(bias).enumerate() {
-                    for l in 0..CHUNK {
+                    // The last chunk's padding lanes (index ≥ K) are not codes.
+                    for l in 0..CHUNK.min(k - c * CHUNK) {
                         let v = b[l]
                             - cols
                                 .iter()
@@ -398,39 +419,78 @@ impl<'a> CodebookIndex<'a> {
         }
     }
 
-    /// Exact argmin over `candidates` (ascending) in f64 on the original vectors; ties go to the
+    /// Exact argmin over `candidates` (ascending) on the original vectors; ties go to the
     /// first candidate.
+    ///
+    /// Euclidean: `‖c‖² − 2x·c` (‖x − c‖² less the common ‖x‖²) from products of f32 values,
+    /// which are exact in f64, summed in double-double (error ≈ 2⁻¹⁰⁶ of the terms' magnitudes),
+    /// so that codes whose distances differ in the 16th digit — a row far larger than the
+    /// codes, say — are still told apart. Cosine: `−x·c / ‖c‖` in f64.
     fn exact_argmin(&self, x: ArrayView1<f32>, candidates: impl Iterator<Item = u32>) -> u32 {
+        if self.metric == Metric::Euclidean {
+            let mut best = (DoubleDouble::default(), u32::MAX);
+            for c in candidates {
+                let mut v = DoubleDouble::default();
+                for (&a, &b) in x.iter().zip(self.codebook.row(c as usize)) {
+                    let (a, b) = (f64::from(a), f64::from(b));
+                    v.add(b * b);
+                    v.add(-2.0 * a * b);
+                }
+                if best.1 == u32::MAX || v.less_than(&best.0) {
+                    best = (v, c);
+                }
+            }
+            return best.1;
+        }
+        // −x·c/‖c‖: the common positive factor 1/max(‖x‖, ε) does not change the order (and
+        // dividing by it would round exact ties apart).
+        let floor = f64::from(COSINE_EPS);
         let mut best = (f64::INFINITY, u32::MAX);
         for c in candidates {
-            let code = self.codebook.row(c as usize);
-            let v = match self.metric {
-                Metric::Euclidean => x
-                    .iter()
-                    .zip(code)
-                    .map(|(&a, &b)| {
-                        let t = f64::from(a) - f64::from(b);
-                        t * t
-                    })
-                    .sum::<f64>(),
-                Metric::Cosine => {
-                    let (mut xy, mut xx, mut yy) = (0f64, 0f64, 0f64);
-                    for (&a, &b) in x.iter().zip(code) {
-                        let (a, b) = (f64::from(a), f64::from(b));
-                        xy += a * b;
-                        xx += a * a;
-                        yy += b * b;
-                    }
-                    let floor = f64::from(COSINE_EPS);
-                    -xy / (xx.sqrt().max(floor) * yy.sqrt().max(floor))
-                }
-            };
+            let (mut xy, mut yy) = (0f64, 0f64);
+            for (&a, &b) in x.iter().zip(self.codebook.row(c as usize)) {
+                let (a, b) = (f64::from(a), f64::from(b));
+                xy += a * b;
+                yy += b * b;
+            }
+            let v = -xy / yy.sqrt().max(floor);
             if v < best.0 || best.1 == u32::MAX {
                 best = (v, c);
             }
         }
         best.1
     }
+}
+
+/// An unevaluated sum `hi + lo` accumulated with Knuth's TwoSum (the rounding error of every
+/// addition is kept in `lo`).
+#[derive(Debug, Clone, Copy, Default)]
+struct DoubleDouble {
+    hi: f64,
+    lo: f64,
+}
+
+impl DoubleDouble {
+    fn add(&mut self, t: f64) {
+        let s = self.hi + t;
+        let bb = s - self.hi;
+        let err = (self.hi - (s - bb)) + (t - bb);
+        self.hi = s;
+        self.lo += err;
+    }
+
+    /// `self < other`, from the difference of the parts (the highs subtract exactly when close).
+    fn less_than(&self, other: &Self) -> bool {
+        (self.hi - other.hi) + (self.lo - other.lo) < 0.0
+    }
+}
+
+/// ‖v‖ accumulated in f64 (no overflow or underflow of the squares of f32 values).
+fn norm_f64(v: ArrayView1<f32>) -> f64 {
+    v.iter()
+        .map(|&x| f64::from(x) * f64::from(x))
+        .sum::<f64>()
+        .sqrt()
 }
 
 /// Running top-2 of one row.
@@ -682,7 +742,33 @@ pub fn quantize(
 mod tests {
     use super::*;
     use crate::testutil::randn;
+    use ndarray::array;
     use proptest::prelude::*;
+
+    /// `‖c‖² − 2x·c` for ranking codes: the 2D products (exact in f64) summed from the smallest
+    /// magnitude up with compensation (Kahan–Babuška), independent of the index's double-double.
+    fn exact_score(x: ArrayView1<f32>, c: ArrayView1<f32>) -> f64 {
+        let mut terms: Vec<f64> = x
+            .iter()
+            .zip(c)
+            .flat_map(|(&a, &b)| {
+                let (a, b) = (f64::from(a), f64::from(b));
+                [b * b, -2.0 * a * b]
+            })
+            .collect();
+        terms.sort_by(|p, q| p.abs().total_cmp(&q.abs()));
+        let (mut sum, mut comp) = (0f64, 0f64);
+        for t in terms {
+            let s = sum + t;
+            comp += if sum.abs() >= t.abs() {
+                (sum - s) + t
+            } else {
+                (t - s) + sum
+            };
+            sum = s;
+        }
+        sum + comp
+    }
 
     /// Exact reference: f64 distances, ties to the lowest index.
     fn brute_force(x: ArrayView2<f32>, c: ArrayView2<f32>, metric: Metric) -> Vec<u32> {
@@ -692,20 +778,17 @@ mod tests {
                 let mut best = (f64::INFINITY, 0u32);
                 for (k, cr) in c.rows().into_iter().enumerate() {
                     let v = match metric {
-                        Metric::Euclidean => xr
-                            .iter()
-                            .zip(cr)
-                            .map(|(&a, &b)| (f64::from(a) - f64::from(b)).powi(2))
-                            .sum::<f64>(),
+                        Metric::Euclidean => exact_score(xr, cr),
                         Metric::Cosine => {
                             let dot: f64 = xr
                                 .iter()
                                 .zip(cr)
                                 .map(|(&a, &b)| f64::from(a) * f64::from(b))
                                 .sum();
-                            let nx = crate::testutil::norm64(xr).max(1e-12);
+                            // 1/max(‖x‖, ε) is common to every code: left out, so that
+                            // exact ties stay ties.
                             let nc = crate::testutil::norm64(cr).max(1e-12);
-                            -dot / (nx * nc)
+                            -dot / nc
                         }
                     };
                     if v < best.0 {
@@ -868,8 +951,51 @@ mod tests {
         assert_eq!(got, brute_force(xs, cs, Metric::Euclidean));
     }
 
+    #[test]
+    fn scores_that_overflow_f32_are_searched_exactly() {
+        let c = array![[0.0f32, 0.0, 0.0], [1.0, 1.0, 1.0]];
+        for metric in [Metric::Euclidean, Metric::Cosine] {
+            // An infinite tolerance used to let the padding lanes of the register kernel in.
+            check(&array![[1e20f32, 0.0, 0.0]], &c, metric);
+            // Scores that overflow to −∞ used to give index u32::MAX.
+            check(&array![[3e38f32, 3e38, 3e38]], &c, metric);
+            check(
+                &array![[-3e38f32, 3e38, -3e38], [1e-30, 0.0, -1e-30]],
+                &c,
+                metric,
+            );
+        }
+        // A code whose centred squared norm overflows f32 is still chosen when it is nearest.
+        let mut c = Array2::zeros((3, 17));
+        c.row_mut(1).fill(0.5);
+        c[[2, 0]] = 4e19;
+        let mut x = Array2::zeros((1, 17));
+        x[[0, 0]] = 4e19;
+        for metric in [Metric::Euclidean, Metric::Cosine] {
+            assert_eq!(nearest_codes(x.view(), c.view(), metric).unwrap()[0], 2);
+            check(&x, &c, metric);
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Any finite magnitude of the codebook and of the rows (1e-30 … 3e38, independently),
+        /// K below and above the register kernel's 16-code chunk, D on both kernels.
+        #[test]
+        fn prop_any_magnitude_gives_a_true_nearest_code(
+            n in 1usize..40, k in 1usize..40, d in 1usize..=40, seed in 0u64..1000,
+            lx in -30i32..=38, lc in -30i32..=38,
+        ) {
+            let mag = |l: i32| (10f64.powi(l) / (d as f64).sqrt()).min(3.4e38) as f32;
+            let x = randn((n, d), seed).mapv(|v| (v / 4.0) * mag(lx));
+            let c = randn((k, d), seed + 1).mapv(|v| (v / 4.0) * mag(lc));
+            for metric in [Metric::Euclidean, Metric::Cosine] {
+                let got = nearest_codes(x.view(), c.view(), metric).unwrap().to_vec();
+                prop_assert!(got.iter().all(|&i| (i as usize) < k));
+                prop_assert_eq!(got, brute_force(x.view(), c.view(), metric));
+            }
+        }
+
         #[test]
         fn prop_matches_brute_force(n in 1usize..140, k in 1usize..40, d in 1usize..10, seed in 0u64..1000, offset in prop_oneof![Just(0.0f32), Just(50.0)]) {
             let x = randn((n, d), seed) + offset;
