@@ -10,8 +10,13 @@
 //! The scores of a tile of rows against a block of codes come from one sgemm into a small
 //! per-thread buffer, followed by a branch-free top-2 scan. Any row whose best and second-best
 //! scores are closer than a rounding-error bound is re-ranked exactly: the candidates within that
-//! bound are compared with `Σ (x_i − c_i)²` (or the cosine) in f64 on the original data. Ties
-//! then go to the lowest index, like `torch.argmin`.
+//! bound are compared on the original data with `‖c‖² − 2x·c` from exact f64 products summed in
+//! double-double (or `−x·c/‖c‖` in f64 for the cosine). Ties then go to the lowest index, like
+//! `torch.argmin`.
+//!
+//! Finite inputs of any magnitude (1e-30 … 3e38) give a true nearest code: the bound is computed
+//! in f64 with an absolute term for subnormal rounding, and a row whose f32 scores could overflow
+//! (‖x̄‖‖c̄‖ + ½‖c̄‖² beyond half of f32's range) is scored exactly against every code.
 //!
 //! Peak extra memory: the prepared codebook (K×D), per thread one row tile (T×D) and one score
 //! block (T×K_b), and the N output indices.
