@@ -40,7 +40,7 @@
 //! For finite rows of any magnitude the backward is within ~2e-7 of `λ‖g‖` of the exact map
 //! (tested against an f64 evaluation of the formulas above over magnitudes 1e-30 … 1e37 and
 //! `‖ê ± q̂‖` down to the thresholds). Well-scaled rows away from the thresholds (norms of `e`, `q`
-//! within 2^±30, of `g` within 2^±50, `‖ê ± q̂‖² ≥ 0.5`) take an f32 fast path; the others
+//! within [2e-6, 2^30], of `g` within 2^±50, `‖ê ± q̂‖² ≥ 0.5`) take an f32 fast path; the others
 //! accumulate their dots and form the result in f64, where f32 would overflow, underflow or
 //! lose the digits that cancel (`ce·e` and `cq·q` grow like `1/‖ê ± q̂‖`).
 
@@ -528,8 +528,8 @@ impl RowMap {
 
     /// The common row in f32 arithmetic: dots in f32 lanes (summed in f64), the combination in
     /// f32 with f64 coefficients. Taken only where that is as accurate as the f64 path to
-    /// ~1e-7 of λ‖g‖: norms of e, q within 2^±30 and of g within 2^±50 (no overflow, no
-    /// subnormal products) and ‖ê ± q̂‖² ≥ [`FAST_NORM2`] (the coefficients amplify the
+    /// ~1e-7 of λ‖g‖: norms of e, q within [2·NORM_EPS, 2^30] and of g within 2^±50 (no
+    /// overflow, no subnormal products, no row at the NORM_EPS cut-off) and ‖ê ± q̂‖² ≥ [`FAST_NORM2`] (the coefficients amplify the
     /// dots' and the combination's rounding by ~2/‖ê ± q̂‖). Returns false, writing nothing,
     /// otherwise.
     fn backward_row_fast(
@@ -541,8 +541,9 @@ impl RowMap {
         out: &mut [f32],
     ) -> bool {
         let [ee, qq, eq, eg, qg, gg] = dots6_f32(e, q, g);
-        let within = |v: f64, b: i32| v >= 2f64.powi(-2 * b) && v <= 2f64.powi(2 * b);
-        if !(within(ee, 30) && within(qq, 30) && within(gg, 50)) {
+        // e and q clear of the NORM_EPS cut-off (which the f64 path decides), and below 2^30.
+        let norm_ok = |v: f64| v >= 4.0 * NORM_EPS * NORM_EPS && v <= 2f64.powi(60);
+        if !(norm_ok(ee) && norm_ok(qq) && gg >= 2f64.powi(-100) && gg <= 2f64.powi(100)) {
             return false;
         }
         let norm2 = |alpha, beta| combination_norm2_f32(e, q, alpha, beta);

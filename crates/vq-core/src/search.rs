@@ -4,8 +4,11 @@
 //! For Euclidean lookup, `argmin_k ‖x − c_k‖² = argmin_k (½‖c̄_k‖² − x̄·c̄_k)` where `x̄ = x − μ`,
 //! `c̄_k = c_k − μ` and `μ` is the codebook mean (distances are translation invariant; centring
 //! removes most of the cancellation of the `‖x‖² + ‖c‖² − 2x·c` shortcut when data sit far from
-//! the origin). For cosine lookup, `argmax_k x̂·ĉ_k` on l2-normalised vectors, i.e.
-//! `argmin_k (−x̂·ĉ_k)`.
+//! the origin); both sides are also multiplied by one power of two (exact) that brings the
+//! largest centred code to a norm in [1, 2), so codebooks of any magnitude score in f32's range.
+//! For cosine lookup, `argmax_k x̂·ĉ_k` on l2-normalised vectors, computed as
+//! `argmin_k (−x̂·(ĉ_k − m))` with `m` the mean normalised code (the term `x̂·m` is common to all
+//! codes; subtracting it keeps codes crowded around one direction apart).
 //!
 //! The scores of a tile of rows against a block of codes come from one sgemm into a small
 //! per-thread buffer, followed by a branch-free top-2 scan. Any row whose best and second-best
@@ -84,12 +87,16 @@ const COSINE_EPS: f32 = 1e-12;
 pub struct CodebookIndex<'a> {
     codebook: ArrayView2<'a, f32>,
     metric: Metric,
-    /// Centred (Euclidean) or normalised (cosine) codes.
+    /// Centred and scaled (Euclidean) or normalised and centred (cosine) codes.
     prepared: Array2<f32>,
     /// ½‖c̄_k‖² (Euclidean) or 0 (cosine), padded to a multiple of LANES with +∞.
     bias: Array1<f32>,
-    /// μ (Euclidean) or empty (cosine).
-    centre: Array1<f32>,
+    /// μ (Euclidean, f64) or empty (cosine).
+    centre: Vec<f64>,
+    /// Power of two the centred Euclidean vectors are multiplied by (exactly) so that the largest
+    /// centred code has a norm in [1, 2): scores of codebooks of any magnitude stay in f32's
+    /// range, away from overflow and from subnormals. 1 for cosine.
+    scale: f64,
     /// max_k ‖c̄_k‖.
     max_norm: f64,
     /// max_k bias_k.
@@ -117,25 +124,50 @@ impl<'a> CodebookIndex<'a> {
             });
         }
         check_finite(codebook, "codebook")?;
-        let (prepared, centre) = match metric {
+        let (prepared, (centre, scale)) = match metric {
             Metric::Euclidean => {
                 let mut mean = vec![0f64; d];
                 for row in codebook.rows() {
                     for (m, &v) in mean.iter_mut().zip(row) {
-                        *m += f64::from(v);
+                        *m += f64::from(v) / k as f64;
                     }
                 }
-                let centre: Array1<f32> = mean.iter().map(|m| (m / k as f64) as f32).collect();
-                let prepared = &codebook - &centre.view().insert_axis(Axis(0));
-                (prepared, centre)
+                let centred = |i: usize, j: usize| f64::from(codebook[[i, j]]) - mean[j];
+                let max_norm = (0..k)
+                    .map(|i| (0..d).map(|j| centred(i, j).powi(2)).sum::<f64>())
+                    .fold(0f64, f64::max)
+                    .sqrt();
+                let scale = match max_norm > 0.0 {
+                    true => 2f64.powi(-(max_norm.log2().floor() as i32)),
+                    false => 1.0,
+                };
+                let prepared =
+                    Array2::from_shape_fn((k, d), |(i, j)| (centred(i, j) * scale) as f32);
+                (prepared, (mean, scale))
             }
             Metric::Cosine => {
-                let mut prepared = codebook.to_owned();
-                for mut row in prepared.rows_mut() {
-                    let n = norm_f64(row.view()).max(f64::from(COSINE_EPS));
-                    row.mapv_inplace(|v| (f64::from(v) / n) as f32);
+                // ĉ_k − m with m the mean of the ĉ_k (in f64 from the original codes, so that
+                // each stored difference is exact to f32 rounding of its own size): x̂·m is
+                // common to all codes, and codes crowded around one direction (data offset by
+                // a constant) no longer all fall inside the rounding bound of x̂·ĉ.
+                let floor = f64::from(COSINE_EPS);
+                let unit: Vec<Vec<f64>> = codebook
+                    .rows()
+                    .into_iter()
+                    .map(|row| {
+                        let n = norm_f64(row).max(floor);
+                        row.iter().map(|&v| f64::from(v) / n).collect()
+                    })
+                    .collect();
+                let mut mean = vec![0f64; d];
+                for row in &unit {
+                    for (m, v) in mean.iter_mut().zip(row) {
+                        *m += v / k as f64;
+                    }
                 }
-                (prepared, Array1::zeros(0))
+                let prepared =
+                    Array2::from_shape_fn((k, d), |(i, j)| (unit[i][j] - mean[j]) as f32);
+                (prepared, (Vec::new(), 1.0))
             }
         };
         let norms: Vec<f64> = prepared.rows().into_iter().map(norm_f64).collect();
@@ -174,6 +206,7 @@ impl<'a> CodebookIndex<'a> {
             prepared,
             bias,
             centre,
+            scale,
             max_norm,
             max_bias,
             small,
@@ -269,10 +302,11 @@ impl<'a> CodebookIndex<'a> {
         for ((mut dst, src), tol) in xt.rows_mut().into_iter().zip(tile.rows()).zip(&mut sc.tol) {
             match self.metric {
                 Metric::Euclidean => {
+                    let scale = self.scale;
                     dst.iter_mut()
                         .zip(src)
                         .zip(&self.centre)
-                        .for_each(|((o, &v), &m)| *o = v - m);
+                        .for_each(|((o, &v), &m)| *o = ((f64::from(v) - m) * scale) as f32);
                     let n = norm_f64(dst.view());
                     // |error of bias_k − x̄·c̄_k| ≤ (D + 8)·u·(‖x̄‖‖c̄_k‖ + bias_k), doubled for
                     // the difference of two scores.
@@ -286,11 +320,15 @@ impl<'a> CodebookIndex<'a> {
                     };
                 }
                 Metric::Cosine => {
-                    let n = norm_f64(src).max(f64::from(COSINE_EPS));
+                    // x/‖x‖ (the floor on ‖x‖ of the cosine is a factor common to every code,
+                    // so it does not change the ranking; a zero row ties everywhere).
+                    let n = norm_f64(src);
+                    let inv = if n > 0.0 { 1.0 / n } else { 0.0 };
                     dst.iter_mut()
                         .zip(src)
-                        .for_each(|(o, &v)| *o = (f64::from(v) / n) as f32);
-                    *tol = (slack * (eps * (1.0 + self.max_norm) + tiny)) as f32;
+                        .for_each(|(o, &v)| *o = (f64::from(v) * inv) as f32);
+                    // |error of x̂·(ĉ_k − m)| ≤ (D + 8)·u·‖ĉ_k − m‖ (‖x̂‖ ≤ 1), doubled.
+                    *tol = (slack * (eps * self.max_norm + tiny)) as f32;
                 }
             }
         }
@@ -344,6 +382,11 @@ impl<'a> CodebookIndex<'a> {
                         let v = b - s;
                         if v <= limit && cands.len() <= MAX_CANDIDATES {
                             cands.push((k0 as u32 + j as u32, v));
+                            if cands.len() > MAX_CANDIDATES {
+                                // Codes recorded under an earlier, higher best may have left
+                                // the band since: drop them before giving up on the list.
+                                cands.retain(|c| c.1 <= limit);
+                            }
                         }
                     }
                 }
@@ -954,6 +997,28 @@ mod tests {
         let cs = c.slice(s![.., ..;2]);
         let got = nearest_codes(xs, cs, Metric::Euclidean).unwrap().to_vec();
         assert_eq!(got, brute_force(xs, cs, Metric::Euclidean));
+    }
+
+    #[test]
+    fn crowded_directions_and_magnitudes_far_from_one_are_exact() {
+        // Offset data (cosines crowd near 1: the centred cosine scores) and codebooks scaled to
+        // 1e±30 (the power-of-two rescaling), on both kernels.
+        for d in [8usize, 32] {
+            let (x, c) = (randn((300, d), 5), randn((70, d), 6));
+            for (xs, cs) in [
+                (1.0f32, 1.0f32),
+                (1e-30, 1e30),
+                (1e30, 1e-30),
+                (1e-30, 1e-30),
+            ] {
+                for offset in [0.0f32, 1000.0] {
+                    let x = x.mapv(|v| (v + offset) * xs);
+                    let c = c.mapv(|v| (v + offset) * cs);
+                    check(&x, &c, Metric::Euclidean);
+                    check(&x, &c, Metric::Cosine);
+                }
+            }
+        }
     }
 
     #[test]
