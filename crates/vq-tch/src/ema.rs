@@ -113,8 +113,7 @@ mod tests {
     fn tensor_ema_step_agrees_with_vq_core() {
         for metric in [Metric::Euclidean, Metric::Cosine] {
             let cfg = EmaConfig::new(0.8, 1e-5, 0.6, metric).unwrap();
-            tch::manual_seed(4);
-            let init = Tensor::randn([12, 3], (Kind::Float, Device::Cpu));
+            let init = crate::seeded_randn(&[12, 3], 4);
             let mut reference = EmaCodebook::new(array(&init), cfg).unwrap();
             let mut codes =
                 Tensor::from_slice(reference.codebook().as_slice().unwrap()).view([12, 3]);
@@ -122,7 +121,7 @@ mod tests {
             let mut sizes = Tensor::ones([12], (Kind::Float, Device::Cpu));
             let mut replaced = 0;
             for step in 0..5u64 {
-                let mut x = Tensor::randn([40, 3], (Kind::Float, Device::Cpu)) * 0.3;
+                let mut x = crate::seeded_randn(&[40, 3], 100 + step) * 0.3;
                 if metric == Metric::Cosine {
                     x = &x / x.norm_scalaropt_dim(2, [1i64].as_slice(), true);
                 }

@@ -51,3 +51,16 @@ impl TorchRuntime {
         }
     }
 }
+
+/// Standard-normal f32 tensor from its own seeded generator: unit tests run in parallel, and
+/// libtorch's global generator (`tch::manual_seed` + `Tensor::randn`) would be shared between them.
+#[cfg(test)]
+pub(crate) fn seeded_randn(shape: &[i64], seed: u64) -> tch::Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: i64 = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rng.sample(rand_distr::StandardNormal))
+        .collect();
+    tch::Tensor::from_slice(&v).view(shape)
+}

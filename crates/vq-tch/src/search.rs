@@ -132,9 +132,8 @@ mod tests {
     /// this path does not re-rank near ties).
     #[test]
     fn chunked_device_path_agrees_with_vq_core() {
-        tch::manual_seed(3);
-        let x = Tensor::randn([1000, 6], (Kind::Float, Device::Cpu));
-        let c = Tensor::randn([70, 6], (Kind::Float, Device::Cpu));
+        let x = crate::seeded_randn(&[1000, 6], 3);
+        let c = crate::seeded_randn(&[70, 6], 4);
         for (metric, offset) in [(Metric::Euclidean, 50.0), (Metric::Cosine, 0.0)] {
             let (x, c) = (&x + offset, &c + offset);
             let expect = search_cpu(&x, &c, metric).unwrap();
