@@ -3,6 +3,13 @@
 //! temporary folder and renamed into place, and `latest` is replaced by rename, so a crash at any
 //! point leaves the previous checkpoint intact and `latest` pointing at a complete one.
 //!
+//! Crash model: every file is fsynced before its folder is renamed, and the `checkpoints` folder
+//! is fsynced after each rename, so this holds for an operating-system crash or power loss as
+//! well as for a killed process (on file systems that honour fsync). A checkpoint of a step that
+//! already has a folder (saved again after a resume) moves the old folder aside before the new
+//! one is renamed in, and deletes it only once `latest` is durable; [`latest`] restores a folder
+//! left aside by a crash in between.
+//!
 //! `model.safetensors` holds the model's variables under taming's names (e.g.
 //! `encoder.down.0.block.0.conv1.weight`), f32; PyTorch reads it with
 //! `safetensors.torch.load_file(path)` and `model.load_state_dict(..., strict=False)`.
@@ -78,19 +85,43 @@ pub fn save(run: &Path, parts: &[Part<'_>], state: &TrainState) -> Result<PathBu
         let named: Vec<(&str, &Tensor)> = opt_state.iter().map(|(k, t)| (k.as_str(), t)).collect();
         Tensor::write_safetensors(&named, tmp.join(&optim))
             .with_context(|| format!("writing {optim} into {}", tmp.display()))?;
+        sync_file(&tmp.join(&weights))?;
+        sync_file(&tmp.join(&optim))?;
     }
     write_synced(&tmp.join("state.json"), &serde_json::to_vec_pretty(state)?)?;
+    sync_dir(&tmp)?;
     let final_dir = dir.join(&name);
+    let aside = dir.join(format!(".{name}.old-{}", std::process::id()));
     if final_dir.exists() {
-        fs::remove_dir_all(&final_dir)
-            .with_context(|| format!("replacing {}", final_dir.display()))?;
+        fs::rename(&final_dir, &aside)
+            .with_context(|| format!("moving the earlier {} aside", final_dir.display()))?;
+        sync_dir(&dir)?;
     }
     fs::rename(&tmp, &final_dir).with_context(|| format!("moving {} into place", tmp.display()))?;
+    sync_dir(&dir)?;
     let latest_tmp = dir.join(format!(".latest.tmp-{}", std::process::id()));
     write_synced(&latest_tmp, name.as_bytes())?;
     fs::rename(&latest_tmp, dir.join("latest")).context("updating checkpoints/latest")?;
+    sync_dir(&dir)?;
+    if aside.exists() {
+        fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))?;
+    }
     prune(&dir)?;
     Ok(final_dir)
+}
+
+/// Makes a file's contents durable.
+fn sync_file(path: &Path) -> Result<()> {
+    fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", path.display()))
+}
+
+/// Makes a folder's entries (files created or renamed in it) durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing folder {}", dir.display()))
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
@@ -129,12 +160,40 @@ pub fn latest(run: &Path) -> Result<Option<(PathBuf, TrainState)>> {
     let name =
         fs::read_to_string(&pointer).with_context(|| format!("reading {}", pointer.display()))?;
     let ckpt = dir.join(name.trim());
+    if !ckpt.exists() {
+        restore_aside(&dir, name.trim())?;
+    }
     let state_file = ckpt.join("state.json");
     let state: TrainState = serde_json::from_slice(
         &fs::read(&state_file).with_context(|| format!("reading {}", state_file.display()))?,
     )
     .with_context(|| format!("parsing {}", state_file.display()))?;
     Ok(Some((ckpt, state)))
+}
+
+/// A crash between moving an earlier `name` aside and renaming its replacement in (see
+/// [`save`]) leaves `latest` naming a missing folder and the complete earlier one at
+/// `.<name>.old-<pid>`: move it back.
+fn restore_aside(dir: &Path, name: &str) -> Result<()> {
+    let prefix = format!(".{name}.old-");
+    let aside = fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with(&prefix))
+                && p.join("state.json").is_file()
+        });
+    let Some(aside) = aside else {
+        bail!(
+            "{}/latest names {name}, which is missing (and no earlier copy was left aside)",
+            dir.display()
+        );
+    };
+    fs::rename(&aside, dir.join(name))
+        .with_context(|| format!("restoring {} as {name}", aside.display()))?;
+    sync_dir(dir)
 }
 
 /// Loads a checkpoint folder into the parts' variables and optimisers (same names as
@@ -178,4 +237,59 @@ pub fn load_model(path: &Path, vs: &mut nn::VarStore) -> Result<()> {
     };
     vs.load(&file)
         .with_context(|| format!("loading model weights from {}", file.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::{Device, Kind};
+
+    fn run_dir(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("vq-ckpt-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn save_step(run: &Path, vs: &nn::VarStore, step: usize) -> PathBuf {
+        let opt = AdamW::new(vs, (0.9, 0.99), 0.0);
+        let parts = [Part {
+            name: "model",
+            vs,
+            opt: &opt,
+        }];
+        let state = TrainState {
+            step,
+            run: serde_json::json!({"x": 1}),
+        };
+        save(run, &parts, &state).unwrap()
+    }
+
+    #[test]
+    fn a_step_saved_again_replaces_its_folder_and_a_crash_in_between_is_recovered() {
+        let run = run_dir("again");
+        let vs = nn::VarStore::new(Device::Cpu);
+        let w = vs.root().var("w", &[3], nn::Init::Const(1.0));
+        save_step(&run, &vs, 5);
+        let _ = tch::no_grad(|| w.shallow_clone().fill_(2.0));
+        let ckpt = save_step(&run, &vs, 5);
+        let names: Vec<String> = fs::read_dir(dir_of(&run))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}"); // step-00000005 and latest, nothing aside
+        let read = Tensor::read_safetensors(ckpt.join("model.safetensors")).unwrap();
+        assert_eq!(read[0].1.sum(Kind::Float).double_value(&[]), 6.0);
+        // A crash after the earlier folder was moved aside, before the new one was renamed in.
+        let aside = dir_of(&run).join(".step-00000005.old-4242");
+        fs::rename(&ckpt, &aside).unwrap();
+        let (found, state) = latest(&run).unwrap().unwrap();
+        assert_eq!((found, state.step), (ckpt.clone(), 5));
+        assert!(ckpt.join("state.json").is_file() && !aside.exists());
+        // Nothing to restore: a clear error naming the missing folder.
+        fs::remove_dir_all(&ckpt).unwrap();
+        let err = format!("{:#}", latest(&run).unwrap_err());
+        assert!(err.contains("step-00000005, which is missing"), "{err}");
+        fs::remove_dir_all(&run).unwrap();
+    }
 }

@@ -276,12 +276,18 @@ pub(crate) fn last_checkpoint(out: &Path) -> Result<String> {
         .unwrap_or_else(|| "none yet".into()))
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename.
+/// Writes `bytes` to `path` through a temporary file (fsynced) and a rename (with its folder
+/// fsynced): after a crash `path` holds the old bytes or the new ones.
 ///
 /// # Errors
 /// I/O errors, naming the file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))
+    fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))?;
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    crate::checkpoint::sync_dir(parent.unwrap_or(Path::new(".")))
 }
