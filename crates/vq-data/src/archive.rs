@@ -165,6 +165,7 @@ fn list<R: Read + Seek>(
         path: PathBuf::from(format!("{}{what}", path.display())),
         source,
     };
+    let limit = reader.len;
     let mut archive = tar::Archive::new(reader);
     let mut nested = Vec::new();
     let entries = archive.entries_with_seek().map_err(|e| io(prefix, e))?;
@@ -174,6 +175,19 @@ fn list<R: Read + Seek>(
             continue;
         }
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        // A damaged header's size is checked here, before any read allocates it.
+        let end = entry.raw_file_position().checked_add(entry.size());
+        if end.is_none_or(|end| end > limit) {
+            return Err(DataError::BadRecord {
+                path: path.to_path_buf(),
+                offset: base + entry.raw_file_position(),
+                why: format!(
+                    "tar member {prefix}{name} claims {} bytes, past the end of its archive \
+                     ({limit} bytes): a damaged or truncated tar",
+                    entry.size()
+                ),
+            });
+        }
         let member = TarMember {
             name: format!("{prefix}{name}"),
             offset: base + entry.raw_file_position(),
@@ -214,6 +228,34 @@ pub(crate) mod tests {
             b.append_data(&mut h, name, *data).unwrap();
         }
         b.into_inner().unwrap()
+    }
+
+    #[test]
+    fn a_member_size_past_the_end_is_an_error_naming_file_and_member() {
+        let mut t = tar_bytes(&[("x.JPEG", b"12345"), ("y.JPEG", b"67890")]);
+        // The first header's size field (octal, bytes 124..136) claims 8 GiB.
+        t[124..136].copy_from_slice(b"77777777777\0");
+        let sum: u32 = t[..512]
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    u32::from(b)
+                }
+            })
+            .sum();
+        t[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        let path = std::env::temp_dir().join(format!("huge-{}.tar", std::process::id()));
+        std::fs::write(&path, &t).unwrap();
+        let err = index_tar(&path, |_| true).unwrap_err().to_string();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            err.contains("x.JPEG") && err.contains("past the end"),
+            "{err}"
+        );
+        assert!(err.contains(&path.display().to_string()), "{err}");
     }
 
     #[test]
