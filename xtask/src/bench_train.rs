@@ -153,9 +153,7 @@ impl BenchTrain {
         threads: usize,
     ) -> Result<Timing> {
         let run = dir.join("vq-train");
-        if run.exists() {
-            std::fs::remove_dir_all(&run).with_context(|| format!("removing {}", run.display()))?;
-        }
+        crate::fresh_run_folder(&run)?;
         let total = (self.warmup + steps).to_string();
         let mut cmd = Command::new(bin);
         cmd.arg("train")

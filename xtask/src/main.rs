@@ -174,7 +174,7 @@ fn main() -> Result<()> {
                 ("timesformer-bair", "24"),
             ] {
                 let out = format!("runs/gpu-check/{preset}");
-                fresh_run_folder(&root, &out)?;
+                fresh_run_folder(&root.join(&out))?;
                 cargo(
                     &root,
                     &[
@@ -243,7 +243,7 @@ fn gpu_check_distributed(root: &Path) -> Result<()> {
     let batch = (64 * gpus).to_string();
     let gpus = gpus.to_string();
     let out = "runs/gpu-check/nccl-demo";
-    fresh_run_folder(root, out)?;
+    fresh_run_folder(&root.join(out))?;
     cargo(
         root,
         &[
@@ -273,12 +273,11 @@ fn gpu_check_distributed(root: &Path) -> Result<()> {
     )
 }
 
-/// Removes the gpu-check run folder `out` (relative to `root`) of an earlier check, so that the
-/// training starts afresh.
-fn fresh_run_folder(root: &Path, out: &str) -> Result<()> {
-    let run = root.join(out);
+/// Removes the run folder `run` of an earlier check or benchmark, so that the training starts
+/// afresh.
+pub(crate) fn fresh_run_folder(run: &Path) -> Result<()> {
     if run.exists() {
-        std::fs::remove_dir_all(&run).with_context(|| format!("removing {}", run.display()))?;
+        std::fs::remove_dir_all(run).with_context(|| format!("removing {}", run.display()))?;
     }
     Ok(())
 }

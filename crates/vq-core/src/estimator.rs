@@ -258,24 +258,13 @@ fn dots5(e: &[f32], q: &[f32], g: &[f32]) -> [f64; 5] {
         }
     }
     let mut out = acc.map(|lanes| lanes.iter().sum::<f64>());
-    for ((&a, &b), &c) in e[n..].iter().zip(&q[n..]).zip(&g[n..]) {
-        let (a, b, c) = (f64::from(a), f64::from(b), f64::from(c));
-        out[0] += a * a;
-        out[1] += b * b;
-        out[2] += a * b;
-        out[3] += a * c;
-        out[4] += b * c;
-    }
+    add_products(&mut out, &e[n..], &q[n..], &g[n..]);
     out
 }
 
-/// `[e·e, q·q, e·q, e·g, q·g, g·g]` accumulated in f32 lanes (16, then 8, then a scalar tail in
-/// f64), summed in f64: the fast path of well-scaled rows.
-fn dots6_f32(e: &[f32], q: &[f32], g: &[f32]) -> [f64; 6] {
-    let mut out = [0f64; 6];
-    let n16 = dots6_lanes::<16>(e, q, g, &mut out);
-    let n8 = n16 + dots6_lanes::<8>(&e[n16..], &q[n16..], &g[n16..], &mut out);
-    for ((&a, &b), &c) in e[n8..].iter().zip(&q[n8..]).zip(&g[n8..]) {
+/// Adds `[e·e, q·q, e·q, e·g, q·g, g·g]` (as many as `out` holds) of short slices, in f64.
+fn add_products(out: &mut [f64], e: &[f32], q: &[f32], g: &[f32]) {
+    for ((&a, &b), &c) in e.iter().zip(q).zip(g) {
         let (a, b, c) = (f64::from(a), f64::from(b), f64::from(c));
         for (o, v) in out
             .iter_mut()
@@ -284,6 +273,15 @@ fn dots6_f32(e: &[f32], q: &[f32], g: &[f32]) -> [f64; 6] {
             *o += v;
         }
     }
+}
+
+/// `[e·e, q·q, e·q, e·g, q·g, g·g]` accumulated in f32 lanes (16, then 8, then a scalar tail in
+/// f64), summed in f64: the fast path of well-scaled rows.
+fn dots6_f32(e: &[f32], q: &[f32], g: &[f32]) -> [f64; 6] {
+    let mut out = [0f64; 6];
+    let n16 = dots6_lanes::<16>(e, q, g, &mut out);
+    let n8 = n16 + dots6_lanes::<8>(&e[n16..], &q[n16..], &g[n16..], &mut out);
+    add_products(&mut out, &e[n8..], &q[n8..], &g[n8..]);
     out
 }
 
@@ -325,12 +323,9 @@ fn combination_norm2_f32(e: &[f32], q: &[f32], alpha: f64, beta: f64) -> f64 {
             acc[l] += t * t;
         }
     }
-    let tail: f64 = e[n..]
-        .iter()
-        .zip(&q[n..])
-        .map(|(&x, &y)| (alpha * f64::from(x) + beta * f64::from(y)).powi(2))
-        .sum();
-    acc.iter().map(|&v| f64::from(v)).sum::<f64>() + tail
+    // The tail (< 8 elements) in f64, exactly as the f64 version computes its own tail.
+    acc.iter().map(|&v| f64::from(v)).sum::<f64>()
+        + combination_norm2(&e[n..], &q[n..], alpha, beta)
 }
 
 /// `‖αe + βq‖²` as a sum of squares in f64 (no cancellation however small it is).

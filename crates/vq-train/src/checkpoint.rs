@@ -124,7 +124,8 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("syncing folder {}", dir.display()))
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+/// Creates `path` with `bytes` and fsyncs it.
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     f.write_all(bytes)
         .and_then(|()| f.sync_all())

@@ -282,11 +282,8 @@ pub(crate) fn last_checkpoint(out: &Path) -> Result<String> {
 /// # Errors
 /// I/O errors, naming the file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
-        .with_context(|| format!("writing {}", tmp.display()))?;
+    crate::checkpoint::write_synced(&tmp, bytes)?;
     fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))?;
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
     crate::checkpoint::sync_dir(parent.unwrap_or(Path::new(".")))

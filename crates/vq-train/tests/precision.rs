@@ -2,15 +2,23 @@
 //! with a dynamic loss scale kept in the checkpoint, and both resume bit for bit.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Mutex;
 
-use tch::{Device, Tensor};
-use vq_models::Preset;
+use tch::Tensor;
 use vq_tch::Precision;
 use vq_train::train::{RunConfig, TrainOptions, train};
 
 mod common;
+use common::{options, small_demo, weights};
+
+/// The demo run of [`small_demo`] in `precision`.
+fn demo(steps: usize, precision: Precision) -> RunConfig {
+    RunConfig {
+        precision,
+        ..small_demo(steps)
+    }
+}
 
 /// Training seeds libtorch's global generator; tests that train run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -19,46 +27,6 @@ fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("vq-precision-test-{}-{name}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
-}
-
-fn demo(steps: usize, precision: Precision) -> RunConfig {
-    let preset = Preset::DemoFashionMnist;
-    let mut training = preset.training();
-    training.steps = steps;
-    training.batch_size = 16;
-    training.warmup_steps = 2;
-    training.decay_steps = steps;
-    RunConfig {
-        preset: preset.name().into(),
-        model: preset.config(),
-        training,
-        data: "fashion-mnist-demo".into(),
-        seed: 5,
-        micro_batch: 8,
-        gan: None,
-        lpips_weights: None,
-        inception_weights: None,
-        precision,
-    }
-}
-
-fn options(config: RunConfig, out: &Path) -> TrainOptions {
-    TrainOptions {
-        config,
-        device: Device::Cpu,
-        out: out.to_path_buf(),
-        log_every: 1,
-        checkpoint_every: 100,
-        resume: false,
-        progress: false,
-        stop_after: None,
-    }
-}
-
-fn weights(vs: &tch::nn::VarStore) -> Vec<(String, Tensor)> {
-    let mut v: Vec<_> = vs.variables().into_iter().collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
 }
 
 /// Trains `config` whole, then stopped half-way and resumed; asserts identical weights. Returns

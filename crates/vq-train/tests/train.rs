@@ -10,6 +10,7 @@ use vq_tch::Estimator;
 use vq_train::train::{RunConfig, TrainOptions, train};
 
 mod common;
+use common::{options, small_demo, weights};
 
 /// Training seeds libtorch's global generator; tests that train run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -20,55 +21,15 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-fn small(steps: usize) -> RunConfig {
-    let preset = Preset::DemoFashionMnist;
-    let mut training = preset.training();
-    training.steps = steps;
-    training.batch_size = 16;
-    training.warmup_steps = 2;
-    training.decay_steps = steps;
-    RunConfig {
-        preset: preset.name().into(),
-        model: preset.config(),
-        training,
-        data: "fashion-mnist-demo".into(),
-        seed: 5,
-        micro_batch: 8,
-        gan: None,
-        lpips_weights: None,
-        inception_weights: None,
-        precision: Default::default(),
-    }
-}
-
-fn options(config: RunConfig, out: &Path) -> TrainOptions {
-    TrainOptions {
-        config,
-        device: Device::Cpu,
-        out: out.to_path_buf(),
-        log_every: 1,
-        checkpoint_every: 100,
-        resume: false,
-        progress: false,
-        stop_after: None,
-    }
-}
-
-fn weights(vs: &tch::nn::VarStore) -> Vec<(String, tch::Tensor)> {
-    let mut v: Vec<_> = vs.variables().into_iter().collect();
-    v.sort_by(|a, b| a.0.cmp(&b.0));
-    v
-}
-
 #[test]
 fn an_interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let (a, b) = (tmp("resume-a"), tmp("resume-b"));
-    let whole = train(&options(small(6), &a)).unwrap();
+    let whole = train(&options(small_demo(6), &a)).unwrap();
 
     let first = train(&TrainOptions {
         stop_after: Some(3),
-        ..options(small(6), &b)
+        ..options(small_demo(6), &b)
     })
     .unwrap();
     assert_eq!(first.history.last().unwrap().step, 3);
@@ -85,10 +46,10 @@ fn an_interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     text.push('\n');
     std::fs::write(&metrics, text).unwrap();
     // Without --resume the folder is protected.
-    let err = train(&options(small(6), &b)).unwrap_err().to_string();
+    let err = train(&options(small_demo(6), &b)).unwrap_err().to_string();
     assert!(err.contains("--resume"), "{err}");
     // Resuming with other numbers is refused.
-    let mut other = small(6);
+    let mut other = small_demo(6);
     other.training.learning_rate *= 2.0;
     let err = train(&TrainOptions {
         resume: true,
@@ -100,7 +61,7 @@ fn an_interrupted_and_resumed_run_equals_an_uninterrupted_one() {
 
     let resumed = train(&TrainOptions {
         resume: true,
-        ..options(small(6), &b)
+        ..options(small_demo(6), &b)
     })
     .unwrap();
     let (wa, wb) = (
@@ -129,7 +90,7 @@ fn an_interrupted_and_resumed_run_equals_an_uninterrupted_one() {
 fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = tmp("nan");
-    let mut cfg = small(20);
+    let mut cfg = small_demo(20);
     cfg.training.learning_rate = 1e30;
     cfg.training.warmup_steps = 0;
     cfg.training.grad_clip = 0.0;
@@ -151,7 +112,7 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
 fn compare_writes_the_table_json_and_plots() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = tmp("compare");
-    let mut cfg = small(3);
+    let mut cfg = small_demo(3);
     cfg.data = "synthetic:64".into();
     cfg.model.autoencoder.taming_mut().unwrap().in_channels = 1;
     let rows = vq_train::compare::compare(
@@ -387,7 +348,7 @@ fn inception_weights_fill_the_rfid_and_ris_columns() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = tmp("inception");
     let weights = inception_file(&tmp("inception-weights"));
-    let mut cfg = small(1);
+    let mut cfg = small_demo(1);
     cfg.data = "synthetic:8".into();
     cfg.inception_weights = Some(weights.clone());
     let rows = vq_train::compare::compare(&options(cfg, &out), &[Estimator::Rotation]).unwrap();
@@ -571,7 +532,7 @@ fn a_missing_held_out_split_is_found_before_the_first_step() {
     let d = root.join("data/train/n01");
     std::fs::create_dir_all(&d).unwrap();
     std::fs::copy(fixtures.join("rgb.JPEG"), d.join("rgb.JPEG")).unwrap();
-    let mut cfg = small(2);
+    let mut cfg = small_demo(2);
     cfg.data = format!("image-folder:{}", root.join("data").display());
     cfg.model.autoencoder.taming_mut().unwrap().in_channels = 3;
     cfg.model.autoencoder.taming_mut().unwrap().out_channels = 3;
