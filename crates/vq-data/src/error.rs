@@ -96,6 +96,14 @@ pub enum DataError {
         /// What happened, with the remedy where there is one.
         why: String,
     },
+    /// Every sample of an epoch (of this process's shard) failed to decode.
+    #[error("none of the {samples} samples of the epoch decodes; the first failure: {first}")]
+    NothingDecodes {
+        /// Samples in the epoch.
+        samples: u64,
+        /// The first error, naming its file.
+        first: String,
+    },
     /// An invalid configuration value.
     #[error("invalid data configuration: {0}")]
     Config(String),

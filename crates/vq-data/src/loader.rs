@@ -13,9 +13,16 @@
 //!
 //! Memory stays flat: each of the `W` workers decodes the batches `b ≡ w (mod W)` into its own
 //! bounded queue of `prefetch` batches, and the consumer takes them in order.
+//!
+//! A sample that fails to decode ([`OnError`]) ends the stream, is left out of its batch, or is
+//! replaced by the sample of the next position of the same epoch and shard that decodes (the
+//! positions after it, wrapping round to the epoch's first), so a training batch keeps its size
+//! and the stream stays a pure function of the configuration. Failures are remembered, so a
+//! broken file is read once per loader, not once per epoch.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use rand::SeedableRng;
@@ -61,9 +68,13 @@ pub enum Order {
 pub enum OnError {
     /// The stream yields the error (naming the file and offset) and ends.
     Fail,
-    /// The sample is left out of its batch (which is then smaller) and counted; the count and
-    /// the names are reported per epoch by [`Batches::finished_epochs`].
+    /// The sample is left out of its batch (which is then smaller; evaluation) and listed in
+    /// [`Batch::skipped`]; the epoch's count is reported by [`Batches::finished_epochs`].
     Skip,
+    /// The sample is replaced by the one at the next position of its epoch (in this shard) that
+    /// decodes, so the batch keeps its size (training); listed in [`Batch::skipped`] with its
+    /// replacement. The stream fails only when no sample of the epoch decodes.
+    Replace,
 }
 
 /// This process's part of a data-parallel run.
@@ -138,6 +149,8 @@ pub struct Skipped {
     pub position: u64,
     /// The error, naming the file.
     pub error: String,
+    /// The dataset index that took its place ([`OnError::Replace`]).
+    pub replacement: Option<usize>,
 }
 
 /// One batch, in stream order.
@@ -149,7 +162,7 @@ pub struct Batch<S> {
     pub samples: Vec<S>,
     /// Their dataset indices.
     pub indices: Vec<usize>,
-    /// Samples left out (only with [`OnError::Skip`]).
+    /// Samples that failed ([`OnError::Skip`]: left out; [`OnError::Replace`]: replaced).
     pub skipped: Vec<Skipped>,
 }
 
@@ -168,10 +181,14 @@ impl std::fmt::Display for EpochSummary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "epoch {}: {} of {} samples skipped",
+            "epoch {}: {} of {} samples {}",
             self.epoch,
             self.skipped.len(),
-            self.samples
+            self.samples,
+            match self.skipped.iter().any(|s| s.replacement.is_some()) {
+                true => "failed to decode and were replaced",
+                false => "skipped",
+            }
         )?;
         for s in self.skipped.iter().take(10) {
             write!(f, "\n  {}", s.error)?;
@@ -259,7 +276,13 @@ pub struct Loader<D> {
     dataset: Arc<D>,
     cfg: LoaderConfig,
     per_epoch: u64,
+    failures: Failures,
 }
+
+/// The samples that failed to decode so far, by dataset index, with their errors (shared by
+/// the workers of a loader; a failure is a property of the file, so remembering it does not
+/// change the stream).
+type Failures = Arc<Mutex<HashMap<usize, String>>>;
 
 impl<D: Dataset> Loader<D> {
     /// A loader over `dataset`.
@@ -293,6 +316,7 @@ impl<D: Dataset> Loader<D> {
             dataset: Arc::new(dataset),
             cfg,
             per_epoch,
+            failures: Failures::default(),
         })
     }
 
@@ -334,10 +358,18 @@ impl<D: Dataset> Loader<D> {
             let (tx, rx) = sync_channel(self.cfg.prefetch);
             let dataset = Arc::clone(&self.dataset);
             let schedule = self.schedule();
+            let failures = Arc::clone(&self.failures);
             handles.push(
                 std::thread::Builder::new()
                     .name(format!("vq-data-{worker}"))
-                    .spawn(move || work(&*dataset, schedule, worker, w, &tx))
+                    .spawn(move || {
+                        let mut decoder = Decoder {
+                            dataset: &*dataset,
+                            schedule,
+                            failures,
+                        };
+                        decoder.work(worker, w, &tx);
+                    })
                     .expect("spawning a loader thread"),
             );
             receivers.push(rx);
@@ -355,56 +387,119 @@ impl<D: Dataset> Loader<D> {
     }
 }
 
-fn work<D: Dataset>(
-    dataset: &D,
-    mut schedule: Schedule,
-    worker: usize,
-    workers: usize,
-    tx: &SyncSender<Result<Batch<D::Sample>>>,
-) {
-    let cfg = schedule.cfg;
-    let b = cfg.batch_size as u64;
-    let mut batch = worker as u64;
-    loop {
-        let first = cfg.start + batch * b;
-        let end = match cfg.limit {
-            Some(l) => (cfg.start + l).min(first + b),
-            None => first + b,
-        };
-        if first >= end {
-            return;
+/// A sample that did not decode: now, or at an earlier visit (its message).
+enum Failure {
+    New(DataError),
+    Again(String),
+}
+
+/// One worker's view of the stream: the dataset, the position → index map and the shared
+/// failure memory.
+struct Decoder<'a, D> {
+    dataset: &'a D,
+    schedule: Schedule,
+    failures: Failures,
+}
+
+impl<D: Dataset> Decoder<'_, D> {
+    /// Decodes the batches `worker, worker + workers, …` into `tx` until the stream ends, the
+    /// consumer hangs up, or a failure ends the stream.
+    fn work(&mut self, worker: usize, workers: usize, tx: &SyncSender<Result<Batch<D::Sample>>>) {
+        let cfg = self.schedule.cfg;
+        let b = cfg.batch_size as u64;
+        let mut batch = worker as u64;
+        loop {
+            let first = cfg.start + batch * b;
+            let end = match cfg.limit {
+                Some(l) => (cfg.start + l).min(first + b),
+                None => first + b,
+            };
+            if first >= end {
+                return;
+            }
+            let out = self.batch(first, end);
+            let stop = out.is_err();
+            if tx.send(out).is_err() || stop {
+                return;
+            }
+            batch += workers as u64;
         }
+    }
+
+    /// Positions `first..end` as one batch.
+    fn batch(&mut self, first: u64, end: u64) -> Result<Batch<D::Sample>> {
+        let on_error = self.schedule.cfg.on_error;
         let mut out = Batch {
             position: first,
             samples: Vec::with_capacity((end - first) as usize),
             indices: Vec::with_capacity((end - first) as usize),
             skipped: Vec::new(),
         };
-        let mut failed = None;
         for p in first..end {
-            let (epoch, index) = schedule.index(p);
-            let mut rng = StdRng::seed_from_u64(mix(mix(cfg.seed, epoch), index as u64 + 1));
-            match dataset.get(index, &mut rng) {
+            let (epoch, index) = self.schedule.index(p);
+            let error = match self.decode(epoch, index) {
                 Ok(s) => {
                     out.samples.push(s);
                     out.indices.push(index);
+                    continue;
                 }
-                Err(e) if cfg.on_error == OnError::Skip => out.skipped.push(Skipped {
-                    index,
-                    position: p,
-                    error: e.to_string(),
-                }),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
+                Err(Failure::New(e)) if on_error == OnError::Fail => return Err(e),
+                Err(Failure::New(e)) => e.to_string(),
+                Err(Failure::Again(message)) => message,
+            };
+            let replacement = match on_error {
+                OnError::Replace => {
+                    let (r, s) = self.replacement(p, epoch, &error)?;
+                    out.samples.push(s);
+                    out.indices.push(r);
+                    Some(r)
                 }
+                _ => None,
+            };
+            out.skipped.push(Skipped {
+                index,
+                position: p,
+                error,
+                replacement,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sample `index` of `epoch`, augmented from the generator seeded by `(seed, epoch, index)`.
+    /// Unless failures end the stream, a failure is remembered and its message returned again
+    /// without reading the file a second time.
+    fn decode(&self, epoch: u64, index: usize) -> Result<D::Sample, Failure> {
+        let remember = self.schedule.cfg.on_error != OnError::Fail;
+        if remember && let Some(why) = self.failures.lock().expect("no panics").get(&index) {
+            return Err(Failure::Again(why.clone()));
+        }
+        let seed = mix(mix(self.schedule.cfg.seed, epoch), index as u64 + 1);
+        self.dataset
+            .get(index, &mut StdRng::seed_from_u64(seed))
+            .map_err(|e| {
+                if remember {
+                    let mut failures = self.failures.lock().expect("no panics");
+                    failures.entry(index).or_insert_with(|| e.to_string());
+                }
+                Failure::New(e)
+            })
+    }
+
+    /// The first sample after position `p` (wrapping round within its epoch) that decodes.
+    fn replacement(&mut self, p: u64, epoch: u64, error: &str) -> Result<(usize, D::Sample)> {
+        let per = self.schedule.per_epoch;
+        let (base, k) = (p - p % per, p % per);
+        for j in 1..per {
+            let (_, index) = self.schedule.index(base + (k + j) % per);
+            if let Ok(s) = self.decode(epoch, index) {
+                return Ok((index, s));
             }
         }
-        let stop = failed.is_some();
-        if tx.send(failed.map_or(Ok(out), Err)).is_err() || stop {
-            return;
-        }
-        batch += workers as u64;
+        Err(DataError::NothingDecodes {
+            samples: per,
+            first: error.to_string(),
+        })
     }
 }
 
@@ -430,7 +525,8 @@ impl<S> Batches<S> {
     }
 
     fn account(&mut self, batch: &Batch<S>) {
-        let n = (batch.samples.len() + batch.skipped.len()) as u64;
+        let left_out = batch.skipped.iter().filter(|s| s.replacement.is_none());
+        let n = (batch.samples.len() + left_out.count()) as u64;
         self.open.extend(batch.skipped.iter().cloned());
         // Close every epoch that ends within this batch (several when a batch spans epochs).
         let done = (batch.position + n) / self.per_epoch;
@@ -506,6 +602,8 @@ mod tests {
         n: usize,
         bad: Vec<usize>,
         live: Arc<AtomicUsize>,
+        /// Reads of bad samples.
+        failed_reads: Arc<AtomicUsize>,
     }
 
     impl Dataset for Probe {
@@ -515,6 +613,7 @@ mod tests {
         }
         fn get(&self, index: usize, rng: &mut StdRng) -> Result<Self::Sample> {
             if self.bad.contains(&index) {
+                self.failed_reads.fetch_add(1, Ordering::SeqCst);
                 return Err(DataError::Decode {
                     path: format!("img{index}.JPEG").into(),
                     why: "broken".into(),
@@ -534,6 +633,7 @@ mod tests {
             n,
             bad: bad.to_vec(),
             live: Arc::new(AtomicUsize::new(0)),
+            failed_reads: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -655,6 +755,76 @@ mod tests {
             .collect();
         assert_eq!(positions, [vec![0, 4], vec![5, 9]]);
         assert_eq!((s[0].epoch, s[1].epoch), (0, 1));
+    }
+
+    #[test]
+    fn replaced_samples_keep_batches_full_and_the_stream_a_function_of_the_config() {
+        let bad = [3, 7, 8];
+        let cfg = LoaderConfig {
+            on_error: OnError::Replace,
+            limit: Some(40),
+            ..LoaderConfig::train(4, 9)
+        };
+        let run = |workers: usize| {
+            let p = probe(10, &bad);
+            let reads = p.failed_reads.clone();
+            let loader = Loader::new(p, LoaderConfig { workers, ..cfg }).unwrap();
+            let mut it = loader.batches();
+            let batches: Vec<Batch<_>> = it.by_ref().map(|b| b.unwrap()).collect();
+            (batches, it.finished_epochs(), reads.load(Ordering::SeqCst))
+        };
+        let (one, epochs, reads) = run(1);
+        assert!(one.iter().all(|b| b.samples.len() == 4));
+        // Each bad file is read once, although each of the 4 epochs visits it.
+        assert_eq!(reads, 3);
+        assert_eq!(epochs.len(), 4);
+        assert!(epochs.iter().all(|e| e.skipped.len() == 3), "{epochs:?}");
+        for b in &one {
+            for s in &b.skipped {
+                let r = s.replacement.unwrap();
+                assert!(!bad.contains(&r));
+                assert!(b.indices.contains(&r));
+                assert!(
+                    s.error.contains(&format!("img{}.JPEG", s.index)),
+                    "{}",
+                    s.error
+                );
+            }
+            assert!(b.indices.iter().all(|i| !bad.contains(i)));
+        }
+        // The replacement is the next good position of the same epoch (wrapping round).
+        let order: Vec<usize> = (0..10)
+            .map(|p| Loader::new(probe(10, &[]), cfg).unwrap().index_at(p))
+            .collect();
+        for s in one
+            .iter()
+            .flat_map(|b| &b.skipped)
+            .filter(|s| s.position < 10)
+        {
+            let k = s.position as usize;
+            let next = (1..10)
+                .map(|j| order[(k + j) % 10])
+                .find(|i| !bad.contains(i));
+            assert_eq!(s.replacement, next, "{s:?}");
+        }
+        let (three, _, reads3) = run(3);
+        let key = |b: &Vec<Batch<(usize, u64, Arc<AtomicUsize>)>>| -> Vec<(usize, u64)> {
+            b.iter()
+                .flat_map(|b| b.samples.iter().map(|s| (s.0, s.1)))
+                .collect()
+        };
+        assert_eq!(key(&one), key(&three));
+        assert!(reads3 <= 3 * 3, "{reads3}");
+
+        // Nothing decodes: an error that says so, naming a file.
+        let cfg = LoaderConfig { workers: 1, ..cfg };
+        let mut it = Loader::new(probe(3, &[0, 1, 2]), cfg).unwrap().batches();
+        let err = it.next().unwrap().unwrap_err();
+        assert!(
+            matches!(err, DataError::NothingDecodes { samples: 3, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains(".JPEG"), "{err}");
     }
 
     #[test]
