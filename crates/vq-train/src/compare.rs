@@ -170,10 +170,12 @@ pub fn evaluate_run(
         &nets,
         Perceptual::All,
     )?;
+    for (split, m) in [("training", &train), ("held-out", &val)] {
+        report_skipped(split, m);
+    }
     // 16 images, or the frames of 2 clips.
     let show_n = if a.frames().is_some() { 2 } else { 16 };
-    let show: Vec<i64> = (0..show_n.min(val_set.len() as i64)).collect();
-    let x = val_set.batch(&show, device)?;
+    let x = val_set.first_decodable(show_n, device)?;
     let rec = tch::no_grad(|| model.forward(&x, vq_tch::Mode::Eval))?.reconstruction;
     plot::reconstruction_grid(
         &out.join("reconstructions.png"),
@@ -191,6 +193,25 @@ pub fn evaluate_run(
     };
     write_atomic(&out.join("eval.json"), &serde_json::to_vec_pretty(&row)?)?;
     Ok(row)
+}
+
+/// Prints what an evaluation left out (the full list is in `eval.json`).
+fn report_skipped(split: &str, m: &crate::eval::EvalMetrics) {
+    if m.skipped.is_empty() {
+        return;
+    }
+    eprintln!(
+        "eval ({split} split): left out {} sample(s) that failed to decode (listed in eval.json), \
+         evaluated the other {}:",
+        m.skipped.len(),
+        m.images
+    );
+    for b in m.skipped.iter().take(5) {
+        eprintln!("  {}", b.error);
+    }
+    if m.skipped.len() > 5 {
+        eprintln!("  … and {} more", m.skipped.len() - 5);
+    }
 }
 
 /// Reads a run's metrics lines.

@@ -357,6 +357,121 @@ impl ImageSet {
             }
         }
     }
+
+    /// The images at `indices` that decode, on `device` (`None` when none does), and the
+    /// samples that failed, in the order of `indices` (evaluation: a corrupt file is left out
+    /// and reported, as in training).
+    ///
+    /// # Errors
+    /// Decoded samples of different shapes.
+    pub fn decodable_batch(
+        &self,
+        indices: &[i64],
+        device: Device,
+    ) -> Result<(Option<Tensor>, Vec<BadSample>)> {
+        let Self::Files(ds) = self else {
+            return Ok((Some(self.batch(indices, device)?), Vec::new()));
+        };
+        let results: Vec<_> = indices
+            .par_iter()
+            .map(|&i| ds.get(i as usize, &mut StdRng::seed_from_u64(i as u64)))
+            .collect();
+        let (mut samples, mut bad) = (Vec::new(), Vec::new());
+        for (&i, r) in indices.iter().zip(results) {
+            match r {
+                Ok(s) => samples.push(s),
+                Err(e) => bad.push(BadSample::new(ds, i as usize, e.to_string())),
+            }
+        }
+        let x = match samples.is_empty() {
+            true => None,
+            false => Some(to_tensor(&samples)?.to_device(device)),
+        };
+        Ok((x, bad))
+    }
+
+    /// The first `n` samples of the set that decode (fewer when the set has fewer), on
+    /// `device`, e.g. for a reconstruction grid.
+    ///
+    /// # Errors
+    /// No sample of the set decodes.
+    pub fn first_decodable(&self, n: usize, device: Device) -> Result<Tensor> {
+        let mut parts = Vec::new();
+        let (mut have, mut at, mut first_error) = (0, 0, None);
+        while have < n && at < self.len() {
+            let take = (n - have).min(self.len() - at);
+            let idx: Vec<i64> = (at as i64..(at + take) as i64).collect();
+            let (x, bad) = self.decodable_batch(&idx, device)?;
+            if let Some(x) = x {
+                have += x.size()[0] as usize;
+                parts.push(x);
+            }
+            first_error = first_error.or_else(|| bad.into_iter().next());
+            at += take;
+        }
+        match (parts.is_empty(), first_error) {
+            (true, Some(b)) => bail!("no sample of the set decodes (first: {})", b.error),
+            (true, None) => bail!("the set is empty"),
+            _ => Ok(Tensor::cat(&parts, 0)),
+        }
+    }
+
+    /// Sample `index`'s name (its file, archive member or video; `#index` in memory).
+    pub fn sample_name(&self, index: usize) -> String {
+        match self {
+            Self::Memory(_) => format!("#{index}"),
+            Self::Files(ds) => ds.name(index),
+        }
+    }
+
+    /// Why sample `index` fails to decode, read again (for a failure another rank saw).
+    pub fn failure(&self, index: usize) -> BadSample {
+        match self {
+            Self::Memory(_) => BadSample {
+                index,
+                name: format!("#{index}"),
+                error: format!("sample #{index} failed"),
+            },
+            Self::Files(ds) => {
+                let error = match ds.get(index, &mut StdRng::seed_from_u64(index as u64)) {
+                    Err(e) => e.to_string(),
+                    Ok(_) => format!("{} failed to decode on another rank", ds.name(index)),
+                };
+                BadSample::new(ds, index, error)
+            }
+        }
+    }
+}
+
+/// A sample that failed to decode: left out of an evaluation, replaced in training.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BadSample {
+    /// Dataset index.
+    pub index: usize,
+    /// The sample's name (its file, archive member or video).
+    pub name: String,
+    /// The error, naming the file.
+    pub error: String,
+}
+
+impl BadSample {
+    fn new(ds: &PixelSource, index: usize, error: String) -> Self {
+        Self {
+            index,
+            name: ds.name(index),
+            error,
+        }
+    }
+}
+
+/// One training micro-batch: the images, and the samples of its positions that failed to
+/// decode (each replaced by the next sample of the epoch that decodes).
+#[derive(Debug)]
+pub struct MicroBatch {
+    /// `(B, C, [T,] R, R)` in [−1, 1] on the run's device.
+    pub x: Tensor,
+    /// Failed samples, in stream order.
+    pub bad: Vec<BadSample>,
 }
 
 /// Video batches `(B, C, T, H, W)` as frames `(B·T, C, H, W)` (for the per-frame
@@ -378,8 +493,9 @@ fn to_tensor(samples: &[ArrayD<u8>]) -> Result<Tensor> {
 }
 
 /// The training batches of a run: from the [`Sampler`] for sets in memory, from a background
-/// [`Loader`] (shuffled per epoch by the seed, resumable at any step, corrupt files skipped and
-/// reported per epoch) for sets on disk.
+/// [`Loader`] (shuffled per epoch by the seed, resumable at any step; a corrupt file is replaced
+/// by the next sample of the epoch that decodes and reported with its micro-batch) for sets on
+/// disk.
 #[derive(Debug)]
 pub enum TrainBatches {
     /// Indices into an in-memory set.
@@ -427,7 +543,7 @@ impl TrainBatches {
                     workers,
                     start: (first * micro_batch) as u64,
                     shard,
-                    on_error: OnError::Skip,
+                    on_error: OnError::Replace,
                     ..LoaderConfig::train(micro_batch, seed)
                 };
                 Ok(Self::Stream(Loader::new(ds.clone(), cfg)?.batches()))
@@ -439,22 +555,29 @@ impl TrainBatches {
     /// streaming).
     ///
     /// # Errors
-    /// Unreadable data; a stream asked out of order.
-    pub fn get(&mut self, set: &ImageSet, index: usize, device: Device) -> Result<Tensor> {
+    /// Unreadable data (no sample of an epoch decodes); a stream asked out of order.
+    pub fn get(&mut self, set: &ImageSet, index: usize, device: Device) -> Result<MicroBatch> {
         match self {
-            Self::Memory(sampler) => set.batch(&sampler.batch_indices(index), device),
+            Self::Memory(sampler) => Ok(MicroBatch {
+                x: set.batch(&sampler.batch_indices(index), device)?,
+                bad: Vec::new(),
+            }),
             Self::Stream(it) => {
                 let batch = it.next().context("the data stream ended")??;
-                for summary in it.finished_epochs() {
-                    eprintln!("data: {summary}");
-                }
-                if batch.samples.is_empty() {
-                    bail!(
-                        "every image of micro-batch {index} failed to decode: {:?}",
-                        batch.skipped
-                    );
-                }
-                Ok(to_tensor(&batch.samples)?.to_device(device))
+                // Failures are reported as they happen (per micro-batch), not per epoch.
+                it.finished_epochs();
+                let bad = match set {
+                    ImageSet::Files(ds) => batch
+                        .skipped
+                        .into_iter()
+                        .map(|s| BadSample::new(ds, s.index, s.error))
+                        .collect(),
+                    ImageSet::Memory(_) => Vec::new(),
+                };
+                Ok(MicroBatch {
+                    x: to_tensor(&batch.samples)?.to_device(device),
+                    bad,
+                })
             }
         }
     }

@@ -3,12 +3,12 @@
 //! LPIPS, reconstruction FID (images vs their reconstructions, pytorch-fid's Inception) and the
 //! reconstruction Inception score.
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use tch::{Device, Kind, Reduction, Tensor};
 use vq_models::{FidInception, Lpips, VqAutoencoder, frechet_distance, inception_score};
 use vq_tch::Mode;
 
-use crate::data::{ImageSet, frames_as_images};
+use crate::data::{BadSample, ImageSet, frames_as_images};
 
 /// Metrics of a model on an image set.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -41,6 +41,9 @@ pub struct EvalMetrics {
     /// Reconstruction Inception score (10 splits; when Inception weights were given).
     #[serde(default)]
     pub ris: Option<f64>,
+    /// Samples that failed to decode and were left out (`images` counts only the others).
+    #[serde(default)]
+    pub skipped: Vec<BadSample>,
 }
 
 /// Which of the available perceptual metrics to compute.
@@ -85,10 +88,11 @@ impl EvalNets {
 pub const MAX_TRAIN_EVAL_IMAGES: usize = 10_000;
 
 /// Evaluates `model` on `set` in batches of `batch` (no gradients, EMA frozen): on every image,
-/// or on `limit` evenly spaced ones when the set is larger.
+/// or on `limit` evenly spaced ones when the set is larger. Samples that fail to decode are left
+/// out and listed in [`EvalMetrics::skipped`].
 ///
 /// # Errors
-/// Model errors.
+/// Model errors; none of the chosen samples decodes.
 pub fn evaluate(
     model: &mut VqAutoencoder,
     set: &ImageSet,
@@ -112,10 +116,15 @@ pub fn evaluate(
     let n = limit.map_or(total, |l| l.min(total));
     let chosen: Vec<i64> = (0..n).map(|i| (i * total / n.max(1)) as i64).collect();
     let _guard = tch::no_grad_guard();
+    let (mut skipped, mut decoded) = (Vec::new(), 0usize);
     for idx in chosen.chunks(batch.max(1)) {
-        let x = set.batch(idx, device)?;
+        let (x, bad) = set.decodable_batch(idx, device)?;
+        skipped.extend(bad);
+        let Some(x) = x else { continue };
+        let b = x.size()[0];
+        decoded += b as usize;
         let out = model.forward(&x, Mode::Eval)?;
-        let w = idx.len() as f64;
+        let w = b as f64;
         let stats = Tensor::stack(
             &[
                 out.reconstruction.mse_loss(&x, Reduction::Mean),
@@ -145,7 +154,7 @@ pub fn evaluate(
         l1 += s[1] * w;
         qe += s[2] * w;
         power += s[3] * w;
-        let flat = out.vq.indices.reshape([idx.len() as i64, -1]);
+        let flat = out.vq.indices.reshape([b, -1]);
         per_image = flat.size()[1] as usize;
         codes.extend(
             Vec::<i64>::try_from(flat.reshape([-1]).to_device(Device::Cpu))?
@@ -153,10 +162,16 @@ pub fn evaluate(
                 .map(|i| i as u32),
         );
     }
+    if decoded == 0 && n > 0 {
+        bail!(
+            "none of the {n} samples evaluated decodes (first: {})",
+            skipped.first().map_or("?", |b| b.error.as_str())
+        );
+    }
     let counts = vq_core::code_counts(&codes, k)?;
-    let nf = n.max(1) as f64;
+    let nf = decoded.max(1) as f64;
     Ok(EvalMetrics {
-        images: n,
+        images: decoded,
         rec_mse: mse / nf,
         rec_l1: l1 / nf,
         usage: vq_core::codebook_usage(&codes, k, 256 * per_image.max(1))?,
@@ -168,5 +183,6 @@ pub fn evaluate(
         rfid: inception
             .map(|_| frechet_distance(&Tensor::cat(&feats_x, 0), &Tensor::cat(&feats_r, 0))),
         ris: inception.map(|_| inception_score(&Tensor::cat(&logits_r, 0), 10).0),
+        skipped,
     })
 }

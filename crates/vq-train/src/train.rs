@@ -197,6 +197,10 @@ pub struct StepMetrics {
     /// f16: steps of the window whose update was skipped because the gradients overflowed.
     #[serde(default)]
     pub skipped_steps: usize,
+    /// Samples of the window's batches that failed to decode and were replaced by the next
+    /// samples of their epoch that decode (each file is listed once in `skipped.jsonl`).
+    #[serde(default)]
+    pub skipped_samples: u64,
     /// f16: the model's loss scale at the window's last step (1 in f32 and bf16).
     #[serde(default = "one")]
     pub loss_scale: f64,

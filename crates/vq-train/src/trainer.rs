@@ -2,9 +2,10 @@
 //! and its optimiser, the data stream, the process group, a [`Logger`] and a [`Checkpointer`];
 //! one method per step kind (VQ-VAE micro-step, VQGAN generator micro-step, discriminator step).
 
+use std::collections::HashSet;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
@@ -17,7 +18,9 @@ use vq_models::{
 use vq_tch::Mode;
 
 use crate::checkpoint::{self, TrainState};
-use crate::data::{DataSource, ImageSet, Pipeline, Shard, TrainBatches, frames_as_images};
+use crate::data::{
+    BadSample, DataSource, ImageSet, Pipeline, Shard, TrainBatches, frames_as_images,
+};
 use crate::dist::{Dist, counts_from_f64, counts_to_f64};
 use crate::optim::{AdamW, LossScale, learning_rate};
 use crate::train::{
@@ -55,23 +58,27 @@ struct StepStats {
     skipped: bool,
     /// The model's loss scale after the step (1 without loss scaling).
     loss_scale: f64,
+    /// Samples of the step that failed to decode and were replaced (summed over ranks).
+    bad_samples: u64,
 }
 
 impl StepStats {
     /// The step's numbers over the whole group, in one collective: metrics averaged over ranks,
-    /// code counts summed (so usage and perplexity are the global batch's).
+    /// code counts and failed samples summed (so usage and perplexity are the global batch's).
     fn over_ranks(mut self, dist: &Dist) -> Result<Self> {
         if dist.world() == 1 {
             return Ok(self);
         }
         let mut all: Vec<f64> = self.sums.iter().chain(&self.adv).copied().collect();
+        all.push(self.bad_samples as f64);
         all.extend(counts_to_f64(&self.counts));
         dist.sum(&mut all)?;
         let w = dist.world() as f64;
         for (s, v) in self.sums.iter_mut().chain(self.adv.iter_mut()).zip(&all) {
             *s = v / w;
         }
-        self.counts = counts_from_f64(&all[7..]);
+        self.bad_samples = all[7] as u64;
+        self.counts = counts_from_f64(&all[8..]);
         Ok(self)
     }
 }
@@ -325,10 +332,13 @@ impl<'a> Trainer<'a> {
         let mut adv = [0f64; 3];
         let mut codes = Vec::new();
         let mut pairs = Vec::new();
+        let mut bad = Vec::new();
         for a in 0..self.accum {
-            let x = self
+            let batch = self
                 .batches
                 .get(&self.data, step * self.accum + a, self.opts.device)?;
+            bad.extend(batch.bad);
+            let x = batch.x;
             let m = match self.gan.is_some() {
                 false => self.vqvae_micro_step(&x, step)?,
                 true => {
@@ -348,6 +358,7 @@ impl<'a> Trainer<'a> {
             sums,
             mut adv,
             counts,
+            bad_samples,
             ..
         } = StepStats {
             sums,
@@ -355,8 +366,12 @@ impl<'a> Trainer<'a> {
             counts: vq_core::code_counts(&codes, k)?,
             skipped: false,
             loss_scale: 1.0,
+            bad_samples: bad.len() as u64,
         }
         .over_ranks(&self.dist)?;
+        if bad_samples > 0 {
+            self.report_bad_samples(step, bad)?;
+        }
         let scaled = self.opts.config.precision.needs_loss_scaling();
         // Under loss scaling a non-finite loss is an overflow: the step is skipped below.
         if !sums[0].is_finite() && !scaled {
@@ -382,8 +397,39 @@ impl<'a> Trainer<'a> {
             counts,
             skipped: !applied,
             loss_scale: self.opt.loss_scale(),
+            bad_samples,
         };
         Ok((stats, lr, grad_norm))
+    }
+
+    /// Rank 0 records the step's failed samples of every rank (each file once): the ranks'
+    /// dataset indices meet in one sum (rank r fills its own slots), rank 0 reads each new
+    /// failure of another rank again for its message.
+    fn report_bad_samples(&mut self, step: usize, mine: Vec<BadSample>) -> Result<()> {
+        let world = self.dist.world();
+        if world == 1 {
+            return self.logger.bad_samples(step + 1, 0, mine);
+        }
+        let slots = self.accum * self.opts.config.micro_batch;
+        let mut all = vec![0f64; world * slots];
+        for (k, b) in mine.iter().enumerate() {
+            all[self.dist.rank() * slots + k] = (b.index + 1) as f64;
+        }
+        self.dist.sum(&mut all)?;
+        if !self.dist.is_main() {
+            return Ok(());
+        }
+        self.logger.bad_samples(step + 1, 0, mine)?;
+        for (rank, ranks) in all.chunks(slots).enumerate().skip(1) {
+            let indices = ranks.iter().take_while(|&&v| v > 0.0);
+            let theirs = indices
+                .map(|&v| v as usize - 1)
+                .filter(|&i| !self.logger.knows_bad(&self.data.sample_name(i)))
+                .map(|i| self.data.failure(i))
+                .collect();
+            self.logger.bad_samples(step + 1, rank, theirs)?;
+        }
+        Ok(())
     }
 
     /// Loss scaling that has backed off to nothing: every step for a long while overflowed.
@@ -708,7 +754,9 @@ fn json_differences(
     }
 }
 
-/// Metric windows → `metrics.jsonl` (rank 0), the progress bar, and the history returned.
+/// Metric windows → `metrics.jsonl` (rank 0), samples that failed to decode → `skipped.jsonl`
+/// (rank 0, each file once, also printed when first seen), the progress bar, and the history
+/// returned.
 #[derive(Debug)]
 pub struct Logger {
     file: Option<fs::File>,
@@ -717,6 +765,52 @@ pub struct Logger {
     window_start: Instant,
     history: Vec<StepMetrics>,
     bar: indicatif::ProgressBar,
+    bad: BadLog,
+}
+
+/// `skipped.jsonl`: one line `{step, rank, index, file, error}` per file that failed to decode,
+/// the first time any rank met it; kept across a resume.
+#[derive(Debug, Default)]
+struct BadLog {
+    file: Option<fs::File>,
+    seen: HashSet<String>,
+    /// Failed samples since the run (or its resume) started, repeats included.
+    total: u64,
+}
+
+impl BadLog {
+    const FILE: &str = "skipped.jsonl";
+
+    /// Opens the run's list (rank 0): a fresh run starts it empty, a resumed one keeps it and
+    /// does not list its files again.
+    fn open(out: &Path, main: bool, start: usize) -> Result<Self> {
+        if !main {
+            return Ok(Self::default());
+        }
+        let path = out.join(Self::FILE);
+        let mut seen = HashSet::new();
+        if start > 0 && path.exists() {
+            let text =
+                fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            // A line cut short by a crash only means its file may be listed again.
+            seen.extend(text.lines().filter_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                Some(v.get("file")?.as_str()?.to_owned())
+            }));
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .append(start > 0)
+            .truncate(start == 0)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        Ok(Self {
+            file: Some(file),
+            seen,
+            total: 0,
+        })
+    }
 }
 
 impl Logger {
@@ -738,7 +832,38 @@ impl Logger {
             window_start: Instant::now(),
             history: Vec::new(),
             bar: progress_bar(opts.progress && main, start, opts.config.training.steps),
+            bad: BadLog::open(&opts.out, main, start)?,
         })
+    }
+
+    /// Whether `skipped.jsonl` lists the file already.
+    fn knows_bad(&self, name: &str) -> bool {
+        self.bad.seen.contains(name)
+    }
+
+    /// Rank 0: lists and prints the samples (of `rank`) not met before.
+    fn bad_samples(&mut self, done: usize, rank: usize, bad: Vec<BadSample>) -> Result<()> {
+        let Some(file) = &mut self.bad.file else {
+            return Ok(());
+        };
+        for b in bad {
+            if !self.bad.seen.insert(b.name.clone()) {
+                continue;
+            }
+            let line = serde_json::json!({
+                "step": done, "rank": rank, "index": b.index, "file": b.name, "error": b.error,
+            });
+            file.write_all(format!("{line}\n").as_bytes())
+                .context("writing skipped.jsonl")?;
+            self.bar.suspend(|| {
+                eprintln!(
+                    "data: step {done}: {} (replaced by the next sample that decodes; listed in {})",
+                    b.error,
+                    BadLog::FILE
+                )
+            });
+        }
+        Ok(())
     }
 
     /// Adds step `done`'s numbers; closes the window every `log_every` steps (or when `last`).
@@ -760,6 +885,8 @@ impl Logger {
             grad_norm,
         );
         self.window.skipped += usize::from(stats.skipped);
+        self.window.bad_samples += stats.bad_samples;
+        self.bad.total += stats.bad_samples;
         self.window.loss_scale = stats.loss_scale;
         self.bar.set_position(done as u64);
         if !(done.is_multiple_of(self.log_every) || last) {
@@ -768,8 +895,12 @@ impl Logger {
         let m = self
             .window
             .finish(done, lr, self.window_start.elapsed().as_secs_f64());
+        let bad = match self.bad.total {
+            0 => String::new(),
+            n => format!(" skipped {n}"),
+        };
         self.bar.set_message(format!(
-            "loss {:.4} rec {:.4} usage {:.1}% qe {:.2e} {:.1} it/s",
+            "loss {:.4} rec {:.4} usage {:.1}% qe {:.2e} {:.1} it/s{bad}",
             m.loss,
             m.rec,
             100.0 * m.usage,
@@ -790,6 +921,7 @@ impl Logger {
 struct Window {
     n: usize,
     skipped: usize,
+    bad_samples: u64,
     loss_scale: f64,
     sums: [f64; 4],
     adv: [f64; 3],
@@ -836,6 +968,7 @@ impl Window {
             g_loss: self.adv[1] / n,
             d_weight: self.adv[2] / n,
             skipped_steps: self.skipped,
+            skipped_samples: self.bad_samples,
             loss_scale: self.loss_scale,
         }
     }

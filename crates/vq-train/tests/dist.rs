@@ -12,7 +12,7 @@ use vq_models::Preset;
 use vq_train::train::RunConfig;
 
 mod common;
-use common::small_vqgan;
+use common::{image_folder, skipped_lines, small_rgb, small_vqgan};
 
 fn tmp(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("vq-dist-test-{}-{name}", std::process::id()));
@@ -473,4 +473,42 @@ fn a_batch_that_the_ranks_cannot_split_is_refused() {
     let t = text(&o);
     assert!(!o.status.success());
     assert!(t.contains("not a multiple of world size 2"), "{t}");
+}
+
+#[test]
+fn ranks_replace_corrupt_images_and_rank_0_lists_every_ranks_files_once() {
+    let dir = tmp("corrupt");
+    // 6 training images, 2 of them corrupt; 6 steps of 2 ranks × 2 = 4 epochs.
+    let data = image_folder(&dir, 6);
+    std::fs::write(dir.join("data/train/n01/gray.JPEG"), b"\xff\xd8 cut").unwrap();
+    std::fs::write(dir.join("data/train/n01/4_rgb.JPEG"), b"junk").unwrap();
+    let cfg = write_config(&dir, "c.json", &small_rgb(data, 6, 4, 2));
+    let run = dir.join("run");
+    let out = train(&cfg, &run, &["--nproc", "2"]);
+    let listed = skipped_lines(&run);
+    let mut files: Vec<&str> = listed.iter().map(|l| l["file"].as_str().unwrap()).collect();
+    files.sort();
+    assert!(
+        files.len() == 2 && files[0].ends_with("4_rgb.JPEG") && files[1].ends_with("gray.JPEG"),
+        "{listed:?}"
+    );
+    // With this seed the ranks each meet one of the files first.
+    let mut ranks: Vec<u64> = listed.iter().map(|l| l["rank"].as_u64().unwrap()).collect();
+    ranks.sort();
+    assert_eq!(ranks, [0, 1], "{listed:?}");
+    for l in &listed {
+        let (file, error) = (l["file"].as_str().unwrap(), l["error"].as_str().unwrap());
+        assert!(
+            error.contains(file) || error.contains(file.rsplit('/').next().unwrap()),
+            "{l}"
+        );
+        assert!(out.contains(file.rsplit('/').next().unwrap()), "{out}");
+    }
+    // Every visit counts: 2 files × 4 epochs.
+    let skipped: u64 = metrics(&run)
+        .iter()
+        .map(|m| m["skipped_samples"].as_u64().unwrap())
+        .sum();
+    assert_eq!(skipped, 8, "{:?}", metrics(&run));
+    assert_eq!(metrics(&run).last().unwrap()["step"], 6);
 }

@@ -10,7 +10,7 @@ use vq_tch::Estimator;
 use vq_train::train::{RunConfig, TrainOptions, train};
 
 mod common;
-use common::{options, small_demo, weights};
+use common::{image_folder, options, skipped_lines, small_demo, small_rgb, weights};
 
 /// Training seeds libtorch's global generator; tests that train run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -367,47 +367,7 @@ fn inception_weights_fill_the_rfid_and_ris_columns() {
 fn an_image_folder_trains_streams_and_resumes() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let root = tmp("image-folder");
-    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vq-data/tests/fixtures/images");
-    for (split, class, file) in [
-        ("train", "n01", "rgb.JPEG"),
-        ("train", "n01", "gray.JPEG"),
-        ("train", "n02", "cmyk.JPEG"),
-        ("train", "n02", "png_named.JPEG"),
-        ("val", "n01", "rgb.JPEG"),
-        ("val", "n02", "cmyk.JPEG"),
-    ] {
-        let d = root.join("data").join(split).join(class);
-        std::fs::create_dir_all(&d).unwrap();
-        std::fs::copy(fixtures.join(file), d.join(file)).unwrap();
-    }
-    let preset = Preset::VqganF16Imagenet;
-    let mut model = preset.config();
-    let a = model.autoencoder.taming_mut().unwrap();
-    a.resolution = 16;
-    a.ch = 32;
-    a.ch_mult = vec![1, 2];
-    a.attn_resolutions = vec![];
-    a.num_res_blocks = 1;
-    a.z_channels = 8;
-    model.quantizer.codebook_dim = 8;
-    model.quantizer.codebook_size = 16;
-    let mut training = preset.training();
-    training.steps = 4;
-    training.batch_size = 3;
-    training.warmup_steps = 1;
-    training.decay_steps = 4;
-    let cfg = RunConfig {
-        preset: preset.name().into(),
-        model,
-        training,
-        data: format!("image-folder:{}", root.join("data").display()),
-        seed: 2,
-        micro_batch: 3,
-        gan: None,
-        lpips_weights: None,
-        inception_weights: None,
-        precision: Default::default(),
-    };
+    let cfg = small_rgb(image_folder(&root, 4), 4, 3, 3);
     let (a, b) = (root.join("a"), root.join("b"));
     let whole = train(&options(cfg.clone(), &a)).unwrap();
     train(&TrainOptions {
@@ -428,14 +388,63 @@ fn an_image_folder_trains_streams_and_resumes() {
     let row =
         vq_train::compare::evaluate_run(&mut trained.model, &cfg, &a, Device::Cpu, 0.0).unwrap();
     assert!(
-        row.val.rec_mse.is_finite() && row.val.images == 2,
+        row.val.rec_mse.is_finite() && row.val.images == 2 && row.val.skipped.is_empty(),
         "{row:?}"
     );
-    // A corrupt training image is skipped and reported, not fatal.
+    assert!(skipped_lines(&a).is_empty());
+
+    // A corrupt training image is replaced by the next one of its epoch, counted at every visit
+    // (4 steps of 3 over 4 images: 3 epochs) and listed once; a corrupt held-out image is left
+    // out of the evaluation and reported, as in training.
     std::fs::write(root.join("data/train/n01/gray.JPEG"), b"\xff\xd8 truncated").unwrap();
+    std::fs::write(root.join("data/val/n02/cmyk.JPEG"), b"not an image").unwrap();
     let c = root.join("c");
-    let again = train(&options(cfg, &c)).unwrap();
+    train(&TrainOptions {
+        stop_after: Some(2),
+        ..options(cfg.clone(), &c)
+    })
+    .unwrap();
+    let listed = skipped_lines(&c);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert!(
+        listed[0]["file"].as_str().unwrap().ends_with("gray.JPEG"),
+        "{listed:?}"
+    );
+    assert!(
+        listed[0]["error"].as_str().unwrap().contains("gray.JPEG"),
+        "{listed:?}"
+    );
+    // Resumed, the run keeps its list and does not list the file again.
+    let mut again = train(&TrainOptions {
+        resume: true,
+        ..options(cfg.clone(), &c)
+    })
+    .unwrap();
     assert_eq!(again.history.last().unwrap().step, 4);
+    assert_eq!(skipped_lines(&c), listed);
+    let metrics = vq_train::compare::read_metrics(&c.join("metrics.jsonl")).unwrap();
+    let skipped: u64 = metrics.iter().map(|m| m.skipped_samples).sum();
+    assert_eq!(skipped, 3, "{metrics:?}");
+    let row =
+        vq_train::compare::evaluate_run(&mut again.model, &cfg, &c, Device::Cpu, 0.0).unwrap();
+    assert_eq!(
+        (row.train.images, row.train.skipped.len()),
+        (3, 1),
+        "{row:?}"
+    );
+    assert_eq!((row.val.images, row.val.skipped.len()), (1, 1), "{row:?}");
+    assert!(row.val.skipped[0].name.ends_with("cmyk.JPEG"), "{row:?}");
+    assert!(row.val.rec_mse.is_finite());
+    let written: vq_train::compare::CompareRow =
+        serde_json::from_slice(&std::fs::read(c.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(written.val.skipped, row.val.skipped);
+    // A set where nothing decodes is an error naming a file, not a panic.
+    for f in ["rgb.JPEG", "cmyk.JPEG", "png_named.JPEG"] {
+        let class = if f == "rgb.JPEG" { "n01" } else { "n02" };
+        std::fs::write(root.join("data/train").join(class).join(f), b"junk").unwrap();
+    }
+    let err = format!("{:#}", train(&options(cfg, &root.join("d"))).unwrap_err());
+    assert!(err.contains("JPEG"), "{err}");
     std::fs::remove_dir_all(&root).unwrap();
 }
 

@@ -81,3 +81,67 @@ pub fn small_vqgan(steps: usize, micro_batch: usize) -> RunConfig {
         precision: Default::default(),
     }
 }
+
+/// An image folder of the committed JPEG fixtures under `root/data`: `train/` holds `train`
+/// images (the four fixtures, repeated under new names), `val/` two; returns the data spec.
+pub fn image_folder(root: &Path, train: usize) -> String {
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vq-data/tests/fixtures/images");
+    let files = ["rgb.JPEG", "gray.JPEG", "cmyk.JPEG", "png_named.JPEG"];
+    let copy = |split: &str, class: &str, from: &str, to: String| {
+        let d = root.join("data").join(split).join(class);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::copy(fixtures.join(from), d.join(to)).unwrap();
+    };
+    for i in 0..train {
+        let class = ["n01", "n02"][i % 4 / 2];
+        let name = match i < 4 {
+            true => files[i].to_owned(),
+            false => format!("{i}_{}", files[i % 4]),
+        };
+        copy("train", class, files[i % 4], name);
+    }
+    copy("val", "n01", "rgb.JPEG", "rgb.JPEG".into());
+    copy("val", "n02", "cmyk.JPEG", "cmyk.JPEG".into());
+    format!("image-folder:{}", root.join("data").display())
+}
+
+/// A tiny taming VQ-VAE (no discriminator) on 16² RGB images from `data`.
+pub fn small_rgb(data: String, steps: usize, batch: usize, micro_batch: usize) -> RunConfig {
+    let preset = Preset::VqganF16Imagenet;
+    let mut model = preset.config();
+    let a = model.autoencoder.taming_mut().unwrap();
+    a.resolution = 16;
+    a.ch = 32;
+    a.ch_mult = vec![1, 2];
+    a.attn_resolutions = vec![];
+    a.num_res_blocks = 1;
+    a.z_channels = 8;
+    model.quantizer.codebook_dim = 8;
+    model.quantizer.codebook_size = 16;
+    let mut training = preset.training();
+    training.steps = steps;
+    training.batch_size = batch;
+    training.warmup_steps = 1;
+    training.decay_steps = steps;
+    RunConfig {
+        preset: preset.name().into(),
+        model,
+        training,
+        data,
+        seed: 2,
+        micro_batch,
+        gan: None,
+        lpips_weights: None,
+        inception_weights: None,
+        precision: Default::default(),
+    }
+}
+
+/// The lines of a run's `skipped.jsonl` (none when the file is missing).
+pub fn skipped_lines(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("skipped.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
