@@ -243,7 +243,7 @@ fn ensure_cuda_headers(root: &Path) -> Result<()> {
 /// The imageio-ffmpeg wheel that provides a static ffmpeg when the system has none.
 const IMAGEIO_FFMPEG: &str = "imageio-ffmpeg==0.8.1";
 
-/// Makes `.tools/bin/ffmpeg` (what `.cargo/config.toml` names as `VQ_FFMPEG`) a link to a
+/// Makes `.tools/bin/ffmpeg` (what `.cargo/config.toml` names as `VQ_FFMPEG_DEFAULT`) a link to a
 /// working ffmpeg: the system's when one is on the PATH, else the static build in PyPI's
 /// `imageio-ffmpeg` wheel installed into `.tools/imageio-ffmpeg` (68 MB). Needed for UCF-101;
 /// everything else works without it, so failures here are warnings.

@@ -12,7 +12,7 @@ use rand::Rng;
 use rand::rngs::StdRng;
 
 use crate::archive::{Location, TarMember, index_tar};
-use crate::error::{DataError, Result};
+use crate::error::{DataError, LeftOut, Result};
 use crate::loader::Dataset;
 use crate::tfrecord::{Example, Records, masked_crc};
 
@@ -96,15 +96,11 @@ pub fn for_each_in_tar(
     };
     let file = std::fs::File::open(archive).map_err(io)?;
     let mut tar = tar::Archive::new(std::io::BufReader::new(file));
-    let dir = match split {
-        BairSplit::Train => "/train/",
-        BairSplit::Test => "/test/",
-    };
     let mut n = 0;
     for entry in tar.entries().map_err(io)? {
         let entry = entry.map_err(io)?;
         let name = entry.path().map_err(io)?.to_string_lossy().into_owned();
-        if !(name.contains(dir) && name.ends_with(".tfrecords")) {
+        if !(member_in(&name, split.dir()) && name.ends_with(".tfrecords")) {
             continue;
         }
         let member = std::path::PathBuf::from(format!("{}:{name}", archive.display()));
@@ -140,11 +136,57 @@ struct RecordRef {
 /// indexed once (length fields only, each checked against its CRC), then a sample reads one
 /// record, checks the payload CRC and returns a `(3, frames, 64, 64)` clip (channel first,
 /// `u8`).
+///
+/// A `.tfrecords` file whose index is damaged (a length field that fails its CRC, a record that
+/// overruns the file) is left out whole and listed by [`BairDataset::left_out`]; the other
+/// files are used.
 #[derive(Debug, Clone)]
 pub struct BairDataset {
     records: Vec<RecordRef>,
     frames: usize,
     window: ClipWindow,
+    left_out: Vec<LeftOut>,
+}
+
+impl BairSplit {
+    /// The split's folder name in `softmotion30_44k/`.
+    pub fn dir(self) -> &'static str {
+        match self {
+            Self::Train => "train",
+            Self::Test => "test",
+        }
+    }
+
+    fn other(self) -> Self {
+        match self {
+            Self::Train => Self::Test,
+            Self::Test => Self::Train,
+        }
+    }
+}
+
+/// The folder of `split`'s `.tfrecords` files for a user's `path`: `path/softmotion30_44k/<split>`,
+/// `path/<split>`, or, when `path` is itself one split's folder (named `train` or `test`), the
+/// sibling folder of the other split. `None` when there is none.
+fn split_folder(path: &Path, split: BairSplit) -> Option<PathBuf> {
+    let dir = split.dir();
+    let name = path.file_name().and_then(|n| n.to_str());
+    let candidates = match name {
+        Some(n) if n == dir => vec![path.to_path_buf()],
+        Some(n) if n == split.other().dir() => {
+            vec![path.parent().unwrap_or(Path::new(".")).join(dir)]
+        }
+        _ => vec![path.join("softmotion30_44k").join(dir), path.join(dir)],
+    };
+    candidates.into_iter().find(|p| p.is_dir())
+}
+
+/// Whether the tar member `name` lies in a folder named `dir` (a path component, not a
+/// substring: `my_train_set/…` is not `train/`).
+fn member_in(name: &str, dir: &str) -> bool {
+    let mut parts: Vec<&str> = name.split('/').collect();
+    parts.pop();
+    parts.contains(&dir)
 }
 
 fn scan_records(
@@ -199,11 +241,14 @@ fn scan_records(
 impl BairDataset {
     /// Indexes one split from the official archive `bair_robot_pushing_dataset_v0.tar`
     /// (read in place), from the extracted `softmotion30_44k/` folder (or the folder holding
-    /// it), or from a folder of `.tfrecords` files. Files are taken in sorted name order.
+    /// it), or from one split's folder of `.tfrecords` files (`…/train` or `…/test`; the other
+    /// split is then its sibling). Files are taken in sorted name order; a file whose index is
+    /// damaged is left out ([`BairDataset::left_out`]).
     ///
     /// # Errors
-    /// Unreadable files, a length field that fails its CRC or overruns its file, no records,
-    /// or `frames` outside `1..=30`.
+    /// An unreadable archive or folder, no folder for `split` (named in the message), train
+    /// and test resolving to the same folder, every file damaged, no records, or `frames`
+    /// outside `1..=30`.
     pub fn open(path: &Path, split: BairSplit, frames: usize, window: ClipWindow) -> Result<Self> {
         if frames == 0 || frames > FRAMES {
             return Err(DataError::Config(format!(
@@ -217,27 +262,32 @@ impl BairDataset {
                 "a {frames}-frame BAIR clip cannot start at frame {start}"
             )));
         }
-        let dir = match split {
-            BairSplit::Train => "train",
-            BairSplit::Test => "test",
-        };
-        let mut records = Vec::new();
         let io = |p: &Path| {
             let p = p.to_path_buf();
             move |source| DataError::Io { path: p, source }
+        };
+        let mut records = Vec::new();
+        let mut left_out = Vec::new();
+        // A damaged file is left out whole: its records are dropped, the error remembered.
+        let mut scan = |name: &Path, result: Result<()>, from: usize, records: &mut Vec<_>| {
+            if let Err(e) = result {
+                records.truncate(from);
+                left_out.push(LeftOut::new(name, &e));
+            }
         };
         if path.is_file() {
             let archive = Arc::new(path.to_path_buf());
             let mut members: Vec<TarMember> = index_tar(path, |_| false)?
                 .into_iter()
-                .filter(|m| m.name.contains(&format!("/{dir}/")) && m.name.ends_with(".tfrecords"))
+                .filter(|m| member_in(&m.name, split.dir()) && m.name.ends_with(".tfrecords"))
                 .collect();
             members.sort_by(|a, b| a.name.cmp(&b.name));
             let mut f = BufReader::new(File::open(path).map_err(io(path))?);
             for m in members {
                 let name = PathBuf::from(format!("{}:{}", path.display(), m.name));
                 let (archive, member) = (archive.clone(), m.name.clone());
-                scan_records(
+                let from = records.len();
+                let result = scan_records(
                     &name,
                     &mut f,
                     m.offset,
@@ -249,20 +299,11 @@ impl BairDataset {
                         len,
                     },
                     &mut records,
-                )?;
+                );
+                scan(&name, result, from, &mut records);
             }
         } else {
-            let folder = [
-                path.join("softmotion30_44k").join(dir),
-                path.join(dir),
-                path.to_path_buf(),
-            ]
-            .into_iter()
-            .find(|p| p.is_dir())
-            .ok_or_else(|| DataError::Empty {
-                path: path.to_path_buf(),
-                what: "BAIR archive or folder",
-            })?;
+            let folder = Self::folder(path, split)?;
             let mut files: Vec<PathBuf> = std::fs::read_dir(&folder)
                 .map_err(io(&folder))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
@@ -270,35 +311,87 @@ impl BairDataset {
                 .collect();
             files.sort();
             for file in files {
-                let mut f = BufReader::new(File::open(&file).map_err(io(&file))?);
-                let len = f.get_ref().metadata().map_err(io(&file))?.len();
-                let archive = Arc::new(file.clone());
-                scan_records(
-                    &file,
-                    &mut f,
-                    0,
-                    len,
-                    |offset, len| Location::Member {
-                        archive: archive.clone(),
-                        name: String::new(),
-                        offset,
+                let from = records.len();
+                let result = File::open(&file).map_err(io(&file)).and_then(|f| {
+                    let mut f = BufReader::new(f);
+                    let len = f.get_ref().metadata().map_err(io(&file))?.len();
+                    let archive = Arc::new(file.clone());
+                    scan_records(
+                        &file,
+                        &mut f,
+                        0,
                         len,
-                    },
-                    &mut records,
-                )?;
+                        |offset, len| Location::Member {
+                            archive: archive.clone(),
+                            name: String::new(),
+                            offset,
+                            len,
+                        },
+                        &mut records,
+                    )
+                });
+                scan(&file, result, from, &mut records);
             }
         }
         if records.is_empty() {
-            return Err(DataError::Empty {
-                path: path.to_path_buf(),
-                what: "BAIR .tfrecords records for this split",
+            return Err(match left_out.first() {
+                Some(first) => DataError::Invalid {
+                    path: path.to_path_buf(),
+                    why: format!(
+                        "all {} .tfrecords files of the BAIR {} split are damaged; the first: {first}",
+                        left_out.len(),
+                        split.dir()
+                    ),
+                },
+                None => DataError::Empty {
+                    path: path.to_path_buf(),
+                    what: "BAIR .tfrecords records for this split",
+                },
             });
         }
         Ok(Self {
             records,
             frames,
             window,
+            left_out,
         })
+    }
+
+    /// The folder of `split`'s files for `path` (see [`BairDataset::open`]), checked to be a
+    /// different folder from the other split's.
+    fn folder(path: &Path, split: BairSplit) -> Result<PathBuf> {
+        let folder = split_folder(path, split).ok_or_else(|| DataError::Invalid {
+            path: path.to_path_buf(),
+            why: format!(
+                "no BAIR {dir} split: looked for softmotion30_44k/{dir}/ and {dir}/ in it, or, \
+                 if it is the {other}/ folder, {dir}/ beside it (a folder of .tfrecords files \
+                 must be named train or test, so that the two splits are never the same files)",
+                dir = split.dir(),
+                other = split.other().dir(),
+            ),
+        })?;
+        let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+            (Ok(a), Ok(b)) => a == b,
+            _ => false,
+        };
+        if let Some(other) = split_folder(path, split.other())
+            && same(&folder, &other)
+        {
+            return Err(DataError::Invalid {
+                path: folder,
+                why: format!(
+                    "is both the BAIR train and test split (a link?): the held-out clips would be \
+                     training clips; give {}/ its own files",
+                    split.dir()
+                ),
+            });
+        }
+        Ok(folder)
+    }
+
+    /// Files left out when indexing (a damaged index), each with its error.
+    pub fn left_out(&self) -> &[LeftOut] {
+        &self.left_out
     }
 
     /// Frames per clip.
@@ -367,6 +460,10 @@ impl Dataset for BairDataset {
             self.file_of(index).display(),
             self.records[index].record_offset
         )
+    }
+
+    fn left_out(&self) -> &[LeftOut] {
+        &self.left_out
     }
 }
 
@@ -509,6 +606,57 @@ mod tests {
     }
 
     #[test]
+    fn train_and_test_are_never_the_same_files() {
+        let dir = std::env::temp_dir().join(format!("bair-splits-{}", std::process::id()));
+        let root = dir.join("softmotion30_44k");
+        for (split, shift) in [("train", 1u8), ("test", 9)] {
+            std::fs::create_dir_all(root.join(split)).unwrap();
+            let mut f = Vec::new();
+            write_record(&mut f, &trajectory_payload(shift)).unwrap();
+            std::fs::write(root.join(split).join("traj_0_to_255.tfrecords"), &f).unwrap();
+        }
+        let first = |path: &Path, split| {
+            BairDataset::open(path, split, 4, ClipWindow::Fixed(0))
+                .map(|d| d.trajectory(0).unwrap()[[0, 0, 0, 0]])
+        };
+        // The folder holding softmotion30_44k/, softmotion30_44k/ itself, or either split's
+        // folder: always the right files for each split.
+        for path in [
+            dir.clone(),
+            root.clone(),
+            root.join("train"),
+            root.join("test"),
+        ] {
+            assert_eq!(first(&path, BairSplit::Train).unwrap(), 1, "{path:?}");
+            assert_eq!(first(&path, BairSplit::Test).unwrap(), 9, "{path:?}");
+        }
+        // A missing split is named.
+        std::fs::remove_dir_all(root.join("test")).unwrap();
+        for path in [dir.clone(), root.join("train")] {
+            let err = first(&path, BairSplit::Test).unwrap_err().to_string();
+            assert!(err.contains("no BAIR test split"), "{err}");
+            assert_eq!(first(&path, BairSplit::Train).unwrap(), 1);
+        }
+        // A folder named neither train nor test could be either split: refused.
+        let flat = dir.join("clips");
+        std::fs::create_dir_all(&flat).unwrap();
+        std::fs::copy(
+            root.join("train/traj_0_to_255.tfrecords"),
+            flat.join("a.tfrecords"),
+        )
+        .unwrap();
+        assert!(first(&flat, BairSplit::Train).is_err());
+        // test/ as a link to train/.
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(root.join("train"), root.join("test")).unwrap();
+            let err = first(&dir, BairSplit::Test).unwrap_err().to_string();
+            assert!(err.contains("both the BAIR train and test split"), "{err}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn the_indexed_dataset_reads_clips_from_files_and_from_the_archive() {
         use rand::SeedableRng;
         let dir = std::env::temp_dir().join(format!("bair-ds-{}", std::process::id()));
@@ -557,10 +705,30 @@ mod tests {
             "{err}"
         );
         assert!(err.to_string().contains("traj_0_to_255.tfrecords"), "{err}");
-        // A truncated file fails at indexing.
+        // A truncated file is left out whole at indexing, named with its error; the other file
+        // is used.
         std::fs::write(&file, &bytes[..second + 100]).unwrap();
+        let ds = BairDataset::open(&dir, BairSplit::Train, 16, ClipWindow::Random).unwrap();
+        assert_eq!(ds.len(), 1);
+        assert_eq!(ds.trajectory(0).unwrap()[[0, 0, 0, 0]], 3);
+        assert_eq!(ds.left_out().len(), 1);
+        assert_eq!(ds.left_out()[0].path, file);
+        assert!(
+            ds.left_out()[0].why.contains("truncated"),
+            "{}",
+            ds.left_out()[0]
+        );
+        // A length field that fails its CRC too; with every file damaged the split is an error.
+        let other = split.join("traj_256_to_511.tfrecords");
+        let mut b = std::fs::read(&other).unwrap();
+        b[3] ^= 1;
+        std::fs::write(&other, &b).unwrap();
         let err = BairDataset::open(&dir, BairSplit::Train, 16, ClipWindow::Random).unwrap_err();
-        assert!(matches!(err, DataError::Truncated { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("all 2 .tfrecords files") && msg.contains("train"),
+            "{msg}"
+        );
         assert!(BairDataset::open(&dir, BairSplit::Train, 31, ClipWindow::Random).is_err());
         assert!(BairDataset::open(&dir, BairSplit::Train, 16, ClipWindow::Fixed(15)).is_err());
         std::fs::remove_dir_all(&dir).unwrap();

@@ -60,6 +60,25 @@ pub enum DataError {
         /// What is wrong.
         why: String,
     },
+    /// A line of a text file (a list, a labels file, a cache) that does not parse.
+    #[error("{path}: line {line}: {why}")]
+    BadLine {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong.
+        why: String,
+    },
+    /// A file or folder that does not fit the dataset (an unknown class, a missing label, two
+    /// splits that are the same files).
+    #[error("{path}: {why}")]
+    Invalid {
+        /// The file or folder.
+        path: PathBuf,
+        /// What is wrong.
+        why: String,
+    },
     /// Two files that must describe the same examples disagree.
     #[error("{path}: {what}: expected {expected}, found {found}")]
     Mismatch {
@@ -107,6 +126,32 @@ pub enum DataError {
     /// An invalid configuration value.
     #[error("invalid data configuration: {0}")]
     Config(String),
+}
+
+/// A file left out of a dataset when it was indexed (a damaged `.tfrecords` file, a video
+/// whose frames cannot be counted): the rest of the dataset is used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeftOut {
+    /// The file.
+    pub path: PathBuf,
+    /// Why, naming the file.
+    pub why: String,
+}
+
+impl LeftOut {
+    /// The file and its error.
+    pub fn new(path: &std::path::Path, error: &DataError) -> Self {
+        Self {
+            path: path.to_path_buf(),
+            why: error.to_string(),
+        }
+    }
+}
+
+impl std::fmt::Display for LeftOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.why)
+    }
 }
 
 /// `Result` with [`DataError`].

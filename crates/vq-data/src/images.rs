@@ -164,7 +164,7 @@ pub fn imagenet_meta_dir() -> PathBuf {
 /// `<file name> <wnid>` (taming-transformers' `validation_synset.txt`).
 ///
 /// # Errors
-/// [`DataError::Io`] / [`DataError::BadRecord`] naming the file and line.
+/// [`DataError::Io`] / [`DataError::BadLine`] naming the file and line.
 pub fn imagenet_val_labels(
     path: Option<&Path>,
 ) -> Result<std::collections::HashMap<String, String>> {
@@ -194,10 +194,10 @@ pub fn imagenet_val_labels(
             None => (format!("ILSVRC2012_val_{:08}.JPEG", i + 1), line.to_owned()),
         };
         if !(wnid.starts_with('n') && wnid.len() == 9) {
-            return Err(DataError::BadRecord {
+            return Err(DataError::BadLine {
                 path: path.to_path_buf(),
-                offset: i as u64 + 1,
-                why: format!("line {}: {wnid:?} is not a WordNet id", i + 1),
+                line: i + 1,
+                why: format!("{wnid:?} is not a WordNet id"),
             });
         }
         map.insert(file, wnid);
@@ -292,9 +292,8 @@ impl ImageDataset {
             wnids
                 .binary_search_by(|w| w.as_str().cmp(wnid))
                 .map(|i| i as u32)
-                .map_err(|_| DataError::BadRecord {
+                .map_err(|_| DataError::Invalid {
                     path: at.to_path_buf(),
-                    offset: 0,
                     why: format!("{wnid:?} is not one of the 1000 ImageNet WordNet ids"),
                 })
         };
@@ -363,9 +362,8 @@ impl ImageDataset {
                     if !is_image(&file) {
                         continue;
                     }
-                    let wnid = labels.get(&file).ok_or_else(|| DataError::BadRecord {
+                    let wnid = labels.get(&file).ok_or_else(|| DataError::Invalid {
                         path: p.clone(),
-                        offset: 0,
                         why: format!("{file} is not in the validation labels file"),
                     })?;
                     entries.push(ImageEntry {

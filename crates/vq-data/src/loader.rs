@@ -52,6 +52,11 @@ pub trait Dataset: Send + Sync + 'static {
 
     /// A name for sample `index` in reports (its file or archive member).
     fn name(&self, index: usize) -> String;
+
+    /// Files left out when the dataset was indexed (damaged, unreadable), for reports.
+    fn left_out(&self) -> &[crate::LeftOut] {
+        &[]
+    }
 }
 
 /// The order samples are visited in within an epoch.

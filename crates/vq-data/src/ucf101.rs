@@ -17,7 +17,7 @@ use std::process::{Command, Stdio};
 use ndarray::{Array3, Array4, Axis};
 use rand::rngs::StdRng;
 
-use crate::error::{DataError, Result};
+use crate::error::{DataError, LeftOut, Result};
 use crate::loader::Dataset;
 use crate::transform::{Filter, resample_u8};
 
@@ -28,39 +28,81 @@ pub struct Ffmpeg {
 }
 
 impl Ffmpeg {
-    /// The program named by the environment variable `VQ_FFMPEG` if it exists (cargo sets it to
-    /// the one `cargo xtask setup` links into `.tools/bin/`), else `ffmpeg` on the `PATH`;
-    /// checked by running `ffmpeg -version`.
+    /// The program named by the environment variable `VQ_FFMPEG` when the user sets it (then
+    /// that one or an error: a path that does not work never falls back to another program);
+    /// else the one `cargo xtask setup` links into `.tools/bin/` (cargo passes its path as
+    /// `VQ_FFMPEG_DEFAULT`) when it exists; else `ffmpeg` on the `PATH`. Checked as
+    /// [`Ffmpeg::at`] checks it.
     ///
     /// # Errors
-    /// [`DataError::Tool`] saying how to install it.
+    /// [`DataError::Tool`] naming the program and saying how to install one.
     pub fn locate() -> Result<Self> {
-        let candidate = std::env::var_os("VQ_FFMPEG")
-            .map(PathBuf::from)
+        let var = |k| {
+            std::env::var_os(k)
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+        };
+        Self::locate_from(var("VQ_FFMPEG"), var("VQ_FFMPEG_DEFAULT"))
+    }
+
+    /// [`Ffmpeg::locate`] with the two variables' values given.
+    fn locate_from(user: Option<PathBuf>, default: Option<PathBuf>) -> Result<Self> {
+        if let Some(user) = user {
+            return Self::at(&user).map_err(|e| match e {
+                DataError::Tool { program, why } => DataError::Tool {
+                    program,
+                    why: format!("set by VQ_FFMPEG, {why}"),
+                },
+                other => other,
+            });
+        }
+        let candidate = default
             .filter(|p| p.is_file())
             .unwrap_or_else(|| PathBuf::from("ffmpeg"));
         Self::at(&candidate)
     }
 
-    /// A specific binary.
+    /// A specific binary, checked by decoding one generated frame (`-f lavfi -i testsrc`, raw
+    /// RGB): a program that does not run, is not ffmpeg, or produces no frames (say
+    /// `/bin/true`) is refused here, not blamed on the videos later.
     ///
     /// # Errors
-    /// [`DataError::Tool`] if it does not run.
+    /// [`DataError::Tool`] naming the program, what went wrong and how to install one.
     pub fn at(program: &Path) -> Result<Self> {
-        let ok = Command::new(program)
-            .arg("-version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
+        const SIDE: usize = 8;
+        let out = Command::new(program)
+            .args(["-nostdin", "-v", "error", "-f", "lavfi", "-i"])
+            .arg(format!("testsrc=size={SIDE}x{SIDE}:rate=1"))
+            .args(["-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "rgb24", "-"])
+            .stdin(Stdio::null())
+            .output();
+        let problem = match out {
+            Err(e) => Some(format!("does not run ({e})")),
+            Ok(o) if !o.status.success() => Some(format!(
+                "fails to decode a test frame ({}: {})",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("no message")
+            )),
+            Ok(o) if o.stdout.len() != SIDE * SIDE * 3 => Some(format!(
+                "is not a working ffmpeg: asked for one {SIDE}×{SIDE} RGB test frame \
+                 ({} bytes), it wrote {} bytes",
+                SIDE * SIDE * 3,
+                o.stdout.len()
+            )),
+            Ok(_) => None,
+        };
+        if let Some(problem) = problem {
             return Err(DataError::Tool {
                 program: program.to_path_buf(),
-                why: "does not run. UCF-101 needs the ffmpeg program (5.1 or newer): install it \
-                      (e.g. `apt-get install ffmpeg`), run `cargo xtask setup` (which installs a \
-                      static build from PyPI's imageio-ffmpeg into .tools/ when none is found), \
-                      or set VQ_FFMPEG to its path"
-                    .into(),
+                why: format!(
+                    "{problem}. UCF-101 needs the ffmpeg program (5.1 or newer): install it \
+                     (e.g. `apt-get install ffmpeg`), run `cargo xtask setup` (which installs a \
+                     static build from PyPI's imageio-ffmpeg into .tools/ when none is found), \
+                     or set VQ_FFMPEG to its path"
+                ),
             });
         }
         Ok(Self {
@@ -294,12 +336,18 @@ pub struct Ucf101 {
     clips: Vec<(u32, u32)>,
     spec: ClipSpec,
     ffmpeg: Ffmpeg,
+    left_out: Vec<LeftOut>,
 }
 
+/// A text file without its UTF-8 byte-order mark.
 fn read_text(path: &Path) -> Result<String> {
-    std::fs::read_to_string(path).map_err(|source| DataError::Io {
+    let text = std::fs::read_to_string(path).map_err(|source| DataError::Io {
         path: path.to_path_buf(),
         source,
+    })?;
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(t) => t.to_owned(),
+        None => text,
     })
 }
 
@@ -308,11 +356,16 @@ impl Ucf101 {
     /// folder per class, or the flat folder of the zip mirror; file names are matched without
     /// regard to case, which absorbs the `HandstandPushups`/`HandStandPushups` spelling), with
     /// the lists in `lists` (`classInd.txt`, `trainlist0N.txt`, `testlist0N.txt`).
-    /// Frame counts are read from `cache` (a `path<TAB>frames` file, default
-    /// `root/vq-frame-counts.tsv`) and the missing ones counted (in parallel) and added to it.
+    /// Frame counts are read from `cache` (lines `path<TAB>frames<TAB>size<TAB>mtime_ns`; by
+    /// default `root/vq-frame-counts.tsv`, or, when `root` is read-only,
+    /// `vq/ucf101-frame-counts-<hash>.tsv` in `$XDG_CACHE_HOME` or `~/.cache`); videos not in it,
+    /// or changed since (size or time), are counted in parallel and the cache saved as they
+    /// are. A video that cannot be read is left out ([`Ucf101::left_out`]).
     ///
     /// # Errors
-    /// Missing list files or videos (named), unreadable videos, invalid `spec`, or no clips.
+    /// Missing list files or videos (named), a malformed list line (named by number), a broken
+    /// `ffmpeg`, no readable video, a cache that cannot be written, invalid `spec`, or no
+    /// clips.
     pub fn open(
         root: &Path,
         lists: &Path,
@@ -342,10 +395,10 @@ impl Ucf101 {
             let name = line
                 .split_whitespace()
                 .nth(1)
-                .ok_or_else(|| DataError::BadRecord {
+                .ok_or_else(|| DataError::BadLine {
                     path: class_file.clone(),
-                    offset: i as u64 + 1,
-                    why: format!("line {}: expected `<index> <class>`", i + 1),
+                    line: i + 1,
+                    why: "expected `<index> <class>`".into(),
                 })?;
             classes.push(name.to_owned());
         }
@@ -376,10 +429,10 @@ impl Ucf101 {
             if entry.is_empty() {
                 continue;
             }
-            let bad = |why: String| DataError::BadRecord {
+            let bad = |why: String| DataError::BadLine {
                 path: list.clone(),
-                offset: i as u64 + 1,
-                why: format!("line {}: {why}", i + 1),
+                line: i + 1,
+                why,
             };
             let (class, file) = entry
                 .rsplit_once('/')
@@ -399,17 +452,29 @@ impl Ucf101 {
                 what: "videos in the split list",
             });
         }
-        let cache = cache.map_or_else(|| root.join("vq-frame-counts.tsv"), Path::to_path_buf);
-        let counts = frame_counts(&ffmpeg, root, &cache, wanted.iter().map(|w| w.0.as_path()))?;
+        let mut cache = CountCache::open(root, cache)?;
+        let (counts, left_out) =
+            frame_counts(&ffmpeg, &mut cache, wanted.iter().map(|w| w.0.as_path()))?;
+        if counts.is_empty()
+            && let Some(first) = left_out.first()
+        {
+            return Err(DataError::Invalid {
+                path: list,
+                why: format!(
+                    "none of the {} videos of the list can be read; the first: {first}",
+                    left_out.len()
+                ),
+            });
+        }
         let videos: Vec<Video> = wanted
             .into_iter()
-            .map(|(path, label)| {
-                let frames = counts[&path];
-                Video {
+            .filter_map(|(path, label)| {
+                let frames = *counts.get(&path)?;
+                Some(Video {
                     path,
                     label,
                     frames,
-                }
+                })
             })
             .collect();
         let span = (spec.frames - 1) * spec.stride + 1;
@@ -433,7 +498,14 @@ impl Ucf101 {
             clips,
             spec,
             ffmpeg,
+            left_out,
         })
+    }
+
+    /// Videos of the list left out because they could not be read or their frames counted,
+    /// each with its error.
+    pub fn left_out(&self) -> &[LeftOut] {
+        &self.left_out
     }
 
     /// The videos of the split, in list order.
@@ -453,47 +525,199 @@ impl Ucf101 {
     }
 }
 
-/// Frame counts of `videos`, from `cache` where known; the others are counted (in parallel)
-/// and the cache rewritten atomically.
-fn frame_counts<'a>(
-    ffmpeg: &Ffmpeg,
-    root: &Path,
-    cache: &Path,
-    videos: impl Iterator<Item = &'a Path>,
-) -> Result<HashMap<PathBuf, usize>> {
-    let mut known: HashMap<PathBuf, usize> = HashMap::new();
-    if cache.is_file() {
-        for line in read_text(cache)?.lines() {
-            if let Some((p, n)) = line.split_once('\t')
-                && let Ok(n) = n.trim().parse()
-            {
-                known.insert(root.join(p), n);
+/// A file's size and modification time: a cached frame count is used only while both match.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    size: u64,
+    mtime_ns: u128,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Result<Self> {
+        let io = |source| DataError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let meta = std::fs::metadata(path).map_err(io)?;
+        let mtime_ns = meta
+            .modified()
+            .map_err(io)?
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        Ok(Self {
+            size: meta.len(),
+            mtime_ns,
+        })
+    }
+}
+
+/// The frame-count cache: lines `path<TAB>frames<TAB>size<TAB>mtime_ns`, paths relative to the
+/// dataset root. A line whose file has since changed size or time (a replaced video), or a line
+/// of another form (an older two-column cache), is counted again.
+#[derive(Debug)]
+struct CountCache {
+    root: PathBuf,
+    /// Where it is written: the first that accepts the file (the dataset folder may be
+    /// read-only).
+    targets: Vec<PathBuf>,
+    entries: HashMap<String, (usize, Stamp)>,
+}
+
+/// Videos counted between two saves of the cache, per thread: an interrupted indexing keeps
+/// what it counted.
+const COUNTS_PER_SAVE: usize = 16;
+
+impl CountCache {
+    /// `explicit`, or `root/vq-frame-counts.tsv` then the user cache folder
+    /// (`$XDG_CACHE_HOME` or `~/.cache`, `vq/ucf101-frame-counts-<hash of root>.tsv`); every
+    /// one of them that exists is read.
+    fn open(root: &Path, explicit: Option<&Path>) -> Result<Self> {
+        let targets = match explicit {
+            Some(p) => vec![p.to_path_buf()],
+            None => {
+                let mut t = vec![root.join("vq-frame-counts.tsv")];
+                t.extend(user_cache_dir().map(|d| {
+                    let key = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
+                    d.join("vq").join(format!(
+                        "ucf101-frame-counts-{:016x}.tsv",
+                        fnv1a(key.to_string_lossy().as_bytes())
+                    ))
+                }));
+                t
+            }
+        };
+        let mut entries = HashMap::new();
+        for path in targets.iter().rev().filter(|p| p.is_file()) {
+            for line in read_text(path)?.lines() {
+                let f: Vec<&str> = line.split('\t').collect();
+                if let [p, n, size, mtime] = f[..]
+                    && let (Ok(n), Ok(size), Ok(mtime_ns)) =
+                        (n.parse(), size.parse(), mtime.parse())
+                {
+                    entries.insert(p.to_owned(), (n, Stamp { size, mtime_ns }));
+                }
             }
         }
+        Ok(Self {
+            root: root.to_path_buf(),
+            targets,
+            entries,
+        })
     }
-    let missing: Vec<&Path> = videos.filter(|v| !known.contains_key(*v)).collect();
-    if missing.is_empty() {
-        return Ok(known);
+
+    fn key(&self, video: &Path) -> String {
+        video
+            .strip_prefix(&self.root)
+            .unwrap_or(video)
+            .to_string_lossy()
+            .into_owned()
     }
-    use rayon::prelude::*;
-    let counted: Vec<(PathBuf, usize)> = missing
-        .par_iter()
-        .map(|v| ffmpeg.count_frames(v).map(|n| (v.to_path_buf(), n)))
-        .collect::<Result<_>>()?;
-    known.extend(counted);
-    let mut lines: Vec<String> = known
-        .iter()
-        .map(|(p, n)| format!("{}\t{n}", p.strip_prefix(root).unwrap_or(p).display()))
-        .collect();
-    lines.sort();
-    let tmp = cache.with_extension("tsv.tmp");
-    let io = |source| DataError::Io {
-        path: cache.to_path_buf(),
-        source,
+
+    fn get(&self, video: &Path, stamp: Stamp) -> Option<usize> {
+        self.entries
+            .get(&self.key(video))
+            .filter(|(_, s)| *s == stamp)
+            .map(|(n, _)| *n)
+    }
+
+    fn insert(&mut self, video: &Path, frames: usize, stamp: Stamp) {
+        self.entries.insert(self.key(video), (frames, stamp));
+    }
+
+    /// Rewrites the cache atomically (a temporary file renamed over it) at the first target
+    /// that accepts it.
+    fn save(&mut self) -> Result<()> {
+        let mut lines: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(p, _)| !p.contains(['\t', '\n']))
+            .map(|(p, (n, s))| format!("{p}\t{n}\t{}\t{}", s.size, s.mtime_ns))
+            .collect();
+        lines.sort();
+        let text = lines.join("\n") + "\n";
+        let mut last = None;
+        while let Some(target) = self.targets.first().cloned() {
+            let tmp = target.with_extension(format!("tsv.{}.tmp", std::process::id()));
+            let written = target
+                .parent()
+                .map_or(Ok(()), std::fs::create_dir_all)
+                .and_then(|()| std::fs::write(&tmp, &text))
+                .and_then(|()| std::fs::rename(&tmp, &target));
+            match written {
+                Ok(()) => return Ok(()),
+                Err(source) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    last = Some(DataError::Io {
+                        path: target,
+                        source,
+                    });
+                    if self.targets.len() == 1 {
+                        break;
+                    }
+                    self.targets.remove(0);
+                }
+            }
+        }
+        Err(last.expect("at least one target"))
+    }
+}
+
+/// The user's cache folder: `$XDG_CACHE_HOME`, else `~/.cache`.
+fn user_cache_dir() -> Option<PathBuf> {
+    let var = |k| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
     };
-    std::fs::write(&tmp, lines.join("\n") + "\n").map_err(io)?;
-    std::fs::rename(&tmp, cache).map_err(io)?;
-    Ok(known)
+    var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache")))
+}
+
+/// 64-bit FNV-1a: a name for a folder's cache file that does not change between builds.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// Frame counts of `videos`, from the cache where it is current; the others are counted (in
+/// parallel) and the cache saved after every few. A video that cannot be read or counted is
+/// left out (returned with its error); a broken `ffmpeg` program is an error.
+fn frame_counts<'a>(
+    ffmpeg: &Ffmpeg,
+    cache: &mut CountCache,
+    videos: impl Iterator<Item = &'a Path>,
+) -> Result<(HashMap<PathBuf, usize>, Vec<LeftOut>)> {
+    use rayon::prelude::*;
+    let (mut counts, mut left_out, mut todo) = (HashMap::new(), Vec::new(), Vec::new());
+    let mut seen = std::collections::HashSet::new();
+    for v in videos.filter(|v| seen.insert(*v)) {
+        match Stamp::of(v) {
+            Err(e) => left_out.push(LeftOut::new(v, &e)),
+            Ok(stamp) => match cache.get(v, stamp) {
+                Some(n) => drop(counts.insert(v.to_path_buf(), n)),
+                None => todo.push((v, stamp)),
+            },
+        }
+    }
+    let per_save = COUNTS_PER_SAVE * rayon::current_num_threads();
+    for chunk in todo.chunks(per_save) {
+        let counted: Vec<Result<usize>> = chunk
+            .par_iter()
+            .map(|(v, _)| ffmpeg.count_frames(v))
+            .collect();
+        for (&(v, stamp), n) in chunk.iter().zip(counted) {
+            match n {
+                Ok(n) => {
+                    cache.insert(v, n, stamp);
+                    counts.insert(v.to_path_buf(), n);
+                }
+                Err(e @ DataError::Tool { .. }) => return Err(e),
+                Err(e) => left_out.push(LeftOut::new(v, &e)),
+            }
+        }
+        cache.save()?;
+    }
+    Ok((counts, left_out))
 }
 
 /// VideoGPT's frame preprocessing: shorter side to `size` (longer side `⌈·⌉`), bilinear without
@@ -546,6 +770,10 @@ impl Dataset for Ucf101 {
         let (v, start) = self.clip(index);
         format!("{} (frame {start})", self.videos[v].path.display())
     }
+
+    fn left_out(&self) -> &[LeftOut] {
+        &self.left_out
+    }
 }
 
 #[cfg(test)]
@@ -597,12 +825,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("ucf-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let root = dir.join("UCF-101");
-        for (class, file, n) in [
-            ("ApplyEyeMakeup", "v_ApplyEyeMakeup_g01_c01.avi", 20),
-            ("HandstandPushups", "v_HandstandPushups_g01_c01.avi", 18),
-            ("HandstandPushups", "v_HandstandPushups_g08_c01.avi", 12),
-        ] {
-            std::fs::create_dir_all(root.join(class)).unwrap();
+        let make = |folder: &Path, file: &str, n: usize| {
+            std::fs::create_dir_all(folder).unwrap();
             let status = Command::new(ff.program())
                 .args([
                     "-v",
@@ -611,25 +835,43 @@ mod tests {
                     "lavfi",
                     "-i",
                     "testsrc=size=80x60:rate=25",
-                    "-frames:v",
                 ])
-                .arg(n.to_string())
-                .args(["-c:v", "mpeg4", "-vtag", "XVID", "-y"])
-                .arg(root.join(class).join(file))
+                .args([
+                    "-frames:v",
+                    &n.to_string(),
+                    "-c:v",
+                    "mpeg4",
+                    "-vtag",
+                    "XVID",
+                    "-y",
+                ])
+                .arg(folder.join(file))
                 .status()
                 .unwrap();
             assert!(status.success());
-        }
+        };
+        let (class_a, file_a) = ("ApplyEyeMakeup", "v_ApplyEyeMakeup_g01_c01.avi");
+        make(&root.join(class_a), file_a, 20);
+        make(
+            &root.join("HandstandPushups"),
+            "v_HandstandPushups_g01_c01.avi",
+            18,
+        );
+        make(
+            &root.join("HandstandPushups"),
+            "v_HandstandPushups_g08_c01.avi",
+            12,
+        );
         let lists = dir.join("ucfTrainTestlist");
         std::fs::create_dir_all(&lists).unwrap();
         std::fs::write(
             lists.join("classInd.txt"),
-            "1 ApplyEyeMakeup\r\n2 HandstandPushups\r\n",
+            "\u{feff}1 ApplyEyeMakeup\r\n2 HandstandPushups\r\n",
         )
         .unwrap();
         std::fs::write(
             lists.join("trainlist01.txt"),
-            "ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi 1\r\nHandStandPushups/v_HandStandPushups_g01_c01.avi 2\r\n",
+            "\u{feff}ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi 1\r\nHandStandPushups/v_HandStandPushups_g01_c01.avi 2\r\n",
         )
         .unwrap();
         std::fs::write(
@@ -657,7 +899,7 @@ mod tests {
         // The counts were cached: indexing again runs no ffmpeg (a broken one would fail).
         let cached = std::fs::read_to_string(root.join("vq-frame-counts.tsv")).unwrap();
         assert!(
-            cached.contains("ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\t20"),
+            cached.contains("ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi\t20\t"),
             "{cached}"
         );
         let bogus = Ffmpeg {
@@ -689,6 +931,50 @@ mod tests {
         );
         let err = ff.count_frames(&broken).unwrap_err().to_string();
         assert!(err.contains("v_ApplyEyeMakeup_g01_c01.avi"), "{err}");
+        // Indexing again: the changed file is recounted (not its stale count), fails, and is
+        // left out; the other video still loads.
+        let ds = Ucf101::open(&root, &lists, 1, UcfSplit::Train, spec, None, ff.clone()).unwrap();
+        assert_eq!((ds.videos().len(), ds.len()), (1, 4));
+        assert_eq!(ds.left_out().len(), 1);
+        assert!(
+            ds.left_out()[0]
+                .to_string()
+                .contains("v_ApplyEyeMakeup_g01_c01.avi")
+        );
+        // Replaced by a shorter video: recounted from its new size and time.
+        make(&root.join(class_a), file_a, 10);
+        let ds = Ucf101::open(&root, &lists, 1, UcfSplit::Train, spec, None, ff.clone()).unwrap();
+        assert_eq!(ds.videos()[0].frames, 10);
+        assert!(ds.left_out().is_empty());
+        // A cache elsewhere (a read-only dataset folder): written there, read back there.
+        let elsewhere = dir.join("cache/counts.tsv");
+        let ds = Ucf101::open(
+            &root,
+            &lists,
+            1,
+            UcfSplit::Train,
+            spec,
+            Some(&elsewhere),
+            ff.clone(),
+        )
+        .unwrap();
+        assert_eq!(ds.videos()[0].frames, 10);
+        assert!(
+            std::fs::read_to_string(&elsewhere)
+                .unwrap()
+                .contains("\t10\t")
+        );
+        // No readable video at all: an error naming the first.
+        for v in ds.videos() {
+            std::fs::write(&v.path, b"garbage").unwrap();
+        }
+        let err = Ucf101::open(&root, &lists, 1, UcfSplit::Train, spec, None, ff.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("none of the 2 videos") && err.contains(".avi"),
+            "{err}"
+        );
         // Missing list file, missing video.
         let err = Ucf101::open(&root, &lists, 2, UcfSplit::Train, spec, None, ff.clone())
             .unwrap_err()
@@ -707,6 +993,32 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_program_that_is_not_ffmpeg_is_refused_at_start() {
+        // Runs and exits 0 but writes no frames.
+        let err = Ffmpeg::at(Path::new("/bin/true")).unwrap_err().to_string();
+        assert!(
+            err.contains("/bin/true") && err.contains("wrote 0 bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_user_set_program_never_falls_back_to_another() {
+        let err = Ffmpeg::locate_from(Some("/nonexistent/ffmpeg".into()), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/nonexistent/ffmpeg") && err.contains("set by VQ_FFMPEG"),
+            "{err}"
+        );
+        // The default is only a default: when its file is missing the PATH is searched.
+        let from_path = Ffmpeg::locate_from(None, Some("/nonexistent/ffmpeg".into()));
+        if let Ok(ff) = from_path {
+            assert_eq!(ff.program(), Path::new("ffmpeg"));
+        }
     }
 
     #[test]
