@@ -195,8 +195,11 @@ pub fn evaluate_run(
     Ok(row)
 }
 
-/// Prints what an evaluation left out (the full list is in `eval.json`).
+/// Prints what an evaluation left out (the full lists are in `eval.json`).
 fn report_skipped(split: &str, m: &crate::eval::EvalMetrics) {
+    for l in &m.left_out {
+        eprintln!("eval ({split} split): a file left out when the set was indexed: {l}");
+    }
     if m.skipped.is_empty() {
         return;
     }

@@ -160,6 +160,9 @@ impl Dataset for PixelSource {
     fn name(&self, index: usize) -> String {
         self.0.name(index)
     }
+    fn left_out(&self) -> &[vq_data::LeftOut] {
+        self.0.left_out()
+    }
 }
 
 /// A dataset with its samples mapped to pixels.
@@ -182,6 +185,9 @@ where
     }
     fn name(&self, index: usize) -> String {
         self.inner.name(index)
+    }
+    fn left_out(&self) -> &[vq_data::LeftOut] {
+        self.inner.left_out()
     }
 }
 
@@ -413,6 +419,25 @@ impl ImageSet {
             (true, Some(b)) => bail!("no sample of the set decodes (first: {})", b.error),
             (true, None) => bail!("the set is empty"),
             _ => Ok(Tensor::cat(&parts, 0)),
+        }
+    }
+
+    /// Files left out when the set was indexed (damaged, unreadable), with their errors.
+    pub fn left_out(&self) -> &[vq_data::LeftOut] {
+        match self {
+            Self::Memory(_) => &[],
+            Self::Files(ds) => ds.left_out(),
+        }
+    }
+
+    /// Prints the files left out of the `split` split when it was indexed, one line each.
+    pub fn report_left_out(&self, split: Split) {
+        for l in self.left_out() {
+            let split = match split {
+                Split::Train => "training",
+                Split::Test => "held-out",
+            };
+            eprintln!("data: left out of the {split} split: {l}");
         }
     }
 

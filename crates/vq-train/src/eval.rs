@@ -44,6 +44,10 @@ pub struct EvalMetrics {
     /// Samples that failed to decode and were left out (`images` counts only the others).
     #[serde(default)]
     pub skipped: Vec<BadSample>,
+    /// Files left out when the set was indexed (a damaged `.tfrecords` file, a video whose
+    /// frames cannot be counted), each with its error: their samples are not in the set.
+    #[serde(default)]
+    pub left_out: Vec<String>,
 }
 
 /// Which of the available perceptual metrics to compute.
@@ -184,5 +188,6 @@ pub fn evaluate(
             .map(|_| frechet_distance(&Tensor::cat(&feats_x, 0), &Tensor::cat(&feats_r, 0))),
         ris: inception.map(|_| inception_score(&Tensor::cat(&logits_r, 0), 10).0),
         skipped,
+        left_out: set.left_out().iter().map(|l| l.why.clone()).collect(),
     })
 }

@@ -156,6 +156,9 @@ impl<'a> Trainer<'a> {
             "the training split of {} holds no images",
             source.describe()
         );
+        if dist.is_main() {
+            data.report_left_out(Split::Train);
+        }
         if dist.is_main() && opts.stop_after.is_none_or(|s| s >= t.steps) {
             // The held-out split is evaluated after the last step: find a missing or empty one
             // now, not after training.
@@ -170,6 +173,7 @@ impl<'a> Trainer<'a> {
                 "the held-out split of {} holds no images (it is evaluated after training)",
                 source.describe()
             );
+            held_out.report_left_out(Split::Test);
         }
 
         tch::manual_seed(cfg.seed as i64);
