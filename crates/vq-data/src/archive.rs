@@ -57,6 +57,81 @@ impl Location {
         }
     }
 
+    /// Reads the bytes, at most `max` of them: the first `head` bytes (fewer in a shorter file)
+    /// are given to `check` before anything else is read, so a file that is not what it should
+    /// be costs a few bytes, and a file or member longer than `max` is refused before it is
+    /// read (and, should it grow while read, once `max` is passed).
+    ///
+    /// # Errors
+    /// [`DataError::Io`] naming the file (or `archive:member`); what `check` returns;
+    /// [`DataError::Decode`] for more than `max` bytes.
+    pub fn read_checked(
+        &self,
+        max: u64,
+        head: usize,
+        check: impl FnOnce(&[u8]) -> Result<()>,
+    ) -> Result<Vec<u8>> {
+        let path = self.path();
+        let io = |source| DataError::Io {
+            path: path.clone(),
+            source,
+        };
+        let (file, len) = match self {
+            Self::File(p) => {
+                let f = File::open(p).map_err(io)?;
+                let len = f.metadata().map_err(io)?.len();
+                (f, len)
+            }
+            Self::Member {
+                archive,
+                offset,
+                len,
+                ..
+            } => {
+                let mut f = File::open(archive.as_path()).map_err(io)?;
+                f.seek(SeekFrom::Start(*offset)).map_err(io)?;
+                (f, *len)
+            }
+        };
+        // A member ends at its length; a file is read one byte past `max` to see it is longer.
+        let mut r = file.take(if matches!(self, Self::File(_)) {
+            max.saturating_add(1)
+        } else {
+            len
+        });
+        let mut buf = Vec::with_capacity(head.min(len as usize));
+        (&mut r)
+            .take(head as u64)
+            .read_to_end(&mut buf)
+            .map_err(io)?;
+        check(&buf)?;
+        let too_long = |n: u64| DataError::Decode {
+            path: path.clone(),
+            why: format!(
+                "{n} bytes, more than the {max} bytes ({} MiB) a sample file may have",
+                max >> 20
+            ),
+        };
+        if len > max {
+            return Err(too_long(len));
+        }
+        buf.reserve(len as usize - buf.len().min(len as usize));
+        r.read_to_end(&mut buf).map_err(io)?;
+        if buf.len() as u64 > max {
+            return Err(too_long(buf.len() as u64));
+        }
+        if matches!(self, Self::Member { .. }) && (buf.len() as u64) < len {
+            return Err(io(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "the archive ends {} bytes into a {len}-byte member",
+                    buf.len()
+                ),
+            )));
+        }
+        Ok(buf)
+    }
+
     /// A path naming the sample in messages: the file, or `archive:member`.
     pub fn path(&self) -> PathBuf {
         match self {

@@ -154,5 +154,57 @@ impl std::fmt::Display for LeftOut {
     }
 }
 
+/// Files an index passed over because their names are not those of samples (a `README.txt`,
+/// `.DS_Store`, an unsupported format), counted by extension, for a one-line report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ignored {
+    by_extension: std::collections::BTreeMap<String, usize>,
+    first: Option<PathBuf>,
+}
+
+impl Ignored {
+    /// Counts `path`.
+    pub fn add(&mut self, path: &std::path::Path) {
+        let ext = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.rsplit_once('.'))
+            .filter(|(stem, _)| !stem.is_empty())
+            .map_or_else(String::new, |(_, e)| e.to_ascii_lowercase());
+        *self.by_extension.entry(ext).or_default() += 1;
+        self.first.get_or_insert_with(|| path.to_path_buf());
+    }
+
+    /// How many files were passed over.
+    pub fn count(&self) -> usize {
+        self.by_extension.values().sum()
+    }
+}
+
+impl std::fmt::Display for Ignored {
+    /// `3 files that are not samples by name (2 .txt, 1 without extension); the first: x/a.txt`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kinds: Vec<String> = self
+            .by_extension
+            .iter()
+            .map(|(e, n)| match e.as_str() {
+                "" => format!("{n} without extension"),
+                e => format!("{n} .{e}"),
+            })
+            .collect();
+        write!(
+            f,
+            "{} file{} that are not samples by name ({})",
+            self.count(),
+            if self.count() == 1 { "" } else { "s" },
+            kinds.join(", ")
+        )?;
+        if let Some(p) = &self.first {
+            write!(f, "; the first: {}", p.display())?;
+        }
+        Ok(())
+    }
+}
+
 /// `Result` with [`DataError`].
 pub type Result<T, E = DataError> = std::result::Result<T, E>;

@@ -15,7 +15,7 @@ use ndarray::Array3;
 use rand::rngs::StdRng;
 
 use crate::archive::{Location, index_tar};
-use crate::error::{DataError, Result};
+use crate::error::{DataError, Ignored, Result};
 use crate::loader::Dataset;
 use crate::transform::{Transform, hwc_to_chw};
 
@@ -29,16 +29,39 @@ pub const IMAGE_EXTENSIONS: [&str; 8] = ["jpeg", "jpg", "png", "webp", "bmp", "t
 /// # Errors
 /// [`DataError::Decode`] naming `path` for bytes that are not a decodable image.
 pub fn decode_rgb(path: &Path, bytes: &[u8]) -> Result<Array3<u8>> {
+    let failed = |why: String| DataError::Decode {
+        path: path.to_path_buf(),
+        why,
+    };
     if is_truncated_jpeg(bytes) {
         // The decoder would fill the missing rows with grey; refuse as Pillow does by default.
-        return Err(DataError::Decode {
-            path: path.to_path_buf(),
-            why: "truncated JPEG: no end-of-image marker after the last scan".into(),
-        });
+        return Err(failed(
+            "truncated JPEG: no end-of-image marker after the last scan".into(),
+        ));
     }
-    let img = image::load_from_memory(bytes).map_err(|e| DataError::Decode {
-        path: path.to_path_buf(),
-        why: e.to_string(),
+    let format = image::guess_format(bytes).map_err(|_| failed(NOT_AN_IMAGE.into()))?;
+    let reader = || image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
+    let (w, h) = reader()
+        .into_dimensions()
+        .map_err(|e| failed(e.to_string()))?;
+    let pixels = u64::from(w) * u64::from(h);
+    if pixels > MAX_IMAGE_PIXELS {
+        return Err(failed(format!(
+            "image too large: {w}×{h} = {pixels} pixels, more than the {MAX_IMAGE_PIXELS} \
+             accepted (a decompression bomb?)"
+        )));
+    }
+    let mut reader = reader();
+    let mut limits = image::Limits::default();
+    // The largest accepted image as 16-bit RGBA, its decoded form at most.
+    limits.max_alloc = Some(MAX_IMAGE_PIXELS * 8);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(l) => failed(format!(
+            "image too large: {w}×{h} needs more memory to decode than the {} MiB allowed ({l})",
+            (MAX_IMAGE_PIXELS * 8) >> 20
+        )),
+        e => failed(e.to_string()),
     })?;
     let rgb = img.into_rgb8();
     let (w, h) = rgb.dimensions();
@@ -47,6 +70,22 @@ pub fn decode_rgb(path: &Path, bytes: &[u8]) -> Result<Array3<u8>> {
             .expect("RgbImage holds h·w·3 bytes"),
     )
 }
+
+/// Images with more pixels are refused before they are decoded: Pillow's limit
+/// (`2 × Image.MAX_IMAGE_PIXELS`, past which it raises `DecompressionBombError`), 13,377² —
+/// ImageNet's largest image has 0.03 of that.
+pub const MAX_IMAGE_PIXELS: u64 = 178_956_970;
+
+/// Image files larger than this are refused before they are read: ImageNet's largest JPEG is
+/// about 15 MB; several loader threads reading a multi-GB file named `.jpg` at once would not
+/// fit in memory.
+pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
+
+/// Bytes read to recognise an image format from its signature (WebP's is the longest, 12).
+const SIGNATURE_BYTES: usize = 32;
+
+const NOT_AN_IMAGE: &str =
+    "not an image: its first bytes match none of JPEG, PNG, WebP, BMP, TIFF, GIF";
 
 /// A JPEG (starts with SOI, `FF D8`) whose last scan (`FF DA`; entropy-coded data cannot hold
 /// that pair, a data byte `FF` being stuffed as `FF 00`) is not followed by the end-of-image
@@ -87,6 +126,7 @@ pub struct ImageDataset {
     entries: Vec<ImageEntry>,
     classes: Vec<String>,
     transform: Transform,
+    ignored: Ignored,
 }
 
 /// Which ImageNet split.
@@ -223,7 +263,7 @@ impl ImageDataset {
         classes: &[String],
         transform: Transform,
     ) -> Result<Self> {
-        let mut entries = Vec::new();
+        let (mut entries, mut ignored) = (Vec::new(), Ignored::default());
         for (dir, name) in dirs.iter().zip(dir_names) {
             let label = classes
                 .iter()
@@ -246,6 +286,8 @@ impl ImageDataset {
                         stack.push(p);
                     } else if is_image(&p.to_string_lossy()) {
                         files.push(p);
+                    } else {
+                        ignored.add(&p);
                     }
                 }
             }
@@ -265,6 +307,7 @@ impl ImageDataset {
             entries,
             classes: classes.to_vec(),
             transform,
+            ignored,
         })
     }
 
@@ -308,7 +351,7 @@ impl ImageDataset {
         } else {
             path.to_path_buf()
         };
-        let mut entries = Vec::new();
+        let (mut entries, mut ignored) = (Vec::new(), Ignored::default());
         if path.is_file() {
             let archive = Arc::new(path.clone());
             let members = index_tar(&path, |_| split == ImageNetSplit::Train)?;
@@ -318,6 +361,7 @@ impl ImageDataset {
             };
             for m in members {
                 if !is_image(&m.name) {
+                    ignored.add(&PathBuf::from(format!("{}:{}", path.display(), m.name)));
                     continue;
                 }
                 let file = m
@@ -360,6 +404,7 @@ impl ImageDataset {
                         .to_string_lossy()
                         .into_owned();
                     if !is_image(&file) {
+                        ignored.add(&p);
                         continue;
                     }
                     let wnid = labels.get(&file).ok_or_else(|| DataError::Invalid {
@@ -388,6 +433,7 @@ impl ImageDataset {
             entries,
             classes: wnids,
             transform,
+            ignored,
         })
     }
 
@@ -422,8 +468,18 @@ impl Dataset for ImageDataset {
 
     fn get(&self, index: usize, rng: &mut StdRng) -> Result<ImageSample> {
         let e = &self.entries[index];
-        let bytes = e.location.read()?;
-        let rgb = decode_rgb(&e.location.path(), &bytes)?;
+        let path = e.location.path();
+        let bytes = e
+            .location
+            .read_checked(MAX_IMAGE_FILE_BYTES, SIGNATURE_BYTES, |head| {
+                image::guess_format(head)
+                    .map(drop)
+                    .map_err(|_| DataError::Decode {
+                        path: path.clone(),
+                        why: NOT_AN_IMAGE.into(),
+                    })
+            })?;
+        let rgb = decode_rgb(&path, &bytes)?;
         Ok(ImageSample {
             pixels: hwc_to_chw(self.transform.apply(rgb.view(), rng)),
             label: e.label,
@@ -432,6 +488,10 @@ impl Dataset for ImageDataset {
 
     fn name(&self, index: usize) -> String {
         self.entries[index].location.path().display().to_string()
+    }
+
+    fn ignored(&self) -> &Ignored {
+        &self.ignored
     }
 }
 
@@ -514,7 +574,7 @@ mod tests {
 
     #[cfg(unix)]
     #[test]
-    fn a_link_loop_in_an_image_folder_lists_each_image_once() {
+    fn a_link_loop_lists_each_image_once_and_other_files_are_counted() {
         let root = std::env::temp_dir().join(format!("vq-data-loop-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let class = root.join("a/sub");
@@ -522,8 +582,96 @@ mod tests {
         std::fs::copy(fixture("rgb.JPEG"), root.join("a/one.JPEG")).unwrap();
         std::fs::copy(fixture("rgb.JPEG"), class.join("two.JPEG")).unwrap();
         std::os::unix::fs::symlink("..", class.join("loop")).unwrap();
+        std::fs::write(class.join("notes.txt"), "").unwrap();
+        std::fs::write(root.join("a/.DS_Store"), "").unwrap();
+        std::fs::write(root.join("a/scan.pcx"), "").unwrap();
         let ds = ImageDataset::folder(&root, Transform::taming(16, false)).unwrap();
         assert_eq!(ds.entries().len(), 2);
+        // What was passed over is said, by kind.
+        assert_eq!(ds.ignored().count(), 3);
+        let said = ds.ignored().to_string();
+        assert!(
+            said.starts_with("3 files that are not samples by name (")
+                && said.contains("1 without extension")
+                && said.contains("1 .pcx")
+                && said.contains("1 .txt")
+                && said.contains("the first: "),
+            "{said}"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A PNG with no pixel data, claiming `w × h` gray pixels.
+    fn png_header(w: u32, h: u32) -> Vec<u8> {
+        let crc = |bytes: &[u8]| {
+            !bytes.iter().fold(!0u32, |c, &b| {
+                (0..8).fold(c ^ u32::from(b), |c, _| {
+                    if c & 1 == 1 {
+                        (c >> 1) ^ 0xEDB8_8320
+                    } else {
+                        c >> 1
+                    }
+                })
+            })
+        };
+        let chunk = |kind: &[u8], data: &[u8]| {
+            let body = [kind, data].concat();
+            [
+                &(data.len() as u32).to_be_bytes()[..],
+                &body,
+                &crc(&body).to_be_bytes(),
+            ]
+            .concat()
+        };
+        let ihdr = [&w.to_be_bytes()[..], &h.to_be_bytes(), &[8, 0, 0, 0, 0]].concat();
+        [
+            &b"\x89PNG\r\n\x1a\n"[..],
+            &chunk(b"IHDR", &ihdr),
+            // An empty zlib stream: too few pixels, whatever the header claims.
+            &chunk(b"IDAT", &[0x78, 0x9C, 0x03, 0x00, 0, 0, 0, 1]),
+            &chunk(b"IEND", &[]),
+        ]
+        .concat()
+    }
+
+    #[test]
+    fn oversized_files_and_bombs_are_refused_before_they_are_read() {
+        let root = std::env::temp_dir().join(format!("vq-data-big-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let class = root.join("a");
+        std::fs::create_dir_all(&class).unwrap();
+        // Sparse files: their length is what matters, they occupy no disk.
+        let sparse = |name: &str, start: &[u8], len: u64| {
+            let f = std::fs::File::create(class.join(name)).unwrap();
+            std::io::Write::write_all(&mut &f, start).unwrap();
+            f.set_len(len).unwrap();
+        };
+        sparse("huge.jpg", b"this is a log file, not a photo", 3 << 30);
+        sparse(
+            "big.JPEG",
+            &[0xFF, 0xD8, 0xFF, 0xE0, 0, 16, b'J', b'F'],
+            300 << 20,
+        );
+        std::fs::write(class.join("bomb.png"), png_header(20_000, 10_000)).unwrap();
+        std::fs::write(class.join("fine.png"), png_header(3, 2)).unwrap();
+        let ds = ImageDataset::folder(&root, Transform::taming(16, false)).unwrap();
+        let err_of = |name: &str| {
+            let i = (0..ds.len()).find(|&i| ds.name(i).ends_with(name)).unwrap();
+            let err = ds.get(i, &mut StdRng::seed_from_u64(0)).unwrap_err();
+            assert!(matches!(err, DataError::Decode { .. }), "{err}");
+            assert!(err.to_string().contains(name), "{err}");
+            err.to_string()
+        };
+        assert!(err_of("huge.jpg").contains("not an image"));
+        assert!(err_of("big.JPEG").contains("more than the 268435456 bytes"));
+        let bomb = err_of("bomb.png");
+        assert!(bomb.contains("image too large: 20000×10000"), "{bomb}");
+        // Within the limits, the header-only PNG fails as a broken image, not as a large one.
+        let fine = err_of("fine.png");
+        assert!(
+            !fine.contains("too large") && !fine.contains("not an image"),
+            "{fine}"
+        );
         std::fs::remove_dir_all(&root).unwrap();
     }
 

@@ -17,7 +17,7 @@ pub mod tfrecord;
 pub mod transform;
 pub mod ucf101;
 
-pub use error::{DataError, LeftOut, Result};
+pub use error::{DataError, Ignored, LeftOut, Result};
 
 use std::path::PathBuf;
 

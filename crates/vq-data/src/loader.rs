@@ -57,6 +57,13 @@ pub trait Dataset: Send + Sync + 'static {
     fn left_out(&self) -> &[crate::LeftOut] {
         &[]
     }
+
+    /// Files passed over when the dataset was indexed because their names are not samples'.
+    fn ignored(&self) -> &crate::Ignored {
+        static NONE: std::sync::LazyLock<crate::Ignored> =
+            std::sync::LazyLock::new(crate::Ignored::default);
+        &NONE
+    }
 }
 
 /// The order samples are visited in within an epoch.

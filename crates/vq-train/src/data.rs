@@ -163,6 +163,9 @@ impl Dataset for PixelSource {
     fn left_out(&self) -> &[vq_data::LeftOut] {
         self.0.left_out()
     }
+    fn ignored(&self) -> &vq_data::Ignored {
+        self.0.ignored()
+    }
 }
 
 /// A dataset with its samples mapped to pixels.
@@ -188,6 +191,9 @@ where
     }
     fn left_out(&self) -> &[vq_data::LeftOut] {
         self.inner.left_out()
+    }
+    fn ignored(&self) -> &vq_data::Ignored {
+        self.inner.ignored()
     }
 }
 
@@ -432,11 +438,16 @@ impl ImageSet {
 
     /// Prints the files left out of the `split` split when it was indexed, one line each.
     pub fn report_left_out(&self, split: Split) {
+        let split = match split {
+            Split::Train => "training",
+            Split::Test => "held-out",
+        };
+        if let Self::Files(ds) = self
+            && ds.ignored().count() > 0
+        {
+            eprintln!("data: the {split} split passed over {}", ds.ignored());
+        }
         for l in self.left_out() {
-            let split = match split {
-                Split::Train => "training",
-                Split::Test => "held-out",
-            };
             eprintln!("data: left out of the {split} split: {l}");
         }
     }
