@@ -4,7 +4,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use tch::{Device, nn};
 use vq_data::Split;
 use vq_models::VqAutoencoder;
@@ -41,13 +41,9 @@ pub fn compare(base: &TrainOptions, estimators: &[Estimator]) -> Result<Vec<Comp
         config.model.quantizer.estimator = est;
         let out = base.out.join(est.name());
         let latest = checkpoint::latest(&out)?;
-        if let (true, Some((ckpt, state))) = (base.resume, &latest)
-            && state.run != config.resume_key()?
-        {
-            bail!(
-                "{} was trained with another configuration; use the same settings or another --out",
-                ckpt.display()
-            );
+        if let (true, Some((ckpt, state))) = (base.resume, &latest) {
+            // The trainer says the note, if any, when it resumes.
+            crate::train::may_resume(ckpt, &state.run, &config.resume_key()?, state.step)?;
         }
         let finished = base.resume
             && latest

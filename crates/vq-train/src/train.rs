@@ -210,6 +210,92 @@ fn one() -> f64 {
     1.0
 }
 
+/// Whether a run checkpointed in `ckpt` under the resume key `was` (at step `done`) may continue under
+/// `now`: the same key, or keys that differ only in `training.steps`, to a total of at least
+/// `done` (the learning-rate schedule has its own warm-up and decay lengths and the data order
+/// depends on the seed, so the total only says where the run stops); the returned note says
+/// so. Any other difference is an error naming the settings.
+///
+/// # Errors
+/// The settings that differ (at most eight), or a total below the steps done.
+pub fn may_resume(
+    ckpt: &Path,
+    was: &serde_json::Value,
+    now: &serde_json::Value,
+    done: usize,
+) -> Result<Option<String>> {
+    if was == now {
+        return Ok(None);
+    }
+    let steps = |v: &serde_json::Value| v.pointer("/training/steps").and_then(|s| s.as_u64());
+    let without_steps = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        if let Some(t) = v.pointer_mut("/training").and_then(|t| t.as_object_mut()) {
+            t.remove("steps");
+        }
+        v
+    };
+    if let (Some(a), Some(b)) = (steps(was), steps(now))
+        && without_steps(was) == without_steps(now)
+    {
+        anyhow::ensure!(
+            b >= done as u64,
+            "{}: training.steps {b} is fewer than the {done} steps this checkpoint has done",
+            ckpt.display()
+        );
+        // The schedule is set by warm-up and decay steps, the data order by the seed: the
+        // total only says where the run stops.
+        return Ok(Some(format!(
+            "training.steps is {b} now, {a} when the run started: continuing from step {done} \
+             to {b} (the same run as one started with {b} steps)"
+        )));
+    }
+    let mut diffs = Vec::new();
+    json_differences("", was, now, &mut diffs);
+    anyhow::bail!(
+        "{} was trained with another configuration ({}); resume with the same settings (only \
+         training.steps may change) or use another --out",
+        ckpt.display(),
+        diffs.join(", ")
+    )
+}
+
+/// The settings in which two run configurations differ, as `path: checkpoint → now` (at most
+/// eight).
+fn json_differences(
+    path: &str,
+    was: &serde_json::Value,
+    now: &serde_json::Value,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    if out.len() >= 8 || was == now {
+        return;
+    }
+    match (was, now) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let sub = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                let null = Value::Null;
+                json_differences(
+                    &sub,
+                    a.get(k).unwrap_or(&null),
+                    b.get(k).unwrap_or(&null),
+                    out,
+                );
+            }
+        }
+        _ => out.push(format!("{path}: {was} in the checkpoint, {now} now")),
+    }
+}
+
 /// What [`train`] returns.
 #[derive(Debug)]
 pub struct Trained {
@@ -291,4 +377,79 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))?;
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
     crate::checkpoint::sync_dir(parent.unwrap_or(Path::new(".")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(steps: usize, lr: f64) -> serde_json::Value {
+        let preset = vq_models::Preset::DemoFashionMnist;
+        let mut training = preset.training();
+        training.steps = steps;
+        training.learning_rate = lr;
+        RunConfig {
+            preset: preset.name().into(),
+            model: preset.config(),
+            training,
+            data: "fashion-mnist-demo".into(),
+            seed: 0,
+            micro_batch: 16,
+            gan: None,
+            lpips_weights: None,
+            inception_weights: None,
+            precision: Precision::default(),
+        }
+        .resume_key()
+        .unwrap()
+    }
+
+    #[test]
+    fn configuration_differences_are_named() {
+        let was = serde_json::json!({"seed": 1, "training": {"steps": 6, "lr": 0.1}, "gan": null});
+        let now =
+            serde_json::json!({"seed": 1, "training": {"steps": 8, "lr": 0.1}, "gan": {"ndf": 4}});
+        let mut d = Vec::new();
+        json_differences("", &was, &now, &mut d);
+        assert_eq!(
+            d,
+            [
+                "gan: null in the checkpoint, {\"ndf\":4} now",
+                "training.steps: 6 in the checkpoint, 8 now"
+            ]
+        );
+    }
+
+    #[test]
+    fn only_the_total_of_steps_may_change_on_resume() {
+        let ckpt = Path::new("runs/x/checkpoints/step-40");
+        assert_eq!(
+            may_resume(ckpt, &key(100, 1e-3), &key(100, 1e-3), 40).unwrap(),
+            None
+        );
+        let note = may_resume(ckpt, &key(100, 1e-3), &key(300, 1e-3), 40)
+            .unwrap()
+            .unwrap();
+        assert!(
+            note.contains("300") && note.contains("100") && note.contains("step 40"),
+            "{note}"
+        );
+        assert!(may_resume(ckpt, &key(100, 1e-3), &key(40, 1e-3), 40).is_ok());
+        let err = may_resume(ckpt, &key(100, 1e-3), &key(30, 1e-3), 40)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("step-40") && err.contains("30") && err.contains("40"),
+            "{err}"
+        );
+        let err = may_resume(ckpt, &key(100, 1e-3), &key(300, 2e-3), 40)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("another configuration")
+                && err.contains("training.learning_rate")
+                && err.contains("training.steps"),
+            "{err}"
+        );
+    }
 }

@@ -24,7 +24,7 @@ use crate::data::{
 use crate::dist::{Dist, counts_from_f64, counts_to_f64};
 use crate::optim::{AdamW, LossScale, learning_rate};
 use crate::train::{
-    StepMetrics, TrainOptions, Trained, last_checkpoint, truncate_metrics, write_atomic,
+    StepMetrics, TrainOptions, Trained, last_checkpoint, may_resume, truncate_metrics, write_atomic,
 };
 
 /// The adversarial half of a VQGAN run.
@@ -663,14 +663,10 @@ impl Checkpointer {
     ) -> Result<usize> {
         match checkpoint::latest(&self.out)? {
             Some((ckpt, state)) if resume => {
-                if state.run != self.run {
-                    let mut diffs = Vec::new();
-                    json_differences("", &state.run, &self.run, &mut diffs);
-                    bail!(
-                        "{} was trained with another configuration ({}); resume with the same settings or use another --out",
-                        ckpt.display(),
-                        diffs.join(", ")
-                    );
+                if let Some(note) = may_resume(&ckpt, &state.run, &self.run, state.step)?
+                    && self.main
+                {
+                    eprintln!("note: {note}");
                 }
                 match gan {
                     Some(g) => checkpoint::load(
@@ -719,42 +715,6 @@ impl Checkpointer {
         }
         checkpoint::save(&self.out, &parts, &state)?;
         Ok(())
-    }
-}
-
-/// The settings in which two run configurations differ, as `path: checkpoint → now` (at most
-/// eight).
-fn json_differences(
-    path: &str,
-    was: &serde_json::Value,
-    now: &serde_json::Value,
-    out: &mut Vec<String>,
-) {
-    use serde_json::Value;
-    if out.len() >= 8 || was == now {
-        return;
-    }
-    match (was, now) {
-        (Value::Object(a), Value::Object(b)) => {
-            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
-            keys.sort();
-            keys.dedup();
-            for k in keys {
-                let sub = if path.is_empty() {
-                    k.clone()
-                } else {
-                    format!("{path}.{k}")
-                };
-                let null = Value::Null;
-                json_differences(
-                    &sub,
-                    a.get(k).unwrap_or(&null),
-                    b.get(k).unwrap_or(&null),
-                    out,
-                );
-            }
-        }
-        _ => out.push(format!("{path}: {was} in the checkpoint, {now} now")),
     }
 }
 
@@ -992,25 +952,4 @@ fn progress_bar(show: bool, start: usize, steps: usize) -> indicatif::ProgressBa
     );
     bar.set_position(start as u64);
     bar
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn configuration_differences_are_named() {
-        let was = serde_json::json!({"seed": 1, "training": {"steps": 6, "lr": 0.1}, "gan": null});
-        let now =
-            serde_json::json!({"seed": 1, "training": {"steps": 8, "lr": 0.1}, "gan": {"ndf": 4}});
-        let mut d = Vec::new();
-        json_differences("", &was, &now, &mut d);
-        assert_eq!(
-            d,
-            [
-                "gan: null in the checkpoint, {\"ndf\":4} now",
-                "training.steps: 6 in the checkpoint, 8 now"
-            ]
-        );
-    }
 }

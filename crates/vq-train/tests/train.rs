@@ -81,7 +81,28 @@ fn an_interrupted_and_resumed_run_equals_an_uninterrupted_one() {
         lines.iter().map(|m| m.step).collect::<Vec<_>>(),
         [1, 2, 3, 4, 5, 6]
     );
-    for d in [a, b] {
+    // More steps (the one setting that may change; the schedule does not depend on it): the
+    // continued run equals one started with the larger total.
+    let longer = || {
+        let mut c = small_demo(6);
+        c.training.steps = 8;
+        c
+    };
+    let c = tmp("resume-c");
+    let straight = train(&options(longer(), &c)).unwrap();
+    let extended = train(&TrainOptions {
+        resume: true,
+        ..options(longer(), &b)
+    })
+    .unwrap();
+    assert_eq!(extended.history.last().unwrap().step, 8);
+    for ((na, ta), (_, tb)) in weights(&straight.vs)
+        .iter()
+        .zip(weights(&extended.vs).iter())
+    {
+        assert!(ta.equal(tb), "{na} differs after resuming with more steps");
+    }
+    for d in [a, b, c] {
         std::fs::remove_dir_all(d).unwrap();
     }
 }
