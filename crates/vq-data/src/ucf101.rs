@@ -572,11 +572,16 @@ impl CountCache {
     /// (`$XDG_CACHE_HOME` or `~/.cache`, `vq/ucf101-frame-counts-<hash of root>.tsv`); every
     /// one of them that exists is read.
     fn open(root: &Path, explicit: Option<&Path>) -> Result<Self> {
+        Self::open_in(root, explicit, user_cache_dir())
+    }
+
+    /// [`CountCache::open`] with the user cache folder given.
+    fn open_in(root: &Path, explicit: Option<&Path>, user_cache: Option<PathBuf>) -> Result<Self> {
         let targets = match explicit {
             Some(p) => vec![p.to_path_buf()],
             None => {
                 let mut t = vec![root.join("vq-frame-counts.tsv")];
-                t.extend(user_cache_dir().map(|d| {
+                t.extend(user_cache.map(|d| {
                     let key = root.canonicalize().unwrap_or_else(|_| root.to_path_buf());
                     d.join("vq").join(format!(
                         "ucf101-frame-counts-{:016x}.tsv",
@@ -992,6 +997,47 @@ mod tests {
             err.contains("v_ApplyEyeMakeup_g09_c01.avi not found") && err.contains("line 1"),
             "{err}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn counts_go_to_the_user_cache_when_the_dataset_folder_refuses_them() {
+        let dir = std::env::temp_dir().join(format!("ucf-cache-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (root, user) = (dir.join("UCF-101"), dir.join("user-cache"));
+        // A folder where the cache file should be: renaming onto it fails, as in a
+        // read-only dataset folder (tests may run as root, who writes through permissions).
+        std::fs::create_dir_all(root.join("vq-frame-counts.tsv")).unwrap();
+        let video = root.join("A/v_A_g01_c01.avi");
+        let stamp = Stamp {
+            size: 1234,
+            mtime_ns: 5678,
+        };
+        let mut cache = CountCache::open_in(&root, None, Some(user.clone())).unwrap();
+        cache.insert(&video, 42, stamp);
+        cache.save().unwrap();
+        let written: Vec<_> = std::fs::read_dir(user.join("vq")).unwrap().collect();
+        assert_eq!(written.len(), 1);
+        let again = CountCache::open_in(&root, None, Some(user.clone())).unwrap();
+        assert_eq!(again.get(&video, stamp), Some(42));
+        // A changed file is not taken from the cache.
+        assert_eq!(
+            again.get(
+                &video,
+                Stamp {
+                    size: 1235,
+                    ..stamp
+                }
+            ),
+            None
+        );
+        // Nowhere to write: the error names the last place tried.
+        let err = CountCache::open_in(&root, None, None)
+            .unwrap()
+            .save()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("vq-frame-counts.tsv"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
