@@ -52,7 +52,10 @@ pub fn nearest_codes(x: &Tensor, codebook: &Tensor, metric: Metric) -> Result<Te
     }
     tch::no_grad(|| match x.device() {
         Device::Cpu => search_cpu(x, codebook, metric),
-        _ => Ok(search_device(x, codebook, metric, CHUNK_SCORES)),
+        _ => {
+            check_finite_device(x, codebook)?;
+            Ok(search_device(x, codebook, metric, CHUNK_SCORES))
+        }
     })
 }
 
@@ -84,6 +87,28 @@ fn search_cpu(x: &Tensor, codebook: &Tensor, metric: Metric) -> Result<Tensor> {
     Ok(Tensor::from_slice(
         &idx.iter().map(|&i| i64::from(i)).collect::<Vec<_>>(),
     ))
+}
+
+/// The device path's version of vq-core's input check: the first row of `x` (then of the
+/// codebook) holding NaN or ±∞ is [`vq_core::VqError::NonFinite`], as on the CPU. One host
+/// read of two flags; the rows are looked up only when one is set.
+fn check_finite_device(x: &Tensor, codebook: &Tensor) -> Result<()> {
+    let bad_rows = |t: &Tensor| t.isfinite().logical_not().any_dim(1, false);
+    let (bx, bc) = (bad_rows(x), bad_rows(codebook));
+    let flags = Vec::<i64>::try_from(
+        Tensor::stack(&[bx.any(), bc.any()], 0)
+            .to_kind(Kind::Int64)
+            .to_device(Device::Cpu),
+    )
+    .map_err(|_| VqTchError::Kind(x.kind()))?;
+    for ((flag, rows), what) in flags.iter().zip([&bx, &bc]).zip(["inputs", "codebook"]) {
+        if *flag != 0 {
+            let first = rows.nonzero().get(0).get(0).to_device(Device::Cpu);
+            let row = i64::try_from(first).unwrap_or(0) as usize;
+            return Err(vq_core::VqError::NonFinite { what, row }.into());
+        }
+    }
+    Ok(())
 }
 
 /// The device path with at most `chunk_scores` scores alive at a time.
@@ -137,6 +162,7 @@ mod tests {
         for (metric, offset) in [(Metric::Euclidean, 50.0), (Metric::Cosine, 0.0)] {
             let (x, c) = (&x + offset, &c + offset);
             let expect = search_cpu(&x, &c, metric).unwrap();
+            check_finite_device(&x, &c).unwrap();
             let got = search_device(&x, &c, metric, 70 * 100);
             assert_eq!(
                 Vec::<i64>::try_from(got).unwrap(),
@@ -144,5 +170,23 @@ mod tests {
                 "{metric:?}"
             );
         }
+    }
+
+    /// NaN and ∞ are named by the first row holding one, for inputs and codebook, as vq-core
+    /// names them on the CPU.
+    #[test]
+    fn the_device_path_names_the_first_non_finite_row() {
+        let x = crate::seeded_randn(&[50, 4], 5);
+        let c = crate::seeded_randn(&[8, 4], 6);
+        let _ = x.get(31).get(2).fill_(f64::NAN);
+        let _ = x.get(40).get(0).fill_(f64::INFINITY);
+        let err = check_finite_device(&x, &c).unwrap_err();
+        let cpu = search_cpu(&x, &c, Metric::Euclidean).unwrap_err();
+        assert_eq!(err.to_string(), cpu.to_string());
+        assert!(err.to_string().contains("inputs at row 31"), "{err}");
+        let x = crate::seeded_randn(&[50, 4], 5);
+        let _ = c.get(6).get(1).fill_(f64::NEG_INFINITY);
+        let err = check_finite_device(&x, &c).unwrap_err().to_string();
+        assert!(err.contains("codebook at row 6"), "{err}");
     }
 }

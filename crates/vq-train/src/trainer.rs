@@ -390,6 +390,17 @@ impl<'a> Trainer<'a> {
         }
         self.dist.average_gradients(&self.opt)?;
         let grad_norm = self.opt.unscale_and_clip(t.grad_clip);
+        // A finite loss can still have non-finite gradients (an overflow inside the backward):
+        // without loss scaling that stops the run before the update, as a non-finite loss does.
+        if !grad_norm.is_finite() && !scaled {
+            bail!(
+                "non-finite gradient (norm {grad_norm}) at step {} under a finite loss {}; \
+                 training stopped before the update, last good checkpoint: {}",
+                step + 1,
+                sums[0],
+                last_checkpoint(&self.opts.out)?
+            );
+        }
         let applied = self.opt.step_unless_overflow(lr, grad_norm);
         self.check_loss_scale(step)?;
         if adversarial {
@@ -584,13 +595,25 @@ impl<'a> Trainer<'a> {
         }
         self.dist.average_gradients(&g.opt)?;
         let norm = g.opt.unscale_and_clip(0.0);
-        g.opt
-            .step_unless_overflow(lr * g.config.disc_lr_multiplier, norm);
         let mut d = [d_sum];
         if self.dist.world() > 1 {
             self.dist.sum(&mut d)?;
             d[0] /= self.dist.world() as f64;
         }
+        // Without loss scaling a non-finite loss or gradient stops the run before the
+        // discriminator's update (under f16 it is an overflow: the update is skipped).
+        let finite = d[0].is_finite() && norm.is_finite();
+        if !finite && !precision.needs_loss_scaling() {
+            bail!(
+                "non-finite discriminator loss {} (gradient norm {norm}) at step {}; training \
+                 stopped before its update, last good checkpoint: {}",
+                d[0],
+                step + 1,
+                last_checkpoint(&self.opts.out)?
+            );
+        }
+        g.opt
+            .step_unless_overflow(lr * g.config.disc_lr_multiplier, norm);
         Ok(d[0])
     }
 }

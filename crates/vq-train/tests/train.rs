@@ -130,6 +130,54 @@ fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
 }
 
 #[test]
+fn non_finite_discriminator_gradients_stop_training_before_a_checkpoint_holds_them() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = tmp("nan-disc");
+    let mut cfg = small_gan(12);
+    let gan = cfg.gan.as_mut().unwrap();
+    // An R1 penalty whose weight overflows f32: the discriminator's gradients are non-finite
+    // while every loss the step reports is finite (the hinge loss is logged without R1).
+    gan.r1 = Some(vq_models::R1Penalty {
+        gamma: 1e38,
+        every: 2,
+    });
+    // The discriminator trains from step 2 (index 1), the penalty first applies at step 3.
+    gan.disc_start = 1;
+    let err = train(&TrainOptions {
+        checkpoint_every: 1,
+        ..options(cfg, &out)
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("non-finite") && err.contains("training stopped"),
+        "{err}"
+    );
+    let (ckpt, state) = vq_train::checkpoint::latest(&out).unwrap().unwrap();
+    assert_eq!(state.step, 2, "{err}");
+    assert!(
+        err.contains("discriminator") && err.contains("step 3"),
+        "{err}"
+    );
+    assert!(err.contains(&ckpt.display().to_string()), "{err}");
+    let mut files = 0;
+    for f in std::fs::read_dir(&ckpt).unwrap() {
+        let path = f.unwrap().path();
+        if path.extension().is_some_and(|e| e == "safetensors") {
+            files += 1;
+            for (name, t) in tch::Tensor::read_safetensors(&path).unwrap() {
+                if t.is_floating_point() {
+                    let finite = bool::try_from(t.isfinite().all()).unwrap();
+                    assert!(finite, "{name} of {} is not finite", path.display());
+                }
+            }
+        }
+    }
+    assert_eq!(files, 4, "model, discriminator and their optimizers");
+    std::fs::remove_dir_all(out).unwrap();
+}
+
+#[test]
 fn compare_writes_the_table_json_and_plots() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let out = tmp("compare");
