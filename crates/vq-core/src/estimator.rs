@@ -725,6 +725,28 @@ mod tests {
         })
     }
 
+    /// Dense reference of the A.8 reflection: λ(I − 2vvᵀ), v = (ê − q̂)/‖ê − q̂‖.
+    fn dense_reflection(e: &[f64], q: &[f64]) -> Array2<f64> {
+        let (ne, nq) = (dot64(e, e).sqrt(), dot64(q, q).sqrt());
+        let v: Vec<f64> = e.iter().zip(q).map(|(a, b)| a / ne - b / nq).collect();
+        let nv = dot64(&v, &v).sqrt();
+        let v: Vec<f64> = v.iter().map(|x| x / nv).collect();
+        Array2::from_shape_fn((e.len(), e.len()), |(i, j)| {
+            let id = if i == j { 1.0 } else { 0.0 };
+            nq / ne * (id - 2.0 * v[i] * v[j])
+        })
+    }
+
+    /// The paper's map of one (non-degenerate) row as a dense matrix, sharing no code with `RowMap`.
+    fn dense_map(est: Estimator, e: &[f64], q: &[f64]) -> Array2<f64> {
+        match est {
+            Estimator::StraightThrough => Array2::eye(e.len()),
+            Estimator::Rotation => dense_rotation(e, q, true),
+            Estimator::RotationNoRescale => dense_rotation(e, q, false),
+            Estimator::Reflection => dense_reflection(e, q),
+        }
+    }
+
     fn det(mut m: Array2<f64>) -> f64 {
         let n = m.nrows();
         let mut det = 1.0;
@@ -841,17 +863,17 @@ mod tests {
 
     #[test]
     fn finite_differences_of_the_frozen_map_match_backward() {
-        // q̃(v) = sg(λR) v with the map frozen at e: ∂⟨g, q̃⟩/∂v_j by central differences.
+        // q̃(v) = sg(λR) v with the map frozen at e (the dense matrix of the paper's formula,
+        // no `RowMap` code): ∂⟨g, q̃⟩/∂v_j by central differences.
         let (e, q, g) = (randn((5, 4), 6), randn((5, 4), 7), randn((5, 4), 8));
         for est in Estimator::ALL {
             let grad = est.backward(e.view(), q.view(), g.view()).unwrap();
             for i in 0..5 {
-                let (er, qr) = (e.row(i), q.row(i));
-                let map = RowMap::new(est, er, qr);
+                let m = dense_map(est, &to64(e.row(i)), &to64(q.row(i)));
+                let er = e.row(i);
                 let objective = |v: &Array1<f32>| {
-                    let mut out = vec![0.0; 4];
-                    map.apply(er, qr, v.view(), &mut out);
-                    dot64(&out, &to64(g.row(i)))
+                    let out = m.dot(&v.mapv(f64::from));
+                    dot64(out.as_slice().unwrap(), &to64(g.row(i)))
                 };
                 for j in 0..4 {
                     let h = 1e-2f32;
@@ -874,7 +896,13 @@ mod tests {
         let (e, q) = (randn((10, 5), 9), randn((10, 5), 10));
         for i in 0..10 {
             let map = RowMap::new(Estimator::Reflection, e.row(i), q.row(i));
-            let m = as_matrix(&map, e.row(i), q.row(i)) / map.scale();
+            let dense = dense_reflection(&to64(e.row(i)), &to64(q.row(i)));
+            let m = as_matrix(&map, e.row(i), q.row(i));
+            assert!(
+                max_abs_diff(&m, &dense) < 1e-12,
+                "efficient form ≠ dense matrix form"
+            );
+            let m = m / map.scale();
             assert!(max_abs_diff(&m, &m.t().to_owned()) < 1e-12);
             assert!((det(m) + 1.0).abs() < 1e-10);
         }
