@@ -29,7 +29,8 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
-/// Trains `config` whole, then stopped half-way and resumed; asserts identical weights. Returns
+/// Trains `config` whole, then stopped half-way and resumed; asserts identical weights and
+/// checkpoints. Returns
 /// the whole run and the resumed run's folder (the caller removes it).
 fn resumes_exactly(config: &RunConfig, name: &str) -> (vq_train::train::Trained, PathBuf) {
     let (a, b) = (tmp(&format!("{name}-whole")), tmp(&format!("{name}-split")));
@@ -48,6 +49,8 @@ fn resumes_exactly(config: &RunConfig, name: &str) -> (vq_train::train::Trained,
     for ((n, x), (_, y)) in weights(&whole.vs).iter().zip(weights(&resumed.vs)) {
         assert!(x.equal(&y), "{name}: {n} differs after resume");
     }
+    // The optimizer moments and the loss scaler's state too.
+    let _ = common::assert_same_checkpoints(&a, &b);
     std::fs::remove_dir_all(a).unwrap();
     (whole, b)
 }

@@ -75,6 +75,7 @@ fn an_interrupted_and_resumed_run_equals_an_uninterrupted_one() {
         assert_eq!(na, nb);
         assert!(ta.equal(tb), "{na} differs after resume");
     }
+    let _ = common::assert_same_checkpoints(&a, &b);
     // Every step logged once across the two invocations.
     let lines = vq_train::compare::read_metrics(&b.join("metrics.jsonl")).unwrap();
     assert_eq!(
@@ -102,6 +103,7 @@ fn an_interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     {
         assert!(ta.equal(tb), "{na} differs after resuming with more steps");
     }
+    let _ = common::assert_same_checkpoints(&c, &b);
     for d in [a, b, c] {
         std::fs::remove_dir_all(d).unwrap();
     }
@@ -273,6 +275,13 @@ fn vqgan_training_alternates_and_resumes_exactly() {
     .unwrap();
     let (x, y) = (h.last().unwrap(), resumed.history.last().unwrap());
     assert_eq!((x.loss, x.d_loss), (y.loss, y.d_loss), "same step-4 losses");
+    let files = common::assert_same_checkpoints(&a, &b);
+    assert!(
+        files
+            .iter()
+            .any(|f| f == "discriminator_optimizer.safetensors"),
+        "{files:?}"
+    );
     for d in [a, b] {
         std::fs::remove_dir_all(d).unwrap();
     }
@@ -343,6 +352,13 @@ fn vit_vqgan_trains_with_the_style_discriminator_and_resumes_exactly() {
         resumed.history.last().unwrap(),
     );
     assert_eq!((x.loss, x.d_loss), (y.loss, y.d_loss), "same step-4 losses");
+    let files = common::assert_same_checkpoints(&a, &b);
+    assert!(
+        files
+            .iter()
+            .any(|f| f == "discriminator_optimizer.safetensors"),
+        "{files:?}"
+    );
     for d in [a, b] {
         std::fs::remove_dir_all(d).unwrap();
     }
@@ -453,6 +469,7 @@ fn an_image_folder_trains_streams_and_resumes() {
         whole.history.last().unwrap().loss,
         resumed.history.last().unwrap().loss
     );
+    let _ = common::assert_same_checkpoints(&a, &b);
     let mut trained = whole;
     let row =
         vq_train::compare::evaluate_run(&mut trained.model, &cfg, &a, Device::Cpu, 0.0).unwrap();

@@ -145,3 +145,49 @@ pub fn skipped_lines(run: &Path) -> Vec<serde_json::Value> {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
+
+/// Every tensor of every file of the latest checkpoints of two runs is identical (model,
+/// optimizer moments and step counts, discriminator and its optimizer, EMA buffers), and both
+/// checkpoints hold the same files and the same training state. Returns the files' names.
+pub fn assert_same_checkpoints(a: &Path, b: &Path) -> Vec<String> {
+    let latest = |run: &Path| {
+        vq_train::checkpoint::latest(run)
+            .unwrap()
+            .unwrap_or_else(|| panic!("{}: no checkpoint", run.display()))
+    };
+    let ((ca, sa), (cb, sb)) = (latest(a), latest(b));
+    assert_eq!(sa, sb, "training states differ");
+    let tensor_files = |dir: &Path| {
+        let mut v: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".safetensors"))
+            .collect();
+        v.sort();
+        v
+    };
+    let files = tensor_files(&ca);
+    assert_eq!(files, tensor_files(&cb), "checkpoints hold other files");
+    assert!(
+        files.iter().any(|f| f == "optimizer.safetensors"),
+        "{files:?}"
+    );
+    for file in &files {
+        let read = |dir: &Path| {
+            let mut t = Tensor::read_safetensors(dir.join(file)).unwrap();
+            t.sort_by(|x, y| x.0.cmp(&y.0));
+            t
+        };
+        let (ta, tb) = (read(&ca), read(&cb));
+        assert!(!ta.is_empty(), "{file} is empty");
+        assert_eq!(
+            ta.iter().map(|t| &t.0).collect::<Vec<_>>(),
+            tb.iter().map(|t| &t.0).collect::<Vec<_>>(),
+            "{file}: other tensor names"
+        );
+        for ((name, x), (_, y)) in ta.iter().zip(&tb) {
+            assert!(x.equal(y), "{file}: {name} differs after resume");
+        }
+    }
+    files
+}
