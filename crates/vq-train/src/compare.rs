@@ -10,7 +10,7 @@ use vq_data::Split;
 use vq_models::VqAutoencoder;
 use vq_tch::Estimator;
 
-use crate::data::{DataSource, ImageSet, Pipeline};
+use crate::data::{DataSource, ImageSet};
 use crate::eval::{EvalMetrics, EvalNets, Perceptual, evaluate};
 use crate::train::{RunConfig, StepMetrics, TrainOptions, train, write_atomic};
 use crate::{checkpoint, plot};
@@ -121,7 +121,7 @@ pub fn evaluate_run(
 ) -> Result<CompareRow> {
     let a = &config.model.autoencoder;
     let source = DataSource::parse(&config.data)?;
-    let pipeline = Pipeline::for_preset(&config.preset);
+    let pipeline = config.preprocessing;
     let train_set = ImageSet::load(
         &source,
         Split::Train,

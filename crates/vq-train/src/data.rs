@@ -9,7 +9,7 @@
 //! extracted tree, see `vq_data::images::ImageDataset::imagenet`), and synthetic images at any
 //! model's shape (for throughput runs).
 //!
-//! The geometric preprocessing follows the preset's paper table ([`Pipeline::for_preset`]);
+//! The geometric preprocessing is the run's `preprocessing` ([`Pipeline`]; presets take their paper table's, [`Pipeline::for_preset`]);
 //! pixel values are always mapped to [−1, 1] (the trainer's losses, LPIPS, FID and plots work
 //! in that range), also where the original code normalised otherwise (Table 1: CLIP mean/std;
 //! Table 4: [0, 1]).
@@ -24,6 +24,7 @@ use rayon::prelude::*;
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 use vq_data::Split;
+use vq_models::Preset;
 
 use ndarray::ArrayD;
 use vq_data::bair::{BairDataset, BairSplit, ClipWindow};
@@ -100,8 +101,10 @@ impl DataSource {
     }
 }
 
-/// The geometric preprocessing of image datasets, by the paper table a preset reproduces.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The geometric preprocessing of image datasets, by the paper table a preset reproduces
+/// (`preprocessing` in a run's configuration: `center-crop`, `taming`, `vit-vqgan`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Pipeline {
     /// Table 1 (the rotation-trick repository's loader): a centred crop of the image as stored,
     /// no resize.
@@ -115,15 +118,47 @@ pub enum Pipeline {
 }
 
 impl Pipeline {
-    /// `vqvae-*` presets → [`Pipeline::CenterCrop`], `vit-*` → [`Pipeline::VitVqgan`], others
-    /// → [`Pipeline::Taming`].
-    pub fn for_preset(preset: &str) -> Self {
+    /// Every pipeline, in the order of the paper's tables.
+    pub const ALL: [Pipeline; 3] = [Self::CenterCrop, Self::Taming, Self::VitVqgan];
+
+    /// The pipeline of the code base a preset reproduces: the VQ-VAEs of Table 1 (and the demo)
+    /// crop, the taming / latent-diffusion VQGANs of Tables 2–3 use taming's, ViT-VQGAN and
+    /// the TimeSformer tokenizers (enhancing-transformers' code) the ViT-VQGAN one.
+    pub fn for_preset(preset: Preset) -> Self {
+        match preset {
+            Preset::VqVaeF16Euclidean
+            | Preset::VqVaeF16Cosine
+            | Preset::VqVaeF4Euclidean
+            | Preset::VqVaeF4Cosine
+            | Preset::DemoFashionMnist => Self::CenterCrop,
+            Preset::VqganF16Imagenet | Preset::VqganF16Faces | Preset::LdmF4 | Preset::LdmF8 => {
+                Self::Taming
+            }
+            Preset::VitVqganSmall | Preset::TimeSformerBair | Preset::TimeSformerUcf101 => {
+                Self::VitVqgan
+            }
+        }
+    }
+
+    /// The rule of versions whose run files have no `preprocessing` field: chosen by the
+    /// preset's name (`vqvae-*` crop, `vit-*` ViT-VQGAN, any other name taming's). Used only to
+    /// read such files, so that an old run evaluates and resumes as it was trained.
+    pub fn legacy_for_preset_name(preset: &str) -> Self {
         if preset.starts_with("vqvae-") {
             Self::CenterCrop
         } else if preset.starts_with("vit-") {
             Self::VitVqgan
         } else {
             Self::Taming
+        }
+    }
+
+    /// The configuration name (`center-crop`, `taming`, `vit-vqgan`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::CenterCrop => "center-crop",
+            Self::Taming => "taming",
+            Self::VitVqgan => "vit-vqgan",
         }
     }
 

@@ -12,7 +12,7 @@ use vq_models::{Preset, VqAutoencoder};
 use vq_tch::Estimator;
 use vq_train::checkpoint;
 use vq_train::compare::{compare, default_out, evaluate_run, markdown};
-use vq_train::data::DataSource;
+use vq_train::data::{DataSource, Pipeline};
 use vq_train::dist::join_from_env;
 use vq_train::train::{RunConfig, TrainOptions, train_in};
 
@@ -203,6 +203,7 @@ fn preset_config(name: &str) -> Result<RunConfig> {
         micro_batch: micro,
         training,
         data,
+        preprocessing: Pipeline::for_preset(preset),
         seed: 0,
         gan: preset.gan(),
         lpips_weights: None,
@@ -214,10 +215,7 @@ fn preset_config(name: &str) -> Result<RunConfig> {
 impl RunArgs {
     fn options(&self, default_out: PathBuf) -> Result<TrainOptions> {
         let mut cfg = match &self.config {
-            Some(path) => serde_json::from_slice::<RunConfig>(
-                &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-            )
-            .with_context(|| format!("parsing {}", path.display()))?,
+            Some(path) => RunConfig::from_config_file(path)?,
             None => preset_config(&self.preset)?,
         };
         if let Some(e) = &self.estimator {
@@ -506,10 +504,7 @@ fn main() -> Result<()> {
         } => {
             let device = parse_device(&device)?;
             let file = run.join("run.json");
-            let mut cfg: RunConfig = serde_json::from_slice(
-                &std::fs::read(&file).with_context(|| format!("reading {}", file.display()))?,
-            )
-            .with_context(|| format!("parsing {}", file.display()))?;
+            let mut cfg = RunConfig::from_run_file(&file)?;
             if lpips.is_some() {
                 cfg.lpips_weights = lpips;
             }

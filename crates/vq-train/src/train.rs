@@ -12,7 +12,7 @@ use vq_models::{GanConfig, TrainingConfig, VqAutoencoder, VqAutoencoderConfig};
 use vq_tch::Precision;
 
 use crate::checkpoint;
-use crate::data::DataSource;
+use crate::data::{DataSource, Pipeline};
 use crate::dist::Dist;
 use crate::trainer::Trainer;
 
@@ -29,6 +29,10 @@ pub struct RunConfig {
     pub training: TrainingConfig,
     /// Data source (`fashion-mnist-demo`, `fashion-mnist:<dir>`, `synthetic:<n>`).
     pub data: String,
+    /// Geometric preprocessing of image data (`center-crop`, `taming`, `vit-vqgan`); a preset
+    /// takes its paper table's ([`Pipeline::for_preset`]). Required in configuration files;
+    /// video clips have their loaders' own geometry.
+    pub preprocessing: Pipeline,
     /// Seed of the weights, the data order and the codebook.
     pub seed: u64,
     /// Images per forward pass; `training.batch_size` must be a multiple (gradient accumulation).
@@ -53,6 +57,69 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// Reads a configuration file (`--config`). Every field is required; a file without
+    /// `preprocessing` is refused with the choices, so no preprocessing is picked silently.
+    ///
+    /// # Errors
+    /// Unreadable or malformed files, named.
+    pub fn from_config_file(path: &Path) -> Result<Self> {
+        let v = read_json(path)?;
+        if v.is_object() && v.get("preprocessing").is_none() {
+            let preset = v.get("preset").and_then(|p| p.as_str()).unwrap_or("");
+            let hint = vq_models::Preset::from_name(preset).map_or_else(
+                |_| String::new(),
+                |p| {
+                    format!(
+                        "; preset {preset} uses \"{}\"",
+                        Pipeline::for_preset(p).name()
+                    )
+                },
+            );
+            anyhow::bail!(
+                "{}: no \"preprocessing\" field: set it to one of {}{hint} (`vq-train presets \
+                 NAME` prints a complete configuration)",
+                path.display(),
+                Pipeline::ALL
+                    .map(|p| format!("\"{}\"", p.name()))
+                    .join(", ")
+            );
+        }
+        serde_json::from_value(v).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// Reads a run's own `run.json`. Files written before `preprocessing` was a field get the
+    /// pipeline those versions trained with ([`Pipeline::legacy_for_preset_name`]).
+    ///
+    /// # Errors
+    /// Unreadable or malformed files, named.
+    pub fn from_run_file(path: &Path) -> Result<Self> {
+        let mut v = read_json(path)?;
+        Self::upgrade_record(&mut v);
+        serde_json::from_value(v).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// Fills in what a run record (run.json, a checkpoint's state) of an older version lacks:
+    /// `preprocessing`. On image folders and ImageNet, where it acts, it is what those versions
+    /// chose from the preset's name; on other sources (embedded, IDX, synthetic, video) it
+    /// had no effect and a preset's own pipeline is taken, so such runs resume unchanged.
+    pub fn upgrade_record(v: &mut serde_json::Value) {
+        let Some(o) = v.as_object_mut() else { return };
+        if o.contains_key("preprocessing") {
+            return;
+        }
+        let preset = o.get("preset").and_then(|p| p.as_str()).unwrap_or("");
+        let data = o.get("data").and_then(|d| d.as_str()).unwrap_or("");
+        let acts = matches!(
+            DataSource::parse(data),
+            Ok(DataSource::ImageFolder(_) | DataSource::ImageNet(_))
+        );
+        let pipeline = match vq_models::Preset::from_name(preset) {
+            Ok(p) if !acts => Pipeline::for_preset(p),
+            _ => Pipeline::legacy_for_preset_name(preset),
+        };
+        o.insert("preprocessing".into(), pipeline.name().into());
+    }
+
     /// What a checkpoint records and a resume must match: everything but the evaluation-only
     /// Inception weights and the precision (checkpoints are f32 in every precision, so a run
     /// may continue in another one; only an unchanged precision continues bit for bit).
@@ -224,6 +291,9 @@ pub fn may_resume(
     now: &serde_json::Value,
     done: usize,
 ) -> Result<Option<String>> {
+    let mut was = was.clone();
+    RunConfig::upgrade_record(&mut was);
+    let was = &was;
     if was == now {
         return Ok(None);
     }
@@ -379,6 +449,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     crate::checkpoint::sync_dir(parent.unwrap_or(Path::new(".")))
 }
 
+fn read_json(path: &Path) -> Result<serde_json::Value> {
+    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,6 +468,7 @@ mod tests {
             model: preset.config(),
             training,
             data: "fashion-mnist-demo".into(),
+            preprocessing: Pipeline::CenterCrop,
             seed: 0,
             micro_batch: 16,
             gan: None,
@@ -451,5 +527,103 @@ mod tests {
                 && err.contains("training.steps"),
             "{err}"
         );
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("vq-train-cfg-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_configuration_file_must_name_its_preprocessing() {
+        let dir = scratch("config");
+        let mut v = key(10, 1e-3);
+        v["preset"] = "my-tokenizer".into();
+        v["preprocessing"] = "vit-vqgan".into();
+        let file = dir.join("custom.json");
+        fs::write(&file, serde_json::to_vec(&v).unwrap()).unwrap();
+        let cfg = RunConfig::from_config_file(&file).unwrap();
+        assert_eq!(
+            cfg.preprocessing,
+            Pipeline::VitVqgan,
+            "the field, not the name"
+        );
+        // Without the field: refused, with the choices and the preset's own when it has one.
+        v.as_object_mut().unwrap().remove("preprocessing");
+        fs::write(&file, serde_json::to_vec(&v).unwrap()).unwrap();
+        let err = RunConfig::from_config_file(&file).unwrap_err().to_string();
+        assert!(
+            err.contains("custom.json")
+                && err.contains("\"preprocessing\"")
+                && err.contains("\"center-crop\", \"taming\", \"vit-vqgan\""),
+            "{err}"
+        );
+        v["preset"] = "vqgan-f16-imagenet".into();
+        fs::write(&file, serde_json::to_vec(&v).unwrap()).unwrap();
+        let err = RunConfig::from_config_file(&file).unwrap_err().to_string();
+        assert!(err.contains("vqgan-f16-imagenet uses \"taming\""), "{err}");
+        v["preprocessing"] = "resize".into();
+        fs::write(&file, serde_json::to_vec(&v).unwrap()).unwrap();
+        let err = format!("{:#}", RunConfig::from_config_file(&file).unwrap_err());
+        assert!(
+            err.contains("custom.json") && err.contains("resize"),
+            "{err}"
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn old_run_records_get_the_pipeline_they_were_trained_with() {
+        let old = |preset: &str, data: &str| {
+            let mut v = key(10, 1e-3);
+            v.as_object_mut().unwrap().remove("preprocessing");
+            v["preset"] = preset.into();
+            v["data"] = data.into();
+            RunConfig::upgrade_record(&mut v);
+            v["preprocessing"].as_str().unwrap().to_owned()
+        };
+        // Where the pipeline acts, the old name rule, for custom names too.
+        assert_eq!(old("my-vit", "image-folder:/d"), "taming");
+        assert_eq!(old("vit-custom", "imagenet:/d"), "vit-vqgan");
+        assert_eq!(old("vqvae-mine", "image-folder:/d"), "center-crop");
+        assert_eq!(old("demo-fashion-mnist", "image-folder:/d"), "taming");
+        // Where it had no effect, a preset's own, so that the run resumes as it is configured.
+        assert_eq!(
+            old("demo-fashion-mnist", "fashion-mnist-demo"),
+            "center-crop"
+        );
+        assert_eq!(old("timesformer-bair", "bair:/d"), "vit-vqgan");
+        // A present field is kept; a checkpoint of an older version resumes.
+        let mut v = key(10, 1e-3);
+        v["preprocessing"] = "taming".into();
+        RunConfig::upgrade_record(&mut v);
+        assert_eq!(v["preprocessing"], "taming");
+        let mut was = key(10, 1e-3);
+        was.as_object_mut().unwrap().remove("preprocessing");
+        assert_eq!(
+            may_resume(Path::new("step-4"), &was, &key(10, 1e-3), 4).unwrap(),
+            None
+        );
+    }
+
+    #[test]
+    fn every_preset_has_its_tables_pipeline() {
+        use vq_models::Preset;
+        for p in Preset::ALL {
+            let got = Pipeline::for_preset(p);
+            let want = if p.name().starts_with("vqvae-") || p == Preset::DemoFashionMnist {
+                Pipeline::CenterCrop
+            } else if p.name().starts_with("vit-") || p.name().starts_with("timesformer-") {
+                Pipeline::VitVqgan
+            } else {
+                Pipeline::Taming
+            };
+            assert_eq!(got, want, "{}", p.name());
+            let json = serde_json::to_value(got).unwrap();
+            assert_eq!(json, got.name());
+            assert_eq!(serde_json::from_value::<Pipeline>(json).unwrap(), got);
+        }
     }
 }

@@ -18,9 +18,7 @@ use vq_models::{
 use vq_tch::Mode;
 
 use crate::checkpoint::{self, TrainState};
-use crate::data::{
-    BadSample, DataSource, ImageSet, Pipeline, Shard, TrainBatches, frames_as_images,
-};
+use crate::data::{BadSample, DataSource, ImageSet, Shard, TrainBatches, frames_as_images};
 use crate::dist::{Dist, counts_from_f64, counts_to_f64};
 use crate::optim::{AdamW, LossScale, learning_rate};
 use crate::train::{
@@ -146,7 +144,7 @@ impl<'a> Trainer<'a> {
                 a.in_channels(),
                 a.resolution(),
                 a.frames(),
-                Pipeline::for_preset(&cfg.preset),
+                cfg.preprocessing,
             )
         };
         let data = load(Split::Train)

@@ -94,6 +94,7 @@ fn small_vqvae(steps: usize, micro_batch: usize) -> RunConfig {
     training.decay_steps = steps;
     RunConfig {
         preset: preset.name().into(),
+        preprocessing: vq_train::data::Pipeline::for_preset(preset),
         model,
         training,
         data: "synthetic:64".into(),

@@ -17,6 +17,7 @@ pub fn small_demo(steps: usize) -> RunConfig {
     training.decay_steps = steps;
     RunConfig {
         preset: preset.name().into(),
+        preprocessing: vq_train::data::Pipeline::for_preset(preset),
         model: preset.config(),
         training,
         data: "fashion-mnist-demo".into(),
@@ -70,6 +71,7 @@ pub fn small_vqgan(steps: usize, micro_batch: usize) -> RunConfig {
     training.learning_rate = 1e-4;
     RunConfig {
         preset: preset.name().into(),
+        preprocessing: vq_train::data::Pipeline::for_preset(preset),
         model,
         training,
         data: "synthetic:16".into(),
@@ -125,6 +127,7 @@ pub fn small_rgb(data: String, steps: usize, batch: usize, micro_batch: usize) -
     training.decay_steps = steps;
     RunConfig {
         preset: preset.name().into(),
+        preprocessing: vq_train::data::Pipeline::for_preset(preset),
         model,
         training,
         data,
