@@ -31,6 +31,11 @@ pub struct TrainState {
     pub step: usize,
     /// The run's configuration, to refuse resuming with another one.
     pub run: serde_json::Value,
+    /// Wall-clock seconds of the training steps up to this checkpoint, summed over the
+    /// invocations that trained them (time after a crash's last checkpoint is not counted;
+    /// 0 in checkpoints of versions that did not record it).
+    #[serde(default)]
+    pub train_seconds: f64,
 }
 
 /// Checkpoints kept (older ones are deleted after a new one is complete).
@@ -262,6 +267,7 @@ mod tests {
         let state = TrainState {
             step,
             run: serde_json::json!({"x": 1}),
+            train_seconds: 0.0,
         };
         save(run, &parts, &state).unwrap()
     }

@@ -24,7 +24,8 @@ pub struct CompareRow {
     pub train: EvalMetrics,
     /// Metrics on the held-out split.
     pub val: EvalMetrics,
-    /// Seconds spent training in this invocation (0 if the run was already complete).
+    /// Seconds spent training the run, summed over the invocations that trained it (from its
+    /// last checkpoint, so a run reused by `--resume` reports its own time, not 0).
     pub train_seconds: f64,
 }
 
@@ -50,12 +51,12 @@ pub fn compare(base: &TrainOptions, estimators: &[Estimator]) -> Result<Vec<Comp
                 .as_ref()
                 .is_some_and(|(_, s)| s.step >= config.training.steps);
         eprintln!("== {} ({})", est.name(), out.display());
-        let (mut model, seconds) = if finished {
+        let mut model = if finished {
             eprintln!("   already trained; evaluating the last checkpoint");
             let mut vs = nn::VarStore::new(base.device);
             let model = VqAutoencoder::new(&vs.root(), &config.model)?;
             checkpoint::load_model(&out, &mut vs)?;
-            (model, 0.0)
+            model
         } else {
             let resume = base.resume && latest.is_some();
             let opts = TrainOptions {
@@ -64,9 +65,9 @@ pub fn compare(base: &TrainOptions, estimators: &[Estimator]) -> Result<Vec<Comp
                 resume,
                 ..base.clone()
             };
-            let trained = train(&opts)?;
-            (trained.model, trained.seconds)
+            train(&opts)?.model
         };
+        let seconds = checkpoint::latest(&out)?.map_or(0.0, |(_, s)| s.train_seconds);
         let row = evaluate_run(&mut model, &config, &out, base.device, seconds)?;
         eprintln!(
             "   val rec {:.5}, usage {:.1}%, QE {:.3e}",

@@ -462,7 +462,7 @@ fn main() -> Result<()> {
                     &opts.config,
                     &opts.out,
                     opts.device,
-                    trained.seconds,
+                    trained.total_seconds,
                 )?;
                 println!(
                     "val: rec MSE {:.5}, usage/{} {:.1}%, perplexity {:.1}, QE {:.3e} ({:.1}% of mean e²); eval.json, reconstructions.png, curves.png in {}",

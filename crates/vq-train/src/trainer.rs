@@ -218,10 +218,11 @@ impl<'a> Trainer<'a> {
             }
             _ => None,
         };
-        let checkpointer = Checkpointer {
+        let mut checkpointer = Checkpointer {
             out: opts.out.clone(),
             run: run_json,
             main: dist.is_main(),
+            prior_seconds: 0.0,
         };
         let start = if dist.is_main() {
             checkpointer.resume(opts.resume, &mut vs, &mut opt, gan.as_mut())?
@@ -293,8 +294,9 @@ impl<'a> Trainer<'a> {
                 if let Some(g) = &self.gan {
                     self.dist.check_in_sync("discriminator", &g.vs, done)?;
                 }
+                let seconds = began.elapsed().as_secs_f64();
                 self.checkpointer
-                    .save(done, &self.vs, &self.opt, self.gan.as_ref())?;
+                    .save(done, seconds, &self.vs, &self.opt, self.gan.as_ref())?;
             }
             if stop {
                 break;
@@ -309,6 +311,7 @@ impl<'a> Trainer<'a> {
             vs: self.vs,
             history: self.logger.history,
             seconds: began.elapsed().as_secs_f64(),
+            total_seconds: self.checkpointer.prior_seconds + began.elapsed().as_secs_f64(),
         })
     }
 
@@ -670,13 +673,15 @@ pub struct Checkpointer {
     out: PathBuf,
     run: serde_json::Value,
     main: bool,
+    /// Training seconds recorded by the checkpoint resumed from (earlier invocations).
+    prior_seconds: f64,
 }
 
 impl Checkpointer {
     /// Loads the run folder's latest checkpoint when resuming; returns the step to start at.
     /// Refuses a folder that holds another run or a run without `--resume`.
     fn resume(
-        &self,
+        &mut self,
         resume: bool,
         vs: &mut nn::VarStore,
         opt: &mut AdamW,
@@ -696,6 +701,7 @@ impl Checkpointer {
                     )?,
                     None => checkpoint::load(&ckpt, &mut [("model", vs, opt)])?,
                 }
+                self.prior_seconds = state.train_seconds;
                 Ok(state.step)
             }
             Some((ckpt, _)) => bail!(
@@ -708,9 +714,11 @@ impl Checkpointer {
         }
     }
 
+    /// Saves a checkpoint after `done` steps, `seconds` of them in this invocation.
     fn save(
         &self,
         done: usize,
+        seconds: f64,
         vs: &nn::VarStore,
         opt: &AdamW,
         gan: Option<&GanPart>,
@@ -721,6 +729,7 @@ impl Checkpointer {
         let state = TrainState {
             step: done,
             run: self.run.clone(),
+            train_seconds: self.prior_seconds + seconds,
         };
         let mut parts = vec![checkpoint::Part {
             name: "model",
