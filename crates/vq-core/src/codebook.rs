@@ -608,10 +608,14 @@ pub fn kmeans(
     Ok((centres, counts))
 }
 
-/// Divides every row by `max(‖row‖, 1e-12)`.
+/// Floor of the norm in every l2 normalisation (cosine codebooks, cosine search inputs):
+/// `v / max(‖v‖, L2_NORM_EPS)`, as `F.normalize`'s default `eps`.
+pub const L2_NORM_EPS: f32 = 1e-12;
+
+/// Divides every row by `max(‖row‖, L2_NORM_EPS)`.
 pub fn l2_normalise_rows(a: &mut Array2<f32>) {
     for mut row in a.rows_mut() {
-        let n = row.dot(&row).sqrt().max(1e-12);
+        let n = row.dot(&row).sqrt().max(L2_NORM_EPS);
         row.mapv_inplace(|v| v / n);
     }
 }

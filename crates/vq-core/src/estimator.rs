@@ -54,8 +54,8 @@ const ROWS_PER_TASK: usize = 64;
 
 /// Norms below this are treated as zero (as in the reference implementations).
 pub const NORM_EPS: f64 = 1e-6;
-/// `‖ê ± q̂‖²` below this makes the Householder vector undefined.
-const DIRECTION_EPS: f64 = 1e-8;
+/// `‖ê ± q̂‖²` below this makes the Householder vector undefined (the fallbacks above apply).
+pub const DIRECTION_EPS: f64 = 1e-8;
 
 /// How the gradient passes from `q̃` back to `e`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]

@@ -46,11 +46,11 @@ mod search;
 pub mod toy;
 
 pub use codebook::{
-    EmaCodebook, EmaConfig, EmaStatistics, EmaUpdate, kmeans, l2_normalise_rows, replacement_rows,
-    scatter_add_rows,
+    EmaCodebook, EmaConfig, EmaStatistics, EmaUpdate, L2_NORM_EPS, kmeans, l2_normalise_rows,
+    replacement_rows, scatter_add_rows,
 };
 pub use error::{Result, VqError};
-pub use estimator::{Estimator, NORM_EPS, RowMap};
+pub use estimator::{DIRECTION_EPS, Estimator, NORM_EPS, RowMap};
 pub use layer::{Quantizer, QuantizerBackward, QuantizerForward};
 pub use loss::{BetaPlacement, CodebookTerm, LossWeights, VqLoss, vq_loss};
 pub use metrics::{code_counts, codebook_usage, perplexity, quantization_error};

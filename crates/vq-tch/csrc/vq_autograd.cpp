@@ -8,6 +8,9 @@
 // formulas and the degenerate cases); the result has g's dtype.
 //
 // Estimator codes: 0 straight-through, 1 rotation, 2 rotation without rescale, 3 reflection.
+// The thresholds of the degenerate cases (vq_core::NORM_EPS on norms, vq_core::DIRECTION_EPS on
+// squared norms of e^ +- q^) are handed over by the Rust side with every call, so that they are
+// written once, in vq-core.
 
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -19,8 +22,11 @@ namespace {
 
 thread_local std::string last_error;
 
-constexpr double kNormEps = 1e-6;
-constexpr double kDirectionEps = 1e-8;
+// The degenerate-case thresholds of vq-core.
+struct Eps {
+  double norm;
+  double direction;
+};
 
 at::Tensor rowdot(const at::Tensor& a, const at::Tensor& b) { return (a * b).sum(1, true); }
 
@@ -32,7 +38,7 @@ using CpuBackward = int32_t (*)(const float* e, const float* q, const float* g, 
                                 int64_t est);
 
 at::Tensor estimator_backward(const at::Tensor& e_in, const at::Tensor& q_in, const at::Tensor& g_in, int64_t est,
-                              CpuBackward cpu) {
+                              CpuBackward cpu, Eps eps) {
   if (est == 0) return g_in;  // straight-through: the gradient passes unchanged
   if (cpu != nullptr && e_in.device().is_cpu() && e_in.scalar_type() == at::kFloat && q_in.scalar_type() == at::kFloat &&
       g_in.scalar_type() == at::kFloat) {
@@ -50,22 +56,22 @@ at::Tensor estimator_backward(const at::Tensor& e_in, const at::Tensor& q_in, co
   const auto g = g_in.to(at::kDouble);
   const auto ne = e.norm(2, {1}, true);
   const auto nq = q.norm(2, {1}, true);
-  const auto scale = est == 2 ? at::ones_like(ne) : nq / ne.clamp_min(kNormEps);
-  const auto degenerate = (ne < kNormEps).logical_or(nq < kNormEps);
-  const auto eh = e / ne.clamp_min(kNormEps);
-  const auto qh = q / nq.clamp_min(kNormEps);
+  const auto scale = est == 2 ? at::ones_like(ne) : nq / ne.clamp_min(eps.norm);
+  const auto degenerate = (ne < eps.norm).logical_or(nq < eps.norm);
+  const auto eh = e / ne.clamp_min(eps.norm);
+  const auto qh = q / nq.clamp_min(eps.norm);
   at::Tensor out;
   at::Tensor identity = degenerate;
   if (est == 3) {
     const auto r = eh - qh;
     const auto nr2 = rowdot(r, r);
-    identity = identity.logical_or(nr2 < kDirectionEps);
+    identity = identity.logical_or(nr2 < eps.direction);
     out = householder(g, r / nr2.sqrt().clamp_min(1e-300));
   } else {
     const auto s = eh + qh;
     const auto ns2 = rowdot(s, s);
     auto w = s / ns2.sqrt().clamp_min(1e-300);
-    const auto antipodal = ns2 < kDirectionEps;
+    const auto antipodal = ns2 < eps.direction;
     if (e.size(1) >= 2) {
       // Rotation by pi in the plane of e^ and the coordinate axis least aligned with it.
       const auto axis = eh.abs().argmin(1, true);
@@ -85,10 +91,12 @@ at::Tensor estimator_backward(const at::Tensor& e_in, const at::Tensor& q_in, co
 
 struct VqEstimatorFn : public torch::autograd::Function<VqEstimatorFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& e, const at::Tensor& q, int64_t est,
-                            int64_t cpu_backward) {
+                            int64_t cpu_backward, double norm_eps, double direction_eps) {
     ctx->save_for_backward({e, q});
     ctx->saved_data["estimator"] = est;
     ctx->saved_data["cpu_backward"] = cpu_backward;
+    ctx->saved_data["norm_eps"] = norm_eps;
+    ctx->saved_data["direction_eps"] = direction_eps;
     return q.detach().clone();
   }
 
@@ -97,7 +105,13 @@ struct VqEstimatorFn : public torch::autograd::Function<VqEstimatorFn> {
     const auto saved = ctx->get_saved_variables();
     const auto est = ctx->saved_data["estimator"].toInt();
     const auto cpu = reinterpret_cast<CpuBackward>(ctx->saved_data["cpu_backward"].toInt());
-    return {estimator_backward(saved[0], saved[1], grads[0], est, cpu), at::Tensor(), at::Tensor(), at::Tensor()};
+    const Eps eps{ctx->saved_data["norm_eps"].toDouble(), ctx->saved_data["direction_eps"].toDouble()};
+    return {estimator_backward(saved[0], saved[1], grads[0], est, cpu, eps),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor(),
+            at::Tensor()};
   }
 };
 
@@ -108,9 +122,12 @@ extern "C" {
 // Returns a new tensor (owned by the caller, as tch's C API does) or nullptr with the message
 // available from vq_tch_last_error().
 // cpu_backward: the Rust callback for f32 CPU tensors, or null to always use the ATen path.
-at::Tensor* vq_tch_estimator_apply(at::Tensor* e, at::Tensor* q, int64_t estimator, CpuBackward cpu_backward) {
+// norm_eps, direction_eps: vq-core's thresholds of the degenerate cases.
+at::Tensor* vq_tch_estimator_apply(at::Tensor* e, at::Tensor* q, int64_t estimator, CpuBackward cpu_backward,
+                                   double norm_eps, double direction_eps) {
   try {
-    return new at::Tensor(VqEstimatorFn::apply(*e, *q, estimator, reinterpret_cast<int64_t>(cpu_backward)));
+    return new at::Tensor(VqEstimatorFn::apply(*e, *q, estimator, reinterpret_cast<int64_t>(cpu_backward), norm_eps,
+                                               direction_eps));
   } catch (const std::exception& ex) {
     last_error = ex.what();
     return nullptr;

@@ -67,10 +67,7 @@ pub(crate) fn ema_apply(
         let smoothed = (n_k + eps) / (&total + k as f64 * eps) * &total;
         let mut fresh = &*sums / smoothed.to_kind(Kind::Float).unsqueeze(1);
         if config.metric() == Metric::Cosine {
-            fresh = &fresh
-                / fresh
-                    .norm_scalaropt_dim(2, [1i64].as_slice(), true)
-                    .clamp_min(1e-12);
+            fresh = crate::l2_normalise_rows(&fresh);
         }
         codes.copy_(&fresh);
         let t = config.dead_code_threshold();

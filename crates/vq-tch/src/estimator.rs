@@ -22,6 +22,8 @@ unsafe extern "C" {
         q: *mut C_tensor,
         estimator: i64,
         cpu: Option<CpuBackward>,
+        norm_eps: f64,
+        direction_eps: f64,
     ) -> *mut C_tensor;
     fn vq_tch_last_error() -> *const c_char;
 }
@@ -136,6 +138,8 @@ pub fn apply_estimator(e: &Tensor, q: &Tensor, estimator: Estimator) -> Result<T
             q.as_ptr() as *mut C_tensor,
             code(estimator),
             Some(cpu_backward as CpuBackward),
+            vq_core::NORM_EPS,
+            vq_core::DIRECTION_EPS,
         );
         if out.is_null() {
             let msg = CStr::from_ptr(vq_tch_last_error())

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tch::{Device, Kind, Reduction, Tensor, nn};
-use vq_core::{BetaPlacement, EmaCodebook, EmaConfig, Estimator, Metric};
+use vq_core::{
+    BetaPlacement, CodebookTerm, EmaCodebook, EmaConfig, Estimator, LossWeights, Metric,
+};
 use vq_dist::ProcessGroup;
 
 use crate::error::{Result, VqTchError};
@@ -83,6 +85,19 @@ pub enum Projection {
 }
 
 impl VectorQuantizerConfig {
+    /// The weights of the commitment and codebook terms: vq-core's [`LossWeights`] for β, its
+    /// placement and whether the codebook learns by gradient (EMA: no codebook term).
+    ///
+    /// # Errors
+    /// A negative or non-finite β.
+    pub fn loss_weights(&self) -> Result<LossWeights> {
+        let (placement, term) = match self.learning {
+            CodebookLearning::Ema { .. } => (BetaPlacement::Commitment, CodebookTerm::Exclude),
+            CodebookLearning::Gradient { placement } => (placement, CodebookTerm::Include),
+        };
+        Ok(LossWeights::new(self.beta, placement, term)?)
+    }
+
     /// Channels of the layer's input: C with a projection, else D.
     pub fn input_channels(&self) -> usize {
         match self.projection {
@@ -168,7 +183,7 @@ impl VectorQuantizerConfig {
         if self.input_channels() == 0 {
             return bad("projection", "channels must be > 0");
         }
-        if !(self.beta.is_finite() && self.beta >= 0.0) {
+        if self.loss_weights().is_err() {
             return bad("beta", "must be finite and >= 0");
         }
         if let CodebookLearning::Ema {
@@ -301,10 +316,7 @@ impl VectorQuantizer {
         let values: Vec<f32> = (0..k * d).map(|_| rng.sample(normal)).collect();
         let mut init = Tensor::from_slice(&values).view([k, d]);
         if config.metric == Metric::Cosine {
-            init = &init
-                / init
-                    .norm_scalaropt_dim(2, [1i64].as_slice(), true)
-                    .clamp_min(1e-12);
+            init = crate::l2_normalise_rows(&init);
         }
         let init = init.to_device(device);
         let scalar = |v: i64| Tensor::from(v).to_device(device);
@@ -444,9 +456,7 @@ impl VectorQuantizer {
             e = e.apply(norm);
         }
         if self.config.metric == Metric::Cosine {
-            e = &e
-                / e.norm_scalaropt_dim(2, [1i64].as_slice(), true)
-                    .clamp_min(1e-12);
+            e = crate::l2_normalise_rows(&e);
         }
         // Rows per sample: a data-parallel union batch interleaves whole samples.
         let per_sample = lead[1..].iter().product::<i64>().max(1);
@@ -459,15 +469,8 @@ impl VectorQuantizer {
         let q = q_live.detach();
         let mut out = apply_estimator(&e, &q, self.config.estimator)?;
         let commit_mse = e.mse_loss(&q, Reduction::Mean);
-        let (wc, wb) = match self.config.learning {
-            CodebookLearning::Ema { .. } => (self.config.beta, 0.0),
-            CodebookLearning::Gradient {
-                placement: BetaPlacement::Commitment,
-            } => (self.config.beta, 1.0),
-            CodebookLearning::Gradient {
-                placement: BetaPlacement::LegacyCodebook,
-            } => (1.0, self.config.beta),
-        };
+        let weights = self.config.loss_weights()?;
+        let (wc, wb) = (weights.commitment(), weights.codebook());
         let quantization_error = commit_mse.detach();
         let latent_power = e.detach().square().mean(Kind::Float);
         let commitment_loss = commit_mse * f64::from(wc);

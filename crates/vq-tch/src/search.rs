@@ -122,12 +122,7 @@ fn search_device(x: &Tensor, codebook: &Tensor, metric: Metric, chunk_scores: i6
             (&x - &mu, c, Some(bias))
         }
         Metric::Cosine => {
-            let unit = |t: &Tensor| {
-                let n = t
-                    .norm_scalaropt_dim(2, [1i64].as_slice(), true)
-                    .clamp_min(1e-12);
-                t / n
-            };
+            let unit = crate::l2_normalise_rows;
             (unit(&x), unit(&c), None)
         }
     };

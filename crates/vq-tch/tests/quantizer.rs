@@ -87,6 +87,74 @@ fn input_gradient_is_the_estimator_plus_the_commitment_term() {
     }
 }
 
+/// The layer's commitment and codebook losses, and the codebook's gradient, equal vq-core's
+/// `vq_loss` with the config's `LossWeights`, for both β placements and for EMA codebooks.
+#[test]
+fn losses_and_codebook_gradient_equal_vq_core() {
+    let ema = CodebookLearning::Ema {
+        decay: 0.8,
+        laplace_eps: 1e-5,
+        dead_code_threshold: 0.0,
+        kmeans_iters: 0,
+    };
+    for learning in [
+        CodebookLearning::Gradient {
+            placement: BetaPlacement::Commitment,
+        },
+        CodebookLearning::Gradient {
+            placement: BetaPlacement::LegacyCodebook,
+        },
+        ema,
+    ] {
+        let cfg = VectorQuantizerConfig {
+            learning,
+            beta: 0.3,
+            ..small(Metric::Euclidean, Estimator::Rotation)
+        };
+        let (_vs, mut vq) = layer(cfg);
+        tch::manual_seed(11);
+        let x = Tensor::randn([40, 4], (Kind::Float, Device::Cpu));
+        let out = vq.forward(&x, Mode::Eval).unwrap();
+        let (e, q) = (to_array(&x), to_array(&out.quantized.detach()));
+        let weights = cfg.loss_weights().unwrap();
+        let want = vq_core::vq_loss(e.view(), q.view(), weights).unwrap();
+        let close = |a: f64, b: f32, what: &str| {
+            assert!(
+                (a - f64::from(b)).abs() <= 1e-6 * (1.0 + f64::from(b).abs()),
+                "{learning:?} {what}: layer {a} vs vq-core {b}"
+            );
+        };
+        close(
+            f64::try_from(&out.commitment_loss).unwrap(),
+            want.commitment,
+            "commitment",
+        );
+        close(
+            f64::try_from(&out.codebook_loss).unwrap(),
+            want.codebook,
+            "codebook",
+        );
+        if let CodebookLearning::Gradient { .. } = learning {
+            out.codebook_loss.backward();
+            let idx: Vec<u32> = Vec::<i64>::try_from(out.indices.reshape([-1]))
+                .unwrap()
+                .into_iter()
+                .map(|i| i as u32)
+                .collect();
+            let expect =
+                vq_core::scatter_add_rows(want.grad_q(e.view(), q.view()).view(), &idx, 16)
+                    .unwrap();
+            let got = to_array(&vq.codebook().grad());
+            for (a, b) in got.iter().zip(expect.iter()) {
+                assert!(
+                    (a - b).abs() <= 1e-6 * (1.0 + b.abs()),
+                    "{learning:?}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn ema_state_after_several_steps_equals_vq_core() {
     let cfg = VectorQuantizerConfig {
