@@ -1,7 +1,8 @@
 //! Timing of the estimator node's forward + backward against the same maths written with plain
-//! tch ops (detach composition, as in the PyTorch reference script), and of a whole VQ step
-//! (search + estimator + losses, forward + backward) against torch's own ops (‖e‖² − 2e·cᵀ + ‖c‖²,
-//! argmin, gather, composition); same run, same threads / device.
+//! tch ops (detach composition, as in the PyTorch reference script), and of the VQ layer step
+//! that training runs (`VectorQuantizer`, forward + backward) against torch's own ops
+//! (‖e‖² − 2e·cᵀ + ‖c‖², argmin, gather, composition), with the pure vq-core step beside it;
+//! same run, same threads / device.
 //! `cargo run --release -p vq-tch --example bench_op [-- --threads 2 --device cuda]`
 
 use std::time::Instant;
@@ -58,6 +59,10 @@ fn main() {
         }
     }
     tch::set_num_threads(threads);
+    // vq-core's kernels (the CPU search, the estimator callback, EMA) run on rayon's pool.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1) as usize)
+        .build_global();
     println!("threads: {threads}, device: {device:?}");
     println!(
         "| N×D | estimator | node fwd+bwd ms | tch composition fwd+bwd ms | node / composition |"
@@ -88,75 +93,65 @@ fn main() {
             );
         }
     }
-    full_step(device);
     layer_step(device);
 }
 
-/// A whole `VectorQuantizer` training step (forward in `Mode::Train` + backward), EMA codebook
-/// (updated by vq-core on the CPU) against a codebook learned by gradient.
+/// The headline table: one VQ layer step as training runs it — `VectorQuantizer::forward` in
+/// `Mode::Train` + backward of `mean(q̃²) + commitment + codebook` (gradient-learned codebook,
+/// β = 0.25 on the commitment term, the loss of `torch_vq_ref.py`) — against the same step in
+/// torch's own ops (`‖e‖² − 2e·cᵀ + ‖c‖²`, `argmin`, gather, the detach composition) and, beside
+/// it, the pure vq-core step (`vq_core::Quantizer`, ndarray, no autograd) and the layer with an
+/// EMA codebook (updated by vq-core). Same process, same inputs, same threads.
 fn layer_step(device: Device) {
+    use vq_core::{BetaPlacement, Metric};
     use vq_tch::{CodebookLearning, Mode, VectorQuantizer, VectorQuantizerConfig};
     println!();
-    println!("| N×K×D | codebook | layer train step ms |");
-    println!("|---|---|---|");
+    println!(
+        "| N×K×D | estimator | layer step ms | torch-ops step ms | layer / torch-ops | vq-core step ms | layer, EMA codebook ms |"
+    );
+    println!("|---|---|---|---|---|---|---|");
     for (n, k, d) in [(8192i64, 1024usize, 256usize), (65536, 8192, 8)] {
-        for ema in [true, false] {
-            let base = VectorQuantizerConfig::paper_vqgan(k, d);
-            let cfg = if ema {
-                VectorQuantizerConfig {
-                    learning: CodebookLearning::Ema {
-                        decay: 0.8,
-                        laplace_eps: 1e-5,
-                        dead_code_threshold: 0.0,
-                        kmeans_iters: 0,
-                    },
-                    ..base
-                }
-            } else {
-                base
-            };
-            let vs = tch::nn::VarStore::new(device);
-            let mut vq = VectorQuantizer::new(&vs.root(), cfg).expect("layer");
-            tch::manual_seed(0);
-            let mut e = Tensor::randn([n, d as i64], (Kind::Float, device)).set_requires_grad(true);
-            let ms = median_ms(5, device, || {
-                e.zero_grad();
-                let out = vq.forward(&e, Mode::Train).expect("forward");
-                ((&out.quantized * &out.quantized).mean(Kind::Float)
-                    + out.commitment_loss
-                    + out.codebook_loss)
-                    .backward();
-            });
-            let name = if ema { "EMA" } else { "gradient" };
-            println!("| {n}×{k}×{d} | {name} | {ms:.1} |");
-        }
-    }
-}
-
-/// A whole VQ step: the library (nearest_codes + node + losses) against torch's own ops.
-fn full_step(device: Device) {
-    println!();
-    println!("| N×K×D | estimator | vq-tch step ms | torch-ops step ms | vq-tch / torch-ops |");
-    println!("|---|---|---|---|---|");
-    for (n, k, d) in [(8192i64, 1024i64, 256i64), (65536, 8192, 8)] {
         tch::manual_seed(0);
-        let mut e = Tensor::randn([n, d], (Kind::Float, device)).set_requires_grad(true);
-        let mut cb = Tensor::randn([k, d], (Kind::Float, device)).set_requires_grad(true);
+        let e0 = Tensor::randn([n, d as i64], (Kind::Float, Device::Cpu));
         for est in [Estimator::StraightThrough, Estimator::Rotation] {
-            let ours = median_ms(5, device, || {
-                e.zero_grad();
-                cb.zero_grad();
-                let idx =
-                    vq_tch::nearest_codes(&e.detach(), &cb.detach(), vq_core::Metric::Euclidean)
-                        .expect("search");
-                let q_live = cb.index_select(0, &idx.to_device(device));
-                let q = q_live.detach();
-                let y = vq_tch::apply_estimator(&e, &q, est).expect("node");
-                let loss = (&y * &y).mean(Kind::Float)
-                    + e.mse_loss(&q, tch::Reduction::Mean) * 0.25
-                    + q_live.mse_loss(&e.detach(), tch::Reduction::Mean);
-                loss.backward();
-            });
+            let layer = |learning| {
+                let vs = tch::nn::VarStore::new(device);
+                let cfg = VectorQuantizerConfig {
+                    estimator: est,
+                    metric: Metric::Euclidean,
+                    beta: 0.25,
+                    learning,
+                    ..VectorQuantizerConfig::paper_vqgan(k, d)
+                };
+                let vq = VectorQuantizer::new(&vs.root(), cfg).expect("layer");
+                (vs, vq)
+            };
+            let gradient = CodebookLearning::Gradient {
+                placement: BetaPlacement::Commitment,
+            };
+            let ema = CodebookLearning::Ema {
+                decay: 0.8,
+                laplace_eps: 1e-5,
+                dead_code_threshold: 0.0,
+                kmeans_iters: 0,
+            };
+            let mut e = e0.to_device(device).set_requires_grad(true);
+            let mut time_layer = |learning| {
+                let (_vs, mut vq) = layer(learning);
+                median_ms(5, device, || {
+                    e.zero_grad();
+                    let out = vq.forward(&e, Mode::Train).expect("forward");
+                    ((&out.quantized * &out.quantized).mean(Kind::Float)
+                        + out.commitment_loss
+                        + out.codebook_loss)
+                        .backward();
+                })
+            };
+            let ours = time_layer(gradient);
+            let ours_ema = time_layer(ema);
+            // torch's ops on the same codebook values.
+            let (_vs, vq) = layer(gradient);
+            let mut cb = vq.codebook().detach().copy().set_requires_grad(true);
             let theirs = median_ms(5, device, || {
                 e.zero_grad();
                 cb.zero_grad();
@@ -177,11 +172,38 @@ fn full_step(device: Device) {
                     + q_live.mse_loss(&e.detach(), tch::Reduction::Mean);
                 loss.backward();
             });
+            let core = core_step_ms(&e0, &vq.codebook().to_device(Device::Cpu), est);
             println!(
-                "| {n}×{k}×{d} | {} | {ours:.1} | {theirs:.1} | {:.3} |",
+                "| {n}×{k}×{d} | {} | {ours:.1} | {theirs:.1} | {:.3} | {core:.1} | {ours_ema:.1} |",
                 est.name(),
                 ours / theirs
             );
         }
     }
+}
+
+/// The same step in pure vq-core (`Quantizer::forward` + `backward`, ndarray on the CPU).
+fn core_step_ms(e: &Tensor, codebook: &Tensor, estimator: Estimator) -> f64 {
+    use vq_core::{BetaPlacement, CodebookTerm, LossWeights, Metric, Quantizer};
+    let to_array = |t: &Tensor| {
+        let s = t.size();
+        let v = Vec::<f32>::try_from(t.contiguous().view([-1])).expect("f32");
+        ndarray::Array2::from_shape_vec((s[0] as usize, s[1] as usize), v).expect("shape")
+    };
+    let (e, cb) = (to_array(e), to_array(codebook));
+    let vq = Quantizer {
+        metric: Metric::Euclidean,
+        estimator,
+        loss: LossWeights::new(0.25, BetaPlacement::Commitment, CodebookTerm::Include)
+            .expect("weights"),
+    };
+    median_ms(5, Device::Cpu, || {
+        let fwd = vq.forward(e.view(), cb.view()).expect("forward");
+        let n = fwd.quantized.len() as f32;
+        let grad_out = fwd.quantized.mapv(|v| 2.0 * v / n);
+        let bwd = vq
+            .backward(e.view(), cb.view(), &fwd, grad_out.view())
+            .expect("backward");
+        std::hint::black_box(bwd.grad_e[[0, 0]]);
+    })
 }
