@@ -1,0 +1,151 @@
+"""Writes the reference fixtures of crates/vq-models/tests/references.rs with the reference
+packages themselves (versions in requirements.txt; torch 2.13.0 as `cargo xtask setup` installs).
+
+    pip install --no-deps --target /tmp/refpy -r crates/vq-models/tests/reference/requirements.txt
+    PYTHONPATH=/tmp/refpy:.libtorch/site python3 crates/vq-models/tests/reference/make_fixtures.py
+
+The pretrained weights cannot be shipped, so both networks get deterministic weights from a
+formula of the variable's name and index (`formula_weights` below; the Rust test builds the same
+values), in the layouts of the real files. Fixtures (small safetensors files, inputs and
+outputs) go to crates/vq-models/tests/fixtures/:
+
+- frechet.safetensors: two feature sets with different, non-commuting covariances and
+  pytorch-fid's `calculate_frechet_distance` of their statistics (scipy.linalg.sqrtm), plus
+  logits and the Inception score by the formula of the original improved-GAN code (numpy);
+- lpips.safetensors: image pairs in [-1, 1] and `lpips.LPIPS(net="vgg")` distances;
+- fid_inception.safetensors: images in [-1, 1], pytorch-fid's `InceptionV3([3])` pool features
+  (the FID features; the input given in [0, 1] as pytorch-fid takes it) and the 1008 logits of
+  `fid_inception_v3()`'s `fc` on them.
+"""
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "fixtures")
+
+
+def fnv1a(s):
+    h = 0xCBF29CE484222325
+    for b in s.encode():
+        h ^= b
+        h = (h * 0x100000001B3) & (2**64 - 1)
+    return h
+
+
+def formula(name, shape):
+    """The deterministic value of every element of variable `name` (see the Rust test)."""
+    n = math.prod(shape)
+    i = torch.arange(n, dtype=torch.float64)
+    phase = (fnv1a(name) % 1_000_003) / 1_000_003 * 2 * math.pi
+    v = torch.sin(i * 0.7548776662466927 + phase) * torch.cos(i * 0.5698402909980532)
+    if name.endswith("running_var"):
+        v = 1.0 + 0.25 * (v + 1.0)
+    elif name.endswith("running_mean"):
+        v = 0.1 * v
+    elif ".bn." in name and name.endswith("weight"):
+        v = 1.0 + 0.1 * v
+    elif name.endswith("bias"):
+        v = 0.1 * v
+    elif name.startswith("lin"):
+        v = 0.5 * (v + 1.0)
+    else:
+        fan_in = math.prod(shape[1:])
+        v = v * (2.0 / math.sqrt(fan_in))
+    return v.to(torch.float32).reshape(shape)
+
+
+def frechet():
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    g = torch.Generator().manual_seed(1)
+    n, d = 200, 16
+    a = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64)
+    b = torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64) * 0.7 + 0.3
+    stats = lambda x: (np.mean(x.numpy(), axis=0), np.cov(x.numpy(), rowvar=False))
+    fid = calculate_frechet_distance(*stats(a), *stats(b))
+    logits = torch.randn(40, 10, generator=g, dtype=torch.float64) * 3.0
+    p = torch.softmax(logits, 1).numpy()
+    scores = []
+    for k in range(2):
+        part = p[k * 20:(k + 1) * 20]
+        kl = part * (np.log(part) - np.log(np.expand_dims(np.mean(part, 0), 0)))
+        scores.append(np.exp(np.mean(np.sum(kl, 1))))
+    return {
+        "a": a,
+        "b": b,
+        "fid": torch.tensor([fid], dtype=torch.float64),
+        "logits": logits,
+        "is_mean_std": torch.tensor([np.mean(scores), np.std(scores)], dtype=torch.float64),
+    }
+
+
+def images(seed, n=2, size=32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, 3, size, size, generator=g) * 2 - 1).contiguous()
+
+
+def lpips_fixture():
+    import lpips
+
+    m = lpips.LPIPS(pretrained=False, net="vgg", pnet_rand=True, verbose=False).eval()
+    sd = {}
+    for k, v in m.state_dict().items():
+        if k.startswith("net.slice"):  # net.slice{s}.{i}.weight -> features.{i}.weight
+            _, _, i, what = k.split(".")
+            sd[k] = formula(f"features.{i}.{what}", tuple(v.shape))
+        elif k.startswith("lin") and not k.startswith("lins."):
+            sd[k] = formula(f"{k.split('.')[0]}.weight", tuple(v.shape))
+        elif k.startswith("lins."):
+            sd[k] = formula(f"lin{k.split('.')[1]}.weight", tuple(v.shape))
+        else:
+            sd[k] = v  # the scaling layer's constants
+    m.load_state_dict(sd)
+    x, y = images(2), images(3)
+    with torch.no_grad():
+        d = m(x, y).reshape(-1)
+        d_self = m(x, x).reshape(-1)
+    return {"x": x, "y": y, "distance": d.contiguous(), "self_distance": d_self.contiguous()}
+
+
+def inception_fixture():
+    import pytorch_fid.inception as fi
+
+    # The architecture's state-dict layout (its real loader would download the weights): build
+    # it once with loading disabled, then let pytorch-fid load the formula's values itself.
+    real_url_loader, real_load = fi.load_state_dict_from_url, torch.nn.Module.load_state_dict
+    fi.load_state_dict_from_url = lambda *a, **k: None
+    torch.nn.Module.load_state_dict = lambda self, sd, *a, **k: None
+    layout = fi.fid_inception_v3().state_dict()
+    torch.nn.Module.load_state_dict = real_load
+    weights = {
+        k: (v if k.endswith("num_batches_tracked") else formula(k, tuple(v.shape)))
+        for k, v in layout.items()
+    }
+    fi.load_state_dict_from_url = lambda *a, **k: weights
+    block = fi.InceptionV3.BLOCK_INDEX_BY_DIM[2048]
+    net = fi.InceptionV3([block], resize_input=True, normalize_input=True, use_fid_inception=True).eval()
+    full = fi.fid_inception_v3().eval()
+    fi.load_state_dict_from_url = real_url_loader
+    x = images(4)
+    with torch.no_grad():
+        pool = net((x + 1) / 2)[0].flatten(1)
+        logits = full.fc(pool)
+    return {"x": x, "pool": pool.contiguous(), "logits": logits.contiguous()}
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    torch.set_num_threads(2)
+    for name, make in [("frechet", frechet), ("lpips", lpips_fixture), ("fid_inception", inception_fixture)]:
+        tensors = make()
+        path = os.path.join(OUT, f"{name}.safetensors")
+        save_file(tensors, path, metadata={"torch": torch.__version__, "script": "make_fixtures.py"})
+        print(f"{path}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()), file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
