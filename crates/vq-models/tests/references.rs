@@ -1,12 +1,14 @@
-//! LPIPS, the FID Inception network, the Fréchet distance and the Inception score against the
-//! reference packages' own outputs: fixtures written by `tests/reference/make_fixtures.py` with
-//! `lpips` 0.1.4, `pytorch-fid` 0.3.0 (scipy's `sqrtm`), torchvision 0.28.0 and torch 2.13.0 (see
-//! that script and `requirements.txt`). The networks get the script's deterministic weights
+//! LPIPS, the FID Inception network, the Fréchet distance, the Inception score and the
+//! TimeSformer encoder against the reference packages' own outputs: fixtures written by
+//! `tests/reference/make_fixtures.py` with `lpips` 0.1.4, `pytorch-fid` 0.3.0 (scipy's `sqrtm`),
+//! `transformers` 4.46.3, torchvision 0.28.0 and torch 2.13.0 (see that script and
+//! `requirements.txt`). The networks get the script's deterministic weights
 //! (the pretrained ones cannot be shipped), built here by the same formula. No Python runs here.
 
 use std::path::PathBuf;
 
 use tch::{Device, Kind, Tensor, nn};
+use vq_models::timesformer::{TimeSformerConfig, TimeSformerEncoder};
 use vq_models::{FidInception, Lpips, frechet_distance, inception_score};
 
 fn fixture(name: &str) -> Vec<(String, Tensor)> {
@@ -128,4 +130,36 @@ fn frechet_distance_and_inception_score_equal_the_references() {
         "IS std {std} vs {}",
         want[1]
     );
+}
+
+/// The encoder's tokens (B, hidden, T, g, g) are `TimesformerModel`'s `last_hidden_state`
+/// without the CLS token, in its patch-major, frame-minor order (token n·T + t).
+#[test]
+fn timesformer_encoder_equals_transformers() {
+    let f = fixture("timesformer");
+    let c = Vec::<i64>::try_from(get(&f, "config")).unwrap();
+    let c: Vec<usize> = c.iter().map(|&v| v as usize).collect();
+    let config = TimeSformerConfig {
+        frames: c[0],
+        image_size: c[1],
+        patch_size: c[2],
+        channels: c[3],
+        hidden: c[4],
+        layers: c[5],
+        heads: c[6],
+        intermediate: c[7],
+        layer_norm_eps: 1e-6,
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let net = TimeSformerEncoder::new(&vs.root(), &config).unwrap();
+    fill(&vs);
+    let _guard = tch::no_grad_guard();
+    let out = nn::Module::forward(&net, &get(&f, "x"));
+    let (b, d) = (out.size()[0], config.hidden as i64);
+    let tokens = out.permute([0, 3, 4, 2, 1]).reshape([b, -1, d]);
+    let want = get(&f, "last_hidden_state");
+    let want = want.narrow(1, 1, want.size()[1] - 1);
+    let err = relative(&tokens, &want);
+    eprintln!("TimeSformer encoder vs transformers 4.46.3: relative error {err:.2e}");
+    assert!(err < 1e-5, "relative error {err:.2e}");
 }

@@ -15,7 +15,9 @@ outputs) go to crates/vq-models/tests/fixtures/:
 - lpips.safetensors: image pairs in [-1, 1] and `lpips.LPIPS(net="vgg")` distances;
 - fid_inception.safetensors: images in [-1, 1], pytorch-fid's `InceptionV3([3])` pool features
   (the FID features; the input given in [0, 1] as pytorch-fid takes it) and the 1008 logits of
-  `fid_inception_v3()`'s `fc` on them.
+  `fid_inception_v3()`'s `fc` on them;
+- timesformer.safetensors: a clip (B, C, T, H, W), the configuration of a small
+  `transformers.TimesformerModel` (divided space-time attention) and its `last_hidden_state`.
 """
 import math
 import os
@@ -137,10 +139,33 @@ def inception_fixture():
     return {"x": x, "pool": pool.contiguous(), "logits": logits.contiguous()}
 
 
+# frames, image size, patch, channels, hidden, layers, heads, MLP width
+TIMESFORMER = (4, 16, 4, 3, 32, 2, 4, 48)
+
+
+def timesformer_fixture():
+    from transformers import TimesformerConfig, TimesformerModel
+
+    t, size, patch, ch, hidden, layers, heads, mlp = TIMESFORMER
+    config = TimesformerConfig(
+        image_size=size, patch_size=patch, num_channels=ch, num_frames=t, hidden_size=hidden,
+        num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=mlp,
+        layer_norm_eps=1e-6, attention_type="divided_space_time",
+    )
+    m = TimesformerModel(config).eval()
+    m.load_state_dict({k: formula(k, tuple(v.shape)) for k, v in m.state_dict().items()})
+    g = torch.Generator().manual_seed(5)
+    x = (torch.rand(2, ch, t, size, size, generator=g) * 2 - 1).contiguous()
+    with torch.no_grad():
+        h = m(pixel_values=x.permute(0, 2, 1, 3, 4)).last_hidden_state
+    return {"x": x, "config": torch.tensor(TIMESFORMER, dtype=torch.int64), "last_hidden_state": h.contiguous()}
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     torch.set_num_threads(2)
-    for name, make in [("frechet", frechet), ("lpips", lpips_fixture), ("fid_inception", inception_fixture)]:
+    for name, make in [("frechet", frechet), ("lpips", lpips_fixture), ("fid_inception", inception_fixture),
+                       ("timesformer", timesformer_fixture)]:
         tensors = make()
         path = os.path.join(OUT, f"{name}.safetensors")
         save_file(tensors, path, metadata={"torch": torch.__version__, "script": "make_fixtures.py"})
