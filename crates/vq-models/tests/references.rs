@@ -5,6 +5,7 @@
 //! `requirements.txt`). The networks get the script's deterministic weights
 //! (the pretrained ones cannot be shipped), built here by the same formula. No Python runs here.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use tch::{Device, Kind, Tensor, nn};
@@ -162,4 +163,109 @@ fn timesformer_encoder_equals_transformers() {
     let err = relative(&tokens, &want);
     eprintln!("TimeSformer encoder vs transformers 4.46.3: relative error {err:.2e}");
     assert!(err < 1e-5, "relative error {err:.2e}");
+}
+
+/// Variable name → shape, and the count of trainable parameters.
+type Layout = (BTreeMap<String, Vec<i64>>, i64);
+
+/// The layout of the variables of `vs` under `prefix` (stripped).
+fn layout(vs: &nn::VarStore, prefix: &str) -> Layout {
+    let trainable: std::collections::HashSet<String> = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| format!("{:p}", t.data_ptr()))
+        .collect();
+    let mut count = 0;
+    let mut map = BTreeMap::new();
+    for (name, t) in vs.variables() {
+        if let Some(rest) = name.strip_prefix(prefix) {
+            if trainable.contains(&format!("{:p}", t.data_ptr())) {
+                count += t.numel() as i64;
+            }
+            map.insert(rest.to_owned(), t.size());
+        }
+    }
+    (map, count)
+}
+
+/// Every variable of the presets' encoders, decoders and discriminators has the name and shape
+/// of the reference module's state-dict entry, and no entry is missing or extra (layouts.json,
+/// from taming-transformers, latent-diffusion's copy of it and transformers).
+#[test]
+fn presets_have_the_reference_modules_layouts() {
+    use vq_models::{PatchDiscriminator, Preset, VqAutoencoder};
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/layouts.json");
+    let layouts: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let reference = |key: &str| {
+        let m = &layouts[key];
+        let map: BTreeMap<String, Vec<i64>> =
+            serde_json::from_value(m["state_dict"].clone()).unwrap();
+        (map, m["parameters"].as_i64().unwrap())
+    };
+    let check = |what: String, ours: Layout, key: &str| {
+        let (want, count) = reference(key);
+        let missing: Vec<_> = want.keys().filter(|k| !ours.0.contains_key(*k)).collect();
+        let extra: Vec<_> = ours.0.keys().filter(|k| !want.contains_key(*k)).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "{what} vs {key}: missing {missing:?}, extra {extra:?}"
+        );
+        for (name, shape) in &want {
+            assert_eq!(&ours.0[name], shape, "{what} vs {key}: {name}");
+        }
+        assert_eq!(ours.1, count, "{what} vs {key}: trainable parameters");
+    };
+    for (preset, enc, dec) in [
+        (
+            Preset::VqVaeF16Euclidean,
+            "taming_f16_encoder",
+            Some("taming_f16_decoder"),
+        ),
+        (
+            Preset::VqVaeF4Cosine,
+            "taming_f4_encoder",
+            Some("taming_f4_decoder"),
+        ),
+        (
+            Preset::VqganF16Imagenet,
+            "taming_f16_encoder",
+            Some("taming_f16_decoder"),
+        ),
+        (
+            Preset::LdmF4,
+            "taming_f4_encoder",
+            Some("taming_f4_decoder"),
+        ),
+        (Preset::LdmF8, "ldm_f8_encoder", Some("ldm_f8_decoder")),
+        (Preset::TimeSformerBair, "timesformer_bair", None),
+        (Preset::TimeSformerUcf101, "timesformer_ucf101", None),
+    ] {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = VqAutoencoder::new(&vs.root(), &preset.config()).unwrap();
+        check(
+            format!("{} encoder", preset.name()),
+            layout(&vs, "encoder."),
+            enc,
+        );
+        if let Some(dec) = dec {
+            check(
+                format!("{} decoder", preset.name()),
+                layout(&vs, "decoder."),
+                dec,
+            );
+        }
+    }
+    for (preset, key) in [
+        (Preset::VqganF16Imagenet, "nlayer_discriminator_3"),
+        (Preset::LdmF8, "nlayer_discriminator_2"),
+    ] {
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _d = PatchDiscriminator::new(&vs.root(), &preset.gan().unwrap()).unwrap();
+        check(
+            format!("{} discriminator", preset.name()),
+            layout(&vs, ""),
+            key,
+        );
+    }
 }

@@ -17,7 +17,11 @@ outputs) go to crates/vq-models/tests/fixtures/:
   (the FID features; the input given in [0, 1] as pytorch-fid takes it) and the 1008 logits of
   `fid_inception_v3()`'s `fc` on them;
 - timesformer.safetensors: a clip (B, C, T, H, W), the configuration of a small
-  `transformers.TimesformerModel` (divided space-time attention) and its `last_hidden_state`.
+  `transformers.TimesformerModel` (divided space-time attention) and its `last_hidden_state`;
+- layouts.json: every state-dict entry (name → shape) of the reference modules the presets
+  rebuild at full size — taming's Encoder / Decoder (f16, f4; latent-diffusion's f8, whose
+  `model.py` is taming's), taming's NLayerDiscriminator (3 and 2 layers), transformers'
+  TimesformerModel with Table 11's settings (BAIR, UCF-101) — and their parameter counts.
 """
 import math
 import os
@@ -161,6 +165,46 @@ def timesformer_fixture():
     return {"x": x, "config": torch.tensor(TIMESFORMER, dtype=torch.int64), "last_hidden_state": h.contiguous()}
 
 
+def layouts():
+    import json
+
+    from taming.modules.diffusionmodules.model import Decoder, Encoder
+    from taming.modules.discriminator.model import NLayerDiscriminator
+    from transformers import TimesformerConfig, TimesformerModel
+
+    def autoencoder(ch_mult, attn, z):
+        kw = dict(ch=128, out_ch=3, ch_mult=ch_mult, num_res_blocks=2, attn_resolutions=attn,
+                  in_channels=3, resolution=256, z_channels=z, dropout=0.0)
+        return Encoder(double_z=False, **kw), Decoder(**kw)
+
+    modules = {}
+    for key, (ch_mult, attn, z) in {
+        "taming_f16": ((1, 1, 2, 2, 4), [16], 256),
+        "taming_f4": ((1, 2, 4), [], 3),
+        "ldm_f8": ((1, 2, 2, 4), [32], 4),
+    }.items():
+        enc, dec = autoencoder(ch_mult, attn, z)
+        modules[f"{key}_encoder"], modules[f"{key}_decoder"] = enc, dec
+    modules["nlayer_discriminator_3"] = NLayerDiscriminator(3, 64, 3)
+    modules["nlayer_discriminator_2"] = NLayerDiscriminator(3, 64, 2)
+    for key, (size, patch) in {"timesformer_bair": (64, 2), "timesformer_ucf101": (128, 4)}.items():
+        modules[key] = TimesformerModel(TimesformerConfig(
+            image_size=size, patch_size=patch, num_channels=3, num_frames=16, hidden_size=256,
+            num_hidden_layers=8, num_attention_heads=4, intermediate_size=768))
+    out = {}
+    for key, m in modules.items():
+        out[key] = {
+            "parameters": sum(p.numel() for p in m.parameters() if p.requires_grad),
+            "state_dict": {k: list(v.shape) for k, v in m.state_dict().items()
+                           if not k.endswith("num_batches_tracked")},
+        }
+    path = os.path.join(OUT, "layouts.json")
+    with open(path, "w") as f:
+        json.dump(out, f, indent=0, sort_keys=True)
+        f.write("\n")
+    print(f"{path}: " + ", ".join(f"{k} {v['parameters']}" for k, v in out.items()), file=sys.stderr)
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     torch.set_num_threads(2)
@@ -170,6 +214,7 @@ def main():
         path = os.path.join(OUT, f"{name}.safetensors")
         save_file(tensors, path, metadata={"torch": torch.__version__, "script": "make_fixtures.py"})
         print(f"{path}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()), file=sys.stderr)
+    layouts()
 
 
 if __name__ == "__main__":
