@@ -269,3 +269,33 @@ fn presets_have_the_reference_modules_layouts() {
         );
     }
 }
+
+/// A small taming Encoder and Decoder (ResNet blocks, attention, down- and upsampling) give
+/// taming-transformers' outputs for the same weights.
+#[test]
+fn taming_encoder_and_decoder_equal_taming_transformers() {
+    use vq_models::taming::{Decoder, Encoder, TamingConfig};
+    let f = fixture("taming");
+    let cfg = TamingConfig {
+        ch: 32,
+        ch_mult: vec![1, 2],
+        num_res_blocks: 1,
+        attn_resolutions: vec![8],
+        in_channels: 3,
+        out_channels: 3,
+        resolution: 16,
+        z_channels: 4,
+        norm_groups: 32,
+    };
+    let vs = nn::VarStore::new(Device::Cpu);
+    let enc = Encoder::new(&(vs.root() / "encoder"), &cfg).unwrap();
+    let dec = Decoder::new(&(vs.root() / "decoder"), &cfg).unwrap();
+    fill(&vs);
+    let _guard = tch::no_grad_guard();
+    let latents = nn::Module::forward(&enc, &get(&f, "x"));
+    let e = relative(&latents, &get(&f, "latents"));
+    let out = nn::Module::forward(&dec, &get(&f, "latents"));
+    let d = relative(&out, &get(&f, "reconstruction"));
+    eprintln!("taming Encoder / Decoder vs taming-transformers: {e:.2e} / {d:.2e}");
+    assert!(e < 1e-5 && d < 1e-5, "encoder {e:.2e}, decoder {d:.2e}");
+}

@@ -18,6 +18,8 @@ outputs) go to crates/vq-models/tests/fixtures/:
   `fid_inception_v3()`'s `fc` on them;
 - timesformer.safetensors: a clip (B, C, T, H, W), the configuration of a small
   `transformers.TimesformerModel` (divided space-time attention) and its `last_hidden_state`;
+- taming.safetensors: images, the latents of a small taming Encoder (ch 32, ch_mult (1, 2), one
+  ResNet block per level, attention at 8², z 4) and that Decoder's images from those latents;
 - layouts.json: every state-dict entry (name → shape) of the reference modules the presets
   rebuild at full size — taming's Encoder / Decoder (f16, f4; latent-diffusion's f8, whose
   `model.py` is taming's), taming's NLayerDiscriminator (3 and 2 layers), transformers'
@@ -165,6 +167,26 @@ def timesformer_fixture():
     return {"x": x, "config": torch.tensor(TIMESFORMER, dtype=torch.int64), "last_hidden_state": h.contiguous()}
 
 
+# ch, ch_mult, ResNet blocks, attention resolution, resolution, z channels
+TAMING = (32, (1, 2), 1, 8, 16, 4)
+
+
+def taming_fixture():
+    from taming.modules.diffusionmodules.model import Decoder, Encoder
+
+    ch, ch_mult, blocks, attn, size, z = TAMING
+    kw = dict(ch=ch, out_ch=3, ch_mult=ch_mult, num_res_blocks=blocks, attn_resolutions=[attn],
+              in_channels=3, resolution=size, z_channels=z, dropout=0.0)
+    enc, dec = Encoder(double_z=False, **kw).eval(), Decoder(**kw).eval()
+    for prefix, m in [("encoder", enc), ("decoder", dec)]:
+        m.load_state_dict({k: formula(f"{prefix}.{k}", tuple(v.shape)) for k, v in m.state_dict().items()})
+    x = images(6, size=size)
+    with torch.no_grad():
+        latents = enc(x)
+        out = dec(latents)
+    return {"x": x, "latents": latents.contiguous(), "reconstruction": out.contiguous()}
+
+
 def layouts():
     import json
 
@@ -209,7 +231,7 @@ def main():
     os.makedirs(OUT, exist_ok=True)
     torch.set_num_threads(2)
     for name, make in [("frechet", frechet), ("lpips", lpips_fixture), ("fid_inception", inception_fixture),
-                       ("timesformer", timesformer_fixture)]:
+                       ("timesformer", timesformer_fixture), ("taming", taming_fixture)]:
         tensors = make()
         path = os.path.join(OUT, f"{name}.safetensors")
         save_file(tensors, path, metadata={"torch": torch.__version__, "script": "make_fixtures.py"})
