@@ -229,10 +229,21 @@ fn main() -> Result<()> {
     }
 }
 
-/// The NCCL path: vq-dist's tests (a world of one on cuda:0), then the demo trained with one
+/// The NCCL path: vq-dist's tests with `cuda-tests` (a world of one on cuda:0), then the demo trained with one
 /// rank per visible GPU (`train --nproc N --device cuda`, micro-batch 64 per rank).
 fn gpu_check_distributed(root: &Path) -> Result<()> {
-    cargo(root, &["test", "--release", "-p", "vq-dist"], &[])?;
+    cargo(
+        root,
+        &[
+            "test",
+            "--release",
+            "-p",
+            "vq-dist",
+            "--features",
+            "cuda-tests",
+        ],
+        &[],
+    )?;
     let gpus = Command::new("nvidia-smi")
         .arg("--list-gpus")
         .output()

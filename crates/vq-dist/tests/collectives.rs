@@ -180,19 +180,33 @@ fn a_rank_that_reports_its_failure_is_named_by_the_others() {
     assert!(again.contains("already failed"), "{again}");
 }
 
-/// CUDA tensors get NCCL, chosen by the same code as Gloo; without a GPU the error says so, on
-/// a GPU machine a world of one runs the NCCL collectives.
+/// CUDA tensors get NCCL, chosen by the same code as Gloo; on a machine without a usable GPU
+/// joining says so, naming the backend and the device.
 #[test]
-fn cuda_devices_get_nccl() {
+fn cuda_devices_get_nccl_and_without_a_gpu_joining_says_so() {
     let mut cfg = config(0, 1, free_port());
     cfg.device = Device::Cuda(0);
     assert_eq!(cfg.backend(), vq_dist::Backend::Nccl);
     assert!(vq_dist::Backend::Nccl.compiled() || !tch::Cuda::is_available());
-    if !tch::Cuda::is_available() {
-        let err = ProcessGroup::join(&cfg).unwrap_err().to_string();
-        assert!(err.contains("nccl") && err.contains("cuda:0"), "{err}");
+    if tch::Cuda::is_available() {
+        // The collectives themselves: `nccl_collectives_run_on_cuda` (feature cuda-tests).
         return;
     }
+    let err = ProcessGroup::join(&cfg).unwrap_err().to_string();
+    assert!(err.contains("nccl") && err.contains("cuda:0"), "{err}");
+}
+
+/// A world of one runs the NCCL collectives on cuda:0. Compiled only with `cuda-tests`, so
+/// that a CPU machine's test list does not claim it ran.
+#[cfg(feature = "cuda-tests")]
+#[test]
+fn nccl_collectives_run_on_cuda() {
+    assert!(
+        tch::Cuda::is_available(),
+        "feature cuda-tests needs a CUDA device"
+    );
+    let mut cfg = config(0, 1, free_port());
+    cfg.device = Device::Cuda(0);
     let pg = ProcessGroup::join(&cfg).unwrap();
     let t = Tensor::from_slice(&[2.0f32, 3.0]).to_device(Device::Cuda(0));
     pg.all_reduce_sum(&t).unwrap();
