@@ -31,6 +31,15 @@ pub enum VqError {
         /// First row holding a non-finite value.
         row: usize,
     },
+    /// A result whose exact value is finite but beyond f32's range (e.g. a rotation-trick
+    /// gradient λ‖g‖ > 3.4e38 from finite inputs): reported instead of an infinity.
+    #[error("{what} at row {row} exceeds f32's range (its exact value is larger than {max:e})", max = f32::MAX)]
+    Overflow {
+        /// Which result.
+        what: &'static str,
+        /// First row whose result overflows.
+        row: usize,
+    },
     /// A code index is out of range for the codebook.
     #[error("code index {index} at position {position} is out of range for {k} codes")]
     IndexOutOfRange {

@@ -136,7 +136,7 @@ impl Estimator {
     /// ```
     ///
     /// # Errors
-    /// [`VqError::ShapeMismatch`] if the shapes differ.
+    /// As [`backward_with_commitment_into`](Self::backward_with_commitment_into).
     pub fn backward(
         self,
         e: ArrayView2<f32>,
@@ -151,7 +151,7 @@ impl Estimator {
     /// As [`backward`](Self::backward), writing into `out` (N×D). Parallel over rows.
     ///
     /// # Errors
-    /// [`VqError::ShapeMismatch`] if the shapes differ.
+    /// As [`backward_with_commitment_into`](Self::backward_with_commitment_into).
     pub fn backward_into(
         self,
         e: ArrayView2<f32>,
@@ -167,7 +167,9 @@ impl Estimator {
     /// rows. With `a = 0` this is [`backward_into`](Self::backward_into).
     ///
     /// # Errors
-    /// [`VqError::ShapeMismatch`] if the shapes differ.
+    /// [`VqError::ShapeMismatch`] if the shapes differ; [`VqError::NonFinite`] naming the first
+    /// row whose inputs hold NaN or ∞; [`VqError::Overflow`] naming the first row whose exact
+    /// result (finite inputs) is beyond f32's range (`out` then holds ∞ there).
     pub fn backward_with_commitment_into(
         self,
         e: ArrayView2<f32>,
@@ -191,42 +193,78 @@ impl Estimator {
             g.as_slice().expect("standard layout"),
         );
         let block = ROWS_PER_TASK * d;
-        let run = |o: &mut [f32], (e, q, g): (&[f32], &[f32], &[f32])| {
+        // Each block returns its first row whose result is not finite (checked while the row is
+        // in cache), so that such a row becomes a typed error rather than an ∞ in the gradient.
+        let run = |(b, (o, ((e, q), g))): (usize, (&mut [f32], ((&[f32], &[f32]), &[f32])))| {
             let mut buf = Vec::new();
-            for (((o, e), q), g) in o
+            let mut bad = None;
+            for (i, (((o, e), q), g)) in o
                 .chunks_mut(d)
                 .zip(e.chunks(d))
                 .zip(q.chunks(d))
                 .zip(g.chunks(d))
+                .enumerate()
             {
                 RowMap::backward_row(self, e, q, g, commitment, o, &mut buf);
+                if bad.is_none() && !all_finite(o) {
+                    bad = Some(b * ROWS_PER_TASK + i);
+                }
             }
+            bad
         };
-        match out.as_slice_mut() {
+        let blocks = || {
+            es.par_chunks(block)
+                .zip(qs.par_chunks(block))
+                .zip(gs.par_chunks(block))
+        };
+        let bad = match out.as_slice_mut() {
             Some(o) => o
                 .par_chunks_mut(block)
-                .zip(
-                    es.par_chunks(block)
-                        .zip(qs.par_chunks(block))
-                        .zip(gs.par_chunks(block)),
-                )
-                .for_each(|(o, ((e, q), g))| run(o, (e, q, g))),
+                .zip(blocks())
+                .enumerate()
+                .filter_map(run)
+                .min(),
             None => {
                 let mut tmp = Array2::from_elem(out.raw_dim(), 0.0);
-                tmp.as_slice_mut()
+                let bad = tmp
+                    .as_slice_mut()
                     .expect("fresh")
                     .par_chunks_mut(block)
-                    .zip(
-                        es.par_chunks(block)
-                            .zip(qs.par_chunks(block))
-                            .zip(gs.par_chunks(block)),
-                    )
-                    .for_each(|(o, ((e, q), g))| run(o, (e, q, g)));
+                    .zip(blocks())
+                    .enumerate()
+                    .filter_map(run)
+                    .min();
                 out.assign(&tmp);
+                bad
+            }
+        };
+        match bad {
+            None => Ok(()),
+            Some(row) => {
+                let finite = |s: &[f32]| s[row * d..(row + 1) * d].iter().all(|v| v.is_finite());
+                Err(
+                    match [(es, "inputs"), (qs, "codes"), (gs, "gradient")]
+                        .into_iter()
+                        .find(|(s, _)| !finite(s))
+                    {
+                        Some((_, what)) => VqError::NonFinite { what, row },
+                        None => VqError::Overflow {
+                            what: "estimator gradient",
+                            row,
+                        },
+                    },
+                )
             }
         }
-        Ok(())
     }
+}
+
+/// Whether no value is NaN or ±∞ (exponent bits all set), as a branch-free integer reduction
+/// that vectorises (an early-exit `all` does not).
+fn all_finite(v: &[f32]) -> bool {
+    v.iter().fold(0u32, |acc, x| {
+        acc | u32::from(x.to_bits() & 0x7f80_0000 == 0x7f80_0000)
+    }) == 0
 }
 
 /// Smallest `‖ê ± q̂‖²` of the f32 fast path of the backward (rows of random directions in
@@ -1155,6 +1193,48 @@ mod tests {
         let g = array![[1.0f32, 2.0, 3.0]];
         for est in ALL {
             check_rows(est, &e, &q, &g).unwrap();
+        }
+    }
+
+    #[test]
+    fn results_beyond_f32_and_non_finite_inputs_are_typed_errors() {
+        // λ = ‖q‖/‖e‖ = 1e30, ‖g‖ = 1e10: the exact gradient (1e40) is beyond f32 in row 1.
+        let e = array![[1.0f32, 0.0], [1.0, 0.0], [1.0, 0.0]];
+        let q = array![[0.0f32, 2.0], [0.0, 1e30], [0.0, 2.0]];
+        let g = array![[0.0f32, 1.0], [0.0, 1e10], [1.0, 1.0]];
+        let err = Estimator::Rotation
+            .backward(e.view(), q.view(), g.view())
+            .unwrap_err();
+        assert_eq!(
+            err,
+            VqError::Overflow {
+                what: "estimator gradient",
+                row: 1
+            }
+        );
+        assert!(err.to_string().contains("row 1"), "{err}");
+        // Without the rescale the same rows are representable.
+        assert!(
+            Estimator::RotationNoRescale
+                .backward(e.view(), q.view(), g.view())
+                .is_ok()
+        );
+        // A NaN in an input is named by argument and row (the first bad row, across blocks).
+        let mut big = randn((300, 4), 40);
+        let q = randn((300, 4), 41);
+        let mut g = randn((300, 4), 42);
+        g[[250, 1]] = f32::NAN;
+        big[[290, 0]] = f32::INFINITY;
+        for est in ALL {
+            let err = est.backward(big.view(), q.view(), g.view()).unwrap_err();
+            assert_eq!(
+                err,
+                VqError::NonFinite {
+                    what: "gradient",
+                    row: 250
+                },
+                "{est:?}"
+            );
         }
     }
 

@@ -33,9 +33,10 @@ at::Tensor rowdot(const at::Tensor& a, const at::Tensor& b) { return (a * b).sum
 // Householder reflection of the rows of t across w⊥: t − 2w(w·t).
 at::Tensor householder(const at::Tensor& t, const at::Tensor& w) { return t - 2.0 * w * rowdot(w, t); }
 
-// Rust callback: out = dL/de for contiguous f32 (n, d) arrays; returns 0 on success.
+// Rust callback: out = dL/de for contiguous f32 (n, d) arrays; returns 0 on success, 3 with
+// vq-core's message in msg (NUL-terminated, at most cap bytes) for an error of its own.
 using CpuBackward = int32_t (*)(const float* e, const float* q, const float* g, float* out, int64_t n, int64_t d,
-                                int64_t est);
+                                int64_t est, char* msg, int64_t cap);
 
 at::Tensor estimator_backward(const at::Tensor& e_in, const at::Tensor& q_in, const at::Tensor& g_in, int64_t est,
                               CpuBackward cpu, Eps eps) {
@@ -46,8 +47,10 @@ at::Tensor estimator_backward(const at::Tensor& e_in, const at::Tensor& q_in, co
     const auto q = q_in.contiguous();
     const auto g = g_in.contiguous();
     auto out = at::empty_like(g);
+    char msg[512] = {0};
     const int32_t rc = cpu(e.data_ptr<float>(), q.data_ptr<float>(), g.data_ptr<float>(), out.data_ptr<float>(),
-                           e.size(0), e.size(1), est);
+                           e.size(0), e.size(1), est, msg, sizeof msg);
+    TORCH_CHECK(rc != 3, "vq-core estimator backward: ", msg);
     TORCH_CHECK(rc == 0, "vq-core estimator backward failed (code ", rc, ")");
     return out;
   }

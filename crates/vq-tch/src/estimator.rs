@@ -28,17 +28,30 @@ unsafe extern "C" {
     fn vq_tch_last_error() -> *const c_char;
 }
 
-/// Signature of the CPU backward callback handed to the C++ node.
-type CpuBackward =
-    unsafe extern "C" fn(*const f32, *const f32, *const f32, *mut f32, i64, i64, i64) -> i32;
+/// Signature of the CPU backward callback handed to the C++ node (the last two arguments: a
+/// buffer for the error message and its capacity).
+type CpuBackward = unsafe extern "C" fn(
+    *const f32,
+    *const f32,
+    *const f32,
+    *mut f32,
+    i64,
+    i64,
+    i64,
+    *mut c_char,
+    i64,
+) -> i32;
 
 /// The CPU backward of the node: `out = ∂L/∂e` for contiguous f32 arrays of `n·d` elements,
 /// computed by [`vq_core::Estimator::backward_into`]. Returns 0 on success, 1 for an unknown
-/// estimator code or bad sizes, 2 if vq-core panicked (a panic must not cross into C++).
+/// estimator code or bad sizes, 2 if vq-core panicked (a panic must not cross into C++), 3 for
+/// an error of vq-core (a non-finite input, a result beyond f32's range), whose message is
+/// written NUL-terminated into `msg` (truncated to `cap` bytes).
 ///
 /// # Safety
 /// `e`, `q`, `g` must point to `n·d` readable f32 and `out` to `n·d` writable f32 that do not
-/// overlap the inputs, all valid for the duration of the call.
+/// overlap the inputs, `msg` to `cap` writable bytes (or be null), all valid for the duration
+/// of the call.
 unsafe extern "C" fn cpu_backward(
     e: *const f32,
     q: *const f32,
@@ -47,6 +60,8 @@ unsafe extern "C" fn cpu_backward(
     n: i64,
     d: i64,
     est: i64,
+    msg: *mut c_char,
+    cap: i64,
 ) -> i32 {
     let (Ok(n), Ok(d)) = (usize::try_from(n), usize::try_from(d)) else {
         return 1;
@@ -68,11 +83,25 @@ unsafe extern "C" fn cpu_backward(
                 ndarray::ArrayViewMut2::from_shape_ptr((n, d), out),
             )
         };
-        estimator.backward_into(e, q, g, out).is_ok()
+        estimator.backward_into(e, q, g, out)
     };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
-        Ok(true) => 0,
-        Ok(false) => 1,
+        Ok(Ok(())) => 0,
+        Ok(Err(err)) => {
+            let text = err.to_string();
+            if let Ok(cap) = usize::try_from(cap)
+                && cap > 0
+                && !msg.is_null()
+            {
+                let len = text.len().min(cap - 1);
+                // SAFETY: `msg` holds `cap` writable bytes (the caller's contract).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(text.as_ptr(), msg.cast::<u8>(), len);
+                    *msg.add(len) = 0;
+                }
+            }
+            3
+        }
         Err(_) => 2,
     }
 }

@@ -256,6 +256,27 @@ fn bad_inputs_give_typed_errors() {
     ));
 }
 
+/// vq-core's typed errors reach the caller of `backward` with their message (the exact
+/// gradient of row 1 is 1e40, beyond f32).
+#[test]
+fn an_overflowing_gradient_is_an_error_naming_the_row() {
+    let e = Tensor::from_slice(&[1.0f32, 0.0, 1.0, 0.0])
+        .view([2, 2])
+        .set_requires_grad(true);
+    let q = Tensor::from_slice(&[0.0f32, 2.0, 0.0, 1e30]).view([2, 2]);
+    let y = vq_tch::apply_estimator(&e, &q, Estimator::Rotation).unwrap();
+    let w = Tensor::from_slice(&[0.0f32, 1.0, 0.0, 1e10]).view([2, 2]);
+    let err = (&y * w)
+        .sum(Kind::Float)
+        .f_backward()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("estimator gradient at row 1 exceeds f32's range"),
+        "{err}"
+    );
+}
+
 #[test]
 fn half_precision_inputs_get_gradients_in_their_dtype() {
     let e = randn(16, 8, 5);
