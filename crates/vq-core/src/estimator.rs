@@ -195,7 +195,7 @@ impl Estimator {
         let block = ROWS_PER_TASK * d;
         // Each block returns its first row whose result is not finite (checked while the row is
         // in cache), so that such a row becomes a typed error rather than an ∞ in the gradient.
-        let run = |(b, (o, ((e, q), g))): (usize, (&mut [f32], ((&[f32], &[f32]), &[f32])))| {
+        let run = |(b, (o, ((e, q), g))): BlockTask<'_>| {
             let mut buf = Vec::new();
             let mut bad = None;
             for (i, (((o, e), q), g)) in o
@@ -258,6 +258,9 @@ impl Estimator {
         }
     }
 }
+
+/// One parallel task of the backward: block number, output rows, and the rows of e, q, g.
+type BlockTask<'a> = (usize, (&'a mut [f32], ((&'a [f32], &'a [f32]), &'a [f32])));
 
 /// Whether no value is NaN or ±∞ (exponent bits all set), as a branch-free integer reduction
 /// that vectorises (an early-exit `all` does not).
