@@ -46,7 +46,11 @@ fn main() {
             .expect("one global pool");
     }
     println!("| N×K×D | metric | case | ms | / random |\n|---|---|---|---|---|");
-    for (n, k, d) in [(8192usize, 1024usize, 32usize), (16384, 512, 8)] {
+    for (n, k, d) in [
+        (8192usize, 1024usize, 32usize),
+        (16384, 512, 8),
+        (16384, 256, 3),
+    ] {
         let (x, c) = (randn((n, d), 1), randn((k, d), 2));
         let spread = |m: &Array2<f32>| {
             let mut m = m.clone();

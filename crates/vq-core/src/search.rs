@@ -103,6 +103,9 @@ pub struct CodebookIndex<'a> {
     max_bias: f64,
     /// For D ≤ SMALL_D_MAX: the register kernel's layout.
     small: Option<SmallKernel>,
+    /// Cosine: `max(‖c_k‖, COSINE_EPS)` of the original codes in f64, the divisor of the exact
+    /// re-rank (computed once, not per row and candidate). Empty for Euclidean.
+    code_norms: Vec<f64>,
 }
 
 impl<'a> CodebookIndex<'a> {
@@ -200,6 +203,17 @@ impl<'a> CodebookIndex<'a> {
                 .collect();
             SmallKernel { cols, bias }
         });
+        let code_norms = match metric {
+            Metric::Euclidean => Vec::new(),
+            Metric::Cosine => codebook
+                .rows()
+                .into_iter()
+                .map(|row| {
+                    let yy: f64 = row.iter().map(|&b| f64::from(b) * f64::from(b)).sum();
+                    yy.sqrt().max(f64::from(COSINE_EPS))
+                })
+                .collect(),
+        };
         Ok(Self {
             codebook,
             metric,
@@ -210,6 +224,7 @@ impl<'a> CodebookIndex<'a> {
             max_norm,
             max_bias,
             small,
+            code_norms,
         })
     }
 
@@ -439,20 +454,25 @@ impl<'a> CodebookIndex<'a> {
                 // Overflowed scores (see search_tile): every code exactly.
                 self.exact_argmin(tile.row(r), 0..k as u32)
             } else if second - best <= tol {
-                // Cold path: re-score every code plainly and re-rank the near ties exactly.
+                // Cold path: re-score every code (a chunk of CHUNK lanes at a time, as the
+                // kernel does) and re-rank the near ties exactly; stop collecting once there
+                // are more candidates than the exact re-rank takes.
                 let cands = &mut sc.cands[r];
                 cands.clear();
-                for (c, (cols, b)) in chunked.chunks_exact(d).zip(bias).enumerate() {
+                'chunks: for (c, (cols, b)) in chunked.chunks_exact(d).zip(bias).enumerate() {
+                    let mut v = *b;
+                    for (col, &xv) in cols.iter().zip(x) {
+                        for l in 0..CHUNK {
+                            v[l] -= xv * col[l];
+                        }
+                    }
                     // The last chunk's padding lanes (index ≥ K) are not codes.
-                    for l in 0..CHUNK.min(k - c * CHUNK) {
-                        let v = b[l]
-                            - cols
-                                .iter()
-                                .zip(x)
-                                .map(|(col, &xv)| xv * col[l])
-                                .sum::<f32>();
-                        if v <= best + tol && cands.len() <= MAX_CANDIDATES {
+                    for (l, &v) in v.iter().enumerate().take(CHUNK.min(k - c * CHUNK)) {
+                        if v <= best + tol {
                             cands.push(((c * CHUNK + l) as u32, v));
+                            if cands.len() > MAX_CANDIDATES {
+                                break 'chunks;
+                            }
                         }
                     }
                 }
@@ -492,16 +512,14 @@ impl<'a> CodebookIndex<'a> {
         }
         // −x·c/‖c‖: the common positive factor 1/max(‖x‖, ε) does not change the order (and
         // dividing by it would round exact ties apart).
-        let floor = f64::from(COSINE_EPS);
         let mut best = (f64::INFINITY, u32::MAX);
         for c in candidates {
-            let (mut xy, mut yy) = (0f64, 0f64);
-            for (&a, &b) in x.iter().zip(self.codebook.row(c as usize)) {
-                let (a, b) = (f64::from(a), f64::from(b));
-                xy += a * b;
-                yy += b * b;
-            }
-            let v = -xy / yy.sqrt().max(floor);
+            let xy: f64 = x
+                .iter()
+                .zip(self.codebook.row(c as usize))
+                .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                .sum();
+            let v = -xy / self.code_norms[c as usize];
             if v < best.0 || best.1 == u32::MAX {
                 best = (v, c);
             }
