@@ -109,7 +109,7 @@ fn curve_panels(histories: &[Vec<StepMetrics>]) -> Vec<Vec<Vec<(f64, f64)>>> {
 
 /// Evaluates a trained run on both splits and writes `eval.json`, `reconstructions.png` (16
 /// held-out images over their reconstructions) and `curves.png` (from `metrics.jsonl`) into its
-/// folder.
+/// folder, and the metrics and the grid into its TensorBoard event file.
 ///
 /// # Errors
 /// Data, model and I/O errors.
@@ -189,7 +189,29 @@ pub fn evaluate_run(
         train_seconds: seconds,
     };
     write_atomic(&out.join("eval.json"), &serde_json::to_vec_pretty(&row)?)?;
+    write_eval_events(out, &row)?;
     Ok(row)
+}
+
+/// The evaluation in the run's TensorBoard file at the checkpoint's step: `val/*` and
+/// `train_eval/*` scalars and the reconstruction grid; an earlier evaluation's are replaced.
+fn write_eval_events(out: &Path, row: &CompareRow) -> Result<()> {
+    use crate::tensorboard::{EventWriter, What, eval_scalars, is_eval_tag};
+    let step = checkpoint::latest(out)?.map_or(0, |(_, s)| s.step);
+    let mut w = EventWriter::open_keeping(out, |e| match &e.what {
+        Some(What::Summary(s)) => !s.value.iter().any(|v| is_eval_tag(&v.tag)),
+        _ => true,
+    })?;
+    let mut values = eval_scalars("val", &row.val);
+    values.extend(eval_scalars("train_eval", &row.train));
+    let values: Vec<(&str, f64)> = values.iter().map(|(t, v)| (t.as_str(), *v)).collect();
+    w.scalars(step, &values)?;
+    let path = out.join("reconstructions.png");
+    let png = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let img =
+        image::load_from_memory(&png).with_context(|| format!("decoding {}", path.display()))?;
+    let dims = (img.height(), img.width(), img.color().channel_count());
+    w.image(step, "reconstructions", png, dims)
 }
 
 /// Prints what an evaluation left out (the full lists are in `eval.json`).

@@ -8,5 +8,6 @@ pub mod dist;
 pub mod eval;
 pub mod optim;
 pub mod plot;
+pub mod tensorboard;
 pub mod train;
 pub mod trainer;

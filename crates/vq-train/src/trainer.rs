@@ -748,12 +748,17 @@ impl Checkpointer {
     }
 }
 
-/// Metric windows → `metrics.jsonl` (rank 0), samples that failed to decode → `skipped.jsonl`
+/// Metric windows → `metrics.jsonl` and the TensorBoard event file (rank 0), samples that failed to decode → `skipped.jsonl`
 /// (rank 0, each file once, also printed when first seen), the progress bar, and the history
 /// returned.
 #[derive(Debug)]
 pub struct Logger {
     file: Option<fs::File>,
+    /// The run's TensorBoard event file (rank 0).
+    events: Option<crate::tensorboard::EventWriter>,
+    gan: bool,
+    /// f16: the loss scale is a series of its own.
+    scaled: bool,
     log_every: usize,
     window: Window,
     window_start: Instant,
@@ -819,8 +824,30 @@ impl Logger {
             ),
             false => None,
         };
+        let events = match main {
+            true => {
+                use crate::tensorboard::{EventWriter, What};
+                // A fresh start keeps only the file's version record (an earlier attempt that
+                // never reached a checkpoint leaves nothing behind).
+                let mut w = match start {
+                    0 => EventWriter::open_keeping(&opts.out, |e| {
+                        matches!(e.what, Some(What::FileVersion(_)))
+                    })?,
+                    _ => EventWriter::open(&opts.out, start)?,
+                };
+                if start == 0 {
+                    let json = serde_json::to_string_pretty(&opts.config)?;
+                    w.text(0, "config", &format!("```\n{json}\n```"))?;
+                }
+                Some(w)
+            }
+            false => None,
+        };
         Ok(Self {
             file,
+            events,
+            gan: opts.config.gan.is_some(),
+            scaled: opts.config.precision == vq_tch::Precision::F16,
             log_every: opts.log_every.max(1),
             window: Window::default(),
             window_start: Instant::now(),
@@ -903,6 +930,12 @@ impl Logger {
         ));
         if let Some(f) = &mut self.file {
             writeln!(f, "{}", serde_json::to_string(&m)?).context("writing metrics.jsonl")?;
+        }
+        if let Some(w) = &mut self.events {
+            w.scalars(
+                done,
+                &crate::tensorboard::window_scalars(&m, self.gan, self.scaled),
+            )?;
         }
         self.history.push(m);
         self.window = Window::default();

@@ -21,6 +21,33 @@ fn tmp(name: &str) -> PathBuf {
     d
 }
 
+/// Steps of the scalar `tag` in the run's TensorBoard file (read back through the project's
+/// TFRecord reader, CRCs checked); also checks the file's version record and the one config text.
+fn tensorboard_steps(run: &Path, tag: &str) -> Vec<i64> {
+    use vq_train::tensorboard::{Kind, What, event_file, read_events, scalars_of};
+    let events = read_events(&event_file(run).unwrap().expect("an event file")).unwrap();
+    assert_eq!(
+        events[0].what,
+        Some(What::FileVersion("brain.Event:2".into()))
+    );
+    let texts = events
+        .iter()
+        .filter(|e| match &e.what {
+            Some(What::Summary(s)) => s
+                .value
+                .iter()
+                .any(|v| v.tag == "config" && matches!(v.kind, Some(Kind::Tensor(_)))),
+            _ => false,
+        })
+        .count();
+    assert_eq!(texts, 1, "one config text");
+    events
+        .iter()
+        .filter(|e| scalars_of(e).iter().any(|(t, v)| t == tag && v.is_finite()))
+        .map(|e| e.step)
+        .collect()
+}
+
 #[test]
 fn an_interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -76,12 +103,15 @@ fn an_interrupted_and_resumed_run_equals_an_uninterrupted_one() {
         assert!(ta.equal(tb), "{na} differs after resume");
     }
     let _ = common::assert_same_checkpoints(&a, &b);
-    // Every step logged once across the two invocations.
+    // Every step logged once across the two invocations, in metrics.jsonl and in the
+    // TensorBoard file (the crash's extra step 4 dropped from both).
     let lines = vq_train::compare::read_metrics(&b.join("metrics.jsonl")).unwrap();
     assert_eq!(
         lines.iter().map(|m| m.step).collect::<Vec<_>>(),
         [1, 2, 3, 4, 5, 6]
     );
+    assert_eq!(tensorboard_steps(&b, "train/rec"), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(tensorboard_steps(&a, "train/rec"), [1, 2, 3, 4, 5, 6]);
     // More steps (the one setting that may change; the schedule does not depend on it): the
     // continued run equals one started with the larger total.
     let longer = || {
@@ -215,6 +245,32 @@ fn compare_writes_the_table_json_and_plots() {
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
+    // Each estimator's TensorBoard file: the training series, the evaluation at the last step
+    // (once, also after the evaluation below runs again) and the reconstruction grid.
+    let check_events = |run: &Path| {
+        use vq_train::tensorboard::{Kind, What, event_file, read_events};
+        assert_eq!(tensorboard_steps(run, "train/usage"), [1, 2, 3]);
+        assert_eq!(tensorboard_steps(run, "val/rec_mse"), [3]);
+        let events = read_events(&event_file(run).unwrap().unwrap()).unwrap();
+        let images: Vec<_> = events
+            .iter()
+            .filter_map(|e| match &e.what {
+                Some(What::Summary(s)) => s.value.iter().find_map(|v| match &v.kind {
+                    Some(Kind::Image(i)) => Some((e.step, v.tag.clone(), i.clone())),
+                    _ => None,
+                }),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(images.len(), 1, "{}", run.display());
+        let (step, tag, img) = &images[0];
+        assert_eq!((*step, tag.as_str()), (3, "reconstructions"));
+        let png = std::fs::read(run.join("reconstructions.png")).unwrap();
+        assert_eq!(img.encoded_image_string, png);
+        assert!(img.height > 0 && img.width > 0);
+    };
+    check_events(&out.join("ste"));
+    check_events(&out.join("rotation"));
     // Re-running with --resume reuses the finished runs; other settings are refused.
     let again = vq_train::compare::compare(
         &TrainOptions {
@@ -228,6 +284,7 @@ fn compare_writes_the_table_json_and_plots() {
     assert!(rows[0].train_seconds > 0.0, "{:?}", rows[0].train_seconds);
     assert_eq!(again[0].train_seconds, rows[0].train_seconds);
     assert_eq!(again[0].val, rows[0].val);
+    check_events(&out.join("ste"));
     let mut other = cfg;
     other.training.learning_rate *= 3.0;
     let err = vq_train::compare::compare(
