@@ -37,7 +37,7 @@ pub struct CompareRow {
 /// As [`train`] and [`evaluate`].
 pub fn compare(base: &TrainOptions, estimators: &[Estimator]) -> Result<Vec<CompareRow>> {
     let mut rows = Vec::new();
-    for &est in estimators {
+    for (i, &est) in estimators.iter().enumerate() {
         let mut config = base.config.clone();
         config.model.quantizer.estimator = est;
         let out = base.out.join(est.name());
@@ -50,7 +50,13 @@ pub fn compare(base: &TrainOptions, estimators: &[Estimator]) -> Result<Vec<Comp
             && latest
                 .as_ref()
                 .is_some_and(|(_, s)| s.step >= config.training.steps);
-        eprintln!("== {} ({})", est.name(), out.display());
+        eprintln!(
+            "== {} ({} of {}, {})",
+            est.name(),
+            i + 1,
+            estimators.len(),
+            out.display()
+        );
         let mut model = if finished {
             eprintln!("   already trained; evaluating the last checkpoint");
             let mut vs = nn::VarStore::new(base.device);
@@ -93,7 +99,7 @@ pub fn compare(base: &TrainOptions, estimators: &[Estimator]) -> Result<Vec<Comp
 
 /// Three panels, one series per run: log₁₀ reconstruction MSE, fraction of codes used per
 /// batch, log₁₀ quantization error.
-fn curve_panels(histories: &[Vec<StepMetrics>]) -> Vec<Vec<Vec<(f64, f64)>>> {
+pub(crate) fn curve_panels(histories: &[Vec<StepMetrics>]) -> Vec<Vec<Vec<(f64, f64)>>> {
     let panel = |f: fn(&StepMetrics) -> f64| -> Vec<Vec<(f64, f64)>> {
         histories
             .iter()

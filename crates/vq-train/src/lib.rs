@@ -11,3 +11,4 @@ pub mod plot;
 pub mod tensorboard;
 pub mod train;
 pub mod trainer;
+pub mod watch;

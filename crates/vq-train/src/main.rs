@@ -64,6 +64,19 @@ enum Command {
         #[arg(long)]
         inception: Option<PathBuf>,
     },
+    /// Follow a run while it trains (from another terminal): print its latest metrics, progress
+    /// and ETA, and redraw its curves.png, until it has logged its last step.
+    Watch {
+        /// Run folder written by `train`.
+        #[arg(long)]
+        run: PathBuf,
+        /// Seconds between looks.
+        #[arg(long, default_value_t = 30.0)]
+        every: f64,
+        /// Look once and exit.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -496,6 +509,20 @@ fn main() -> Result<()> {
                 opts.out.display()
             );
         }
+        Command::Watch { run, every, once } => {
+            anyhow::ensure!(
+                every.is_finite() && every > 0.0,
+                "--every must be a positive number of seconds, got {every}"
+            );
+            loop {
+                let status = vq_train::watch::look(&run)?;
+                println!("{}", status.line());
+                if once || status.finished() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_secs_f64(every));
+            }
+        }
         Command::Eval {
             run,
             device,
@@ -514,7 +541,9 @@ fn main() -> Result<()> {
             let mut vs = nn::VarStore::new(device);
             let mut model = VqAutoencoder::new(&vs.root(), &cfg.model)?;
             checkpoint::load_model(&run, &mut vs)?;
-            let row = evaluate_run(&mut model, &cfg, &run, device, 0.0)?;
+            // The run's own training time, from its checkpoint.
+            let seconds = checkpoint::latest(&run)?.map_or(0.0, |(_, s)| s.train_seconds);
+            let row = evaluate_run(&mut model, &cfg, &run, device, seconds)?;
             for (name, m) in [("train", &row.train), ("val", &row.val)] {
                 println!(
                     "{name}: {} images, rec MSE {:.5}, L1 {:.5}, usage/{} {:.1}%, perplexity {:.1}, QE {:.3e}, LPIPS {}, r-FID {}, r-IS {}",

@@ -43,6 +43,19 @@ fn train_then_eval_writes_the_run_folder() {
     }
     let (ok, text) = vq_train(&["eval", "--run", d]);
     assert!(ok && text.contains("val: 32 images"), "{text}");
+    // watch: a finished run's last window, "finished", curves.png redrawn in place.
+    std::fs::remove_file(dir.join("curves.png")).unwrap();
+    let (ok, text) = vq_train(&["watch", "--run", d, "--every", "1"]);
+    assert!(
+        ok && text.contains("step 2/2 (100.0%), finished | loss"),
+        "{text}"
+    );
+    assert!(dir.join("curves.png").is_file() && !dir.join("curves.watch.png").exists());
+    let (ok, text) = vq_train(&["watch", "--run", "/nonexistent/run", "--once"]);
+    assert!(
+        !ok && text.contains("/nonexistent/run is not a run folder"),
+        "{text}"
+    );
     let (ok, text) = vq_train(&common);
     assert!(!ok && text.contains("--resume"), "{text}");
     let (ok, text) = vq_train(&["train", "--preset", "no-such-preset", "--out", d]);
