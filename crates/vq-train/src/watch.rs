@@ -106,7 +106,7 @@ pub fn look(run: &Path) -> Result<RunStatus> {
     let history = read_live_metrics(&run.join("metrics.jsonl"))?;
     if !history.is_empty() {
         let tmp = run.join("curves.watch.png");
-        plot::curves(&tmp, &curve_panels(&[history.clone()]))?;
+        plot::curves(&tmp, &curve_panels(std::slice::from_ref(&history)))?;
         fs::rename(&tmp, run.join("curves.png"))
             .with_context(|| format!("replacing {}", run.join("curves.png").display()))?;
     }
