@@ -163,17 +163,34 @@ pub fn event_file(run: &Path) -> Result<Option<PathBuf>> {
 /// # Errors
 /// Unreadable files, bad records (named with their offset), undecodable events.
 pub fn read_events(path: &Path) -> Result<Vec<Event>> {
+    let (events, bad) = read_good_events(path)?;
+    match bad {
+        Some(e) => Err(e),
+        None => Ok(events),
+    }
+}
+
+/// The events before the first bad record, and the error of that record if there is one (a
+/// process killed while writing leaves a truncated last record).
+fn read_good_events(path: &Path) -> Result<(Vec<Event>, Option<anyhow::Error>)> {
     let mut events = Vec::new();
     for record in vq_data::tfrecord::Records::open(path)? {
-        let (offset, payload) = record?;
-        events.push(Event::decode(payload.as_slice()).with_context(|| {
-            format!(
-                "{}: the record at byte {offset} is not an Event",
-                path.display()
-            )
-        })?);
+        let (offset, payload) = match record {
+            Ok(r) => r,
+            Err(e) => return Ok((events, Some(e.into()))),
+        };
+        match Event::decode(payload.as_slice()) {
+            Ok(e) => events.push(e),
+            Err(e) => {
+                let why = format!(
+                    "{}: the record at byte {offset} is not an Event: {e}",
+                    path.display()
+                );
+                return Ok((events, Some(anyhow::anyhow!(why))));
+            }
+        }
     }
-    Ok(events)
+    Ok((events, None))
 }
 
 fn now() -> f64 {
@@ -202,7 +219,8 @@ fn host() -> String {
 impl EventWriter {
     /// Opens the run's event file for a run continuing after step `keep` (0 for a fresh start):
     /// events of later steps are removed first (the file is rewritten, then renamed into place),
-    /// so that no step appears twice. A run without a file gets a new one.
+    /// so that no step appears twice. A damaged or truncated record (a process killed while
+    /// writing) ends what is kept, with a note. A run without a file gets a new one.
     ///
     /// # Errors
     /// File-system errors; an existing file that cannot be read back.
@@ -218,12 +236,23 @@ impl EventWriter {
     pub fn open_keeping(run: &Path, keep: impl Fn(&Event) -> bool) -> Result<Self> {
         let path = match event_file(run)? {
             Some(path) => {
-                let events = read_events(&path)?;
-                if events.iter().all(&keep) {
+                let (events, bad) = read_good_events(&path)?;
+                if let Some(e) = &bad {
+                    // Rewritten from the good records: what followed the damage is lost from
+                    // TensorBoard only (metrics.jsonl and the checkpoints are apart).
+                    eprintln!("note: {e:#}; keeping the {} events before it", events.len());
+                }
+                if bad.is_none() && events.iter().all(&keep) {
                     return Self::append(path);
                 }
                 let kept: Vec<Event> = events.into_iter().filter(|e| keep(e)).collect();
-                let tmp = path.with_extension("rewrite");
+                // Not named events.out.tfevents.*: neither this reader nor TensorBoard may
+                // take a leftover of a crash during the rewrite for the log.
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or("events");
+                let tmp = path.with_file_name(format!(".{name}.rewrite"));
                 {
                     let mut w = BufWriter::new(
                         File::create(&tmp)
@@ -473,12 +502,20 @@ mod tests {
         assert_eq!(scalars_of(&events[4]), vec![("train/rec".to_owned(), 0.5)]);
         // A damaged record is an error naming the file.
         let path = event_file(&run).unwrap().unwrap();
-        let mut bytes = fs::read(&path).unwrap();
+        let bytes = fs::read(&path).unwrap();
         let n = bytes.len();
-        bytes[n - 6] ^= 0xff;
-        fs::write(&path, bytes).unwrap();
+        let mut damaged = bytes.clone();
+        damaged[n - 6] ^= 0xff;
+        fs::write(&path, &damaged).unwrap();
         let err = format!("{:#}", read_events(&path).unwrap_err());
         assert!(err.contains("events.out.tfevents."), "{err}");
+        // Killed while writing (the last record cut short): a resume keeps the good records.
+        fs::write(&path, &bytes[..n - 9]).unwrap();
+        let mut w = EventWriter::open(&run, 4).unwrap();
+        w.scalars(5, &[("train/rec", 0.4)]).unwrap();
+        drop(w);
+        let steps: Vec<i64> = read_events(&path).unwrap().iter().map(|e| e.step).collect();
+        assert_eq!(steps, [0, 0, 2, 4, 5]);
         fs::remove_dir_all(run).unwrap();
     }
 }
