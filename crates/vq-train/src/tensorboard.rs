@@ -246,13 +246,9 @@ impl EventWriter {
                     return Self::append(path);
                 }
                 let kept: Vec<Event> = events.into_iter().filter(|e| keep(e)).collect();
-                // Not named events.out.tfevents.*: neither this reader nor TensorBoard may
-                // take a leftover of a crash during the rewrite for the log.
-                let name = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .unwrap_or("events");
-                let tmp = path.with_file_name(format!(".{name}.rewrite"));
+                // No "tfevents" in the name: neither this reader nor TensorBoard (which reads
+                // every file whose name holds it) may take a leftover of a crash for the log.
+                let tmp = path.with_file_name(".vq-event-log.rewrite");
                 {
                     let mut w = BufWriter::new(
                         File::create(&tmp)
