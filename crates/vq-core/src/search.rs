@@ -127,6 +127,16 @@ impl<'a> CodebookIndex<'a> {
             });
         }
         check_finite(codebook, "codebook")?;
+        // Cosine: the floored norms of the original codes, for the normalised copy and for the
+        // exact re-rank's divisor.
+        let code_norms: Vec<f64> = match metric {
+            Metric::Euclidean => Vec::new(),
+            Metric::Cosine => codebook
+                .rows()
+                .into_iter()
+                .map(|row| norm_f64(row).max(f64::from(COSINE_EPS)))
+                .collect(),
+        };
         let (prepared, (centre, scale)) = match metric {
             Metric::Euclidean => {
                 let mut mean = vec![0f64; d];
@@ -153,14 +163,11 @@ impl<'a> CodebookIndex<'a> {
                 // each stored difference is exact to f32 rounding of its own size): x̂·m is
                 // common to all codes, and codes crowded around one direction (data offset by
                 // a constant) no longer all fall inside the rounding bound of x̂·ĉ.
-                let floor = f64::from(COSINE_EPS);
                 let unit: Vec<Vec<f64>> = codebook
                     .rows()
                     .into_iter()
-                    .map(|row| {
-                        let n = norm_f64(row).max(floor);
-                        row.iter().map(|&v| f64::from(v) / n).collect()
-                    })
+                    .zip(&code_norms)
+                    .map(|(row, &n)| row.iter().map(|&v| f64::from(v) / n).collect())
                     .collect();
                 let mut mean = vec![0f64; d];
                 for row in &unit {
@@ -203,17 +210,6 @@ impl<'a> CodebookIndex<'a> {
                 .collect();
             SmallKernel { cols, bias }
         });
-        let code_norms = match metric {
-            Metric::Euclidean => Vec::new(),
-            Metric::Cosine => codebook
-                .rows()
-                .into_iter()
-                .map(|row| {
-                    let yy: f64 = row.iter().map(|&b| f64::from(b) * f64::from(b)).sum();
-                    yy.sqrt().max(f64::from(COSINE_EPS))
-                })
-                .collect(),
-        };
         Ok(Self {
             codebook,
             metric,
