@@ -73,8 +73,7 @@ pub fn compare(base: &TrainOptions, estimators: &[Estimator]) -> Result<Vec<Comp
             };
             train(&opts)?.model
         };
-        let seconds = checkpoint::latest(&out)?.map_or(0.0, |(_, s)| s.train_seconds);
-        let row = evaluate_run(&mut model, &config, &out, base.device, seconds)?;
+        let row = evaluate_run(&mut model, &config, &out, base.device)?;
         eprintln!(
             "   val rec {:.5}, usage {:.1}%, QE {:.3e}",
             row.val.rec_mse,
@@ -115,7 +114,8 @@ pub(crate) fn curve_panels(histories: &[Vec<StepMetrics>]) -> Vec<Vec<Vec<(f64, 
 
 /// Evaluates a trained run on both splits and writes `eval.json`, `reconstructions.png` (16
 /// held-out images over their reconstructions) and `curves.png` (from `metrics.jsonl`) into its
-/// folder, and the metrics and the grid into its TensorBoard event file.
+/// folder, and the metrics and the grid into its TensorBoard event file. The row's training
+/// time and the events' step are the run's latest checkpoint's (0 without one).
 ///
 /// # Errors
 /// Data, model and I/O errors.
@@ -124,8 +124,9 @@ pub fn evaluate_run(
     config: &RunConfig,
     out: &Path,
     device: Device,
-    seconds: f64,
 ) -> Result<CompareRow> {
+    let (step, seconds) =
+        checkpoint::latest(out)?.map_or((0, 0.0), |(_, s)| (s.step, s.train_seconds));
     let a = &config.model.autoencoder;
     let source = DataSource::parse(&config.data)?;
     let pipeline = config.preprocessing;
@@ -195,15 +196,14 @@ pub fn evaluate_run(
         train_seconds: seconds,
     };
     write_atomic(&out.join("eval.json"), &serde_json::to_vec_pretty(&row)?)?;
-    write_eval_events(out, &row)?;
+    write_eval_events(out, step, &row)?;
     Ok(row)
 }
 
-/// The evaluation in the run's TensorBoard file at the checkpoint's step: `val/*` and
-/// `train_eval/*` scalars and the reconstruction grid; an earlier evaluation's are replaced.
-fn write_eval_events(out: &Path, row: &CompareRow) -> Result<()> {
+/// The evaluation in the run's TensorBoard file at `step`: `val/*` and `train_eval/*` scalars
+/// and the reconstruction grid; an earlier evaluation's are replaced.
+fn write_eval_events(out: &Path, step: usize, row: &CompareRow) -> Result<()> {
     use crate::tensorboard::{EventWriter, What, eval_scalars, is_eval_tag};
-    let step = checkpoint::latest(out)?.map_or(0, |(_, s)| s.step);
     let mut w = EventWriter::open_keeping(out, |e| match &e.what {
         Some(What::Summary(s)) => !s.value.iter().any(|v| is_eval_tag(&v.tag)),
         _ => true,

@@ -470,13 +470,7 @@ fn main() -> Result<()> {
                 .stop_after
                 .is_none_or(|s| s >= opts.config.training.steps)
             {
-                let row = evaluate_run(
-                    &mut trained.model,
-                    &opts.config,
-                    &opts.out,
-                    opts.device,
-                    trained.total_seconds,
-                )?;
+                let row = evaluate_run(&mut trained.model, &opts.config, &opts.out, opts.device)?;
                 println!(
                     "val: rec MSE {:.5}, usage/{} {:.1}%, perplexity {:.1}, QE {:.3e} ({:.1}% of mean e²); eval.json, reconstructions.png, curves.png in {}",
                     row.val.rec_mse,
@@ -541,9 +535,7 @@ fn main() -> Result<()> {
             let mut vs = nn::VarStore::new(device);
             let mut model = VqAutoencoder::new(&vs.root(), &cfg.model)?;
             checkpoint::load_model(&run, &mut vs)?;
-            // The run's own training time, from its checkpoint.
-            let seconds = checkpoint::latest(&run)?.map_or(0.0, |(_, s)| s.train_seconds);
-            let row = evaluate_run(&mut model, &cfg, &run, device, seconds)?;
+            let row = evaluate_run(&mut model, &cfg, &run, device)?;
             for (name, m) in [("train", &row.train), ("val", &row.val)] {
                 println!(
                     "{name}: {} images, rec MSE {:.5}, L1 {:.5}, usage/{} {:.1}%, perplexity {:.1}, QE {:.3e}, LPIPS {}, r-FID {}, r-IS {}",

@@ -377,9 +377,6 @@ pub struct Trained {
     pub history: Vec<StepMetrics>,
     /// Wall-clock seconds of this invocation's steps.
     pub seconds: f64,
-    /// Wall-clock seconds of all the run's steps: this invocation's plus those recorded by the
-    /// checkpoint it resumed from (on the main rank).
-    pub total_seconds: f64,
 }
 
 /// Trains (or resumes) a run in this process alone.

@@ -311,7 +311,6 @@ impl<'a> Trainer<'a> {
             vs: self.vs,
             history: self.logger.history,
             seconds: began.elapsed().as_secs_f64(),
-            total_seconds: self.checkpointer.prior_seconds + began.elapsed().as_secs_f64(),
         })
     }
 

@@ -531,8 +531,7 @@ fn an_image_folder_trains_streams_and_resumes() {
     );
     let _ = common::assert_same_checkpoints(&a, &b);
     let mut trained = whole;
-    let row =
-        vq_train::compare::evaluate_run(&mut trained.model, &cfg, &a, Device::Cpu, 0.0).unwrap();
+    let row = vq_train::compare::evaluate_run(&mut trained.model, &cfg, &a, Device::Cpu).unwrap();
     assert!(
         row.val.rec_mse.is_finite() && row.val.images == 2 && row.val.skipped.is_empty(),
         "{row:?}"
@@ -600,8 +599,7 @@ fn an_image_folder_trains_streams_and_resumes() {
     let metrics = vq_train::compare::read_metrics(&c.join("metrics.jsonl")).unwrap();
     let skipped: u64 = metrics.iter().map(|m| m.skipped_samples).sum();
     assert_eq!(skipped, 3, "{metrics:?}");
-    let row =
-        vq_train::compare::evaluate_run(&mut again.model, &cfg, &c, Device::Cpu, 0.0).unwrap();
+    let row = vq_train::compare::evaluate_run(&mut again.model, &cfg, &c, Device::Cpu).unwrap();
     assert_eq!(
         (row.train.images, row.train.skipped.len()),
         (3, 1),
@@ -695,8 +693,7 @@ fn a_video_tokenizer_trains_on_bair_clips() {
             .iter()
             .all(|m| m.loss.is_finite() && m.d_loss > 0.0)
     );
-    let row =
-        vq_train::compare::evaluate_run(&mut trained.model, &cfg, &out, Device::Cpu, 0.0).unwrap();
+    let row = vq_train::compare::evaluate_run(&mut trained.model, &cfg, &out, Device::Cpu).unwrap();
     assert_eq!((row.train.images, row.val.images), (3, 1), "{row:?}");
     assert!(out.join("reconstructions.png").is_file());
     // A video model refuses image data.
