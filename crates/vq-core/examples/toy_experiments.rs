@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 use vq_core::Estimator;
 use vq_core::toy::{HimmelblauFrame, HimmelblauSetup, VoronoiSetup, himmelblau, voronoi_push_pull};
+use vq_plot::{Figure, Mark, Panel, Scale, Series};
 
 type Fallible<T> = Result<T, Box<dyn std::error::Error>>;
 
@@ -87,61 +88,108 @@ fn run_himmelblau(seeds: u64, out: &Path) -> Fallible<()> {
         ro / n
     );
     println!(
-        "Frames of seed 0: {}/himmelblau_step{{000,033,066,100}}.png (left STE, right rotation; grey: initial points, blue: points, orange: codewords, green: minima).\n",
+        "Frames of seed 0: {}/himmelblau_step{{000,033,066,100}}.png.\n",
         out.display()
     );
     Ok(())
 }
 
-/// Two panels (STE left, rotation right): initial points grey, current points blue, codewords
-/// orange, Himmelblau's four minima green.
+/// Two panels (STE left, rotation right), axes and legend: initial points grey, current
+/// points blue, codewords orange, Himmelblau's four minima green.
 fn plot_himmelblau(
     path: &Path,
     init: &HimmelblauFrame,
     ste: &HimmelblauFrame,
     rot: &HimmelblauFrame,
 ) -> Fallible<()> {
-    let root = BitMapBackend::new(path, (1200, 600)).into_drawing_area();
+    vq_plot::register_font()?;
+    let root = BitMapBackend::new(path, (1200, 640)).into_drawing_area();
     root.fill(&WHITE)?;
+    let title = format!(
+        "Himmelblau simulation (paper App. A.2), seed 0, after {} updates",
+        ste.step
+    );
+    let root = root
+        .margin(8, 0, 0, 0)
+        .titled(&title, vq_plot::text(22.0))?;
     let minima = [
         (3.0, 2.0),
         (-2.805118, 3.131312),
         (-3.77931, -3.283186),
         (3.584428, -1.848126),
     ];
-    for (area, frame) in root.split_evenly((1, 2)).iter().zip([ste, rot]) {
+    let grey = RGBColor(190, 190, 190);
+    let (blue, orange, green) = (
+        vq_plot::PALETTE[0],
+        vq_plot::PALETTE[1],
+        vq_plot::PALETTE[2],
+    );
+    for (area, (name, frame)) in root
+        .split_evenly((1, 2))
+        .iter()
+        .zip([("STE", ste), ("rotation trick", rot)])
+    {
         let mut chart = ChartBuilder::on(area)
+            .caption(name, vq_plot::text(18.0))
             .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(40)
             .build_cartesian_2d(-7f32..7f32, -7f32..7f32)?;
-        let axis = RGBColor(200, 200, 200);
-        chart.draw_series(LineSeries::new([(-7.0, 0.0), (7.0, 0.0)], axis))?;
-        chart.draw_series(LineSeries::new([(0.0, -7.0), (0.0, 7.0)], axis))?;
+        chart
+            .configure_mesh()
+            .light_line_style(RGBColor(240, 240, 240))
+            .x_desc("x")
+            .y_desc("y")
+            .axis_desc_style(vq_plot::text(15.0))
+            .label_style(vq_plot::text(13.0))
+            .x_label_formatter(&|v| vq_plot::tick_label(f64::from(*v)))
+            .y_label_formatter(&|v| vq_plot::tick_label(f64::from(*v)))
+            .draw()?;
         let pts = |p: &ndarray::Array2<f32>| {
             p.rows()
                 .into_iter()
                 .map(|r| (r[0], r[1]))
                 .collect::<Vec<_>>()
         };
-        chart.draw_series(
-            pts(&init.points)
-                .into_iter()
-                .map(|c| Circle::new(c, 1, RGBColor(190, 190, 190).filled())),
-        )?;
-        chart.draw_series(
-            pts(&frame.points)
-                .into_iter()
-                .map(|c| Circle::new(c, 2, BLUE.filled())),
-        )?;
-        chart.draw_series(
-            minima
-                .iter()
-                .map(|&c| Cross::new(c, 7, GREEN.stroke_width(3))),
-        )?;
-        chart.draw_series(
-            pts(&frame.codebook)
-                .into_iter()
-                .map(|c| Circle::new(c, 6, RGBColor(255, 140, 0).filled())),
-        )?;
+        chart
+            .draw_series(
+                pts(&init.points)
+                    .into_iter()
+                    .map(|c| Circle::new(c, 1, grey.filled())),
+            )?
+            .label("initial points")
+            .legend(move |c| Circle::new(c, 3, grey.filled()));
+        chart
+            .draw_series(
+                pts(&frame.points)
+                    .into_iter()
+                    .map(|c| Circle::new(c, 2, blue.filled())),
+            )?
+            .label("points now")
+            .legend(move |c| Circle::new(c, 3, blue.filled()));
+        chart
+            .draw_series(
+                minima
+                    .iter()
+                    .map(|&c| Cross::new(c, 7, green.stroke_width(3))),
+            )?
+            .label("minima of f")
+            .legend(move |c| Cross::new(c, 5, green.stroke_width(2)));
+        chart
+            .draw_series(
+                pts(&frame.codebook)
+                    .into_iter()
+                    .map(|c| Circle::new(c, 6, orange.filled())),
+            )?
+            .label("codewords")
+            .legend(move |c| Circle::new(c, 5, orange.filled()));
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::LowerRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(RGBColor(170, 170, 170))
+            .label_font(vq_plot::text(13.0))
+            .draw()?;
     }
     root.present()?;
     Ok(())
@@ -159,7 +207,7 @@ fn run_voronoi(out: &Path) -> Fallible<()> {
     );
     println!("| φ (deg) | STE spread | rotation spread | rotation spread, translated +10 |");
     println!("|---|---|---|---|");
-    let mut curves = [Vec::new(), Vec::new()];
+    let mut curves = [Vec::new(), Vec::new(), Vec::new()];
     for i in 0..=24 {
         let phi = -PI + 2.0 * PI * f64::from(i) / 24.0;
         let ste = voronoi_push_pull(&near, Estimator::StraightThrough, phi)?.spread_ratio;
@@ -171,67 +219,56 @@ fn run_voronoi(out: &Path) -> Fallible<()> {
                 phi.to_degrees()
             );
         }
-        curves[0].push((phi.to_degrees() as f32, rot as f32));
-        curves[1].push((phi.to_degrees() as f32, rot_far as f32));
+        for (c, v) in curves.iter_mut().zip([rot, rot_far, ste]) {
+            c.push((phi.to_degrees(), v));
+        }
     }
+    let [rot, rot_far, ste] = curves;
     let path = out.join("voronoi_spread_vs_phi.png");
-    draw_curves(&path, &curves, (-180.0, 180.0), &[RED, BLUE], 1.0)?;
-    println!(
-        "\nSpread against φ: {} (red: near the origin, blue: translated +10; the grey line is STE = 1).",
-        path.display()
+    let panel = Panel::new(
+        format!(
+            "Spread after / before {} steps against the update's angle φ",
+            near.steps
+        ),
+        "φ (degrees)",
+        "ratio",
+        Scale::Linear,
+    )
+    .with(Series::line("rotation trick, near the origin", rot).marked(Mark::LinePoints))
+    .with(Series::line("rotation trick, translated +10", rot_far).marked(Mark::LinePoints))
+    .with(Series::line("STE", ste));
+    let figure = Figure::new("Voronoi push/pull (paper §4.3)")
+        .panel_size(900, 520)
+        .panel(panel);
+    vq_plot::line_panels(&path, &figure)?;
+    println!("\nSpread against φ: {}.", path.display());
+    let mut panel = Panel::new(
+        "Change of the distance to the codeword, rotation trick minus STE",
+        "θ (degrees)",
+        "Δ dist.",
+        Scale::Linear,
     );
-    let mut by_theta = Vec::new();
-    for (phi, colour) in [(0.0, RED), (PI / 2.0, BLACK), (PI, BLUE)] {
+    for phi_deg in [0.0f64, 90.0, 180.0] {
+        let phi = phi_deg.to_radians();
         let o = voronoi_push_pull(&near, Estimator::Rotation, phi)?;
         let s = voronoi_push_pull(&near, Estimator::StraightThrough, phi)?;
-        let pts: Vec<(f32, f32)> = o
+        let pts: Vec<(f64, f64)> = o
             .by_angle
             .iter()
             .zip(&s.by_angle)
-            .map(|(r, s)| (r.0.to_degrees() as f32, (r.1 - s.1) as f32))
+            .map(|(r, s)| (r.0.to_degrees(), r.1 - s.1))
             .collect();
-        by_theta.push((pts, colour));
+        panel = panel.with(Series::line(format!("φ = {phi_deg}°"), pts).marked(Mark::LinePoints));
     }
     let path = out.join("voronoi_distance_vs_theta.png");
-    let (curves, colours): (Vec<_>, Vec<_>) = by_theta.into_iter().unzip();
-    draw_curves(&path, &curves, (-40.0, 40.0), &colours, 0.0)?;
+    let zero = vec![(-40.0, 0.0), (40.0, 0.0)];
+    let figure = Figure::new("Voronoi push/pull (paper §4.3)")
+        .panel_size(900, 520)
+        .panel(panel.with(Series::line("0 (no change)", zero).marked(Mark::Reference)));
+    vq_plot::line_panels(&path, &figure)?;
     println!(
-        "Change of distance to the codeword, rotation minus STE, against θ: {} (red φ = 0°, black 90°, blue 180°; grey line 0).\n",
+        "Change of distance to the codeword, rotation minus STE, against θ: {}.\n",
         path.display()
     );
-    Ok(())
-}
-
-/// Line plot of several curves with a grey reference line at `y = reference`.
-fn draw_curves(
-    path: &Path,
-    curves: &[Vec<(f32, f32)>],
-    x: (f32, f32),
-    colours: &[RGBColor],
-    reference: f32,
-) -> Fallible<()> {
-    let ys = curves.iter().flatten().map(|p| p.1).chain([reference]);
-    let (lo, hi) = ys.fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), y| {
-        (a.min(y), b.max(y))
-    });
-    let pad = (hi - lo).max(1e-6) * 0.05;
-    let root = BitMapBackend::new(path, (800, 500)).into_drawing_area();
-    root.fill(&WHITE)?;
-    let mut chart = ChartBuilder::on(&root)
-        .margin(15)
-        .build_cartesian_2d(x.0..x.1, lo - pad..hi + pad)?;
-    chart.draw_series(LineSeries::new(
-        [(x.0, reference), (x.1, reference)],
-        RGBColor(170, 170, 170),
-    ))?;
-    chart.draw_series(LineSeries::new(
-        [(0.0, lo - pad), (0.0, hi + pad)],
-        RGBColor(220, 220, 220),
-    ))?;
-    for (c, &colour) in curves.iter().zip(colours) {
-        chart.draw_series(LineSeries::new(c.iter().copied(), colour.stroke_width(2)))?;
-        chart.draw_series(c.iter().map(|&p| Circle::new(p, 3, colour.filled())))?;
-    }
-    root.present()?;
     Ok(())
 }

@@ -93,6 +93,17 @@ impl Estimator {
         }
     }
 
+    /// Name for figures and tables: "STE", "rotation trick", "rotation trick, no rescaling",
+    /// "Householder reflection".
+    pub fn label(self) -> &'static str {
+        match self {
+            Estimator::StraightThrough => "STE",
+            Estimator::Rotation => "rotation trick",
+            Estimator::RotationNoRescale => "rotation trick, no rescaling",
+            Estimator::Reflection => "Householder reflection",
+        }
+    }
+
     /// Parses [`name`](Self::name) (also accepts `straight-through`).
     ///
     /// # Errors

@@ -161,6 +161,16 @@ impl GanConfig {
         }
     }
 
+    /// The name of [`Self::pixel_loss`]'s terms: "L1", "L2" or "L1 + L2".
+    #[must_use]
+    pub fn pixel_loss_name(&self) -> &'static str {
+        match (self.l1_weight > 0.0, self.l2_weight > 0.0) {
+            (true, true) => "L1 + L2",
+            (false, true) => "L2",
+            _ => "L1",
+        }
+    }
+
     /// The reconstruction term `l1·mean|x − x̃| + l2·mean (x − x̃)²` (perceptual term apart).
     pub fn pixel_loss(&self, x: &Tensor, rec: &Tensor) -> Tensor {
         let d = x - rec;

@@ -5,7 +5,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use tch::{Device, nn};
+use tch::{Device, Tensor, nn};
 use vq_data::Split;
 use vq_models::VqAutoencoder;
 use vq_tch::Estimator;
@@ -37,6 +37,8 @@ pub struct CompareRow {
 /// As [`train`] and [`evaluate`].
 pub fn compare(base: &TrainOptions, estimators: &[Estimator]) -> Result<Vec<CompareRow>> {
     let mut rows = Vec::new();
+    let mut grid_rows: Vec<(String, Tensor)> = Vec::new();
+    let mut steps = Vec::new();
     for (i, &est) in estimators.iter().enumerate() {
         let mut config = base.config.clone();
         config.model.quantizer.estimator = est;
@@ -73,7 +75,12 @@ pub fn compare(base: &TrainOptions, estimators: &[Estimator]) -> Result<Vec<Comp
             };
             train(&opts)?.model
         };
-        let row = evaluate_run(&mut model, &config, &out, base.device)?;
+        let Evaluated { row, shown, step } = evaluate_run(&mut model, &config, &out, base.device)?;
+        steps.push(step.to_string());
+        if grid_rows.is_empty() {
+            grid_rows.push(("original".to_owned(), shown.originals));
+        }
+        grid_rows.push((est.label().to_owned(), shown.reconstructions));
         eprintln!(
             "   val rec {:.5}, usage {:.1}%, QE {:.3e}",
             row.val.rec_mse,
@@ -92,28 +99,61 @@ pub fn compare(base: &TrainOptions, estimators: &[Estimator]) -> Result<Vec<Comp
         .iter()
         .map(|e| read_metrics(&base.out.join(e.name()).join("metrics.jsonl")))
         .collect::<Result<_>>()?;
-    plot::curves(&base.out.join("curves.png"), &curve_panels(&histories))?;
+    let runs: Vec<(&str, &[StepMetrics])> = estimators
+        .iter()
+        .zip(&histories)
+        .map(|(e, h)| (e.label(), h.as_slice()))
+        .collect();
+    let cfg = &base.config;
+    plot::curves(
+        &base.out.join("curves.png"),
+        &format!("{}: training curves by estimator", run_title(cfg)),
+        &cfg.reconstruction_loss_name(),
+        &runs,
+    )?;
+    let grid: Vec<(&str, &Tensor)> = grid_rows.iter().map(|(l, t)| (l.as_str(), t)).collect();
+    steps.dedup();
+    let at = match steps.as_slice() {
+        [one] => format!("step {one}"),
+        many => format!("steps {}", many.join(" / ")),
+    };
+    plot::reconstruction_grid(
+        &base.out.join("reconstructions.png"),
+        &format!("{}: held-out images, {at}", run_title(cfg)),
+        &grid,
+        3,
+    )?;
     Ok(rows)
 }
 
-/// Three panels, one series per run: log₁₀ reconstruction MSE, fraction of codes used per
-/// batch, log₁₀ quantization error.
-pub(crate) fn curve_panels(histories: &[Vec<StepMetrics>]) -> Vec<Vec<Vec<(f64, f64)>>> {
-    let panel = |f: fn(&StepMetrics) -> f64| -> Vec<Vec<(f64, f64)>> {
-        histories
-            .iter()
-            .map(|h| h.iter().map(|m| (m.step as f64, f(m))).collect())
-            .collect()
-    };
-    vec![
-        panel(|m| m.rec.max(1e-12).log10()),
-        panel(|m| m.usage),
-        panel(|m| m.quantization_error.max(1e-12).log10()),
-    ]
+/// "preset on data", the start of every figure's title.
+pub(crate) fn run_title(config: &RunConfig) -> String {
+    format!("{} on {}", config.preset, config.data)
+}
+
+/// The images an evaluation shows: held-out originals and the model's reconstructions, as
+/// images (video: the frames of the clips).
+#[derive(Debug)]
+pub struct Shown {
+    /// Originals, (B, C, H, W) in [−1, 1].
+    pub originals: Tensor,
+    /// Reconstructions of the originals, same shape.
+    pub reconstructions: Tensor,
+}
+
+/// What [`evaluate_run`] returns: the metrics row and the images it drew.
+#[derive(Debug)]
+pub struct Evaluated {
+    /// The metrics.
+    pub row: CompareRow,
+    /// The images of `reconstructions.png`.
+    pub shown: Shown,
+    /// The step of the checkpoint evaluated (0 without one).
+    pub step: usize,
 }
 
 /// Evaluates a trained run on both splits and writes `eval.json`, `reconstructions.png` (16
-/// held-out images over their reconstructions) and `curves.png` (from `metrics.jsonl`) into its
+/// held-out images over their reconstructions, rows labelled, the step in the title) and `curves.png` (from `metrics.jsonl`) into its
 /// folder, and the metrics and the grid into its TensorBoard event file. The row's training
 /// time and the events' step are the run's latest checkpoint's (0 without one).
 ///
@@ -124,7 +164,7 @@ pub fn evaluate_run(
     config: &RunConfig,
     out: &Path,
     device: Device,
-) -> Result<CompareRow> {
+) -> Result<Evaluated> {
     let (step, seconds) =
         checkpoint::latest(out)?.map_or((0, 0.0), |(_, s)| (s.step, s.train_seconds));
     let a = &config.model.autoencoder;
@@ -181,14 +221,24 @@ pub fn evaluate_run(
     let show_n = if a.frames().is_some() { 2 } else { 16 };
     let x = val_set.first_decodable(show_n, device)?;
     let rec = tch::no_grad(|| model.forward(&x, vq_tch::Mode::Eval))?.reconstruction;
+    let shown = Shown {
+        originals: crate::data::frames_as_images(&x),
+        reconstructions: crate::data::frames_as_images(&rec),
+    };
+    let estimator = config.model.quantizer.estimator.label();
     plot::reconstruction_grid(
         &out.join("reconstructions.png"),
-        &crate::data::frames_as_images(&x),
-        &crate::data::frames_as_images(&rec),
+        &format!(
+            "{}, {estimator}: held-out images, step {step}",
+            run_title(config)
+        ),
+        &[
+            ("original", &shown.originals),
+            (estimator, &shown.reconstructions),
+        ],
         3,
     )?;
-    let history = read_metrics(&out.join("metrics.jsonl"))?;
-    plot::curves(&out.join("curves.png"), &curve_panels(&[history]))?;
+    write_curves(out, config, &read_metrics(&out.join("metrics.jsonl"))?)?;
     let row = CompareRow {
         estimator: config.model.quantizer.estimator.name().to_owned(),
         train,
@@ -197,7 +247,25 @@ pub fn evaluate_run(
     };
     write_atomic(&out.join("eval.json"), &serde_json::to_vec_pretty(&row)?)?;
     write_eval_events(out, step, &row)?;
-    Ok(row)
+    Ok(Evaluated { row, shown, step })
+}
+
+/// Draws one run's `curves.png` from its metrics (written beside and renamed into place, so
+/// a viewer never sees half a file).
+///
+/// # Errors
+/// Plotting and I/O errors.
+pub fn write_curves(out: &Path, config: &RunConfig, history: &[StepMetrics]) -> Result<()> {
+    let estimator = config.model.quantizer.estimator.label();
+    let tmp = out.join("curves.partial.png");
+    plot::curves(
+        &tmp,
+        &format!("{}, {estimator}: training curves", run_title(config)),
+        &config.reconstruction_loss_name(),
+        &[(estimator, history)],
+    )?;
+    fs::rename(&tmp, out.join("curves.png"))
+        .with_context(|| format!("replacing {}", out.join("curves.png").display()))
 }
 
 /// The evaluation in the run's TensorBoard file at `step`: `val/*` and `train_eval/*` scalars

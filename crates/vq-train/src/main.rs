@@ -470,7 +470,8 @@ fn main() -> Result<()> {
                 .stop_after
                 .is_none_or(|s| s >= opts.config.training.steps)
             {
-                let row = evaluate_run(&mut trained.model, &opts.config, &opts.out, opts.device)?;
+                let row =
+                    evaluate_run(&mut trained.model, &opts.config, &opts.out, opts.device)?.row;
                 println!(
                     "val: rec MSE {:.5}, usage/{} {:.1}%, perplexity {:.1}, QE {:.3e} ({:.1}% of mean e²); eval.json, reconstructions.png, curves.png in {}",
                     row.val.rec_mse,
@@ -535,7 +536,7 @@ fn main() -> Result<()> {
             let mut vs = nn::VarStore::new(device);
             let mut model = VqAutoencoder::new(&vs.root(), &cfg.model)?;
             checkpoint::load_model(&run, &mut vs)?;
-            let row = evaluate_run(&mut model, &cfg, &run, device)?;
+            let row = evaluate_run(&mut model, &cfg, &run, device)?.row;
             for (name, m) in [("train", &row.train), ("val", &row.val)] {
                 println!(
                     "{name}: {} images, rec MSE {:.5}, L1 {:.5}, usage/{} {:.1}%, perplexity {:.1}, QE {:.3e}, LPIPS {}, r-FID {}, r-IS {}",

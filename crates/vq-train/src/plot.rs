@@ -1,95 +1,139 @@
-//! PNG outputs: reconstruction grids and training curves.
+//! PNG outputs: labelled reconstruction grids and training curves (drawn by `vq-plot`).
 
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use plotters::prelude::*;
 use tch::{Device, Kind, Tensor};
+use vq_plot::{Figure, ImageRow, Panel, Scale, Series};
 
-/// A grid with the originals on the top row and their reconstructions below (images in
-/// [−1, 1], (B, C, H, W) with C = 1 or 3), each image scaled ×`zoom`.
+use crate::train::StepMetrics;
+
+/// Images in [−1, 1], (B, C, H, W) with C = 1 or 3, as 8-bit RGB images.
 ///
 /// # Errors
-/// Unwritable file.
-pub fn reconstruction_grid(
-    path: &Path,
-    originals: &Tensor,
-    reconstructions: &Tensor,
-    zoom: u32,
-) -> Result<()> {
-    let rows = [originals, reconstructions];
-    let (b, c, h, w) = originals.size4()?;
-    let (h, w, b) = (h as u32, w as u32, b as u32);
-    let mut img = image::RgbImage::new(b * w * zoom, 2 * h * zoom);
-    for (r, t) in rows.iter().enumerate() {
-        let px = ((t
-            .to_device(Device::Cpu)
-            .to_kind(Kind::Float)
-            .clamp(-1.0, 1.0)
-            + 1.0)
-            * 127.5)
-            .round()
-            .to_kind(Kind::Uint8)
-            .contiguous();
-        let v = Vec::<u8>::try_from(px.reshape([-1]))?;
-        let at = |i: u32, ch: i64, y: u32, x: u32| {
-            let ch = if c == 1 { 0 } else { ch };
-            v[(((i as i64 * c + ch) * h as i64 + y as i64) * w as i64 + x as i64) as usize]
-        };
-        for i in 0..b {
-            for y in 0..h * zoom {
-                for x in 0..w * zoom {
-                    let (sy, sx) = (y / zoom, x / zoom);
-                    let p = image::Rgb([at(i, 0, sy, sx), at(i, 1, sy, sx), at(i, 2, sy, sx)]);
-                    img.put_pixel(i * w * zoom + x, r as u32 * h * zoom + y, p);
-                }
-            }
-        }
-    }
-    img.save(path)
-        .with_context(|| format!("writing {}", path.display()))
+/// A tensor that is not 4-D with 1 or 3 channels.
+pub fn rgb_images(t: &Tensor) -> Result<Vec<image::RgbImage>> {
+    let (b, c, h, w) = t.size4()?;
+    anyhow::ensure!(
+        c == 1 || c == 3,
+        "images with {c} channels cannot be shown (1 or 3)"
+    );
+    let px = ((t
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Float)
+        .clamp(-1.0, 1.0)
+        + 1.0)
+        * 127.5)
+        .round()
+        .to_kind(Kind::Uint8)
+        .expand([b, 3, h, w], false)
+        .permute([0, 2, 3, 1])
+        .contiguous();
+    let v = Vec::<u8>::try_from(px.reshape([-1]))?;
+    let one = (h * w * 3) as usize;
+    Ok(v.chunks_exact(one)
+        .map(|p| image::RgbImage::from_raw(w as u32, h as u32, p.to_vec()).expect("h·w·3 bytes"))
+        .collect())
 }
 
-/// Line chart of several named series (x = step) on one panel per metric, stacked vertically;
-/// no text (no font backend): colours in order blue, red, green, black.
+/// A grid under `title` with one labelled row per `(label, images)` (images as for
+/// [`rgb_images`]), each image scaled ×`zoom`.
 ///
 /// # Errors
-/// Unwritable file.
-pub fn curves(path: &Path, panels: &[Vec<Vec<(f64, f64)>>]) -> Result<()> {
-    let root = BitMapBackend::new(path, (900, 300 * panels.len() as u32)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let colours = [BLUE, RED, GREEN, BLACK];
-    for (area, series) in root.split_evenly((panels.len(), 1)).iter().zip(panels) {
-        let pts = series.iter().flatten();
-        let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-        for &(x, y) in pts {
-            x0 = x0.min(x);
-            x1 = x1.max(x);
-            y0 = y0.min(y);
-            y1 = y1.max(y);
-        }
-        if x0 > x1 {
-            continue;
-        }
-        let pad = ((y1 - y0) * 0.05).max(1e-12);
-        let mut chart = ChartBuilder::on(area)
-            .margin(15)
-            .build_cartesian_2d(x0..x1.max(x0 + 1.0), (y0 - pad)..(y1 + pad))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        chart
-            .configure_mesh()
-            .disable_x_mesh()
-            .disable_y_mesh()
-            .x_labels(0)
-            .y_labels(0)
-            .draw()
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        for (s, colour) in series.iter().zip(colours.iter().cycle()) {
-            chart
-                .draw_series(LineSeries::new(s.iter().copied(), colour.stroke_width(2)))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-        }
+/// Images that cannot be shown; an unwritable file.
+pub fn reconstruction_grid(
+    path: &Path,
+    title: &str,
+    rows: &[(&str, &Tensor)],
+    zoom: u32,
+) -> Result<()> {
+    let rows = rows
+        .iter()
+        .map(|&(label, t)| {
+            Ok(ImageRow {
+                label: label.to_owned(),
+                images: rgb_images(t)?,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    vq_plot::image_grid(path, title, &rows, zoom).context("writing a reconstruction grid")
+}
+
+/// The training curves of one run or of several overlaid (`runs`: legend name and metrics),
+/// one panel each: reconstruction loss (`rec_loss` names it, log scale), codebook usage per
+/// batch, quantization error (log), perplexity, learning rate, and for a VQGAN the
+/// discriminator's and generator's adversarial losses.
+#[must_use]
+pub fn curves_figure(title: &str, rec_loss: &str, runs: &[(&str, &[StepMetrics])]) -> Figure {
+    let series = |f: &dyn Fn(&StepMetrics) -> f64| -> Vec<Series> {
+        runs.iter()
+            .map(|(name, h)| Series::line(*name, h.iter().map(|m| (m.step as f64, f(m))).collect()))
+            .collect()
+    };
+    let panel = |title: &str, unit: &str, scale, f: &dyn Fn(&StepMetrics) -> f64| {
+        let mut p = Panel::new(title, "step", unit, scale);
+        p.series = series(f);
+        p
+    };
+    let mut fig = Figure::new(title)
+        .columns(2)
+        .panel_size(640, 320)
+        .panel(panel(
+            &format!("Training reconstruction loss ({rec_loss})"),
+            rec_loss,
+            Scale::Log,
+            &|m| m.rec,
+        ))
+        .panel(panel(
+            "Codebook usage (codes used per batch)",
+            "%",
+            Scale::Linear,
+            &|m| 100.0 * m.usage,
+        ))
+        .panel(panel(
+            "Quantization error mean((e − q)²) per element",
+            "QE",
+            Scale::Log,
+            &|m| m.quantization_error,
+        ))
+        .panel(panel(
+            "Code perplexity per batch",
+            "codes",
+            Scale::Linear,
+            &|m| m.perplexity,
+        ))
+        .panel(panel("Learning rate", "lr", Scale::Linear, &|m| m.lr));
+    let adversarial = runs
+        .iter()
+        .any(|(_, h)| h.iter().any(|m| m.d_loss != 0.0 || m.g_loss != 0.0));
+    if adversarial {
+        fig = fig
+            .panel(panel(
+                "Discriminator hinge loss",
+                "loss",
+                Scale::Linear,
+                &|m| m.d_loss,
+            ))
+            .panel(panel(
+                "Generator adversarial loss −mean D(x̃)",
+                "loss",
+                Scale::Linear,
+                &|m| m.g_loss,
+            ));
     }
-    root.present()
-        .with_context(|| format!("writing {}", path.display()))
+    fig
+}
+
+/// Draws [`curves_figure`] into the PNG `path`.
+///
+/// # Errors
+/// An unwritable file; no metrics at all.
+pub fn curves(
+    path: &Path,
+    title: &str,
+    rec_loss: &str,
+    runs: &[(&str, &[StepMetrics])],
+) -> Result<()> {
+    vq_plot::line_panels(path, &curves_figure(title, rec_loss, runs))
+        .context("writing training curves")
 }

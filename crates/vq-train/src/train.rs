@@ -57,6 +57,19 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// What the logged reconstruction loss `rec` is: "MSE" for a VQ-VAE; for a VQGAN its pixel
+    /// terms, "+ LPIPS" when the perceptual term is on.
+    #[must_use]
+    pub fn reconstruction_loss_name(&self) -> String {
+        match &self.gan {
+            None => "MSE".into(),
+            Some(g) if g.perceptual_weight > 0.0 && self.lpips_weights.is_some() => {
+                format!("{} + LPIPS", g.pixel_loss_name())
+            }
+            Some(g) => g.pixel_loss_name().into(),
+        }
+    }
+
     /// Reads a configuration file (`--config`). Every field is required; a file without
     /// `preprocessing` is refused with the choices, so no preprocessing is picked silently.
     ///

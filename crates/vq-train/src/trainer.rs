@@ -191,11 +191,7 @@ impl<'a> Trainer<'a> {
                 let disc = Discriminator::new(&dvs.root(), g)?;
                 let dopt = optimiser(&dvs);
                 if g.perceptual_weight > 0.0 && cfg.lpips_weights.is_none() && dist.is_main() {
-                    let pixel = match (g.l1_weight > 0.0, g.l2_weight > 0.0) {
-                        (true, true) => "L1 + L2",
-                        (false, true) => "L2",
-                        _ => "L1",
-                    };
+                    let pixel = g.pixel_loss_name();
                     eprintln!(
                         "WARNING: no LPIPS weights given (--lpips FILE, see vq_models::Lpips), so this \
                          VQGAN trains WITHOUT its perceptual term (perceptual_weight {} ignored); \

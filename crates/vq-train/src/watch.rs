@@ -6,8 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use crate::compare::curve_panels;
-use crate::plot;
+use crate::compare::write_curves;
 use crate::train::{RunConfig, StepMetrics};
 
 /// What one look at a run found.
@@ -105,10 +104,7 @@ pub fn look(run: &Path) -> Result<RunStatus> {
         .with_context(|| format!("{} is not a run folder of vq-train", run.display()))?;
     let history = read_live_metrics(&run.join("metrics.jsonl"))?;
     if !history.is_empty() {
-        let tmp = run.join("curves.watch.png");
-        plot::curves(&tmp, &curve_panels(std::slice::from_ref(&history)))?;
-        fs::rename(&tmp, run.join("curves.png"))
-            .with_context(|| format!("replacing {}", run.join("curves.png").display()))?;
+        write_curves(run, &cfg, &history)?;
     }
     let total = cfg.training.steps;
     let last = history.last().cloned();

@@ -240,11 +240,19 @@ fn compare_writes_the_table_json_and_plots() {
     assert_eq!(json["rows"].as_array().unwrap().len(), 2);
     for f in [
         "curves.png",
+        "reconstructions.png",
         "ste/reconstructions.png",
         "rotation/eval.json",
     ] {
         assert!(out.join(f).is_file(), "{f} missing");
     }
+    // The compare's grid has a row per estimator below the originals; a run's has one.
+    let height = |f: &str| image::image_dimensions(out.join(f)).unwrap().1;
+    let (one, both) = (
+        height("ste/reconstructions.png"),
+        height("reconstructions.png"),
+    );
+    assert!(both > one && both < 2 * one, "{one} {both}");
     // Each estimator's TensorBoard file: the training series, the evaluation at the last step
     // (once, also after the evaluation below runs again) and the reconstruction grid.
     let check_events = |run: &Path| {
@@ -531,7 +539,9 @@ fn an_image_folder_trains_streams_and_resumes() {
     );
     let _ = common::assert_same_checkpoints(&a, &b);
     let mut trained = whole;
-    let row = vq_train::compare::evaluate_run(&mut trained.model, &cfg, &a, Device::Cpu).unwrap();
+    let row = vq_train::compare::evaluate_run(&mut trained.model, &cfg, &a, Device::Cpu)
+        .unwrap()
+        .row;
     assert!(
         row.val.rec_mse.is_finite() && row.val.images == 2 && row.val.skipped.is_empty(),
         "{row:?}"
@@ -599,7 +609,9 @@ fn an_image_folder_trains_streams_and_resumes() {
     let metrics = vq_train::compare::read_metrics(&c.join("metrics.jsonl")).unwrap();
     let skipped: u64 = metrics.iter().map(|m| m.skipped_samples).sum();
     assert_eq!(skipped, 3, "{metrics:?}");
-    let row = vq_train::compare::evaluate_run(&mut again.model, &cfg, &c, Device::Cpu).unwrap();
+    let row = vq_train::compare::evaluate_run(&mut again.model, &cfg, &c, Device::Cpu)
+        .unwrap()
+        .row;
     assert_eq!(
         (row.train.images, row.train.skipped.len()),
         (3, 1),
@@ -693,7 +705,9 @@ fn a_video_tokenizer_trains_on_bair_clips() {
             .iter()
             .all(|m| m.loss.is_finite() && m.d_loss > 0.0)
     );
-    let row = vq_train::compare::evaluate_run(&mut trained.model, &cfg, &out, Device::Cpu).unwrap();
+    let row = vq_train::compare::evaluate_run(&mut trained.model, &cfg, &out, Device::Cpu)
+        .unwrap()
+        .row;
     assert_eq!((row.train.images, row.val.images), (3, 1), "{row:?}");
     assert!(out.join("reconstructions.png").is_file());
     // A video model refuses image data.

@@ -1,0 +1,448 @@
+//! Line charts: a titled figure of panels, each with its own axes, scale and legend.
+
+use std::ops::Range;
+use std::path::Path;
+
+use plotters::coord::Shift;
+use plotters::coord::ranged1d::{AsRangedCoord, ValueFormatter};
+use plotters::prelude::*;
+
+use crate::{PALETTE, PlotError, register_font, text};
+
+/// How a panel's y axis maps values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scale {
+    /// Linear.
+    Linear,
+    /// Base-10 logarithmic; values ≤ 0 (and non-finite ones) are not drawn.
+    Log,
+}
+
+/// How a series is drawn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// A line in the series' palette colour.
+    Line,
+    /// A line with a dot at every point.
+    LinePoints,
+    /// A thin grey line: a reference level (e.g. "STE = 1"), not a result.
+    Reference,
+}
+
+/// One named series of (x, y) points.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Series {
+    /// Legend entry.
+    pub label: String,
+    /// Points in drawing order; non-finite ones are skipped.
+    pub points: Vec<(f64, f64)>,
+    /// How it is drawn.
+    pub mark: Mark,
+}
+
+impl Series {
+    /// A line.
+    #[must_use]
+    pub fn line(label: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
+        Self {
+            label: label.into(),
+            points,
+            mark: Mark::Line,
+        }
+    }
+
+    /// The same series drawn as `mark`.
+    #[must_use]
+    pub fn marked(mut self, mark: Mark) -> Self {
+        self.mark = mark;
+        self
+    }
+}
+
+/// One chart: title, axis labels (units in them, e.g. "step", "MSE per pixel"), y scale and
+/// its series.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Panel {
+    /// Caption above the chart.
+    pub title: String,
+    /// x axis label.
+    pub x_label: String,
+    /// y axis label, drawn unrotated left of the axis (ab_glyph does not rotate text): keep it
+    /// to a unit or a word and say more in the title.
+    pub y_label: String,
+    /// y axis mapping.
+    pub scale: Scale,
+    /// Series, coloured in order from [`PALETTE`] (reference series are grey).
+    pub series: Vec<Series>,
+}
+
+impl Panel {
+    /// An empty panel.
+    #[must_use]
+    pub fn new(
+        title: impl Into<String>,
+        x_label: impl Into<String>,
+        y_label: impl Into<String>,
+        scale: Scale,
+    ) -> Self {
+        Self {
+            title: title.into(),
+            x_label: x_label.into(),
+            y_label: y_label.into(),
+            scale,
+            series: Vec::new(),
+        }
+    }
+
+    /// The panel with one more series.
+    #[must_use]
+    pub fn with(mut self, series: Series) -> Self {
+        self.series.push(series);
+        self
+    }
+
+    /// The points that can be drawn on this panel's scale.
+    fn drawable(&self, s: &Series) -> Vec<(f64, f64)> {
+        let ok = |&(x, y): &(f64, f64)| {
+            x.is_finite() && y.is_finite() && (self.scale == Scale::Linear || y > 0.0)
+        };
+        s.points.iter().copied().filter(ok).collect()
+    }
+}
+
+/// A titled figure of panels laid out in `columns` columns (row-major).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Figure {
+    /// Title above all panels.
+    pub title: String,
+    /// The panels.
+    pub panels: Vec<Panel>,
+    /// Panels per row (≥ 1).
+    pub columns: usize,
+    /// Size of one panel in pixels (width, height).
+    pub panel_size: (u32, u32),
+}
+
+impl Figure {
+    /// A figure with one column of 900×300 panels.
+    #[must_use]
+    pub fn new(title: impl Into<String>) -> Self {
+        Self {
+            title: title.into(),
+            panels: Vec::new(),
+            columns: 1,
+            panel_size: (900, 300),
+        }
+    }
+
+    /// The figure with one more panel.
+    #[must_use]
+    pub fn panel(mut self, panel: Panel) -> Self {
+        self.panels.push(panel);
+        self
+    }
+
+    /// The figure laid out in `columns` columns.
+    #[must_use]
+    pub fn columns(mut self, columns: usize) -> Self {
+        self.columns = columns.max(1);
+        self
+    }
+
+    /// The figure with panels of `width`×`height` pixels.
+    #[must_use]
+    pub fn panel_size(mut self, width: u32, height: u32) -> Self {
+        self.panel_size = (width.max(200), height.max(150));
+        self
+    }
+}
+
+const TITLE_HEIGHT: u32 = 40;
+
+/// Draws `figure` into the PNG `path`. A panel without a drawable point shows "no data".
+///
+/// # Errors
+/// [`PlotError::Invalid`] for a figure without panels; [`PlotError::Draw`] if drawing or
+/// writing fails.
+pub fn line_panels(path: &Path, figure: &Figure) -> Result<(), PlotError> {
+    register_font()?;
+    if figure.panels.is_empty() {
+        return Err(PlotError::Invalid {
+            path: path.to_owned(),
+            message: "a figure without panels".into(),
+        });
+    }
+    let cols = figure.columns.max(1);
+    let rows = figure.panels.len().div_ceil(cols);
+    let (pw, ph) = figure.panel_size;
+    let size = (pw * cols as u32, ph * rows as u32 + TITLE_HEIGHT);
+    let root = BitMapBackend::new(path, size).into_drawing_area();
+    let err = |e: DrawingAreaErrorKind<_>| PlotError::draw(path, e);
+    root.fill(&WHITE).map_err(err)?;
+    let body = root
+        .margin(8, 0, 0, 0)
+        .titled(&figure.title, text(24.0))
+        .map_err(err)?;
+    for (area, panel) in body.split_evenly((rows, cols)).iter().zip(&figure.panels) {
+        draw_panel(area, panel).map_err(|m| PlotError::draw(path, m))?;
+    }
+    root.present().map_err(err)
+}
+
+/// Draws one panel into `area`.
+fn draw_panel<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    panel: &Panel,
+) -> Result<(), String> {
+    let points: Vec<(f64, f64)> = panel
+        .series
+        .iter()
+        .flat_map(|s| panel.drawable(s))
+        .collect();
+    let Some((x, y)) = bounds(&points) else {
+        let (w, h) = area.dim_in_pixel();
+        let caption = format!("{}: no data", panel.title);
+        let style = text(16.0).pos(plotters::style::text_anchor::Pos::new(
+            plotters::style::text_anchor::HPos::Center,
+            plotters::style::text_anchor::VPos::Center,
+        ));
+        return area
+            .draw_text(&caption, &style, (w as i32 / 2, h as i32 / 2))
+            .map_err(|e| e.to_string());
+    };
+    let x = padded(x, Scale::Linear);
+    let y = padded(y, panel.scale);
+    let span = y.end - y.start;
+    match panel.scale {
+        Scale::Linear => draw_chart(area, panel, x, y, span),
+        Scale::Log => draw_chart(area, panel, x, y.log_scale(), span),
+    }
+}
+
+/// The x and y extents of `points`, or `None` if there are none.
+fn bounds(points: &[(f64, f64)]) -> Option<(Range<f64>, Range<f64>)> {
+    let first = points.first()?;
+    let mut r = (first.0..first.0, first.1..first.1);
+    for &(x, y) in points {
+        r.0 = r.0.start.min(x)..r.0.end.max(x);
+        r.1 = r.1.start.min(y)..r.1.end.max(y);
+    }
+    Some(r)
+}
+
+/// `r` with a margin: 4 % of the span on a linear axis (or ±1 / ±10 % of the value for a
+/// single value), a factor of the span's 4th root on a log axis (or ×/÷ 2).
+fn padded(r: Range<f64>, scale: Scale) -> Range<f64> {
+    match scale {
+        Scale::Linear if r.end > r.start => {
+            let pad = (r.end - r.start) * 0.04;
+            r.start - pad..r.end + pad
+        }
+        Scale::Linear => {
+            let pad = if r.start == 0.0 {
+                1.0
+            } else {
+                r.start.abs() * 0.1
+            };
+            r.start - pad..r.end + pad
+        }
+        Scale::Log => {
+            let f = if r.end > r.start {
+                (r.end / r.start).powf(0.04).max(1.05)
+            } else {
+                2.0
+            };
+            r.start / f..r.end * f
+        }
+    }
+}
+
+fn draw_chart<DB, Y>(
+    area: &DrawingArea<DB, Shift>,
+    panel: &Panel,
+    x: Range<f64>,
+    y: Y,
+    y_span: f64,
+) -> Result<(), String>
+where
+    DB: DrawingBackend,
+    Y: AsRangedCoord<Value = f64>,
+    Y::CoordDescType: ValueFormatter<f64>,
+{
+    let e = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
+    // Key points of a linear axis are multiples of the tick step computed in floating point:
+    // a "0" can come out as −2.8e-17. Values that small against the span are zero.
+    let snap = |span: f64| move |v: &f64| tick_label(if v.abs() < span * 1e-9 { 0.0 } else { *v });
+    let x_tick = snap(x.end - x.start);
+    let y_tick = match panel.scale {
+        Scale::Linear => snap(y_span),
+        Scale::Log => snap(0.0),
+    };
+    let mut chart = ChartBuilder::on(area)
+        .caption(&panel.title, text(18.0))
+        .margin(12)
+        .x_label_area_size(44)
+        .y_label_area_size(78)
+        .build_cartesian_2d(x, y)
+        .map_err(e)?;
+    chart
+        .configure_mesh()
+        .light_line_style(RGBColor(235, 235, 235))
+        .bold_line_style(RGBColor(215, 215, 215))
+        .x_desc(panel.x_label.as_str())
+        .y_desc(panel.y_label.as_str())
+        .axis_desc_style(text(15.0))
+        .label_style(text(13.0))
+        .x_labels(8)
+        .y_labels(6)
+        .x_label_formatter(&x_tick)
+        .y_label_formatter(&y_tick)
+        .draw()
+        .map_err(e)?;
+    let mut colours = PALETTE.iter().cycle();
+    for s in &panel.series {
+        let pts = panel.drawable(s);
+        let colour = match s.mark {
+            Mark::Reference => RGBColor(150, 150, 150),
+            _ => *colours.next().expect("a cycle"),
+        };
+        let width = if s.mark == Mark::Reference { 1 } else { 2 };
+        chart
+            .draw_series(LineSeries::new(
+                pts.iter().copied(),
+                colour.stroke_width(width),
+            ))
+            .map_err(e)?
+            .label(s.label.as_str())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 22, y)], colour.stroke_width(width + 1))
+            });
+        if s.mark == Mark::LinePoints {
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+                .map_err(e)?;
+        }
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(170, 170, 170))
+        .label_font(text(14.0))
+        .draw()
+        .map_err(e)
+}
+
+/// A short tick label: up to 4 significant decimals, exponent form outside [1e-3, 1e5).
+///
+/// ```
+/// assert_eq!(vq_plot::tick_label(0.25), "0.25");
+/// assert_eq!(vq_plot::tick_label(1000.0), "1000");
+/// assert_eq!(vq_plot::tick_label(0.0001), "1e-4");
+/// assert_eq!(vq_plot::tick_label(2.5e-5), "2.5e-5");
+/// assert_eq!(vq_plot::tick_label(0.30000000000000004), "0.3");
+/// ```
+#[must_use]
+pub fn tick_label(v: f64) -> String {
+    let a = v.abs();
+    if v == 0.0 {
+        return "0".into();
+    }
+    if !(1e-3..1e5).contains(&a) {
+        return format!("{v:.1e}").replace(".0e", "e");
+    }
+    let s = format!("{v:.4}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    if s == "-0" { "0".into() } else { s.into() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("vq-plot-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    /// Pixels that are neither white nor grey (the coloured ink of the series).
+    fn coloured(img: &image::RgbImage, rows: Range<u32>) -> usize {
+        img.enumerate_pixels()
+            .filter(|(_, y, p)| {
+                rows.contains(y) && {
+                    let [r, g, b] = p.0.map(i32::from);
+                    (r - g).abs() + (g - b).abs() + (r - b).abs() > 60
+                }
+            })
+            .count()
+    }
+
+    /// Dark pixels (text, axes).
+    fn dark(img: &image::RgbImage, rows: Range<u32>) -> usize {
+        img.enumerate_pixels()
+            .filter(|(_, y, p)| rows.contains(y) && p.0.iter().all(|&c| c < 90))
+            .count()
+    }
+
+    #[test]
+    fn panels_have_their_size_title_text_and_coloured_series() {
+        let d = dir("panels");
+        let steps: Vec<f64> = (1..=50).map(f64::from).collect();
+        let a: Vec<(f64, f64)> = steps.iter().map(|&s| (s, 1.0 / s)).collect();
+        let b: Vec<(f64, f64)> = steps.iter().map(|&s| (s, 2.0 / s)).collect();
+        let fig = Figure::new("Title")
+            .panel(
+                Panel::new("loss", "step", "MSE", Scale::Log)
+                    .with(Series::line("STE", a.clone()))
+                    .with(Series::line("rotation trick", b)),
+            )
+            .panel(Panel::new("usage", "step", "%", Scale::Linear).with(Series::line("STE", a)))
+            .panel(
+                Panel::new("empty", "step", "x", Scale::Log).with(Series::line(
+                    "nothing positive",
+                    vec![(1.0, 0.0), (2.0, -1.0), (3.0, f64::NAN)],
+                )),
+            );
+        let path = d.join("f.png");
+        line_panels(&path, &fig).unwrap();
+        let img = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(img.dimensions(), (900, 3 * 300 + TITLE_HEIGHT));
+        // The title band holds text; both drawn panels hold coloured lines and text; the
+        // "no data" panel holds text but no series.
+        assert!(dark(&img, 0..TITLE_HEIGHT) > 50);
+        for p in 0..2 {
+            let rows = TITLE_HEIGHT + 300 * p..TITLE_HEIGHT + 300 * (p + 1);
+            assert!(coloured(&img, rows.clone()) > 200, "panel {p}");
+            assert!(dark(&img, rows) > 500, "panel {p}");
+        }
+        let last = TITLE_HEIGHT + 600..TITLE_HEIGHT + 900;
+        assert_eq!(coloured(&img, last.clone()), 0);
+        assert!(dark(&img, last) > 50);
+    }
+
+    #[test]
+    fn an_empty_figure_is_refused_naming_the_file() {
+        let d = dir("empty");
+        let err = line_panels(&d.join("none.png"), &Figure::new("x")).unwrap_err();
+        assert!(err.to_string().contains("none.png"), "{err}");
+    }
+
+    #[test]
+    fn an_unwritable_path_is_an_error_not_a_panic() {
+        let fig = Figure::new("x").panel(
+            Panel::new("p", "a", "b", Scale::Linear).with(Series::line("s", vec![(0.0, 1.0)])),
+        );
+        let err = line_panels(Path::new("/nonexistent-dir/f.png"), &fig).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent-dir/f.png"), "{err}");
+    }
+
+    #[test]
+    fn padding_keeps_single_values_and_log_ranges_drawable() {
+        assert_eq!(padded(0.0..0.0, Scale::Linear), -1.0..1.0);
+        assert_eq!(padded(5.0..5.0, Scale::Linear), 4.5..5.5);
+        assert_eq!(padded(1e-3..1e-3, Scale::Log), 5e-4..2e-3);
+        let r = padded(1e-4..1.0, Scale::Log);
+        assert!(r.start < 1e-4 && r.start > 0.0 && r.end > 1.0, "{r:?}");
+    }
+}
