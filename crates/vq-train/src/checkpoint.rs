@@ -1,5 +1,7 @@
 //! Checkpoints: `<run>/checkpoints/step-NNNNNNNN/{model,optimizer}.safetensors` + `state.json`,
-//! and `<run>/checkpoints/latest` naming the newest. Each checkpoint is written into a hidden
+//! and `<run>/checkpoints/latest` pointing at the newest (a relative symbolic link on Unix, so
+//! `checkpoints/latest/model.safetensors` opens; a text file naming the folder elsewhere and in
+//! runs written before). Each checkpoint is written into a hidden
 //! temporary folder and renamed into place, and `latest` is replaced by rename, so a crash at any
 //! point leaves the previous checkpoint intact and `latest` pointing at a complete one.
 //!
@@ -105,7 +107,7 @@ pub fn save(run: &Path, parts: &[Part<'_>], state: &TrainState) -> Result<PathBu
     fs::rename(&tmp, &final_dir).with_context(|| format!("moving {} into place", tmp.display()))?;
     sync_dir(&dir)?;
     let latest_tmp = dir.join(format!(".latest.tmp-{}", std::process::id()));
-    write_synced(&latest_tmp, name.as_bytes())?;
+    write_pointer(&latest_tmp, &name)?;
     fs::rename(&latest_tmp, dir.join("latest")).context("updating checkpoints/latest")?;
     sync_dir(&dir)?;
     if aside.exists() {
@@ -113,6 +115,52 @@ pub fn save(run: &Path, parts: &[Part<'_>], state: &TrainState) -> Result<PathBu
     }
     prune(&dir)?;
     Ok(final_dir)
+}
+
+/// Creates the pointer `path` to the checkpoint folder `name` (a sibling): a relative symbolic
+/// link on Unix, so `checkpoints/latest/model.safetensors` opens, else a text file holding
+/// `name`. [`latest`] reads either (runs written before the link was introduced hold the file).
+fn write_pointer(path: &Path, name: &str) -> Result<()> {
+    let _ = fs::remove_file(path);
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::symlink(name, path)
+            .with_context(|| format!("creating the link {} -> {name}", path.display()))
+    }
+    #[cfg(not(unix))]
+    {
+        write_synced(path, name.as_bytes())
+    }
+}
+
+/// The checkpoint folder name the pointer `path` holds (link target or file contents), or
+/// `None` if there is no pointer.
+fn read_pointer(path: &Path) -> Result<Option<String>> {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let name = if meta.file_type().is_symlink() {
+        let target = fs::read_link(path).with_context(|| format!("reading {}", path.display()))?;
+        target
+            .file_name()
+            .and_then(|n| n.to_str())
+            .with_context(|| format!("{} links to {}", path.display(), target.display()))?
+            .to_owned()
+    } else {
+        fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .to_owned()
+    };
+    if !name.starts_with("step-") || name.contains(['/', '\\']) {
+        bail!(
+            "{} names {name:?}, not a checkpoint folder (step-NNNNNNNN)",
+            path.display()
+        );
+    }
+    Ok(Some(name))
 }
 
 /// Makes a file's contents durable.
@@ -159,15 +207,12 @@ fn prune(dir: &Path) -> Result<()> {
 /// An unreadable `latest` or `state.json`.
 pub fn latest(run: &Path) -> Result<Option<(PathBuf, TrainState)>> {
     let dir = dir_of(run);
-    let pointer = dir.join("latest");
-    if !pointer.exists() {
+    let Some(name) = read_pointer(&dir.join("latest"))? else {
         return Ok(None);
-    }
-    let name =
-        fs::read_to_string(&pointer).with_context(|| format!("reading {}", pointer.display()))?;
-    let ckpt = dir.join(name.trim());
+    };
+    let ckpt = dir.join(&name);
     if !ckpt.exists() {
-        restore_aside(&dir, name.trim())?;
+        restore_aside(&dir, &name)?;
     }
     let state_file = ckpt.join("state.json");
     let state: TrainState = serde_json::from_slice(
@@ -285,6 +330,8 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         assert_eq!(names.len(), 2, "{names:?}"); // step-00000005 and latest, nothing aside
+        #[cfg(unix)]
+        assert!(dir_of(&run).join("latest/model.safetensors").is_file());
         let read = Tensor::read_safetensors(ckpt.join("model.safetensors")).unwrap();
         assert_eq!(read[0].1.sum(Kind::Float).double_value(&[]), 6.0);
         // A crash after the earlier folder was moved aside, before the new one was renamed in.
@@ -297,6 +344,30 @@ mod tests {
         fs::remove_dir_all(&ckpt).unwrap();
         let err = format!("{:#}", latest(&run).unwrap_err());
         assert!(err.contains("step-00000005, which is missing"), "{err}");
+        fs::remove_dir_all(&run).unwrap();
+    }
+
+    #[test]
+    fn the_latest_pointer_is_read_as_a_link_or_as_a_text_file_and_bad_ones_are_named() {
+        let run = run_dir("pointer");
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _w = vs.root().var("w", &[2], nn::Init::Const(1.0));
+        let ckpt = save_step(&run, &vs, 3);
+        let pointer = dir_of(&run).join("latest");
+        // A run written before the link: a text file with the folder name (and a newline).
+        fs::remove_file(&pointer).unwrap();
+        fs::write(&pointer, "step-00000003\n").unwrap();
+        assert_eq!(latest(&run).unwrap().unwrap().0, ckpt);
+        for bad in ["../../elsewhere", "", "model.safetensors"] {
+            fs::write(&pointer, bad).unwrap();
+            let err = format!("{:#}", latest(&run).unwrap_err());
+            assert!(
+                err.contains("not a checkpoint folder") && err.contains("latest"),
+                "{err}"
+            );
+        }
+        fs::remove_file(&pointer).unwrap();
+        assert!(latest(&run).unwrap().is_none());
         fs::remove_dir_all(&run).unwrap();
     }
 }

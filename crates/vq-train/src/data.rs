@@ -57,8 +57,12 @@ pub enum DataSource {
     Ucf101(PathBuf),
 }
 
+/// Every form [`DataSource::parse`] accepts, for help texts and errors.
+pub const DATA_SOURCES: &str = "fashion-mnist-demo, fashion-mnist:<dir>, image-folder:<dir>, \
+     imagenet:<path>, bair:<path>, ucf101:<dir> or synthetic[:<n>]";
+
 impl DataSource {
-    /// Parses `fashion-mnist-demo`, `fashion-mnist:<dir>` or `synthetic[:<n>]`.
+    /// Parses one of [`DATA_SOURCES`].
     ///
     /// # Errors
     /// An unknown name.
@@ -80,10 +84,7 @@ impl DataSource {
                 }
                 Ok(Self::Synthetic { n })
             }
-            _ => bail!(
-                "unknown data source {s:?}: expected fashion-mnist-demo, fashion-mnist:<dir>, \
-                 image-folder:<dir>, imagenet:<path>, bair:<path>, ucf101:<dir> or synthetic[:<n>]"
-            ),
+            _ => bail!("unknown data source {s:?}: expected {DATA_SOURCES}"),
         }
     }
 
@@ -807,6 +808,52 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_listed_data_source_parses_and_every_kind_is_listed() {
+        let forms: Vec<&str> = DATA_SOURCES
+            .split([',', ' '])
+            .filter(|f| !f.is_empty() && *f != "or")
+            .collect();
+        let mut kinds = Vec::new();
+        for form in &forms {
+            let example = form
+                .replace("[:<n>]", ":7")
+                .replace("<dir>", "d")
+                .replace("<path>", "p");
+            let parsed = DataSource::parse(&example).unwrap();
+            kinds.push(std::mem::discriminant(&parsed));
+        }
+        // One form per kind: a new kind not added to the list fails here.
+        let all = [
+            DataSource::FashionMnistDemo,
+            DataSource::FashionMnist("d".into()),
+            DataSource::Synthetic { n: 1 },
+            DataSource::ImageFolder("d".into()),
+            DataSource::ImageNet("p".into()),
+            DataSource::Bair("p".into()),
+            DataSource::Ucf101("d".into()),
+        ];
+        for kind in &all {
+            // Exhaustive: adding a variant without listing it here does not compile.
+            match kind {
+                DataSource::FashionMnistDemo
+                | DataSource::FashionMnist(_)
+                | DataSource::Synthetic { .. }
+                | DataSource::ImageFolder(_)
+                | DataSource::ImageNet(_)
+                | DataSource::Bair(_)
+                | DataSource::Ucf101(_) => {}
+            }
+            assert!(
+                kinds.contains(&std::mem::discriminant(kind)),
+                "{kind:?} not listed"
+            );
+        }
+        assert_eq!(forms.len(), all.len(), "{forms:?}");
+        let err = DataSource::parse("imagenett:x").unwrap_err().to_string();
+        assert!(err.contains("ucf101:<dir>"), "{err}");
+    }
 
     #[test]
     fn sampler_is_a_permutation_per_epoch_and_resumable() {

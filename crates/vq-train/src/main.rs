@@ -12,7 +12,7 @@ use vq_models::{Preset, VqAutoencoder};
 use vq_tch::Estimator;
 use vq_train::checkpoint;
 use vq_train::compare::{compare, default_out, evaluate_run, markdown};
-use vq_train::data::{DataSource, Pipeline};
+use vq_train::data::{DATA_SOURCES, DataSource, Pipeline};
 use vq_train::dist::join_from_env;
 use vq_train::train::{RunConfig, TrainOptions, train_in};
 
@@ -90,8 +90,7 @@ struct RunArgs {
     /// Gradient estimator: ste, rotation, rotation-no-rescale, reflection.
     #[arg(long)]
     estimator: Option<String>,
-    /// Data: `fashion-mnist-demo`, `fashion-mnist:<dir>`, `synthetic[:<n>]`.
-    #[arg(long)]
+    #[arg(long, help = format!("Data source: {DATA_SOURCES} (default: the preset's)"))]
     data: Option<String>,
     /// `cpu`, `cuda` or `cuda:<n>`.
     #[arg(long, default_value = "cpu")]
@@ -485,6 +484,13 @@ fn main() -> Result<()> {
             }
         }
         Command::Compare { run, estimators } => {
+            if let Some(e) = &run.estimator {
+                bail!(
+                    "compare trains one run per estimator of --estimators (now {}); \
+                     --estimator {e} is for train: use --estimators {e} to compare only it",
+                    estimators.join(",")
+                );
+            }
             if run.nproc.is_some() || Launch::from_env()?.is_some() {
                 bail!(
                     "compare runs in one process; for data-parallel runs train each estimator with \

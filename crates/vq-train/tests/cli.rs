@@ -37,7 +37,7 @@ fn train_then_eval_writes_the_run_folder() {
         "eval.json",
         "reconstructions.png",
         "curves.png",
-        "checkpoints/latest",
+        "checkpoints/latest/model.safetensors",
     ] {
         assert!(dir.join(f).is_file(), "{f} missing: {text}");
     }
@@ -50,7 +50,7 @@ fn train_then_eval_writes_the_run_folder() {
         ok && text.contains("step 2/2 (100.0%), finished | loss"),
         "{text}"
     );
-    assert!(dir.join("curves.png").is_file() && !dir.join("curves.watch.png").exists());
+    assert!(dir.join("curves.png").is_file() && !dir.join("curves.partial.png").exists());
     let (ok, text) = vq_train(&["watch", "--run", "/nonexistent/run", "--once"]);
     assert!(
         !ok && text.contains("/nonexistent/run is not a run folder"),
@@ -62,6 +62,13 @@ fn train_then_eval_writes_the_run_folder() {
     assert!(
         !ok && text.contains("demo-fashion-mnist"),
         "lists the known presets: {text}"
+    );
+    let (ok, text) = vq_train(&["compare", "--estimator", "ste", "--out", d]);
+    assert!(!ok && text.contains("--estimators ste"), "{text}");
+    let (ok, text) = vq_train(&["train", "--help"]);
+    assert!(
+        ok && text.contains("ucf101:<dir>") && text.contains("image-folder:<dir>"),
+        "{text}"
     );
     let (ok, text) = vq_train(&["train", "--data", "imagenet", "--out", d]);
     assert!(!ok && text.contains("unknown data source"), "{text}");
