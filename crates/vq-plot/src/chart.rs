@@ -213,9 +213,20 @@ fn draw_panel<DB: DrawingBackend>(
     let x = padded(x, Scale::Linear);
     let y = padded(y, panel.scale);
     let span = y.end - y.start;
+    let corner = legend_corner(&points, &x, &y, panel.scale);
     match panel.scale {
-        Scale::Linear => draw_chart(area, panel, x, y, span),
-        Scale::Log => draw_chart(area, panel, x, y.log_scale(), span),
+        Scale::Linear => draw_chart(area, panel, x, y, span, corner),
+        Scale::Log => {
+            let ticks = log_ticks(&y);
+            draw_chart(
+                area,
+                panel,
+                x,
+                y.log_scale().with_key_points(ticks),
+                span,
+                corner,
+            )
+        }
     }
 }
 
@@ -228,6 +239,78 @@ fn bounds(points: &[(f64, f64)]) -> Option<(Range<f64>, Range<f64>)> {
         r.1 = r.1.start.min(y)..r.1.end.max(y);
     }
     Some(r)
+}
+
+/// Tick values of a log axis over `r` (0 < start < end): the powers of ten inside, or where
+/// fewer than three fall inside, 1-2-5 steps, or every 1…9 multiple (at most about ten); on
+/// a range too narrow for those, evenly spaced values.
+fn log_ticks(r: &Range<f64>) -> Vec<f64> {
+    let (lo, hi) = (r.start.log10().floor() as i32, r.end.log10().ceil() as i32);
+    let within = |mantissas: &[f64]| -> Vec<f64> {
+        (lo..=hi)
+            .flat_map(|k| mantissas.iter().map(move |m| m * 10f64.powi(k)))
+            .filter(|v| r.contains(v))
+            .collect()
+    };
+    for mantissas in [
+        &[1.0][..],
+        &[1.0, 2.0, 5.0],
+        &[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0],
+    ] {
+        let t = within(mantissas);
+        if t.len() >= 3 {
+            let every = t.len().div_ceil(10);
+            return t.into_iter().step_by(every).collect();
+        }
+    }
+    // Less than a factor of ~2 wide: evenly spaced 1-2-5 steps, as on a linear axis.
+    let raw = (r.end - r.start) / 4.0;
+    let unit = 10f64.powf(raw.log10().floor());
+    let step = [1.0, 2.0, 5.0, 10.0]
+        .into_iter()
+        .map(|m| m * unit)
+        .find(|&s| s >= raw)
+        .unwrap_or(10.0 * unit);
+    let first = (r.start / step).ceil() as i64;
+    (first..)
+        .map(|i| i as f64 * step)
+        .take_while(|v| *v < r.end)
+        .collect()
+}
+
+/// The corner of the plot area where the legend covers the fewest of `points` (ties: upper
+/// right, upper left, lower right, lower left).
+fn legend_corner(
+    points: &[(f64, f64)],
+    x: &Range<f64>,
+    y: &Range<f64>,
+    scale: Scale,
+) -> SeriesLabelPosition {
+    let fy = |v: f64| match scale {
+        Scale::Linear => (v - y.start) / (y.end - y.start),
+        Scale::Log => (v / y.start).ln() / (y.end / y.start).ln(),
+    };
+    let fx = |v: f64| (v - x.start) / (x.end - x.start);
+    // The legend box takes about the outer 40 % of the width and 35 % of the height.
+    let corners = [
+        (SeriesLabelPosition::UpperRight, true, true),
+        (SeriesLabelPosition::UpperLeft, false, true),
+        (SeriesLabelPosition::LowerRight, true, false),
+        (SeriesLabelPosition::LowerLeft, false, false),
+    ];
+    let covered = |right: bool, upper: bool| {
+        points
+            .iter()
+            .filter(|&&(px, py)| {
+                let (u, v) = (fx(px), fy(py));
+                (if right { u > 0.6 } else { u < 0.4 }) && (if upper { v > 0.65 } else { v < 0.35 })
+            })
+            .count()
+    };
+    corners
+        .into_iter()
+        .min_by_key(|&(_, right, upper)| covered(right, upper))
+        .map_or(SeriesLabelPosition::UpperRight, |c| c.0)
 }
 
 /// `r` with a margin: 4 % of the span on a linear axis (or ±1 / ±10 % of the value for a
@@ -263,6 +346,7 @@ fn draw_chart<DB, Y>(
     x: Range<f64>,
     y: Y,
     y_span: f64,
+    corner: SeriesLabelPosition,
 ) -> Result<(), String>
 where
     DB: DrawingBackend,
@@ -325,7 +409,7 @@ where
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(corner)
         .background_style(WHITE.mix(0.85))
         .border_style(RGBColor(170, 170, 170))
         .label_font(text(14.0))
@@ -435,6 +519,34 @@ mod tests {
         );
         let err = line_panels(Path::new("/nonexistent-dir/f.png"), &fig).unwrap_err();
         assert!(err.to_string().contains("/nonexistent-dir/f.png"), "{err}");
+    }
+
+    #[test]
+    fn log_ticks_are_inside_the_range_and_several() {
+        for (lo, hi) in [
+            (0.03, 0.4),
+            (1e-4, 1.0),
+            (0.0095, 0.012),
+            (1e-30, 1e30),
+            (2.0, 2.5),
+        ] {
+            let t = log_ticks(&(lo..hi));
+            assert!(t.len() >= 2 && t.len() <= 11, "{lo}..{hi}: {t:?}");
+            assert!(t.iter().all(|v| (lo..hi).contains(v)), "{t:?}");
+            assert!(t.windows(2).all(|w| w[0] < w[1]), "{t:?}");
+        }
+        assert_eq!(log_ticks(&(0.03..0.4)), [0.05, 0.1, 0.2]);
+    }
+
+    #[test]
+    fn the_legend_goes_where_the_lines_are_not() {
+        let (x, y) = (0.0..10.0, 0.0..10.0);
+        // A curve rising to the upper right: the legend goes upper left.
+        let rising: Vec<(f64, f64)> = (0..=10).map(|i| (f64::from(i), f64::from(i))).collect();
+        let pos = |p: &[(f64, f64)]| format!("{:?}", legend_corner(p, &x, &y, Scale::Linear));
+        assert_eq!(pos(&rising), "UpperLeft");
+        let flat_top: Vec<(f64, f64)> = (0..=10).map(|i| (f64::from(i), 9.5)).collect();
+        assert_eq!(pos(&flat_top), "LowerRight");
     }
 
     #[test]
