@@ -506,7 +506,7 @@ fn main() -> Result<()> {
             println!();
             println!("{}", markdown(&opts.config, &rows));
             println!(
-                "written: {}/compare.md, compare.json, curves.png",
+                "written: {}/compare.md, compare.json, curves.png, reconstructions.png",
                 opts.out.display()
             );
         }
