@@ -117,11 +117,12 @@ pub fn compare(base: &TrainOptions, estimators: &[Estimator]) -> Result<Vec<Comp
         [one] => format!("step {one}"),
         many => format!("steps {}", many.join(" / ")),
     };
+    let zoom = grid_rows.first().map_or(1, |(_, t)| plot::zoom_for(t));
     plot::reconstruction_grid(
         &base.out.join("reconstructions.png"),
         &format!("{}: held-out images, {at}", run_title(cfg)),
         &grid,
-        3,
+        zoom,
     )?;
     Ok(rows)
 }
@@ -153,9 +154,10 @@ pub struct Evaluated {
 }
 
 /// Evaluates a trained run on both splits and writes `eval.json`, `reconstructions.png` (16
-/// held-out images over their reconstructions, rows labelled, the step in the title) and `curves.png` (from `metrics.jsonl`) into its
-/// folder, and the metrics and the grid into its TensorBoard event file. The row's training
-/// time and the events' step are the run's latest checkpoint's (0 without one).
+/// held-out images over their reconstructions, rows labelled, the step in the title) and
+/// `curves.png` (from `metrics.jsonl`) into its folder, and the metrics and the grid into its
+/// TensorBoard event file. The row's training time and the events' step are the run's latest
+/// checkpoint's (0 without one).
 ///
 /// # Errors
 /// Data, model and I/O errors.
@@ -236,7 +238,7 @@ pub fn evaluate_run(
             ("original", &shown.originals),
             (estimator, &shown.reconstructions),
         ],
-        3,
+        plot::zoom_for(&shown.originals),
     )?;
     write_curves(out, config, &read_metrics(&out.join("metrics.jsonl"))?)?;
     let row = CompareRow {

@@ -36,6 +36,14 @@ pub fn rgb_images(t: &Tensor) -> Result<Vec<image::RgbImage>> {
         .collect())
 }
 
+/// The zoom that shows images of (B, C, H, W) `t` about 96 pixels high: ×3 for 32², ×1 from
+/// 96 pixels up (ImageNet-sized grids stay at their own size).
+#[must_use]
+pub fn zoom_for(t: &Tensor) -> u32 {
+    let h = t.size().get(2).copied().unwrap_or(96).max(1);
+    (96 / h).clamp(1, 3) as u32
+}
+
 /// A grid under `title` with one labelled row per `(label, images)` (images as for
 /// [`rgb_images`]), each image scaled ×`zoom`.
 ///
