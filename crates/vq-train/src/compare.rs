@@ -259,7 +259,8 @@ pub fn evaluate_run(
 /// Plotting and I/O errors.
 pub fn write_curves(out: &Path, config: &RunConfig, history: &[StepMetrics]) -> Result<()> {
     let estimator = config.model.quantizer.estimator.label();
-    let tmp = out.join("curves.partial.png");
+    // One temporary name per process: `watch` and the training process may draw at once.
+    let tmp = out.join(format!("curves.partial-{}.png", std::process::id()));
     plot::curves(
         &tmp,
         &format!("{}, {estimator}: training curves", run_title(config)),
