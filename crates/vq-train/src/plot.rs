@@ -145,3 +145,31 @@ pub fn curves(
     vq_plot::line_panels(path, &curves_figure(title, rec_loss, runs))
         .context("writing training curves")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn images_map_minus_one_to_black_one_to_white_and_grey_to_three_equal_channels() {
+        // (B=2, C=1, H=1, W=3): −1, 0, 1 and values beyond the range, which are clamped.
+        let t = Tensor::from_slice(&[-1.0f32, 0.0, 1.0, -5.0, 0.5, 7.0]).view([2, 1, 1, 3]);
+        let imgs = rgb_images(&t).unwrap();
+        assert_eq!(imgs.len(), 2);
+        let px = |i: usize, x: u32| imgs[i].get_pixel(x, 0).0;
+        assert_eq!([px(0, 0), px(0, 1), px(0, 2)], [[0; 3], [128; 3], [255; 3]]);
+        assert_eq!([px(1, 0), px(1, 1), px(1, 2)], [[0; 3], [191; 3], [255; 3]]);
+        // Colour images keep their channel order.
+        let rgb = Tensor::from_slice(&[1.0f32, -1.0, 0.0]).view([1, 3, 1, 1]);
+        assert_eq!(
+            rgb_images(&rgb).unwrap()[0].get_pixel(0, 0).0,
+            [255, 0, 128]
+        );
+        assert!(rgb_images(&Tensor::zeros([1, 2, 1, 1], (Kind::Float, Device::Cpu))).is_err());
+        assert_eq!(zoom_for(&t), 3);
+        assert_eq!(
+            zoom_for(&Tensor::zeros([1, 3, 256, 256], (Kind::Float, Device::Cpu))),
+            1
+        );
+    }
+}
