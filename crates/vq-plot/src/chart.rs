@@ -194,11 +194,8 @@ fn draw_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     panel: &Panel,
 ) -> Result<(), String> {
-    let points: Vec<(f64, f64)> = panel
-        .series
-        .iter()
-        .flat_map(|s| panel.drawable(s))
-        .collect();
+    let drawn: Vec<Vec<(f64, f64)>> = panel.series.iter().map(|s| panel.drawable(s)).collect();
+    let points = drawn.concat();
     let Some((x, y)) = bounds(&points) else {
         let (w, h) = area.dim_in_pixel();
         let caption = format!("{}: no data", panel.title);
@@ -212,20 +209,16 @@ fn draw_panel<DB: DrawingBackend>(
     };
     let x = padded(x, Scale::Linear);
     let y = padded(y, panel.scale);
-    let span = y.end - y.start;
     let corner = legend_corner(&points, &x, &y, panel.scale);
     match panel.scale {
-        Scale::Linear => draw_chart(area, panel, x, y, span, corner),
+        Scale::Linear => {
+            let span = y.end - y.start;
+            draw_chart(area, panel, &drawn, x, y, span, corner)
+        }
         Scale::Log => {
             let ticks = log_ticks(&y);
-            draw_chart(
-                area,
-                panel,
-                x,
-                y.log_scale().with_key_points(ticks),
-                span,
-                corner,
-            )
+            let y = y.log_scale().with_key_points(ticks);
+            draw_chart(area, panel, &drawn, x, y, 0.0, corner)
         }
     }
 }
@@ -340,12 +333,15 @@ fn padded(r: Range<f64>, scale: Scale) -> Range<f64> {
     }
 }
 
+/// Draws `panel` on axes `x`, `y`: `drawn` holds each series' drawable points; linear tick
+/// values below `y_snap`·1e-9 in magnitude read "0" (0 for a log axis: no snapping).
 fn draw_chart<DB, Y>(
     area: &DrawingArea<DB, Shift>,
     panel: &Panel,
+    drawn: &[Vec<(f64, f64)>],
     x: Range<f64>,
     y: Y,
-    y_span: f64,
+    y_snap: f64,
     corner: SeriesLabelPosition,
 ) -> Result<(), String>
 where
@@ -357,11 +353,7 @@ where
     // Key points of a linear axis are multiples of the tick step computed in floating point:
     // a "0" can come out as −2.8e-17. Values that small against the span are zero.
     let snap = |span: f64| move |v: &f64| tick_label(if v.abs() < span * 1e-9 { 0.0 } else { *v });
-    let x_tick = snap(x.end - x.start);
-    let y_tick = match panel.scale {
-        Scale::Linear => snap(y_span),
-        Scale::Log => snap(0.0),
-    };
+    let (x_tick, y_tick) = (snap(x.end - x.start), snap(y_snap));
     let mut chart = ChartBuilder::on(area)
         .caption(&panel.title, text(18.0))
         .margin(12)
@@ -384,8 +376,7 @@ where
         .draw()
         .map_err(e)?;
     let mut colours = PALETTE.iter().cycle();
-    for s in &panel.series {
-        let pts = panel.drawable(s);
+    for (s, pts) in panel.series.iter().zip(drawn) {
         let colour = match s.mark {
             Mark::Reference => RGBColor(150, 150, 150),
             _ => *colours.next().expect("a cycle"),
