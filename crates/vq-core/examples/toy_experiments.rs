@@ -151,22 +151,19 @@ fn plot_himmelblau(
                 .map(|r| (r[0], r[1]))
                 .collect::<Vec<_>>()
         };
-        chart
-            .draw_series(
-                pts(&init.points)
-                    .into_iter()
-                    .map(|c| Circle::new(c, 1, grey.filled())),
-            )?
-            .label("initial points")
-            .legend(move |c| Circle::new(c, 3, grey.filled()));
-        chart
-            .draw_series(
-                pts(&frame.points)
-                    .into_iter()
-                    .map(|c| Circle::new(c, 2, blue.filled())),
-            )?
-            .label("points now")
-            .legend(move |c| Circle::new(c, 3, blue.filled()));
+        let points = [
+            (pts(&init.points), 1, grey, "initial points"),
+            (pts(&frame.points), 2, blue, "points now"),
+        ];
+        for (p, radius, colour, label) in points {
+            chart
+                .draw_series(
+                    p.into_iter()
+                        .map(|c| Circle::new(c, radius, colour.filled())),
+                )?
+                .label(label)
+                .legend(move |c| Circle::new(c, 3, colour.filled()));
+        }
         chart
             .draw_series(
                 minima
@@ -175,6 +172,7 @@ fn plot_himmelblau(
             )?
             .label("minima of f")
             .legend(move |c| Cross::new(c, 5, green.stroke_width(2)));
+        // Codewords last, on top of everything.
         chart
             .draw_series(
                 pts(&frame.codebook)
