@@ -3,9 +3,11 @@
 // Forward: the value of every estimator is q (returned as a fresh tensor). Backward: dL/de from
 // g = dL/dq~; nothing flows to q (the codebook). For f32 CPU tensors the backward calls back into
 // vq-core (vq_core::Estimator::backward_into, through a function pointer handed over by the Rust
-// side), so the CPU maths is vq-core's own. Elsewhere (CUDA, other dtypes) the same formulas run
-// as ATen ops with per-row geometry in float64 (see crates/vq-core/src/estimator.rs for the
-// formulas and the degenerate cases); the result has g's dtype.
+// side), so the CPU maths is vq-core's own. On CUDA the backward is one fused kernel compiled at
+// run time (csrc/vq_fused.cpp) unless the caller asks for the composition or the kernel is
+// unavailable; elsewhere (and then) the same formulas run as ATen ops with per-row geometry in
+// float64 (see crates/vq-core/src/estimator.rs for the formulas and the degenerate cases). The
+// result has g's dtype.
 //
 // Estimator codes: 0 straight-through, 1 rotation, 2 rotation without rescale, 3 reflection.
 // The thresholds of the degenerate cases (vq_core::NORM_EPS on norms, vq_core::DIRECTION_EPS on
@@ -17,6 +19,13 @@
 
 #include <exception>
 #include <string>
+
+namespace vq_fused {
+std::string unavailable(int device);
+std::string compiles_for(int major, int minor);
+std::string backward(const at::Tensor& e, const at::Tensor& q, const at::Tensor& g, int64_t est, double norm_eps,
+                     double direction_eps, at::Tensor& out);
+}  // namespace vq_fused
 
 namespace {
 
@@ -38,9 +47,17 @@ at::Tensor householder(const at::Tensor& t, const at::Tensor& w) { return t - 2.
 using CpuBackward = int32_t (*)(const float* e, const float* q, const float* g, float* out, int64_t n, int64_t d,
                                 int64_t est, char* msg, int64_t cap);
 
+// Device paths: 0 the fused kernel where it is available (else the composition), 1 the ATen
+// composition always.
+constexpr int64_t kFused = 0;
+
 at::Tensor estimator_backward(const at::Tensor& e_in, const at::Tensor& q_in, const at::Tensor& g_in, int64_t est,
-                              CpuBackward cpu, Eps eps) {
+                              CpuBackward cpu, Eps eps, int64_t path) {
   if (est == 0) return g_in;  // straight-through: the gradient passes unchanged
+  if (path == kFused && g_in.is_cuda()) {
+    at::Tensor out;
+    if (vq_fused::backward(e_in, q_in, g_in, est, eps.norm, eps.direction, out).empty()) return out;
+  }
   if (cpu != nullptr && e_in.device().is_cpu() && e_in.scalar_type() == at::kFloat && q_in.scalar_type() == at::kFloat &&
       g_in.scalar_type() == at::kFloat) {
     const auto e = e_in.contiguous();
@@ -94,8 +111,9 @@ at::Tensor estimator_backward(const at::Tensor& e_in, const at::Tensor& q_in, co
 
 struct VqEstimatorFn : public torch::autograd::Function<VqEstimatorFn> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& e, const at::Tensor& q, int64_t est,
-                            int64_t cpu_backward, double norm_eps, double direction_eps) {
+                            int64_t cpu_backward, double norm_eps, double direction_eps, int64_t path) {
     ctx->save_for_backward({e, q});
+    ctx->saved_data["path"] = path;
     ctx->saved_data["estimator"] = est;
     ctx->saved_data["cpu_backward"] = cpu_backward;
     ctx->saved_data["norm_eps"] = norm_eps;
@@ -109,7 +127,9 @@ struct VqEstimatorFn : public torch::autograd::Function<VqEstimatorFn> {
     const auto est = ctx->saved_data["estimator"].toInt();
     const auto cpu = reinterpret_cast<CpuBackward>(ctx->saved_data["cpu_backward"].toInt());
     const Eps eps{ctx->saved_data["norm_eps"].toDouble(), ctx->saved_data["direction_eps"].toDouble()};
-    return {estimator_backward(saved[0], saved[1], grads[0], est, cpu, eps),
+    const auto path = ctx->saved_data["path"].toInt();
+    return {estimator_backward(saved[0], saved[1], grads[0], est, cpu, eps, path),
+            at::Tensor(),
             at::Tensor(),
             at::Tensor(),
             at::Tensor(),
@@ -126,11 +146,12 @@ extern "C" {
 // available from vq_tch_last_error().
 // cpu_backward: the Rust callback for f32 CPU tensors, or null to always use the ATen path.
 // norm_eps, direction_eps: vq-core's thresholds of the degenerate cases.
+// path: on CUDA, 0 the fused kernel (the composition where it is unavailable), 1 the composition.
 at::Tensor* vq_tch_estimator_apply(at::Tensor* e, at::Tensor* q, int64_t estimator, CpuBackward cpu_backward,
-                                   double norm_eps, double direction_eps) {
+                                   double norm_eps, double direction_eps, int64_t path) {
   try {
     return new at::Tensor(VqEstimatorFn::apply(*e, *q, estimator, reinterpret_cast<int64_t>(cpu_backward), norm_eps,
-                                               direction_eps));
+                                               direction_eps, path));
   } catch (const std::exception& ex) {
     last_error = ex.what();
     return nullptr;
@@ -138,5 +159,27 @@ at::Tensor* vq_tch_estimator_apply(at::Tensor* e, at::Tensor* q, int64_t estimat
 }
 
 const char* vq_tch_last_error() { return last_error.c_str(); }
+
+// Compiles the fused kernel for compute capability major.minor (no GPU needed): "" on success,
+// else why not. Valid until the next call on this thread.
+const char* vq_tch_fused_compiles_for(int64_t major, int64_t minor) {
+  try {
+    last_error = vq_fused::compiles_for(static_cast<int>(major), static_cast<int>(minor));
+  } catch (const std::exception& ex) {
+    last_error = ex.what();
+  }
+  return last_error.c_str();
+}
+
+// Why the fused kernel cannot run on CUDA device `device` (compiling it on first call); an empty
+// string when it can. The returned pointer stays valid until the next call on this thread.
+const char* vq_tch_fused_unavailable(int64_t device) {
+  try {
+    last_error = vq_fused::unavailable(static_cast<int>(device));
+  } catch (const std::exception& ex) {
+    last_error = ex.what();
+  }
+  return last_error.c_str();
+}
 
 }  // extern "C"

@@ -64,20 +64,37 @@ fn main() {
         .num_threads(threads.max(1) as usize)
         .build_global();
     println!("threads: {threads}, device: {device:?}");
-    println!(
-        "| N×D | estimator | node fwd+bwd ms | tch composition fwd+bwd ms | node / composition |"
-    );
-    println!("|---|---|---|---|---|");
+    // On CUDA the node's backward is the fused kernel; its ATen composition is timed beside it.
+    let cuda = device.is_cuda();
+    if cuda {
+        match vq_tch::fused_kernel_status(device) {
+            Ok(()) => println!("fused backward kernel: ready"),
+            Err(why) => println!("fused backward kernel unavailable ({why}): both node columns run the composition"),
+        }
+        println!(
+            "| N×D | estimator | node fwd+bwd ms | node with ATen backward ms | tch composition fwd+bwd ms | node / composition |"
+        );
+        println!("|---|---|---|---|---|---|");
+    } else {
+        println!(
+            "| N×D | estimator | node fwd+bwd ms | tch composition fwd+bwd ms | node / composition |"
+        );
+        println!("|---|---|---|---|---|");
+    }
     for (n, d) in [(8192i64, 256i64), (65536, 8), (16384, 32)] {
         tch::manual_seed(0);
         let mut e = Tensor::randn([n, d], (Kind::Float, device)).set_requires_grad(true);
         let q = Tensor::randn([n, d], (Kind::Float, device));
         for est in [Estimator::StraightThrough, Estimator::Rotation] {
-            let node = median_ms(20, device, || {
-                e.zero_grad();
-                let y = vq_tch::apply_estimator(&e, &q, est).expect("node");
-                (&y * &y).mean(Kind::Float).backward();
-            });
+            let mut node_ms = |path| {
+                median_ms(20, device, || {
+                    e.zero_grad();
+                    let y = vq_tch::apply_estimator_with(&e, &q, est, path).expect("node");
+                    (&y * &y).mean(Kind::Float).backward();
+                })
+            };
+            let node = node_ms(vq_tch::DevicePath::Fused);
+            let aten = cuda.then(|| node_ms(vq_tch::DevicePath::Composed));
             let composed = median_ms(20, device, || {
                 e.zero_grad();
                 let y = match est {
@@ -86,8 +103,9 @@ fn main() {
                 };
                 (&y * &y).mean(Kind::Float).backward();
             });
+            let aten = aten.map_or_else(String::new, |ms| format!(" {ms:.2} |"));
             println!(
-                "| {n}×{d} | {} | {node:.2} | {composed:.2} | {:.2} |",
+                "| {n}×{d} | {} | {node:.2} |{aten} {composed:.2} | {:.2} |",
                 est.name(),
                 node / composed
             );

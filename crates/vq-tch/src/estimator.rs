@@ -4,8 +4,12 @@
 //! crate's build script against the linked libtorch's headers): its forward returns `q`, its
 //! backward maps `g = ∂L/∂q̃` to `∂L/∂e` and gives the codebook nothing. It saves only `e` and
 //! `q`. For f32 CPU tensors the backward calls [`vq_core::Estimator::backward_into`] on the
-//! tensors' memory (through a callback, [`cpu_backward`]); on other devices and dtypes it runs
-//! the same formulas as ATen ops (f64 per-row geometry), tested to agree with vq-core.
+//! tensors' memory (through a callback, [`cpu_backward`]); on CUDA it runs one fused kernel
+//! (`csrc/vq_fused.cpp`, compiled for the device at first use with the NVRTC that libtorch ships:
+//! one warp per row, f64 row geometry, vq-core's formulas and degenerate cases); elsewhere — and
+//! on CUDA with [`DevicePath::Composed`] or where the kernel is unavailable
+//! ([`fused_kernel_status`] says why) — the same formulas as ATen ops (f64 per-row geometry).
+//! All paths are tested to agree with vq-core.
 
 use std::ffi::CStr;
 use std::os::raw::c_char;
@@ -24,8 +28,51 @@ unsafe extern "C" {
         cpu: Option<CpuBackward>,
         norm_eps: f64,
         direction_eps: f64,
+        path: i64,
     ) -> *mut C_tensor;
     fn vq_tch_last_error() -> *const c_char;
+    fn vq_tch_fused_unavailable(device: i64) -> *const c_char;
+    fn vq_tch_fused_compiles_for(major: i64, minor: i64) -> *const c_char;
+}
+
+/// How the node computes its backward on CUDA tensors (CPU tensors take vq-core's kernel for
+/// f32 and the ATen composition otherwise, whatever this says).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DevicePath {
+    /// One fused kernel per backward (where it is unavailable, the composition; see
+    /// [`fused_kernel_status`]).
+    #[default]
+    Fused,
+    /// The formulas as a composition of ATen ops (about 30 kernels).
+    Composed,
+}
+
+impl DevicePath {
+    fn code(self) -> i64 {
+        match self {
+            DevicePath::Fused => 0,
+            DevicePath::Composed => 1,
+        }
+    }
+}
+
+/// Whether the fused backward kernel runs on `device`: `Ok(())` on a CUDA device where it is
+/// compiled and loaded (the first call compiles it), else the reason (`device` is not CUDA, no
+/// NVRTC library, an architecture NVRTC does not know, ...), in which case the node takes the
+/// ATen composition there.
+///
+/// # Errors
+/// The reason, as text.
+pub fn fused_kernel_status(device: tch::Device) -> std::result::Result<(), String> {
+    let tch::Device::Cuda(index) = device else {
+        return Err(format!("{device:?} is not a CUDA device"));
+    };
+    // SAFETY: the function takes a plain integer and returns a NUL-terminated string owned by
+    // the C++ side, valid until the next call on this thread; it is copied at once.
+    let why = unsafe { CStr::from_ptr(vq_tch_fused_unavailable(index as i64)) }
+        .to_string_lossy()
+        .into_owned();
+    if why.is_empty() { Ok(()) } else { Err(why) }
 }
 
 /// Signature of the CPU backward callback handed to the C++ node (the last two arguments: a
@@ -137,6 +184,40 @@ fn code(estimator: Estimator) -> i64 {
 /// non-floating tensors, [`VqTchError::Device`] if they live on different devices,
 /// [`VqTchError::Torch`] for an error raised inside libtorch.
 pub fn apply_estimator(e: &Tensor, q: &Tensor, estimator: Estimator) -> Result<Tensor> {
+    apply_estimator_with(e, q, estimator, DevicePath::Fused)
+}
+
+/// Compiles the fused backward kernel (f32 and f64) for CUDA compute capability `major.minor`
+/// with the NVRTC of the linked libtorch, without a GPU: `Ok(())`, or why it failed (no NVRTC,
+/// an architecture it does not know, a compile error with NVRTC's log).
+///
+/// # Errors
+/// The reason, as text.
+pub fn fused_kernel_compiles_for(major: u32, minor: u32) -> std::result::Result<(), String> {
+    // SAFETY: plain integers in, a NUL-terminated string owned by the C++ side out (valid until
+    // the next call on this thread), copied at once.
+    let why = unsafe {
+        CStr::from_ptr(vq_tch_fused_compiles_for(
+            i64::from(major),
+            i64::from(minor),
+        ))
+    }
+    .to_string_lossy()
+    .into_owned();
+    if why.is_empty() { Ok(()) } else { Err(why) }
+}
+
+/// [`apply_estimator`] with the backward's path on CUDA chosen (the fused kernel, or the ATen
+/// composition: for comparisons and benchmarks).
+///
+/// # Errors
+/// As [`apply_estimator`].
+pub fn apply_estimator_with(
+    e: &Tensor,
+    q: &Tensor,
+    estimator: Estimator,
+    path: DevicePath,
+) -> Result<Tensor> {
     if e.dim() != 2 || e.size() != q.size() {
         return Err(VqTchError::Shape {
             what: "e and q must both be (N, D) of one shape",
@@ -169,6 +250,7 @@ pub fn apply_estimator(e: &Tensor, q: &Tensor, estimator: Estimator) -> Result<T
             Some(cpu_backward as CpuBackward),
             vq_core::NORM_EPS,
             vq_core::DIRECTION_EPS,
+            path.code(),
         );
         if out.is_null() {
             let msg = CStr::from_ptr(vq_tch_last_error())

@@ -12,7 +12,10 @@ mod quantizer;
 mod search;
 
 pub use error::{Result, VqTchError};
-pub use estimator::apply_estimator;
+pub use estimator::{
+    DevicePath, apply_estimator, apply_estimator_with, fused_kernel_compiles_for,
+    fused_kernel_status,
+};
 pub use precision::{Autocast, Precision, autocast};
 pub use quantizer::{
     CodebookLearning, Mode, Projection, VectorQuantizer, VectorQuantizerConfig, VqOutput,

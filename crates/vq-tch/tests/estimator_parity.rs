@@ -402,3 +402,113 @@ fn gradient_equals_finite_differences_of_the_frozen_map() {
         }
     }
 }
+
+/// The fused CUDA kernel's source compiles with the NVRTC of a CUDA build of libtorch for the
+/// data-centre architectures (Ampere, Hopper), with no GPU needed; a CPU-only libtorch has no
+/// NVRTC, and says so.
+#[test]
+fn the_fused_kernel_compiles_with_nvrtc() {
+    for (major, minor) in [(8, 0), (9, 0)] {
+        let got = vq_tch::fused_kernel_compiles_for(major, minor);
+        if env!("VQ_TCH_LIBTORCH_CUDA") == "1" {
+            assert_eq!(got, Ok(()), "sm_{major}{minor}");
+        } else {
+            let why = got.unwrap_err();
+            assert!(why.contains("NVRTC"), "{why}");
+        }
+    }
+    // Not a CUDA device: the reason names it.
+    let why = vq_tch::fused_kernel_status(Device::Cpu).unwrap_err();
+    assert!(why.contains("not a CUDA device"), "{why}");
+}
+
+/// Rows of the kinds where a backward goes wrong: ordinary, near-antipodal and near-equal
+/// directions with ‖ê ± q̂‖ from 1e-1 down past the 1e-4 threshold, exactly antipodal, zero rows,
+/// and norms from 1e-20 to 1e20; D = 1, 2, 3, 33, 512 and a row count that is no multiple of the
+/// kernel's 8 rows per block.
+#[cfg(feature = "cuda-tests")]
+fn adversarial_rows(d: usize, seed: i64) -> (Array2<f32>, Array2<f32>, Array2<f32>) {
+    let n = 203;
+    let e = randn(n, d, seed);
+    let u = randn(n, d, seed + 1);
+    let w = randn(n, d, seed + 2);
+    let mut q = randn(n, d, seed + 3);
+    for i in 0..n {
+        let ne = e.row(i).iter().map(|v| v * v).sum::<f32>().sqrt();
+        let magnitude = 10f32.powi((i % 9) as i32 * 5 - 20);
+        let sign = if i % 2 == 0 { -1.0 } else { 1.0 };
+        let s = 10f32.powf(-((i % 11) as f32) * 0.5);
+        match i % 5 {
+            0 => {}
+            1 | 2 => {
+                for j in 0..d {
+                    q[[i, j]] = (sign * e[[i, j]] / ne + s * u[[i, j]]) * magnitude;
+                }
+            }
+            3 => {
+                for j in 0..d {
+                    q[[i, j]] = sign * e[[i, j]] * magnitude;
+                }
+            }
+            _ => q.row_mut(i).fill(if i % 10 == 4 { 0.0 } else { 1.0 }),
+        }
+    }
+    (e, q, w)
+}
+
+#[cfg(feature = "cuda-tests")]
+#[test]
+fn cuda_fused_kernel_matches_the_composition_and_the_reference() {
+    let device = Device::Cuda(0);
+    assert_eq!(vq_tch::fused_kernel_status(device), Ok(()));
+    let grad = |e: &Array2<f32>, q: &Array2<f32>, w: &Array2<f32>, est, kind, path| {
+        let et = to_tensor(e)
+            .to_kind(kind)
+            .to_device(device)
+            .set_requires_grad(true);
+        let qt = to_tensor(q).to_kind(kind).to_device(device);
+        let y = vq_tch::apply_estimator_with(&et, &qt, est, path).unwrap();
+        (&y * to_tensor(w).to_kind(kind).to_device(device))
+            .sum(kind)
+            .backward();
+        et.grad().to_kind(Kind::Double).to_device(Device::Cpu)
+    };
+    for d in [1, 2, 3, 33, 512] {
+        let (e, q, w) = adversarial_rows(d, 40 + d as i64);
+        for est in Estimator::ALL {
+            let composed = grad(&e, &q, &w, est, Kind::Double, vq_tch::DevicePath::Composed);
+            // λ‖w‖ per row: the scale the errors are measured against.
+            let lambda_w: Vec<f64> = (0..e.nrows())
+                .map(|i| {
+                    let n = |a: &Array2<f32>| {
+                        a.row(i)
+                            .iter()
+                            .map(|&v| f64::from(v).powi(2))
+                            .sum::<f64>()
+                            .sqrt()
+                    };
+                    let lambda = match est {
+                        Estimator::Rotation | Estimator::Reflection => {
+                            n(&q) / n(&e).max(NORM_EPS)
+                        }
+                        _ => 1.0,
+                    };
+                    lambda * n(&w)
+                })
+                .collect();
+            for (kind, tol) in [(Kind::Double, 1e-9), (Kind::Float, 1e-6)] {
+                let fused = grad(&e, &q, &w, est, kind, vq_tch::DevicePath::Fused);
+                let diff = Vec::<f64>::try_from((&fused - &composed).abs().view([-1])).unwrap();
+                for (k, v) in diff.iter().enumerate() {
+                    let row = k / d;
+                    assert!(
+                        *v <= tol * lambda_w[row].max(f64::MIN_POSITIVE),
+                        "{est:?} {kind:?} D={d} row {row}: fused and composed differ by {v:e} \
+                         (λ‖w‖ = {:e})",
+                        lambda_w[row]
+                    );
+                }
+            }
+        }
+    }
+}
