@@ -41,6 +41,14 @@ pub struct BenchTrain {
     /// Alternating runs of each side; the median steps/s is reported.
     #[arg(long, default_value_t = 1)]
     repeats: usize,
+    /// A vq-train binary built beforehand (e.g. on another machine), used instead of building
+    /// `target/release/vq-train`.
+    #[arg(long)]
+    vq_train: Option<PathBuf>,
+    /// Run the twin with the `python3` on the PATH and its own torch, instead of the torch that
+    /// `cargo xtask setup` installs (for machines that bring their own PyTorch).
+    #[arg(long)]
+    system_python: bool,
 }
 
 /// One timed run of one side.
@@ -63,19 +71,37 @@ impl BenchTrain {
             warmup: 10,
             threads: None,
             repeats: 1,
+            vq_train: None,
+            system_python: false,
         }
     }
 
-    pub fn run(&self, root: &Path, lt: &Libtorch) -> Result<()> {
+    /// Whether the run needs the libtorch and Python torch of `cargo xtask setup`.
+    pub fn needs_setup(&self) -> bool {
+        !self.system_python
+    }
+
+    /// Runs both sides; `lt` is the setup's libtorch (`None` with `--system-python`).
+    pub fn run(&self, root: &Path, lt: Option<&Libtorch>) -> Result<()> {
         if self.warmup == 0 || self.steps == 0 || self.repeats == 0 {
             bail!("--steps, --warmup and --repeats must be at least 1");
         }
-        let site = lt.python_site.as_ref().context(
-            "the PyTorch twin needs the Python torch that `cargo xtask setup` installs from PyPI; \
-             with LIBTORCH pointing at another libtorch there is none (unset LIBTORCH)",
-        )?;
-        crate::cargo(root, &["build", "--release", "-p", "vq-train"], &[])?;
-        let bin = root.join("target/release/vq-train");
+        let site = match lt {
+            _ if self.system_python => None,
+            Some(lt) => Some(lt.python_site.as_deref().context(
+                "the PyTorch twin needs the Python torch that `cargo xtask setup` installs from PyPI; \
+                 with LIBTORCH pointing at another libtorch there is none (unset LIBTORCH, or pass \
+                 --system-python)",
+            )?),
+            None => bail!("the PyTorch twin needs a torch: run `cargo xtask setup` or pass --system-python"),
+        };
+        let bin = match &self.vq_train {
+            Some(bin) => bin.clone(),
+            None => {
+                crate::cargo(root, &["build", "--release", "-p", "vq-train"], &[])?;
+                root.join("target/release/vq-train")
+            }
+        };
         let dir = root.join("runs/bench-train").join(&self.preset);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let config = self.write_config(&bin, &dir)?;
@@ -203,7 +229,7 @@ impl BenchTrain {
     fn time_torch(
         &self,
         root: &Path,
-        site: &Path,
+        site: Option<&Path>,
         config: &Path,
         steps: usize,
         threads: usize,
@@ -215,8 +241,10 @@ impl BenchTrain {
             .args(["--steps", &steps.to_string()])
             .args(["--warmup", &self.warmup.to_string()])
             .args(["--device", &self.device, "--precision", &self.precision])
-            .args(["--threads", &threads.to_string()])
-            .env("PYTHONPATH", site);
+            .args(["--threads", &threads.to_string()]);
+        if let Some(site) = site {
+            cmd.env("PYTHONPATH", site);
+        }
         if let Some(b) = self.batch_size {
             cmd.args(["--batch-size", &b.to_string()]);
         }

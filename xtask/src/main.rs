@@ -208,7 +208,7 @@ fn main() -> Result<()> {
             let lt = setup::run(&root, false)?;
             for precision in ["f32", "bf16"] {
                 bench_train::BenchTrain::cuda("vqvae-f16-euclidean", precision, 16)
-                    .run(&root, &lt)?;
+                    .run(&root, Some(&lt))?;
             }
             Ok(())
         }
@@ -223,8 +223,12 @@ fn main() -> Result<()> {
             bench(&root, &lt, threads, quick)
         }
         Cmd::BenchTrain(b) => {
-            let lt = setup::run(&root, false)?;
-            b.run(&root, &lt)
+            let lt = if b.needs_setup() {
+                Some(setup::run(&root, false)?)
+            } else {
+                None
+            };
+            b.run(&root, lt.as_ref())
         }
     }
 }
