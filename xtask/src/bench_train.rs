@@ -41,6 +41,9 @@ pub struct BenchTrain {
     /// Alternating runs of each side; the median steps/s is reported.
     #[arg(long, default_value_t = 1)]
     repeats: usize,
+    /// cuDNN benchmark mode on both sides (CUDA).
+    #[arg(long)]
+    cudnn_benchmark: bool,
     /// A vq-train binary built beforehand (e.g. on another machine), used instead of building
     /// `target/release/vq-train`.
     #[arg(long)]
@@ -71,6 +74,7 @@ impl BenchTrain {
             warmup: 10,
             threads: None,
             repeats: 1,
+            cudnn_benchmark: false,
             vq_train: None,
             system_python: false,
         }
@@ -127,8 +131,18 @@ impl BenchTrain {
             })
         };
         println!(
-            "\n{} ({} estimator), {} {}, batch {batch}, {threads} threads, {steps} timed steps after {} warm-up, median of {}",
-            self.preset, self.estimator, self.device, self.precision, self.warmup, self.repeats
+            "\n{} ({} estimator), {} {}{}, batch {batch}, {threads} threads, {steps} timed steps after {} warm-up, median of {}",
+            self.preset,
+            self.estimator,
+            self.device,
+            self.precision,
+            if self.cudnn_benchmark {
+                ", cuDNN benchmark mode"
+            } else {
+                ""
+            },
+            self.warmup,
+            self.repeats
         );
         println!("| | steps/s | images/s | peak memory |\n|---|---|---|---|");
         for (name, t) in [("vq-train", &ours), ("PyTorch", &theirs)] {
@@ -197,6 +211,9 @@ impl BenchTrain {
         if let Some(b) = self.batch_size {
             cmd.args(["--batch-size", &b.to_string()]);
         }
+        if self.cudnn_benchmark {
+            cmd.arg("--cudnn-benchmark");
+        }
         let (status, peak, _) = watch(cmd, &self.device)?;
         if !status.success() {
             bail!("vq-train train failed ({status})");
@@ -247,6 +264,9 @@ impl BenchTrain {
         }
         if let Some(b) = self.batch_size {
             cmd.args(["--batch-size", &b.to_string()]);
+        }
+        if self.cudnn_benchmark {
+            cmd.arg("--cudnn-benchmark");
         }
         let (status, peak, stdout) = watch(cmd, &self.device)?;
         if !status.success() {

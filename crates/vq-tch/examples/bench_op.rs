@@ -69,7 +69,9 @@ fn main() {
     if cuda {
         match vq_tch::fused_kernel_status(device) {
             Ok(()) => println!("fused backward kernel: ready"),
-            Err(why) => println!("fused backward kernel unavailable ({why}): both node columns run the composition"),
+            Err(why) => println!(
+                "fused backward kernel unavailable ({why}): both node columns run the composition"
+            ),
         }
         println!(
             "| N×D | estimator | node fwd+bwd ms | node with ATen backward ms | tch composition fwd+bwd ms | node / composition |"

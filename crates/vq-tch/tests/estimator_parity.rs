@@ -488,9 +488,7 @@ fn cuda_fused_kernel_matches_the_composition_and_the_reference() {
                             .sqrt()
                     };
                     let lambda = match est {
-                        Estimator::Rotation | Estimator::Reflection => {
-                            n(&q) / n(&e).max(NORM_EPS)
-                        }
+                        Estimator::Rotation | Estimator::Reflection => n(&q) / n(&e).max(NORM_EPS),
                         _ => 1.0,
                     };
                     lambda * n(&w)

@@ -330,6 +330,8 @@ def main():
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--describe", action="store_true")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="torch.backends.cudnn.benchmark = True (as vq-train's --cudnn-benchmark)")
     a = ap.parse_args()
     with open(a.config) as f:
         cfg = json.load(f)
@@ -341,6 +343,7 @@ def main():
         fail("the configuration trains a discriminator: the twin covers VQ-VAE runs (no gan section)")
     if a.threads:
         torch.set_num_threads(a.threads)
+    torch.backends.cudnn.benchmark = a.cudnn_benchmark
     torch.manual_seed(a.seed)
     device = torch.device(a.device)
     t = cfg["training"]

@@ -130,6 +130,11 @@ struct RunArgs {
     /// libtorch CPU threads (default: libtorch's choice).
     #[arg(long, allow_negative_numbers = true)]
     threads: Option<i32>,
+    /// On CUDA, let cuDNN time its convolution algorithms for each new input shape and keep
+    /// the fastest (PyTorch's `torch.backends.cudnn.benchmark`): faster steps after the first
+    /// few, at the cost of bit-identical repeats of a GPU run.
+    #[arg(long)]
+    cudnn_benchmark: bool,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -269,6 +274,9 @@ impl RunArgs {
                 bail!("--threads {t}: libtorch needs at least 1 thread");
             }
             tch::set_num_threads(t);
+        }
+        if self.cudnn_benchmark {
+            tch::Cuda::cudnn_set_benchmark(true);
         }
         Ok(TrainOptions {
             config: cfg,
