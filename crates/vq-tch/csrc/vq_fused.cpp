@@ -203,14 +203,21 @@ std::string folder_of(void* address) {
   return slash == std::string::npos ? "" : path.substr(0, slash + 1);
 }
 
-// NVRTC: the versioned and plain names, then through torch's own stub library beside libc10
-// (libcaffe2_nvrtc.so, whose run path names the folder of the NVRTC torch was built with).
+// NVRTC: the versioned and plain names (found if the process or the loader's path has them), then
+// the PyPI layout beside libtorch's lib folder (site-packages/nvidia/...), then torch's own stub
+// library there (libcaffe2_nvrtc.so, whose run path names the NVRTC torch was built with; it also
+// needs the CUDA driver).
 void* open_nvrtc() {
-  for (const char* name : {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so", "libcaffe2_nvrtc.so"}) {
+  for (const char* name : {"libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"}) {
     if (void* h = dlopen(name, RTLD_NOW | RTLD_LOCAL)) return h;
   }
   const std::string dir = folder_of(reinterpret_cast<void*>(&c10::GetCPUAllocator));
-  return dir.empty() ? nullptr : dlopen((dir + "libcaffe2_nvrtc.so").c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (dir.empty()) return nullptr;
+  for (const char* rel : {"../../nvidia/cu13/lib/libnvrtc.so.13", "../../nvidia/cuda_nvrtc/lib/libnvrtc.so.12",
+                          "libcaffe2_nvrtc.so"}) {
+    if (void* h = dlopen((dir + rel).c_str(), RTLD_NOW | RTLD_LOCAL)) return h;
+  }
+  return nullptr;
 }
 
 // NVRTC opens its builtins library (libnvrtc-builtins.so.<version>) by name at its first compile;
