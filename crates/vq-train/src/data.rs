@@ -393,15 +393,16 @@ impl ImageSet {
     /// Unreadable or corrupt image files.
     pub fn batch(&self, indices: &[i64], device: Device) -> Result<Tensor> {
         match self {
-            Self::Memory(t) => Ok(t
-                .index_select(0, &Tensor::from_slice(indices))
-                .to_device(device)),
+            Self::Memory(t) => Ok(to_device(
+                t.index_select(0, &Tensor::from_slice(indices)),
+                device,
+            )),
             Self::Files(ds) => {
                 let samples = indices
                     .par_iter()
                     .map(|&i| ds.get(i as usize, &mut StdRng::seed_from_u64(i as u64)))
                     .collect::<vq_data::Result<Vec<_>>>()?;
-                Ok(to_tensor(&samples)?.to_device(device))
+                Ok(to_device(to_tensor(&samples)?, device))
             }
         }
     }
@@ -647,11 +648,24 @@ impl TrainBatches {
                     ImageSet::Memory(_) => Vec::new(),
                 };
                 Ok(MicroBatch {
-                    x: to_tensor(&batch.samples)?.to_device(device),
+                    x: to_device(to_tensor(&batch.samples)?, device),
                     bad,
                 })
             }
         }
+    }
+}
+
+/// A host batch on `device`: on CUDA through page-locked memory and an asynchronous copy, so
+/// that the host goes on launching the step's kernels while the batch travels (the copy is
+/// ordered before them on the stream; libtorch's caching host allocator keeps the page-locked
+/// block until the copy has completed).
+fn to_device(t: Tensor, device: Device) -> Tensor {
+    match device {
+        Device::Cuda(_) => t
+            .pin_memory(device)
+            .to_device_(device, t.kind(), true, false),
+        _ => t.to_device(device),
     }
 }
 

@@ -1,0 +1,90 @@
+// Multi-tensor optimiser kernels of ATen for vq-train's AdamW on CUDA (tch has no bindings for
+// ATen's list-taking `_foreach_*` / `_fused_*` ops): one launch per group of tensors instead of
+// one per tensor and elementary op, as torch.optim.AdamW(fused=True) and
+// torch.nn.utils.clip_grad_norm_(foreach=True) do.
+//
+// Every function takes arrays of n tensor pointers (tch's C_tensor is an at::Tensor*), returns 0
+// on success or 1 with the message available from vq_train_optim_last_error(); no exception
+// crosses into Rust.
+
+#include <ATen/ATen.h>
+
+#include <exception>
+#include <string>
+#include <vector>
+
+namespace {
+
+thread_local std::string last_error;
+
+std::vector<at::Tensor> list(at::Tensor* const* t, int64_t n) {
+  std::vector<at::Tensor> out;
+  out.reserve(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) out.push_back(*t[i]);
+  return out;
+}
+
+template <typename F>
+int32_t guarded(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const c10::Error& ex) {
+    last_error = ex.what_without_backtrace();
+    return 1;
+  } catch (const std::exception& ex) {
+    last_error = ex.what();
+    return 1;
+  }
+}
+
+}  // namespace
+
+extern "C" {
+
+// t_i ← 0 for every tensor.
+int32_t vq_train_foreach_zero(at::Tensor* const* t, int64_t n) {
+  return guarded([&] {
+    if (n > 0) at::_foreach_zero_(list(t, n));
+  });
+}
+
+// t_i ← factor·t_i for every tensor.
+int32_t vq_train_foreach_mul(at::Tensor* const* t, int64_t n, double factor) {
+  return guarded([&] {
+    if (n > 0) at::_foreach_mul_(list(t, n), factor);
+  });
+}
+
+// The global l2 norm √(Σ_i ‖t_i‖²) of the tensors, in f64 from their per-tensor norms (one read
+// back to the host).
+int32_t vq_train_global_norm(at::Tensor* const* t, int64_t n, double* out) {
+  return guarded([&] {
+    *out = 0.0;
+    if (n == 0) return;
+    const auto norms = at::_foreach_norm(list(t, n), 2);
+    *out = at::stack(norms).to(at::kDouble).norm().item<double>();
+  });
+}
+
+// One AdamW step (decoupled weight decay) of parameters p with gradients g and moments m, v at
+// step `step` (counted from 1, after this update), ATen's fused kernel:
+// p ← p(1 − lr·wd); m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²;
+// p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε).
+int32_t vq_train_fused_adamw(at::Tensor* const* p, at::Tensor* const* g, at::Tensor* const* m, at::Tensor* const* v,
+                             int64_t n, double step, double lr, double beta1, double beta2, double weight_decay,
+                             double eps) {
+  return guarded([&] {
+    if (n == 0) return;
+    const auto params = list(p, n);
+    // The kernel reads the step from a tensor per parameter (on the parameters' device).
+    const auto t = at::full({}, step, params[0].options().dtype(at::kFloat));
+    const std::vector<at::Tensor> steps(static_cast<size_t>(n), t);
+    at::_fused_adamw_(params, list(g, n), list(m, n), list(v, n), {}, steps, lr, beta1, beta2, weight_decay, eps,
+                      /*amsgrad=*/false, /*maximize=*/false);
+  });
+}
+
+const char* vq_train_optim_last_error() { return last_error.c_str(); }
+
+}  // extern "C"
