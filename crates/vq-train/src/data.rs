@@ -393,16 +393,13 @@ impl ImageSet {
     /// Unreadable or corrupt image files.
     pub fn batch(&self, indices: &[i64], device: Device) -> Result<Tensor> {
         match self {
-            Self::Memory(t) => Ok(to_device(
-                t.index_select(0, &Tensor::from_slice(indices)),
-                device,
-            )),
+            Self::Memory(t) => to_device(t.index_select(0, &Tensor::from_slice(indices)), device),
             Self::Files(ds) => {
                 let samples = indices
                     .par_iter()
                     .map(|&i| ds.get(i as usize, &mut StdRng::seed_from_u64(i as u64)))
                     .collect::<vq_data::Result<Vec<_>>>()?;
-                Ok(to_device(to_tensor(&samples)?, device))
+                to_device(to_tensor(&samples)?, device)
             }
         }
     }
@@ -648,7 +645,7 @@ impl TrainBatches {
                     ImageSet::Memory(_) => Vec::new(),
                 };
                 Ok(MicroBatch {
-                    x: to_device(to_tensor(&batch.samples)?, device),
+                    x: to_device(to_tensor(&batch.samples)?, device)?,
                     bad,
                 })
             }
@@ -660,13 +657,11 @@ impl TrainBatches {
 /// that the host goes on launching the step's kernels while the batch travels (the copy is
 /// ordered before them on the stream; libtorch's caching host allocator keeps the page-locked
 /// block until the copy has completed).
-fn to_device(t: Tensor, device: Device) -> Tensor {
-    match device {
-        Device::Cuda(_) => t
-            .pin_memory(device)
-            .to_device_(device, t.kind(), true, false),
+fn to_device(t: Tensor, device: Device) -> Result<Tensor> {
+    Ok(match device {
+        Device::Cuda(_) => crate::ops::pin_memory(&t)?.to_device_(device, t.kind(), true, false),
         _ => t.to_device(device),
-    }
+    })
 }
 
 fn read_fashion_mnist(

@@ -6,6 +6,7 @@ pub mod compare;
 pub mod data;
 pub mod dist;
 pub mod eval;
+pub mod ops;
 pub mod optim;
 pub mod plot;
 pub mod tensorboard;

@@ -6,27 +6,8 @@ use std::collections::HashMap;
 
 use anyhow::{Context, Result, bail};
 use tch::{Kind, Tensor, nn};
-use torch_sys::C_tensor;
 
-unsafe extern "C" {
-    fn vq_train_foreach_zero(t: *const *mut C_tensor, n: i64) -> i32;
-    fn vq_train_foreach_mul(t: *const *mut C_tensor, n: i64, factor: f64) -> i32;
-    fn vq_train_global_norm(t: *const *mut C_tensor, n: i64, out: *mut f64) -> i32;
-    fn vq_train_fused_adamw(
-        p: *const *mut C_tensor,
-        g: *const *mut C_tensor,
-        m: *const *mut C_tensor,
-        v: *const *mut C_tensor,
-        n: i64,
-        step: f64,
-        lr: f64,
-        beta1: f64,
-        beta2: f64,
-        weight_decay: f64,
-        eps: f64,
-    ) -> i32;
-    fn vq_train_optim_last_error() -> *const std::os::raw::c_char;
-}
+use crate::ops;
 
 /// How the optimiser's arithmetic is launched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,22 +21,6 @@ pub enum Kernels {
     /// left the GPU idle between kernels. Same formulas; the results differ from
     /// [`PerTensor`](Self::PerTensor)'s by float rounding (tested).
     MultiTensor,
-}
-
-/// The raw pointers of `ts` for the multi-tensor calls (the tensors outlive the call).
-fn pointers(ts: &[&Tensor]) -> Vec<*mut C_tensor> {
-    ts.iter().map(|t| t.as_ptr() as *mut C_tensor).collect()
-}
-
-/// Turns the status of a multi-tensor call into a panic with libtorch's message: its inputs are
-/// the optimiser's own tensors, so a failure is a bug (or an out-of-memory), as a failing tch op
-/// in the per-tensor path would be.
-fn check(status: i32, what: &str) {
-    if status != 0 {
-        // SAFETY: a NUL-terminated string owned by the C++ side, copied at once.
-        let msg = unsafe { std::ffi::CStr::from_ptr(vq_train_optim_last_error()) };
-        panic!("{what}: {}", msg.to_string_lossy());
-    }
 }
 
 /// Decoupled weight-decay Adam (Loshchilov & Hutter), as `torch.optim.AdamW`:
@@ -226,13 +191,7 @@ impl AdamW {
                 }
             }
             Kernels::MultiTensor => {
-                let grads = self.gradients();
-                let ptrs = pointers(&grads.iter().collect::<Vec<_>>());
-                // SAFETY: pointers to live tensors, borrowed for the call.
-                check(
-                    unsafe { vq_train_foreach_zero(ptrs.as_ptr(), ptrs.len() as i64) },
-                    "zeroing the gradients",
-                );
+                ops::foreach_zero(&self.gradients());
             }
         }
     }
@@ -247,16 +206,7 @@ impl AdamW {
                     .collect();
                 f64::try_from(Tensor::stack(&sq, 0).sum(Kind::Double).sqrt()).unwrap_or(f64::NAN)
             }
-            Kernels::MultiTensor => {
-                let ptrs = pointers(&grads.iter().collect::<Vec<_>>());
-                let mut norm = f64::NAN;
-                // SAFETY: pointers to live tensors and a local f64, borrowed for the call.
-                check(
-                    unsafe { vq_train_global_norm(ptrs.as_ptr(), ptrs.len() as i64, &mut norm) },
-                    "the gradient norm",
-                );
-                norm
-            }
+            Kernels::MultiTensor => ops::global_norm(grads),
         }
     }
 
@@ -286,14 +236,7 @@ impl AdamW {
                         let _ = g.g_mul_scalar_(factor);
                     }
                 }),
-                Kernels::MultiTensor => {
-                    let ptrs = pointers(&grads.iter().collect::<Vec<_>>());
-                    // SAFETY: pointers to live tensors, borrowed for the call.
-                    check(
-                        unsafe { vq_train_foreach_mul(ptrs.as_ptr(), ptrs.len() as i64, factor) },
-                        "scaling the gradients",
-                    );
-                }
+                Kernels::MultiTensor => ops::foreach_mul(&grads, factor),
             }
         }
         norm
@@ -355,26 +298,14 @@ impl AdamW {
                 v.push(&self.v[i]);
             }
         }
-        let [p, g, m, v] = [p, g, m, v].map(|ts| pointers(&ts));
-        let (b1, b2) = self.betas;
-        // SAFETY: pointers to live tensors of equal count, borrowed for the call; the kernel
-        // updates parameters and moments in place, as the per-tensor path does.
-        let status = unsafe {
-            vq_train_fused_adamw(
-                p.as_ptr(),
-                g.as_ptr(),
-                m.as_ptr(),
-                v.as_ptr(),
-                p.len() as i64,
-                self.step as f64,
-                lr,
-                b1,
-                b2,
-                self.weight_decay,
-                self.eps,
-            )
+        let adam = ops::Adam {
+            step: self.step as f64,
+            lr,
+            betas: self.betas,
+            weight_decay: self.weight_decay,
+            eps: self.eps,
         };
-        check(status, "the fused AdamW step");
+        ops::fused_adamw(&p, &g, &m, &v, adam);
     }
 
     /// The state as named tensors: `m.<var>`, `v.<var>` and `step`.

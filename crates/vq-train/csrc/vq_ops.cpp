@@ -1,10 +1,12 @@
-// Multi-tensor optimiser kernels of ATen for vq-train's AdamW on CUDA (tch has no bindings for
-// ATen's list-taking `_foreach_*` / `_fused_*` ops): one launch per group of tensors instead of
-// one per tensor and elementary op, as torch.optim.AdamW(fused=True) and
-// torch.nn.utils.clip_grad_norm_(foreach=True) do.
+// ATen calls tch cannot make as vq-train needs them: the multi-tensor optimiser kernels for its
+// AdamW on CUDA (tch has no bindings for ATen's list-taking `_foreach_*` / `_fused_*` ops): one
+// launch per group of tensors instead of one per tensor and elementary op, as
+// torch.optim.AdamW(fused=True) and torch.nn.utils.clip_grad_norm_(foreach=True) do; and
+// pinning a host tensor without naming a device (tch's binding passes one, which libtorch
+// deprecates with a warning per call).
 //
 // Every function takes arrays of n tensor pointers (tch's C_tensor is an at::Tensor*), returns 0
-// on success or 1 with the message available from vq_train_optim_last_error(); no exception
+// on success or 1 with the message available from vq_train_ops_last_error(); no exception
 // crosses into Rust.
 
 #include <ATen/ATen.h>
@@ -85,6 +87,12 @@ int32_t vq_train_fused_adamw(at::Tensor* const* p, at::Tensor* const* g, at::Ten
   });
 }
 
-const char* vq_train_optim_last_error() { return last_error.c_str(); }
+// A page-locked copy of the host tensor t in *out (a new tensor owned by the caller, as tch's C
+// API returns them).
+int32_t vq_train_pin_memory(const at::Tensor* t, at::Tensor** out) {
+  return guarded([&] { *out = new at::Tensor(t->pin_memory()); });
+}
+
+const char* vq_train_ops_last_error() { return last_error.c_str(); }
 
 }  // extern "C"
