@@ -451,27 +451,12 @@ impl<'a> CodebookIndex<'a> {
                 self.exact_argmin(tile.row(r), 0..k as u32)
             } else if second - best <= tol {
                 // Cold path: re-score every code (a chunk of CHUNK lanes at a time, as the
-                // kernel does) and re-rank the near ties exactly; stop collecting once there
-                // are more candidates than the exact re-rank takes.
+                // kernel does, lanes within the band found by one vector compare) and re-rank
+                // the near ties exactly; stop collecting once there are more candidates than
+                // the exact re-rank takes.
                 let cands = &mut sc.cands[r];
                 cands.clear();
-                'chunks: for (c, (cols, b)) in chunked.chunks_exact(d).zip(bias).enumerate() {
-                    let mut v = *b;
-                    for (col, &xv) in cols.iter().zip(x) {
-                        for l in 0..CHUNK {
-                            v[l] -= xv * col[l];
-                        }
-                    }
-                    // The last chunk's padding lanes (index ≥ K) are not codes.
-                    for (l, &v) in v.iter().enumerate().take(CHUNK.min(k - c * CHUNK)) {
-                        if v <= best + tol {
-                            cands.push(((c * CHUNK + l) as u32, v));
-                            if cands.len() > MAX_CANDIDATES {
-                                break 'chunks;
-                            }
-                        }
-                    }
-                }
+                chunk_candidates(x, chunked, bias, d, k, best + tol, cands);
                 if cands.len() > MAX_CANDIDATES {
                     self.exact_argmin(tile.row(r), 0..k as u32)
                 } else {
@@ -712,6 +697,83 @@ fn chunk_top2(
         _mm512_storeu_ps(sv.as_mut_ptr(), vs);
     }
     reduce_lanes(&bv, &bc, &sv)
+}
+
+/// The codes whose register-kernel score `bias − x·c` is at most `limit` (padding lanes, index
+/// ≥ `k`, excluded), pushed to `cands` as (index, score) in index order; stops once more than
+/// [`MAX_CANDIDATES`] are found. The scores are computed as [`chunk_top2`] computes them; one
+/// vector compare per chunk finds the lanes within the band, so only those cost a branch.
+fn chunk_candidates(
+    x: &[f32],
+    chunked: &[[f32; CHUNK]],
+    bias: &[[f32; CHUNK]],
+    d: usize,
+    k: usize,
+    limit: f32,
+    cands: &mut Vec<(u32, f32)>,
+) {
+    let mut scores = [0f32; CHUNK];
+    for (c, (cols, b)) in chunked.chunks_exact(d).zip(bias).enumerate() {
+        let mut mask = chunk_scores_at_most(x, cols, b, limit, &mut scores);
+        // The last chunk's padding lanes (index ≥ K) are not codes.
+        let valid = k - c * CHUNK;
+        if valid < CHUNK {
+            mask &= (1u32 << valid) - 1;
+        }
+        while mask != 0 {
+            let l = mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            cands.push(((c * CHUNK + l) as u32, scores[l]));
+            if cands.len() > MAX_CANDIDATES {
+                return;
+            }
+        }
+    }
+}
+
+/// One chunk's scores `b − Σ x_i·cols_i` (fused multiply-adds, as in [`chunk_top2`]) into
+/// `out`, and the bit mask of the lanes whose score is at most `limit`.
+#[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
+#[inline]
+fn chunk_scores_at_most(
+    x: &[f32],
+    cols: &[[f32; CHUNK]],
+    b: &[f32; CHUNK],
+    limit: f32,
+    out: &mut [f32; CHUNK],
+) -> u32 {
+    use wide::CmpLe;
+    let s = x.iter().zip(cols).fold(f32x8::new(*b), |s, (&xv, col)| {
+        f32x8::splat(xv).mul_neg_add(f32x8::new(*col), s)
+    });
+    *out = s.to_array();
+    s.cmp_le(f32x8::splat(limit)).move_mask() as u32
+}
+
+/// As the portable version, with 16-lane AVX-512 registers.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx512f"))]
+#[inline]
+fn chunk_scores_at_most(
+    x: &[f32],
+    cols: &[[f32; CHUNK]],
+    b: &[f32; CHUNK],
+    limit: f32,
+    out: &mut [f32; CHUNK],
+) -> u32 {
+    use std::arch::x86_64::{
+        _CMP_LE_OQ, _mm512_cmp_ps_mask, _mm512_fnmadd_ps, _mm512_loadu_ps, _mm512_set1_ps,
+        _mm512_storeu_ps,
+    };
+    // SAFETY: avx512f is enabled for this compilation (the cfg above). Every load and store
+    // reads or writes exactly one `[f32; 16]` through a pointer to that array.
+    unsafe {
+        let mut s = _mm512_loadu_ps(b.as_ptr());
+        for (col, &xv) in cols.iter().zip(x) {
+            s = _mm512_fnmadd_ps(_mm512_set1_ps(xv), _mm512_loadu_ps(col.as_ptr()), s);
+        }
+        _mm512_storeu_ps(out.as_mut_ptr(), s);
+        u32::from(_mm512_cmp_ps_mask::<_CMP_LE_OQ>(s, _mm512_set1_ps(limit)))
+    }
 }
 
 /// Top-2 of `bias_k − dot_k` over one block (lengths a multiple of LANES); see [`LaneTop2`].
