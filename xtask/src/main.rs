@@ -165,43 +165,51 @@ fn main() -> Result<()> {
                 &[],
             )?;
             gpu_check_distributed(&root)?;
-            // Short runs on synthetic data (steps/s and memory on the GPU): a Table-1 VQ-VAE,
-            // the Table-4 ViT-VQGAN and the Table-5 BAIR video tokenizer, at the paper's batch
-            // sizes for the latter two.
-            for (preset, batch) in [
-                ("vqvae-f16-euclidean", "16"),
-                ("vit-vqgan-small", "32"),
-                ("timesformer-bair", "24"),
-            ] {
-                let out = format!("runs/gpu-check/{preset}");
-                fresh_run_folder(&root.join(&out))?;
-                cargo(
-                    &root,
-                    &[
-                        "run",
-                        "--release",
-                        "-p",
-                        "vq-train",
-                        "--",
-                        "train",
-                        "--preset",
-                        preset,
-                        "--data",
-                        "synthetic:256",
-                        "--device",
-                        "cuda",
-                        "--steps",
-                        "30",
-                        "--batch-size",
-                        batch,
-                        "--log-every",
-                        "10",
-                        "--out",
-                        &out,
-                        "--quiet",
-                    ],
-                    &[],
-                )?;
+            // Short runs on synthetic data (steps/s and memory on the GPU), in f32 and bf16: a
+            // Table-1 VQ-VAE, the Table-2 VQGAN, a Table-3 LDM VQGAN, the Table-4 ViT-VQGAN and
+            // the Table-5 BAIR video tokenizer (docs/performance.md has the H200 figures).
+            for precision in ["f32", "bf16"] {
+                for (preset, batch) in [
+                    ("vqvae-f16-euclidean", "16"),
+                    ("vqgan-f16-imagenet", "16"),
+                    ("ldm-vq-f4", "16"),
+                    ("vit-vqgan-small", "32"),
+                    ("timesformer-bair", "24"),
+                ] {
+                    let out = format!("runs/gpu-check/{preset}-{precision}");
+                    fresh_run_folder(&root.join(&out))?;
+                    cargo(
+                        &root,
+                        &[
+                            "run",
+                            "--release",
+                            "-p",
+                            "vq-train",
+                            "--",
+                            "train",
+                            "--preset",
+                            preset,
+                            "--data",
+                            "synthetic:256",
+                            "--device",
+                            "cuda",
+                            "--precision",
+                            precision,
+                            "--steps",
+                            "30",
+                            "--batch-size",
+                            batch,
+                            "--micro-batch",
+                            batch,
+                            "--log-every",
+                            "10",
+                            "--out",
+                            &out,
+                            "--quiet",
+                        ],
+                        &[],
+                    )?;
+                }
             }
             // The twin benchmark (vq-train against the same model in PyTorch) in f32 and bf16
             // at the paper's per-GPU batch.
