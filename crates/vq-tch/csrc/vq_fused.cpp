@@ -90,8 +90,9 @@ extern "C" __global__ void vq_estimator_backward(const T* __restrict__ e, const 
       const double sign = est == 3 ? -1.0 : 1.0;
       ie = 1.0 / ne;
       iq = sign / nq;
+      // The first index of the smallest |e_i| (index 0 when none is below +inf, as vq-core).
       double amin = __longlong_as_double(0x7ff0000000000000LL);  // +inf
-      long long aidx = d;
+      long long aidx = 0;
       for (long long i = lane; i < d; i += 32) {
         const double a = (double)er[i] * ie, b = (double)qr[i] * iq, c = (double)gr[i];
         const double s = a + b;

@@ -278,9 +278,16 @@ impl RunArgs {
         if self.cudnn_benchmark {
             tch::Cuda::cudnn_set_benchmark(true);
         }
+        let device = parse_device(&self.device)?;
+        if let (true, Err(why)) = (device.is_cuda(), vq_tch::fused_kernel_status(device)) {
+            eprintln!(
+                "note: the estimator's fused CUDA backward is unavailable ({why}); its ATen \
+                 composition runs instead (same results, slower)"
+            );
+        }
         Ok(TrainOptions {
             config: cfg,
-            device: parse_device(&self.device)?,
+            device,
             out: self.out.clone().unwrap_or(default_out),
             log_every: self.log_every,
             checkpoint_every: self.checkpoint_every,
