@@ -14,7 +14,7 @@ use crate::setup::Libtorch;
 /// What to time.
 #[derive(Debug, clap::Args)]
 pub struct BenchTrain {
-    /// Preset (a VQ-VAE with the taming CNN: the demo or a Table-1 row).
+    /// Preset (the taming CNN: the demo, a Table-1 VQ-VAE, or a taming / latent-diffusion VQGAN).
     #[arg(long, default_value = "demo-fashion-mnist")]
     preset: String,
     /// Gradient estimator of both sides: ste or rotation.

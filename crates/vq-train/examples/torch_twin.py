@@ -8,7 +8,12 @@ is lucidrains' vector-quantize-pytorch layer written with torch ops (EMA codeboo
 smoothing, or a learned one; Euclidean or cosine lookup; straight-through or the rotation trick of
 `rotate_to`; commitment loss beta * mse(e, sg(q))); the optimiser torch.optim.AdamW with the
 run's betas, weight decay, warm-up + cosine schedule and global gradient-norm clip. The quantizer
-runs outside autocast in float32, as the paper's code does.
+runs outside autocast in float32, as the paper's code does. A configuration with a PatchGAN `gan`
+section (the taming and latent-diffusion VQGANs) trains as taming's VQLPIPSWithDiscriminator
+does, without LPIPS (vq-train has it only with user-supplied weights): the generator minimises
+l1·|x − x̃| + l2·(x − x̃)² + codebook_weight·qloss and, from `disc_start` on, adds the adaptive
+weight times −mean D(x̃); the NLayerDiscriminator then takes one step on the hinge loss of the
+same images and the detached reconstructions (AdamW, the run's betas, lr × disc_lr_multiplier).
 
 Usage: python torch_twin.py CONFIG.json --steps N --warmup W --device cpu|cuda --precision f32|bf16|f16
        [--batch-size B] [--threads T] [--images N] [--seed S]
@@ -212,7 +217,7 @@ class VectorQuantizer(nn.Module):
             self.register_buffer("embed_avg", embed.clone())
         else:
             self.codebook = nn.Parameter(embed)
-            self.legacy = learning["gradient"]["placement"] == "legacy"
+            self.legacy = learning["gradient"]["placement"] == "legacy_codebook"
 
     def forward(self, x):
         # (B, C, h, w) -> (B*h*w, C), float32 whatever the autocast region around it.
@@ -288,6 +293,62 @@ class VqAutoencoder(nn.Module):
         return rec.float(), qloss, idx, commit
 
 
+# --- taming's PatchGAN discriminator and VQGAN losses ----------------------------------------
+
+class NLayerDiscriminator(nn.Module):
+    """taming/modules/discriminator/model.py with BatchNorm, weights N(0, 0.02) (BN: N(1, 0.02))."""
+
+    def __init__(self, gan):
+        super().__init__()
+        ndf, n = gan["ndf"], gan["n_layers"]
+        layers = [nn.Conv2d(gan["in_channels"], ndf, 4, 2, 1), nn.LeakyReLU(0.2, True)]
+        mult = 1
+        for i in range(1, n + 1):
+            prev, mult = mult, min(2 ** i, 8)
+            stride = 2 if i < n else 1
+            layers += [nn.Conv2d(ndf * prev, ndf * mult, 4, stride, 1, bias=False),
+                       nn.BatchNorm2d(ndf * mult), nn.LeakyReLU(0.2, True)]
+        layers.append(nn.Conv2d(ndf * mult, 1, 4, 1, 1))
+        self.main = nn.Sequential(*layers)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0.0, 0.02)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.normal_(m.weight, 1.0, 0.02)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.main(x)
+
+
+def vqgan_parts(cfg, device):
+    """The discriminator and its optimiser of a PatchGAN VQGAN configuration, or None."""
+    gan = cfg.get("gan")
+    if gan is None:
+        return None
+    if gan["discriminator"] != "patch_gan" or gan["adversarial_loss"] != "hinge":
+        fail("the twin's VQGAN is taming's (PatchGAN, hinge loss); StyleGAN / vanilla have no twin yet")
+    if gan.get("r1") is not None:
+        fail("the twin has no R1 penalty")
+    disc = NLayerDiscriminator(gan).to(device).train()
+    t = cfg["training"]
+    opt = torch.optim.AdamW(disc.parameters(), lr=t["learning_rate"] * gan["disc_lr_multiplier"],
+                            betas=tuple(t["betas"]), weight_decay=0.0)
+    return gan, disc, opt
+
+
+def adaptive_weight(nll, g_loss, last_layer, disc_weight):
+    """taming's calculate_adaptive_weight: ‖∇nll‖ / (‖∇g‖ + 1e-4), clamped to [0, 1e4], × disc_weight."""
+    nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
+    g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
+    w = torch.norm(nll_grad) / (torch.norm(g_grad) + 1e-4)
+    return torch.clamp(w, 0.0, 1e4).detach() * disc_weight
+
+
+def hinge_d_loss(real, fake):
+    return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
+
+
 def taming(model):
     """The taming CNN's settings of a model configuration (the backbone is untagged in the JSON)."""
     backbone = model["autoencoder"]
@@ -339,8 +400,6 @@ def main():
         model = VqAutoencoder(cfg["model"])
         print(json.dumps({n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}))
         return
-    if cfg.get("gan") is not None:
-        fail("the configuration trains a discriminator: the twin covers VQ-VAE runs (no gan section)")
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.backends.cudnn.benchmark = a.cudnn_benchmark
@@ -357,6 +416,9 @@ def main():
     opt = torch.optim.AdamW(params, lr=t["learning_rate"], betas=tuple(t["betas"]),
                             weight_decay=t["weight_decay"])
     scaler = torch.amp.GradScaler(device.type, enabled=a.precision == "f16")
+    vqgan = vqgan_parts(cfg, device)
+    disc_steps = [0]
+    d_scaler = torch.amp.GradScaler(device.type, enabled=a.precision == "f16")
     tm = taming(cfg["model"])
     res, chans = tm["resolution"], tm["in_channels"]
     images = torch.rand(a.images, chans, res, res) * 2 - 1
@@ -369,9 +431,27 @@ def main():
         idx = torch.randint(0, a.images, (batch,))
         x_all = images[idx].to(device, non_blocking=True)
         total = 0.0
+        pairs = []
+        adversarial = vqgan is not None and i >= vqgan[0]["disc_start"]
         for x in x_all.split(micro):
             rec, qloss, _, _ = model(x, a.precision, device)
-            loss = F.mse_loss(rec, x) + qloss
+            if vqgan is None:
+                loss = F.mse_loss(rec, x) + qloss
+            else:
+                gan, disc, _ = vqgan
+                nll = gan["l1_weight"] * (x - rec).abs().mean()
+                if gan["l2_weight"] > 0:
+                    nll = nll + gan["l2_weight"] * ((x - rec) ** 2).mean()
+                loss = nll + gan["codebook_weight"] * qloss
+                if adversarial:
+                    with autocast(device, a.precision):
+                        g_loss = -disc(rec).float().mean()
+                    if gan["adversarial_weighting"] == "adaptive":
+                        w = adaptive_weight(nll, g_loss, model.decoder.conv_out.weight, gan["disc_weight"])
+                    else:
+                        w = gan["disc_weight"]
+                    loss = loss + w * g_loss
+                pairs.append((x, rec.detach()))
             scaler.scale(loss / accum).backward()
             total = total + loss.detach()
         scaler.unscale_(opt)
@@ -379,6 +459,18 @@ def main():
             torch.nn.utils.clip_grad_norm_(params, t["grad_clip"])
         scaler.step(opt)
         scaler.update()
+        if adversarial:
+            disc_steps[0] += 1
+            _, disc, d_opt = vqgan
+            for g in d_opt.param_groups:
+                g["lr"] = learning_rate(i, t) * vqgan[0]["disc_lr_multiplier"]
+            d_opt.zero_grad(set_to_none=True)
+            for x, rec in pairs:
+                with autocast(device, a.precision):
+                    real, fake = disc(x).float(), disc(rec).float()
+                d_scaler.scale(hinge_d_loss(real, fake) / accum).backward()
+            d_scaler.step(d_opt)
+            d_scaler.update()
         return total / accum
 
     for i in range(a.warmup):
@@ -398,6 +490,7 @@ def main():
         "images_per_s": a.steps * batch / elapsed,
         "peak_memory_bytes": peak_memory(device),
         "loss": loss,
+        "discriminator_steps": disc_steps[0],
         "torch": torch.__version__,
     }))
 

@@ -1,5 +1,6 @@
 //! The PyTorch twin of `cargo xtask bench-train` (examples/torch_twin.py) builds the network
-//! vq-train trains: the same trainable variables under the same names and shapes, and it trains.
+//! vq-train trains: the same trainable variables under the same names and shapes, and it trains
+//! (VQ-VAE, and a VQGAN with its discriminator).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -110,4 +111,41 @@ fn the_twin_trains_in_f32_and_bf16() {
         assert!(r["steps_per_s"].as_f64().unwrap() > 0.0, "{precision}: {r}");
         assert_eq!(r["steps"], 2);
     }
+}
+
+/// A taming VQGAN configuration (the demo's small network with the f16 ImageNet VQGAN's `gan`
+/// section, its discriminator from the first step, two layers at the demo's 32² size): the twin
+/// trains generator and discriminator.
+#[test]
+fn the_twin_trains_a_vqgan_with_its_discriminator() {
+    let Some(site) = site() else {
+        eprintln!("skipped: no Python torch in .libtorch/site (libtorch adopted from LIBTORCH)");
+        return;
+    };
+    let mut cfg = preset_config(Preset::DemoFashionMnist);
+    let mut gan = preset_config(Preset::VqganF16Imagenet).gan.unwrap();
+    gan.in_channels = 1;
+    gan.n_layers = 2;
+    gan.disc_start = 0;
+    cfg.gan = Some(gan);
+    let path = config_file("demo-vqgan", &cfg);
+    let r = twin(
+        &site,
+        &path,
+        &[
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "4",
+            "--threads",
+            "1",
+            "--images",
+            "8",
+        ],
+    );
+    let loss = r["loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "{r}");
+    assert_eq!(r["discriminator_steps"], 3, "{r}");
 }
