@@ -212,11 +212,12 @@ fn main() -> Result<()> {
                 }
             }
             // The twin benchmark (vq-train against the same model in PyTorch) in f32 and bf16
-            // at the paper's per-GPU batch.
+            // at batch 16: a Table-1 VQ-VAE and the taming / latent-diffusion VQGANs.
             let lt = setup::run(&root, false)?;
-            for precision in ["f32", "bf16"] {
-                bench_train::BenchTrain::cuda("vqvae-f16-euclidean", precision, 16)
-                    .run(&root, Some(&lt))?;
+            for preset in ["vqvae-f16-euclidean", "vqgan-f16-imagenet", "ldm-vq-f4"] {
+                for precision in ["f32", "bf16"] {
+                    bench_train::BenchTrain::cuda(preset, precision, 16).run(&root, Some(&lt))?;
+                }
             }
             Ok(())
         }
