@@ -321,6 +321,17 @@ impl VqAutoencoder {
         }
     }
 
+    /// Code indices → image: the codebook rows of `indices` ((B, h, w), or (B, t, h, w) for
+    /// video backbones; as [`encode`](Self::encode) returns them in `VqOutput::indices`) through
+    /// the output projection, `post_quant_conv` and the decoder. For the indices of a batch,
+    /// this is [`forward`](Self::forward)'s reconstruction of that batch in [`Mode::Eval`].
+    ///
+    /// # Errors
+    /// The quantizer's errors for indices of another rank or type or outside the codebook.
+    pub fn decode_codes(&self, indices: &Tensor) -> Result<Tensor> {
+        Ok(self.decode(&self.quantize.embed(indices)?))
+    }
+
     /// Encode, quantize, decode.
     ///
     /// # Errors

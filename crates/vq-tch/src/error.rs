@@ -17,6 +17,17 @@ pub enum VqTchError {
     /// A tensor is not floating point.
     #[error("expected a floating-point tensor (f32, f64, f16 or bf16), got {0:?}")]
     Kind(tch::Kind),
+    /// Code indices are not integers.
+    #[error("expected integer code indices, got {0:?}")]
+    IndexKind(tch::Kind),
+    /// A code index outside the codebook.
+    #[error("code index {index} is outside the codebook of {codes} codes")]
+    Code {
+        /// The index.
+        index: i64,
+        /// The codebook size.
+        codes: i64,
+    },
     /// The tensors live on different devices.
     #[error("e is on {e:?} but q is on {q:?}")]
     Device {

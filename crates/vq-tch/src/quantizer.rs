@@ -387,6 +387,59 @@ impl VectorQuantizer {
         &self.codebook
     }
 
+    /// The quantized output of code indices, in the layout [`forward`](Self::forward) returns
+    /// it: indices (N), (B, H, W) or (B, T, H, W) of any integer type give (N, C),
+    /// (B, C, H, W) or (B, C, T, H, W) f32 — the codebook rows, through the output projection
+    /// if the layer has one. For the indices `forward` returned, this is its `quantized` value.
+    ///
+    /// # Errors
+    /// [`VqTchError::Shape`] for another rank, [`VqTchError::IndexKind`] for non-integer
+    /// indices, [`VqTchError::Code`] for an index outside `0..K` (naming it).
+    pub fn embed(&self, indices: &Tensor) -> Result<Tensor> {
+        let rank = indices.dim();
+        if !matches!(rank, 1 | 3 | 4) {
+            return Err(VqTchError::Shape {
+                what: "code indices (N), (B, H, W) or (B, T, H, W)",
+                e: indices.size(),
+                q: vec![],
+            });
+        }
+        if !matches!(
+            indices.kind(),
+            Kind::Uint8 | Kind::Int8 | Kind::Int16 | Kind::Int | Kind::Int64
+        ) {
+            return Err(VqTchError::IndexKind(indices.kind()));
+        }
+        let k = self.config.codebook_size as i64;
+        let flat = indices
+            .reshape([-1])
+            .to_kind(Kind::Int64)
+            .to_device(self.codebook.device());
+        if flat.numel() > 0 {
+            let range = Vec::<i64>::try_from(Tensor::stack(&[flat.min(), flat.max()], 0))
+                .map_err(|e| VqTchError::Torch(e.to_string()))?;
+            if let Some(&bad) = range.iter().find(|&&v| !(0..k).contains(&v)) {
+                return Err(VqTchError::Code {
+                    index: bad,
+                    codes: k,
+                });
+            }
+        }
+        let mut out = self.codebook.detach().index_select(0, &flat);
+        if let Some(lin) = &self.project_out {
+            out = out.apply(lin);
+        }
+        let c = out.size()[1];
+        let mut lead = indices.size();
+        lead.push(c);
+        let inverse: Vec<i64> = match rank {
+            1 => vec![0, 1],
+            3 => vec![0, 3, 1, 2],
+            _ => vec![0, 4, 1, 2, 3],
+        };
+        Ok(out.reshape(&lead[..]).permute(&inverse[..]))
+    }
+
     /// A copy of the EMA state as vq-core's type, for EMA codebooks.
     ///
     /// # Errors

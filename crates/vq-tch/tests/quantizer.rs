@@ -522,3 +522,50 @@ fn every_device_gives_the_cpu_numbers() {
         }
     }
 }
+
+/// `embed` of the indices `forward` returned is its quantized output exactly, in every layout
+/// and with output projections; bad indices are typed errors naming the index.
+#[test]
+fn embedding_the_returned_indices_gives_the_quantized_output() {
+    let plain = small(Metric::Euclidean, Estimator::Rotation);
+    let projected = VectorQuantizerConfig {
+        projection: Projection::LinearLayerNorm { channels: 6 },
+        ..VectorQuantizerConfig::paper_vit_vqgan(16, 6)
+    };
+    for cfg in [plain, projected] {
+        let c = cfg.input_channels() as i64;
+        let (_vs, mut vq) = layer(cfg);
+        for shape in [vec![40, c], vec![2, c, 3, 5], vec![2, c, 2, 3, 3]] {
+            let x = Tensor::randn(&shape[..], (Kind::Float, Device::Cpu));
+            let out = vq.forward(&x, Mode::Eval).unwrap();
+            for kind in [Kind::Int64, Kind::Int, Kind::Int16] {
+                let got = vq.embed(&out.indices.to_kind(kind)).unwrap();
+                assert!(got.equal(&out.quantized), "{shape:?} {kind:?}");
+            }
+        }
+        let k = vq.codebook().size()[0];
+        let bad = Tensor::from_slice(&[0i64, k, 1]).view([1, 1, 3]);
+        let err = vq.embed(&bad).unwrap_err();
+        assert!(
+            matches!(err, vq_tch::VqTchError::Code { index, .. } if index == k),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&format!("code index {k}")),
+            "{err}"
+        );
+        let negative = Tensor::from_slice(&[-1i64]);
+        assert!(matches!(
+            vq.embed(&negative),
+            Err(vq_tch::VqTchError::Code { index: -1, .. })
+        ));
+        assert!(matches!(
+            vq.embed(&Tensor::zeros([2, 3], (Kind::Int64, Device::Cpu))),
+            Err(vq_tch::VqTchError::Shape { .. })
+        ));
+        assert!(matches!(
+            vq.embed(&Tensor::zeros([4], (Kind::Float, Device::Cpu))),
+            Err(vq_tch::VqTchError::IndexKind(Kind::Float))
+        ));
+    }
+}

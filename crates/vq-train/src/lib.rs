@@ -2,6 +2,7 @@
 //! evaluation, comparison of estimators and plots. See `vq-train --help`.
 
 pub mod checkpoint;
+pub mod codes;
 pub mod compare;
 pub mod data;
 pub mod dist;

@@ -64,6 +64,52 @@ enum Command {
         #[arg(long)]
         inception: Option<PathBuf>,
     },
+    /// Write the code indices of every sample of a split (safetensors: codes, codebook, the
+    /// run's configuration; shards of --shard-size samples, kept when run again).
+    Encode {
+        /// Run folder written by `train` (its latest checkpoint is used).
+        #[arg(long)]
+        run: PathBuf,
+        /// Data to encode (default: the run's), as `train --data` takes it.
+        #[arg(long)]
+        data: Option<String>,
+        /// train or val.
+        #[arg(long, default_value = "val")]
+        split: String,
+        /// Output file (`codes.safetensors`; shards are numbered beside it).
+        #[arg(long)]
+        out: PathBuf,
+        /// Samples per file.
+        #[arg(long, default_value_t = 50_000)]
+        shard_size: usize,
+        /// Samples per forward pass (default: the run's micro-batch).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Device.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Turn a codes file of `encode` back into images (PNG per sample; video: per frame).
+    Decode {
+        /// Run folder whose decoder (and codebook) the codes belong to.
+        #[arg(long)]
+        run: PathBuf,
+        /// Codes file (one shard).
+        #[arg(long)]
+        codes: PathBuf,
+        /// Output folder.
+        #[arg(long)]
+        out: PathBuf,
+        /// Samples per pass (default: the run's micro-batch).
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Device.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Follow a run while it trains (from another terminal): print its latest metrics, progress
     /// and ETA, and redraw its curves.png, until it has logged its last step.
     Watch {
@@ -538,6 +584,58 @@ fn main() -> Result<()> {
                 }
                 std::thread::sleep(std::time::Duration::from_secs_f64(every));
             }
+        }
+        Command::Encode {
+            run,
+            data,
+            split,
+            out,
+            shard_size,
+            batch,
+            device,
+            quiet,
+        } => {
+            let split = match split.as_str() {
+                "train" => vq_data::Split::Train,
+                "val" => vq_data::Split::Test,
+                other => bail!("--split {other}: expected train or val"),
+            };
+            let mut loaded = vq_train::codes::LoadedRun::load(&run, parse_device(&device)?)?;
+            let batch = batch.unwrap_or(loaded.config.micro_batch);
+            let done = vq_train::codes::encode(
+                &mut loaded,
+                data.as_deref(),
+                split,
+                &out,
+                shard_size,
+                batch,
+                !quiet,
+            )?;
+            println!(
+                "{} samples ({} skipped) at step {} in {} file(s) ({} kept from before): {}",
+                done.samples,
+                done.skipped,
+                loaded.step,
+                done.files.len(),
+                done.kept,
+                done.files
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Command::Decode {
+            run,
+            codes,
+            out,
+            batch,
+            device,
+        } => {
+            let loaded = vq_train::codes::LoadedRun::load(&run, parse_device(&device)?)?;
+            let batch = batch.unwrap_or(loaded.config.micro_batch);
+            let n = vq_train::codes::decode(&loaded, &codes, &out, batch)?;
+            println!("{n} samples decoded into {}", out.display());
         }
         Command::Eval {
             run,

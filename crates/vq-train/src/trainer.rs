@@ -996,7 +996,8 @@ impl Window {
     }
 }
 
-fn progress_bar(show: bool, start: usize, steps: usize) -> indicatif::ProgressBar {
+/// The project's progress bar (elapsed, bar, position / length, ETA), hidden unless `show`.
+pub(crate) fn progress_bar(show: bool, start: usize, steps: usize) -> indicatif::ProgressBar {
     if !show {
         return indicatif::ProgressBar::hidden();
     }
