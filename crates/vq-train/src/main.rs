@@ -97,9 +97,9 @@ enum Command {
         /// Run folder whose decoder (and codebook) the codes belong to.
         #[arg(long)]
         run: PathBuf,
-        /// Codes file (one shard).
-        #[arg(long)]
-        codes: PathBuf,
+        /// Codes files of `encode` (one or more shards, e.g. `codes-*.safetensors`).
+        #[arg(long, num_args = 1.., required = true)]
+        codes: Vec<PathBuf>,
         /// Output folder.
         #[arg(long)]
         out: PathBuf,
@@ -634,8 +634,15 @@ fn main() -> Result<()> {
         } => {
             let loaded = vq_train::codes::LoadedRun::load(&run, parse_device(&device)?)?;
             let batch = batch.unwrap_or(loaded.config.micro_batch);
-            let n = vq_train::codes::decode(&loaded, &codes, &out, batch)?;
-            println!("{n} samples decoded into {}", out.display());
+            let mut n = 0;
+            for file in &codes {
+                n += vq_train::codes::decode(&loaded, file, &out, batch)?;
+            }
+            println!(
+                "{n} samples of {} file(s) decoded into {}",
+                codes.len(),
+                out.display()
+            );
         }
         Command::Eval {
             run,

@@ -152,7 +152,7 @@ fn encode_writes_resumable_shards_that_decode_to_the_models_reconstructions() {
         "--batch",
         "12",
     ]);
-    assert!(text.contains("12 samples decoded"), "{text}");
+    assert!(text.contains("12 samples of 1 file(s) decoded"), "{text}");
     let want = vq_train::plot::rgb_images(&own.reconstruction).unwrap();
     for (k, img) in want.iter().enumerate() {
         let got = image::open(png.join(format!("{:06}.png", 20 + k)))
@@ -160,6 +160,21 @@ fn encode_writes_resumable_shards_that_decode_to_the_models_reconstructions() {
             .to_rgb8();
         assert!(got == *img, "image {}", 20 + k);
     }
+
+    // Both shards in one call: every sample of the split.
+    let all = dir.join("all");
+    let text = vq_train(&[
+        "decode",
+        "--run",
+        run.to_str().unwrap(),
+        "--codes",
+        first.to_str().unwrap(),
+        second.to_str().unwrap(),
+        "--out",
+        all.to_str().unwrap(),
+    ]);
+    assert!(text.contains("32 samples of 2 file(s) decoded"), "{text}");
+    assert_eq!(std::fs::read_dir(&all).unwrap().count(), 32);
 
     // Run again: complete shards are kept untouched; a missing one is written again with the
     // same contents (the metadata's key order may differ: it is a map).
