@@ -67,9 +67,17 @@ pub fn fused_kernel_status(device: tch::Device) -> std::result::Result<(), Strin
     let tch::Device::Cuda(index) = device else {
         return Err(format!("{device:?} is not a CUDA device"));
     };
-    // SAFETY: the function takes a plain integer and returns a NUL-terminated string owned by
-    // the C++ side, valid until the next call on this thread; it is copied at once.
-    let why = unsafe { CStr::from_ptr(vq_tch_fused_unavailable(index as i64)) }
+    // SAFETY: a plain integer in, a NUL-terminated string owned by the C++ side out.
+    unsafe { reason(vq_tch_fused_unavailable(index as i64)) }
+}
+
+/// `Ok(())` for the empty string the shim returns on success, else the reason it holds.
+///
+/// # Safety
+/// `why` points to a NUL-terminated string that stays valid for the call (it is copied).
+unsafe fn reason(why: *const c_char) -> std::result::Result<(), String> {
+    // SAFETY: guaranteed by the caller.
+    let why = unsafe { CStr::from_ptr(why) }
         .to_string_lossy()
         .into_owned();
     if why.is_empty() { Ok(()) } else { Err(why) }
@@ -194,17 +202,13 @@ pub fn apply_estimator(e: &Tensor, q: &Tensor, estimator: Estimator) -> Result<T
 /// # Errors
 /// The reason, as text.
 pub fn fused_kernel_compiles_for(major: u32, minor: u32) -> std::result::Result<(), String> {
-    // SAFETY: plain integers in, a NUL-terminated string owned by the C++ side out (valid until
-    // the next call on this thread), copied at once.
-    let why = unsafe {
-        CStr::from_ptr(vq_tch_fused_compiles_for(
+    // SAFETY: plain integers in, a NUL-terminated string owned by the C++ side out.
+    unsafe {
+        reason(vq_tch_fused_compiles_for(
             i64::from(major),
             i64::from(minor),
         ))
     }
-    .to_string_lossy()
-    .into_owned();
-    if why.is_empty() { Ok(()) } else { Err(why) }
 }
 
 /// [`apply_estimator`] with the backward's path on CUDA chosen (the fused kernel, or the ATen

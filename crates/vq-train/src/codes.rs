@@ -118,21 +118,13 @@ pub fn encode(
         "--shard-size and --batch must be at least 1"
     );
     let cfg = &run.config;
-    let a = &cfg.model.autoencoder;
     let source = DataSource::parse(data.unwrap_or(&cfg.data))?;
-    let set = ImageSet::load(
-        &source,
-        split,
-        a.in_channels(),
-        a.resolution(),
-        a.frames(),
-        cfg.preprocessing,
-    )?;
+    let set = cfg.load_split(&source, split)?;
     let total = set.len();
     ensure!(
         total > 0,
         "the {split:?} split of {} is empty",
-        source_name(data, cfg)
+        source.describe()
     );
     let shards = total.div_ceil(shard_size);
     let k = cfg.model.quantizer.codebook_size;
@@ -174,10 +166,6 @@ pub fn encode(
     }
     bar.finish_and_clear();
     Ok(done)
-}
-
-fn source_name(data: Option<&str>, cfg: &RunConfig) -> String {
-    data.unwrap_or(&cfg.data).to_owned()
 }
 
 fn split_name(split: Split) -> &'static str {

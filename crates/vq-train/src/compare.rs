@@ -10,7 +10,7 @@ use vq_data::Split;
 use vq_models::VqAutoencoder;
 use vq_tch::Estimator;
 
-use crate::data::{DataSource, ImageSet};
+use crate::data::DataSource;
 use crate::eval::{EvalMetrics, EvalNets, Perceptual, evaluate};
 use crate::train::{RunConfig, StepMetrics, TrainOptions, train, write_atomic};
 use crate::{checkpoint, plot};
@@ -171,23 +171,8 @@ pub fn evaluate_run(
         checkpoint::latest(out)?.map_or((0, 0.0), |(_, s)| (s.step, s.train_seconds));
     let a = &config.model.autoencoder;
     let source = DataSource::parse(&config.data)?;
-    let pipeline = config.preprocessing;
-    let train_set = ImageSet::load(
-        &source,
-        Split::Train,
-        a.in_channels(),
-        a.resolution(),
-        a.frames(),
-        pipeline,
-    )?;
-    let val_set = ImageSet::load(
-        &source,
-        Split::Test,
-        a.in_channels(),
-        a.resolution(),
-        a.frames(),
-        pipeline,
-    )?;
+    let train_set = config.load_split(&source, Split::Train)?;
+    let val_set = config.load_split(&source, Split::Test)?;
     let batch = config.micro_batch;
     let nets = EvalNets::load(
         config.lpips_weights.as_deref(),

@@ -12,7 +12,7 @@ use vq_models::{GanConfig, TrainingConfig, VqAutoencoder, VqAutoencoderConfig};
 use vq_tch::Precision;
 
 use crate::checkpoint;
-use crate::data::{DataSource, Pipeline};
+use crate::data::{DataSource, ImageSet, Pipeline};
 use crate::dist::Dist;
 use crate::trainer::Trainer;
 
@@ -57,6 +57,23 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// The `split` of `source`, shaped for this run's model (channels, resolution, frames) and
+    /// preprocessed with its pipeline.
+    ///
+    /// # Errors
+    /// As [`ImageSet::load`].
+    pub fn load_split(&self, source: &DataSource, split: vq_data::Split) -> Result<ImageSet> {
+        let a = &self.model.autoencoder;
+        ImageSet::load(
+            source,
+            split,
+            a.in_channels(),
+            a.resolution(),
+            a.frames(),
+            self.preprocessing,
+        )
+    }
+
     /// What the logged reconstruction loss `rec` is: "MSE" for a VQ-VAE; for a VQGAN its pixel
     /// terms, "+ LPIPS" when the perceptual term is on.
     #[must_use]

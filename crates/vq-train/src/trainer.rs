@@ -135,18 +135,8 @@ impl<'a> Trainer<'a> {
             fs::create_dir_all(&opts.out)
                 .with_context(|| format!("creating {}", opts.out.display()))?;
         }
-        let a = &cfg.model.autoencoder;
         let source = DataSource::parse(&cfg.data)?;
-        let load = |split| {
-            ImageSet::load(
-                &source,
-                split,
-                a.in_channels(),
-                a.resolution(),
-                a.frames(),
-                cfg.preprocessing,
-            )
-        };
+        let load = |split| cfg.load_split(&source, split);
         let data = load(Split::Train)
             .with_context(|| format!("loading training data {}", source.describe()))?;
         ensure!(

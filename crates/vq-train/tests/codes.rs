@@ -8,7 +8,7 @@ use safetensors::tensor::{Dtype, SafeTensors};
 use tch::{Device, Kind, Tensor};
 use vq_tch::Mode;
 use vq_train::codes::{self, LoadedRun};
-use vq_train::data::{DataSource, ImageSet};
+use vq_train::data::DataSource;
 
 fn vq_train(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_vq-train"))
@@ -81,20 +81,24 @@ fn encode_writes_resumable_shards_that_decode_to_the_models_reconstructions() {
     let _ = std::fs::remove_dir_all(&dir);
     let run = trained_run(&dir, "2", "0");
     let out = dir.join("codes.safetensors");
-    let text = vq_train(&[
-        "encode",
-        "--run",
-        run.to_str().unwrap(),
-        "--split",
-        "val",
-        "--out",
-        out.to_str().unwrap(),
-        "--shard-size",
-        "20",
-        "--batch",
-        "12",
-        "--quiet",
-    ]);
+    // The val split in shards of 20, forward passes of 12.
+    let encode = || {
+        vq_train(&[
+            "encode",
+            "--run",
+            run.to_str().unwrap(),
+            "--split",
+            "val",
+            "--out",
+            out.to_str().unwrap(),
+            "--shard-size",
+            "20",
+            "--batch",
+            "12",
+            "--quiet",
+        ])
+    };
+    let text = encode();
     // synthetic:32 holds 32 held-out images: shards of 20 and 12.
     assert!(
         text.contains("32 samples (0 skipped) at step 2 in 2 file(s)"),
@@ -123,16 +127,9 @@ fn encode_writes_resumable_shards_that_decode_to_the_models_reconstructions() {
     // batches: 12 samples, as the shard was encoded).
     let mut loaded = LoadedRun::load(&run, Device::Cpu).unwrap();
     let cfg = &loaded.config;
-    let a = &cfg.model.autoencoder;
-    let set = ImageSet::load(
-        &DataSource::parse(&cfg.data).unwrap(),
-        vq_data::Split::Test,
-        a.in_channels(),
-        a.resolution(),
-        a.frames(),
-        cfg.preprocessing,
-    )
-    .unwrap();
+    let set = cfg
+        .load_split(&DataSource::parse(&cfg.data).unwrap(), vq_data::Split::Test)
+        .unwrap();
     let x = set
         .batch(&(20..32).collect::<Vec<i64>>(), Device::Cpu)
         .unwrap();
@@ -179,20 +176,7 @@ fn encode_writes_resumable_shards_that_decode_to_the_models_reconstructions() {
     // Run again: complete shards are kept untouched; a missing one is written again with the
     // same contents (the metadata's key order may differ: it is a map).
     std::fs::remove_file(&second).unwrap();
-    let text = vq_train(&[
-        "encode",
-        "--run",
-        run.to_str().unwrap(),
-        "--split",
-        "val",
-        "--out",
-        out.to_str().unwrap(),
-        "--shard-size",
-        "20",
-        "--batch",
-        "12",
-        "--quiet",
-    ]);
+    let text = encode();
     assert!(text.contains("(1 kept from before)"), "{text}");
     assert!(
         std::fs::read(&first).unwrap() == bytes0,
