@@ -21,7 +21,7 @@ pub use quantizer::{
     CodebookLearning, Mode, Projection, VectorQuantizer, VectorQuantizerConfig, VqOutput,
     VqVaeLatent,
 };
-pub use search::nearest_codes;
+pub use search::{FiniteCheck, FiniteVerdict, nearest_codes, nearest_codes_checked};
 pub use tch;
 pub use vq_core::{Estimator, Metric};
 

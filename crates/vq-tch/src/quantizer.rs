@@ -16,7 +16,8 @@ use vq_core::{
 use vq_dist::ProcessGroup;
 
 use crate::error::{Result, VqTchError};
-use crate::{Autocast, Precision, apply_estimator, nearest_codes};
+use crate::search::{FiniteCheck, FiniteVerdict, nearest_codes_checked};
+use crate::{Autocast, Precision, apply_estimator};
 
 /// How the codebook is learned.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -242,6 +243,9 @@ pub struct VqOutput {
     /// `mean(e²)` per element, in code space (scalar, detached): the scale against which the
     /// quantization error can be compared across models whose latents have different scales.
     pub latent_power: Tensor,
+    /// Under [`FiniteCheck::Deferred`] on a device: whether the search's inputs were finite, still
+    /// on the device ([`VectorQuantizer::set_finite_check`]); `None` when the check already ran.
+    pub finite_verdict: Option<FiniteVerdict>,
 }
 
 /// The VQ layer.
@@ -288,6 +292,7 @@ pub struct VectorQuantizer {
     project_in_norm: Option<nn::LayerNorm>,
     project_out: Option<nn::Linear>,
     group: Option<Arc<ProcessGroup>>,
+    finite_check: FiniteCheck,
 }
 
 /// EMA state as variables of the store.
@@ -368,6 +373,7 @@ impl VectorQuantizer {
             project_in_norm,
             project_out,
             group: None,
+            finite_check: FiniteCheck::Eager,
         })
     }
 
@@ -380,6 +386,15 @@ impl VectorQuantizer {
     /// in [`Mode::Train`] equally often (batch sizes may differ, e.g. after skipped samples).
     pub fn set_process_group(&mut self, group: Option<Arc<ProcessGroup>>) {
         self.group = group;
+    }
+
+    /// When the device search checks its inputs for NaN / ±∞ ([`FiniteCheck::Eager`] by
+    /// default). With [`FiniteCheck::Deferred`] a forward pass on a GPU never waits for the
+    /// device: the verdict comes back in [`VqOutput::finite_verdict`] for the caller to read
+    /// later, and a training loop must not apply an update made from a bad batch before it has.
+    /// (The EMA step of a non-finite batch writes NaN into the codebook either way.)
+    pub fn set_finite_check(&mut self, check: FiniteCheck) {
+        self.finite_check = check;
     }
 
     /// The codebook (K, D).
@@ -513,11 +528,16 @@ impl VectorQuantizer {
         }
         // Rows per sample: a data-parallel union batch interleaves whole samples.
         let per_sample = lead[1..].iter().product::<i64>().max(1);
-        if train && i64::try_from(&self.initialised).unwrap_or(1) == 0 {
+        if train && self.kmeans_pending() {
             self.kmeans_init(&e, per_sample)?;
         }
-        let idx = nearest_codes(&e.detach(), &self.codebook.detach(), self.config.metric)?
-            .to_device(e.device());
+        let (idx, finite_verdict) = nearest_codes_checked(
+            &e.detach(),
+            &self.codebook.detach(),
+            self.config.metric,
+            self.finite_check,
+        )?;
+        let idx = idx.to_device(e.device());
         let q_live = self.codebook.index_select(0, &idx);
         let q = q_live.detach();
         let mut out = apply_estimator(&e, &q, self.config.estimator)?;
@@ -556,19 +576,35 @@ impl VectorQuantizer {
             codebook_loss,
             quantization_error,
             latent_power,
+            finite_verdict,
         })
+    }
+
+    /// Whether k-means initialisation is asked for and has not run yet (a host read of the
+    /// `initialised` flag, made only for layers configured with k-means).
+    fn kmeans_pending(&self) -> bool {
+        matches!(&self.ema, Some(e) if e.kmeans_iters > 0)
+            && i64::try_from(&self.initialised).unwrap_or(1) == 0
     }
 
     /// One EMA step: vq-core on the CPU, the same step as tensor ops ([`crate::ema`]) on other
     /// devices. Dead-code rows are drawn from `StdRng::seed_from_u64(seed + step)` either way.
     fn ema_update(&mut self, e: &Tensor, idx: &Tensor, per_sample: i64) -> Result<()> {
         let ema = self.ema.as_ref().expect("called for EMA codebooks only");
-        let step = i64::try_from(&ema.steps).map_err(|err| VqTchError::Torch(err.to_string()))?;
-        let mut rng = StdRng::seed_from_u64(self.config.seed.wrapping_add(step as u64));
+        let read_step =
+            |steps: &Tensor| i64::try_from(steps).map_err(|err| VqTchError::Torch(err.to_string()));
+        let seeded = |step: i64| StdRng::seed_from_u64(self.config.seed.wrapping_add(step as u64));
         if let Some(group) = self.group.clone() {
-            return self.ema_update_synced(&group, e, idx, per_sample, &mut rng, step);
+            let step = read_step(&ema.steps)?;
+            return self.ema_update_synced(&group, e, idx, per_sample, &mut seeded(step), step);
         }
         if self.codebook.device() != Device::Cpu {
+            // The step number seeds the dead-code draws only: without them it is not read back
+            // from the device (the host does not wait), and advances there.
+            let mut rng = match ema.config.dead_code_threshold() > 0.0 {
+                true => seeded(read_step(&ema.steps)?),
+                false => seeded(0),
+            };
             let ema = self.ema.as_mut().expect("called for EMA codebooks only");
             crate::ema::ema_step(
                 crate::ema::EmaTensorsMut {
@@ -581,9 +617,11 @@ impl VectorQuantizer {
                 &ema.config,
                 &mut rng,
             );
-            let _ = tch::no_grad(|| ema.steps.fill_(step + 1));
+            let _ = tch::no_grad(|| ema.steps.g_add_scalar_(1));
             return Ok(());
         }
+        let step = read_step(&ema.steps)?;
+        let mut rng = seeded(step);
         let mut state = self.ema()?.expect("called for EMA codebooks only");
         state.update(to_array(e).view(), &indices_u32(idx)?, &mut rng)?;
         self.store_ema(&state, step + 1);

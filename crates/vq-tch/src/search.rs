@@ -16,6 +16,62 @@ use crate::error::{Result, VqTchError};
 /// Largest score block on the device path (elements).
 const CHUNK_SCORES: i64 = 1 << 26;
 
+/// When the device search checks its inputs for NaN and ±∞ (on the CPU, vq-core's search always
+/// checks them as it reads them, at no extra cost).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FiniteCheck {
+    /// Before the search, by one read of two flags back to the host: the call fails with
+    /// [`vq_core::VqError::NonFinite`] naming the first bad row. The host waits for the device
+    /// there, once per search.
+    #[default]
+    Eager,
+    /// On the device, without waiting: the search returns the verdict as a tensor
+    /// ([`FiniteVerdict`]) that the caller reads when it next synchronises anyway (a training loop
+    /// that reads its metrics every few steps), and turns into the same error with
+    /// [`FiniteVerdict::check`]. The indices of a search over non-finite rows are meaningless.
+    Deferred,
+}
+
+/// The verdict of a deferred finite check, still on the device: an i64 tensor
+/// `[inputs bad, codebook bad, first bad input row, first bad codebook row]` (flags 0/1).
+#[derive(Debug)]
+pub struct FiniteVerdict(pub Tensor);
+
+impl FiniteVerdict {
+    /// Number of i64 values in the verdict tensor.
+    pub const LEN: usize = 4;
+
+    /// The verdict as the error [`FiniteCheck::Eager`] would have returned, from its values read
+    /// back to the host (several verdicts can be stacked and read at once).
+    ///
+    /// ```
+    /// use vq_tch::FiniteVerdict;
+    /// assert!(FiniteVerdict::check(&[0, 0, 0, 0]).is_ok());
+    /// let err = FiniteVerdict::check(&[1, 0, 7, 0]).unwrap_err();
+    /// assert!(err.to_string().contains("inputs at row 7"), "{err}");
+    /// ```
+    ///
+    /// # Errors
+    /// [`vq_core::VqError::NonFinite`] naming the inputs' (then the codebook's) first bad row;
+    /// [`VqTchError::Torch`] for a slice that is not a verdict.
+    pub fn check(values: &[i64]) -> Result<()> {
+        if values.len() != Self::LEN {
+            return Err(VqTchError::Torch(format!(
+                "a finite-check verdict has {} values, got {}",
+                Self::LEN,
+                values.len()
+            )));
+        }
+        for (k, what) in ["inputs", "codebook"].into_iter().enumerate() {
+            if values[k] != 0 {
+                let row = values[2 + k].max(0) as usize;
+                return Err(vq_core::VqError::NonFinite { what, row }.into());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Index (i64) of the nearest code of every row of `x` (N, D) in `codebook` (K, D).
 ///
 /// ```
@@ -32,6 +88,21 @@ const CHUNK_SCORES: i64 = 1 << 26;
 /// [`VqTchError::Device`], and vq-core's errors (empty codebook, NaN/∞ inputs) as
 /// [`VqTchError::Core`].
 pub fn nearest_codes(x: &Tensor, codebook: &Tensor, metric: Metric) -> Result<Tensor> {
+    Ok(nearest_codes_checked(x, codebook, metric, FiniteCheck::Eager)?.0)
+}
+
+/// [`nearest_codes`] with the device path's finite check as `check` says: with
+/// [`FiniteCheck::Deferred`] on a device other than the CPU, the verdict comes back beside the
+/// indices instead of an error (`None` otherwise).
+///
+/// # Errors
+/// As [`nearest_codes`] (non-finite device inputs only under [`FiniteCheck::Eager`]).
+pub fn nearest_codes_checked(
+    x: &Tensor,
+    codebook: &Tensor,
+    metric: Metric,
+    check: FiniteCheck,
+) -> Result<(Tensor, Option<FiniteVerdict>)> {
     if x.dim() != 2 || codebook.dim() != 2 || x.size()[1] != codebook.size()[1] {
         return Err(VqTchError::Shape {
             what: "x (N, D) and codebook (K, D)",
@@ -50,11 +121,18 @@ pub fn nearest_codes(x: &Tensor, codebook: &Tensor, metric: Metric) -> Result<Te
             q: codebook.device(),
         });
     }
-    tch::no_grad(|| match x.device() {
-        Device::Cpu => search_cpu(x, codebook, metric),
-        _ => {
+    tch::no_grad(|| match (x.device(), check) {
+        (Device::Cpu, _) => Ok((search_cpu(x, codebook, metric)?, None)),
+        (_, FiniteCheck::Eager) => {
             check_finite_device(x, codebook)?;
-            Ok(search_device(x, codebook, metric, CHUNK_SCORES))
+            Ok((search_device(x, codebook, metric, CHUNK_SCORES), None))
+        }
+        (_, FiniteCheck::Deferred) => {
+            let verdict = FiniteVerdict(finite_verdict(x, codebook));
+            Ok((
+                search_device(x, codebook, metric, CHUNK_SCORES),
+                Some(verdict),
+            ))
         }
     })
 }
@@ -89,26 +167,35 @@ fn search_cpu(x: &Tensor, codebook: &Tensor, metric: Metric) -> Result<Tensor> {
     ))
 }
 
+/// The verdict of the finite check as a device tensor ([`FiniteVerdict`]'s layout), computed
+/// without any read back to the host.
+fn finite_verdict(x: &Tensor, codebook: &Tensor) -> Tensor {
+    let part = |t: &Tensor| {
+        let bad = t
+            .isfinite()
+            .logical_not()
+            .any_dim(1, false)
+            .to_kind(Kind::Int64);
+        match bad.numel() {
+            0 => (
+                t.new_zeros([], (Kind::Int64, t.device())),
+                t.new_zeros([], (Kind::Int64, t.device())),
+            ),
+            // argmax gives the first maximal index: the first bad row when there is one.
+            _ => (bad.max(), bad.argmax(0, false)),
+        }
+    };
+    let ((bx, rx), (bc, rc)) = (part(x), part(codebook));
+    Tensor::stack(&[bx, bc, rx, rc], 0)
+}
+
 /// The device path's version of vq-core's input check: the first row of `x` (then of the
 /// codebook) holding NaN or ±∞ is [`vq_core::VqError::NonFinite`], as on the CPU. One host
-/// read of two flags; the rows are looked up only when one is set.
+/// read of the verdict.
 fn check_finite_device(x: &Tensor, codebook: &Tensor) -> Result<()> {
-    let bad_rows = |t: &Tensor| t.isfinite().logical_not().any_dim(1, false);
-    let (bx, bc) = (bad_rows(x), bad_rows(codebook));
-    let flags = Vec::<i64>::try_from(
-        Tensor::stack(&[bx.any(), bc.any()], 0)
-            .to_kind(Kind::Int64)
-            .to_device(Device::Cpu),
-    )
-    .map_err(|_| VqTchError::Kind(x.kind()))?;
-    for ((flag, rows), what) in flags.iter().zip([&bx, &bc]).zip(["inputs", "codebook"]) {
-        if *flag != 0 {
-            let first = rows.nonzero().get(0).get(0).to_device(Device::Cpu);
-            let row = i64::try_from(first).unwrap_or(0) as usize;
-            return Err(vq_core::VqError::NonFinite { what, row }.into());
-        }
-    }
-    Ok(())
+    let values = Vec::<i64>::try_from(finite_verdict(x, codebook).to_device(Device::Cpu))
+        .map_err(|_| VqTchError::Kind(x.kind()))?;
+    FiniteVerdict::check(&values)
 }
 
 /// The device path with at most `chunk_scores` scores alive at a time.
@@ -165,6 +252,22 @@ mod tests {
                 "{metric:?}"
             );
         }
+    }
+
+    /// The deferred verdict's values: clean inputs, a bad input row, a bad codebook row, no rows.
+    #[test]
+    fn the_verdict_holds_flags_and_first_rows() {
+        let read = |t: Tensor| Vec::<i64>::try_from(t).unwrap();
+        let x = crate::seeded_randn(&[20, 3], 7);
+        let c = crate::seeded_randn(&[5, 3], 8);
+        assert_eq!(read(finite_verdict(&x, &c)), [0, 0, 0, 0]);
+        let _ = x.get(12).get(1).fill_(f64::NAN);
+        let _ = x.get(17).get(0).fill_(f64::INFINITY);
+        let _ = c.get(3).get(2).fill_(f64::NEG_INFINITY);
+        assert_eq!(read(finite_verdict(&x, &c)), [1, 1, 12, 3]);
+        let empty = Tensor::zeros([0, 3], (Kind::Float, Device::Cpu));
+        assert_eq!(read(finite_verdict(&empty, &c)), [0, 1, 0, 3]);
+        assert!(FiniteVerdict::check(&[1, 1]).is_err());
     }
 
     /// NaN and ∞ are named by the first row holding one, for inputs and codebook, as vq-core

@@ -4,13 +4,17 @@ use rand::SeedableRng;
 use tch::{Device, Kind, Tensor, nn};
 use vq_core::{BetaPlacement, EmaCodebook, EmaConfig, Estimator, Metric};
 use vq_tch::{
-    CodebookLearning, Mode, Precision, Projection, VectorQuantizer, VectorQuantizerConfig,
-    VqVaeLatent, autocast,
+    CodebookLearning, FiniteCheck, FiniteVerdict, Mode, Precision, Projection, VectorQuantizer,
+    VectorQuantizerConfig, VqVaeLatent, autocast,
 };
 
 /// A layer in its own CPU VarStore.
 fn layer(cfg: VectorQuantizerConfig) -> (nn::VarStore, VectorQuantizer) {
-    let vs = nn::VarStore::new(Device::Cpu);
+    layer_on(cfg, Device::Cpu)
+}
+
+fn layer_on(cfg: VectorQuantizerConfig, device: Device) -> (nn::VarStore, VectorQuantizer) {
+    let vs = nn::VarStore::new(device);
     let vq = VectorQuantizer::new(&vs.root(), cfg).unwrap();
     (vs, vq)
 }
@@ -468,6 +472,9 @@ fn every_device_gives_the_cpu_numbers() {
             let mut dev_vs = nn::VarStore::new(device);
             let mut dev = VectorQuantizer::new(&dev_vs.root(), cfg).unwrap();
             dev_vs.copy(&cpu_vs).unwrap();
+            // The device layer checks its inputs without waiting for the device (the verdict
+            // is read below); the numbers must not change.
+            dev.set_finite_check(FiniteCheck::Deferred);
             for step in 0..3 {
                 tch::manual_seed(step);
                 let c = cfg.input_channels() as i64;
@@ -486,6 +493,13 @@ fn every_device_gives_the_cpu_numbers() {
                     outs.push(out);
                 }
                 let what = format!("{cfg:?} on {device:?}, step {step}");
+                let verdict = outs[1]
+                    .finite_verdict
+                    .as_ref()
+                    .expect("deferred on a device");
+                let values = Vec::<i64>::try_from(verdict.0.to_device(Device::Cpu)).unwrap();
+                assert_eq!(values, [0, 0, 0, 0], "{what}");
+                assert!(outs[0].finite_verdict.is_none(), "{what}");
                 assert!(
                     outs[0]
                         .indices
@@ -503,6 +517,12 @@ fn every_device_gives_the_cpu_numbers() {
                 assert!(max_diff(&grads[0], &grads[1]) < 1e-5, "{what}");
             }
             assert!(max_diff(cpu.codebook(), dev.codebook()) < 1e-5, "{cfg:?}");
+            let steps = |vs: &nn::VarStore| {
+                vs.variables()
+                    .get("ema_steps")
+                    .map(|t| i64::try_from(t.to_device(Device::Cpu)).unwrap())
+            };
+            assert_eq!(steps(&cpu_vs), steps(&dev_vs), "{cfg:?}");
             if let (Some(a), Some(b)) = (cpu.ema().unwrap(), dev.ema().unwrap()) {
                 // The device runs the EMA step as tensor ops with f32 sums (vq-core: f64).
                 let close = |x: ndarray::ArrayView2<f32>, y: ndarray::ArrayView2<f32>| {
@@ -567,5 +587,28 @@ fn embedding_the_returned_indices_gives_the_quantized_output() {
             vq.embed(&Tensor::zeros([4], (Kind::Float, Device::Cpu))),
             Err(vq_tch::VqTchError::IndexKind(Kind::Float))
         ));
+    }
+}
+
+/// Under a deferred check a non-finite batch on the device gives no error at once; its verdict,
+/// read afterwards, is the error the eager check gives (naming the same row).
+#[test]
+fn a_deferred_check_reports_what_the_eager_check_reports() {
+    for device in other_devices() {
+        let cfg = ema_config(0.9, 0);
+        let c = cfg.input_channels() as i64;
+        let x = Tensor::randn([2, c, 3, 5], (Kind::Float, device));
+        let _ = x.get(1).get(0).get(2).get(4).fill_(f64::NAN);
+        let (_vs, mut eager) = layer_on(cfg, device);
+        let want = eager.forward(&x, Mode::Eval).unwrap_err().to_string();
+        let (_vs, mut deferred) = layer_on(cfg, device);
+        deferred.set_finite_check(FiniteCheck::Deferred);
+        let out = deferred.forward(&x, Mode::Eval).unwrap();
+        let verdict = out.finite_verdict.expect("deferred on a device");
+        let values = Vec::<i64>::try_from(verdict.0.to_device(Device::Cpu)).unwrap();
+        let got = FiniteVerdict::check(&values).unwrap_err().to_string();
+        assert_eq!(got, want);
+        // Row 29: sample 1 of 15 positions, position 2·5 + 4.
+        assert!(got.contains("row 29"), "{got}");
     }
 }
