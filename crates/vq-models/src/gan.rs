@@ -469,20 +469,40 @@ pub fn adaptive_weight_in(
     last_layer: &Tensor,
     disc_weight: f64,
 ) -> Result<f64> {
-    let grad = |loss: &Tensor| -> Result<f64> {
+    let w = adaptive_weight_tensor_in(group, nll, g_loss, last_layer, disc_weight)?;
+    Ok(f64::try_from(w).unwrap_or(f64::NAN))
+}
+
+/// [`adaptive_weight_in`] as a 0-dim f64 tensor on the losses' device, computed there without
+/// a read back to the host (the same f64 arithmetic on the two f32 norms; NaN stays NaN).
+///
+/// # Errors
+/// As [`adaptive_weight_in`].
+pub fn adaptive_weight_tensor_in(
+    group: Option<&ProcessGroup>,
+    nll: &Tensor,
+    g_loss: &Tensor,
+    last_layer: &Tensor,
+    disc_weight: f64,
+) -> Result<Tensor> {
+    let grad = |loss: &Tensor| -> Result<Tensor> {
         let g = Tensor::f_run_backward(&[loss], &[last_layer], true, false).map_err(|e| {
             ModelError::Config {
                 field: "adaptive_weight",
                 why: format!("the loss does not reach the decoder's last layer: {e}"),
             }
         })?;
-        if let Some(group) = group {
-            let g0 = g[0].to_device(group.device()).contiguous();
-            group.all_reduce_mean(std::slice::from_ref(&g0), vq_dist::DEFAULT_BUCKET_BYTES)?;
-            return Ok(f64::try_from(g0.norm()).unwrap_or(f64::NAN));
-        }
-        Ok(f64::try_from(g[0].norm()).unwrap_or(f64::NAN))
+        let norm = match group {
+            Some(group) => {
+                let g0 = g[0].to_device(group.device()).contiguous();
+                group.all_reduce_mean(std::slice::from_ref(&g0), vq_dist::DEFAULT_BUCKET_BYTES)?;
+                g0.norm().to_device(last_layer.device())
+            }
+            None => g[0].norm(),
+        };
+        Ok(norm.to_kind(Kind::Double))
     };
     let (a, b) = (grad(nll)?, grad(g_loss)?);
+    // clamp keeps NaN as f64::clamp does.
     Ok((a / (b + 1e-4)).clamp(0.0, 1e4) * disc_weight)
 }

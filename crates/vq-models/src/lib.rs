@@ -24,8 +24,8 @@ mod vqvae;
 pub use error::{ModelError, Result};
 pub use gan::{
     AdversarialLoss, AdversarialWeighting, Discriminator, DiscriminatorKind, GanConfig,
-    PatchDiscriminator, R1Penalty, adaptive_weight, adaptive_weight_in, generator_loss,
-    hinge_d_loss, sync_batch_norm,
+    PatchDiscriminator, R1Penalty, adaptive_weight, adaptive_weight_in, adaptive_weight_tensor_in,
+    generator_loss, hinge_d_loss, sync_batch_norm,
 };
 pub use inception::{FidInception, frechet_distance, inception_score};
 pub use lpips::Lpips;

@@ -269,6 +269,12 @@ impl VqAutoencoder {
         self.quantize.set_process_group(group);
     }
 
+    /// When the quantizer's device search checks its inputs for NaN / ±∞
+    /// ([`VectorQuantizer::set_finite_check`]).
+    pub fn set_finite_check(&mut self, check: vq_tch::FiniteCheck) {
+        self.quantize.set_finite_check(check);
+    }
+
     /// The weight of the decoder's last layer (VQGAN's adaptive weight is computed on it).
     pub fn last_layer_weight(&self) -> &Tensor {
         match &self.decoder {

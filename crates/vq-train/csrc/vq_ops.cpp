@@ -58,8 +58,20 @@ int32_t vq_train_foreach_mul(at::Tensor* const* t, int64_t n, double factor) {
   });
 }
 
-// The global l2 norm √(Σ_i ‖t_i‖²) of the tensors, in f64 from their per-tensor norms (one read
-// back to the host).
+// The global l2 norm √(Σ_i ‖t_i‖²) of the tensors as a 0-dim f64 tensor on their device, from
+// their per-tensor norms (no read back to the host); *out is a new tensor owned by the caller.
+int32_t vq_train_global_norm_tensor(at::Tensor* const* t, int64_t n, at::Tensor** out) {
+  return guarded([&] {
+    if (n == 0) {
+      *out = new at::Tensor(at::zeros({}, at::kDouble));
+      return;
+    }
+    const auto norms = at::_foreach_norm(list(t, n), 2);
+    *out = new at::Tensor(at::stack(norms).to(at::kDouble).norm());
+  });
+}
+
+// The same norm read back to the host.
 int32_t vq_train_global_norm(at::Tensor* const* t, int64_t n, double* out) {
   return guarded([&] {
     *out = 0.0;
@@ -69,21 +81,32 @@ int32_t vq_train_global_norm(at::Tensor* const* t, int64_t n, double* out) {
   });
 }
 
+// t_i ← factor·t_i for every tensor, with factor a 0-dim tensor on their device (read there).
+int32_t vq_train_foreach_mul_tensor(at::Tensor* const* t, int64_t n, const at::Tensor* factor) {
+  return guarded([&] {
+    if (n > 0) at::_foreach_mul_(list(t, n), *factor);
+  });
+}
+
 // One AdamW step (decoupled weight decay) of parameters p with gradients g and moments m, v at
 // step `step` (counted from 1, after this update), ATen's fused kernel:
 // p ← p(1 − lr·wd); m ← β₁m + (1−β₁)g; v ← β₂v + (1−β₂)g²;
 // p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε).
+// With `skip` (a 0-dim f32 tensor on the parameters' device, or null) the kernel leaves
+// parameters and moments unchanged where it holds 1 (what GradScaler passes as found_inf).
 int32_t vq_train_fused_adamw(at::Tensor* const* p, at::Tensor* const* g, at::Tensor* const* m, at::Tensor* const* v,
                              int64_t n, double step, double lr, double beta1, double beta2, double weight_decay,
-                             double eps) {
+                             double eps, const at::Tensor* skip) {
   return guarded([&] {
     if (n == 0) return;
     const auto params = list(p, n);
     // The kernel reads the step from a tensor per parameter (on the parameters' device).
     const auto t = at::full({}, step, params[0].options().dtype(at::kFloat));
     const std::vector<at::Tensor> steps(static_cast<size_t>(n), t);
+    std::optional<at::Tensor> found_inf;
+    if (skip != nullptr) found_inf = *skip;
     at::_fused_adamw_(params, list(g, n), list(m, n), list(v, n), {}, steps, lr, beta1, beta2, weight_decay, eps,
-                      /*amsgrad=*/false, /*maximize=*/false);
+                      /*amsgrad=*/false, /*maximize=*/false, /*grad_scale=*/std::nullopt, found_inf);
   });
 }
 

@@ -181,6 +181,13 @@ struct RunArgs {
     /// few, at the cost of bit-identical repeats of a GPU run.
     #[arg(long)]
     cudnn_benchmark: bool,
+    /// When the step's losses, code counts and gradient norm are read back from the device:
+    /// `window` (once per --log-every window, before checkpoints and at the end; non-finite
+    /// numbers are caught on the device, which skips the update, and stop the run at the read),
+    /// `step` (after every step), `auto` (window on CUDA for one process without f16 loss
+    /// scaling, else step).
+    #[arg(long, default_value = "auto")]
+    readback: vq_train::readback::Readback,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -340,6 +347,7 @@ impl RunArgs {
             resume: self.resume,
             progress: !self.quiet,
             stop_after: self.stop_after,
+            readback: self.readback,
         })
     }
 }

@@ -15,6 +15,10 @@ unsafe extern "C" {
     fn vq_train_foreach_zero(t: *const *mut C_tensor, n: i64) -> i32;
     fn vq_train_foreach_mul(t: *const *mut C_tensor, n: i64, factor: f64) -> i32;
     fn vq_train_global_norm(t: *const *mut C_tensor, n: i64, out: *mut f64) -> i32;
+    fn vq_train_global_norm_tensor(t: *const *mut C_tensor, n: i64, out: *mut *mut C_tensor)
+    -> i32;
+    fn vq_train_foreach_mul_tensor(t: *const *mut C_tensor, n: i64, factor: *const C_tensor)
+    -> i32;
     fn vq_train_fused_adamw(
         p: *const *mut C_tensor,
         g: *const *mut C_tensor,
@@ -27,6 +31,7 @@ unsafe extern "C" {
         beta2: f64,
         weight_decay: f64,
         eps: f64,
+        skip: *const C_tensor,
     ) -> i32;
     fn vq_train_pin_memory(t: *const C_tensor, out: *mut *mut C_tensor) -> i32;
     fn vq_train_ops_last_error() -> *const std::os::raw::c_char;
@@ -86,6 +91,32 @@ pub fn global_norm(ts: &[Tensor]) -> f64 {
     norm
 }
 
+/// `t_i ← factor·t_i` for every tensor, `factor` a 0-dim tensor on their device (read there,
+/// so the host does not wait for it), in one multi-tensor launch.
+pub fn foreach_mul_tensor(ts: &[Tensor], factor: &Tensor) {
+    let p = pointers(ts);
+    // SAFETY: pointers to live tensors, borrowed for the call.
+    check(
+        unsafe { vq_train_foreach_mul_tensor(p.as_ptr(), p.len() as i64, factor.as_ptr()) },
+        "scaling the gradients",
+    );
+}
+
+/// The global l2 norm of [`global_norm`] as a 0-dim f64 tensor on the tensors' device, without
+/// a read back to the host.
+pub fn global_norm_tensor(ts: &[Tensor]) -> Tensor {
+    let p = pointers(ts);
+    let mut out: *mut C_tensor = std::ptr::null_mut();
+    // SAFETY: pointers to live tensors, borrowed for the call; on success `out` is a new heap
+    // tensor that we own.
+    check(
+        unsafe { vq_train_global_norm_tensor(p.as_ptr(), p.len() as i64, &mut out) },
+        "the gradient norm",
+    );
+    // SAFETY: a valid, uniquely owned tensor pointer (checked above).
+    unsafe { Tensor::from_ptr(out) }
+}
+
 /// The numbers of one AdamW update.
 #[derive(Debug, Clone, Copy)]
 pub struct Adam {
@@ -104,11 +135,19 @@ pub struct Adam {
 /// One AdamW update of parameters `p` with gradients `g` and moments `m`, `v` (equal counts,
 /// one device and dtype), in place, with ATen's fused kernel:
 /// `p ← p(1 − lr·wd)`, `m ← β₁m + (1−β₁)g`, `v ← β₂v + (1−β₂)g²`,
-/// `p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)`.
+/// `p ← p − lr/(1−β₁ᵗ) · m / (√v/√(1−β₂ᵗ) + ε)`. With `skip` (a 0-dim f32 tensor on the
+/// parameters' device) nothing changes where it holds 1 — decided on the device.
 ///
 /// # Panics
 /// Unequal counts, or libtorch's error (tensors of different devices or dtypes).
-pub fn fused_adamw(p: &[&Tensor], g: &[&Tensor], m: &[&Tensor], v: &[&Tensor], a: Adam) {
+pub fn fused_adamw(
+    p: &[&Tensor],
+    g: &[&Tensor],
+    m: &[&Tensor],
+    v: &[&Tensor],
+    a: Adam,
+    skip: Option<&Tensor>,
+) {
     assert!(
         g.len() == p.len() && m.len() == p.len() && v.len() == p.len(),
         "fused_adamw: unequal tensor counts"
@@ -129,6 +168,7 @@ pub fn fused_adamw(p: &[&Tensor], g: &[&Tensor], m: &[&Tensor], v: &[&Tensor], a
             a.betas.1,
             a.weight_decay,
             a.eps,
+            skip.map_or(std::ptr::null(), |t| t.as_ptr()),
         )
     };
     check(status, "the fused AdamW step");

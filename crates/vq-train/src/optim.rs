@@ -242,6 +242,56 @@ impl AdamW {
         norm
     }
 
+    /// [`unscale_and_clip`](Self::unscale_and_clip) without loss scaling, leaving the norm on
+    /// the device: returns it as a 0-dim f64 tensor. With the multi-tensor kernels the host
+    /// does not wait for the device (the clipping factor `min(1, max_norm / (norm + 1e-6))` is
+    /// applied there; a non-finite norm leaves the gradients as they were); the per-tensor path
+    /// reads the norm back, as [`unscale_and_clip`](Self::unscale_and_clip) does.
+    ///
+    /// # Panics
+    /// With loss scaling (its scale is updated from the norm on the host).
+    pub fn clip_on_device(&mut self, max_norm: f64) -> Tensor {
+        assert!(
+            self.loss_scale.is_none(),
+            "clip_on_device: loss scaling reads the gradient norm on the host"
+        );
+        let grads = self.gradients();
+        let device = self
+            .params
+            .first()
+            .map_or(tch::Device::Cpu, |p| p.1.device());
+        if self.kernels == Kernels::PerTensor || grads.is_empty() {
+            let norm = self.unscale_and_clip(max_norm);
+            return Tensor::from(norm).to_device(device);
+        }
+        let norm = ops::global_norm_tensor(&grads);
+        if max_norm > 0.0 {
+            let clip = (&norm + 1e-6).reciprocal() * max_norm;
+            let keep = norm.le(max_norm).logical_or(&norm.isfinite().logical_not());
+            let factor = clip.where_self(&keep.logical_not(), &clip.ones_like());
+            ops::foreach_mul_tensor(&grads, &factor.to_kind(grads[0].kind()));
+        }
+        norm
+    }
+
+    /// [`step`](Self::step) unless `halt` (a 0-dim tensor, nonzero: a non-finite number was
+    /// found on the device) — with the multi-tensor kernels decided on the device (the fused
+    /// kernel's `found_inf`), so the host does not wait; the per-tensor path reads `halt`.
+    /// The step count advances either way (a halted run is stopped by its caller before it is
+    /// saved).
+    pub fn step_unless(&mut self, lr: f64, halt: &Tensor) {
+        match self.kernels {
+            Kernels::MultiTensor => self.fused_step(lr, Some(halt)),
+            Kernels::PerTensor => {
+                let halted = f64::try_from(halt).map_or(true, |h| h != 0.0);
+                match halted {
+                    true => self.step += 1,
+                    false => self.step(lr),
+                }
+            }
+        }
+    }
+
     /// [`step`](Self::step) unless loss scaling is on and `grad_norm` (from
     /// [`unscale_and_clip`](Self::unscale_and_clip)) is not finite; updates the loss scale.
     /// Returns whether the update was applied.
@@ -261,7 +311,7 @@ impl AdamW {
     /// One update with learning rate `lr`.
     pub fn step(&mut self, lr: f64) {
         if self.kernels == Kernels::MultiTensor {
-            return self.fused_step(lr);
+            return self.fused_step(lr, None);
         }
         self.step += 1;
         let (b1, b2) = self.betas;
@@ -285,8 +335,8 @@ impl AdamW {
     }
 
     /// [`step`](Self::step) with ATen's fused AdamW kernel over every parameter that has a
-    /// gradient.
-    fn fused_step(&mut self, lr: f64) {
+    /// gradient; nothing changes where `skip` holds 1.
+    fn fused_step(&mut self, lr: f64, skip: Option<&Tensor>) {
         self.step += 1;
         let grads: Vec<Tensor> = self.params.iter().map(|(_, p)| p.grad()).collect();
         let (mut p, mut g, mut m, mut v) = (vec![], vec![], vec![], vec![]);
@@ -305,7 +355,8 @@ impl AdamW {
             weight_decay: self.weight_decay,
             eps: self.eps,
         };
-        ops::fused_adamw(&p, &g, &m, &v, adam);
+        let skip = skip.map(|s| s.to_kind(Kind::Float));
+        ops::fused_adamw(&p, &g, &m, &v, adam, skip.as_ref());
     }
 
     /// The state as named tensors: `m.<var>`, `v.<var>` and `step`.
@@ -449,6 +500,61 @@ mod tests {
         other.load_state(state).unwrap();
         assert_eq!(other.steps(), 2);
         assert!(other.m[0].equal(&opt.m[0]) && other.v[0].equal(&opt.v[0]));
+    }
+
+    /// Clipping with the norm left on the device, and updates skipped by a device flag, with
+    /// either kind of kernels: the same gradients and steps as the host-side path; a raised
+    /// flag leaves parameters and moments exactly as they were; a non-finite norm leaves the
+    /// gradients unscaled.
+    #[test]
+    fn device_side_clipping_and_skipping_match_the_host_path() {
+        for kernels in [Kernels::PerTensor, Kernels::MultiTensor] {
+            let setup = || {
+                let vs = nn::VarStore::new(Device::Cpu);
+                let a = vs
+                    .root()
+                    .var_copy("a", &Tensor::from_slice(&[3.0f32, -4.0, 1.0]));
+                let b = vs.root().var_copy("b", &Tensor::from_slice(&[0.5f32, 2.0]));
+                let opt = AdamW::new(&vs, (0.9, 0.99), 0.05).with_kernels(kernels);
+                (vs, a, b, opt)
+            };
+            let grads = |a: &Tensor, b: &Tensor, opt: &mut AdamW| {
+                opt.zero_grad();
+                ((a * a).sum(Kind::Float) * 3.0 + (b * b * b).sum(Kind::Float)).backward();
+            };
+            for max_norm in [0.0, 1.0, 1e6] {
+                let (_v1, a1, b1, mut host) = setup();
+                let (_v2, a2, b2, mut dev) = setup();
+                for step in 0..3 {
+                    grads(&a1, &b1, &mut host);
+                    grads(&a2, &b2, &mut dev);
+                    let n1 = host.unscale_and_clip(max_norm);
+                    let n2 = f64::try_from(dev.clip_on_device(max_norm)).unwrap();
+                    assert_eq!(n1, n2, "{kernels:?} {max_norm} {step}");
+                    assert!(a1.grad().equal(&a2.grad()) && b1.grad().equal(&b2.grad()));
+                    host.step(0.1);
+                    dev.step_unless(0.1, &Tensor::from(0.0f32));
+                    assert!(
+                        a1.equal(&a2) && b1.equal(&b2),
+                        "{kernels:?} {max_norm} {step}"
+                    );
+                }
+                // A raised flag: nothing changes.
+                grads(&a2, &b2, &mut dev);
+                let (before, m, v) = (a2.copy(), dev.m[0].copy(), dev.v[0].copy());
+                let _ = dev.clip_on_device(max_norm);
+                dev.step_unless(0.1, &Tensor::from(1.0f32));
+                assert!(a2.equal(&before) && dev.m[0].equal(&m) && dev.v[0].equal(&v));
+            }
+            // A non-finite norm: the gradients stay as they were.
+            let (_v, a, b, mut opt) = setup();
+            grads(&a, &b, &mut opt);
+            let _ = a.grad().get(0).fill_(f64::INFINITY);
+            let before = b.grad().copy();
+            let norm = f64::try_from(opt.clip_on_device(1.0)).unwrap();
+            assert!(!norm.is_finite(), "{kernels:?}");
+            assert!(b.grad().equal(&before), "{kernels:?}");
+        }
     }
 
     /// The multi-tensor kernels (CUDA's default) take the per-tensor path's steps to float

@@ -257,6 +257,8 @@ pub struct TrainOptions {
     /// Stop (with a checkpoint) once this many steps are done, before the configured total; a
     /// later `resume` continues the same run.
     pub stop_after: Option<usize>,
+    /// When the step's numbers are read back from the device ([`Readback`](crate::readback::Readback)).
+    pub readback: crate::readback::Readback,
 }
 
 /// Averages over one logging window.

@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
-use tch::{Device, Kind, Reduction, Tensor, nn};
+use tch::{Kind, Reduction, Tensor, nn};
 use vq_data::Split;
 use vq_models::{
-    AdversarialWeighting, Discriminator, GanConfig, Lpips, VqAutoencoder, adaptive_weight_in,
-    r1_penalty,
+    AdversarialWeighting, Discriminator, GanConfig, Lpips, VqAutoencoder,
+    adaptive_weight_tensor_in, r1_penalty,
 };
 use vq_tch::Mode;
 
@@ -21,6 +21,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::data::{BadSample, DataSource, ImageSet, Shard, TrainBatches, frames_as_images};
 use crate::dist::{Dist, counts_from_f64, counts_to_f64};
 use crate::optim::{AdamW, LossScale, learning_rate};
+use crate::readback::{Readback, StepRow, StepValues};
 use crate::train::{
     StepMetrics, TrainOptions, Trained, last_checkpoint, may_resume, truncate_metrics, write_atomic,
 };
@@ -34,16 +35,32 @@ struct GanPart {
     opt: AdamW,
 }
 
-/// What one micro-batch contributes to a step's metrics.
-#[derive(Debug, Default)]
+/// What one micro-batch contributes to a step's metrics, still on the device.
+#[derive(Debug)]
 struct MicroStats {
-    /// loss, rec, commitment, quantization error.
-    parts: [f64; 4],
-    /// g_loss, d_weight (VQGAN after `disc_start`).
-    g_loss: f64,
-    d_weight: f64,
-    /// Code indices of the micro-batch.
-    codes: Vec<u32>,
+    /// f64 (4): loss, rec, commitment, quantization error.
+    parts: Tensor,
+    /// g_loss, d_weight (VQGAN after `disc_start`; zeros otherwise), f64 scalars.
+    g_loss: Tensor,
+    d_weight: Tensor,
+    /// Code indices of the micro-batch (flat, i64).
+    codes: Tensor,
+    /// The quantizer's deferred finite check.
+    verdict: Option<Tensor>,
+}
+
+/// A step whose numbers are still on the device.
+#[derive(Debug)]
+struct PendingStep {
+    step: usize,
+    lr: f64,
+    row: StepRow,
+    bad: Vec<BadSample>,
+    /// f16: whether the update was skipped (decided on the host), and the scale after it.
+    skipped: bool,
+    loss_scale: f64,
+    /// Whether this step closes the run (its last step or `--stop-after`).
+    last: bool,
 }
 
 /// A step's metrics summed over micro-batches (and ranks).
@@ -98,6 +115,13 @@ pub struct Trainer<'a> {
     start: usize,
     checkpointer: Checkpointer,
     logger: Logger,
+    /// [`Readback::Step`] or [`Readback::Window`].
+    readback: Readback,
+    /// Steps not read back yet (at most one with [`Readback::Step`]).
+    pending: Vec<PendingStep>,
+    /// f32 0/1 on the device: a non-finite loss, gradient or encoder output was met; every
+    /// later update is then skipped until the run stops at the next read.
+    halt: Tensor,
 }
 
 impl<'a> Trainer<'a> {
@@ -244,6 +268,15 @@ impl<'a> Trainer<'a> {
         let batches =
             TrainBatches::sharded(&data, cfg.seed, cfg.micro_batch, start * accum, shard)?;
         let logger = Logger::new(opts, dist.is_main(), start)?;
+        let readback = opts.readback.resolve(
+            opts.device,
+            dist.world(),
+            cfg.precision.needs_loss_scaling(),
+        )?;
+        if readback == Readback::Window {
+            model.set_finite_check(vq_tch::FiniteCheck::Deferred);
+        }
+        let halt = Tensor::zeros([], (Kind::Float, opts.device));
         Ok(Self {
             opts,
             dist,
@@ -258,6 +291,9 @@ impl<'a> Trainer<'a> {
             start,
             checkpointer,
             logger,
+            readback,
+            pending: Vec::new(),
+            halt,
         })
     }
 
@@ -270,12 +306,18 @@ impl<'a> Trainer<'a> {
         let began = Instant::now();
         let steps = self.opts.config.training.steps;
         for step in self.start..steps {
-            let (stats, lr, grad_norm) = self.step(step)?;
             let done = step + 1;
             let stop = self.opts.stop_after == Some(done);
-            self.logger
-                .record(done, lr, &stats, grad_norm, done == steps || stop)?;
-            if done.is_multiple_of(self.opts.checkpoint_every.max(1)) || done == steps || stop {
+            let save =
+                done.is_multiple_of(self.opts.checkpoint_every.max(1)) || done == steps || stop;
+            self.step(step, done == steps || stop)?;
+            if self.readback == Readback::Step
+                || done.is_multiple_of(self.opts.log_every.max(1))
+                || save
+            {
+                self.read_back()?;
+            }
+            if save {
                 self.dist.check_in_sync("model", &self.vs, done)?;
                 if let Some(g) = &self.gan {
                     self.dist.check_in_sync("discriminator", &g.vs, done)?;
@@ -300,9 +342,11 @@ impl<'a> Trainer<'a> {
         })
     }
 
-    /// One optimiser step: the micro-batches (VQ-VAE or generator), metrics summed over ranks,
-    /// gradients averaged and clipped, the update, then the discriminator's step.
-    fn step(&mut self, step: usize) -> Result<(StepStats, f64, f64)> {
+    /// One optimiser step: the micro-batches (VQ-VAE or generator), gradients averaged and
+    /// clipped, the update, then the discriminator's step. Its numbers stay on the device as a
+    /// pending step ([`read_back`](Self::read_back) checks and records them); an update is
+    /// skipped on the device once a non-finite number was met.
+    fn step(&mut self, step: usize, last: bool) -> Result<()> {
         let t = &self.opts.config.training;
         let lr = learning_rate(
             step,
@@ -311,16 +355,14 @@ impl<'a> Trainer<'a> {
             t.decay_steps,
             t.final_lr_fraction,
         );
+        let grad_clip = t.grad_clip;
         self.opt.zero_grad();
         let adversarial = self
             .gan
             .as_ref()
             .is_some_and(|g| step >= g.config.disc_start);
-        let k = self.opts.config.model.quantizer.codebook_size;
         let accum = self.accum as f64;
-        let mut sums = [0f64; 4];
-        let mut adv = [0f64; 3];
-        let mut codes = Vec::new();
+        let mut micro = Vec::with_capacity(self.accum);
         let mut pairs = Vec::new();
         let mut bad = Vec::new();
         for a in 0..self.accum {
@@ -337,33 +379,127 @@ impl<'a> Trainer<'a> {
                     m
                 }
             };
-            for (s, v) in sums.iter_mut().zip(m.parts) {
-                *s += v / accum;
+            micro.push(m);
+        }
+        // Means over the micro-batches, summed in f64 in their order.
+        let mean = |f: fn(&MicroStats) -> &Tensor| {
+            micro
+                .iter()
+                .fold(Tensor::zeros_like(f(&micro[0])), |acc, m| {
+                    acc + f(m) / accum
+                })
+        };
+        let (parts, g_loss, d_weight) = (
+            mean(|m| &m.parts),
+            mean(|m| &m.g_loss),
+            mean(|m| &m.d_weight),
+        );
+        let k = self.opts.config.model.quantizer.codebook_size as i64;
+        let codes = Tensor::cat(&micro.iter().map(|m| &m.codes).collect::<Vec<_>>(), 0);
+        let counts = codes.bincount::<Tensor>(None, k);
+        let verdicts: Vec<Tensor> = micro
+            .iter()
+            .filter_map(|m| m.verdict.as_ref().map(Tensor::shallow_clone))
+            .collect();
+        self.dist.average_gradients(&self.opt)?;
+        let scaled = self.opts.config.precision.needs_loss_scaling();
+        let (grad_norm, skipped) = match scaled {
+            // f16: the loss scale is updated on the host from the norm (read now).
+            true => {
+                let norm = self.opt.unscale_and_clip(grad_clip);
+                let applied = self.opt.step_unless_overflow(lr, norm);
+                self.check_loss_scale(step)?;
+                (Tensor::from(norm), !applied)
             }
-            adv[1] += m.g_loss / accum;
-            adv[2] += m.d_weight / accum;
-            codes.extend(m.codes);
+            false => {
+                let norm = self.opt.clip_on_device(grad_clip);
+                self.raise_halt(&[&parts.get(0), &norm], &verdicts);
+                self.opt.step_unless(lr, &self.halt);
+                (norm, false)
+            }
+        };
+        let zero = || Tensor::zeros([], (Kind::Double, self.opts.device));
+        let (d_loss, d_norm) = match adversarial {
+            true => self.discriminator_step(&pairs, step, lr)?,
+            false => (zero(), zero()),
+        };
+        let row = StepRow::new(
+            &parts, &g_loss, &d_weight, &d_loss, &grad_norm, &d_norm, &counts, &verdicts,
+        );
+        self.pending.push(PendingStep {
+            step,
+            lr,
+            row,
+            bad,
+            skipped,
+            loss_scale: self.opt.loss_scale(),
+            last,
+        });
+        Ok(())
+    }
+
+    /// Sets the halt flag if any of `values` is not finite or a deferred finite check failed
+    /// (on the device, no read).
+    fn raise_halt(&mut self, values: &[&Tensor], verdicts: &[Tensor]) {
+        let mut bad = self.halt.ne(0.0);
+        for v in values {
+            bad = bad.logical_or(&v.isfinite().logical_not());
+        }
+        for v in verdicts {
+            bad = bad.logical_or(&v.narrow(0, 0, 2).ne(0).any());
+        }
+        self.halt = bad.to_kind(Kind::Float);
+    }
+
+    /// Reads the pending steps back (one copy), stops the run at the first step that met a
+    /// non-finite number (naming it as the step itself would have), and records the others.
+    fn read_back(&mut self) -> Result<()> {
+        let pending = std::mem::take(&mut self.pending);
+        let k = self.opts.config.model.quantizer.codebook_size;
+        let rows: Vec<StepRow> = pending
+            .iter()
+            .map(|p| StepRow(p.row.0.shallow_clone()))
+            .collect();
+        let values = StepRow::read(&rows, k)?;
+        for (p, v) in pending.into_iter().zip(values) {
+            self.check_and_record(p, v)?;
+        }
+        Ok(())
+    }
+
+    /// One read-back step: its metrics over the ranks, failed samples, the non-finite stops,
+    /// then the logger.
+    fn check_and_record(&mut self, p: PendingStep, v: StepValues) -> Result<()> {
+        let step = p.step;
+        for verdict in &v.verdicts {
+            if let Err(e) = vq_tch::FiniteVerdict::check(verdict) {
+                bail!(
+                    "non-finite encoder output at step {} ({e}); training stopped, last good checkpoint: {}",
+                    step + 1,
+                    last_checkpoint(&self.opts.out)?
+                );
+            }
         }
         let StepStats {
             sums,
-            mut adv,
+            adv,
             counts,
             bad_samples,
             ..
         } = StepStats {
-            sums,
-            adv,
-            counts: vq_core::code_counts(&codes, k)?,
+            sums: v.sums,
+            adv: v.adv,
+            counts: v.counts,
             skipped: false,
             loss_scale: 1.0,
-            bad_samples: bad.len() as u64,
+            bad_samples: p.bad.len() as u64,
         }
         .over_ranks(&self.dist)?;
         if bad_samples > 0 {
-            self.report_bad_samples(step, bad)?;
+            self.report_bad_samples(step, p.bad)?;
         }
         let scaled = self.opts.config.precision.needs_loss_scaling();
-        // Under loss scaling a non-finite loss is an overflow: the step is skipped below.
+        // Under loss scaling a non-finite loss is an overflow: the step was skipped.
         if !sums[0].is_finite() && !scaled {
             bail!(
                 "non-finite loss {} at step {} (rec {}, commitment {}); training stopped, last good checkpoint: {}",
@@ -374,10 +510,9 @@ impl<'a> Trainer<'a> {
                 last_checkpoint(&self.opts.out)?
             );
         }
-        self.dist.average_gradients(&self.opt)?;
-        let grad_norm = self.opt.unscale_and_clip(t.grad_clip);
+        let grad_norm = v.grad_norm;
         // A finite loss can still have non-finite gradients (an overflow inside the backward):
-        // without loss scaling that stops the run before the update, as a non-finite loss does.
+        // without loss scaling that stops the run; the update was not applied.
         if !grad_norm.is_finite() && !scaled {
             bail!(
                 "non-finite gradient (norm {grad_norm}) at step {} under a finite loss {}; \
@@ -387,20 +522,27 @@ impl<'a> Trainer<'a> {
                 last_checkpoint(&self.opts.out)?
             );
         }
-        let applied = self.opt.step_unless_overflow(lr, grad_norm);
-        self.check_loss_scale(step)?;
-        if adversarial {
-            adv[0] = self.discriminator_step(&pairs, step, lr)?;
+        let finite_d = adv[0].is_finite() && v.d_grad_norm.is_finite();
+        if !finite_d && !scaled {
+            bail!(
+                "non-finite discriminator loss {} (gradient norm {}) at step {}; training \
+                 stopped before its update, last good checkpoint: {}",
+                adv[0],
+                v.d_grad_norm,
+                step + 1,
+                last_checkpoint(&self.opts.out)?
+            );
         }
         let stats = StepStats {
             sums,
             adv,
             counts,
-            skipped: !applied,
-            loss_scale: self.opt.loss_scale(),
+            skipped: p.skipped,
+            loss_scale: p.loss_scale,
             bad_samples,
         };
-        Ok((stats, lr, grad_norm))
+        self.logger
+            .record(step + 1, p.lr, &stats, grad_norm, p.last)
     }
 
     /// Rank 0 records the step's failed samples of every rank (each file once): the ranks'
@@ -486,12 +628,13 @@ impl<'a> Trainer<'a> {
 
     /// VQ-VAE: loss = MSE(x̃, x) + quantizer losses; backward of loss / accumulation.
     fn vqvae_micro_step(&mut self, x: &Tensor, step: usize) -> Result<MicroStats> {
-        let out = self.forward(x, step)?;
+        let mut out = self.forward(x, step)?;
         let qloss = &out.vq.commitment_loss + &out.vq.codebook_loss;
         let rec = out.reconstruction.mse_loss(x, Reduction::Mean);
         let loss = &rec + &qloss;
         backward(&(&loss * self.backward_factor()), &self.dist)?;
-        finish_micro(&loss, &rec, &out, 0.0, 0.0)
+        let zero = || Tensor::zeros([], (Kind::Double, x.device()));
+        Ok(finish_micro(&loss, &rec, &mut out, zero(), zero()))
     }
 
     /// VQGAN generator (taming): nll = mean|x − x̃| (+ LPIPS), loss = nll + λ·g_loss +
@@ -503,7 +646,7 @@ impl<'a> Trainer<'a> {
         step: usize,
         adversarial: bool,
     ) -> Result<(MicroStats, (Tensor, Tensor))> {
-        let out = self.forward(x, step)?;
+        let mut out = self.forward(x, step)?;
         let g = self.gan.as_ref().expect("a VQGAN run");
         let qloss = &out.vq.commitment_loss + &out.vq.codebook_loss;
         let mut nll = g.config.pixel_loss(x, &out.reconstruction);
@@ -517,30 +660,32 @@ impl<'a> Trainer<'a> {
             nll += p * g.config.perceptual_weight;
         }
         let mut loss = &nll + &qloss * g.config.codebook_weight;
-        let (mut g_value, mut w) = (0.0, 0.0);
+        let zero = || Tensor::zeros([], (Kind::Double, x.device()));
+        let (mut g_value, mut w) = (zero(), zero());
         if adversarial {
             let g_loss = g.config.g_loss(
                 &self.autocast(|| logits(&g.disc, &frames_as_images(&out.reconstruction)))??,
             );
             w = match g.config.adversarial_weighting {
-                AdversarialWeighting::Adaptive => adaptive_weight_in(
+                AdversarialWeighting::Adaptive => adaptive_weight_tensor_in(
                     self.dist.group().map(|g| &**g),
                     &nll,
                     &g_loss,
                     self.model.last_layer_weight(),
                     g.config.disc_weight,
                 )?,
-                AdversarialWeighting::Fixed => g.config.disc_weight,
+                AdversarialWeighting::Fixed => Tensor::from(g.config.disc_weight),
             };
-            g_value = f64::try_from(&g_loss).unwrap_or(f64::NAN);
-            loss += g_loss * w;
+            g_value = g_loss.detach();
+            // The weight enters in f32, as an f64 number multiplying an f32 loss does.
+            loss += g_loss * w.to_kind(Kind::Float).to_device(x.device());
         }
         let pair = (
             frames_as_images(x),
             frames_as_images(&out.reconstruction.detach()),
         );
         backward(&(&loss * self.backward_factor()), &self.dist)?;
-        Ok((finish_micro(&loss, &nll, &out, g_value, w)?, pair))
+        Ok((finish_micro(&loss, &nll, &mut out, g_value, w), pair))
     }
 
     /// What a micro-batch's loss is multiplied by before its backward pass: 1 / accumulation,
@@ -551,19 +696,20 @@ impl<'a> Trainer<'a> {
 
     /// Discriminator step on the step's images and the generator's (detached) outputs, with the
     /// lazy R1 penalty on real images every `every` steps; gradients averaged over ranks.
-    /// Returns the hinge loss averaged over micro-batches and ranks.
+    /// Returns the hinge loss averaged over micro-batches (f64 scalar, on the device) and the
+    /// gradient norm; the update is skipped (on the device) if either is not finite.
     fn discriminator_step(
         &mut self,
         pairs: &[(Tensor, Tensor)],
         step: usize,
         lr: f64,
-    ) -> Result<f64> {
+    ) -> Result<(Tensor, Tensor)> {
         let accum = self.accum as f64;
         let (device, precision) = (self.opts.device, self.opts.config.precision);
         let g = self.gan.as_mut().expect("a VQGAN run");
         g.opt.zero_grad();
         let r1 = g.config.r1.filter(|r| step.is_multiple_of(r.every));
-        let mut d_sum = 0.0;
+        let mut d_sum = Tensor::zeros([], (Kind::Double, device));
         for (x, rec) in pairs {
             let x = match r1 {
                 Some(_) => x.detach().set_requires_grad(true),
@@ -573,34 +719,25 @@ impl<'a> Trainer<'a> {
                 Ok::<_, anyhow::Error>((logits(&g.disc, &x)?, logits(&g.disc, rec)?))
             })??;
             let mut d_loss = g.config.d_loss(&real, &fake);
-            d_sum += f64::try_from(&d_loss).unwrap_or(f64::NAN) / accum;
+            d_sum += d_loss.detach().to_kind(Kind::Double) / accum;
             if let Some(r) = r1 {
                 d_loss += r1_penalty(&real, &x)? * (r.gamma * r.every as f64 / 2.0);
             }
             backward(&(d_loss * (g.opt.loss_scale() / accum)), &self.dist)?;
         }
         self.dist.average_gradients(&g.opt)?;
-        let norm = g.opt.unscale_and_clip(0.0);
-        let mut d = [d_sum];
-        if self.dist.world() > 1 {
-            self.dist.sum(&mut d)?;
-            d[0] /= self.dist.world() as f64;
+        let lr = lr * g.config.disc_lr_multiplier;
+        if precision.needs_loss_scaling() {
+            // f16: an overflow skips the update (the loss scale is updated on the host).
+            let norm = g.opt.unscale_and_clip(0.0);
+            g.opt.step_unless_overflow(lr, norm);
+            return Ok((d_sum, Tensor::from(norm)));
         }
-        // Without loss scaling a non-finite loss or gradient stops the run before the
-        // discriminator's update (under f16 it is an overflow: the update is skipped).
-        let finite = d[0].is_finite() && norm.is_finite();
-        if !finite && !precision.needs_loss_scaling() {
-            bail!(
-                "non-finite discriminator loss {} (gradient norm {norm}) at step {}; training \
-                 stopped before its update, last good checkpoint: {}",
-                d[0],
-                step + 1,
-                last_checkpoint(&self.opts.out)?
-            );
-        }
-        g.opt
-            .step_unless_overflow(lr * g.config.disc_lr_multiplier, norm);
-        Ok(d[0])
+        let norm = g.opt.clip_on_device(0.0);
+        self.raise_halt(&[&d_sum, &norm], &[]);
+        let g = self.gan.as_mut().expect("a VQGAN run");
+        g.opt.step_unless(lr, &self.halt);
+        Ok((d_sum, norm))
     }
 }
 
@@ -620,14 +757,14 @@ fn backward(loss: &Tensor, dist: &Dist) -> Result<()> {
     })
 }
 
-/// The host-side numbers of a micro-batch (one device → host copy).
+/// The numbers of a micro-batch, left on the device.
 fn finish_micro(
     loss: &Tensor,
     rec: &Tensor,
-    out: &vq_models::AutoencoderOutput,
-    g_loss: f64,
-    d_weight: f64,
-) -> Result<MicroStats> {
+    out: &mut vq_models::AutoencoderOutput,
+    g_loss: Tensor,
+    d_weight: Tensor,
+) -> MicroStats {
     let parts = Tensor::stack(
         &[
             loss.detach(),
@@ -637,19 +774,14 @@ fn finish_micro(
         ],
         0,
     )
-    .to_kind(Kind::Double)
-    .to_device(Device::Cpu);
-    let parts = Vec::<f64>::try_from(parts).context("reading losses")?;
-    let codes = Vec::<i64>::try_from(out.vq.indices.reshape([-1]).to_device(Device::Cpu))?
-        .into_iter()
-        .map(|i| i as u32)
-        .collect();
-    Ok(MicroStats {
-        parts: [parts[0], parts[1], parts[2], parts[3]],
-        g_loss,
-        d_weight,
-        codes,
-    })
+    .to_kind(Kind::Double);
+    MicroStats {
+        parts,
+        g_loss: g_loss.detach().to_kind(Kind::Double),
+        d_weight: d_weight.detach().to_kind(Kind::Double),
+        codes: out.vq.indices.reshape([-1]),
+        verdict: out.vq.finite_verdict.take().map(|v| v.0),
+    }
 }
 
 /// Writes checkpoints (rank 0 only) and resumes from them.

@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use tch::Device;
 use vq_models::Preset;
 use vq_tch::Estimator;
+use vq_train::readback::Readback;
 use vq_train::train::{RunConfig, TrainOptions, train};
 
 mod common;
@@ -139,64 +140,62 @@ fn an_interrupted_and_resumed_run_equals_an_uninterrupted_one() {
     }
 }
 
+/// A run that diverges stops with a non-finite loss and keeps its last checkpoint, whether the
+/// steps are read back one by one or per logging window (then the update of the diverged step
+/// and every later one is skipped on the device until the read): both name the same step.
 #[test]
 fn a_non_finite_loss_stops_training_and_keeps_the_last_checkpoint() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let out = tmp("nan");
-    let mut cfg = small_demo(20);
-    cfg.training.learning_rate = 1e30;
-    cfg.training.warmup_steps = 0;
-    cfg.training.grad_clip = 0.0;
-    let err = train(&TrainOptions {
-        checkpoint_every: 1,
-        ..options(cfg, &out)
-    })
-    .unwrap_err()
-    .to_string();
-    assert!(err.contains("non-finite"), "{err}");
-    assert!(err.contains("training stopped"), "{err}");
-    let (ckpt, state) = vq_train::checkpoint::latest(&out).unwrap().unwrap();
-    assert!(state.step >= 1 && state.step < 20, "{state:?}");
-    assert!(err.contains(&ckpt.display().to_string()), "{err}");
-    std::fs::remove_dir_all(out).unwrap();
+    let mut named = Vec::new();
+    for (readback, checkpoint_every, log_every) in
+        [(Readback::Step, 1, 1), (Readback::Window, 100, 5)]
+    {
+        let out = tmp(&format!("nan-{readback:?}"));
+        let mut cfg = small_demo(20);
+        cfg.training.learning_rate = 1e30;
+        cfg.training.warmup_steps = 0;
+        cfg.training.grad_clip = 0.0;
+        let err = train(&TrainOptions {
+            checkpoint_every,
+            log_every,
+            readback,
+            ..options(cfg, &out)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("non-finite"), "{err}");
+        assert!(err.contains("training stopped"), "{err}");
+        match vq_train::checkpoint::latest(&out).unwrap() {
+            Some((ckpt, state)) => {
+                assert!(state.step >= 1 && state.step < 20, "{state:?}");
+                assert!(err.contains(&ckpt.display().to_string()), "{err}");
+                assert_checkpoint_finite(&ckpt, 2);
+            }
+            // Diverged before step 3's read: no checkpoint was written.
+            None => assert!(
+                readback == Readback::Window && err.contains("none yet"),
+                "{err}"
+            ),
+        }
+        named.push(err.replace(&out.display().to_string(), "RUN"));
+        std::fs::remove_dir_all(out).unwrap();
+    }
+    // Both name the same step.
+    let step_of = |e: &str| {
+        e.split(" at step ")
+            .nth(1)
+            .map(|r| r.split([' ', ';']).next().unwrap().to_owned())
+    };
+    assert_eq!(step_of(&named[0]), step_of(&named[1]), "{named:?}");
 }
 
-#[test]
-fn non_finite_discriminator_gradients_stop_training_before_a_checkpoint_holds_them() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let out = tmp("nan-disc");
-    let mut cfg = small_gan(12);
-    let gan = cfg.gan.as_mut().unwrap();
-    // An R1 penalty whose weight overflows f32: the discriminator's gradients are non-finite
-    // while every loss the step reports is finite (the hinge loss is logged without R1).
-    gan.r1 = Some(vq_models::R1Penalty {
-        gamma: 1e38,
-        every: 2,
-    });
-    // The discriminator trains from step 2 (index 1), the penalty first applies at step 3.
-    gan.disc_start = 1;
-    let err = train(&TrainOptions {
-        checkpoint_every: 1,
-        ..options(cfg, &out)
-    })
-    .unwrap_err()
-    .to_string();
-    assert!(
-        err.contains("non-finite") && err.contains("training stopped"),
-        "{err}"
-    );
-    let (ckpt, state) = vq_train::checkpoint::latest(&out).unwrap().unwrap();
-    assert_eq!(state.step, 2, "{err}");
-    assert!(
-        err.contains("discriminator") && err.contains("step 3"),
-        "{err}"
-    );
-    assert!(err.contains(&ckpt.display().to_string()), "{err}");
-    let mut files = 0;
-    for f in std::fs::read_dir(&ckpt).unwrap() {
+/// Every floating-point tensor of the checkpoint's `files` safetensors files is finite.
+fn assert_checkpoint_finite(ckpt: &Path, files: usize) {
+    let mut found = 0;
+    for f in std::fs::read_dir(ckpt).unwrap() {
         let path = f.unwrap().path();
         if path.extension().is_some_and(|e| e == "safetensors") {
-            files += 1;
+            found += 1;
             for (name, t) in tch::Tensor::read_safetensors(&path).unwrap() {
                 if t.is_floating_point() {
                     let finite = bool::try_from(t.isfinite().all()).unwrap();
@@ -205,8 +204,92 @@ fn non_finite_discriminator_gradients_stop_training_before_a_checkpoint_holds_th
             }
         }
     }
-    assert_eq!(files, 4, "model, discriminator and their optimizers");
-    std::fs::remove_dir_all(out).unwrap();
+    assert_eq!(found, files, "{}", ckpt.display());
+}
+
+/// Reading the steps back per logging window gives the run that reading every step gives:
+/// the same metrics lines and weights, for a VQ-VAE and a VQGAN with its discriminator.
+#[test]
+fn reading_back_per_window_changes_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut gan = small_gan(4);
+    gan.gan.as_mut().unwrap().disc_start = 1;
+    for (what, cfg) in [("vq-vae", small_demo(7)), ("vqgan", gan)] {
+        let steps = cfg.training.steps;
+        let mut runs = Vec::new();
+        for readback in [Readback::Step, Readback::Window] {
+            let out = tmp(&format!("readback-{what}-{readback:?}"));
+            let trained = train(&TrainOptions {
+                log_every: 3,
+                readback,
+                ..options(cfg.clone(), &out)
+            })
+            .unwrap();
+            let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+                .unwrap()
+                .lines()
+                .map(|l| {
+                    let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                    v.as_object_mut().unwrap().remove("steps_per_s");
+                    v
+                })
+                .collect();
+            runs.push((lines, weights(&trained.vs)));
+            std::fs::remove_dir_all(out).unwrap();
+        }
+        let ((l0, w0), (l1, w1)) = (&runs[0], &runs[1]);
+        assert_eq!(
+            l0.len(),
+            steps.div_ceil(3),
+            "{what}: windows of 3 steps and the last"
+        );
+        assert_eq!(l0, l1, "{what}");
+        for ((n0, t0), (n1, t1)) in w0.iter().zip(w1) {
+            assert!(n0 == n1 && t0.equal(t1), "{what}: {n0}");
+        }
+    }
+}
+
+#[test]
+fn non_finite_discriminator_gradients_stop_training_before_a_checkpoint_holds_them() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    for (readback, checkpoint_every, log_every) in
+        [(Readback::Step, 1, 1), (Readback::Window, 2, 5)]
+    {
+        let out = tmp(&format!("nan-disc-{readback:?}"));
+        let mut cfg = small_gan(12);
+        let gan = cfg.gan.as_mut().unwrap();
+        // An R1 penalty whose weight overflows f32: the discriminator's gradients are non-finite
+        // while every loss the step reports is finite (the hinge loss is logged without R1).
+        gan.r1 = Some(vq_models::R1Penalty {
+            gamma: 1e38,
+            every: 2,
+        });
+        // The discriminator trains from step 2 (index 1), the penalty first applies at step 3.
+        gan.disc_start = 1;
+        let err = train(&TrainOptions {
+            checkpoint_every,
+            log_every,
+            readback,
+            ..options(cfg, &out)
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("non-finite") && err.contains("training stopped"),
+            "{err}"
+        );
+        let (ckpt, state) = vq_train::checkpoint::latest(&out).unwrap().unwrap();
+        assert_eq!(state.step, 2, "{err}");
+        assert!(
+            err.contains("discriminator") && err.contains("step 3"),
+            "{err}"
+        );
+        assert!(err.contains(&ckpt.display().to_string()), "{err}");
+        // Model, discriminator and their optimizers.
+        assert_checkpoint_finite(&ckpt, 4);
+        std::fs::remove_dir_all(out).unwrap();
+    }
 }
 
 #[test]

@@ -41,6 +41,7 @@ pub fn options(config: RunConfig, out: &Path) -> TrainOptions {
         resume: false,
         progress: false,
         stop_after: None,
+        readback: Default::default(),
     }
 }
 
