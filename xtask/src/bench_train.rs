@@ -52,7 +52,15 @@ pub struct BenchTrain {
     /// `cargo xtask setup` installs (for machines that bring their own PyTorch).
     #[arg(long)]
     system_python: bool,
+    /// After the timed steps, profile 3 more on each side (libtorch's and torch's profiler,
+    /// both Kineto) and print both summaries of the device's kernels; the Chrome traces stay in
+    /// `runs/bench-train/<preset>/`.
+    #[arg(long)]
+    profile: bool,
 }
+
+/// Steps each side profiles with `--profile`.
+const PROFILED_STEPS: usize = 3;
 
 /// One timed run of one side.
 #[derive(Debug, Clone, Copy)]
@@ -77,6 +85,7 @@ impl BenchTrain {
             cudnn_benchmark: false,
             vq_train: None,
             system_python: false,
+            profile: false,
         }
     }
 
@@ -157,6 +166,28 @@ impl BenchTrain {
             "step time vq-train / PyTorch: {:.3}",
             theirs.steps_per_s / ours.steps_per_s
         );
+        if self.profile {
+            for (name, trace) in [
+                ("vq-train", dir.join("vq-train/profile/trace.json")),
+                ("PyTorch", dir.join("torch-trace.json")),
+            ] {
+                println!("\n### {name}: {}\n", trace.display());
+                let out = Command::new(&bin)
+                    .arg("trace-summary")
+                    .arg(&trace)
+                    .args(["--steps", &PROFILED_STEPS.to_string(), "--top", "20"])
+                    .output()
+                    .with_context(|| format!("running {} trace-summary", bin.display()))?;
+                if !out.status.success() {
+                    bail!(
+                        "trace-summary {}: {}",
+                        trace.display(),
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    );
+                }
+                print!("{}", String::from_utf8_lossy(&out.stdout));
+            }
+        }
         Ok(())
     }
 
@@ -194,7 +225,9 @@ impl BenchTrain {
     ) -> Result<Timing> {
         let run = dir.join("vq-train");
         crate::fresh_run_folder(&run)?;
-        let total = (self.warmup + steps).to_string();
+        let timed_end = self.warmup + steps;
+        let profiled = if self.profile { PROFILED_STEPS } else { 0 };
+        let total = (timed_end + profiled).to_string();
         let mut cmd = Command::new(bin);
         cmd.arg("train")
             .arg("--config")
@@ -214,6 +247,10 @@ impl BenchTrain {
         if self.cudnn_benchmark {
             cmd.arg("--cudnn-benchmark");
         }
+        if profiled > 0 {
+            cmd.arg("--profile-steps")
+                .arg(format!("{}..{}", timed_end + 1, timed_end + profiled));
+        }
         let (status, peak, _) = watch(cmd, &self.device)?;
         if !status.success() {
             bail!("vq-train train failed ({status})");
@@ -228,7 +265,8 @@ impl BenchTrain {
                 continue;
             };
             let step = step as usize;
-            if step > self.warmup {
+            // The profiled steps (after the timed ones) close their own window.
+            if step > self.warmup && step <= timed_end {
                 n += step - last;
                 seconds += (step - last) as f64 / sps;
                 last = step;
@@ -267,6 +305,12 @@ impl BenchTrain {
         }
         if self.cudnn_benchmark {
             cmd.arg("--cudnn-benchmark");
+        }
+        if self.profile {
+            let trace = config.with_file_name("torch-trace.json");
+            cmd.arg("--profile")
+                .arg(trace)
+                .args(["--profile-steps", &PROFILED_STEPS.to_string()]);
         }
         let (status, peak, stdout) = watch(cmd, &self.device)?;
         if !status.success() {

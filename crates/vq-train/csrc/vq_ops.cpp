@@ -10,6 +10,7 @@
 // crosses into Rust.
 
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/profiler_kineto.h>
 
 #include <exception>
 #include <string>
@@ -114,6 +115,29 @@ int32_t vq_train_fused_adamw(at::Tensor* const* p, at::Tensor* const* g, at::Ten
 // API returns them).
 int32_t vq_train_pin_memory(const at::Tensor* t, at::Tensor** out) {
   return guarded([&] { *out = new at::Tensor(t->pin_memory()); });
+}
+
+// Starts libtorch's Kineto profiler (what torch.profiler drives) for host-side ops and, with
+// `cuda`, the GPU's kernels and copies.
+int32_t vq_train_profile_start(int32_t cuda) {
+  return guarded([&] {
+    namespace prof = torch::autograd::profiler;
+    using torch::profiler::impl::ActivityType;
+    const prof::ProfilerConfig config(torch::profiler::impl::ProfilerState::KINETO);
+    std::set<ActivityType> activities{ActivityType::CPU};
+    if (cuda != 0) activities.insert(ActivityType::CUDA);
+    prof::prepareProfiler(config, activities);
+    prof::enableProfiler(config, activities);
+  });
+}
+
+// Stops the profiler and writes its events as a Chrome trace (JSON) to `path`.
+int32_t vq_train_profile_stop(const char* path) {
+  return guarded([&] {
+    auto result = torch::autograd::profiler::disableProfiler();
+    if (!result) throw std::runtime_error("the profiler returned no result");
+    result->save(path);
+  });
 }
 
 const char* vq_train_ops_last_error() { return last_error.c_str(); }

@@ -393,6 +393,10 @@ def main():
     ap.add_argument("--describe", action="store_true")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="torch.backends.cudnn.benchmark = True (as vq-train's --cudnn-benchmark)")
+    ap.add_argument("--profile", metavar="TRACE",
+                    help="after the timed steps, profile --profile-steps more with torch.profiler "
+                         "and write a Chrome trace (summarise with `vq-train trace-summary`)")
+    ap.add_argument("--profile-steps", type=int, default=3)
     a = ap.parse_args()
     with open(a.config) as f:
         cfg = json.load(f)
@@ -483,12 +487,25 @@ def main():
         loss = step(i)
     loss = float(loss)  # waits for the device
     elapsed = time.perf_counter() - start
+    peak = peak_memory(device)
+    if a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(ProfilerActivity.CUDA)
+        first = a.warmup + a.steps
+        with profile(activities=activities) as prof:
+            for i in range(first, first + a.profile_steps):
+                step(i)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        prof.export_chrome_trace(a.profile)
     print(json.dumps({
         "parameters": n_params,
         "steps": a.steps,
         "steps_per_s": a.steps / elapsed,
         "images_per_s": a.steps * batch / elapsed,
-        "peak_memory_bytes": peak_memory(device),
+        "peak_memory_bytes": peak,
         "loss": loss,
         "discriminator_steps": disc_steps[0],
         "torch": torch.__version__,

@@ -10,6 +10,7 @@ pub mod eval;
 pub mod ops;
 pub mod optim;
 pub mod plot;
+pub mod profile;
 pub mod readback;
 pub mod tensorboard;
 pub mod train;

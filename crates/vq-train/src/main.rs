@@ -123,6 +123,18 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Summarise the device activity of a Chrome trace (`train --profile-steps`, or
+    /// `torch.profiler`'s export): busy time, kernel time and the largest kernels per step.
+    TraceSummary {
+        /// The trace (JSON).
+        trace: PathBuf,
+        /// Steps the trace covers (figures per step).
+        #[arg(long, default_value_t = 1)]
+        steps: usize,
+        /// Kernels listed.
+        #[arg(long, default_value_t = 30)]
+        top: usize,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -188,6 +200,11 @@ struct RunArgs {
     /// scaling, else step).
     #[arg(long, default_value = "auto")]
     readback: vq_train::readback::Readback,
+    /// Profile these steps (`A..B`, counted from 1, or one step) with libtorch's profiler:
+    /// a Chrome trace (chrome://tracing, Perfetto) and a summary of the device's kernels in
+    /// `<out>/profile/`.
+    #[arg(long)]
+    profile_steps: Option<vq_train::profile::ProfileSteps>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -348,6 +365,7 @@ impl RunArgs {
             progress: !self.quiet,
             stop_after: self.stop_after,
             readback: self.readback,
+            profile: self.profile_steps,
         })
     }
 }
@@ -578,6 +596,10 @@ fn main() -> Result<()> {
                 "written: {}/compare.md, compare.json, curves.png, reconstructions.png",
                 opts.out.display()
             );
+        }
+        Command::TraceSummary { trace, steps, top } => {
+            let summary = vq_train::profile::TraceSummary::read(&trace)?;
+            print!("{}", summary.markdown(steps, top));
         }
         Command::Watch { run, every, once } => {
             anyhow::ensure!(

@@ -34,6 +34,8 @@ unsafe extern "C" {
         skip: *const C_tensor,
     ) -> i32;
     fn vq_train_pin_memory(t: *const C_tensor, out: *mut *mut C_tensor) -> i32;
+    fn vq_train_profile_start(cuda: i32) -> i32;
+    fn vq_train_profile_stop(path: *const std::os::raw::c_char) -> i32;
     fn vq_train_ops_last_error() -> *const std::os::raw::c_char;
 }
 
@@ -188,4 +190,31 @@ pub fn pin_memory(t: &Tensor) -> Result<Tensor> {
     }
     // SAFETY: `out` is a valid, uniquely owned tensor pointer (see above).
     Ok(unsafe { Tensor::from_ptr(out) })
+}
+
+/// Starts libtorch's Kineto profiler (the one `torch.profiler` drives): host-side ops, and with
+/// `cuda` the GPU's kernels and copies (through CUPTI).
+///
+/// # Errors
+/// libtorch's message (e.g. a profiler already running).
+pub fn profile_start(cuda: bool) -> Result<()> {
+    // SAFETY: no arguments borrowed.
+    if unsafe { vq_train_profile_start(i32::from(cuda)) } != 0 {
+        bail!("starting the profiler: {}", last_error());
+    }
+    Ok(())
+}
+
+/// Stops the profiler and writes what it recorded as a Chrome trace (JSON) to `path`.
+///
+/// # Errors
+/// No profiler running, or the file cannot be written (libtorch's message).
+pub fn profile_stop(path: &std::path::Path) -> Result<()> {
+    let c = std::ffi::CString::new(path.to_string_lossy().as_bytes())
+        .map_err(|_| anyhow::anyhow!("a NUL byte in {}", path.display()))?;
+    // SAFETY: a NUL-terminated string that outlives the call.
+    if unsafe { vq_train_profile_stop(c.as_ptr()) } != 0 {
+        bail!("writing the profile {}: {}", path.display(), last_error());
+    }
+    Ok(())
 }

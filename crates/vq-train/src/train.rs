@@ -259,6 +259,9 @@ pub struct TrainOptions {
     pub stop_after: Option<usize>,
     /// When the step's numbers are read back from the device ([`Readback`](crate::readback::Readback)).
     pub readback: crate::readback::Readback,
+    /// Steps to profile ([`ProfileSteps`](crate::profile::ProfileSteps)): a Chrome trace and its
+    /// summary in `<out>/profile/`.
+    pub profile: Option<crate::profile::ProfileSteps>,
 }
 
 /// Averages over one logging window.

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail, ensure};
-use tch::{Kind, Reduction, Tensor, nn};
+use tch::{Device, Kind, Reduction, Tensor, nn};
 use vq_data::Split;
 use vq_models::{
     AdversarialWeighting, Discriminator, GanConfig, Lpips, VqAutoencoder,
@@ -21,6 +21,7 @@ use crate::checkpoint::{self, TrainState};
 use crate::data::{BadSample, DataSource, ImageSet, Shard, TrainBatches, frames_as_images};
 use crate::dist::{Dist, counts_from_f64, counts_to_f64};
 use crate::optim::{AdamW, LossScale, learning_rate};
+use crate::profile::{ProfileSteps, TraceSummary};
 use crate::readback::{Readback, StepRow, StepValues};
 use crate::train::{
     StepMetrics, TrainOptions, Trained, last_checkpoint, may_resume, truncate_metrics, write_atomic,
@@ -310,12 +311,22 @@ impl<'a> Trainer<'a> {
             let stop = self.opts.stop_after == Some(done);
             let save =
                 done.is_multiple_of(self.opts.checkpoint_every.max(1)) || done == steps || stop;
+            let profile = self
+                .opts
+                .profile
+                .filter(|p| (p.first..=p.last).contains(&done));
+            if profile.is_some_and(|p| p.first == done) {
+                crate::ops::profile_start(self.opts.device.is_cuda())?;
+            }
             self.step(step, done == steps || stop)?;
             if self.readback == Readback::Step
                 || done.is_multiple_of(self.opts.log_every.max(1))
                 || save
             {
                 self.read_back()?;
+            }
+            if let Some(p) = profile.filter(|p| p.last == done) {
+                self.finish_profile(p)?;
             }
             if save {
                 self.dist.check_in_sync("model", &self.vs, done)?;
@@ -340,6 +351,36 @@ impl<'a> Trainer<'a> {
             history: self.logger.history,
             seconds: began.elapsed().as_secs_f64(),
         })
+    }
+
+    /// Waits for the device, stops the profiler and writes its trace and a summary into
+    /// `<out>/profile/` (one trace per rank).
+    fn finish_profile(&self, p: ProfileSteps) -> Result<()> {
+        if let Device::Cuda(i) = self.opts.device {
+            tch::Cuda::synchronize(i as i64);
+        }
+        let dir = self.opts.out.join("profile");
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let stem = match self.dist.world() {
+            1 => "trace".to_owned(),
+            _ => format!("trace-rank{}", self.dist.rank()),
+        };
+        let trace = dir.join(format!("{stem}.json"));
+        crate::ops::profile_stop(&trace)?;
+        let summary = TraceSummary::read(&trace)?.markdown(p.count(), 30);
+        let md = dir.join(format!("{stem}.md"));
+        fs::write(&md, format!("# steps {}..{}\n\n{summary}", p.first, p.last))
+            .with_context(|| format!("writing {}", md.display()))?;
+        self.logger.bar.suspend(|| {
+            eprintln!(
+                "profile of steps {}..{}: {} (summary {})",
+                p.first,
+                p.last,
+                trace.display(),
+                md.display()
+            )
+        });
+        Ok(())
     }
 
     /// One optimiser step: the micro-batches (VQ-VAE or generator), gradients averaged and

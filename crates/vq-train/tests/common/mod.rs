@@ -42,6 +42,7 @@ pub fn options(config: RunConfig, out: &Path) -> TrainOptions {
         progress: false,
         stop_after: None,
         readback: Default::default(),
+        profile: None,
     }
 }
 
