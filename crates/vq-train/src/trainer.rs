@@ -437,7 +437,12 @@ impl<'a> Trainer<'a> {
         );
         let k = self.opts.config.model.quantizer.codebook_size as i64;
         let codes = Tensor::cat(&micro.iter().map(|m| &m.codes).collect::<Vec<_>>(), 0);
-        let counts = codes.bincount::<Tensor>(None, k);
+        // Counts by index_add: CUDA's bincount reads the largest index back to the host.
+        let counts = Tensor::zeros([k], (Kind::Int64, codes.device())).index_add(
+            0,
+            &codes,
+            &codes.ones_like(),
+        );
         let verdicts: Vec<Tensor> = micro
             .iter()
             .filter_map(|m| m.verdict.as_ref().map(Tensor::shallow_clone))
