@@ -3,7 +3,8 @@ built from a run configuration as `vq-train presets <name>` prints it, trained f
 timed. `cargo xtask bench-train` runs it beside `vq-train train` and prints the ratio.
 
 The network is taming-transformers' Encoder / Decoder (taming/modules/diffusionmodules/model.py,
-as crates/vq-models/src/taming.rs rebuilds it) with the optional 1x1 quant_conv pair; the quantizer
+as crates/vq-models/src/taming.rs rebuilds it) with the optional 1x1 quant_conv pair, or
+enhancing-transformers' ViT encoder / decoder (as crates/vq-models/src/vit.rs rebuilds it); the quantizer
 is lucidrains' vector-quantize-pytorch layer written with torch ops (EMA codebook with Laplace
 smoothing, or a learned one; Euclidean or cosine lookup; straight-through or the rotation trick of
 `rotate_to`; commitment loss beta * mse(e, sg(q))); the optimiser torch.optim.AdamW with the
@@ -14,13 +15,16 @@ does, without LPIPS (vq-train has it only with user-supplied weights): the gener
 l1·|x − x̃| + l2·(x − x̃)² + codebook_weight·qloss and, from `disc_start` on, adds the adaptive
 weight times −mean D(x̃); the NLayerDiscriminator then takes one step on the hinge loss of the
 same images and the detached reconstructions (AdamW, the run's betas, lr × disc_lr_multiplier).
+ViT-VQGAN's configuration trains the same way with its own parts: the StyleGAN2-type
+discriminator, the non-saturating ("vanilla") losses, a fixed adversarial weight, and the lazy R1
+penalty γ·every/2 · E‖∇_x D(x)‖² on real images every `every` steps.
 
 Usage: python torch_twin.py CONFIG.json --steps N --warmup W --device cpu|cuda --precision f32|bf16|f16
        [--batch-size B] [--threads T] [--images N] [--seed S]
        python torch_twin.py CONFIG.json --describe
 Prints one JSON line: trainable parameters, steps/s, images/s, peak memory, last loss; with
---describe the trainable parameters' names and shapes (taming's names, as vq-train's checkpoints
-use them) and nothing is trained."""
+--describe the trainable parameters' names and shapes (the references' names, as vq-train's
+checkpoints use them; the discriminator's under `discriminator.`) and nothing is trained."""
 
 import argparse
 import json
@@ -174,6 +178,103 @@ class Decoder(nn.Module):
         return self.conv_out(swish(self.norm_out(h)))
 
 
+# --- enhancing-transformers' ViT encoder / decoder -------------------------------------------
+
+def sincos_2d(dim, grid):
+    """MAE's 2-D sine-cosine position embedding (1, grid², dim), as vq_models::vit::sincos_2d."""
+    quarter = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    ys, xs = torch.meshgrid(torch.arange(grid, dtype=torch.float64),
+                            torch.arange(grid, dtype=torch.float64), indexing="ij")
+    parts = []
+    for pos in (xs.reshape(-1), ys.reshape(-1)):
+        a = pos[:, None] * omega[None, :]
+        parts += [a.sin(), a.cos()]
+    return torch.cat(parts, 1).float().unsqueeze(0)
+
+
+class PreNorm(nn.Module):
+    def __init__(self, dim, fn):
+        super().__init__()
+        self.norm, self.fn = nn.LayerNorm(dim), fn
+
+    def forward(self, x):
+        return self.fn(self.norm(x))
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, dim_head):
+        super().__init__()
+        self.heads, self.dim_head = heads, dim_head
+        self.to_qkv = nn.Linear(dim, 3 * heads * dim_head, bias=False)
+        self.to_out = nn.Linear(heads * dim_head, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (t.view(b, n, self.heads, self.dim_head).transpose(1, 2)
+                   for t in self.to_qkv(x).chunk(3, -1))
+        attn = ((q @ k.transpose(-1, -2)) * self.dim_head ** -0.5).softmax(-1, dtype=torch.float32)
+        out = (attn @ v).transpose(1, 2).reshape(b, n, self.heads * self.dim_head)
+        return self.to_out(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Linear(hidden, dim))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Transformer(nn.Module):
+    def __init__(self, v):
+        super().__init__()
+        d = v["dim"]
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PreNorm(d, Attention(d, v["heads"], v["dim_head"])),
+                           PreNorm(d, FeedForward(d, v["mlp_dim"]))])
+            for _ in range(v["depth"]))
+
+    def forward(self, x):
+        for attn, ff in self.layers:
+            x = x + attn(x)
+            x = x + ff(x)
+        return x
+
+
+class VitEncoder(nn.Module):
+    def __init__(self, v):
+        super().__init__()
+        p, self.grid = v["patch_size"], v["image_size"] // v["patch_size"]
+        self.to_patch_embedding = nn.Sequential(nn.Conv2d(v["channels"], v["dim"], p, stride=p))
+        self.register_buffer("en_pos_embedding", sincos_2d(v["dim"], self.grid))
+        self.transformer = Transformer(v)
+        self.norm = nn.LayerNorm(v["dim"])
+
+    def forward(self, x):
+        h = self.to_patch_embedding(x)
+        b, d = h.shape[:2]
+        t = self.transformer(h.flatten(2).transpose(1, 2) + self.en_pos_embedding)
+        return self.norm(t).transpose(1, 2).reshape(b, d, self.grid, self.grid)
+
+
+class VitDecoder(nn.Module):
+    def __init__(self, v):
+        super().__init__()
+        p, grid = v["patch_size"], v["image_size"] // v["patch_size"]
+        self.register_buffer("de_pos_embedding", sincos_2d(v["dim"], grid))
+        self.transformer = Transformer(v)
+        self.norm = nn.LayerNorm(v["dim"])
+        self.to_pixel = nn.Module()
+        self.to_pixel.conv_out = nn.ConvTranspose2d(v["dim"], v["channels"], p, stride=p)
+
+    def forward(self, z):
+        b, d, gh, gw = z.shape
+        t = self.transformer(z.flatten(2).transpose(1, 2) + self.de_pos_embedding)
+        return self.to_pixel.conv_out(self.norm(t).transpose(1, 2).reshape(b, d, gh, gw))
+
+
 # --- lucidrains-style vector quantizer --------------------------------------------------------
 
 def l2norm(t, eps=1e-12):
@@ -268,8 +369,11 @@ class VectorQuantizer(nn.Module):
 class VqAutoencoder(nn.Module):
     def __init__(self, model):
         super().__init__()
-        t = taming(model)
-        self.encoder, self.decoder = Encoder(t), Decoder(t)
+        kind, t = backbone(model)
+        if kind == "vit":
+            self.encoder, self.decoder = VitEncoder(t), VitDecoder(t)
+        else:
+            self.encoder, self.decoder = Encoder(t), Decoder(t)
         q = model["quantizer"]
         if model["quant_conv"] != "none":
             d = q["codebook_dim"] if q["projection"] == "identity" else next(iter(q["projection"].values()))["channels"]
@@ -321,16 +425,102 @@ class NLayerDiscriminator(nn.Module):
         return self.main(x)
 
 
+class EqualConv(nn.Module):
+    """An equalised-learning-rate convolution (weights N(0, 1) scaled by 1/√fan_in at run time),
+    with the scaled leaky ReLU when `act`."""
+
+    def __init__(self, cin, cout, k, stride, padding, act):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, k, k))
+        self.bias = nn.Parameter(torch.zeros(cout))
+        self.scale, self.stride, self.padding, self.act = 1 / math.sqrt(cin * k * k), stride, padding, act
+
+    def forward(self, x):
+        y = F.conv2d(x, self.weight * self.scale, self.bias, self.stride, self.padding)
+        return leaky(y) if self.act else y
+
+
+class EqualLinear(nn.Module):
+    def __init__(self, din, dout, act):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(dout, din))
+        self.bias = nn.Parameter(torch.zeros(dout))
+        self.scale, self.act = 1 / math.sqrt(din), act
+
+    def forward(self, x):
+        y = F.linear(x, self.weight * self.scale, self.bias)
+        return leaky(y) if self.act else y
+
+
+def leaky(x):
+    return torch.maximum(x, x * 0.2) * math.sqrt(2)
+
+
+def blur(x):
+    """The [1, 3, 3, 1] ⊗ [1, 3, 3, 1] / 64 blur per channel, reflection-padded (1, 2)."""
+    c = x.shape[1]
+    k1 = torch.tensor([1.0, 3.0, 3.0, 1.0], device=x.device)
+    k = (k1[:, None] * k1[None, :] / 64.0).to(x.dtype).view(1, 1, 4, 4).repeat(c, 1, 1, 1)
+    return F.conv2d(F.pad(x, (1, 2, 1, 2), mode="reflect"), k, groups=c)
+
+
+class StyleBlock(nn.Module):
+    def __init__(self, cin, cout, downsample):
+        super().__init__()
+        self.conv_res = EqualConv(cin, cout, 1, 2 if downsample else 1, 0, False)
+        self.net = nn.ModuleList([EqualConv(cin, cout, 3, 1, 1, True), EqualConv(cout, cout, 3, 1, 1, True)])
+        self.downsample = nn.ModuleList([nn.Identity(), EqualConv(cout, cout, 3, 2, 1, False)]) if downsample else None
+
+    def forward(self, x):
+        res = self.conv_res(x)
+        h = self.net[1](self.net[0](x))
+        if self.downsample is not None:
+            h = self.downsample[1](blur(h))
+        return (h + res) / math.sqrt(2)
+
+
+class StyleDiscriminator(nn.Module):
+    """ViT-VQGAN's StyleGAN2-type discriminator (enhancing-transformers' StyleDiscriminator, as
+    crates/vq-models/src/stylegan.rs rebuilds it): one logit per image."""
+
+    def __init__(self, cfg, channels):
+        super().__init__()
+        layers = int(math.log2(cfg["image_size"])) - 1
+        filters = [channels] + [min(cfg["network_capacity"] * 4 * 2 ** i, cfg["fmap_max"]) for i in range(layers + 1)]
+        pairs = list(zip(filters[:-1], filters[1:]))
+        self.blocks = nn.ModuleList(StyleBlock(a, b, i + 1 != len(pairs)) for i, (a, b) in enumerate(pairs))
+        last = filters[-1]
+        self.final_conv = EqualConv(last, last, 3, 1, 1, True)
+        self.final_linear = nn.ModuleList([EqualLinear(last * 4, last, True), EqualLinear(last, 1, False)])
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        h = self.final_conv(x).flatten(1)
+        return self.final_linear[1](self.final_linear[0](h)).view(-1)
+
+
+def r1_penalty(real_logits, x):
+    """mean over images of ‖∇_x Σ D(x)‖² (the graph kept, for the penalty's own gradient)."""
+    g = torch.autograd.grad(real_logits.sum(), x, create_graph=True)[0]
+    return g.pow(2).flatten(1).sum(1).mean()
+
+
 def vqgan_parts(cfg, device):
     """The discriminator and its optimiser of a PatchGAN VQGAN configuration, or None."""
     gan = cfg.get("gan")
     if gan is None:
         return None
-    if gan["discriminator"] != "patch_gan" or gan["adversarial_loss"] != "hinge":
-        fail("the twin's VQGAN is taming's (PatchGAN, hinge loss); StyleGAN / vanilla have no twin yet")
-    if gan.get("r1") is not None:
-        fail("the twin has no R1 penalty")
-    disc = NLayerDiscriminator(gan).to(device).train()
+    kind = gan["discriminator"]
+    if kind == "patch_gan":
+        disc = NLayerDiscriminator(gan)
+    elif isinstance(kind, dict) and "style_gan" in kind:
+        disc = StyleDiscriminator(kind["style_gan"], gan["in_channels"])
+    else:
+        fail(f"discriminator {kind!r}: the twin has the PatchGAN and the StyleGAN2-type one")
+    if gan["adversarial_loss"] not in ("hinge", "vanilla"):
+        fail(f"adversarial loss {gan['adversarial_loss']!r}: the twin has hinge and vanilla")
+    disc = disc.to(device).train()
     t = cfg["training"]
     opt = torch.optim.AdamW(disc.parameters(), lr=t["learning_rate"] * gan["disc_lr_multiplier"],
                             betas=tuple(t["betas"]), weight_decay=0.0)
@@ -349,12 +539,31 @@ def hinge_d_loss(real, fake):
     return 0.5 * (F.relu(1.0 - real).mean() + F.relu(1.0 + fake).mean())
 
 
-def taming(model):
-    """The taming CNN's settings of a model configuration (the backbone is untagged in the JSON)."""
-    backbone = model["autoencoder"]
-    if "ch_mult" not in backbone:
-        fail("the model's backbone is not the taming CNN (ViT and TimeSformer have no twin yet)")
-    return backbone
+def d_loss(gan, real, fake):
+    if gan["adversarial_loss"] == "hinge":
+        return hinge_d_loss(real, fake)
+    return 0.5 * (F.softplus(-real).mean() + F.softplus(fake).mean())
+
+
+def g_loss(gan, fake):
+    return -fake.mean() if gan["adversarial_loss"] == "hinge" else F.softplus(-fake).mean()
+
+
+def backbone(model):
+    """("vit" | "taming", its settings) of a model configuration (the backbone is untagged in the
+    JSON: the ViT has a patch size, the taming CNN channel multipliers)."""
+    b = model["autoencoder"]
+    if "patch_size" in b and "frames" not in b:
+        return "vit", b
+    if "ch_mult" in b:
+        return "taming", b
+    fail("the model's backbone is neither the taming CNN nor the ViT (TimeSformer has no twin yet)")
+
+
+def image_shape(model):
+    """(side, channels) of the model's input images."""
+    kind, b = backbone(model)
+    return (b["image_size"], b["channels"]) if kind == "vit" else (b["resolution"], b["in_channels"])
 
 
 def autocast(device, precision):
@@ -402,7 +611,11 @@ def main():
         cfg = json.load(f)
     if a.describe:
         model = VqAutoencoder(cfg["model"])
-        print(json.dumps({n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}))
+        names = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+        parts = vqgan_parts(cfg, torch.device("cpu"))
+        if parts is not None:
+            names.update({f"discriminator.{n}": list(p.shape) for n, p in parts[1].named_parameters()})
+        print(json.dumps(names))
         return
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -423,8 +636,7 @@ def main():
     vqgan = vqgan_parts(cfg, device)
     disc_steps = [0]
     d_scaler = torch.amp.GradScaler(device.type, enabled=a.precision == "f16")
-    tm = taming(cfg["model"])
-    res, chans = tm["resolution"], tm["in_channels"]
+    res, chans = image_shape(cfg["model"])
     images = torch.rand(a.images, chans, res, res) * 2 - 1
     accum = batch // micro
 
@@ -449,12 +661,14 @@ def main():
                 loss = nll + gan["codebook_weight"] * qloss
                 if adversarial:
                     with autocast(device, a.precision):
-                        g_loss = -disc(rec).float().mean()
+                        g_adv = g_loss(gan, disc(rec).float())
                     if gan["adversarial_weighting"] == "adaptive":
-                        w = adaptive_weight(nll, g_loss, model.decoder.conv_out.weight, gan["disc_weight"])
+                        last = (model.decoder.to_pixel.conv_out if isinstance(model.decoder, VitDecoder)
+                                else model.decoder.conv_out).weight
+                        w = adaptive_weight(nll, g_adv, last, gan["disc_weight"])
                     else:
                         w = gan["disc_weight"]
-                    loss = loss + w * g_loss
+                    loss = loss + w * g_adv
                 pairs.append((x, rec.detach()))
             scaler.scale(loss / accum).backward()
             total = total + loss.detach()
@@ -469,10 +683,17 @@ def main():
             for g in d_opt.param_groups:
                 g["lr"] = learning_rate(i, t) * vqgan[0]["disc_lr_multiplier"]
             d_opt.zero_grad(set_to_none=True)
+            gan = vqgan[0]
+            r1 = gan.get("r1") if gan.get("r1") and i % gan["r1"]["every"] == 0 else None
             for x, rec in pairs:
+                if r1 is not None:
+                    x = x.detach().requires_grad_(True)
                 with autocast(device, a.precision):
                     real, fake = disc(x).float(), disc(rec).float()
-                d_scaler.scale(hinge_d_loss(real, fake) / accum).backward()
+                loss_d = d_loss(gan, real, fake)
+                if r1 is not None:
+                    loss_d = loss_d + r1_penalty(real, x) * (r1["gamma"] * r1["every"] / 2)
+                d_scaler.scale(loss_d / accum).backward()
             d_scaler.step(d_opt)
             d_scaler.update()
         return total / accum

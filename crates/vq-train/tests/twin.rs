@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tch::{Device, nn};
-use vq_models::{Preset, VqAutoencoder};
+use vq_models::{Discriminator, Preset, VqAutoencoder};
 use vq_train::train::RunConfig;
 
 fn site() -> Option<PathBuf> {
@@ -63,17 +63,26 @@ fn the_twin_has_vq_trains_variables() {
         Preset::VqVaeF4Euclidean,
         Preset::VqganF16Imagenet,
         Preset::LdmF8,
+        Preset::VitVqganSmall,
     ] {
         let cfg = preset_config(preset);
         let theirs = twin(&site, &config_file(preset.name(), &cfg), &["--describe"]);
         let vs = nn::VarStore::new(Device::Cpu);
         let _model = VqAutoencoder::new(&vs.root(), &cfg.model).unwrap();
-        let ours: BTreeMap<String, Vec<i64>> = vs
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .map(|(n, t)| (n, t.size()))
-            .collect();
+        let trainable = |vs: &nn::VarStore, prefix: &str| {
+            vs.variables()
+                .into_iter()
+                .filter(|(_, t)| t.requires_grad())
+                .map(|(n, t)| (format!("{prefix}{n}"), t.size()))
+                .collect::<Vec<_>>()
+        };
+        let mut ours: BTreeMap<String, Vec<i64>> = trainable(&vs, "").into_iter().collect();
+        if let Some(gan) = &cfg.gan {
+            // The PatchGAN of the taming VQGANs, the StyleGAN2-type one of ViT-VQGAN.
+            let dvs = nn::VarStore::new(Device::Cpu);
+            let _disc = Discriminator::new(&dvs.root(), gan).unwrap();
+            ours.extend(trainable(&dvs, "discriminator."));
+        }
         let theirs: BTreeMap<String, Vec<i64>> = serde_json::from_value(theirs).unwrap();
         assert_eq!(ours, theirs, "{}", preset.name());
     }
@@ -129,6 +138,50 @@ fn the_twin_trains_a_vqgan_with_its_discriminator() {
     gan.disc_start = 0;
     cfg.gan = Some(gan);
     let path = config_file("demo-vqgan", &cfg);
+    let r = twin(
+        &site,
+        &path,
+        &[
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "4",
+            "--threads",
+            "1",
+            "--images",
+            "8",
+        ],
+    );
+    let loss = r["loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "{r}");
+    assert_eq!(r["discriminator_steps"], 3, "{r}");
+}
+
+/// A small ViT-VQGAN configuration (enhancing-transformers' ViT at 32², the StyleGAN2-type
+/// discriminator, non-saturating losses, a fixed weight, R1 every second step): the twin trains
+/// generator and discriminator, the penalty included.
+#[test]
+fn the_twin_trains_a_vit_vqgan_with_r1() {
+    let Some(site) = site() else {
+        eprintln!("skipped: no Python torch in .libtorch/site (libtorch adopted from LIBTORCH)");
+        return;
+    };
+    let mut cfg = preset_config(Preset::VitVqganSmall);
+    let mut json = serde_json::to_value(&cfg).unwrap();
+    json["model"]["autoencoder"] = serde_json::json!({
+        "image_size": 32, "patch_size": 8, "channels": 3, "dim": 64, "depth": 1, "heads": 2,
+        "dim_head": 32, "mlp_dim": 128
+    });
+    json["model"]["quantizer"]["codebook_size"] = serde_json::json!(64);
+    json["model"]["quantizer"]["projection"] = serde_json::json!({"linear": {"channels": 64}});
+    json["gan"]["discriminator"]["style_gan"]["image_size"] = serde_json::json!(32);
+    json["gan"]["r1"]["every"] = serde_json::json!(2);
+    cfg = serde_json::from_value(json).unwrap();
+    // vq-train accepts it (the same configuration both sides read).
+    cfg.validate().unwrap();
+    let path = config_file("small-vit-vqgan", &cfg);
     let r = twin(
         &site,
         &path,
