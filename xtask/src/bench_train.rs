@@ -14,7 +14,8 @@ use crate::setup::Libtorch;
 /// What to time.
 #[derive(Debug, clap::Args)]
 pub struct BenchTrain {
-    /// Preset (the taming CNN: the demo, a Table-1 VQ-VAE, or a taming / latent-diffusion VQGAN).
+    /// Preset (any: the twin rebuilds the taming CNN, the ViT and TimeSformer with their
+    /// discriminators).
     #[arg(long, default_value = "demo-fashion-mnist")]
     preset: String,
     /// Gradient estimator of both sides: ste or rotation.

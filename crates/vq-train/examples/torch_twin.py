@@ -3,8 +3,10 @@ built from a run configuration as `vq-train presets <name>` prints it, trained f
 timed. `cargo xtask bench-train` runs it beside `vq-train train` and prints the ratio.
 
 The network is taming-transformers' Encoder / Decoder (taming/modules/diffusionmodules/model.py,
-as crates/vq-models/src/taming.rs rebuilds it) with the optional 1x1 quant_conv pair, or
-enhancing-transformers' ViT encoder / decoder (as crates/vq-models/src/vit.rs rebuilds it); the quantizer
+as crates/vq-models/src/taming.rs rebuilds it) with the optional 1x1 quant_conv pair,
+enhancing-transformers' ViT encoder / decoder (as crates/vq-models/src/vit.rs rebuilds it), or
+transformers' TimeSformer (divided space-time attention) as video encoder / decoder (as
+crates/vq-models/src/timesformer.rs rebuilds it; the discriminator sees the clips' frames); the quantizer
 is lucidrains' vector-quantize-pytorch layer written with torch ops (EMA codebook with Laplace
 smoothing, or a learned one; Euclidean or cosine lookup; straight-through or the rotation trick of
 `rotate_to`; commitment loss beta * mse(e, sg(q))); the optimiser torch.optim.AdamW with the
@@ -275,6 +277,125 @@ class VitDecoder(nn.Module):
         return self.to_pixel.conv_out(self.norm(t).transpose(1, 2).reshape(b, d, gh, gw))
 
 
+# --- transformers' TimeSformer as encoder / decoder ------------------------------------------
+
+class TsAttention(nn.Module):
+    """TimesformerAttention: `attention.qkv` and `output.dense` (transformers' names)."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.heads = heads
+        self.attention, self.output = nn.Module(), nn.Module()
+        self.attention.qkv = nn.Linear(d, 3 * d)
+        self.output.dense = nn.Linear(d, d)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        qkv = self.attention.qkv(x).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        attn = ((q @ k.transpose(-2, -1)) * (d // self.heads) ** -0.5).softmax(-1, dtype=torch.float32)
+        return self.output.dense((attn @ v).transpose(1, 2).reshape(b, n, d))
+
+
+def dense(din, dout):
+    return nn.Linear(din, dout)
+
+
+class TsLayer(nn.Module):
+    """TimesformerLayer with divided space-time attention, as crates/vq-models/src/timesformer.rs."""
+
+    def __init__(self, s):
+        super().__init__()
+        d, eps = s["hidden"], s["layer_norm_eps"]
+        self.temporal_layernorm = nn.LayerNorm(d, eps=eps)
+        self.temporal_attention = TsAttention(d, s["heads"])
+        self.temporal_dense = dense(d, d)
+        self.layernorm_before = nn.LayerNorm(d, eps=eps)
+        self.attention = TsAttention(d, s["heads"])
+        self.layernorm_after = nn.LayerNorm(d, eps=eps)
+        self.intermediate, self.output = nn.Module(), nn.Module()
+        self.intermediate.dense = dense(d, s["intermediate"])
+        self.output.dense = dense(s["intermediate"], d)
+
+    def forward(self, h, n, t):
+        b, _, d = h.shape
+        cls, tokens = h[:, :1], h[:, 1:]
+        res_t = self.temporal_attention(self.temporal_layernorm(tokens.reshape(b * n, t, d)))
+        xt = tokens + self.temporal_dense(res_t.reshape(b, n * t, d))
+        xs = xt.reshape(b, n, t, d).permute(0, 2, 1, 3).reshape(b * t, n, d)
+        cls_rep = cls.repeat(1, t, 1).reshape(b * t, 1, d)
+        res = self.attention(self.layernorm_before(torch.cat([cls_rep, xs], 1)))
+        res_cls = res[:, 0].reshape(b, t, d).mean(1, keepdim=True)
+        res_s = res[:, 1:].reshape(b, t, n, d).permute(0, 2, 1, 3).reshape(b, n * t, d)
+        h = torch.cat([cls, xt], 1) + torch.cat([res_cls, res_s], 1)
+        return h + self.output.dense(F.gelu(self.intermediate.dense(self.layernorm_after(h))))
+
+
+class TsTrunk(nn.Module):
+    """Embeddings (CLS, space and time positions), the layers and the final LayerNorm."""
+
+    def __init__(self, s):
+        super().__init__()
+        d, self.t = s["hidden"], s["frames"]
+        self.n = (s["image_size"] // s["patch_size"]) ** 2
+        self.embeddings = nn.Module()
+        self.embeddings.cls_token = nn.Parameter(torch.randn(1, 1, d) * 0.02)
+        self.embeddings.position_embeddings = nn.Parameter(torch.randn(1, self.n + 1, d) * 0.02)
+        self.embeddings.time_embeddings = nn.Parameter(torch.zeros(1, self.t, d))
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(TsLayer(s) for _ in range(s["layers"]))
+        self.layernorm = nn.LayerNorm(d, eps=s["layer_norm_eps"])
+
+    def trunk(self, x, b):
+        e, n, t = self.embeddings, self.n, self.t
+        d = x.shape[2]
+        x = x + e.position_embeddings[:, 1:]
+        cls = e.cls_token + e.position_embeddings[:, :1]
+        x = x.reshape(b, t, n, d).permute(0, 2, 1, 3) + e.time_embeddings.unsqueeze(1)
+        h = torch.cat([cls.expand(b, 1, d), x.reshape(b, n * t, d)], 1)
+        for layer in self.encoder.layer:
+            h = layer(h, n, t)
+        return self.layernorm(h)[:, 1:]
+
+
+class TsEncoder(TsTrunk):
+    def __init__(self, s):
+        super().__init__(s)
+        p, self.g, self.d = s["patch_size"], s["image_size"] // s["patch_size"], s["hidden"]
+        self.embeddings.patch_embeddings = nn.Module()
+        self.embeddings.patch_embeddings.projection = nn.Conv2d(s["channels"], self.d, p, stride=p)
+
+    def forward(self, x):
+        b, c, t, h, w = x.shape
+        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        tokens = self.embeddings.patch_embeddings.projection(frames).flatten(2).transpose(1, 2)
+        return self.trunk(tokens, b).reshape(b, self.g, self.g, t, self.d).permute(0, 4, 3, 1, 2)
+
+
+class TsDecoder(TsTrunk):
+    def __init__(self, s):
+        super().__init__(s)
+        p, self.c = s["patch_size"], s["channels"]
+        self.to_pixel = nn.Module()
+        self.to_pixel.conv_out = nn.ConvTranspose2d(s["hidden"], s["channels"], p, stride=p)
+
+    def forward(self, z):
+        b, d, t, g, gw = z.shape
+        tokens = z.permute(0, 2, 3, 4, 1).reshape(b * t, g * gw, d)
+        out = self.trunk(tokens, b)
+        frames = self.to_pixel.conv_out(out.reshape(b, g, gw, t, d).permute(0, 3, 4, 1, 2).reshape(b * t, d, g, gw))
+        h, w = frames.shape[2:]
+        return frames.reshape(b, t, self.c, h, w).permute(0, 2, 1, 3, 4)
+
+
+def frames_as_images(x):
+    """(B, C, T, H, W) → (B·T, C, H, W); images unchanged (vq_train::data::frames_as_images)."""
+    if x.dim() == 5:
+        b, c, t, h, w = x.shape
+        return x.transpose(1, 2).reshape(b * t, c, h, w)
+    return x
+
+
 # --- lucidrains-style vector quantizer --------------------------------------------------------
 
 def l2norm(t, eps=1e-12):
@@ -321,9 +442,11 @@ class VectorQuantizer(nn.Module):
             self.legacy = learning["gradient"]["placement"] == "legacy_codebook"
 
     def forward(self, x):
-        # (B, C, h, w) -> (B*h*w, C), float32 whatever the autocast region around it.
-        b, c, h, w = x.shape
-        flat = x.float().permute(0, 2, 3, 1).reshape(-1, c)
+        # (B, C, [T,] h, w) -> (B*[T*]h*w, C), float32 whatever the autocast region around it.
+        c = x.shape[1]
+        last = x.float().movedim(1, -1)
+        lead = last.shape[:-1]
+        flat = last.reshape(-1, c)
         e = self.project_in(flat) if self.project_in is not None else flat
         if self.project_in_norm is not None:
             e = self.project_in_norm(e)
@@ -350,7 +473,7 @@ class VectorQuantizer(nn.Module):
         out = rotate_to(e, q) if self.estimator == "rotation" else e + (q - e).detach()
         if self.project_out is not None:
             out = self.project_out(out)
-        out = out.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        out = out.reshape(*lead, -1).movedim(-1, 1)
         return out, loss, idx, commit
 
     @torch.no_grad()
@@ -372,6 +495,8 @@ class VqAutoencoder(nn.Module):
         kind, t = backbone(model)
         if kind == "vit":
             self.encoder, self.decoder = VitEncoder(t), VitDecoder(t)
+        elif kind == "timesformer":
+            self.encoder, self.decoder = TsEncoder(t), TsDecoder(t)
         else:
             self.encoder, self.decoder = Encoder(t), Decoder(t)
         q = model["quantizer"]
@@ -553,17 +678,23 @@ def backbone(model):
     """("vit" | "taming", its settings) of a model configuration (the backbone is untagged in the
     JSON: the ViT has a patch size, the taming CNN channel multipliers)."""
     b = model["autoencoder"]
-    if "patch_size" in b and "frames" not in b:
+    if "frames" in b:
+        return "timesformer", b
+    if "patch_size" in b:
         return "vit", b
     if "ch_mult" in b:
         return "taming", b
-    fail("the model's backbone is neither the taming CNN nor the ViT (TimeSformer has no twin yet)")
+    fail(f"unknown backbone {sorted(b)}: the twin has the taming CNN, the ViT and TimeSformer")
 
 
-def image_shape(model):
-    """(side, channels) of the model's input images."""
+def sample_shape(model):
+    """The shape of one input sample: (C, S, S), or (C, T, S, S) for video."""
     kind, b = backbone(model)
-    return (b["image_size"], b["channels"]) if kind == "vit" else (b["resolution"], b["in_channels"])
+    if kind == "taming":
+        return (b["in_channels"], b["resolution"], b["resolution"])
+    if kind == "vit":
+        return (b["channels"], b["image_size"], b["image_size"])
+    return (b["channels"], b["frames"], b["image_size"], b["image_size"])
 
 
 def autocast(device, precision):
@@ -636,8 +767,7 @@ def main():
     vqgan = vqgan_parts(cfg, device)
     disc_steps = [0]
     d_scaler = torch.amp.GradScaler(device.type, enabled=a.precision == "f16")
-    res, chans = image_shape(cfg["model"])
-    images = torch.rand(a.images, chans, res, res) * 2 - 1
+    images = torch.rand(a.images, *sample_shape(cfg["model"])) * 2 - 1
     accum = batch // micro
 
     def step(i):
@@ -661,15 +791,15 @@ def main():
                 loss = nll + gan["codebook_weight"] * qloss
                 if adversarial:
                     with autocast(device, a.precision):
-                        g_adv = g_loss(gan, disc(rec).float())
+                        g_adv = g_loss(gan, disc(frames_as_images(rec)).float())
                     if gan["adversarial_weighting"] == "adaptive":
-                        last = (model.decoder.to_pixel.conv_out if isinstance(model.decoder, VitDecoder)
+                        last = (model.decoder.to_pixel.conv_out if hasattr(model.decoder, "to_pixel")
                                 else model.decoder.conv_out).weight
                         w = adaptive_weight(nll, g_adv, last, gan["disc_weight"])
                     else:
                         w = gan["disc_weight"]
                     loss = loss + w * g_adv
-                pairs.append((x, rec.detach()))
+                pairs.append((frames_as_images(x), frames_as_images(rec.detach())))
             scaler.scale(loss / accum).backward()
             total = total + loss.detach()
         scaler.unscale_(opt)

@@ -56,7 +56,8 @@ fn the_twin_has_vq_trains_variables() {
         return;
     };
     // The taming CNN in every shape the presets use: f/4 and f/16, attention, quant_conv,
-    // learned and EMA codebooks, projections.
+    // learned and EMA codebooks, projections; the ViT and TimeSformer with their StyleGAN2-type
+    // discriminators.
     for preset in [
         Preset::DemoFashionMnist,
         Preset::VqVaeF16Cosine,
@@ -64,6 +65,7 @@ fn the_twin_has_vq_trains_variables() {
         Preset::VqganF16Imagenet,
         Preset::LdmF8,
         Preset::VitVqganSmall,
+        Preset::TimeSformerBair,
     ] {
         let cfg = preset_config(preset);
         let theirs = twin(&site, &config_file(preset.name(), &cfg), &["--describe"]);
@@ -152,6 +154,47 @@ fn the_twin_trains_a_vqgan_with_its_discriminator() {
             "1",
             "--images",
             "8",
+        ],
+    );
+    let loss = r["loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "{r}");
+    assert_eq!(r["discriminator_steps"], 3, "{r}");
+}
+
+/// A small TimeSformer-VQGAN configuration (4 frames of 16², two layers): the twin trains the
+/// video tokenizer, its discriminator on the clips' frames, R1 included.
+#[test]
+fn the_twin_trains_a_video_tokenizer() {
+    let Some(site) = site() else {
+        eprintln!("skipped: no Python torch in .libtorch/site (libtorch adopted from LIBTORCH)");
+        return;
+    };
+    let cfg = preset_config(Preset::TimeSformerBair);
+    let mut json = serde_json::to_value(&cfg).unwrap();
+    json["model"]["autoencoder"] = serde_json::json!({
+        "frames": 4, "image_size": 16, "patch_size": 4, "channels": 3, "hidden": 32,
+        "layers": 2, "heads": 2, "intermediate": 64, "layer_norm_eps": 1e-6
+    });
+    json["model"]["quantizer"]["codebook_size"] = serde_json::json!(64);
+    json["model"]["quantizer"]["projection"] = serde_json::json!({"linear": {"channels": 32}});
+    json["gan"]["discriminator"]["style_gan"]["image_size"] = serde_json::json!(16);
+    json["gan"]["r1"]["every"] = serde_json::json!(2);
+    let cfg: RunConfig = serde_json::from_value(json).unwrap();
+    cfg.validate().unwrap();
+    let r = twin(
+        &site,
+        &config_file("small-timesformer", &cfg),
+        &[
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "2",
+            "--threads",
+            "1",
+            "--images",
+            "4",
         ],
     );
     let loss = r["loss"].as_f64().unwrap();
