@@ -212,11 +212,20 @@ fn main() -> Result<()> {
                 }
             }
             // The twin benchmark (vq-train against the same model in PyTorch) in f32 and bf16
-            // at batch 16: a Table-1 VQ-VAE and the taming / latent-diffusion VQGANs.
+            // at the presets' batch sizes: a Table-1 VQ-VAE, the taming / latent-diffusion
+            // VQGANs, ViT-VQGAN and the BAIR TimeSformer (one micro-batch of 12 clips: its batch of
+            // 24 took 126 GB on an H200).
             let lt = setup::run(&root, false)?;
-            for preset in ["vqvae-f16-euclidean", "vqgan-f16-imagenet", "ldm-vq-f4"] {
+            for (preset, batch) in [
+                ("vqvae-f16-euclidean", 16),
+                ("vqgan-f16-imagenet", 16),
+                ("ldm-vq-f4", 16),
+                ("vit-vqgan-small", 32),
+                ("timesformer-bair", 12),
+            ] {
                 for precision in ["f32", "bf16"] {
-                    bench_train::BenchTrain::cuda(preset, precision, 16).run(&root, Some(&lt))?;
+                    bench_train::BenchTrain::cuda(preset, precision, batch)
+                        .run(&root, Some(&lt))?;
                 }
             }
             Ok(())
