@@ -277,6 +277,16 @@ impl<'a> Trainer<'a> {
         if readback == Readback::Window {
             model.set_finite_check(vq_tch::FiniteCheck::Deferred);
         }
+        if let Some(p) = opts.profile {
+            let end = opts.stop_after.unwrap_or(t.steps).min(t.steps);
+            ensure!(
+                p.first > start && p.last <= end,
+                "--profile-steps {}..{} lies outside the steps this invocation trains ({}..{end})",
+                p.first,
+                p.last,
+                start + 1
+            );
+        }
         let halt = Tensor::zeros([], (Kind::Float, opts.device));
         Ok(Self {
             opts,
