@@ -86,12 +86,10 @@ impl TamingConfig {
     }
 }
 
+/// `nn.Conv2d` with PyTorch's default initialisation, which taming-transformers and
+/// latent-diffusion keep ([`vq_tch::init`]).
 fn conv(p: nn::Path, cin: usize, cout: usize, k: i64, stride: i64, padding: i64) -> nn::Conv2D {
-    let cfg = nn::ConvConfig {
-        stride,
-        padding,
-        ..Default::default()
-    };
+    let cfg = vq_tch::init::torch_conv(cin, k as usize, stride, padding);
     nn::conv2d(p, cin as i64, cout as i64, k, cfg)
 }
 

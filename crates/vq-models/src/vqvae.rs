@@ -220,12 +220,13 @@ impl VqAutoencoder {
         config.validate()?;
         let z = config.autoencoder.latent_channels() as i64;
         let d = config.quantizer.codebook_dim as i64;
-        let one = nn::ConvConfig::default();
+        // taming's VQModel: nn.Conv2d 1×1 with PyTorch's default initialisation.
+        let one = |cin: i64| vq_tch::init::torch_conv(cin as usize, 1, 1, 0);
         let (quant_conv, post_quant_conv) = match config.quant_conv {
             QuantConv::None => (None, None),
             QuantConv::Conv1x1 => (
-                Some(nn::conv2d(p / "quant_conv", z, d, 1, one)),
-                Some(nn::conv2d(p / "post_quant_conv", d, z, 1, one)),
+                Some(nn::conv2d(p / "quant_conv", z, d, 1, one(z))),
+                Some(nn::conv2d(p / "post_quant_conv", d, z, 1, one(d))),
             ),
         };
         let (encoder, decoder): (Box<dyn Module>, AnyDecoder) = match &config.autoencoder {

@@ -359,4 +359,11 @@ fn configs_round_trip_through_json_and_are_validated() {
     ));
     let json = r#"{"autoencoder": {"ch": 1}}"#;
     assert!(serde_json::from_str::<VqAutoencoderConfig>(json).is_err());
+    // A configuration written before the codebook's initialisation was a field (a run folder's
+    // run.json) reads as it was trained: N(0, 1).
+    let mut old = serde_json::to_value(Preset::VqganF16Imagenet.config()).unwrap();
+    assert_eq!(old["quantizer"]["init"], "uniform_inverse_k");
+    old["quantizer"].as_object_mut().unwrap().remove("init");
+    let back: VqAutoencoderConfig = serde_json::from_value(old).unwrap();
+    assert_eq!(back.quantizer.init, vq_tch::CodebookInit::Normal);
 }

@@ -7,6 +7,7 @@
 mod ema;
 mod error;
 mod estimator;
+pub mod init;
 mod precision;
 mod quantizer;
 mod search;
@@ -18,8 +19,8 @@ pub use estimator::{
 };
 pub use precision::{Autocast, Precision, autocast};
 pub use quantizer::{
-    CodebookLearning, Mode, Projection, VectorQuantizer, VectorQuantizerConfig, VqOutput,
-    VqVaeLatent,
+    CodebookInit, CodebookLearning, Mode, Projection, VectorQuantizer, VectorQuantizerConfig,
+    VqOutput, VqVaeLatent,
 };
 pub use search::{FiniteCheck, FiniteVerdict, nearest_codes, nearest_codes_checked};
 pub use tch;

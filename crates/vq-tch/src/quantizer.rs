@@ -42,6 +42,62 @@ pub enum CodebookLearning {
     },
 }
 
+/// How the codebook's entries are drawn when a layer is built (from
+/// `StdRng::seed_from_u64(seed)`, on the host; l2-normalised afterwards for the cosine metric),
+/// as each reference implementation draws them. A k-means start is an option of EMA codebooks
+/// ([`CodebookLearning::Ema`]'s `kmeans_iters`), run on the first training batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum CodebookInit {
+    /// N(0, 1) per entry: enhancing-transformers' `embedding.weight.data.normal_()` (ViT-VQGAN
+    /// and the video tokenizers, Tables 4–5). The default of configurations written before the
+    /// field existed.
+    #[default]
+    Normal,
+    /// U(−b, b) with `b = √(6 / (K·D))`: `torch.nn.init.kaiming_uniform_` (a = 0, fan-in, gain
+    /// √2) on lucidrains' `(1, K, D)` codebook tensor, whose fan-in is K·D — the Table-1
+    /// quantizer (`EuclideanCodebook`, `CosineSimCodebook`).
+    KaimingUniform,
+    /// U(−1/K, 1/K): taming-transformers' and latent-diffusion's
+    /// `embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)` (Tables 2–3).
+    UniformInverseK,
+    /// U(−b, b) with the given bound.
+    Uniform {
+        /// The bound b > 0.
+        bound: f32,
+    },
+}
+
+impl CodebookInit {
+    /// The `K·D` entries (row-major) drawn from `rng`.
+    ///
+    /// ```
+    /// use rand::SeedableRng;
+    /// use vq_tch::CodebookInit;
+    /// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    /// let v = CodebookInit::KaimingUniform.draw(1024, 32, &mut rng);
+    /// let b = (6.0f32 / (1024.0 * 32.0)).sqrt();
+    /// assert!(v.iter().all(|x| x.abs() <= b));
+    /// ```
+    pub fn draw(&self, k: usize, d: usize, rng: &mut impl Rng) -> Vec<f32> {
+        let n = k * d;
+        let uniform = |b: f32, rng: &mut dyn rand::RngCore| -> Vec<f32> {
+            let dist = rand_distr::Uniform::new_inclusive(-b, b);
+            (0..n).map(|_| rng.sample(dist)).collect()
+        };
+        match *self {
+            Self::Normal => {
+                let normal = rand_distr::StandardNormal;
+                (0..n).map(|_| rng.sample(normal)).collect()
+            }
+            Self::KaimingUniform => uniform((6.0 / (k as f64 * d as f64)).sqrt() as f32, rng),
+            Self::UniformInverseK => uniform((1.0 / k as f64) as f32, rng),
+            Self::Uniform { bound } => uniform(bound, rng),
+        }
+    }
+}
+
 /// Configuration of a [`VectorQuantizer`]; checked by [`VectorQuantizerConfig::validate`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
@@ -62,6 +118,9 @@ pub struct VectorQuantizerConfig {
     pub projection: Projection,
     /// Seed of the codebook initialisation and of EMA sampling.
     pub seed: u64,
+    /// How the codebook starts.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub init: CodebookInit,
 }
 
 /// Projection between the input's channels C and the code dimension D (factorised codes,
@@ -108,7 +167,7 @@ impl VectorQuantizerConfig {
     }
 
     /// Paper Table 1 (VQ-VAE, lucidrains quantizer): EMA decay 0.8, Laplace 1e-5, no dead-code
-    /// replacement, no k-means, β = 1, rotation trick. `latent` picks the row: 16×16×32 with
+    /// replacement, no k-means, kaiming-uniform codebook, β = 1, rotation trick. `latent` picks the row: 16×16×32 with
     /// 1024 codes or 64×64×3 with 8192 codes.
     pub fn paper_vqvae(latent: VqVaeLatent, metric: Metric) -> Self {
         let (codebook_size, codebook_dim) = match latent {
@@ -129,11 +188,13 @@ impl VectorQuantizerConfig {
             },
             projection: Projection::Identity,
             seed: 0,
+            init: CodebookInit::KaimingUniform,
         }
     }
 
-    /// Paper Tables 2–3 (taming / latent-diffusion VQGAN): codebook learned by gradient, β = 0.25
-    /// in taming's legacy placement (on the codebook term), Euclidean, rotation trick.
+    /// Paper Tables 2–3 (taming / latent-diffusion VQGAN): codebook learned by gradient from
+    /// U(−1/K, 1/K), β = 0.25 in taming's legacy placement (on the codebook term), Euclidean,
+    /// rotation trick.
     pub fn paper_vqgan(codebook_size: usize, codebook_dim: usize) -> Self {
         Self {
             codebook_size,
@@ -146,13 +207,14 @@ impl VectorQuantizerConfig {
             },
             projection: Projection::Identity,
             seed: 0,
+            init: CodebookInit::UniformInverseK,
         }
     }
 
     /// Paper Table 4 (ViT-VQGAN small, enhancing-transformers' quantizer): 8192 codes of
     /// dimension 32, l2-normalised (cosine) lookup, `Linear(512 → 32)` / `Linear(32 → 512)`
-    /// projections, codebook learned by gradient with β = 0.25 on the commitment term, rotation
-    /// trick. The video models of Table 5 use the same quantizer with 1024 / 2048 codes and
+    /// projections, codebook drawn from N(0, 1) and learned by gradient with β = 0.25 on the
+    /// commitment term, rotation trick. The video models of Table 5 use the same quantizer with 1024 / 2048 codes and
     /// `channels` = 256.
     pub fn paper_vit_vqgan(codebook_size: usize, channels: usize) -> Self {
         Self {
@@ -166,6 +228,7 @@ impl VectorQuantizerConfig {
             },
             projection: Projection::Linear { channels },
             seed: 0,
+            init: CodebookInit::Normal,
         }
     }
 
@@ -186,6 +249,11 @@ impl VectorQuantizerConfig {
         }
         if self.loss_weights().is_err() {
             return bad("beta", "must be finite and >= 0");
+        }
+        if let CodebookInit::Uniform { bound } = self.init
+            && !(bound.is_finite() && bound > 0.0)
+        {
+            return bad("init", "a uniform bound must be finite and > 0");
         }
         if let CodebookLearning::Ema {
             decay,
@@ -307,8 +375,8 @@ struct EmaTensors {
 
 impl VectorQuantizer {
     /// A layer whose variables live under `path` (device: the store's). The codebook is drawn
-    /// from N(0, 1) (l2-normalised for cosine) by the config's seed; projections use tch's
-    /// default Linear/LayerNorm initialisation.
+    /// as the config's [`CodebookInit`] says (l2-normalised for cosine) by the config's seed;
+    /// projections start as PyTorch's `nn.Linear` / `nn.LayerNorm` do ([`crate::init`]).
     ///
     /// # Errors
     /// [`VqTchError::Config`] for an invalid config.
@@ -317,8 +385,9 @@ impl VectorQuantizer {
         let (k, d) = (config.codebook_size as i64, config.codebook_dim as i64);
         let device = path.device();
         let mut rng = StdRng::seed_from_u64(config.seed);
-        let normal = rand_distr::StandardNormal;
-        let values: Vec<f32> = (0..k * d).map(|_| rng.sample(normal)).collect();
+        let values = config
+            .init
+            .draw(config.codebook_size, config.codebook_dim, &mut rng);
         let mut init = Tensor::from_slice(&values).view([k, d]);
         if config.metric == Metric::Cosine {
             init = crate::l2_normalise_rows(&init);
@@ -354,7 +423,8 @@ impl VectorQuantizer {
             Projection::Identity => (None, None, None),
             Projection::Linear { channels } | Projection::LinearLayerNorm { channels } => {
                 let c = channels as i64;
-                let lin = nn::LinearConfig::default();
+                // nn.Linear's defaults, as lucidrains' and enhancing-transformers' projections.
+                let lin = crate::init::torch_linear();
                 let norm = matches!(config.projection, Projection::LinearLayerNorm { .. })
                     .then(|| nn::layer_norm(path / "project_in_norm", vec![d], Default::default()));
                 (

@@ -4,8 +4,8 @@ use rand::SeedableRng;
 use tch::{Device, Kind, Tensor, nn};
 use vq_core::{BetaPlacement, EmaCodebook, EmaConfig, Estimator, Metric};
 use vq_tch::{
-    CodebookLearning, FiniteCheck, FiniteVerdict, Mode, Precision, Projection, VectorQuantizer,
-    VectorQuantizerConfig, VqVaeLatent, autocast,
+    CodebookInit, CodebookLearning, FiniteCheck, FiniteVerdict, Mode, Precision, Projection,
+    VectorQuantizer, VectorQuantizerConfig, VqVaeLatent, autocast,
 };
 
 /// A layer in its own CPU VarStore.
@@ -611,4 +611,90 @@ fn a_deferred_check_reports_what_the_eager_check_reports() {
         // Row 29: sample 1 of 15 positions, position 2·5 + 4.
         assert!(got.contains("row 29"), "{got}");
     }
+}
+
+/// Each codebook initialisation against its formula: bounds, mean and variance of 32768 draws
+/// (uniform: |x| ≤ b, var b²/3; normal: var 1), and the presets' choices (lucidrains'
+/// kaiming-uniform for Table 1, taming's U(±1/K) for Tables 2–3, enhancing-transformers' N(0, 1)).
+#[test]
+fn codebook_inits_follow_their_formulas_and_the_references() {
+    use rand::SeedableRng;
+    let (k, d) = (512usize, 64usize);
+    let moments = |v: &[f32]| {
+        let n = v.len() as f64;
+        let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / n;
+        let var = v
+            .iter()
+            .map(|&x| (f64::from(x) - mean).powi(2))
+            .sum::<f64>()
+            / n;
+        (mean, var)
+    };
+    let kaiming = (6.0 / (k * d) as f64).sqrt();
+    for (init, bound) in [
+        (CodebookInit::KaimingUniform, Some(kaiming)),
+        (CodebookInit::UniformInverseK, Some(1.0 / k as f64)),
+        (CodebookInit::Uniform { bound: 0.5 }, Some(0.5)),
+        (CodebookInit::Normal, None),
+    ] {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let v = init.draw(k, d, &mut rng);
+        assert_eq!(v.len(), k * d);
+        let (mean, var) = moments(&v);
+        let n = (k * d) as f64;
+        match bound {
+            Some(b) => {
+                let max = v.iter().map(|x| f64::from(x.abs())).fold(0.0, f64::max);
+                assert!(
+                    max <= b * (1.0 + 1e-6) && max > 0.999 * b,
+                    "{init:?}: {max} vs {b}"
+                );
+                assert!(
+                    mean.abs() < 5.0 * b / (3.0 * n).sqrt(),
+                    "{init:?}: mean {mean}"
+                );
+                assert!(
+                    (var / (b * b / 3.0) - 1.0).abs() < 0.03,
+                    "{init:?}: var {var}"
+                );
+            }
+            None => {
+                assert!(mean.abs() < 5.0 / n.sqrt(), "{init:?}: mean {mean}");
+                assert!((var - 1.0).abs() < 0.03, "{init:?}: var {var}");
+            }
+        }
+    }
+    // The layer's codebook is the draw (l2-normalised rows for cosine).
+    for metric in [Metric::Euclidean, Metric::Cosine] {
+        let cfg = VectorQuantizerConfig {
+            codebook_size: 16,
+            codebook_dim: 4,
+            seed: 9,
+            ..VectorQuantizerConfig::paper_vqvae(VqVaeLatent::F16x16x32, metric)
+        };
+        let (_vs, vq) = layer(cfg);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+        let mut want = Tensor::from_slice(&cfg.init.draw(16, 4, &mut rng)).view([16, 4]);
+        if metric == Metric::Cosine {
+            want = &want / want.norm_scalaropt_dim(2, [1i64].as_slice(), true);
+        }
+        assert!(max_diff(vq.codebook(), &want) < 1e-6, "{metric:?}");
+    }
+    assert_eq!(
+        VectorQuantizerConfig::paper_vqvae(VqVaeLatent::F64x64x3, Metric::Cosine).init,
+        CodebookInit::KaimingUniform
+    );
+    assert_eq!(
+        VectorQuantizerConfig::paper_vqgan(1024, 256).init,
+        CodebookInit::UniformInverseK
+    );
+    assert_eq!(
+        VectorQuantizerConfig::paper_vit_vqgan(8192, 512).init,
+        CodebookInit::Normal
+    );
+    let bad = VectorQuantizerConfig {
+        init: CodebookInit::Uniform { bound: 0.0 },
+        ..small(Metric::Euclidean, Estimator::Rotation)
+    };
+    assert!(bad.validate().unwrap_err().to_string().contains("init"));
 }

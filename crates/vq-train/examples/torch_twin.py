@@ -23,7 +23,7 @@ penalty γ·every/2 · E‖∇_x D(x)‖² on real images every `every` steps.
 
 Usage: python torch_twin.py CONFIG.json --steps N --warmup W --device cpu|cuda --precision f32|bf16|f16
        [--batch-size B] [--threads T] [--images N] [--seed S]
-       python torch_twin.py CONFIG.json --describe
+       python torch_twin.py CONFIG.json --describe | --init-stats
 Prints one JSON line: trainable parameters, steps/s, images/s, peak memory, last loss; with
 --describe the trainable parameters' names and shapes (the references' names, as vq-train's
 checkpoints use them; the discriminator's under `discriminator.`) and nothing is trained."""
@@ -413,6 +413,22 @@ def rotate_to(src, tgt):
     return rotated * (n_tgt / n_src.clamp(min=1e-6)).detach()
 
 
+def codebook_init(init, k, d):
+    """The codebook's first values as vq_tch::CodebookInit draws them (other random numbers)."""
+    if init == "normal":
+        return torch.randn(k, d)
+    if init == "kaiming_uniform":  # lucidrains: kaiming_uniform_ on a (1, K, D) tensor
+        t = torch.empty(1, k, d)
+        nn.init.kaiming_uniform_(t)
+        return t[0]
+    if init == "uniform_inverse_k":  # taming: uniform_(-1/K, 1/K)
+        return torch.empty(k, d).uniform_(-1.0 / k, 1.0 / k)
+    if isinstance(init, dict) and "uniform" in init:
+        b = init["uniform"]["bound"]
+        return torch.empty(k, d).uniform_(-b, b)
+    fail(f"codebook init {init!r}")
+
+
 class VectorQuantizer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -430,7 +446,7 @@ class VectorQuantizer(nn.Module):
             self.project_in = nn.Linear(channels["channels"], d)
             self.project_in_norm = nn.LayerNorm(d) if kind == "linear_layer_norm" else None
             self.project_out = nn.Linear(d, channels["channels"])
-        embed = torch.randn(k, d)
+        embed = codebook_init(cfg.get("init", "normal"), k, d)
         if self.metric == "cosine":
             embed = l2norm(embed)
         if self.ema is not None:
@@ -731,6 +747,9 @@ def main():
     ap.add_argument("--images", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--describe", action="store_true")
+    ap.add_argument("--init-stats", action="store_true",
+                    help="print each trainable parameter's largest |value| and standard deviation "
+                         "at initialisation (as PyTorch's modules draw them) and exit")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="torch.backends.cudnn.benchmark = True (as vq-train's --cudnn-benchmark)")
     ap.add_argument("--profile", metavar="TRACE",
@@ -740,6 +759,12 @@ def main():
     a = ap.parse_args()
     with open(a.config) as f:
         cfg = json.load(f)
+    if a.init_stats:
+        torch.manual_seed(a.seed)
+        model = VqAutoencoder(cfg["model"])
+        print(json.dumps({n: [p.detach().abs().max().item(), p.detach().double().std().item() if p.numel() > 1 else 0.0]
+                          for n, p in model.named_parameters() if p.requires_grad}))
+        return
     if a.describe:
         model = VqAutoencoder(cfg["model"])
         names = {n: list(p.shape) for n, p in model.named_parameters() if p.requires_grad}

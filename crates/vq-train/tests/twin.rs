@@ -245,3 +245,54 @@ fn the_twin_trains_a_vit_vqgan_with_r1() {
     assert!(loss.is_finite() && loss > 0.0, "{r}");
     assert_eq!(r["discriminator_steps"], 3, "{r}");
 }
+
+/// The taming presets start as the reference modules do: every trainable variable's largest
+/// |value| and standard deviation at initialisation within a few percent of the same module
+/// instantiated in PyTorch (nn.Conv2d / nn.Linear defaults, GroupNorm and LayerNorm ones and
+/// zeros; lucidrains' kaiming-uniform or taming's U(±1/K) codebook). Draws differ (two
+/// generators); the distributions must not.
+#[test]
+fn the_taming_presets_start_as_the_pytorch_modules_do() {
+    let Some(site) = site() else {
+        eprintln!("skipped: no Python torch in .libtorch/site (libtorch adopted from LIBTORCH)");
+        return;
+    };
+    for preset in [
+        Preset::DemoFashionMnist,
+        Preset::VqVaeF16Cosine,
+        Preset::VqganF16Imagenet,
+    ] {
+        let cfg = preset_config(preset);
+        let theirs = twin(&site, &config_file(preset.name(), &cfg), &["--init-stats"]);
+        let theirs: BTreeMap<String, (f64, f64)> = serde_json::from_value(theirs).unwrap();
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let _model = VqAutoencoder::new(&vs.root(), &cfg.model).unwrap();
+        let mut checked = 0;
+        for (name, t) in vs.variables() {
+            if !t.requires_grad() {
+                continue;
+            }
+            let &(their_max, their_std) = theirs.get(&name).unwrap_or_else(|| panic!("{name}"));
+            let t = t.to_kind(tch::Kind::Double);
+            let max = f64::try_from(t.abs().max()).unwrap();
+            let std = match t.numel() {
+                1 => 0.0,
+                _ => f64::try_from(t.std(true)).unwrap(),
+            };
+            let close = |a: f64, b: f64, tol: f64| (a - b).abs() <= tol * a.abs().max(b.abs());
+            let what = format!(
+                "{}: {name}: max {max} vs {their_max}, std {std} vs {their_std}",
+                preset.name()
+            );
+            // Sampling error of two independent draws of n values: the maximum of n uniform
+            // draws lies within a few 1/n of the bound, a standard deviation within ~0.6/√n
+            // (relative; a uniform's kurtosis is 1.8); four of those, plus 2%.
+            let n = t.numel() as f64;
+            assert!(close(max, their_max, 0.02 + 4.0 / n), "{what}");
+            assert!(close(std, their_std, 0.02 + 2.5 / n.sqrt()), "{what}");
+            checked += 1;
+        }
+        assert_eq!(checked, theirs.len(), "{}", preset.name());
+    }
+}
