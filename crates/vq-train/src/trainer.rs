@@ -355,6 +355,8 @@ impl<'a> Trainer<'a> {
         self.dist.finish()?;
         // Evaluation after training runs in this process alone.
         self.model.set_process_group(None);
+        // Evaluation reads no verdicts: its searches check their inputs eagerly again.
+        self.model.set_finite_check(vq_tch::FiniteCheck::Eager);
         Ok(Trained {
             model: self.model,
             vs: self.vs,
