@@ -131,7 +131,8 @@ impl Pipeline {
             | Preset::VqVaeF16Cosine
             | Preset::VqVaeF4Euclidean
             | Preset::VqVaeF4Cosine
-            | Preset::DemoFashionMnist => Self::CenterCrop,
+            | Preset::DemoFashionMnist
+            | Preset::DemoFashionMnistLearned => Self::CenterCrop,
             Preset::VqganF16Imagenet | Preset::VqganF16Faces | Preset::LdmF4 | Preset::LdmF8 => {
                 Self::Taming
             }

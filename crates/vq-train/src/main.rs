@@ -271,13 +271,15 @@ fn preset_config(name: &str) -> Result<RunConfig> {
     let preset = Preset::from_name(name)?;
     let training = preset.training();
     let data = match preset {
-        Preset::DemoFashionMnist => "fashion-mnist-demo".to_owned(),
+        Preset::DemoFashionMnist | Preset::DemoFashionMnistLearned => {
+            "fashion-mnist-demo".to_owned()
+        }
         _ => "synthetic:512".to_owned(),
     };
     // 256² models: at most 16 images per forward pass (the paper's per-GPU batch), accumulated;
     // the largest such micro-batch that divides the batch (Table 5's 24 and 20: 12 and 10).
     let most = match preset {
-        Preset::DemoFashionMnist => 64,
+        Preset::DemoFashionMnist | Preset::DemoFashionMnistLearned => 64,
         _ => 16,
     };
     let micro = (1..=most.min(training.batch_size))
