@@ -370,7 +370,9 @@ fn demo(root: &Path, extra: &[String]) -> Result<()> {
     }
     println!("\nWhat the two regimes show (held-out images):");
     for (preset, regime) in DEMO_REGIMES {
-        let path = root.join("runs").join(format!("compare-{preset}/compare.json"));
+        let path = root
+            .join("runs")
+            .join(format!("compare-{preset}/compare.json"));
         println!("- {regime}: {}", demo_sentence(&path)?);
     }
     Ok(())

@@ -90,6 +90,31 @@ fn the_twin_has_vq_trains_variables() {
     }
 }
 
+/// Two timed steps after one warm-up of a VQGAN configuration on `images` random images: the
+/// loss is finite and positive, and the discriminator took a step at each of the three.
+fn trains_generator_and_discriminator(site: &Path, config: &Path, batch: usize, images: usize) {
+    let (batch, images) = (batch.to_string(), images.to_string());
+    let r = twin(
+        site,
+        config,
+        &[
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--batch-size",
+            &batch,
+            "--threads",
+            "1",
+            "--images",
+            &images,
+        ],
+    );
+    let loss = r["loss"].as_f64().unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "{r}");
+    assert_eq!(r["discriminator_steps"], 3, "{r}");
+}
+
 #[test]
 fn the_twin_trains_in_f32_and_bf16() {
     let Some(site) = site() else {
@@ -140,25 +165,7 @@ fn the_twin_trains_a_vqgan_with_its_discriminator() {
     gan.disc_start = 0;
     cfg.gan = Some(gan);
     let path = config_file("demo-vqgan", &cfg);
-    let r = twin(
-        &site,
-        &path,
-        &[
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--batch-size",
-            "4",
-            "--threads",
-            "1",
-            "--images",
-            "8",
-        ],
-    );
-    let loss = r["loss"].as_f64().unwrap();
-    assert!(loss.is_finite() && loss > 0.0, "{r}");
-    assert_eq!(r["discriminator_steps"], 3, "{r}");
+    trains_generator_and_discriminator(&site, &path, 4, 8);
 }
 
 /// A small TimeSformer-VQGAN configuration (4 frames of 16², two layers): the twin trains the
@@ -181,25 +188,7 @@ fn the_twin_trains_a_video_tokenizer() {
     json["gan"]["r1"]["every"] = serde_json::json!(2);
     let cfg: RunConfig = serde_json::from_value(json).unwrap();
     cfg.validate().unwrap();
-    let r = twin(
-        &site,
-        &config_file("small-timesformer", &cfg),
-        &[
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--batch-size",
-            "2",
-            "--threads",
-            "1",
-            "--images",
-            "4",
-        ],
-    );
-    let loss = r["loss"].as_f64().unwrap();
-    assert!(loss.is_finite() && loss > 0.0, "{r}");
-    assert_eq!(r["discriminator_steps"], 3, "{r}");
+    trains_generator_and_discriminator(&site, &config_file("small-timesformer", &cfg), 2, 4);
 }
 
 /// A small ViT-VQGAN configuration (enhancing-transformers' ViT at 32², the StyleGAN2-type
@@ -225,25 +214,7 @@ fn the_twin_trains_a_vit_vqgan_with_r1() {
     // vq-train accepts it (the same configuration both sides read).
     cfg.validate().unwrap();
     let path = config_file("small-vit-vqgan", &cfg);
-    let r = twin(
-        &site,
-        &path,
-        &[
-            "--steps",
-            "2",
-            "--warmup",
-            "1",
-            "--batch-size",
-            "4",
-            "--threads",
-            "1",
-            "--images",
-            "8",
-        ],
-    );
-    let loss = r["loss"].as_f64().unwrap();
-    assert!(loss.is_finite() && loss > 0.0, "{r}");
-    assert_eq!(r["discriminator_steps"], 3, "{r}");
+    trains_generator_and_discriminator(&site, &path, 4, 8);
 }
 
 /// The taming presets start as the reference modules do: every trainable variable's largest
