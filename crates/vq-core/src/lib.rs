@@ -13,6 +13,7 @@
 //!   initialisation, dead-code replacement;
 //! * metrics: [`code_counts`], [`codebook_usage`], [`perplexity`], [`quantization_error`];
 //! * [`Quantizer`]: a whole VQ layer step, forward and backward;
+//! * [`gumbel`]: Gumbel-softmax quantization (the paper's Gumbel VQ-VAE / VQGAN baselines);
 //! * [`toy`]: the paper's 2-D experiments (Himmelblau simulation, Voronoi push/pull).
 //!
 //! Data are f32, row-major: encoder outputs `e` are N×D, codebooks K×D. No I/O, no libtorch.
@@ -39,6 +40,7 @@
 mod codebook;
 mod error;
 mod estimator;
+pub mod gumbel;
 mod layer;
 mod loss;
 mod metrics;
