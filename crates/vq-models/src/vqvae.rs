@@ -285,6 +285,12 @@ impl VqAutoencoder {
         }
     }
 
+    /// Tells the quantizer the optimizer step about to be trained
+    /// ([`VectorQuantizer::set_step`]: the Gumbel family's temperature).
+    pub fn set_step(&mut self, step: usize) {
+        self.quantize.set_step(step);
+    }
+
     /// Image → quantized latents (EMA codebooks learn in [`Mode::Train`]).
     ///
     /// # Errors

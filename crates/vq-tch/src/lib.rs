@@ -19,8 +19,8 @@ pub use estimator::{
 };
 pub use precision::{Autocast, Precision, autocast};
 pub use quantizer::{
-    CodebookInit, CodebookLearning, Mode, Projection, VectorQuantizer, VectorQuantizerConfig,
-    VqOutput, VqVaeLatent,
+    CodebookInit, CodebookLearning, Family, Mode, Projection, VectorQuantizer,
+    VectorQuantizerConfig, VqOutput, VqVaeLatent,
 };
 pub use search::{FiniteCheck, FiniteVerdict, nearest_codes, nearest_codes_checked};
 pub use tch;

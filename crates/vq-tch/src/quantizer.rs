@@ -10,6 +10,7 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tch::{Device, Kind, Reduction, Tensor, nn};
+use vq_core::gumbel::{GumbelForward, TemperatureSchedule, gumbel_noise};
 use vq_core::{
     BetaPlacement, CodebookTerm, EmaCodebook, EmaConfig, Estimator, LossWeights, Metric,
 };
@@ -121,6 +122,39 @@ pub struct VectorQuantizerConfig {
     /// How the codebook starts.
     #[cfg_attr(feature = "serde", serde(default))]
     pub init: CodebookInit,
+    /// How an input becomes a code: the nearest code, or Gumbel-softmax sampling.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Family::is_nearest")
+    )]
+    pub family: Family,
+}
+
+/// How the layer turns an input vector into a code.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum Family {
+    /// The nearest code under the metric; the gradient reaches the input through the
+    /// [`Estimator`]. The default of configurations written before the field existed.
+    #[default]
+    Nearest,
+    /// Gumbel-softmax quantization ([`vq_core::gumbel`]): `Linear(D → K)` logits per position
+    /// (`gumbel_proj`, PyTorch's default init, as taming's 1×1 `proj` conv), the relaxed one-hot
+    /// `y = softmax((l + g)/τ)` mixes the codes, `z = yC`; the prior term
+    /// `kl_weight · KL(softmax(l) ‖ uniform)` is the layer's codebook loss and there is no
+    /// commitment term. The estimator and β are not used. Needs the Euclidean metric, a codebook
+    /// learned by gradient and no projection (the input has D channels). Evaluation takes
+    /// `argmax l`.
+    Gumbel {
+        /// Weight of the prior term (karpathy's 5e-4; taming's `GumbelVQ` 1e-8).
+        kl_weight: f32,
+        /// Soft or straight-through hard forward in training.
+        forward: GumbelForward,
+        /// τ by optimizer step; the trainer sets the step with
+        /// [`VectorQuantizer::set_step`].
+        temperature: TemperatureSchedule,
+    },
 }
 
 /// Projection between the input's channels C and the code dimension D (factorised codes,
@@ -142,6 +176,14 @@ pub enum Projection {
         /// Input channels C.
         channels: usize,
     },
+}
+
+impl Family {
+    /// Whether this is [`Family::Nearest`] (configurations leave the field out then, so records
+    /// written before it existed compare equal).
+    pub fn is_nearest(&self) -> bool {
+        *self == Self::Nearest
+    }
 }
 
 impl VectorQuantizerConfig {
@@ -189,6 +231,7 @@ impl VectorQuantizerConfig {
             projection: Projection::Identity,
             seed: 0,
             init: CodebookInit::KaimingUniform,
+            family: Family::Nearest,
         }
     }
 
@@ -208,6 +251,7 @@ impl VectorQuantizerConfig {
             projection: Projection::Identity,
             seed: 0,
             init: CodebookInit::UniformInverseK,
+            family: Family::Nearest,
         }
     }
 
@@ -229,6 +273,7 @@ impl VectorQuantizerConfig {
             projection: Projection::Linear { channels },
             seed: 0,
             init: CodebookInit::Normal,
+            family: Family::Nearest,
         }
     }
 
@@ -254,6 +299,34 @@ impl VectorQuantizerConfig {
             && !(bound.is_finite() && bound > 0.0)
         {
             return bad("init", "a uniform bound must be finite and > 0");
+        }
+        if let Family::Gumbel {
+            kl_weight,
+            temperature,
+            ..
+        } = self.family
+        {
+            if !(kl_weight.is_finite() && kl_weight >= 0.0) {
+                return bad("family", "the Gumbel kl_weight must be finite and >= 0");
+            }
+            if temperature.validate().is_err() {
+                return bad("family", "every Gumbel temperature must be finite and > 0");
+            }
+            if self.metric != Metric::Euclidean {
+                return bad(
+                    "metric",
+                    "a Gumbel quantizer mixes raw codes: euclidean only",
+                );
+            }
+            if self.projection != Projection::Identity {
+                return bad(
+                    "projection",
+                    "a Gumbel quantizer reads logits from its D-channel input: identity only",
+                );
+            }
+            if !matches!(self.learning, CodebookLearning::Gradient { .. }) {
+                return bad("learning", "a Gumbel codebook is learned by gradient");
+            }
         }
         if let CodebookLearning::Ema {
             decay,
@@ -302,6 +375,10 @@ pub struct VqOutput {
     pub quantized: Tensor,
     /// Code index per position: `(B, H, W)`, `(B, T, H, W)` or `(N)`, i64.
     pub indices: Tensor,
+    /// The vectors that were quantized, `e` (after any input projection and normalisation;
+    /// detached), in the input's layout with D channels: without a projection, the value
+    /// `quantized` would have if the layer passed its input through.
+    pub latents: Tensor,
     /// Weighted commitment loss (scalar, differentiable w.r.t. the input).
     pub commitment_loss: Tensor,
     /// Weighted codebook loss (scalar; zero for EMA codebooks).
@@ -361,6 +438,26 @@ pub struct VectorQuantizer {
     project_out: Option<nn::Linear>,
     group: Option<Arc<ProcessGroup>>,
     finite_check: FiniteCheck,
+    gumbel: Option<GumbelState>,
+}
+
+/// The Gumbel family's own variables and the temperature's step.
+#[derive(Debug)]
+struct GumbelState {
+    proj: nn::Linear,
+    /// Training forwards done (the noise of forward `s` is drawn from `seed + s`).
+    draws: Tensor,
+    step: usize,
+}
+
+/// The rows' part of a forward pass, before the layout is restored.
+struct Rows {
+    out: Tensor,
+    idx: Tensor,
+    commitment_loss: Tensor,
+    codebook_loss: Tensor,
+    quantization_error: Tensor,
+    finite_verdict: Option<FiniteVerdict>,
 }
 
 /// EMA state as variables of the store.
@@ -434,6 +531,11 @@ impl VectorQuantizer {
                 )
             }
         };
+        let gumbel = matches!(config.family, Family::Gumbel { .. }).then(|| GumbelState {
+            proj: nn::linear(path / "gumbel_proj", d, k, crate::init::torch_linear()),
+            draws: path.add("gumbel_draws", scalar(0), false),
+            step: 0,
+        });
         Ok(Self {
             config,
             codebook,
@@ -444,6 +546,7 @@ impl VectorQuantizer {
             project_out,
             group: None,
             finite_check: FiniteCheck::Eager,
+            gumbel,
         })
     }
 
@@ -465,6 +568,22 @@ impl VectorQuantizer {
     /// (The EMA step of a non-finite batch writes NaN into the codebook either way.)
     pub fn set_finite_check(&mut self, check: FiniteCheck) {
         self.finite_check = check;
+    }
+
+    /// Tells the layer the optimizer step (0-based) about to be trained, which sets the Gumbel
+    /// family's temperature ([`Family::Gumbel`]); other families ignore it.
+    pub fn set_step(&mut self, step: usize) {
+        if let Some(g) = &mut self.gumbel {
+            g.step = step;
+        }
+    }
+
+    /// The Gumbel family's temperature at the step set by [`set_step`](Self::set_step).
+    pub fn temperature(&self) -> Option<f64> {
+        match (self.config.family, &self.gumbel) {
+            (Family::Gumbel { temperature, .. }, Some(g)) => Some(temperature.at(g.step)),
+            _ => None,
+        }
     }
 
     /// The codebook (K, D).
@@ -601,6 +720,49 @@ impl VectorQuantizer {
         if train && self.kmeans_pending() {
             self.kmeans_init(&e, per_sample)?;
         }
+        let Rows {
+            mut out,
+            idx,
+            commitment_loss,
+            codebook_loss,
+            quantization_error,
+            finite_verdict,
+        } = match self.config.family {
+            Family::Nearest => self.nearest_rows(&e, train, per_sample)?,
+            Family::Gumbel { .. } => self.gumbel_rows(&e, train)?,
+        };
+        let latent_power = e.detach().square().mean(Kind::Float);
+        if let Some(lin) = &self.project_out {
+            out = out.apply(lin);
+        }
+        let inverse: Vec<i64> = match rank {
+            2 => vec![0, 1],
+            4 => vec![0, 3, 1, 2],
+            _ => vec![0, 4, 1, 2, 3],
+        };
+        let layout = |t: &Tensor| {
+            let mut shape = lead.clone();
+            shape.push(t.size()[1]);
+            t.reshape(&shape[..])
+                .permute(&inverse[..])
+                .to_kind(x.kind())
+        };
+        let quantized = layout(&out);
+        Ok(VqOutput {
+            quantized,
+            latents: layout(&e.detach()),
+            indices: idx.reshape(&lead[..]),
+            commitment_loss,
+            codebook_loss,
+            quantization_error,
+            latent_power,
+            finite_verdict,
+        })
+    }
+
+    /// Nearest-code lookup, estimator, commitment / codebook losses and the EMA step on rows
+    /// `e` (N, D).
+    fn nearest_rows(&mut self, e: &Tensor, train: bool, per_sample: i64) -> Result<Rows> {
         let (idx, finite_verdict) = nearest_codes_checked(
             &e.detach(),
             &self.codebook.detach(),
@@ -610,12 +772,11 @@ impl VectorQuantizer {
         let idx = idx.to_device(e.device());
         let q_live = self.codebook.index_select(0, &idx);
         let q = q_live.detach();
-        let mut out = apply_estimator(&e, &q, self.config.estimator)?;
+        let out = apply_estimator(e, &q, self.config.estimator)?;
         let commit_mse = e.mse_loss(&q, Reduction::Mean);
         let weights = self.config.loss_weights()?;
         let (wc, wb) = (weights.commitment(), weights.codebook());
         let quantization_error = commit_mse.detach();
-        let latent_power = e.detach().square().mean(Kind::Float);
         let commitment_loss = commit_mse * f64::from(wc);
         let codebook_loss = if wb > 0.0 {
             q_live.mse_loss(&e.detach(), Reduction::Mean) * f64::from(wb)
@@ -625,28 +786,74 @@ impl VectorQuantizer {
         if train && self.ema.is_some() {
             self.ema_update(&e.detach(), &idx, per_sample)?;
         }
-        if let Some(lin) = &self.project_out {
-            out = out.apply(lin);
-        }
-        let mut lead_with_c = lead.clone();
-        lead_with_c.push(c);
-        let inverse: Vec<i64> = match rank {
-            2 => vec![0, 1],
-            4 => vec![0, 3, 1, 2],
-            _ => vec![0, 4, 1, 2, 3],
-        };
-        let quantized = out
-            .reshape(&lead_with_c[..])
-            .permute(&inverse[..])
-            .to_kind(x.kind());
-        Ok(VqOutput {
-            quantized,
-            indices: idx.reshape(&lead[..]),
+        Ok(Rows {
+            out,
+            idx,
             commitment_loss,
             codebook_loss,
             quantization_error,
-            latent_power,
             finite_verdict,
+        })
+    }
+
+    /// Gumbel-softmax quantization of rows `e` (N, D) ([`Family::Gumbel`], the formulas of
+    /// [`vq_core::gumbel`]). Training draws the noise on the host from
+    /// `StdRng::seed_from_u64(seed + draws)`, so a resumed run draws what an uninterrupted one
+    /// does. The quantization error is `mean((z − q)²)` between the mixture the decoder sees and
+    /// the hard code (0 in evaluation and with the hard forward).
+    fn gumbel_rows(&mut self, e: &Tensor, train: bool) -> Result<Rows> {
+        let Family::Gumbel {
+            kl_weight,
+            forward,
+            temperature,
+        } = self.config.family
+        else {
+            unreachable!("called for the Gumbel family only")
+        };
+        let g = self
+            .gumbel
+            .as_ref()
+            .expect("Gumbel state exists for the family");
+        let logits = e.apply(&g.proj);
+        let (n, k) = (logits.size()[0], self.config.codebook_size as i64);
+        let (y, idx) = if train {
+            let draws =
+                i64::try_from(&g.draws).map_err(|err| VqTchError::Torch(err.to_string()))?;
+            let mut rng = StdRng::seed_from_u64(self.config.seed.wrapping_add(draws as u64));
+            let noise = gumbel_noise(n as usize, k as usize, &mut rng);
+            let noise = Tensor::from_slice(noise.as_slice().expect("standard layout"))
+                .view([n, k])
+                .to_device(e.device());
+            let _ = tch::no_grad(|| g.draws.shallow_clone().g_add_scalar_(1));
+            let tau = temperature.at(g.step);
+            let soft = ((&logits + noise) / tau).softmax(-1, Kind::Float);
+            let idx = soft.argmax(-1, false);
+            let y = match forward {
+                GumbelForward::Soft => soft,
+                GumbelForward::Hard => {
+                    let hard = idx.one_hot(k).to_kind(Kind::Float);
+                    hard - soft.detach() + soft
+                }
+            };
+            (y, idx)
+        } else {
+            let idx = logits.argmax(-1, false);
+            (idx.one_hot(k).to_kind(Kind::Float), idx)
+        };
+        let out = y.matmul(&self.codebook);
+        let q = self.codebook.detach().index_select(0, &idx);
+        let quantization_error = out.detach().mse_loss(&q, Reduction::Mean);
+        let p = logits.softmax(-1, Kind::Float);
+        let kl = (&p * (&p * k as f64 + vq_core::gumbel::KL_EPS).log())
+            .sum_dim_intlist(-1, false, Kind::Float)
+            .mean(Kind::Float);
+        Ok(Rows {
+            out,
+            idx,
+            commitment_loss: Tensor::zeros([], (Kind::Float, e.device())),
+            codebook_loss: kl * f64::from(kl_weight),
+            quantization_error,
+            finite_verdict: None,
         })
     }
 

@@ -8,10 +8,10 @@ use anyhow::{Context, Result};
 use tch::{Device, Tensor, nn};
 use vq_data::Split;
 use vq_models::VqAutoencoder;
-use vq_tch::Estimator;
 
 use crate::data::DataSource;
 use crate::eval::{EvalMetrics, EvalNets, Perceptual, evaluate};
+use crate::method::Method;
 use crate::train::{RunConfig, StepMetrics, TrainOptions, train, write_atomic};
 use crate::{checkpoint, plot};
 
@@ -29,19 +29,24 @@ pub struct CompareRow {
     pub train_seconds: f64,
 }
 
-/// Trains (or resumes / reuses) one run per estimator under `out/<estimator>/`, evaluates each
+/// Trains (or resumes / reuses) one run per estimator or baseline ([`Method`]) under
+/// `out/<name>/`, evaluates each
 /// on both splits, writes `compare.md`, `compare.json` and `curves.png` into `out`, and returns
 /// the rows.
 ///
 /// # Errors
 /// As [`train`] and [`evaluate`].
-pub fn compare(base: &TrainOptions, estimators: &[Estimator]) -> Result<Vec<CompareRow>> {
+pub fn compare<M: Into<Method> + Copy>(
+    base: &TrainOptions,
+    methods: &[M],
+) -> Result<Vec<CompareRow>> {
+    let estimators: Vec<Method> = methods.iter().map(|&m| m.into()).collect();
     let mut rows = Vec::new();
     let mut grid_rows: Vec<(String, Tensor)> = Vec::new();
     let mut steps = Vec::new();
     for (i, &est) in estimators.iter().enumerate() {
         let mut config = base.config.clone();
-        config.model.quantizer.estimator = est;
+        est.apply(&mut config)?;
         let out = base.out.join(est.name());
         let latest = checkpoint::latest(&out)?;
         if let (true, Some((ckpt, state))) = (base.resume, &latest) {
@@ -212,7 +217,7 @@ pub fn evaluate_run(
         originals: crate::data::frames_as_images(&x),
         reconstructions: crate::data::frames_as_images(&rec),
     };
-    let estimator = config.model.quantizer.estimator.label();
+    let estimator = Method::of(config).label();
     plot::reconstruction_grid(
         &out.join("reconstructions.png"),
         &format!(
@@ -227,7 +232,7 @@ pub fn evaluate_run(
     )?;
     write_curves(out, config, &read_metrics(&out.join("metrics.jsonl"))?)?;
     let row = CompareRow {
-        estimator: config.model.quantizer.estimator.name().to_owned(),
+        estimator: Method::of(config).name().to_owned(),
         train,
         val,
         train_seconds: seconds,
@@ -243,7 +248,7 @@ pub fn evaluate_run(
 /// # Errors
 /// Plotting and I/O errors.
 pub fn write_curves(out: &Path, config: &RunConfig, history: &[StepMetrics]) -> Result<()> {
-    let estimator = config.model.quantizer.estimator.label();
+    let estimator = Method::of(config).label();
     // One temporary name per process: `watch` and the training process may draw at once.
     let tmp = out.join(format!("curves.partial-{}.png", std::process::id()));
     plot::curves(
@@ -340,14 +345,20 @@ pub fn markdown(config: &RunConfig, rows: &[CompareRow]) -> String {
             || "needs weights (--lpips)".to_owned(),
             |v| format!("{v:.4}"),
         );
+        // A Gumbel quantizer has no encoder vector to compare with its code (the paper's "—").
+        let (qe, relative) = match r.estimator == Method::Gumbel.name() {
+            true => ("—".to_owned(), "—".to_owned()),
+            false => (
+                format!("{:.3e}", r.val.quantization_error),
+                format!("{:.1}%", 100.0 * r.val.relative_quantization_error),
+            ),
+        };
         s.push_str(&format!(
-            "| {} | {:.1}% | {:.5} | {:.5} | {:.3e} | {:.1}% | {:.1} | {:.1}% | {lpips} | {} | {} |\n",
+            "| {} | {:.1}% | {:.5} | {:.5} | {qe} | {relative} | {:.1} | {:.1}% | {lpips} | {} | {} |\n",
             r.estimator,
             100.0 * r.val.usage,
             r.train.rec_mse,
             r.val.rec_mse,
-            r.val.quantization_error,
-            100.0 * r.val.relative_quantization_error,
             r.val.perplexity,
             100.0 * r.val.usage_total,
             r.val.rfid.map_or_else(

@@ -7,6 +7,7 @@ pub mod compare;
 pub mod data;
 pub mod dist;
 pub mod eval;
+pub mod method;
 pub mod ops;
 pub mod optim;
 pub mod plot;

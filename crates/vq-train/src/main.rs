@@ -9,11 +9,11 @@ use clap::{Args, Parser, Subcommand};
 use tch::{Device, nn};
 use vq_dist::Launch;
 use vq_models::{Preset, VqAutoencoder};
-use vq_tch::Estimator;
 use vq_train::checkpoint;
 use vq_train::compare::{compare, default_out, evaluate_run, markdown};
 use vq_train::data::{DATA_SOURCES, DataSource, Pipeline};
 use vq_train::dist::join_from_env;
+use vq_train::method::Method;
 use vq_train::train::{RunConfig, TrainOptions, train_in};
 
 #[global_allocator]
@@ -45,7 +45,8 @@ enum Command {
     Compare {
         #[command(flatten)]
         run: RunArgs,
-        /// Estimators to compare, comma-separated.
+        /// Estimators (and baselines: gumbel, hessian-approx, exact-gradients) to compare,
+        /// comma-separated.
         #[arg(long, default_value = "ste,rotation", value_delimiter = ',')]
         estimators: Vec<String>,
     },
@@ -145,7 +146,9 @@ struct RunArgs {
     /// Run configuration file (JSON, as printed by `vq-train presets <name>`); overrides the preset.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Gradient estimator: ste, rotation, rotation-no-rescale, reflection.
+    /// Gradient estimator: ste, rotation, rotation-no-rescale, reflection, or one of the
+    /// paper's baselines: gumbel (Gumbel-softmax quantizer), hessian-approx, exact-gradients
+    /// (VQ-VAE runs).
     #[arg(long)]
     estimator: Option<String>,
     #[arg(long, help = format!("Data source: {DATA_SOURCES} (default: the preset's)"))]
@@ -298,6 +301,7 @@ fn preset_config(name: &str) -> Result<RunConfig> {
         lpips_weights: None,
         inception_weights: None,
         precision: Default::default(),
+        encoder_gradient: Default::default(),
     })
 }
 
@@ -307,9 +311,6 @@ impl RunArgs {
             Some(path) => RunConfig::from_config_file(path)?,
             None => preset_config(&self.preset)?,
         };
-        if let Some(e) = &self.estimator {
-            cfg.model.quantizer.estimator = Estimator::from_name(e)?;
-        }
         if let Some(d) = &self.data {
             DataSource::parse(d)?;
             cfg.data = d.clone();
@@ -339,6 +340,10 @@ impl RunArgs {
         if let Some(s) = self.seed {
             cfg.seed = s;
             cfg.model.quantizer.seed = s;
+        }
+        // Last: the Gumbel baseline anneals its temperature over the run's steps.
+        if let Some(e) = &self.estimator {
+            Method::from_name(e)?.apply(&mut cfg)?;
         }
         cfg.validate()?;
         if let Some(t) = self.threads {
@@ -588,8 +593,8 @@ fn main() -> Result<()> {
             }
             let estimators = estimators
                 .iter()
-                .map(|e| Estimator::from_name(e))
-                .collect::<Result<Vec<_>, _>>()?;
+                .map(|e| Method::from_name(e))
+                .collect::<Result<Vec<_>>>()?;
             let opts = run.options(default_out(&run.preset))?;
             let rows = compare(&opts, &estimators)?;
             println!();

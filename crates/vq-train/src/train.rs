@@ -14,6 +14,7 @@ use vq_tch::Precision;
 use crate::checkpoint;
 use crate::data::{DataSource, ImageSet, Pipeline};
 use crate::dist::Dist;
+use crate::method::{EncoderGradient, Method};
 use crate::trainer::Trainer;
 
 /// Everything that defines a run's numbers (saved in `run.json` and in every checkpoint; a
@@ -54,6 +55,10 @@ pub struct RunConfig {
     /// checkpoints are the same for every precision.
     #[serde(default)]
     pub precision: Precision,
+    /// How the encoder receives the decoder's gradient: through the quantizer (default) or one
+    /// of the paper's decoder-based baselines ([`crate::method`]).
+    #[serde(default, skip_serializing_if = "EncoderGradient::is_quantizer")]
+    pub encoder_gradient: EncoderGradient,
 }
 
 impl RunConfig {
@@ -230,6 +235,19 @@ impl RunConfig {
                 "the discriminator takes {} channels but the decoder writes {}",
                 g.in_channels,
                 self.model.autoencoder.out_channels()
+            );
+        }
+        if self.encoder_gradient != EncoderGradient::Quantizer {
+            let name = Method::of(self).name();
+            ensure!(
+                self.gan.is_none(),
+                "{name} is a VQ-VAE baseline (paper Table 1): this run trains a VQGAN"
+            );
+            ensure!(
+                self.model.quantizer.projection == vq_tch::Projection::Identity
+                    && matches!(self.model.quantizer.family, vq_tch::Family::Nearest),
+                "{name} needs a nearest-code quantizer without projections (the decoder's input \
+                 must be the code)"
             );
         }
         DataSource::parse(&self.data)?;
@@ -510,6 +528,7 @@ mod tests {
             lpips_weights: None,
             inception_weights: None,
             precision: Precision::default(),
+            encoder_gradient: Default::default(),
         }
         .resume_key()
         .unwrap()

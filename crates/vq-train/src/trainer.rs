@@ -20,6 +20,7 @@ use vq_tch::Mode;
 use crate::checkpoint::{self, TrainState};
 use crate::data::{BadSample, DataSource, ImageSet, Shard, TrainBatches, frames_as_images};
 use crate::dist::{Dist, counts_from_f64, counts_to_f64};
+use crate::method::{EXACT_GRADIENTS_SCALE, EncoderGradient, exact_gradient, hessian_approx};
 use crate::optim::{AdamW, LossScale, learning_rate};
 use crate::profile::{ProfileSteps, TraceSummary};
 use crate::readback::{Readback, StepRow, StepValues};
@@ -156,6 +157,12 @@ impl<'a> Trainer<'a> {
             cfg.micro_batch
         );
         let accum = t.batch_size / per_step;
+        ensure!(
+            dist.world() == 1 || cfg.model.quantizer.family.is_nearest(),
+            "the Gumbel quantizer runs in one process (its noise is drawn per process, so {} \
+             ranks would not compute what one process computes)",
+            dist.world()
+        );
         if dist.is_main() {
             fs::create_dir_all(&opts.out)
                 .with_context(|| format!("creating {}", opts.out.display()))?;
@@ -409,6 +416,7 @@ impl<'a> Trainer<'a> {
             t.final_lr_fraction,
         );
         let grad_clip = t.grad_clip;
+        self.model.set_step(step);
         self.opt.zero_grad();
         let adversarial = self
             .gan
@@ -662,17 +670,12 @@ impl<'a> Trainer<'a> {
         )?)
     }
 
-    /// Encoder → quantizer → decoder on one micro-batch, with the error of a non-finite encoder
-    /// output named.
-    /// Inside the run's autocast region; the reconstruction comes back in f32.
-    fn forward(&mut self, x: &Tensor, step: usize) -> Result<vq_models::AutoencoderOutput> {
+    /// Encoder → quantizer on one micro-batch, with the error of a non-finite encoder output
+    /// named; inside the run's autocast region.
+    fn encode(&mut self, x: &Tensor, step: usize) -> Result<vq_tch::VqOutput> {
         let (device, precision) = (self.opts.device, self.opts.config.precision);
-        let out = vq_tch::autocast(device, precision, || self.model.forward(x, Mode::Train))?;
-        match out {
-            Ok(mut out) => {
-                out.reconstruction = out.reconstruction.to_kind(Kind::Float);
-                Ok(out)
-            }
+        match vq_tch::autocast(device, precision, || self.model.encode(x, Mode::Train))? {
+            Ok(vq) => Ok(vq),
             Err(vq_models::ModelError::Quantizer(vq_tch::VqTchError::Core(
                 e @ vq_core::VqError::NonFinite { .. },
             ))) => bail!(
@@ -684,13 +687,66 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    /// VQ-VAE: loss = MSE(x̃, x) + quantizer losses; backward of loss / accumulation.
+    /// Encoder → quantizer → decoder on one micro-batch ([`encode`](Self::encode), then the
+    /// decoder in the autocast region); the reconstruction comes back in f32.
+    fn forward(&mut self, x: &Tensor, step: usize) -> Result<vq_models::AutoencoderOutput> {
+        let vq = self.encode(x, step)?;
+        let reconstruction = self
+            .autocast(|| self.model.decode(&vq.quantized))?
+            .to_kind(Kind::Float);
+        Ok(vq_models::AutoencoderOutput { reconstruction, vq })
+    }
+
+    /// VQ-VAE: loss = MSE(x̃, x) + quantizer losses; backward of loss / accumulation. With a
+    /// decoder-based baseline ([`EncoderGradient`]) the encoder's gradient is computed apart and
+    /// enters through the straight-through output as `⟨q̃, sg(grad)⟩`, a term that is
+    /// back-propagated but not logged.
     fn vqvae_micro_step(&mut self, x: &Tensor, step: usize) -> Result<MicroStats> {
-        let mut out = self.forward(x, step)?;
-        let qloss = &out.vq.commitment_loss + &out.vq.codebook_loss;
-        let rec = out.reconstruction.mse_loss(x, Reduction::Mean);
+        let method = self.opts.config.encoder_gradient;
+        if method == EncoderGradient::Quantizer {
+            let mut out = self.forward(x, step)?;
+            let qloss = &out.vq.commitment_loss + &out.vq.codebook_loss;
+            let rec = out.reconstruction.mse_loss(x, Reduction::Mean);
+            let loss = &rec + &qloss;
+            backward(&(&loss * self.backward_factor()), &self.dist)?;
+            let zero = || Tensor::zeros([], (Kind::Double, x.device()));
+            return Ok(finish_micro(&loss, &rec, &mut out, zero(), zero()));
+        }
+        let vq = self.encode(x, step)?;
+        let model = &self.model;
+        let (device, precision) = (self.opts.device, self.opts.config.precision);
+        let loss_of = |d: &Tensor| -> Result<Tensor> {
+            let rec = vq_tch::autocast(device, precision, || model.decode(d))?;
+            Ok(rec.to_kind(Kind::Float).mse_loss(x, Reduction::Mean))
+        };
+        let qloss = &vq.commitment_loss + &vq.codebook_loss;
+        let (rec, surrogate, second) = match method {
+            EncoderGradient::HessianApprox => {
+                let g = hessian_approx(loss_of, &vq.latents, &vq.quantized)?;
+                (
+                    g.loss,
+                    (&vq.quantized * g.encoder_grad).sum(Kind::Float),
+                    None,
+                )
+            }
+            _ => {
+                // The first pass trains the decoder on sg(q); the second gives the encoder ∇_e L.
+                let rec = loss_of(&vq.quantized.detach())?;
+                let g = exact_gradient(loss_of, &vq.latents)?;
+                let surrogate = (&vq.quantized * g.encoder_grad).sum(Kind::Float);
+                (rec, surrogate, Some(g.loss * EXACT_GRADIENTS_SCALE))
+            }
+        };
         let loss = &rec + &qloss;
-        backward(&(&loss * self.backward_factor()), &self.dist)?;
+        let mut total = &loss + surrogate;
+        if let Some(second) = second {
+            total += second;
+        }
+        backward(&(total * self.backward_factor()), &self.dist)?;
+        let mut out = vq_models::AutoencoderOutput {
+            reconstruction: Tensor::zeros([0], (Kind::Float, x.device())),
+            vq,
+        };
         let zero = || Tensor::zeros([], (Kind::Double, x.device()));
         Ok(finish_micro(&loss, &rec, &mut out, zero(), zero()))
     }

@@ -104,6 +104,7 @@ fn small_vqvae(steps: usize, micro_batch: usize) -> RunConfig {
         lpips_weights: None,
         inception_weights: None,
         precision: Default::default(),
+        encoder_gradient: Default::default(),
     }
 }
 

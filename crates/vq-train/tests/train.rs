@@ -481,6 +481,7 @@ fn vit_vqgan_trains_with_the_style_discriminator_and_resumes_exactly() {
         lpips_weights: None,
         inception_weights: None,
         precision: Default::default(),
+        encoder_gradient: Default::default(),
     };
     let (a, b) = (tmp("vit-a"), tmp("vit-b"));
     let whole = train(&options(cfg.clone(), &a)).unwrap();
@@ -779,6 +780,7 @@ fn a_video_tokenizer_trains_on_bair_clips() {
         lpips_weights: None,
         inception_weights: None,
         precision: Default::default(),
+        encoder_gradient: Default::default(),
     };
     let out = root.join("run");
     let mut trained = train(&options(cfg.clone(), &out)).unwrap();

@@ -27,6 +27,7 @@ pub fn small_demo(steps: usize) -> RunConfig {
         lpips_weights: None,
         inception_weights: None,
         precision: Default::default(),
+        encoder_gradient: Default::default(),
     }
 }
 
@@ -83,6 +84,7 @@ pub fn small_vqgan(steps: usize, micro_batch: usize) -> RunConfig {
         lpips_weights: None,
         inception_weights: None,
         precision: Default::default(),
+        encoder_gradient: Default::default(),
     }
 }
 
@@ -139,6 +141,7 @@ pub fn small_rgb(data: String, steps: usize, batch: usize, micro_batch: usize) -
         lpips_weights: None,
         inception_weights: None,
         precision: Default::default(),
+        encoder_gradient: Default::default(),
     }
 }
 
