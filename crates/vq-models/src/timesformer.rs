@@ -292,6 +292,12 @@ impl TimeSformerEncoder {
                 k,
                 nn::ConvConfig {
                     stride: k,
+                    // transformers' `_init_weights` treats the patch projection as a Linear.
+                    ws_init: nn::Init::Randn {
+                        mean: 0.0,
+                        stdev: 0.02,
+                    },
+                    bs_init: nn::Init::Const(0.0),
                     ..Default::default()
                 },
             ),
@@ -339,10 +345,8 @@ impl TimeSformerDecoder {
                 c.hidden as i64,
                 c.channels as i64,
                 k,
-                nn::ConvTransposeConfig {
-                    stride: k,
-                    ..Default::default()
-                },
+                // Not a transformers module: PyTorch's ConvTranspose2d default.
+                vq_tch::init::torch_conv_transpose(c.channels, c.patch_size, k),
             ),
             config: c.clone(),
         })
@@ -428,5 +432,42 @@ mod tests {
         let (a, b) = (enc.forward(&x), enc.forward(&y));
         let d0 = f64::try_from((a.narrow(2, 0, 1) - b.narrow(2, 0, 1)).abs().max()).unwrap();
         assert!(d0 > 1e-6, "{d0}");
+    }
+
+    /// transformers' `_init_weights`: Linear and the patch projection N(0, 0.02) with zero
+    /// biases, the class token and position embeddings N(0, 0.02), time embeddings zero.
+    #[test]
+    fn layers_start_as_transformers_init_weights() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let c = TimeSformerConfig {
+            hidden: 64,
+            intermediate: 128,
+            ..tiny()
+        };
+        TimeSformerEncoder::new(&(vs.root() / "encoder"), &c).unwrap();
+        let vars = vs.variables();
+        let stat = |n: &str| {
+            let t = vars[n].to_kind(Kind::Double);
+            (
+                f64::try_from(t.abs().max()).unwrap(),
+                f64::try_from(t.std(true)).unwrap(),
+            )
+        };
+        for n in [
+            "encoder.embeddings.patch_embeddings.projection.weight",
+            "encoder.encoder.layer.0.attention.attention.qkv.weight",
+            "encoder.encoder.layer.0.intermediate.dense.weight",
+        ] {
+            let (_, std) = stat(n);
+            assert!((std / 0.02 - 1.0).abs() < 0.15, "{n}: std {std}");
+        }
+        for n in [
+            "encoder.embeddings.patch_embeddings.projection.bias",
+            "encoder.embeddings.time_embeddings",
+            "encoder.encoder.layer.0.intermediate.dense.bias",
+        ] {
+            assert_eq!(stat(n).0, 0.0, "{n}");
+        }
     }
 }

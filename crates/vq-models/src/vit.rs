@@ -3,7 +3,12 @@
 //! position embeddings, pre-norm transformer blocks (multi-head attention without qkv bias, a
 //! Tanh MLP), a final LayerNorm; the decoder mirrors it and ends in a transposed convolution
 //! back to pixels. Variable names follow that code's state dict (`to_patch_embedding.0.*`,
-//! `transformer.layers.{i}.0.fn.to_qkv.weight`, `to_pixel.conv_out.*`, ...).
+//! `transformer.layers.{i}.0.fn.to_qkv.weight`, `to_pixel.conv_out.*`, ...), and so does the
+//! initialisation: the version with these names (a top-level `norm`, `to_pixel.conv_out`) has
+//! no init function, so every layer starts as PyTorch's `nn.Linear` / `nn.Conv2d` /
+//! `nn.ConvTranspose2d` / `nn.LayerNorm` defaults ([`vq_tch::init`]). (Later versions of that
+//! repository renamed `to_pixel.conv_out` to `to_pixel.1`, moved the final norm into the
+//! transformer and added a xavier-uniform `init_weights`.)
 
 use tch::nn::{self, Module};
 use tch::{Kind, Tensor};
@@ -107,29 +112,17 @@ impl Block {
     fn new(p: &nn::Path, c: &VitConfig) -> Self {
         let (dim, inner) = (c.dim as i64, (c.heads * c.dim_head) as i64);
         let ln = nn::LayerNormConfig::default();
-        let no_bias = nn::LinearConfig {
-            bias: false,
-            ..Default::default()
-        };
+        let lin = vq_tch::init::torch_linear();
+        let no_bias = nn::LinearConfig { bias: false, ..lin };
         let attn = p / "0";
         let ff = p / "1";
         Self {
             norm1: nn::layer_norm(&attn / "norm", vec![dim], ln),
             to_qkv: nn::linear(&attn / "fn" / "to_qkv", dim, 3 * inner, no_bias),
-            to_out: nn::linear(&attn / "fn" / "to_out", inner, dim, Default::default()),
+            to_out: nn::linear(&attn / "fn" / "to_out", inner, dim, lin),
             norm2: nn::layer_norm(&ff / "norm", vec![dim], ln),
-            fc1: nn::linear(
-                &ff / "fn" / "net" / "0",
-                dim,
-                c.mlp_dim as i64,
-                Default::default(),
-            ),
-            fc2: nn::linear(
-                &ff / "fn" / "net" / "2",
-                c.mlp_dim as i64,
-                dim,
-                Default::default(),
-            ),
+            fc1: nn::linear(&ff / "fn" / "net" / "0", dim, c.mlp_dim as i64, lin),
+            fc2: nn::linear(&ff / "fn" / "net" / "2", c.mlp_dim as i64, dim, lin),
             heads: c.heads as i64,
             dim_head: c.dim_head as i64,
         }
@@ -199,10 +192,7 @@ impl VitEncoder {
                 c.channels as i64,
                 c.dim as i64,
                 k,
-                nn::ConvConfig {
-                    stride: k,
-                    ..Default::default()
-                },
+                vq_tch::init::torch_conv(c.channels, c.patch_size, k, 0),
             ),
             pos: fixed_position(p, "en_pos_embedding", c),
             blocks: transformer(p, c),
@@ -252,10 +242,7 @@ impl VitDecoder {
                 c.dim as i64,
                 c.channels as i64,
                 k,
-                nn::ConvTransposeConfig {
-                    stride: k,
-                    ..Default::default()
-                },
+                vq_tch::init::torch_conv_transpose(c.channels, c.patch_size, k),
             ),
         })
     }
@@ -338,5 +325,63 @@ mod tests {
             ..c.clone()
         };
         assert!(VitEncoder::new(&vs.root(), &bad).is_err());
+    }
+
+    /// Every weight and bias within PyTorch's default bound 1/√fan_in (weights filling it with
+    /// the uniform's spread b/√3), LayerNorms at (1, 0).
+    #[test]
+    fn layers_start_as_pytorchs_module_defaults() {
+        tch::manual_seed(0);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let c = VitConfig {
+            image_size: 32,
+            patch_size: 8,
+            channels: 3,
+            dim: 64,
+            depth: 1,
+            heads: 2,
+            dim_head: 32,
+            mlp_dim: 256,
+        };
+        VitEncoder::new(&(vs.root() / "encoder"), &c).unwrap();
+        VitDecoder::new(&(vs.root() / "decoder"), &c).unwrap();
+        let fan_in = |name: &str| -> usize {
+            match name {
+                n if n.contains("to_patch_embedding") => 3 * 64,
+                // A transposed convolution's fan-in is out · k² in PyTorch.
+                n if n.contains("to_pixel") => 3 * 64,
+                n if n.contains("net.2") => 256,
+                _ => 64,
+            }
+        };
+        let mut checked = 0;
+        for (name, t) in vs.variables() {
+            if name.contains("pos_embedding") {
+                continue;
+            }
+            let t = t.to_kind(Kind::Double);
+            let (max, std) = (
+                f64::try_from(t.abs().max()).unwrap(),
+                f64::try_from(t.std(true)).unwrap(),
+            );
+            if name.contains("norm") {
+                let expected = if name.ends_with("weight") { 1.0 } else { 0.0 };
+                assert!(
+                    (t - expected).abs().max().double_value(&[]) == 0.0,
+                    "{name}"
+                );
+                continue;
+            }
+            let b = 1.0 / (fan_in(&name) as f64).sqrt();
+            assert!(max <= b * (1.0 + 1e-6), "{name}: max {max} > {b}");
+            if name.ends_with("weight") {
+                assert!(
+                    (std * 3f64.sqrt() / b - 1.0).abs() < 0.1,
+                    "{name}: std {std}, b {b}"
+                );
+            }
+            checked += 1;
+        }
+        assert!(checked >= 10, "{checked}");
     }
 }

@@ -391,6 +391,86 @@ fn compare_writes_the_table_json_and_plots() {
     std::fs::remove_dir_all(out).unwrap();
 }
 
+/// The paper's baselines train through `compare` under their own names and change what the
+/// encoder learns; the Gumbel run (noise drawn on the host per forward) resumes exactly.
+#[test]
+fn the_papers_baselines_compare_and_the_gumbel_run_resumes_exactly() {
+    use vq_train::method::Method;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = tmp("baselines");
+    let mut cfg = small_demo(3);
+    cfg.data = "synthetic:32".into();
+    cfg.model.autoencoder.taming_mut().unwrap().in_channels = 1;
+    let methods = [
+        Method::Estimator(Estimator::StraightThrough),
+        Method::Gumbel,
+        Method::HessianApprox,
+        Method::ExactGradients,
+    ];
+    let rows = vq_train::compare::compare(&options(cfg.clone(), &out), &methods).unwrap();
+    let names: Vec<&str> = rows.iter().map(|r| r.estimator.as_str()).collect();
+    assert_eq!(
+        names,
+        ["ste", "gumbel", "hessian-approx", "exact-gradients"]
+    );
+    for r in &rows[1..] {
+        assert!(r.val.rec_mse.is_finite(), "{r:?}");
+        assert_ne!(
+            r.val.rec_mse, rows[0].val.rec_mse,
+            "{} trains as STE",
+            r.estimator
+        );
+    }
+    let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
+    let gumbel = md.lines().find(|l| l.starts_with("| gumbel |")).unwrap();
+    assert!(gumbel.contains("| — | — |"), "{gumbel}");
+    let record = |name: &str| -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(out.join(name).join("run.json")).unwrap()).unwrap()
+    };
+    assert_eq!(
+        record("hessian-approx")["encoder_gradient"],
+        "hessian-approx"
+    );
+    assert_eq!(
+        record("exact-gradients")["model"]["quantizer"]["estimator"],
+        "ste"
+    );
+    // Records of plain runs are as before the baselines existed.
+    assert!(record("ste").get("encoder_gradient").is_none());
+    assert!(record("ste")["model"]["quantizer"].get("family").is_none());
+    assert!(record("gumbel")["model"]["quantizer"]["family"]["gumbel"].is_object());
+
+    let b = tmp("gumbel-resumed");
+    let mut gumbel_cfg = cfg.clone();
+    Method::Gumbel.apply(&mut gumbel_cfg).unwrap();
+    train(&TrainOptions {
+        stop_after: Some(2),
+        ..options(gumbel_cfg.clone(), &b)
+    })
+    .unwrap();
+    train(&TrainOptions {
+        resume: true,
+        ..options(gumbel_cfg, &b)
+    })
+    .unwrap();
+    let files = common::assert_same_checkpoints(&out.join("gumbel"), &b);
+    assert!(files.iter().any(|f| f == "model.safetensors"), "{files:?}");
+
+    // The decoder-based baselines are VQ-VAE ones.
+    let mut gan = small_gan(2);
+    let err = Method::HessianApprox
+        .apply(&mut gan)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("VQ-VAE") && err.contains("hessian-approx"),
+        "{err}"
+    );
+    for d in [out, b] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
 fn small_gan(steps: usize) -> RunConfig {
     common::small_vqgan(steps, 2)
 }
