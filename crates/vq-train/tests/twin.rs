@@ -217,13 +217,14 @@ fn the_twin_trains_a_vit_vqgan_with_r1() {
     trains_generator_and_discriminator(&site, &path, 4, 8);
 }
 
-/// The taming presets start as the reference modules do: every trainable variable's largest
+/// The taming and ViT presets start as the reference modules do: every trainable variable's largest
 /// |value| and standard deviation at initialisation within a few percent of the same module
-/// instantiated in PyTorch (nn.Conv2d / nn.Linear defaults, GroupNorm and LayerNorm ones and
-/// zeros; lucidrains' kaiming-uniform or taming's U(±1/K) codebook). Draws differ (two
+/// instantiated in PyTorch (nn.Conv2d / nn.Linear / nn.ConvTranspose2d defaults, GroupNorm and
+/// LayerNorm ones and zeros; lucidrains' kaiming-uniform, taming's U(±1/K) or
+/// enhancing-transformers' N(0, 1) codebook). Draws differ (two
 /// generators); the distributions must not.
 #[test]
-fn the_taming_presets_start_as_the_pytorch_modules_do() {
+fn the_presets_start_as_the_pytorch_modules_do() {
     let Some(site) = site() else {
         eprintln!("skipped: no Python torch in .libtorch/site (libtorch adopted from LIBTORCH)");
         return;
@@ -232,8 +233,13 @@ fn the_taming_presets_start_as_the_pytorch_modules_do() {
         Preset::DemoFashionMnist,
         Preset::VqVaeF16Cosine,
         Preset::VqganF16Imagenet,
+        Preset::VitVqganSmall,
     ] {
-        let cfg = preset_config(preset);
+        let mut cfg = preset_config(preset);
+        if let Some(vit) = cfg.model.autoencoder.vit_mut() {
+            // One block of each transformer is enough to check every kind of layer.
+            vit.depth = 1;
+        }
         let theirs = twin(&site, &config_file(preset.name(), &cfg), &["--init-stats"]);
         let theirs: BTreeMap<String, (f64, f64)> = serde_json::from_value(theirs).unwrap();
         tch::manual_seed(0);
