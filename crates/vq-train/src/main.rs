@@ -565,14 +565,21 @@ fn main() -> Result<()> {
             {
                 let row =
                     evaluate_run(&mut trained.model, &opts.config, &opts.out, opts.device)?.row;
+                // A Gumbel quantizer has no encoder vector to compare with its code.
+                let qe = match Method::of(&opts.config) {
+                    Method::Gumbel => String::new(),
+                    _ => format!(
+                        ", QE {:.3e} ({:.1}% of mean e²)",
+                        row.val.quantization_error,
+                        100.0 * row.val.relative_quantization_error
+                    ),
+                };
                 println!(
-                    "val: rec MSE {:.5}, usage/{} {:.1}%, perplexity {:.1}, QE {:.3e} ({:.1}% of mean e²); eval.json, reconstructions.png, curves.png in {}",
+                    "val: rec MSE {:.5}, usage/{} {:.1}%, perplexity {:.1}{qe}; eval.json, reconstructions.png, curves.png in {}",
                     row.val.rec_mse,
                     opts.config.model.quantizer.codebook_size,
                     100.0 * row.val.usage,
                     row.val.perplexity,
-                    row.val.quantization_error,
-                    100.0 * row.val.relative_quantization_error,
                     opts.out.display()
                 );
             }
