@@ -629,7 +629,7 @@ impl VectorQuantizer {
                 });
             }
         }
-        let mut out = self.codebook.detach().index_select(0, &flat);
+        let mut out = self.codes().detach().index_select(0, &flat);
         if let Some(lin) = &self.project_out {
             out = out.apply(lin);
         }
@@ -760,17 +760,30 @@ impl VectorQuantizer {
         })
     }
 
+    /// The codes as the layer uses them: the codebook, l2-normalised per row (differentiably)
+    /// for a cosine codebook learned by gradient, as enhancing-transformers' quantizer does at
+    /// every use (an EMA cosine codebook is renormalised by each EMA step instead).
+    fn codes(&self) -> Tensor {
+        match (self.config.metric, self.config.learning) {
+            (Metric::Cosine, CodebookLearning::Gradient { .. }) => {
+                crate::l2_normalise_rows(&self.codebook)
+            }
+            _ => self.codebook.shallow_clone(),
+        }
+    }
+
     /// Nearest-code lookup, estimator, commitment / codebook losses and the EMA step on rows
     /// `e` (N, D).
     fn nearest_rows(&mut self, e: &Tensor, train: bool, per_sample: i64) -> Result<Rows> {
+        let codes = self.codes();
         let (idx, finite_verdict) = nearest_codes_checked(
             &e.detach(),
-            &self.codebook.detach(),
+            &codes.detach(),
             self.config.metric,
             self.finite_check,
         )?;
         let idx = idx.to_device(e.device());
-        let q_live = self.codebook.index_select(0, &idx);
+        let q_live = codes.index_select(0, &idx);
         let q = q_live.detach();
         let out = apply_estimator(e, &q, self.config.estimator)?;
         let commit_mse = e.mse_loss(&q, Reduction::Mean);

@@ -698,3 +698,38 @@ fn codebook_inits_follow_their_formulas_and_the_references() {
     };
     assert!(bad.validate().unwrap_err().to_string().contains("init"));
 }
+
+/// enhancing-transformers normalises a learned cosine codebook at every use: codes of unit norm
+/// whatever the stored rows' norms, and a codebook gradient without a radial part.
+#[test]
+fn a_learned_cosine_codebook_is_used_normalised() {
+    let cfg = VectorQuantizerConfig {
+        codebook_size: 8,
+        codebook_dim: 4,
+        projection: Projection::Identity,
+        ..VectorQuantizerConfig::paper_vit_vqgan(8, 4)
+    };
+    let (vs, mut vq) = layer(cfg);
+    let mut codebook = vs.variables()["codebook"].shallow_clone();
+    tch::no_grad(|| codebook.g_mul_scalar_(3.0));
+    let x = Tensor::randn([6, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+    let out = vq.forward(&x, Mode::Train).unwrap();
+    let norms = out
+        .quantized
+        .detach()
+        .norm_scalaropt_dim(2, [1i64].as_slice(), false);
+    assert!(
+        norms.allclose(&norms.ones_like(), 1e-6, 1e-6, false),
+        "{norms}"
+    );
+    // Decoding the indices gives the same codes.
+    let embedded = vq.embed(&out.indices).unwrap();
+    assert!(embedded.allclose(&out.quantized.detach(), 1e-6, 1e-6, false));
+    out.codebook_loss.backward();
+    let radial = (codebook.grad() * &codebook).sum_dim_intlist(1, false, Kind::Float);
+    assert!(
+        f64::try_from(radial.abs().max()).unwrap() < 1e-6,
+        "{radial}"
+    );
+    assert!(f64::try_from(codebook.grad().abs().max()).unwrap() > 0.0);
+}

@@ -469,6 +469,9 @@ class VectorQuantizer(nn.Module):
         if self.metric == "cosine":
             e = l2norm(e)
         codebook = self.codebook
+        if self.metric == "cosine" and self.ema is None:
+            # enhancing-transformers normalises a learned cosine codebook at every use.
+            codebook = l2norm(codebook)
         with torch.no_grad():
             cb = codebook.detach()
             if self.metric == "cosine":
