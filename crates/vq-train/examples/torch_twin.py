@@ -24,6 +24,7 @@ penalty γ·every/2 · E‖∇_x D(x)‖² on real images every `every` steps.
 Usage: python torch_twin.py CONFIG.json --steps N --warmup W --device cpu|cuda --precision f32|bf16|f16
        [--batch-size B] [--threads T] [--images N] [--seed S]
        python torch_twin.py CONFIG.json --describe | --init-stats
+       python torch_twin.py CONFIG.json --export-reference FILE
 Prints one JSON line: trainable parameters, steps/s, images/s, peak memory, last loss; with
 --describe the trainable parameters' names and shapes (the references' names, as vq-train's
 checkpoints use them; the discriminator's under `discriminator.`) and nothing is trained."""
@@ -738,6 +739,45 @@ def peak_memory(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reference_state_dict(cfg, model, disc):
+    """The freshly built model in its reference code's checkpoint layout: taming-transformers /
+    latent-diffusion (`quantize.embedding.weight`, the discriminator under `loss.discriminator.`)
+    or enhancing-transformers (`quantizer.embedding.weight`, `pre_quant`, `post_quant`), plus a
+    perceptual-loss buffer as those checkpoints carry. EMA buffers are not in the references."""
+    vit = backbone(cfg["model"])[0] in ("vit", "timesformer")
+    sd = {}
+    for n, p in model.state_dict().items():
+        if n == "quantize.codebook":
+            n = "quantizer.embedding.weight" if vit else "quantize.embedding.weight"
+        elif n.startswith("quantize.project_in."):
+            n = "pre_quant." + n.rsplit(".", 1)[1]
+        elif n.startswith("quantize.project_out."):
+            n = "post_quant." + n.rsplit(".", 1)[1]
+        elif n.startswith("quantize."):
+            continue
+        sd[n] = p.detach().clone()
+    if disc is not None:
+        for n, p in disc.state_dict().items():
+            sd["loss.discriminator." + n] = p.detach().clone()
+    sd["loss.perceptual_loss.scaling_layer.shift"] = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    return sd
+
+
+def checksums(model, disc):
+    """vq-train's name of every exported tensor -> [sum, sum of (index + 1) * value] (f64, over
+    the row-major elements): a check of names, values and layout."""
+    out = {}
+    named = [(n, p) for n, p in model.state_dict().items()
+             if not n.startswith("quantize.") or n == "quantize.codebook" or ".project_" in n]
+    if disc is not None:
+        named += [("discriminator." + n, p) for n, p in disc.state_dict().items()
+                  if not n.endswith("num_batches_tracked")]
+    for n, p in named:
+        v = p.detach().double().reshape(-1)
+        out[n] = [v.sum().item(), (v * torch.arange(1, v.numel() + 1, dtype=torch.float64)).sum().item()]
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("config")
@@ -753,6 +793,10 @@ def main():
     ap.add_argument("--init-stats", action="store_true",
                     help="print each trainable parameter's largest |value| and standard deviation "
                          "at initialisation (as PyTorch's modules draw them) and exit")
+    ap.add_argument("--export-reference", metavar="FILE",
+                    help="write the freshly initialised model (and discriminator) as a Lightning "
+                         "checkpoint in the reference code's layout, print per-tensor checksums "
+                         "under vq-train's names and exit")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="torch.backends.cudnn.benchmark = True (as vq-train's --cudnn-benchmark)")
     ap.add_argument("--profile", metavar="TRACE",
@@ -767,6 +811,19 @@ def main():
         model = VqAutoencoder(cfg["model"])
         print(json.dumps({n: [p.detach().abs().max().item(), p.detach().double().std().item() if p.numel() > 1 else 0.0]
                           for n, p in model.named_parameters() if p.requires_grad}))
+        return
+    if a.export_reference:
+        torch.manual_seed(a.seed)
+        model = VqAutoencoder(cfg["model"])
+        parts = vqgan_parts(cfg, torch.device("cpu"))
+        disc = parts[1] if parts is not None else None
+        opt = torch.optim.Adam(model.parameters())
+        torch.save({"epoch": 3, "global_step": 1234, "pytorch-lightning_version": "1.4.2",
+                    "state_dict": reference_state_dict(cfg, model, disc),
+                    "optimizer_states": [opt.state_dict()], "lr_schedulers": [],
+                    "hyper_parameters": argparse.Namespace(embed_dim=7, ckpt_path=None)},
+                   a.export_reference)
+        print(json.dumps(checksums(model, disc)))
         return
     if a.describe:
         model = VqAutoencoder(cfg["model"])

@@ -11,6 +11,7 @@ pub mod method;
 pub mod ops;
 pub mod optim;
 pub mod plot;
+pub mod pretrained;
 pub mod profile;
 pub mod readback;
 pub mod tensorboard;

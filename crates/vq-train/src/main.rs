@@ -146,6 +146,12 @@ struct RunArgs {
     /// Run configuration file (JSON, as printed by `vq-train presets <name>`); overrides the preset.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Start the model (and discriminator) from a checkpoint of the reference code:
+    /// taming-transformers / latent-diffusion VQGAN or enhancing-transformers ViT-VQGAN
+    /// (Lightning `.ckpt`), or a PyTorch state dict in the same layout; the optimizer starts
+    /// fresh. Every tensor must fit the preset's model (errors name those that do not).
+    #[arg(long)]
+    init_from: Option<PathBuf>,
     /// Gradient estimator: ste, rotation, rotation-no-rescale, reflection, or one of the
     /// paper's baselines: gumbel (Gumbel-softmax quantizer), hessian-approx, exact-gradients
     /// (VQ-VAE runs).
@@ -302,6 +308,7 @@ fn preset_config(name: &str) -> Result<RunConfig> {
         inception_weights: None,
         precision: Default::default(),
         encoder_gradient: Default::default(),
+        init_from: None,
     })
 }
 
@@ -336,6 +343,9 @@ impl RunArgs {
         }
         if let Some(lr) = self.lr {
             cfg.training.learning_rate = lr;
+        }
+        if let Some(f) = &self.init_from {
+            cfg.init_from = Some(f.clone());
         }
         if let Some(s) = self.seed {
             cfg.seed = s;

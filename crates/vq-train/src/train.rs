@@ -59,6 +59,11 @@ pub struct RunConfig {
     /// of the paper's decoder-based baselines ([`crate::method`]).
     #[serde(default, skip_serializing_if = "EncoderGradient::is_quantizer")]
     pub encoder_gradient: EncoderGradient,
+    /// A checkpoint of the reference code (or a state dict in its layout) the model, and the
+    /// discriminator if the file has one, start from instead of their random initialisation
+    /// ([`crate::pretrained`]); the optimizer starts fresh. Not read when resuming.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_from: Option<PathBuf>,
 }
 
 impl RunConfig {
@@ -219,6 +224,7 @@ impl RunConfig {
         for (flag, file) in [
             ("--lpips", &self.lpips_weights),
             ("--inception", &self.inception_weights),
+            ("--init-from", &self.init_from),
         ] {
             if let Some(f) = file {
                 ensure!(
@@ -529,6 +535,7 @@ mod tests {
             inception_weights: None,
             precision: Precision::default(),
             encoder_gradient: Default::default(),
+            init_from: None,
         }
         .resume_key()
         .unwrap()

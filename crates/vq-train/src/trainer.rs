@@ -247,6 +247,10 @@ impl<'a> Trainer<'a> {
         } else {
             0
         };
+        if let (0, true, Some(file)) = (start, dist.is_main(), &cfg.init_from) {
+            let loaded = crate::pretrained::load(file, &mut vs, gan.as_mut().map(|g| &mut g.vs))?;
+            eprintln!("{}", loaded.describe(file));
+        }
         let start = usize::try_from(dist.broadcast_i64(start as i64)?)?;
         dist.broadcast_state("model", &vs, &mut opt)?;
         if let Some(g) = gan.as_mut() {

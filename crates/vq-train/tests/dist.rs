@@ -105,6 +105,7 @@ fn small_vqvae(steps: usize, micro_batch: usize) -> RunConfig {
         inception_weights: None,
         precision: Default::default(),
         encoder_gradient: Default::default(),
+        init_from: None,
     }
 }
 

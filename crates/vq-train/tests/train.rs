@@ -562,6 +562,7 @@ fn vit_vqgan_trains_with_the_style_discriminator_and_resumes_exactly() {
         inception_weights: None,
         precision: Default::default(),
         encoder_gradient: Default::default(),
+        init_from: None,
     };
     let (a, b) = (tmp("vit-a"), tmp("vit-b"));
     let whole = train(&options(cfg.clone(), &a)).unwrap();
@@ -861,6 +862,7 @@ fn a_video_tokenizer_trains_on_bair_clips() {
         inception_weights: None,
         precision: Default::default(),
         encoder_gradient: Default::default(),
+        init_from: None,
     };
     let out = root.join("run");
     let mut trained = train(&options(cfg.clone(), &out)).unwrap();

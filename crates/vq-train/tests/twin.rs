@@ -10,6 +10,8 @@ use tch::{Device, nn};
 use vq_models::{Discriminator, Preset, VqAutoencoder};
 use vq_train::train::RunConfig;
 
+mod common;
+
 fn site() -> Option<PathBuf> {
     let site = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.libtorch/site");
     site.join("torch").is_dir().then_some(site)
@@ -272,4 +274,163 @@ fn the_presets_start_as_the_pytorch_modules_do() {
         }
         assert_eq!(checked, theirs.len(), "{}", preset.name());
     }
+}
+
+/// Sum and index-weighted sum of a tensor's row-major elements in f64 (the twin's checksums).
+fn checksum(t: &tch::Tensor) -> (f64, f64) {
+    let v = t.to_kind(tch::Kind::Double).reshape([-1]);
+    let w = tch::Tensor::arange_start(1, v.numel() as i64 + 1, (tch::Kind::Double, Device::Cpu));
+    (
+        f64::try_from(v.sum(tch::Kind::Double)).unwrap(),
+        f64::try_from((&v * w).sum(tch::Kind::Double)).unwrap(),
+    )
+}
+
+/// `--init-from` reads Lightning checkpoints written by PyTorch in taming-transformers' layout
+/// (with a PatchGAN discriminator and perceptual-loss buffers) and in enhancing-transformers'
+/// layout (`quantizer.embedding.weight`, `pre_quant`, `post_quant`): every variable then holds
+/// the file's values (checksums of names, values and element order); a run trains from it; a
+/// file that does not fit is refused with the tensors named and the model left unchanged.
+#[test]
+fn init_from_reads_the_references_checkpoints() {
+    let Some(site) = site() else {
+        eprintln!("skipped: no Python torch in .libtorch/site (libtorch adopted from LIBTORCH)");
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("vq-init-from-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let taming = common::small_vqgan(2, 2);
+    let mut vit = preset_config(Preset::VitVqganSmall);
+    if let Some(v) = vit.model.autoencoder.vit_mut() {
+        (
+            v.image_size,
+            v.patch_size,
+            v.dim,
+            v.depth,
+            v.heads,
+            v.dim_head,
+            v.mlp_dim,
+        ) = (32, 8, 64, 1, 2, 32, 128);
+    }
+    vit.model.quantizer.codebook_size = 64;
+    vit.model.quantizer.projection = vq_tch::Projection::Linear { channels: 64 };
+    vit.gan = None;
+    for (name, cfg) in [("taming", taming), ("vit", vit)] {
+        let file = dir.join(format!("{name}.ckpt"));
+        let sums = twin(
+            &site,
+            &config_file(name, &cfg),
+            &["--export-reference", file.to_str().unwrap()],
+        );
+        let sums: BTreeMap<String, (f64, f64)> = serde_json::from_value(sums).unwrap();
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let _model = VqAutoencoder::new(&vs.root(), &cfg.model).unwrap();
+        let mut dvs = nn::VarStore::new(Device::Cpu);
+        let _disc = cfg
+            .gan
+            .as_ref()
+            .map(|g| Discriminator::new(&dvs.root(), g).unwrap());
+        let disc = cfg.gan.is_some().then_some(&mut dvs);
+        let loaded = vq_train::pretrained::load(&file, &mut vs, disc).unwrap();
+        assert!(
+            loaded
+                .ignored
+                .contains(&"loss.perceptual_loss.scaling_layer.shift".to_owned()),
+            "{name}: {:?}",
+            loaded.ignored
+        );
+        let (model_vars, disc_vars) = (vs.variables(), dvs.variables());
+        for (n, &(sum, weighted)) in &sums {
+            let t = match n.strip_prefix("discriminator.") {
+                Some(d) => &disc_vars[d],
+                None => &model_vars[n],
+            };
+            let (s, w) = checksum(t);
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * (1.0 + a.abs().max(b.abs()));
+            assert!(
+                close(s, sum) && close(w, weighted),
+                "{name}: {n}: {s} {w} vs {sum} {weighted}"
+            );
+        }
+        assert_eq!(loaded.model + loaded.discriminator, sums.len(), "{name}");
+    }
+
+    // A run starts from the file (its first loss differs from the random start's) and records it.
+    let file = dir.join("taming.ckpt");
+    let run = |init: Option<PathBuf>, out: &Path| {
+        let cfg = RunConfig {
+            init_from: init,
+            ..common::small_vqgan(1, 2)
+        };
+        vq_train::train::train(&common::options(cfg, out))
+            .unwrap()
+            .history[0]
+            .loss
+    };
+    let (fresh, started) = (
+        run(None, &dir.join("fresh")),
+        run(Some(file.clone()), &dir.join("init")),
+    );
+    assert_ne!(fresh, started);
+    let record = std::fs::read_to_string(dir.join("init/run.json")).unwrap();
+    assert!(record.contains("taming.ckpt"), "{record}");
+
+    // Files that do not fit are refused, naming the tensors, and change nothing.
+    let edit = |script: &str| -> PathBuf {
+        let bad = dir.join("bad.ckpt");
+        let code = format!(
+            "import torch; c = torch.load({:?}, weights_only=False); sd = c['state_dict']; {script}; torch.save(c, {:?})",
+            file.to_str().unwrap(),
+            bad.to_str().unwrap()
+        );
+        let ok = Command::new("python3")
+            .args(["-c", &code])
+            .env("PYTHONPATH", &site)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "{script}");
+        bad
+    };
+    let cfg = common::small_vqgan(1, 2);
+    for (script, expected) in [
+        (
+            "sd['encoder.extra.weight'] = torch.ones(2)",
+            "encoder.extra.weight",
+        ),
+        ("del sd['decoder.conv_out.bias']", "decoder.conv_out.bias"),
+        (
+            "sd['quantize.embedding.weight'] = torch.ones(5, 3)",
+            "quantize.embedding.weight [5, 3]",
+        ),
+        (
+            "del sd['loss.discriminator.main.0.bias']",
+            "discriminator main.0.bias",
+        ),
+        (
+            "sd['encoder.conv_in.bias'] = sd['encoder.conv_in.bias'].long()",
+            "encoder.conv_in.bias holds I64",
+        ),
+    ] {
+        let bad = edit(script);
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let _model = VqAutoencoder::new(&vs.root(), &cfg.model).unwrap();
+        let mut dvs = nn::VarStore::new(Device::Cpu);
+        let _disc = Discriminator::new(&dvs.root(), cfg.gan.as_ref().unwrap()).unwrap();
+        let before = checksum(&vs.variables()["encoder.conv_in.weight"]);
+        let err = format!(
+            "{:#}",
+            vq_train::pretrained::load(&bad, &mut vs, Some(&mut dvs)).unwrap_err()
+        );
+        assert!(
+            err.contains(expected) && err.contains("bad.ckpt"),
+            "{script}: {err}"
+        );
+        assert_eq!(
+            checksum(&vs.variables()["encoder.conv_in.weight"]),
+            before,
+            "{script}"
+        );
+    }
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -28,6 +28,7 @@ pub fn small_demo(steps: usize) -> RunConfig {
         inception_weights: None,
         precision: Default::default(),
         encoder_gradient: Default::default(),
+        init_from: None,
     }
 }
 
@@ -85,6 +86,7 @@ pub fn small_vqgan(steps: usize, micro_batch: usize) -> RunConfig {
         inception_weights: None,
         precision: Default::default(),
         encoder_gradient: Default::default(),
+        init_from: None,
     }
 }
 
@@ -142,6 +144,7 @@ pub fn small_rgb(data: String, steps: usize, batch: usize, micro_batch: usize) -
         inception_weights: None,
         precision: Default::default(),
         encoder_gradient: Default::default(),
+        init_from: None,
     }
 }
 

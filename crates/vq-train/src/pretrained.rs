@@ -1,0 +1,295 @@
+//! `train --init-from FILE`: start a run from a public checkpoint of the reference code —
+//! taming-transformers' and latent-diffusion's VQGANs (Lightning `.ckpt`), enhancing-transformers'
+//! ViT-VQGAN — or from a plain PyTorch state dict (`.pth`) in the same layout. The file is read
+//! without Python (PyTorch's zip/pickle format, through `pytorch-reader`); the optimizer starts
+//! fresh.
+//!
+//! Names: this project's variables carry the references' state-dict keys, except the quantizer's,
+//! which are mapped:
+//!
+//! | reference key | vq-train variable |
+//! |---|---|
+//! | `quantize.embedding.weight` (taming, latent-diffusion), `quantizer.embedding.weight` (enhancing-transformers) | `quantize.codebook` (and the EMA running sums of an EMA codebook) |
+//! | `pre_quant.*` / `post_quant.*` (enhancing-transformers) | `quantize.project_in.*` / `quantize.project_out.*` |
+//! | `loss.discriminator.*` | the discriminator's variables (VQGAN runs; otherwise ignored) |
+//! | `loss.*` (perceptual network, loss buffers), `model_ema.*` (latent-diffusion's EMA copy), `*.num_batches_tracked` (BatchNorm's counter, unused with a momentum) | ignored, reported |
+//!
+//! Every other key must name a variable of the model with the same shape; every trainable
+//! variable of the model must be given. Anything else is an error that names the tensors.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use pytorch_reader::{DType, PytorchError, PytorchReader};
+use tch::{Kind, Tensor, nn};
+
+/// What [`load`] did, for the run's log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Loaded {
+    /// Model variables set.
+    pub model: usize,
+    /// Discriminator variables set.
+    pub discriminator: usize,
+    /// Keys of the file that were not used (perceptual network, EMA copies, a discriminator
+    /// without one in the run).
+    pub ignored: Vec<String>,
+}
+
+impl Loaded {
+    /// One line for the log.
+    pub fn describe(&self, file: &Path) -> String {
+        let mut s = format!(
+            "initialised from {}: {} model tensors",
+            file.display(),
+            self.model
+        );
+        if self.discriminator > 0 {
+            s += &format!(", {} discriminator tensors", self.discriminator);
+        }
+        if !self.ignored.is_empty() {
+            s += &format!(
+                "; ignored {} ({})",
+                self.ignored.len(),
+                summarise(&self.ignored)
+            );
+        }
+        s + "; optimizer state fresh"
+    }
+}
+
+/// Where a key of the file goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    Model(String),
+    Discriminator(String),
+    Ignored,
+}
+
+fn target(key: &str) -> Target {
+    let model = |s: &str| Target::Model(s.to_owned());
+    match key {
+        "quantize.embedding.weight" | "quantizer.embedding.weight" => model("quantize.codebook"),
+        _ => {
+            if key.ends_with(".num_batches_tracked") {
+                // BatchNorm's update counter: only used with momentum=None, which no reference sets.
+                Target::Ignored
+            } else if let Some(rest) = key.strip_prefix("pre_quant.") {
+                model(&format!("quantize.project_in.{rest}"))
+            } else if let Some(rest) = key.strip_prefix("post_quant.") {
+                model(&format!("quantize.project_out.{rest}"))
+            } else if let Some(rest) = key.strip_prefix("loss.discriminator.") {
+                Target::Discriminator(rest.to_owned())
+            } else if key.starts_with("loss.") || key.starts_with("model_ema.") {
+                Target::Ignored
+            } else {
+                model(key)
+            }
+        }
+    }
+}
+
+/// The tensors of `file`: a Lightning checkpoint's `state_dict`, or the file itself when it is a
+/// plain state dict.
+fn open(file: &Path) -> Result<PytorchReader> {
+    match PytorchReader::with_top_level_key(file, "state_dict") {
+        Ok(r) => Ok(r),
+        Err(PytorchError::KeyNotFound(_)) => PytorchReader::new(file)
+            .with_context(|| format!("reading {} as a PyTorch state dict", file.display())),
+        Err(e) => {
+            Err(e).with_context(|| format!("reading {} as a PyTorch checkpoint", file.display()))
+        }
+    }
+}
+
+/// The tensor as f32 on the CPU, shaped.
+fn to_f32(t: &pytorch_reader::Tensor, key: &str, file: &Path) -> Result<Tensor> {
+    let bytes = t
+        .read()
+        .with_context(|| format!("{}: reading tensor {key}", file.display()))?;
+    let kind = match t.dtype() {
+        DType::F32 => Kind::Float,
+        DType::F64 => Kind::Double,
+        DType::F16 => Kind::Half,
+        DType::BF16 => Kind::BFloat16,
+        other => bail!(
+            "{}: tensor {key} holds {other:?} values; weights must be floating point",
+            file.display()
+        ),
+    };
+    let shape: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
+    let out = Tensor::f_from_data_size(&bytes, &shape, kind)
+        .with_context(|| format!("{}: tensor {key}", file.display()))?;
+    Ok(out.to_kind(Kind::Float))
+}
+
+/// Sets the variables of `model` (and of `discriminator`, if the run has one) from `file`.
+/// Nothing is changed unless every check passes.
+///
+/// # Errors
+/// An unreadable file; tensors of the file that name no variable, variables of the model the
+/// file does not give, tensors of another shape or a non-float type — each listed by name.
+pub fn load(
+    file: &Path,
+    model: &mut nn::VarStore,
+    discriminator: Option<&mut nn::VarStore>,
+) -> Result<Loaded> {
+    let reader = open(file)?;
+    let model_vars = model.variables();
+    let disc_vars = discriminator.as_ref().map(|d| d.variables());
+    let mut plan: Vec<(String, Tensor, bool)> = Vec::new();
+    let (mut extra, mut misshaped, mut ignored) = (Vec::new(), Vec::new(), Vec::new());
+    let keys: BTreeSet<&String> = reader.tensors().keys().collect();
+    for key in keys {
+        let t = reader.get(key).expect("a listed key");
+        let (name, vars, is_disc) = match target(key) {
+            Target::Ignored => {
+                ignored.push(key.clone());
+                continue;
+            }
+            Target::Discriminator(name) => match &disc_vars {
+                Some(v) => (name, v, true),
+                None => {
+                    ignored.push(key.clone());
+                    continue;
+                }
+            },
+            Target::Model(name) => (name, &model_vars, false),
+        };
+        let Some(var) = vars.get(&name) else {
+            extra.push(key.clone());
+            continue;
+        };
+        let shape: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
+        if shape != var.size() {
+            misshaped.push(format!(
+                "{key} {shape:?} (the model's {name} is {:?})",
+                var.size()
+            ));
+            continue;
+        }
+        plan.push((name, to_f32(t, key, file)?, is_disc));
+    }
+    let given: BTreeSet<(bool, &str)> = plan.iter().map(|(n, _, d)| (*d, n.as_str())).collect();
+    let missing = |vs: &BTreeMap<String, Tensor>, disc: bool| -> Vec<String> {
+        vs.iter()
+            .filter(|(n, t)| t.requires_grad() && !given.contains(&(disc, n.as_str())))
+            .map(|(n, _)| {
+                if disc {
+                    format!("discriminator {n}")
+                } else {
+                    n.clone()
+                }
+            })
+            .collect()
+    };
+    let sorted =
+        |m: std::collections::HashMap<String, Tensor>| m.into_iter().collect::<BTreeMap<_, _>>();
+    let mut missing_all = missing(&sorted(model.variables()), false);
+    if let Some(d) = &discriminator {
+        // A checkpoint without a discriminator leaves the run's freshly initialised one.
+        if plan.iter().any(|(_, _, disc)| *disc) {
+            missing_all.extend(missing(&sorted(d.variables()), true));
+        }
+    }
+    let mut problems = Vec::new();
+    for (what, list) in [
+        ("tensors that name no variable of the model", &extra),
+        ("variables the file does not give", &missing_all),
+        ("tensors of another shape", &misshaped),
+    ] {
+        if !list.is_empty() {
+            problems.push(format!("{} {what}: {}", list.len(), summarise(list)));
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{} does not fit this run's model: {}",
+            file.display(),
+            problems.join("; ")
+        );
+    }
+    let mut loaded = Loaded {
+        ignored,
+        ..Loaded::default()
+    };
+    let mut disc_store = discriminator;
+    tch::no_grad(|| -> Result<()> {
+        for (name, value, is_disc) in &plan {
+            let store = match is_disc {
+                true => disc_store
+                    .as_deref_mut()
+                    .expect("planned for a discriminator"),
+                false => &mut *model,
+            };
+            let vars = store.variables();
+            let mut var = vars[name].shallow_clone();
+            var.f_copy_(&value.to_device(var.device()).to_kind(var.kind()))?;
+            match is_disc {
+                true => loaded.discriminator += 1,
+                false => loaded.model += 1,
+            }
+        }
+        // An EMA codebook's running sums start at the codes (cluster sizes at 1), and a loaded
+        // codebook is not replaced by k-means.
+        let vars = model.variables();
+        if let (Some(sums), Some(codes)) = (
+            vars.get("quantize.ema_running_sum"),
+            vars.get("quantize.codebook"),
+        ) {
+            sums.shallow_clone().f_copy_(codes)?;
+        }
+        if let Some(flag) = vars.get("quantize.initialised") {
+            let _ = flag.shallow_clone().fill_(1);
+        }
+        Ok(())
+    })?;
+    Ok(loaded)
+}
+
+/// The first few names and how many more.
+fn summarise(names: &[String]) -> String {
+    const SHOWN: usize = 6;
+    let mut s = names
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > SHOWN {
+        s += &format!(", … ({} more)", names.len() - SHOWN);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_keys_map_to_the_layer_and_the_discriminator() {
+        let m = |s: &str| Target::Model(s.to_owned());
+        assert_eq!(target("quantize.embedding.weight"), m("quantize.codebook"));
+        assert_eq!(target("quantizer.embedding.weight"), m("quantize.codebook"));
+        assert_eq!(target("pre_quant.bias"), m("quantize.project_in.bias"));
+        assert_eq!(
+            target("post_quant.weight"),
+            m("quantize.project_out.weight")
+        );
+        assert_eq!(
+            target("encoder.conv_in.weight"),
+            m("encoder.conv_in.weight")
+        );
+        assert_eq!(
+            target("loss.discriminator.main.0.weight"),
+            Target::Discriminator("main.0.weight".into())
+        );
+        assert_eq!(
+            target("loss.perceptual_loss.net.slice1.0.weight"),
+            Target::Ignored
+        );
+        assert_eq!(target("model_ema.decay"), Target::Ignored);
+        let names: Vec<String> = (0..9).map(|i| format!("k{i}")).collect();
+        assert_eq!(summarise(&names), "k0, k1, k2, k3, k4, k5, … (3 more)");
+    }
+}
