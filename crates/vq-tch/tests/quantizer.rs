@@ -711,7 +711,7 @@ fn a_learned_cosine_codebook_is_used_normalised() {
     };
     let (vs, mut vq) = layer(cfg);
     let mut codebook = vs.variables()["codebook"].shallow_clone();
-    tch::no_grad(|| codebook.g_mul_scalar_(3.0));
+    let _ = tch::no_grad(|| codebook.g_mul_scalar_(3.0));
     let x = Tensor::randn([6, 4], (Kind::Float, Device::Cpu)).set_requires_grad(true);
     let out = vq.forward(&x, Mode::Train).unwrap();
     let norms = out
