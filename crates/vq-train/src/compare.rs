@@ -41,6 +41,10 @@ pub fn compare<M: Into<Method> + Copy>(
     methods: &[M],
 ) -> Result<Vec<CompareRow>> {
     let estimators: Vec<Method> = methods.iter().map(|&m| m.into()).collect();
+    // A method the configuration cannot run is refused before any run trains.
+    for m in &estimators {
+        m.apply(&mut base.config.clone())?;
+    }
     let mut rows = Vec::new();
     let mut grid_rows: Vec<(String, Tensor)> = Vec::new();
     let mut steps = Vec::new();

@@ -466,6 +466,19 @@ fn the_papers_baselines_compare_and_the_gumbel_run_resumes_exactly() {
         err.contains("VQ-VAE") && err.contains("hessian-approx"),
         "{err}"
     );
+    // compare refuses it before training anything.
+    let c = tmp("baselines-refused");
+    let err = vq_train::compare::compare(
+        &options(small_gan(2), &c),
+        &[
+            Method::Estimator(Estimator::StraightThrough),
+            Method::HessianApprox,
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("VQ-VAE"), "{err}");
+    assert!(!c.join("ste").exists());
     for d in [out, b] {
         std::fs::remove_dir_all(d).unwrap();
     }
