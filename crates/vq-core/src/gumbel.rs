@@ -145,10 +145,9 @@ pub fn gumbel_softmax(
                 row: r,
             });
         }
-        let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        let sum: f64 = z.iter().map(|v| (v - max).exp()).sum();
+        let z = softmax_row(z);
         for (o, v) in out.iter_mut().zip(&z) {
-            *o = ((v - max).exp() / sum) as f32;
+            *o = *v as f32;
         }
     }
     Ok(y)
@@ -183,14 +182,21 @@ pub fn gumbel_softmax_backward(
     Ok(out)
 }
 
-/// Row-wise `softmax(logits)` in f64 (max subtracted).
+/// `softmax(z)` of one row in f64, the maximum subtracted first.
+fn softmax_row(mut z: Vec<f64>) -> Vec<f64> {
+    let max = z.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    z.iter_mut().for_each(|v| *v = (*v - max).exp());
+    let sum: f64 = z.iter().sum();
+    z.iter_mut().for_each(|v| *v /= sum);
+    z
+}
+
+/// Row-wise `softmax(logits)` in f64.
 fn softmax_f64(logits: ArrayView2<f32>) -> Array2<f64> {
     let mut p = logits.mapv(f64::from);
     for mut row in p.outer_iter_mut() {
-        let max = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-        row.mapv_inplace(|v| (v - max).exp());
-        let sum = row.sum();
-        row.mapv_inplace(|v| v / sum);
+        let s = softmax_row(row.to_vec());
+        row.iter_mut().zip(s).for_each(|(o, v)| *o = v);
     }
     p
 }

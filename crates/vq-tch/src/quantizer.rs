@@ -460,6 +460,11 @@ struct Rows {
     finite_verdict: Option<FiniteVerdict>,
 }
 
+/// A counter variable (EMA steps, Gumbel draws) read back to the host.
+fn read_counter(t: &Tensor) -> Result<i64> {
+    i64::try_from(t).map_err(|err| VqTchError::Torch(err.to_string()))
+}
+
 /// EMA state as variables of the store.
 #[derive(Debug)]
 struct EmaTensors {
@@ -830,8 +835,7 @@ impl VectorQuantizer {
         let logits = e.apply(&g.proj);
         let (n, k) = (logits.size()[0], self.config.codebook_size as i64);
         let (y, idx) = if train {
-            let draws =
-                i64::try_from(&g.draws).map_err(|err| VqTchError::Torch(err.to_string()))?;
+            let draws = read_counter(&g.draws)?;
             let mut rng = StdRng::seed_from_u64(self.config.seed.wrapping_add(draws as u64));
             let noise = gumbel_noise(n as usize, k as usize, &mut rng);
             let noise = Tensor::from_slice(noise.as_slice().expect("standard layout"))
@@ -881,18 +885,16 @@ impl VectorQuantizer {
     /// devices. Dead-code rows are drawn from `StdRng::seed_from_u64(seed + step)` either way.
     fn ema_update(&mut self, e: &Tensor, idx: &Tensor, per_sample: i64) -> Result<()> {
         let ema = self.ema.as_ref().expect("called for EMA codebooks only");
-        let read_step =
-            |steps: &Tensor| i64::try_from(steps).map_err(|err| VqTchError::Torch(err.to_string()));
         let seeded = |step: i64| StdRng::seed_from_u64(self.config.seed.wrapping_add(step as u64));
         if let Some(group) = self.group.clone() {
-            let step = read_step(&ema.steps)?;
+            let step = read_counter(&ema.steps)?;
             return self.ema_update_synced(&group, e, idx, per_sample, &mut seeded(step), step);
         }
         if self.codebook.device() != Device::Cpu {
             // The step number seeds the dead-code draws only: without them it is not read back
             // from the device (the host does not wait), and advances there.
             let mut rng = match ema.config.dead_code_threshold() > 0.0 {
-                true => seeded(read_step(&ema.steps)?),
+                true => seeded(read_counter(&ema.steps)?),
                 false => seeded(0),
             };
             let ema = self.ema.as_mut().expect("called for EMA codebooks only");
@@ -910,7 +912,7 @@ impl VectorQuantizer {
             let _ = tch::no_grad(|| ema.steps.g_add_scalar_(1));
             return Ok(());
         }
-        let step = read_step(&ema.steps)?;
+        let step = read_counter(&ema.steps)?;
         let mut rng = seeded(step);
         let mut state = self.ema()?.expect("called for EMA codebooks only");
         state.update(to_array(e).view(), &indices_u32(idx)?, &mut rng)?;

@@ -191,6 +191,21 @@ pub struct DecoderGradient {
     pub encoder_grad: Tensor,
 }
 
+/// The decoder's input `d = sg(point)` (a leaf requiring grad), `L = loss(d)` with its graph
+/// kept, and `∇_d L` (with a graph of its own when `create_graph`, for a second derivative).
+fn gradient_at(
+    loss_of_input: impl FnOnce(&Tensor) -> Result<Tensor>,
+    point: &Tensor,
+    create_graph: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = point.detach().set_requires_grad(true);
+    let loss = loss_of_input(&d)?;
+    let g = Tensor::f_run_backward(&[&loss], &[&d], true, create_graph)?
+        .pop()
+        .expect("one input");
+    Ok((d, loss, g))
+}
+
 /// The Hessian approximation: with `d = sg(q)` as the decoder's input and `L = loss(d)`,
 /// returns `L` and `∇_d L + ∇²_d L v` for `v = e − q` (a Hessian–vector product by double
 /// backward: the gradient of `⟨∇_d L, v⟩` w.r.t. `d`). Exact when `L` is quadratic in `d`, where
@@ -203,11 +218,7 @@ pub fn hessian_approx(
     e: &Tensor,
     q: &Tensor,
 ) -> Result<DecoderGradient> {
-    let d = q.detach().set_requires_grad(true);
-    let loss = loss_of_input(&d)?;
-    let g = Tensor::f_run_backward(&[&loss], &[&d], true, true)?
-        .pop()
-        .expect("one input");
+    let (d, loss, g) = gradient_at(loss_of_input, q, true)?;
     let v = (e.detach() - q.detach()).to_kind(g.kind());
     let hv = Tensor::f_run_backward(&[(&g * &v).sum(g.kind())], &[&d], true, false)?
         .pop()
@@ -227,11 +238,7 @@ pub fn exact_gradient(
     loss_of_input: impl FnOnce(&Tensor) -> Result<Tensor>,
     e: &Tensor,
 ) -> Result<DecoderGradient> {
-    let d = e.detach().set_requires_grad(true);
-    let loss = loss_of_input(&d)?;
-    let g = Tensor::f_run_backward(&[&loss], &[&d], true, false)?
-        .pop()
-        .expect("one input");
+    let (_, loss, g) = gradient_at(loss_of_input, e, false)?;
     Ok(DecoderGradient {
         loss,
         encoder_grad: g.detach(),

@@ -17,7 +17,7 @@
 //! Every other key must name a variable of the model with the same shape; every trainable
 //! variable of the model must be given. Anything else is an error that names the tensors.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -171,27 +171,24 @@ pub fn load(
         plan.push((name, to_f32(t, key, file)?, is_disc));
     }
     let given: BTreeSet<(bool, &str)> = plan.iter().map(|(n, _, d)| (*d, n.as_str())).collect();
-    let missing = |vs: &BTreeMap<String, Tensor>, disc: bool| -> Vec<String> {
-        vs.iter()
+    let missing = |vars: &HashMap<String, Tensor>, disc: bool| -> BTreeSet<String> {
+        vars.iter()
             .filter(|(n, t)| t.requires_grad() && !given.contains(&(disc, n.as_str())))
-            .map(|(n, _)| {
-                if disc {
-                    format!("discriminator {n}")
-                } else {
-                    n.clone()
-                }
+            .map(|(n, _)| match disc {
+                true => format!("discriminator {n}"),
+                false => n.clone(),
             })
             .collect()
     };
-    let sorted =
-        |m: std::collections::HashMap<String, Tensor>| m.into_iter().collect::<BTreeMap<_, _>>();
-    let mut missing_all = missing(&sorted(model.variables()), false);
-    if let Some(d) = &discriminator {
-        // A checkpoint without a discriminator leaves the run's freshly initialised one.
-        if plan.iter().any(|(_, _, disc)| *disc) {
-            missing_all.extend(missing(&sorted(d.variables()), true));
-        }
+    let mut missing_all = missing(&model_vars, false);
+    // A checkpoint without a discriminator leaves the run's freshly initialised one.
+    if let Some(d) = disc_vars
+        .as_ref()
+        .filter(|_| plan.iter().any(|(_, _, disc)| *disc))
+    {
+        missing_all.extend(missing(d, true));
     }
+    let missing_all: Vec<String> = missing_all.into_iter().collect();
     let mut problems = Vec::new();
     for (what, list) in [
         ("tensors that name no variable of the model", &extra),
@@ -213,16 +210,13 @@ pub fn load(
         ignored,
         ..Loaded::default()
     };
-    let mut disc_store = discriminator;
+    // The maps hold shallow copies of the stores' variables: copying into them sets the stores.
     tch::no_grad(|| -> Result<()> {
         for (name, value, is_disc) in &plan {
-            let store = match is_disc {
-                true => disc_store
-                    .as_deref_mut()
-                    .expect("planned for a discriminator"),
-                false => &mut *model,
+            let vars = match is_disc {
+                true => disc_vars.as_ref().expect("planned for a discriminator"),
+                false => &model_vars,
             };
-            let vars = store.variables();
             let mut var = vars[name].shallow_clone();
             var.f_copy_(&value.to_device(var.device()).to_kind(var.kind()))?;
             match is_disc {
@@ -232,14 +226,13 @@ pub fn load(
         }
         // An EMA codebook's running sums start at the codes (cluster sizes at 1), and a loaded
         // codebook is not replaced by k-means.
-        let vars = model.variables();
         if let (Some(sums), Some(codes)) = (
-            vars.get("quantize.ema_running_sum"),
-            vars.get("quantize.codebook"),
+            model_vars.get("quantize.ema_running_sum"),
+            model_vars.get("quantize.codebook"),
         ) {
             sums.shallow_clone().f_copy_(codes)?;
         }
-        if let Some(flag) = vars.get("quantize.initialised") {
+        if let Some(flag) = model_vars.get("quantize.initialised") {
             let _ = flag.shallow_clone().fill_(1);
         }
         Ok(())
