@@ -13,6 +13,7 @@
 //!   initialisation, dead-code replacement;
 //! * metrics: [`code_counts`], [`codebook_usage`], [`perplexity`], [`quantization_error`];
 //! * [`Quantizer`]: a whole VQ layer step, forward and backward;
+//! * [`family`]: residual VQ, multi-head VQ, SimVQ and FSQ, built from the one-layer step;
 //! * [`gumbel`]: Gumbel-softmax quantization (the paper's Gumbel VQ-VAE / VQGAN baselines);
 //! * [`toy`]: the paper's 2-D experiments (Himmelblau simulation, Voronoi push/pull).
 //!
@@ -40,6 +41,7 @@
 mod codebook;
 mod error;
 mod estimator;
+pub mod family;
 pub mod gumbel;
 mod layer;
 mod loss;
