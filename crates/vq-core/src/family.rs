@@ -398,6 +398,19 @@ pub struct Fsq {
     levels: Vec<u32>,
 }
 
+/// The constants of one FSQ dimension ([`Fsq::constants`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FsqDim {
+    /// `h = (L−1)(1+ε)/2`.
+    pub half_range: f32,
+    /// `o`: ½ for an even L, else 0.
+    pub offset: f32,
+    /// `s = atanh(o/h)`.
+    pub shift: f32,
+    /// `w = ⌊L/2⌋`.
+    pub half_width: f32,
+}
+
 /// Result of [`Fsq::forward`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct FsqForward {
@@ -453,14 +466,22 @@ impl Fsq {
         self.levels.iter().map(|&l| l as usize).product()
     }
 
-    /// Per dimension: `(h, o, s, w)` = half-range `(L−1)(1+ε)/2`, offset (½ for even L),
-    /// shift `atanh(o/h)`, half-width `⌊L/2⌋`.
-    fn constants(&self) -> impl Iterator<Item = (f32, f32, f32, f32)> + '_ {
-        self.levels.iter().map(|&l| {
-            let h = (l as f32 - 1.0) * (1.0 + FSQ_EPS) / 2.0;
-            let o = if l.is_multiple_of(2) { 0.5 } else { 0.0 };
-            (h, o, (o / h).atanh(), (l / 2) as f32)
-        })
+    /// Per dimension: half-range `h = (L−1)(1+ε)/2`, offset `o` (½ for even L, else 0), shift
+    /// `s = atanh(o/h)` and half-width `w = ⌊L/2⌋`, in f32 as the forward pass uses them.
+    pub fn constants(&self) -> Vec<FsqDim> {
+        self.levels
+            .iter()
+            .map(|&l| {
+                let h = (l as f32 - 1.0) * (1.0 + FSQ_EPS) / 2.0;
+                let o = if l.is_multiple_of(2) { 0.5 } else { 0.0 };
+                FsqDim {
+                    half_range: h,
+                    offset: o,
+                    shift: (o / h).atanh(),
+                    half_width: (l / 2) as f32,
+                }
+            })
+            .collect()
     }
 
     /// Bounds, rounds and indexes `e` (N×D): `b = tanh(e + s)·h − o`, `q = round(b)/w`
@@ -470,7 +491,11 @@ impl Fsq {
     /// [`VqError::ShapeMismatch`] unless D matches; [`VqError::NonFinite`] for NaN / ±∞ rows.
     pub fn forward(&self, e: ArrayView2<f32>) -> Result<FsqForward> {
         self.check(e)?;
-        let consts: Vec<_> = self.constants().collect();
+        let consts: Vec<_> = self
+            .constants()
+            .into_iter()
+            .map(|c| (c.half_range, c.offset, c.shift, c.half_width))
+            .collect();
         let mut bounded = e.to_owned();
         let mut quantized = e.to_owned();
         let mut indices = Array1::zeros(e.nrows());
@@ -516,7 +541,11 @@ impl Fsq {
     ) -> Result<Array2<f32>> {
         self.check(e)?;
         let mut g = estimator.backward(fwd.bounded.view(), fwd.quantized.view(), grad_out)?;
-        let consts: Vec<_> = self.constants().collect();
+        let consts: Vec<_> = self
+            .constants()
+            .into_iter()
+            .map(|c| (c.half_range, c.offset, c.shift, c.half_width))
+            .collect();
         for (mut row, x) in g.rows_mut().into_iter().zip(e.rows()) {
             for ((gi, &xi), &(h, _, s, w)) in row.iter_mut().zip(&x).zip(&consts) {
                 let t = (xi + s).tanh();
@@ -532,7 +561,11 @@ impl Fsq {
     /// [`VqError::IndexOutOfRange`].
     pub fn codes(&self, indices: &[u32]) -> Result<Array2<f32>> {
         crate::error::check_indices(indices, self.codebook_size())?;
-        let consts: Vec<_> = self.constants().collect();
+        let consts: Vec<_> = self
+            .constants()
+            .into_iter()
+            .map(|c| (c.half_range, c.offset, c.shift, c.half_width))
+            .collect();
         let mut out = Array2::zeros((indices.len(), self.dim()));
         for (mut row, &i) in out.rows_mut().into_iter().zip(indices) {
             let mut rest = i;

@@ -47,6 +47,11 @@ pub enum VqTchError {
         /// The rule it breaks.
         why: &'static str,
     },
+    /// A quantizer family name that is not one of [`crate::Family::name`]'s forms.
+    #[error(
+        "unknown quantizer family {0:?}: expected nearest, residualN[-dropout[M]], headsN[-separate], simvq or fsqL1-L2-... (levels >= 2)"
+    )]
+    UnknownFamily(String),
     /// libtorch raised an error.
     #[error("libtorch: {0}")]
     Torch(String),

@@ -19,8 +19,9 @@ pub use estimator::{
 };
 pub use precision::{Autocast, Precision, autocast};
 pub use quantizer::{
-    CodebookInit, CodebookLearning, Family, Mode, Projection, VectorQuantizer,
-    VectorQuantizerConfig, VqOutput, VqVaeLatent,
+    CodebookInit, CodebookLearning, Family, FsqLevels, HeadCodebooks, Mode, Projection,
+    STAGE_DROPOUT_SALT, StageDropout, VectorQuantizer, VectorQuantizerConfig, VqOutput,
+    VqVaeLatent,
 };
 pub use search::{FiniteCheck, FiniteVerdict, nearest_codes, nearest_codes_checked};
 pub use tch;

@@ -10,6 +10,7 @@ use std::sync::Arc;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tch::{Device, Kind, Reduction, Tensor, nn};
+pub use vq_core::family::HeadCodebooks;
 use vq_core::gumbel::{GumbelForward, TemperatureSchedule, gumbel_noise};
 use vq_core::{
     BetaPlacement, CodebookTerm, EmaCodebook, EmaConfig, Estimator, LossWeights, Metric,
@@ -130,7 +131,8 @@ pub struct VectorQuantizerConfig {
     pub family: Family,
 }
 
-/// How the layer turns an input vector into a code.
+/// How the layer turns an input vector into a code: one nearest-code lookup, Gumbel sampling, or
+/// one of the families of [`vq_core::family`] (formulas there).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
@@ -155,6 +157,133 @@ pub enum Family {
         /// [`VectorQuantizer::set_step`].
         temperature: TemperatureSchedule,
     },
+    /// Residual VQ ([`vq_core::family::ResidualQuantizer`]): `stages` codebooks of K codes, each
+    /// a nearest-code layer (variables under `stage{g}.`, seed `seed + g`, its own EMA, dead
+    /// codes and k-means) on the residual the stages before it leave; the estimator acts per
+    /// stage and the losses are summed. Indices gain a last axis of `stages`. Euclidean only.
+    Residual {
+        /// Number of stages (codebooks), ≥ 1.
+        stages: usize,
+        /// Quantizer dropout in training.
+        dropout: StageDropout,
+    },
+    /// Multi-head VQ ([`vq_core::family::MultiHeadQuantizer`]): the D code channels split into
+    /// `heads` blocks of D/H, each quantized with a shared codebook (K×D/H, under `head.`) or its
+    /// own (`head{h}.`); losses are the mean over heads. Indices gain a last axis of `heads`.
+    MultiHead {
+        /// Number of heads H (divides D).
+        heads: usize,
+        /// One shared codebook or one per head.
+        codebooks: HeadCodebooks,
+    },
+    /// SimVQ ([`vq_core::family::SimVq`]): the codebook variable is frozen, drawn N(0, 1/D)
+    /// (whatever [`CodebookInit`] says, as lucidrains' `SimVQ` draws it), and the codes are
+    /// `codebook · Wᵀ` with `W` the trainable `sim_transform.weight` (D×D, PyTorch's `nn.Linear`
+    /// default init, no bias). Losses `‖sg(e) − q‖² + β‖e − sg(q)‖²`: a codebook learned by
+    /// gradient with β on the commitment term (lucidrains: β = 0.25).
+    SimVq,
+    /// Finite scalar quantization ([`vq_core::family::Fsq`]): no codebook to learn (the
+    /// `codebook` variable holds the frozen grid of `Π L_i` codes in index order, for
+    /// [`VectorQuantizer::embed`]); K must be `Π L_i` and D the number of levels. No loss
+    /// terms; the estimator maps the bounded vector to its rounded one.
+    Fsq {
+        /// Levels per dimension.
+        levels: FsqLevels,
+    },
+}
+
+/// Quantizer dropout of [`Family::Residual`] (SoundStream; lucidrains' `quantize_dropout`):
+/// every training forward keeps only the first n stages, n drawn uniformly from
+/// `min_stages..=stages` by `StdRng::seed_from_u64(seed ^ STAGE_DROPOUT_SALT + draw)` (the same
+/// on every rank, and again after a resume); the dropped stages give index −1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum StageDropout {
+    /// Every stage always runs.
+    #[default]
+    Off,
+    /// Dropout down to `min_stages` (≥ 1).
+    On {
+        /// The fewest stages a training forward keeps.
+        min_stages: usize,
+    },
+}
+
+/// Salt of the stage-dropout draws ([`StageDropout`]).
+pub const STAGE_DROPOUT_SALT: u64 = 0x7374_6167_6564_726f;
+
+/// The levels of [`Family::Fsq`]: 1 to 8 dimensions of at least 2 levels each (serialised as a
+/// list).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(into = "Vec<u32>", try_from = "Vec<u32>")
+)]
+pub struct FsqLevels {
+    len: usize,
+    levels: [u32; 8],
+}
+
+impl FsqLevels {
+    /// Most dimensions FSQ takes here (the paper's largest setting has 8).
+    pub const MAX: usize = 8;
+
+    /// Levels per dimension.
+    ///
+    /// ```
+    /// let l = vq_tch::FsqLevels::new(&[8, 5, 5, 5]).unwrap();
+    /// assert_eq!(l.as_slice(), &[8, 5, 5, 5]);
+    /// assert_eq!(l.codebook_size(), 1000);
+    /// assert!(vq_tch::FsqLevels::new(&[8, 1]).is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`VqTchError::Config`] for no levels, more than [`Self::MAX`], a level below 2, or more
+    /// codes than u32 holds.
+    pub fn new(levels: &[u32]) -> Result<Self> {
+        if levels.len() > Self::MAX || vq_core::family::Fsq::new(levels).is_err() {
+            return Err(VqTchError::Config {
+                field: "family",
+                why: "FSQ takes 1 to 8 levels of at least 2 each, whose product fits in u32",
+            });
+        }
+        let mut out = [0; 8];
+        out[..levels.len()].copy_from_slice(levels);
+        Ok(Self {
+            len: levels.len(),
+            levels: out,
+        })
+    }
+
+    /// The levels.
+    pub fn as_slice(&self) -> &[u32] {
+        &self.levels[..self.len]
+    }
+
+    /// The number of codes `Π L_i`.
+    pub fn codebook_size(&self) -> usize {
+        self.as_slice().iter().map(|&l| l as usize).product()
+    }
+
+    /// vq-core's FSQ with these levels.
+    pub fn fsq(&self) -> vq_core::family::Fsq {
+        vq_core::family::Fsq::new(self.as_slice()).expect("checked by FsqLevels::new")
+    }
+}
+
+impl From<FsqLevels> for Vec<u32> {
+    fn from(l: FsqLevels) -> Self {
+        l.as_slice().to_vec()
+    }
+}
+
+impl TryFrom<Vec<u32>> for FsqLevels {
+    type Error = VqTchError;
+    fn try_from(v: Vec<u32>) -> Result<Self> {
+        Self::new(&v)
+    }
 }
 
 /// Projection between the input's channels C and the code dimension D (factorised codes,
@@ -183,6 +312,107 @@ impl Family {
     /// written before it existed compare equal).
     pub fn is_nearest(&self) -> bool {
         *self == Self::Nearest
+    }
+
+    /// Code groups per position: the stages of residual VQ, the heads of multi-head VQ, else 1.
+    pub fn code_groups(&self) -> usize {
+        self.group_axis().unwrap_or(1)
+    }
+
+    /// The length of the indices' last axis for the families that have one (residual: stages,
+    /// multi-head: heads); `None` for one code per position.
+    pub fn group_axis(&self) -> Option<usize> {
+        match *self {
+            Self::Residual { stages, .. } => Some(stages),
+            Self::MultiHead { heads, .. } => Some(heads),
+            _ => None,
+        }
+    }
+
+    /// A short stable name: `nearest`, `gumbel`, `residual4`, `residual4-dropout`,
+    /// `heads4`, `heads4-separate`, `simvq`, `fsq8-5-5-5` (the inverse of
+    /// [`from_name`](Self::from_name) except for Gumbel's settings).
+    pub fn name(&self) -> String {
+        match *self {
+            Self::Nearest => "nearest".into(),
+            Self::Gumbel { .. } => "gumbel".into(),
+            Self::Residual { stages, dropout } => match dropout {
+                StageDropout::Off => format!("residual{stages}"),
+                StageDropout::On { min_stages: 1 } => format!("residual{stages}-dropout"),
+                StageDropout::On { min_stages } => format!("residual{stages}-dropout{min_stages}"),
+            },
+            Self::MultiHead { heads, codebooks } => match codebooks {
+                HeadCodebooks::Shared => format!("heads{heads}"),
+                HeadCodebooks::Separate => format!("heads{heads}-separate"),
+            },
+            Self::SimVq => "simvq".into(),
+            Self::Fsq { levels } => {
+                let l: Vec<String> = levels.as_slice().iter().map(u32::to_string).collect();
+                format!("fsq{}", l.join("-"))
+            }
+        }
+    }
+
+    /// Parses [`name`](Self::name)'s forms (Gumbel is chosen as a training method, not here).
+    ///
+    /// ```
+    /// use vq_tch::{Family, StageDropout};
+    /// assert_eq!(
+    ///     Family::from_name("residual4-dropout").unwrap(),
+    ///     Family::Residual { stages: 4, dropout: StageDropout::On { min_stages: 1 } }
+    /// );
+    /// assert_eq!(Family::from_name("fsq8-5-5-5").unwrap().name(), "fsq8-5-5-5");
+    /// assert!(Family::from_name("residual0").is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`VqTchError::UnknownFamily`] naming the text and the forms.
+    pub fn from_name(name: &str) -> Result<Self> {
+        let unknown = || VqTchError::UnknownFamily(name.to_owned());
+        let count = |t: &str| {
+            t.parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(unknown)
+        };
+        let family = match name {
+            "nearest" | "vq" => Self::Nearest,
+            "simvq" => Self::SimVq,
+            _ => {
+                if let Some(rest) = name.strip_prefix("residual") {
+                    let (n, drop) = rest.split_once("-dropout").unwrap_or((rest, "none"));
+                    let stages = count(n)?;
+                    let dropout = match drop {
+                        "none" => StageDropout::Off,
+                        "" => StageDropout::On { min_stages: 1 },
+                        m => StageDropout::On {
+                            min_stages: count(m)?,
+                        },
+                    };
+                    Self::Residual { stages, dropout }
+                } else if let Some(rest) = name.strip_prefix("heads") {
+                    let (n, codebooks) = match rest.strip_suffix("-separate") {
+                        Some(n) => (n, HeadCodebooks::Separate),
+                        None => (rest, HeadCodebooks::Shared),
+                    };
+                    Self::MultiHead {
+                        heads: count(n)?,
+                        codebooks,
+                    }
+                } else if let Some(rest) = name.strip_prefix("fsq") {
+                    let levels: Vec<u32> = rest
+                        .split('-')
+                        .map(|l| l.parse().map_err(|_| unknown()))
+                        .collect::<Result<_>>()?;
+                    Self::Fsq {
+                        levels: FsqLevels::new(&levels).map_err(|_| unknown())?,
+                    }
+                } else {
+                    return Err(unknown());
+                }
+            }
+        };
+        Ok(family)
     }
 }
 
@@ -328,6 +558,7 @@ impl VectorQuantizerConfig {
                 return bad("learning", "a Gumbel codebook is learned by gradient");
             }
         }
+        self.validate_family()?;
         if let CodebookLearning::Ema {
             decay,
             laplace_eps,
@@ -343,6 +574,138 @@ impl VectorQuantizerConfig {
             })?;
         }
         Ok(())
+    }
+}
+
+impl VectorQuantizerConfig {
+    /// The rules of the families of [`vq_core::family`].
+    fn validate_family(&self) -> Result<()> {
+        let bad = |field: &'static str, why: &'static str| Err(VqTchError::Config { field, why });
+        let gradient = matches!(self.learning, CodebookLearning::Gradient { .. });
+        match self.family {
+            Family::Nearest | Family::Gumbel { .. } => {}
+            Family::Residual { stages, dropout } => {
+                if stages == 0 {
+                    return bad("family", "a residual quantizer needs at least one stage");
+                }
+                if let StageDropout::On { min_stages } = dropout
+                    && !(1..=stages).contains(&min_stages)
+                {
+                    return bad("family", "stage dropout keeps between 1 and all the stages");
+                }
+                if self.metric != Metric::Euclidean {
+                    return bad(
+                        "metric",
+                        "residual VQ subtracts codes from its input: euclidean only",
+                    );
+                }
+            }
+            Family::MultiHead { heads, .. } => {
+                if heads == 0 || !self.codebook_dim.is_multiple_of(heads) {
+                    return bad("family", "the number of heads must divide codebook_dim");
+                }
+            }
+            Family::SimVq => {
+                if !gradient {
+                    return bad(
+                        "learning",
+                        "SimVQ learns its codebook's linear map by gradient",
+                    );
+                }
+            }
+            Family::Fsq { levels } => {
+                if self.codebook_size != levels.codebook_size() {
+                    return bad(
+                        "codebook_size",
+                        "FSQ has the product of its levels as codes",
+                    );
+                }
+                if self.codebook_dim != levels.as_slice().len() {
+                    return bad("codebook_dim", "FSQ has one dimension per level count");
+                }
+                if !gradient || self.metric != Metric::Euclidean {
+                    return bad(
+                        "learning",
+                        "FSQ has no codebook to learn: learning gradient (unused), metric euclidean",
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// This configuration with `family` and what the family fixes, validated:
+    /// * FSQ: K = `Π L_i`, D = the number of levels with a `Linear` projection from the input's
+    ///   channels when they differ (as lucidrains' `FSQ` projects), learning by gradient
+    ///   (unused), Euclidean;
+    /// * SimVQ: learning by gradient with β = 0.25 on the commitment term (lucidrains' `SimVQ`
+    ///   weights: 1 on the term that trains the map, 0.25 on the one that moves the input);
+    /// * the others keep every other field.
+    ///
+    /// ```
+    /// use vq_tch::{Family, FsqLevels, Metric, Projection, VectorQuantizerConfig, VqVaeLatent};
+    /// let base = VectorQuantizerConfig::paper_vqvae(VqVaeLatent::F16x16x32, Metric::Euclidean);
+    /// let fsq = base.with_family(Family::Fsq { levels: FsqLevels::new(&[8, 5, 5, 5]).unwrap() }).unwrap();
+    /// assert_eq!((fsq.codebook_size, fsq.codebook_dim), (1000, 4));
+    /// assert_eq!(fsq.projection, Projection::Linear { channels: 32 });
+    /// assert!(base.with_family(Family::from_name("heads5").unwrap()).is_err()); // 5 ∤ 32
+    /// ```
+    ///
+    /// # Errors
+    /// [`VqTchError::Config`] naming the field the result breaks.
+    pub fn with_family(mut self, family: Family) -> Result<Self> {
+        self.family = family;
+        match family {
+            Family::Fsq { levels } => {
+                let channels = self.input_channels();
+                self.codebook_size = levels.codebook_size();
+                self.codebook_dim = levels.as_slice().len();
+                self.projection = match channels == self.codebook_dim {
+                    true => Projection::Identity,
+                    false => Projection::Linear { channels },
+                };
+                self.learning = CodebookLearning::Gradient {
+                    placement: BetaPlacement::Commitment,
+                };
+                self.metric = Metric::Euclidean;
+            }
+            Family::SimVq => {
+                self.learning = CodebookLearning::Gradient {
+                    placement: BetaPlacement::Commitment,
+                };
+                self.beta = 0.25;
+            }
+            _ => {}
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// The nearest-code layers a residual or multi-head quantizer is made of: (variable path,
+    /// configuration); empty for the other families.
+    fn part_configs(&self) -> Vec<(String, Self)> {
+        let part = |g: usize, dim: usize| Self {
+            codebook_dim: dim,
+            projection: Projection::Identity,
+            family: Family::Nearest,
+            seed: self.seed.wrapping_add(g as u64),
+            ..*self
+        };
+        match self.family {
+            Family::Residual { stages, .. } => (0..stages)
+                .map(|g| (format!("stage{g}"), part(g, self.codebook_dim)))
+                .collect(),
+            Family::MultiHead { heads, codebooks } => {
+                let dim = self.codebook_dim / heads;
+                match codebooks {
+                    HeadCodebooks::Shared => vec![("head".into(), part(0, dim))],
+                    HeadCodebooks::Separate => (0..heads)
+                        .map(|h| (format!("head{h}"), part(h, dim)))
+                        .collect(),
+                }
+            }
+            _ => Vec::new(),
+        }
     }
 }
 
@@ -439,6 +802,12 @@ pub struct VectorQuantizer {
     group: Option<Arc<ProcessGroup>>,
     finite_check: FiniteCheck,
     gumbel: Option<GumbelState>,
+    /// The nearest-code layers of a residual or multi-head quantizer.
+    parts: Vec<VectorQuantizer>,
+    /// Stage-dropout draws done (residual VQ with [`StageDropout::On`]).
+    stage_draws: Option<Tensor>,
+    /// SimVQ's `W` (D, D).
+    sim_transform: Option<Tensor>,
 }
 
 /// The Gumbel family's own variables and the temperature's step.
@@ -453,12 +822,16 @@ struct GumbelState {
 /// The rows' part of a forward pass, before the layout is restored.
 struct Rows {
     out: Tensor,
+    /// The codes `q` (detached), (N, D).
+    codes: Tensor,
     idx: Tensor,
     commitment_loss: Tensor,
     codebook_loss: Tensor,
     quantization_error: Tensor,
     finite_verdict: Option<FiniteVerdict>,
 }
+
+mod family;
 
 /// A counter variable (EMA steps, Gumbel draws) read back to the host.
 fn read_counter(t: &Tensor) -> Result<i64> {
@@ -486,41 +859,22 @@ impl VectorQuantizer {
         config.validate()?;
         let (k, d) = (config.codebook_size as i64, config.codebook_dim as i64);
         let device = path.device();
-        let mut rng = StdRng::seed_from_u64(config.seed);
-        let values = config
-            .init
-            .draw(config.codebook_size, config.codebook_dim, &mut rng);
-        let mut init = Tensor::from_slice(&values).view([k, d]);
-        if config.metric == Metric::Cosine {
-            init = crate::l2_normalise_rows(&init);
-        }
-        let init = init.to_device(device);
         let scalar = |v: i64| Tensor::from(v).to_device(device);
-        let (codebook, ema) = match config.learning {
-            CodebookLearning::Ema {
-                decay,
-                laplace_eps,
-                dead_code_threshold,
-                kmeans_iters,
-            } => {
-                let cfg = EmaConfig::new(decay, laplace_eps, dead_code_threshold, config.metric)?;
-                let ema = EmaTensors {
-                    config: cfg,
-                    kmeans_iters,
-                    sizes: path.add(
-                        "ema_cluster_size",
-                        Tensor::ones([k], (Kind::Float, device)),
-                        false,
-                    ),
-                    sums: path.add("ema_running_sum", init.copy(), false),
-                    steps: path.add("ema_steps", scalar(0), false),
-                };
-                (path.add("codebook", init, false), Some(ema))
-            }
-            CodebookLearning::Gradient { .. } => (path.add("codebook", init, true), None),
+        let parts = config
+            .part_configs()
+            .into_iter()
+            .map(|(name, cfg)| Self::new(&(path / name.as_str()), cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let (codebook, ema) = match (parts.is_empty(), config.learning) {
+            // A residual / multi-head layer's codes live in its parts.
+            (false, _) => (Tensor::zeros([0, d], (Kind::Float, device)), None),
+            (true, learning) => Self::new_codebook(path, &config, learning)?,
         };
         let pending = matches!(&ema, Some(e) if e.kmeans_iters > 0);
-        let initialised = path.add("initialised", scalar(i64::from(!pending)), false);
+        let initialised = match parts.is_empty() {
+            true => path.add("initialised", scalar(i64::from(!pending)), false),
+            false => scalar(1),
+        };
         let (project_in, project_in_norm, project_out) = match config.projection {
             Projection::Identity => (None, None, None),
             Projection::Linear { channels } | Projection::LinearLayerNorm { channels } => {
@@ -541,6 +895,21 @@ impl VectorQuantizer {
             draws: path.add("gumbel_draws", scalar(0), false),
             step: 0,
         });
+        let stage_draws = matches!(
+            config.family,
+            Family::Residual {
+                dropout: StageDropout::On { .. },
+                ..
+            }
+        )
+        .then(|| path.add("stage_draws", scalar(0), false));
+        let sim_transform = (config.family == Family::SimVq).then(|| {
+            let cfg = nn::LinearConfig {
+                bias: false,
+                ..crate::init::torch_linear()
+            };
+            nn::linear(path / "sim_transform", d, d, cfg).ws
+        });
         Ok(Self {
             config,
             codebook,
@@ -552,6 +921,67 @@ impl VectorQuantizer {
             group: None,
             finite_check: FiniteCheck::Eager,
             gumbel,
+            parts,
+            stage_draws,
+            sim_transform,
+        })
+    }
+
+    /// The `codebook` variable and the EMA state of a layer with codes of its own: drawn as the
+    /// config's [`CodebookInit`] says (SimVQ: N(0, 1/D), frozen; FSQ: the frozen grid).
+    fn new_codebook(
+        path: &nn::Path,
+        config: &VectorQuantizerConfig,
+        learning: CodebookLearning,
+    ) -> Result<(Tensor, Option<EmaTensors>)> {
+        let (k, d) = (config.codebook_size as i64, config.codebook_dim as i64);
+        let device = path.device();
+        let mut rng = StdRng::seed_from_u64(config.seed);
+        let values = match config.family {
+            Family::SimVq => {
+                let scale = (config.codebook_dim as f32).sqrt().recip();
+                CodebookInit::Normal
+                    .draw(config.codebook_size, config.codebook_dim, &mut rng)
+                    .into_iter()
+                    .map(|v| v * scale)
+                    .collect()
+            }
+            Family::Fsq { levels } => levels.fsq().codebook().into_raw_vec_and_offset().0,
+            _ => config
+                .init
+                .draw(config.codebook_size, config.codebook_dim, &mut rng),
+        };
+        let mut init = Tensor::from_slice(&values).view([k, d]);
+        if config.metric == Metric::Cosine && config.family != Family::SimVq {
+            init = crate::l2_normalise_rows(&init);
+        }
+        let init = init.to_device(device);
+        let scalar = |v: i64| Tensor::from(v).to_device(device);
+        Ok(match learning {
+            CodebookLearning::Ema {
+                decay,
+                laplace_eps,
+                dead_code_threshold,
+                kmeans_iters,
+            } => {
+                let cfg = EmaConfig::new(decay, laplace_eps, dead_code_threshold, config.metric)?;
+                let ema = EmaTensors {
+                    config: cfg,
+                    kmeans_iters,
+                    sizes: path.add(
+                        "ema_cluster_size",
+                        Tensor::ones([k], (Kind::Float, device)),
+                        false,
+                    ),
+                    sums: path.add("ema_running_sum", init.copy(), false),
+                    steps: path.add("ema_steps", scalar(0), false),
+                };
+                (path.add("codebook", init, false), Some(ema))
+            }
+            CodebookLearning::Gradient { .. } => {
+                let trainable = matches!(config.family, Family::Nearest | Family::Gumbel { .. });
+                (path.add("codebook", init, trainable), None)
+            }
         })
     }
 
@@ -563,6 +993,9 @@ impl VectorQuantizer {
     /// the union and is broadcast from rank 0. Every rank must call [`forward`](Self::forward)
     /// in [`Mode::Train`] equally often (batch sizes may differ, e.g. after skipped samples).
     pub fn set_process_group(&mut self, group: Option<Arc<ProcessGroup>>) {
+        for part in &mut self.parts {
+            part.set_process_group(group.clone());
+        }
         self.group = group;
     }
 
@@ -572,6 +1005,9 @@ impl VectorQuantizer {
     /// later, and a training loop must not apply an update made from a bad batch before it has.
     /// (The EMA step of a non-finite batch writes NaN into the codebook either way.)
     pub fn set_finite_check(&mut self, check: FiniteCheck) {
+        for part in &mut self.parts {
+            part.set_finite_check(check);
+        }
         self.finite_check = check;
     }
 
@@ -591,9 +1027,33 @@ impl VectorQuantizer {
         }
     }
 
-    /// The codebook (K, D).
+    /// The `codebook` variable (K, D): SimVQ's frozen codebook, FSQ's grid; empty (0, D) for
+    /// residual and multi-head layers, whose codebooks are their [`parts`](Self::parts)'.
     pub fn codebook(&self) -> &Tensor {
         &self.codebook
+    }
+
+    /// The codes the layer outputs (detached, f32): (K, D), or (G, K, D/G′) stacked for the
+    /// G codebooks of a residual or multi-head layer (one for shared heads); SimVQ's are
+    /// `codebook · Wᵀ`.
+    pub fn codes_table(&self) -> Tensor {
+        match self.parts.is_empty() {
+            true => self.codes().detach(),
+            false => Tensor::stack(
+                &self
+                    .parts
+                    .iter()
+                    .map(|p| p.codes().detach())
+                    .collect::<Vec<_>>(),
+                0,
+            ),
+        }
+    }
+
+    /// The nearest-code layers of a residual (stages) or multi-head (heads; one when they
+    /// share a codebook) layer; empty for the other families.
+    pub fn parts(&self) -> &[VectorQuantizer] {
+        &self.parts
     }
 
     /// The quantized output of code indices, in the layout [`forward`](Self::forward) returns
@@ -605,12 +1065,14 @@ impl VectorQuantizer {
     /// [`VqTchError::Shape`] for another rank, [`VqTchError::IndexKind`] for non-integer
     /// indices, [`VqTchError::Code`] for an index outside `0..K` (naming it).
     pub fn embed(&self, indices: &Tensor) -> Result<Tensor> {
-        let rank = indices.dim();
-        if !matches!(rank, 1 | 3 | 4) {
+        let groups = self.config.family.group_axis();
+        let rank = indices.dim() - usize::from(groups.is_some());
+        let last_ok = groups.is_none_or(|g| indices.size().last() == Some(&(g as i64)));
+        if !matches!(rank, 1 | 3 | 4) || !last_ok {
             return Err(VqTchError::Shape {
-                what: "code indices (N), (B, H, W) or (B, T, H, W)",
+                what: "code indices (N), (B, H, W) or (B, T, H, W), with a last axis of the code groups for residual and multi-head layers",
                 e: indices.size(),
-                q: vec![],
+                q: groups.map(|g| vec![g as i64]).unwrap_or_default(),
             });
         }
         if !matches!(
@@ -620,8 +1082,9 @@ impl VectorQuantizer {
             return Err(VqTchError::IndexKind(indices.kind()));
         }
         let k = self.config.codebook_size as i64;
+        let g = groups.unwrap_or(1) as i64;
         let flat = indices
-            .reshape([-1])
+            .reshape([-1, g])
             .to_kind(Kind::Int64)
             .to_device(self.codebook.device());
         if flat.numel() > 0 {
@@ -634,12 +1097,15 @@ impl VectorQuantizer {
                 });
             }
         }
-        let mut out = self.codes().detach().index_select(0, &flat);
+        let mut out = match self.parts.is_empty() {
+            true => self.codes().detach().index_select(0, &flat.reshape([-1])),
+            false => self.embed_groups(&flat),
+        };
         if let Some(lin) = &self.project_out {
             out = out.apply(lin);
         }
         let c = out.size()[1];
-        let mut lead = indices.size();
+        let mut lead = indices.size()[..rank].to_vec();
         lead.push(c);
         let inverse: Vec<i64> = match rank {
             1 => vec![0, 1],
@@ -722,9 +1188,6 @@ impl VectorQuantizer {
         }
         // Rows per sample: a data-parallel union batch interleaves whole samples.
         let per_sample = lead[1..].iter().product::<i64>().max(1);
-        if train && self.kmeans_pending() {
-            self.kmeans_init(&e, per_sample)?;
-        }
         let Rows {
             mut out,
             idx,
@@ -732,10 +1195,8 @@ impl VectorQuantizer {
             codebook_loss,
             quantization_error,
             finite_verdict,
-        } = match self.config.family {
-            Family::Nearest => self.nearest_rows(&e, train, per_sample)?,
-            Family::Gumbel { .. } => self.gumbel_rows(&e, train)?,
-        };
+            ..
+        } = self.rows(&e, train, per_sample)?;
         let latent_power = e.detach().square().mean(Kind::Float);
         if let Some(lin) = &self.project_out {
             out = out.apply(lin);
@@ -753,10 +1214,12 @@ impl VectorQuantizer {
                 .to_kind(x.kind())
         };
         let quantized = layout(&out);
+        let mut index_shape = lead.clone();
+        index_shape.extend(self.config.family.group_axis().map(|g| g as i64));
         Ok(VqOutput {
             quantized,
             latents: layout(&e.detach()),
-            indices: idx.reshape(&lead[..]),
+            indices: idx.reshape(&index_shape[..]),
             commitment_loss,
             codebook_loss,
             quantization_error,
@@ -769,11 +1232,13 @@ impl VectorQuantizer {
     /// for a cosine codebook learned by gradient, as enhancing-transformers' quantizer does at
     /// every use (an EMA cosine codebook is renormalised by each EMA step instead).
     fn codes(&self) -> Tensor {
+        let codes = match &self.sim_transform {
+            Some(w) => self.codebook.matmul(&w.tr()),
+            None => self.codebook.shallow_clone(),
+        };
         match (self.config.metric, self.config.learning) {
-            (Metric::Cosine, CodebookLearning::Gradient { .. }) => {
-                crate::l2_normalise_rows(&self.codebook)
-            }
-            _ => self.codebook.shallow_clone(),
+            (Metric::Cosine, CodebookLearning::Gradient { .. }) => crate::l2_normalise_rows(&codes),
+            _ => codes,
         }
     }
 
@@ -806,6 +1271,7 @@ impl VectorQuantizer {
         }
         Ok(Rows {
             out,
+            codes: q,
             idx,
             commitment_loss,
             codebook_loss,
@@ -866,6 +1332,7 @@ impl VectorQuantizer {
             .mean(Kind::Float);
         Ok(Rows {
             out,
+            codes: q,
             idx,
             commitment_loss: Tensor::zeros([], (Kind::Float, e.device())),
             codebook_loss: kl * f64::from(kl_weight),

@@ -169,7 +169,7 @@ fn search_cpu(x: &Tensor, codebook: &Tensor, metric: Metric) -> Result<Tensor> {
 
 /// The verdict of the finite check as a device tensor ([`FiniteVerdict`]'s layout), computed
 /// without any read back to the host.
-fn finite_verdict(x: &Tensor, codebook: &Tensor) -> Tensor {
+pub(crate) fn finite_verdict(x: &Tensor, codebook: &Tensor) -> Tensor {
     let part = |t: &Tensor| {
         let bad = t
             .isfinite()
@@ -192,7 +192,7 @@ fn finite_verdict(x: &Tensor, codebook: &Tensor) -> Tensor {
 /// The device path's version of vq-core's input check: the first row of `x` (then of the
 /// codebook) holding NaN or ±∞ is [`vq_core::VqError::NonFinite`], as on the CPU. One host
 /// read of the verdict.
-fn check_finite_device(x: &Tensor, codebook: &Tensor) -> Result<()> {
+pub(crate) fn check_finite_device(x: &Tensor, codebook: &Tensor) -> Result<()> {
     let values = Vec::<i64>::try_from(finite_verdict(x, codebook).to_device(Device::Cpu))
         .map_err(|_| VqTchError::Kind(x.kind()))?;
     FiniteVerdict::check(&values)
