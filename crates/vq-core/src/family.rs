@@ -627,6 +627,25 @@ pub fn group_perplexities(counts: &[u64], groups: usize) -> Vec<f64> {
     blocks(counts, groups).map(crate::perplexity).collect()
 }
 
+/// The geometric mean of the groups' perplexities over the groups that were used:
+/// `exp(mean_g H_g)`, the perplexity per code group (equal to [`perplexity`](crate::perplexity)
+/// for one group; 0 when no group was used).
+///
+/// ```
+/// let p = vq_core::family::mean_group_perplexity(&[5, 5, 0, 0, 1, 1, 1, 1], 2);
+/// assert!((p - 8f64.sqrt()).abs() < 1e-12);
+/// ```
+pub fn mean_group_perplexity(counts: &[u64], groups: usize) -> f64 {
+    let used: Vec<f64> = group_perplexities(counts, groups)
+        .into_iter()
+        .filter(|&p| p > 0.0)
+        .collect();
+    match used.len() {
+        0 => 0.0,
+        n => (used.iter().map(|p| p.ln()).sum::<f64>() / n as f64).exp(),
+    }
+}
+
 fn blocks(counts: &[u64], groups: usize) -> std::slice::Chunks<'_, u64> {
     counts.chunks((counts.len() / groups.max(1)).max(1))
 }

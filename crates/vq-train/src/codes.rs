@@ -3,10 +3,13 @@
 //! decoder.
 //!
 //! A codes file is safetensors (PyTorch: `safetensors.torch.load_file`) holding
-//! * `codes`: (n, h, w), or (n, t, h, w) for video, in the narrowest integer type that holds the
+//! * `codes`: (n, h, w), or (n, t, h, w) for video, with a last axis of G for the G stages or
+//!   heads of a residual or multi-head quantizer, in the narrowest integer type that holds the
 //!   codebook size K (U8 up to 256 codes, I16 up to 32 768, else I32),
 //! * `decoded`: (n) U8, 1 where the sample decoded and 0 where it was skipped (its codes are 0),
-//! * `codebook`: (K, D) F32, the quantizer's codebook the codes index,
+//! * `codebook`: (K, D) F32, the codes the indices select (`VectorQuantizer::codes_table`:
+//!   SimVQ's mapped codebook, FSQ's grid; (G, K, D/G) for separate codebooks per stage / head,
+//!   (1, K, D/H) for heads sharing one),
 //!
 //! and as metadata the run's configuration (`run_config`, as run.json), the checkpoint `step`,
 //! the `split`, the shard's `first` dataset index and `count`, the split's `total`, the shard
@@ -128,7 +131,7 @@ pub fn encode(
     );
     let shards = total.div_ceil(shard_size);
     let k = cfg.model.quantizer.codebook_size;
-    let codebook = run.model.quantizer().codebook().to_device(Device::Cpu);
+    let codebook = run.model.quantizer().codes_table().to_device(Device::Cpu);
     let meta_common = HashMap::from([
         ("format".to_owned(), FORMAT.to_owned()),
         ("run_config".to_owned(), serde_json::to_string(cfg)?),
@@ -301,7 +304,7 @@ pub fn decode(run: &LoadedRun, codes: &Path, out: &Path, batch: usize) -> Result
         .parse()?;
     let device = run.model.quantizer().codebook().device();
     let theirs = view_tensor(&file, codes, "codebook")?;
-    let ours = run.model.quantizer().codebook().to_device(Device::Cpu);
+    let ours = run.model.quantizer().codes_table().to_device(Device::Cpu);
     if !(theirs.size() == ours.size() && theirs.equal(&ours.to_kind(Kind::Float))) {
         bail!(
             "the codebook in {} is not the run's (step {}): the codes were made by another run \
@@ -321,7 +324,8 @@ pub fn decode(run: &LoadedRun, codes: &Path, out: &Path, batch: usize) -> Result
     let keep: Vec<i64> = (0..decoded.len() as i64)
         .filter(|&i| decoded[i as usize] == 1)
         .collect();
-    let video = all.dim() == 4;
+    let grouped = run.config.model.quantizer.family.group_axis().is_some();
+    let video = all.dim() - usize::from(grouped) == 4;
     for rows in keep.chunks(batch) {
         let idx = Tensor::from_slice(rows);
         let x = tch::no_grad(|| {

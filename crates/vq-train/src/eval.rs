@@ -19,12 +19,18 @@ pub struct EvalMetrics {
     pub rec_mse: f64,
     /// Mean absolute reconstruction error.
     pub rec_l1: f64,
-    /// Fraction of the codebook used per group of 256 inputs, averaged over groups.
+    /// Fraction of the codebook used per group of 256 inputs, averaged over groups (residual
+    /// and multi-head quantizers: of the code slots, i.e. the mean over stages / heads).
     pub usage: f64,
-    /// Fraction of the codebook used over the whole set.
+    /// Fraction of the codebook used over the whole set (the mean over stages / heads).
     pub usage_total: f64,
-    /// Perplexity of the code distribution over the whole set.
+    /// Perplexity of the code distribution over the whole set (per stage / head: their
+    /// geometric mean, [`vq_core::family::mean_group_perplexity`]).
     pub perplexity: f64,
+    /// Residual and multi-head quantizers: usage over the whole set and perplexity of each stage
+    /// / head, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<GroupMetrics>,
     /// Quantization error mean((e − q)²) per element, in code space.
     pub quantization_error: f64,
     /// The quantization error relative to the latents' scale, mean((e − q)²) / mean(e²):
@@ -48,6 +54,15 @@ pub struct EvalMetrics {
     /// frames cannot be counted), each with its error: their samples are not in the set.
     #[serde(default)]
     pub left_out: Vec<String>,
+}
+
+/// The codes of one stage or head over an evaluated set.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GroupMetrics {
+    /// Fraction of its K codes used.
+    pub usage: f64,
+    /// Perplexity of its codes.
+    pub perplexity: f64,
 }
 
 /// Which of the available perceptual metrics to compute.
@@ -110,7 +125,9 @@ pub fn evaluate(
         Perceptual::All => nets.inception.as_ref(),
         Perceptual::LpipsOnly => None,
     };
-    let k = model.config().quantizer.codebook_size;
+    let quantizer = model.config().quantizer;
+    let k = crate::trainer::code_slot_count(&quantizer);
+    let groups = quantizer.family.code_groups();
     let (mut mse, mut l1, mut qe, mut lp) = (0f64, 0f64, 0f64, 0f64);
     let mut power = 0f64;
     let (mut feats_x, mut feats_r, mut logits_r) = (Vec::new(), Vec::new(), Vec::new());
@@ -158,7 +175,7 @@ pub fn evaluate(
         l1 += s[1] * w;
         qe += s[2] * w;
         power += s[3] * w;
-        let flat = out.vq.indices.reshape([b, -1]);
+        let flat = crate::trainer::code_slots(&out.vq.indices, &quantizer).reshape([b, -1]);
         per_image = flat.size()[1] as usize;
         codes.extend(
             Vec::<i64>::try_from(flat.reshape([-1]).to_device(Device::Cpu))?
@@ -180,7 +197,15 @@ pub fn evaluate(
         rec_l1: l1 / nf,
         usage: vq_core::codebook_usage(&codes, k, 256 * per_image.max(1))?,
         usage_total: counts.iter().filter(|&&c| c > 0).count() as f64 / k as f64,
-        perplexity: vq_core::perplexity(&counts),
+        perplexity: vq_core::family::mean_group_perplexity(&counts, groups),
+        groups: match quantizer.family.group_axis() {
+            Some(g) => vq_core::family::group_usage(&counts, g)
+                .into_iter()
+                .zip(vq_core::family::group_perplexities(&counts, g))
+                .map(|(usage, perplexity)| GroupMetrics { usage, perplexity })
+                .collect(),
+            None => Vec::new(),
+        },
         quantization_error: qe / nf,
         relative_quantization_error: qe / power.max(f64::MIN_POSITIVE),
         lpips: nets.lpips.as_ref().map(|_| lp / nf),

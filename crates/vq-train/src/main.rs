@@ -157,6 +157,12 @@ struct RunArgs {
     /// (VQ-VAE runs).
     #[arg(long)]
     estimator: Option<String>,
+    /// Quantizer family: nearest (one codebook), residualN (N stages; residualN-dropout[M]:
+    /// quantizer dropout down to M stages), headsN (N heads sharing a codebook;
+    /// headsN-separate: one each), simvq (a learned map of a frozen codebook), fsqL1-L2-...
+    /// (finite scalar quantization with these levels, e.g. fsq8-5-5-5).
+    #[arg(long)]
+    family: Option<String>,
     #[arg(long, help = format!("Data source: {DATA_SOURCES} (default: the preset's)"))]
     data: Option<String>,
     /// `cpu`, `cuda` or `cuda:<n>`.
@@ -351,6 +357,9 @@ impl RunArgs {
             cfg.seed = s;
             cfg.model.quantizer.seed = s;
         }
+        if let Some(f) = &self.family {
+            cfg.set_family(vq_tch::Family::from_name(f)?)?;
+        }
         // Last: the Gumbel baseline anneals its temperature over the run's steps.
         if let Some(e) = &self.estimator {
             Method::from_name(e)?.apply(&mut cfg)?;
@@ -524,8 +533,13 @@ fn main() -> Result<()> {
                 return launch_local(n);
             }
             let est = args.estimator.clone().unwrap_or_else(|| "rotation".into());
+            let family = args
+                .family
+                .as_ref()
+                .map(|f| format!("-{f}"))
+                .unwrap_or_default();
             let mut opts =
-                args.options(PathBuf::from("runs").join(format!("{}-{est}", args.preset)))?;
+                args.options(PathBuf::from("runs").join(format!("{}{family}-{est}", args.preset)))?;
             let group = match Launch::from_env()? {
                 Some(launch) => {
                     opts.device = vq_train::dist::rank_device(opts.device, &launch)?;

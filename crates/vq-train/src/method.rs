@@ -130,8 +130,22 @@ impl Method {
     /// A method the configuration cannot run (named with the reason).
     pub fn apply(self, config: &mut RunConfig) -> Result<()> {
         let q = &mut config.model.quantizer;
-        q.family = Family::Nearest;
+        let family = q.family;
+        // A configuration of a Gumbel run goes back to nearest codes; other families stay.
+        if let Family::Gumbel { .. } = family {
+            q.family = Family::Nearest;
+        }
         config.encoder_gradient = EncoderGradient::Quantizer;
+        if !matches!(self, Self::Estimator(_))
+            && !matches!(family, Family::Nearest | Family::Gumbel { .. })
+        {
+            bail!(
+                "{}: the paper's baselines replace the plain VQ layer; they do not combine with \
+                 the {} quantizer family (use an estimator: ste, rotation, ...)",
+                self.name(),
+                family.name()
+            );
+        }
         match self {
             Self::Estimator(e) => q.estimator = e,
             Self::Gumbel => {

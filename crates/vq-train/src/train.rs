@@ -67,6 +67,28 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// Switches the quantizer to `family` ([`vq_tch::VectorQuantizerConfig::with_family`]); a
+    /// model with a 1×1 `quant_conv` (taming's VQGAN) makes FSQ's D channels there, so its
+    /// quantizer keeps no projection.
+    ///
+    /// # Errors
+    /// The family's rules, naming the field (e.g. heads that do not divide the code dimension,
+    /// residual VQ with a cosine codebook).
+    pub fn set_family(&mut self, family: vq_tch::Family) -> Result<()> {
+        let mut q = self.model.quantizer.with_family(family).with_context(|| {
+            format!(
+                "preset {} with quantizer family {}",
+                self.preset,
+                family.name()
+            )
+        })?;
+        if self.model.quant_conv == vq_models::QuantConv::Conv1x1 {
+            q.projection = vq_tch::Projection::Identity;
+        }
+        self.model.quantizer = q;
+        Ok(())
+    }
+
     /// The `split` of `source`, shaped for this run's model (channels, resolution, frames) and
     /// preprocessed with its pipeline.
     ///

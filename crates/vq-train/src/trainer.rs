@@ -459,14 +459,13 @@ impl<'a> Trainer<'a> {
             mean(|m| &m.g_loss),
             mean(|m| &m.d_weight),
         );
-        let k = self.opts.config.model.quantizer.codebook_size as i64;
+        let slots = code_slot_count(&self.opts.config.model.quantizer) as i64;
         let codes = Tensor::cat(&micro.iter().map(|m| &m.codes).collect::<Vec<_>>(), 0);
-        // Counts by index_add: CUDA's bincount reads the largest index back to the host.
-        let counts = Tensor::zeros([k], (Kind::Int64, codes.device())).index_add(
-            0,
-            &codes,
-            &codes.ones_like(),
-        );
+        // Counts by index_add: CUDA's bincount reads the largest index back to the host. The
+        // last slot takes the stages a quantizer dropout left out, and is dropped.
+        let counts = Tensor::zeros([slots + 1], (Kind::Int64, codes.device()))
+            .index_add(0, &codes, &codes.ones_like())
+            .narrow(0, 0, slots);
         let verdicts: Vec<Tensor> = micro
             .iter()
             .filter_map(|m| m.verdict.as_ref().map(Tensor::shallow_clone))
@@ -525,7 +524,7 @@ impl<'a> Trainer<'a> {
     /// non-finite number (naming it as the step itself would have), and records the others.
     fn read_back(&mut self) -> Result<()> {
         let pending = std::mem::take(&mut self.pending);
-        let k = self.opts.config.model.quantizer.codebook_size;
+        let k = code_slot_count(&self.opts.config.model.quantizer);
         let rows: Vec<StepRow> = pending
             .iter()
             .map(|p| StepRow(p.row.0.shallow_clone()))
@@ -714,7 +713,14 @@ impl<'a> Trainer<'a> {
             let loss = &rec + &qloss;
             backward(&(&loss * self.backward_factor()), &self.dist)?;
             let zero = || Tensor::zeros([], (Kind::Double, x.device()));
-            return Ok(finish_micro(&loss, &rec, &mut out, zero(), zero()));
+            return Ok(finish_micro(
+                &loss,
+                &rec,
+                &mut out,
+                zero(),
+                zero(),
+                &self.opts.config.model.quantizer,
+            ));
         }
         let vq = self.encode(x, step)?;
         let model = &self.model;
@@ -752,7 +758,14 @@ impl<'a> Trainer<'a> {
             vq,
         };
         let zero = || Tensor::zeros([], (Kind::Double, x.device()));
-        Ok(finish_micro(&loss, &rec, &mut out, zero(), zero()))
+        Ok(finish_micro(
+            &loss,
+            &rec,
+            &mut out,
+            zero(),
+            zero(),
+            &self.opts.config.model.quantizer,
+        ))
     }
 
     /// VQGAN generator (taming): nll = mean|x − x̃| (+ LPIPS), loss = nll + λ·g_loss +
@@ -803,7 +816,17 @@ impl<'a> Trainer<'a> {
             frames_as_images(&out.reconstruction.detach()),
         );
         backward(&(&loss * self.backward_factor()), &self.dist)?;
-        Ok((finish_micro(&loss, &nll, &mut out, g_value, w), pair))
+        Ok((
+            finish_micro(
+                &loss,
+                &nll,
+                &mut out,
+                g_value,
+                w,
+                &self.opts.config.model.quantizer,
+            ),
+            pair,
+        ))
     }
 
     /// What a micro-batch's loss is multiplied by before its backward pass: 1 / accumulation,
@@ -882,6 +905,7 @@ fn finish_micro(
     out: &mut vq_models::AutoencoderOutput,
     g_loss: Tensor,
     d_weight: Tensor,
+    config: &vq_tch::VectorQuantizerConfig,
 ) -> MicroStats {
     let parts = Tensor::stack(
         &[
@@ -897,9 +921,33 @@ fn finish_micro(
         parts,
         g_loss: g_loss.detach().to_kind(Kind::Double),
         d_weight: d_weight.detach().to_kind(Kind::Double),
-        codes: out.vq.indices.reshape([-1]),
+        codes: code_slots(&out.vq.indices, config),
         verdict: out.vq.finite_verdict.take().map(|v| v.0),
     }
+}
+
+/// How many code slots a quantizer has: K per code group (stage or head).
+pub(crate) fn code_slot_count(config: &vq_tch::VectorQuantizerConfig) -> usize {
+    config.family.code_groups() * config.codebook_size
+}
+
+/// The indices of a forward pass as flat code slots `g·K + k` (group g's code k); the stages a
+/// quantizer dropout left out (index −1) map to the slot after the last,
+/// [`code_slot_count`].
+pub(crate) fn code_slots(indices: &Tensor, config: &vq_tch::VectorQuantizerConfig) -> Tensor {
+    let (g, k) = (
+        config.family.code_groups() as i64,
+        config.codebook_size as i64,
+    );
+    if config.family.group_axis().is_none() {
+        return indices.reshape([-1]);
+    }
+    let flat = indices.reshape([-1, g]);
+    let offsets = Tensor::arange(g, (Kind::Int64, flat.device())) * k;
+    let slots = &flat + offsets.view([1, g]);
+    slots
+        .where_self(&flat.ge(0), &slots.full_like(g * k))
+        .reshape([-1])
 }
 
 /// Writes checkpoints (rank 0 only) and resumes from them.
@@ -995,6 +1043,8 @@ pub struct Logger {
     /// f16: the loss scale is a series of its own.
     scaled: bool,
     log_every: usize,
+    /// Code groups of the quantizer (perplexity is per group).
+    code_groups: usize,
     window: Window,
     window_start: Instant,
     history: Vec<StepMetrics>,
@@ -1084,6 +1134,7 @@ impl Logger {
             gan: opts.config.gan.is_some(),
             scaled: opts.config.precision == vq_tch::Precision::F16,
             log_every: opts.log_every.max(1),
+            code_groups: opts.config.model.quantizer.family.code_groups(),
             window: Window::default(),
             window_start: Instant::now(),
             history: Vec::new(),
@@ -1137,7 +1188,7 @@ impl Logger {
             &stats.sums,
             &stats.adv,
             used,
-            vq_core::perplexity(&stats.counts),
+            vq_core::family::mean_group_perplexity(&stats.counts, self.code_groups),
             grad_norm,
         );
         self.window.skipped += usize::from(stats.skipped);
