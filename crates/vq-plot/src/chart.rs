@@ -27,6 +27,9 @@ pub enum Mark {
     LinePoints,
     /// A thin grey line: a reference level (e.g. "STE = 1"), not a result.
     Reference,
+    /// A dot per point with a vertical bar of ± its [`Series::spread`] (a mean ± standard
+    /// deviation), no connecting line.
+    ErrorBars,
 }
 
 /// One named series of (x, y) points.
@@ -38,9 +41,22 @@ pub struct Series {
     pub points: Vec<(f64, f64)>,
     /// How it is drawn.
     pub mark: Mark,
+    /// Half-width of each point's bar ([`Mark::ErrorBars`]; missing entries are 0).
+    pub spread: Vec<f64>,
 }
 
 impl Series {
+    /// Dots with bars of ± `spread` (same order as `points`).
+    #[must_use]
+    pub fn error_bars(label: impl Into<String>, points: Vec<(f64, f64)>, spread: Vec<f64>) -> Self {
+        Self {
+            label: label.into(),
+            points,
+            mark: Mark::ErrorBars,
+            spread,
+        }
+    }
+
     /// A line.
     #[must_use]
     pub fn line(label: impl Into<String>, points: Vec<(f64, f64)>) -> Self {
@@ -48,6 +64,7 @@ impl Series {
             label: label.into(),
             points,
             mark: Mark::Line,
+            spread: Vec::new(),
         }
     }
 
@@ -74,6 +91,9 @@ pub struct Panel {
     pub scale: Scale,
     /// Series, coloured in order from [`PALETTE`] (reference series are grey).
     pub series: Vec<Series>,
+    /// Names of the x positions 0, 1, 2, …: when given, the x axis is labelled by them (a
+    /// categorical axis) instead of by numbers.
+    pub categories: Vec<String>,
 }
 
 impl Panel {
@@ -91,7 +111,15 @@ impl Panel {
             y_label: y_label.into(),
             scale,
             series: Vec::new(),
+            categories: Vec::new(),
         }
+    }
+
+    /// The panel with a categorical x axis: position i is named `categories[i]`.
+    #[must_use]
+    pub fn categorical(mut self, categories: Vec<String>) -> Self {
+        self.categories = categories;
+        self
     }
 
     /// The panel with one more series.
@@ -101,12 +129,25 @@ impl Panel {
         self
     }
 
-    /// The points that can be drawn on this panel's scale.
-    fn drawable(&self, s: &Series) -> Vec<(f64, f64)> {
-        let ok = |&(x, y): &(f64, f64)| {
+    /// The points that can be drawn on this panel's scale, with their bars' half-widths.
+    fn drawable(&self, s: &Series) -> Vec<(f64, f64, f64)> {
+        let ok = |&(x, y, _): &(f64, f64, f64)| {
             x.is_finite() && y.is_finite() && (self.scale == Scale::Linear || y > 0.0)
         };
-        s.points.iter().copied().filter(ok).collect()
+        s.points
+            .iter()
+            .enumerate()
+            .map(|(i, &(x, y))| {
+                let d = s
+                    .spread
+                    .get(i)
+                    .copied()
+                    .filter(|d| d.is_finite())
+                    .unwrap_or(0.0);
+                (x, y, d.abs())
+            })
+            .filter(ok)
+            .collect()
     }
 }
 
@@ -194,8 +235,14 @@ fn draw_panel<DB: DrawingBackend>(
     area: &DrawingArea<DB, Shift>,
     panel: &Panel,
 ) -> Result<(), String> {
-    let drawn: Vec<Vec<(f64, f64)>> = panel.series.iter().map(|s| panel.drawable(s)).collect();
-    let points = drawn.concat();
+    let drawn: Vec<Vec<(f64, f64, f64)>> = panel.series.iter().map(|s| panel.drawable(s)).collect();
+    // The extent includes the bars (their lower ends only where the scale can show them).
+    let points: Vec<(f64, f64)> = drawn
+        .concat()
+        .into_iter()
+        .flat_map(|(x, y, d)| [(x, y), (x, y + d), (x, y - d)])
+        .filter(|&(_, y)| panel.scale == Scale::Linear || y > 0.0)
+        .collect();
     let Some((x, y)) = bounds(&points) else {
         let (w, h) = area.dim_in_pixel();
         let caption = format!("{}: no data", panel.title);
@@ -207,7 +254,10 @@ fn draw_panel<DB: DrawingBackend>(
             .draw_text(&caption, &style, (w as i32 / 2, h as i32 / 2))
             .map_err(|e| e.to_string());
     };
-    let x = padded(x, Scale::Linear);
+    let x = match panel.categories.len() {
+        0 => padded(x, Scale::Linear),
+        n => -0.5..(n as f64 - 0.5).max(x.end + 0.5),
+    };
     let y = padded(y, panel.scale);
     let corner = legend_corner(&points, &x, &y, panel.scale);
     match panel.scale {
@@ -338,7 +388,7 @@ fn padded(r: Range<f64>, scale: Scale) -> Range<f64> {
 fn draw_chart<DB, Y>(
     area: &DrawingArea<DB, Shift>,
     panel: &Panel,
-    drawn: &[Vec<(f64, f64)>],
+    drawn: &[Vec<(f64, f64, f64)>],
     x: Range<f64>,
     y: Y,
     y_snap: f64,
@@ -353,7 +403,22 @@ where
     // Key points of a linear axis are multiples of the tick step computed in floating point:
     // a "0" can come out as −2.8e-17. Values that small against the span are zero.
     let snap = |span: f64| move |v: &f64| tick_label(if v.abs() < span * 1e-9 { 0.0 } else { *v });
-    let (x_tick, y_tick) = (snap(x.end - x.start), snap(y_snap));
+    let (x_num, y_tick) = (snap(x.end - x.start), snap(y_snap));
+    let categories = &panel.categories;
+    let x_tick = |v: &f64| match categories.is_empty() {
+        true => x_num(v),
+        false => {
+            let i = v.round();
+            match (i - v).abs() < 1e-6 && i >= 0.0 {
+                true => categories.get(i as usize).cloned().unwrap_or_default(),
+                false => String::new(),
+            }
+        }
+    };
+    let x_labels = match categories.len() {
+        0 => 8,
+        n => n + 1,
+    };
     let mut chart = ChartBuilder::on(area)
         .caption(&panel.title, text(18.0))
         .margin(12)
@@ -369,7 +434,7 @@ where
         .y_desc(panel.y_label.as_str())
         .axis_desc_style(text(15.0))
         .label_style(text(13.0))
-        .x_labels(8)
+        .x_labels(x_labels)
         .y_labels(6)
         .x_label_formatter(&x_tick)
         .y_label_formatter(&y_tick)
@@ -382,20 +447,38 @@ where
             _ => *colours.next().expect("a cycle"),
         };
         let width = if s.mark == Mark::Reference { 1 } else { 2 };
+        let line: Vec<(f64, f64)> = match s.mark {
+            Mark::ErrorBars => Vec::new(),
+            _ => pts.iter().map(|&(x, y, _)| (x, y)).collect(),
+        };
         chart
-            .draw_series(LineSeries::new(
-                pts.iter().copied(),
-                colour.stroke_width(width),
-            ))
+            .draw_series(LineSeries::new(line, colour.stroke_width(width)))
             .map_err(e)?
             .label(s.label.as_str())
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 22, y)], colour.stroke_width(width + 1))
             });
-        if s.mark == Mark::LinePoints {
+        if matches!(s.mark, Mark::LinePoints | Mark::ErrorBars) {
             chart
-                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, colour.filled())))
+                .draw_series(
+                    pts.iter()
+                        .map(|&(x, y, _)| Circle::new((x, y), 4, colour.filled())),
+                )
                 .map_err(e)?;
+        }
+        if s.mark == Mark::ErrorBars {
+            let floor = |y: f64| match panel.scale {
+                Scale::Log if y <= 0.0 => None,
+                _ => Some(y),
+            };
+            let bars = pts.iter().filter(|p| p.2 > 0.0).filter_map(|&(x, y, d)| {
+                let lo = floor(y - d).unwrap_or(y);
+                Some(PathElement::new(
+                    vec![(x, lo), (x, y + d)],
+                    colour.stroke_width(2),
+                ))
+            });
+            chart.draw_series(bars).map_err(e)?;
         }
     }
     chart

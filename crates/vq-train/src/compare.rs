@@ -52,15 +52,6 @@ pub fn compare<M: Into<Method> + Copy>(
         let mut config = base.config.clone();
         est.apply(&mut config)?;
         let out = base.out.join(est.name());
-        let latest = checkpoint::latest(&out)?;
-        if let (true, Some((ckpt, state))) = (base.resume, &latest) {
-            // The trainer says the note, if any, when it resumes.
-            crate::train::may_resume(ckpt, &state.run, &config.resume_key()?, state.step)?;
-        }
-        let finished = base.resume
-            && latest
-                .as_ref()
-                .is_some_and(|(_, s)| s.step >= config.training.steps);
         eprintln!(
             "== {} ({} of {}, {})",
             est.name(),
@@ -68,22 +59,7 @@ pub fn compare<M: Into<Method> + Copy>(
             estimators.len(),
             out.display()
         );
-        let mut model = if finished {
-            eprintln!("   already trained; evaluating the last checkpoint");
-            let mut vs = nn::VarStore::new(base.device);
-            let model = VqAutoencoder::new(&vs.root(), &config.model)?;
-            checkpoint::load_model(&out, &mut vs)?;
-            model
-        } else {
-            let resume = base.resume && latest.is_some();
-            let opts = TrainOptions {
-                config: config.clone(),
-                out: out.clone(),
-                resume,
-                ..base.clone()
-            };
-            train(&opts)?.model
-        };
+        let mut model = train_or_reuse(base, &config, &out)?;
         let Evaluated { row, shown, step } = evaluate_run(&mut model, &config, &out, base.device)?;
         steps.push(step.to_string());
         if grid_rows.is_empty() {
@@ -134,6 +110,42 @@ pub fn compare<M: Into<Method> + Copy>(
         zoom,
     )?;
     Ok(rows)
+}
+
+/// The trained model of the run `config` in `out`: trained from scratch, or with
+/// `base.resume` continued from its latest checkpoint, or loaded when that checkpoint is
+/// already at the last step.
+///
+/// # Errors
+/// A checkpoint of another configuration; the errors of [`train`].
+pub(crate) fn train_or_reuse(
+    base: &TrainOptions,
+    config: &RunConfig,
+    out: &Path,
+) -> Result<VqAutoencoder> {
+    let latest = checkpoint::latest(out)?;
+    if let (true, Some((ckpt, state))) = (base.resume, &latest) {
+        // The trainer says the note, if any, when it resumes.
+        crate::train::may_resume(ckpt, &state.run, &config.resume_key()?, state.step)?;
+    }
+    let finished = base.resume
+        && latest
+            .as_ref()
+            .is_some_and(|(_, s)| s.step >= config.training.steps);
+    if finished {
+        eprintln!("   already trained; evaluating the last checkpoint");
+        let mut vs = nn::VarStore::new(base.device);
+        let model = VqAutoencoder::new(&vs.root(), &config.model)?;
+        checkpoint::load_model(out, &mut vs)?;
+        return Ok(model);
+    }
+    let opts = TrainOptions {
+        config: config.clone(),
+        out: out.to_path_buf(),
+        resume: base.resume && latest.is_some(),
+        ..base.clone()
+    };
+    Ok(train(&opts)?.model)
 }
 
 /// "preset on data", the start of every figure's title.

@@ -14,6 +14,8 @@ pub mod plot;
 pub mod pretrained;
 pub mod profile;
 pub mod readback;
+pub mod stats;
+pub mod sweep;
 pub mod tensorboard;
 pub mod train;
 pub mod trainer;

@@ -49,6 +49,16 @@ enum Command {
         /// comma-separated.
         #[arg(long, default_value = "ste,rotation", value_delimiter = ',')]
         estimators: Vec<String>,
+        /// Train every run with each of these seeds (`0..5`, `0..=4` or `0,3,7`) and report
+        /// mean ± standard deviation, per-seed numbers and paired tests against the first
+        /// estimator (compare.md says the rule).
+        #[arg(long)]
+        seeds: Option<String>,
+        /// Sweep an axis of the quantizer: `family=nearest,residual4,fsq8-5-5-5`,
+        /// `codebook-size=64,256`, `ema-decay=0.8,0.99` (repeat for a grid over several axes;
+        /// every point runs every estimator and seed).
+        #[arg(long)]
+        grid: Vec<String>,
     },
     /// Evaluate a trained run (or a weights file) on both splits.
     Eval {
@@ -608,7 +618,12 @@ fn main() -> Result<()> {
                 );
             }
         }
-        Command::Compare { run, estimators } => {
+        Command::Compare {
+            run,
+            estimators,
+            seeds,
+            grid,
+        } => {
             if let Some(e) = &run.estimator {
                 bail!(
                     "compare trains one run per estimator of --estimators (now {}); \
@@ -626,7 +641,33 @@ fn main() -> Result<()> {
                 .iter()
                 .map(|e| Method::from_name(e))
                 .collect::<Result<Vec<_>>>()?;
+            let mut sweep = vq_train::sweep::Sweep {
+                methods: estimators.clone(),
+                ..Default::default()
+            };
+            if let Some(s) = &seeds {
+                if let Some(one) = run.seed {
+                    bail!("--seed {one} and --seeds {s}: give the seeds of the sweep in --seeds only");
+                }
+                sweep.seeds = vq_train::sweep::parse_seeds(s)?;
+            }
+            for axis in &grid {
+                sweep.add_axis(axis)?;
+            }
             let opts = run.options(default_out(&run.preset))?;
+            if !sweep.is_methods_only() {
+                let (rows, stats) = vq_train::sweep::sweep(&opts, &sweep)?;
+                println!();
+                println!(
+                    "{}",
+                    vq_train::sweep::markdown(&opts.config, &sweep, &rows, &stats)
+                );
+                println!(
+                    "written: {}/compare.md, compare.json, compare-<metric>.png",
+                    opts.out.display()
+                );
+                return Ok(());
+            }
             let rows = compare(&opts, &estimators)?;
             println!();
             println!("{}", markdown(&opts.config, &rows));
