@@ -467,16 +467,13 @@ where
                 .map_err(e)?;
         }
         if s.mark == Mark::ErrorBars {
-            let floor = |y: f64| match panel.scale {
-                Scale::Log if y <= 0.0 => None,
-                _ => Some(y),
+            // On a log axis a bar that would reach 0 or below starts at the mean.
+            let low = |y: f64, d: f64| match panel.scale {
+                Scale::Log if y - d <= 0.0 => y,
+                _ => y - d,
             };
-            let bars = pts.iter().filter(|p| p.2 > 0.0).filter_map(|&(x, y, d)| {
-                let lo = floor(y - d).unwrap_or(y);
-                Some(PathElement::new(
-                    vec![(x, lo), (x, y + d)],
-                    colour.stroke_width(2),
-                ))
+            let bars = pts.iter().filter(|p| p.2 > 0.0).map(|&(x, y, d)| {
+                PathElement::new(vec![(x, low(y, d)), (x, y + d)], colour.stroke_width(2))
             });
             chart.draw_series(bars).map_err(e)?;
         }
@@ -577,6 +574,38 @@ mod tests {
         let last = TITLE_HEIGHT + 600..TITLE_HEIGHT + 900;
         assert_eq!(coloured(&img, last.clone()), 0);
         assert!(dark(&img, last) > 50);
+    }
+
+    #[test]
+    fn error_bars_span_their_spread_on_a_categorical_axis() {
+        let d = dir("bars");
+        let panel = |spread: f64| {
+            Panel::new("usage", "method", "%", Scale::Linear)
+                .categorical(vec!["ste".into(), "rotation".into()])
+                .with(Series::error_bars(
+                    "mean ± sd",
+                    vec![(0.0, 0.5), (1.0, 0.6)],
+                    vec![spread, spread],
+                ))
+                .with(Series::error_bars(
+                    "reference",
+                    vec![(0.0, 0.2), (1.0, 0.9)],
+                    vec![],
+                ))
+        };
+        let draw = |spread: f64| {
+            let path = d.join(format!("bars-{spread}.png"));
+            line_panels(&path, &Figure::new("bars").panel(panel(spread))).unwrap();
+            image::open(&path).unwrap().to_rgb8()
+        };
+        let (thin, wide) = (draw(0.0), draw(0.2));
+        let rows = TITLE_HEIGHT..TITLE_HEIGHT + 300;
+        // Dots only, then dots with bars: the bars add coloured pixels; no line joins the points.
+        assert!(coloured(&thin, rows.clone()) > 50);
+        assert!(coloured(&wide, rows.clone()) > coloured(&thin, rows) + 100);
+        let p = panel(0.1);
+        let drawn = p.drawable(&p.series[1]);
+        assert_eq!(drawn, vec![(0.0, 0.2, 0.0), (1.0, 0.9, 0.0)]);
     }
 
     #[test]

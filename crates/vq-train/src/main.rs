@@ -647,7 +647,9 @@ fn main() -> Result<()> {
             };
             if let Some(s) = &seeds {
                 if let Some(one) = run.seed {
-                    bail!("--seed {one} and --seeds {s}: give the seeds of the sweep in --seeds only");
+                    bail!(
+                        "--seed {one} and --seeds {s}: give the seeds of the sweep in --seeds only"
+                    );
                 }
                 sweep.seeds = vq_train::sweep::parse_seeds(s)?;
             }

@@ -924,3 +924,148 @@ fn a_missing_held_out_split_is_found_before_the_first_step() {
     );
     assert!(began.elapsed().as_secs() < 30);
 }
+
+#[test]
+fn quantizer_families_train_report_per_group_and_resume_exactly() {
+    use vq_tch::Family;
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let mut cfg = small_demo(4);
+    cfg.data = "synthetic:32".into();
+    cfg.model.autoencoder.taming_mut().unwrap().in_channels = 1;
+    // Residual VQ with quantizer dropout: the dropout draws are state, so a resumed run draws
+    // what an uninterrupted one does.
+    cfg.set_family(Family::from_name("residual2-dropout").unwrap())
+        .unwrap();
+    let (a, b) = (tmp("rq-straight"), tmp("rq-resumed"));
+    train(&options(cfg.clone(), &a)).unwrap();
+    train(&TrainOptions {
+        stop_after: Some(2),
+        ..options(cfg.clone(), &b)
+    })
+    .unwrap();
+    train(&TrainOptions {
+        resume: true,
+        ..options(cfg.clone(), &b)
+    })
+    .unwrap();
+    let files = common::assert_same_checkpoints(&a, &b);
+    assert!(files.iter().any(|f| f == "model.safetensors"), "{files:?}");
+    let mut vs = tch::nn::VarStore::new(Device::Cpu);
+    let mut model = vq_models::VqAutoencoder::new(&vs.root(), &cfg.model).unwrap();
+    vq_train::checkpoint::load_model(&a, &mut vs).unwrap();
+    assert!(vs.variables().contains_key("quantize.stage_draws"));
+    let row = vq_train::compare::evaluate_run(&mut model, &cfg, &a, Device::Cpu)
+        .unwrap()
+        .row;
+    assert_eq!(row.val.groups.len(), 2, "{:?}", row.val);
+    let mean_usage = row.val.groups.iter().map(|g| g.usage).sum::<f64>() / 2.0;
+    assert!((mean_usage - row.val.usage_total).abs() < 1e-12);
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(a.join("eval.json")).unwrap()).unwrap();
+    assert_eq!(json["val"]["groups"].as_array().unwrap().len(), 2);
+    // Training logs usage over the stages' slots.
+    let log = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    assert!(log.lines().count() >= 4);
+    // Every family trains from the demo preset; the baselines refuse the families.
+    for name in ["heads4-separate", "simvq", "fsq8-6-5"] {
+        let mut c = small_demo(1);
+        c.data = "synthetic:32".into();
+        c.model.autoencoder.taming_mut().unwrap().in_channels = 1;
+        c.set_family(Family::from_name(name).unwrap()).unwrap();
+        let out = tmp(name);
+        let trained = train(&options(c, &out)).unwrap();
+        assert!(trained.history.last().unwrap().loss.is_finite(), "{name}");
+        std::fs::remove_dir_all(out).unwrap();
+    }
+    let err = vq_train::method::Method::Gumbel
+        .apply(&mut cfg.clone())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("residual2-dropout"), "{err}");
+    // A family that does not fit the preset is refused with the field named.
+    let mut c = small_demo(1);
+    let err = c
+        .set_family(Family::from_name("heads5").unwrap())
+        .unwrap_err();
+    assert!(format!("{err:#}").contains("codebook_dim"), "{err:#}");
+    for d in [a, b] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+}
+
+#[test]
+fn compare_over_seeds_reports_statistics_and_keeps_finished_runs() {
+    use vq_train::method::Method;
+    use vq_train::sweep::{Sweep, sweep};
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let out = tmp("sweep");
+    let mut cfg = small_demo(2);
+    cfg.data = "synthetic:32".into();
+    cfg.model.autoencoder.taming_mut().unwrap().in_channels = 1;
+    let mut axes = Sweep {
+        methods: vec![
+            Method::Estimator(Estimator::StraightThrough),
+            Method::Estimator(Estimator::Rotation),
+        ],
+        seeds: vec![0, 1, 2],
+        ..Default::default()
+    };
+    axes.add_axis("family=residual2").unwrap();
+    let (rows, stats) = sweep(&options(cfg.clone(), &out), &axes).unwrap();
+    assert_eq!(rows.len(), 6);
+    let seed_dir = out.join("residual2/rotation/seed2");
+    assert!(seed_dir.join("eval.json").is_file());
+    assert_eq!(stats.len(), 2);
+    let (_, usage, paired) = &stats[1].metrics[0];
+    assert_eq!(usage.n, 3);
+    let want = rows[3..].iter().map(|r| r.row.val.usage).sum::<f64>() / 3.0;
+    assert!((usage.mean - want).abs() < 1e-12);
+    assert_eq!(paired.unwrap().n, 3);
+    assert!(
+        stats[0].metrics.iter().all(|m| m.2.is_none()),
+        "the reference has no test"
+    );
+    // Runs that differ only in the seed differ.
+    assert_ne!(rows[0].row.val.rec_mse, rows[1].row.val.rec_mse);
+    let md = std::fs::read_to_string(out.join("compare.md")).unwrap();
+    assert!(
+        md.contains("| residual2 | rotation |") && md.contains(" ± "),
+        "{md}"
+    );
+    assert!(md.contains("p = ") && md.contains("Every run"), "{md}");
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("compare.json")).unwrap()).unwrap();
+    assert_eq!(json["rows"].as_array().unwrap().len(), 6);
+    assert_eq!(json["axes"]["seeds"], serde_json::json!([0, 1, 2]));
+    for m in ["usage", "val-mse", "quantization-error", "perplexity"] {
+        assert!(out.join(format!("compare-{m}.png")).is_file(), "{m}");
+    }
+    // Again with --resume: the finished runs are evaluated, not trained again.
+    let stamp = |d: &Path| {
+        std::fs::metadata(d.join("metrics.jsonl"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let before = stamp(&seed_dir);
+    let (again, _) = sweep(
+        &TrainOptions {
+            resume: true,
+            ..options(cfg.clone(), &out)
+        },
+        &axes,
+    )
+    .unwrap();
+    assert_eq!(stamp(&seed_dir), before);
+    assert_eq!(again[5].row.val.rec_mse, rows[5].row.val.rec_mse);
+    // A combination that cannot run is refused before any run trains.
+    let refused = tmp("sweep-refused");
+    let mut bad = axes.clone();
+    bad.families.clear();
+    bad.add_axis("family=nearest,simvq").unwrap();
+    bad.add_axis("ema-decay=0.9").unwrap();
+    let err = format!("{:#}", sweep(&options(cfg, &refused), &bad).unwrap_err());
+    assert!(err.contains("simvq") && err.contains("EMA"), "{err}");
+    assert!(!refused.exists());
+    std::fs::remove_dir_all(out).unwrap();
+}
