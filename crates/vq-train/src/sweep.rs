@@ -59,7 +59,8 @@ impl Setting {
             .replace(' ', "-")
     }
 
-    /// Sets the swept axes of `config`: codebook size, then EMA decay, then the family.
+    /// Sets the swept axes of `config`: codebook size, then the family (which may fix K), then
+    /// the EMA decay.
     ///
     /// # Errors
     /// A decay for a codebook learned by gradient, a size the family fixes otherwise (FSQ), or

@@ -325,9 +325,10 @@ pub struct StepMetrics {
     pub commitment: f64,
     /// Quantization error, mean((e − q)²) per element.
     pub quantization_error: f64,
-    /// Fraction of the codebook used per step's batch.
+    /// Fraction of the codebook used per step's batch (residual and multi-head quantizers: of
+    /// all stages' / heads' codes, i.e. their mean usage).
     pub usage: f64,
-    /// Perplexity of the codes per step's batch.
+    /// Perplexity of the codes per step's batch (per stage / head: their geometric mean).
     pub perplexity: f64,
     /// Gradient norm before clipping.
     pub grad_norm: f64,
