@@ -485,13 +485,7 @@ pub fn markdown(
                 _ => format!("{} ± {}", (c.show)(sum.mean), (c.show)(sum.sd)),
             })
             .collect();
-        let _ = writeln!(
-            s,
-            "| {} | {} | {} |",
-            cell.setting,
-            cell.method,
-            values.join(" | ")
-        );
+        cell_row(&mut s, cell, &values);
     }
     let compared: Vec<&CellStats> = stats
         .iter()
@@ -524,13 +518,7 @@ pub fn markdown(
                     }
                 })
                 .collect();
-            let _ = writeln!(
-                s,
-                "| {} | {} | {} |",
-                cell.setting,
-                cell.method,
-                values.join(" | ")
-            );
+            cell_row(&mut s, cell, &values);
         }
     }
     let _ = writeln!(s, "\nEvery run:\n");
@@ -556,6 +544,17 @@ pub fn markdown(
         );
     }
     s
+}
+
+/// One table row of a cell: its setting, its method, then `values`.
+fn cell_row(s: &mut String, cell: &CellStats, values: &[String]) {
+    let _ = writeln!(
+        s,
+        "| {} | {} | {} |",
+        cell.setting,
+        cell.method,
+        values.join(" | ")
+    );
 }
 
 fn write_outputs(
