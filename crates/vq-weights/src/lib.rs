@@ -1,0 +1,149 @@
+//! The pretrained networks of the evaluation metrics — LPIPS (torchvision's VGG16 ImageNet
+//! features + the LPIPS v0.1 linear heads) and the FID Inception (pytorch-fid's port of the
+//! TensorFlow 2015-12-05 Inception) — as files: where they live by default, and the conversion of
+//! the public PyTorch files (`torch.save` pickles, legacy or zip) to the safetensors layouts that
+//! `vq_models::Lpips` and `vq_models::FidInception` load. Pure Rust, no Python and no tch.
+//!
+//! `cargo xtask download-weights lpips|inception|all` fetches the public files (pinned by size
+//! and sha256 in `weights/*.json`) and converts them with [`convert`] into [`default_dir`];
+//! `vq-train` then finds them there ([`locate`]) when `--lpips` / `--inception` are not given.
+//!
+//! ```
+//! use vq_weights::Network;
+//! assert_eq!(Network::from_name("inception")?, Network::Inception);
+//! assert_eq!(Network::Lpips.file_name(), "lpips-vgg16-v0.1.safetensors");
+//! assert!(Network::from_name("alexnet").is_err());
+//! # Ok::<(), vq_weights::WeightsError>(())
+//! ```
+
+pub mod convert;
+mod error;
+
+use std::path::PathBuf;
+
+pub use convert::Converted;
+pub use error::{Result, WeightsError};
+
+/// A pretrained network of the metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Network {
+    /// LPIPS with VGG16 features, version 0.1 (the `lpips` package's default `net='vgg'`).
+    Lpips,
+    /// The FID Inception-v3 of pytorch-fid (r-FID and r-IS).
+    Inception,
+}
+
+impl Network {
+    /// Every network.
+    pub const ALL: [Self; 2] = [Self::Lpips, Self::Inception];
+
+    /// The name on the command line and in `weights/<name>.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Lpips => "lpips",
+            Self::Inception => "inception",
+        }
+    }
+
+    /// The network of `name` ([`name`](Self::name)).
+    ///
+    /// # Errors
+    /// [`WeightsError::UnknownNetwork`] listing the known names.
+    pub fn from_name(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|n| n.name() == name)
+            .ok_or_else(|| WeightsError::UnknownNetwork {
+                name: name.to_owned(),
+                known: Self::ALL.map(Self::name).join(", "),
+            })
+    }
+
+    /// The converted file's name inside [`default_dir`].
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Self::Lpips => "lpips-vgg16-v0.1.safetensors",
+            Self::Inception => "fid-inception-2015-12-05.safetensors",
+        }
+    }
+
+    /// Number of tensors of the converted file: LPIPS 13 convolutions × (weight, bias) + 5
+    /// heads; the Inception's 472 state-dict entries (566 less the 94 BatchNorm counters).
+    pub fn tensors(self) -> usize {
+        match self {
+            Self::Lpips => 31,
+            Self::Inception => 472,
+        }
+    }
+}
+
+/// The environment variable naming the folder of the converted weights; set and empty, there
+/// is no default place (only `--lpips` / `--inception` files are used).
+pub const DIR_ENV: &str = "VQ_WEIGHTS";
+
+/// The folder of the converted weights: `$VQ_WEIGHTS`, else `$XDG_CACHE_HOME/vq/weights`, else
+/// `~/.cache/vq/weights`; `None` when `VQ_WEIGHTS` is set but empty, or no home is known.
+pub fn default_dir() -> Option<PathBuf> {
+    dir_from(|k| std::env::var_os(k))
+}
+
+fn dir_from(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Option<PathBuf> {
+    let non_empty = |k: &str| var(k).filter(|v| !v.is_empty());
+    match var(DIR_ENV) {
+        Some(v) if v.is_empty() => None,
+        Some(v) => Some(PathBuf::from(v)),
+        None => non_empty("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| non_empty("HOME").map(|h| PathBuf::from(h).join(".cache")))
+            .map(|c| c.join("vq").join("weights")),
+    }
+}
+
+/// The converted file of `network` in [`default_dir`], if it is there.
+pub fn locate(network: Network) -> Option<PathBuf> {
+    default_dir()
+        .map(|d| d.join(network.file_name()))
+        .filter(|f| f.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::ffi::OsString;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
+        let pairs: Vec<(String, OsString)> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), OsString::from(v)))
+            .collect();
+        move |k| pairs.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+    }
+
+    #[test]
+    fn the_default_folder_follows_the_environment() {
+        let home = [("HOME", "/h")];
+        assert_eq!(
+            dir_from(env(&home)),
+            Some(PathBuf::from("/h/.cache/vq/weights"))
+        );
+        let xdg = [("HOME", "/h"), ("XDG_CACHE_HOME", "/c")];
+        assert_eq!(dir_from(env(&xdg)), Some(PathBuf::from("/c/vq/weights")));
+        let set = [("HOME", "/h"), (DIR_ENV, "/w")];
+        assert_eq!(dir_from(env(&set)), Some(PathBuf::from("/w")));
+        let off = [("HOME", "/h"), (DIR_ENV, "")];
+        assert_eq!(dir_from(env(&off)), None);
+        assert_eq!(dir_from(env(&[("XDG_CACHE_HOME", "")])), None);
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for n in Network::ALL {
+            assert_eq!(Network::from_name(n.name()).unwrap(), n);
+        }
+        let e = Network::from_name("vgg").unwrap_err().to_string();
+        assert!(
+            e.contains("\"vgg\"") && e.contains("lpips, inception"),
+            "{e}"
+        );
+    }
+}
