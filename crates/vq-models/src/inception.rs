@@ -19,7 +19,7 @@ use std::path::Path;
 use tch::nn;
 use tch::{Device, Kind, Tensor};
 
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 
 /// torchvision's BasicConv2d: convolution without bias, BatchNorm (ε 1e-3), ReLU.
 #[derive(Debug)]
@@ -207,15 +207,12 @@ impl FidInception {
     /// are frozen.
     ///
     /// # Errors
-    /// [`ModelError::Weights`] naming the file when it cannot be read or lacks a tensor.
+    /// [`ModelError::Weights`](crate::ModelError::Weights) naming the file when it cannot be read, or naming the tensors
+    /// that are missing, unexpected, mis-shaped or not float32.
     pub fn load(weights: &Path, device: Device) -> Result<Self> {
         let mut vs = nn::VarStore::new(device);
         let net = Self::new(&vs.root());
-        vs.load(weights).map_err(|e| ModelError::Weights {
-            file: weights.display().to_string(),
-            why: e.to_string(),
-        })?;
-        vs.freeze();
+        crate::frozen::load(&mut vs, weights)?;
         Ok(net)
     }
 

@@ -11,6 +11,7 @@
 //! ([`Preset`]). The quantizer itself lives in [`vq_tch`].
 
 mod error;
+mod frozen;
 mod gan;
 mod inception;
 mod lpips;

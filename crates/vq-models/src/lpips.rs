@@ -21,7 +21,7 @@ use std::path::Path;
 use tch::nn::{self, Module};
 use tch::{Device, Kind, Tensor};
 
-use crate::error::{ModelError, Result};
+use crate::error::Result;
 
 /// VGG16 convolutions: (features index, in, out); a ReLU follows each, max-pooling after the
 /// convolutions at indices 2, 7, 14, 21.
@@ -55,15 +55,12 @@ impl Lpips {
     /// the weights are frozen.
     ///
     /// # Errors
-    /// [`ModelError::Weights`] naming the file when it cannot be read or lacks a tensor.
+    /// [`ModelError::Weights`](crate::ModelError::Weights) naming the file when it cannot be read, or naming the tensors
+    /// that are missing, unexpected, mis-shaped or not float32.
     pub fn load(weights: &Path, device: Device) -> Result<Self> {
         let mut vs = nn::VarStore::new(device);
         let net = Self::new(&vs.root());
-        vs.load(weights).map_err(|e| ModelError::Weights {
-            file: weights.display().to_string(),
-            why: e.to_string(),
-        })?;
-        vs.freeze();
+        crate::frozen::load(&mut vs, weights)?;
         Ok(net)
     }
 
