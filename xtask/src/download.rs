@@ -505,15 +505,19 @@ pub fn extract(archive: &Path, dir: &Path) -> Result<usize> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::io::{BufRead, BufReader, Write};
     use std::net::TcpListener;
     use std::sync::{Arc, Mutex};
 
-    /// How the test server misbehaves.
+    /// How the test server behaves.
     #[derive(Clone, Copy)]
-    enum Mode {
+    pub(crate) enum Mode {
+        /// Serve the body, honouring Range headers.
+        Whole,
+        /// Answer 404.
+        NotFound,
         /// Close the connection after this many body bytes on the first request.
         DropAfter(usize),
         /// Serve the body with one byte flipped.
@@ -523,7 +527,7 @@ mod tests {
     }
 
     /// Serves `body` on 127.0.0.1; returns the URL and the Range headers it received.
-    fn serve(body: Vec<u8>, mode: Mode) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+    pub(crate) fn serve(body: Vec<u8>, mode: Mode) -> (String, Arc<Mutex<Vec<Option<String>>>>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}/data.bin", listener.local_addr().unwrap());
         let ranges = Arc::new(Mutex::new(Vec::new()));
@@ -543,6 +547,11 @@ mod tests {
                     }
                 }
                 seen.lock().unwrap().push(range.clone());
+                if matches!(mode, Mode::NotFound) {
+                    let _ =
+                        stream.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+                    continue;
+                }
                 let mut data = body.clone();
                 if matches!(mode, Mode::Corrupt) {
                     data[body.len() / 2] ^= 0x40;

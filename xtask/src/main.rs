@@ -3,6 +3,7 @@
 mod bench_train;
 mod download;
 mod setup;
+mod weights;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -64,6 +65,22 @@ enum Cmd {
         /// variant, and ucf101: the zip mirror and the split lists).
         #[arg(long = "file")]
         files: Vec<String>,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Download the pretrained networks of the metrics listed in weights/ (LPIPS: torchvision's
+    /// VGG16 + the LPIPS v0.1 heads; inception: pytorch-fid's FID Inception), verified like
+    /// download-data, and convert them to the safetensors that vq-train reads — by default into
+    /// the folder where it looks for them ($VQ_WEIGHTS, else ~/.cache/vq/weights), so that the
+    /// LPIPS, r-FID and r-IS columns fill without flags.
+    DownloadWeights {
+        /// lpips, inception or all.
+        name: String,
+        /// Folder for the converted files (sources under DIR/sources/); vq-train finds them
+        /// there with VQ_WEIGHTS=DIR.
+        #[arg(long)]
+        dest: Option<PathBuf>,
         /// No progress bar.
         #[arg(long)]
         quiet: bool,
@@ -238,6 +255,7 @@ fn main() -> Result<()> {
             files,
             quiet,
         } => download_data(&root, &name, dest, &files, !quiet),
+        Cmd::DownloadWeights { name, dest, quiet } => download_weights(&root, &name, dest, !quiet),
         Cmd::Bench { threads, quick } => {
             let lt = setup::run(&root, false)?;
             bench(&root, &lt, threads, quick)
@@ -506,6 +524,33 @@ fn download_data(
                 eprintln!("{}: extracted {n} entries into {}", f.name, dir.display());
             }
         }
+    }
+    Ok(())
+}
+
+fn download_weights(root: &Path, name: &str, dest: Option<PathBuf>, progress: bool) -> Result<()> {
+    let networks = if name == "all" {
+        vq_weights::Network::ALL.to_vec()
+    } else {
+        vec![vq_weights::Network::from_name(name).map_err(|e| anyhow::anyhow!("{e} (or all)"))?]
+    };
+    let Some(dir) = dest.clone().or_else(vq_weights::default_dir) else {
+        bail!(
+            "no default folder for the weights ({} is set and empty, or no HOME): pass --dest DIR",
+            vq_weights::DIR_ENV
+        );
+    };
+    for n in networks {
+        let m = weights::WeightsManifest::load(root, n)?;
+        weights::download(&m, n, &dir, progress)?;
+    }
+    if dest.is_some() && vq_weights::default_dir().as_deref() != Some(dir.as_path()) {
+        eprintln!(
+            "vq-train looks in {} by default; set {}={} to use these",
+            vq_weights::default_dir().map_or("no folder".into(), |d| d.display().to_string()),
+            vq_weights::DIR_ENV,
+            dir.display()
+        );
     }
     Ok(())
 }
