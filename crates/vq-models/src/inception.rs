@@ -4,7 +4,9 @@
 //! Mixed_7c, and 1008 classes), plus the Fréchet distance and the Inception score.
 //!
 //! Weights: a safetensors file with pytorch-fid's state-dict names (`Conv2d_1a_3x3.conv.weight`,
-//! `Mixed_5b.branch_pool.bn.running_var`, ..., `fc.weight`). From PyTorch:
+//! `Mixed_5b.branch_pool.bn.running_var`, ..., `fc.weight`; float32, without the BatchNorm
+//! counters). `cargo xtask download-weights inception` downloads pytorch-fid's file and writes it
+//! without Python (`vq_weights::convert::inception`); or, from PyTorch:
 //!
 //! ```text
 //! from pytorch_fid.inception import fid_inception_v3

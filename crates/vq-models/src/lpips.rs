@@ -3,8 +3,10 @@
 //!
 //! The pretrained weights cannot be shipped; load them from a safetensors file holding
 //! torchvision's VGG16 `features.{i}.{weight,bias}` (i = 0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24,
-//! 26, 28) and the five linear heads `lin{k}.weight` (shape (C_k, …) as (1, C_k, 1, 1)). From
-//! PyTorch (with the `lpips`, `torchvision` and `safetensors` packages):
+//! 26, 28) and the five linear heads `lin{k}.weight` (shape (1, C_k, 1, 1)), float32, nothing
+//! else. `cargo xtask download-weights lpips` downloads the public files and writes it without
+//! Python (`vq_weights::convert::lpips`); or, from PyTorch (with the `lpips`, `torchvision` and
+//! `safetensors` packages):
 //!
 //! ```text
 //! import lpips, torchvision

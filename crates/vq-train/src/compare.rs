@@ -358,7 +358,7 @@ pub fn markdown(config: &RunConfig, rows: &[CompareRow]) -> String {
     s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
         let lpips = r.val.lpips.map_or_else(
-            || "needs weights (--lpips)".to_owned(),
+            || "needs weights (--lpips; cargo xtask download-weights lpips)".to_owned(),
             |v| format!("{v:.4}"),
         );
         // A Gumbel quantizer has no encoder vector to compare with its code (the paper's "—").
@@ -378,11 +378,11 @@ pub fn markdown(config: &RunConfig, rows: &[CompareRow]) -> String {
             r.val.perplexity,
             100.0 * r.val.usage_total,
             r.val.rfid.map_or_else(
-                || "needs weights (--inception)".to_owned(),
+                || "needs weights (--inception; cargo xtask download-weights inception)".to_owned(),
                 |v| format!("{v:.2}")
             ),
             r.val.ris.map_or_else(
-                || "needs weights (--inception)".to_owned(),
+                || "needs weights (--inception; cargo xtask download-weights inception)".to_owned(),
                 |v| format!("{v:.2}")
             ),
         ));

@@ -68,10 +68,11 @@ enum Command {
         /// Device.
         #[arg(long, default_value = "cpu")]
         device: String,
-        /// LPIPS weights (safetensors) for the LPIPS column (default: the run's own, if any).
+        /// LPIPS weights (safetensors) for the LPIPS column (default: the run's own, else those of
+        /// `cargo xtask download-weights` in their default place).
         #[arg(long)]
         lpips: Option<PathBuf>,
-        /// FID Inception weights (safetensors) for the r-FID / r-IS columns.
+        /// FID Inception weights (safetensors) for the r-FID / r-IS columns (default: as --lpips).
         #[arg(long)]
         inception: Option<PathBuf>,
     },
@@ -236,12 +237,13 @@ struct RunArgs {
     /// Stop with a checkpoint after this many steps (continue later with --resume).
     #[arg(long)]
     stop_after: Option<usize>,
-    /// LPIPS weights (safetensors; how to convert them: `vq_models::Lpips` docs): the perceptual
-    /// term of VQGAN training and the LPIPS column of evaluations.
+    /// LPIPS weights (safetensors): the perceptual term of VQGAN training and the LPIPS column
+    /// of evaluations (default: those of `cargo xtask download-weights lpips` in their default
+    /// place, $VQ_WEIGHTS or ~/.cache/vq/weights; a resumed run keeps its own).
     #[arg(long)]
     lpips: Option<PathBuf>,
-    /// FID Inception weights (safetensors; `vq_models::FidInception` docs): the r-FID and r-IS
-    /// columns of evaluations.
+    /// FID Inception weights (safetensors): the r-FID and r-IS columns of evaluations (default:
+    /// those of `cargo xtask download-weights inception` in their default place).
     #[arg(long)]
     inception: Option<PathBuf>,
     /// Data-parallel on this machine: start N processes of this command (ranks 0..N, Gloo on
@@ -278,7 +280,7 @@ fn parse_device(s: &str) -> Result<Device> {
 /// A metric that needs pretrained weights: its value, or which option supplies them.
 fn show(v: Option<f64>, option: &str) -> String {
     v.map_or_else(
-        || format!("needs weights ({option})"),
+        || format!("needs weights ({option}; cargo xtask download-weights)"),
         |v| format!("{v:.4}"),
     )
 }
@@ -391,10 +393,19 @@ impl RunArgs {
                  composition runs instead (same results, slower)"
             );
         }
+        let out = self.out.clone().unwrap_or(default_out);
+        let resumed = if self.resume {
+            recorded_config(&out)
+        } else {
+            None
+        };
+        for line in cfg.fill_weights(resumed.as_ref(), vq_weights::locate) {
+            eprintln!("{line}");
+        }
         Ok(TrainOptions {
             config: cfg,
             device,
-            out: self.out.clone().unwrap_or(default_out),
+            out,
             log_every: self.log_every,
             checkpoint_every: self.checkpoint_every,
             resume: self.resume,
@@ -404,6 +415,30 @@ impl RunArgs {
             profile: self.profile_steps,
         })
     }
+}
+
+/// The configuration a run folder records: `out/run.json`, or for a `compare` folder the first
+/// run.json of its runs (they share their weights files).
+fn recorded_config(out: &std::path::Path) -> Option<RunConfig> {
+    let mut level = vec![out.to_path_buf()];
+    for _ in 0..4 {
+        if let Some(f) = level
+            .iter()
+            .map(|d| d.join("run.json"))
+            .find(|f| f.is_file())
+        {
+            return RunConfig::from_run_file(&f).ok();
+        }
+        let mut next: Vec<PathBuf> = level
+            .iter()
+            .filter_map(|d| std::fs::read_dir(d).ok())
+            .flat_map(|r| r.filter_map(|e| e.ok()).map(|e| e.path()))
+            .filter(|p| p.is_dir())
+            .collect();
+        next.sort();
+        level = next;
+    }
+    None
 }
 
 /// `train --nproc N`: starts N ranks of this same command on this machine with the variables
@@ -769,6 +804,9 @@ fn main() -> Result<()> {
             }
             if inception.is_some() {
                 cfg.inception_weights = inception;
+            }
+            for line in cfg.fill_weights(None, vq_weights::locate) {
+                eprintln!("{line}");
             }
             let mut vs = nn::VarStore::new(device);
             let mut model = VqAutoencoder::new(&vs.root(), &cfg.model)?;

@@ -182,6 +182,52 @@ impl RunConfig {
         o.insert("preprocessing".into(), pipeline.name().into());
     }
 
+    /// Fills the weights that `--lpips` / `--inception` (or the config file) left unset: a
+    /// resumed run (`resumed`: its run.json) keeps the LPIPS file it was started with, or none
+    /// (its perceptual term cannot change mid-run), and its Inception file; otherwise
+    /// `found(network)` is used — [`vq_weights::locate`], the files of `cargo xtask
+    /// download-weights` in their default place. Returns one line per file filled, for the log.
+    pub fn fill_weights(
+        &mut self,
+        resumed: Option<&RunConfig>,
+        found: impl Fn(vq_weights::Network) -> Option<PathBuf>,
+    ) -> Vec<String> {
+        use vq_weights::Network;
+        let mut filled = Vec::new();
+        let slots = [
+            (
+                Network::Lpips,
+                "--lpips",
+                resumed.map(|r| r.lpips_weights.clone()),
+            ),
+            (
+                Network::Inception,
+                "--inception",
+                resumed.and_then(|r| r.inception_weights.clone()).map(Some),
+            ),
+        ];
+        for (network, flag, kept) in slots {
+            let slot = match network {
+                Network::Lpips => &mut self.lpips_weights,
+                Network::Inception => &mut self.inception_weights,
+            };
+            if slot.is_some() {
+                continue;
+            }
+            *slot = match kept {
+                Some(k) => k,
+                None => found(network).inspect(|f| {
+                    filled.push(format!(
+                        "{} weights: {} (the default place; {flag} FILE to choose others)",
+                        network.name(),
+                        f.display()
+                    ))
+                }),
+            };
+        }
+        filled
+    }
+
     /// What a checkpoint records and a resume must match: everything but the evaluation-only
     /// Inception weights and the precision (checkpoints are f32 in every precision, so a run
     /// may continue in another one; only an unchanged precision continues bit for bit).
@@ -541,6 +587,10 @@ mod tests {
     use super::*;
 
     fn key(steps: usize, lr: f64) -> serde_json::Value {
+        config(steps, lr).resume_key().unwrap()
+    }
+
+    fn config(steps: usize, lr: f64) -> RunConfig {
         let preset = vq_models::Preset::DemoFashionMnist;
         let mut training = preset.training();
         training.steps = steps;
@@ -560,8 +610,48 @@ mod tests {
             encoder_gradient: Default::default(),
             init_from: None,
         }
-        .resume_key()
-        .unwrap()
+    }
+
+    #[test]
+    fn unset_weights_come_from_the_default_place_and_resumed_runs_keep_theirs() {
+        use vq_weights::Network;
+        let found = |n: Network| Some(PathBuf::from(format!("/w/{}", n.file_name())));
+        let lpips = || Some(PathBuf::from("/w/lpips-vgg16-v0.1.safetensors"));
+        let inception = || Some(PathBuf::from("/w/fid-inception-2015-12-05.safetensors"));
+        // A new run: both filled, and said.
+        let mut c = config(10, 1e-3);
+        let said = c.fill_weights(None, found);
+        assert_eq!(
+            (c.lpips_weights.clone(), c.inception_weights.clone()),
+            (lpips(), inception())
+        );
+        assert!(
+            said.len() == 2 && said[0].contains("--lpips FILE"),
+            "{said:?}"
+        );
+        // Given files stay; nothing found leaves them unset.
+        let mut c = config(10, 1e-3);
+        c.lpips_weights = Some("/mine.safetensors".into());
+        assert_eq!(c.fill_weights(None, |_| None), Vec::<String>::new());
+        assert_eq!(c.lpips_weights, Some("/mine.safetensors".into()));
+        assert_eq!(c.inception_weights, None);
+        // A resumed run started without LPIPS keeps none (its loss cannot change); its
+        // evaluation may take the Inception found now, or keep its own.
+        let was = config(10, 1e-3);
+        let mut c = config(10, 1e-3);
+        let said = c.fill_weights(Some(&was), found);
+        assert_eq!(
+            (c.lpips_weights.clone(), c.inception_weights.clone()),
+            (None, inception())
+        );
+        assert_eq!(said.len(), 1);
+        let mut was = config(10, 1e-3);
+        was.lpips_weights = Some("/old/lpips.safetensors".into());
+        was.inception_weights = Some("/old/inception.safetensors".into());
+        let mut c = config(10, 1e-3);
+        assert!(c.fill_weights(Some(&was), found).is_empty());
+        assert_eq!(c.lpips_weights, was.lpips_weights);
+        assert_eq!(c.inception_weights, was.inception_weights);
     }
 
     #[test]

@@ -215,7 +215,7 @@ impl<'a> Trainer<'a> {
                 if g.perceptual_weight > 0.0 && cfg.lpips_weights.is_none() && dist.is_main() {
                     let pixel = g.pixel_loss_name();
                     eprintln!(
-                        "WARNING: no LPIPS weights given (--lpips FILE, see vq_models::Lpips), so this \
+                        "WARNING: no LPIPS weights (`cargo xtask download-weights lpips`, or --lpips FILE), so this \
                          VQGAN trains WITHOUT its perceptual term (perceptual_weight {} ignored); \
                          reconstruction is {pixel} only.",
                         g.perceptual_weight

@@ -43,6 +43,29 @@ fn train_then_eval_writes_the_run_folder() {
     }
     let (ok, text) = vq_train(&["eval", "--run", d]);
     assert!(ok && text.contains("val: 32 images"), "{text}");
+    assert!(
+        text.contains("LPIPS needs weights (--lpips; cargo xtask download-weights)"),
+        "{text}"
+    );
+    // LPIPS weights in the default place (random, in the network's layout): the column fills
+    // without flags, and says where the file came from.
+    let weights = dir.join("weights");
+    std::fs::create_dir_all(&weights).unwrap();
+    let vs = tch::nn::VarStore::new(tch::Device::Cpu);
+    vq_models::Lpips::new(&vs.root());
+    vs.save(weights.join(vq_weights::Network::Lpips.file_name()))
+        .unwrap();
+    let (status, text) = code_with(&["eval", "--run", d], weights.to_str().unwrap());
+    assert_eq!(status, Some(0), "{text}");
+    assert!(
+        text.contains("lpips weights: ") && text.contains("(the default place"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("LPIPS needs weights") && text.contains("LPIPS 0."),
+        "{text}"
+    );
+    std::fs::remove_dir_all(&weights).unwrap();
     // watch: a finished run's last window, "finished", curves.png redrawn in place.
     std::fs::remove_file(dir.join("curves.png")).unwrap();
     let (ok, text) = vq_train(&["watch", "--run", d, "--every", "1"]);
@@ -83,11 +106,18 @@ fn train_then_eval_writes_the_run_folder() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// Runs `vq-train args`; returns (exit code, output).
+/// Runs `vq-train args`; returns (exit code, output). No default place for pretrained weights
+/// (a machine's own downloads would change the runs).
 fn code(args: &[&str]) -> (Option<i32>, String) {
+    code_with(args, "")
+}
+
+/// Runs `vq-train args` with `VQ_WEIGHTS=weights`.
+fn code_with(args: &[&str], weights: &str) -> (Option<i32>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_vq-train"))
         .args(args)
         .env("RUST_BACKTRACE", "0")
+        .env(vq_weights::DIR_ENV, weights)
         .output()
         .unwrap();
     let text = format!(

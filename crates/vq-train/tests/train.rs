@@ -657,7 +657,7 @@ fn lpips_weights_add_the_perceptual_term_and_the_eval_column() {
     let lp = rows[0].val.lpips.expect("LPIPS column");
     assert!(lp.is_finite() && lp > 0.0, "{lp}");
     let md = std::fs::read_to_string(out.join("cmp/compare.md")).unwrap();
-    assert!(!md.contains("needs weights (--lpips)"), "{md}");
+    assert!(!md.contains("needs weights (--lpips"), "{md}");
     std::fs::remove_dir_all(out).unwrap();
     std::fs::remove_dir_all(weights.parent().unwrap()).unwrap();
 }
