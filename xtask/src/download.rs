@@ -141,7 +141,8 @@ pub fn fetch(t: &Target, progress: bool) -> Result<()> {
     let bar = bar(progress, t.bytes);
     let mut agent = ureq::AgentBuilder::new()
         .timeout_connect(Duration::from_secs(30))
-        .timeout_read(Duration::from_secs(60));
+        .timeout_read(Duration::from_secs(60))
+        .tls_config(trusted_tls());
     if t.unverified_tls {
         if t.sha256.is_none() && t.md5.is_none() {
             bail!(
@@ -291,6 +292,25 @@ pub fn verify(path: &Path, t: &Target) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The TLS client of every download: it trusts Mozilla's roots (webpki-roots, what ureq ships)
+/// and the system's store (rustls-native-certs, also honouring `SSL_CERT_FILE`), so that a
+/// minimal container without a CA bundle works, and so does a network whose TLS-inspecting
+/// proxy's authority the system trusts.
+fn trusted_tls() -> std::sync::Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Ok(native) = rustls_native_certs::load_native_certs() {
+        roots.add_parsable_certificates(native);
+    }
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    std::sync::Arc::new(config)
 }
 
 /// A TLS client that accepts any certificate chain (signatures in the handshake are still
