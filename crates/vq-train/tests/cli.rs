@@ -53,6 +53,12 @@ fn train_then_eval_writes_the_run_folder() {
     std::fs::create_dir_all(&weights).unwrap();
     let vs = tch::nn::VarStore::new(tch::Device::Cpu);
     vq_models::Lpips::new(&vs.root());
+    // Non-negative heads, as LPIPS's are: the distance is then >= 0.
+    for (name, mut t) in vs.variables() {
+        if name.starts_with("lin") {
+            let _ = tch::no_grad(|| t.fill_(0.01));
+        }
+    }
     vs.save(weights.join(vq_weights::Network::Lpips.file_name()))
         .unwrap();
     let (status, text) = code_with(&["eval", "--run", d], weights.to_str().unwrap());
