@@ -399,8 +399,14 @@ impl RunArgs {
         } else {
             None
         };
-        for line in cfg.fill_weights(resumed.as_ref(), vq_weights::locate) {
-            eprintln!("{line}");
+        let filled = cfg.fill_weights(resumed.as_ref(), vq_weights::locate);
+        // Every rank fills the same files; one of them says so.
+        if Launch::from_env()
+            .ok()
+            .flatten()
+            .is_none_or(|l| l.rank == 0)
+        {
+            filled.iter().for_each(|line| eprintln!("{line}"));
         }
         Ok(TrainOptions {
             config: cfg,

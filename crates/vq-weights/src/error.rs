@@ -30,8 +30,10 @@ pub enum WeightsError {
         /// The first unexpected entries and their count.
         keys: String,
     },
-    /// The file lacks entries of the expected file.
-    #[error("{file} is not {what}: {got} of its {want} tensors are there")]
+    /// The file has another number of the tensors to keep than the expected file.
+    #[error(
+        "{file} is not {what}: it has {got} of the tensors to keep, where that file has {want}"
+    )]
     Count {
         /// The file.
         file: String,
