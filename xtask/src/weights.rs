@@ -91,7 +91,13 @@ pub fn download(
     for f in &m.files {
         if let Some(x) = &f.extract {
             let dest = sources.join(&x.name);
-            if dest.is_file() && verify_member(&fs::read(&dest)?, x).is_ok() {
+            let present = dest.is_file()
+                && verify_member(
+                    &fs::read(&dest).with_context(|| format!("reading {}", dest.display()))?,
+                    x,
+                )
+                .is_ok();
+            if present {
                 eprintln!("{}: present and verified", dest.display());
                 continue;
             }
