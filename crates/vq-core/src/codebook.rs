@@ -608,9 +608,7 @@ pub fn kmeans(
     Ok((centres, counts))
 }
 
-/// Floor of the norm in every l2 normalisation (cosine codebooks, cosine search inputs):
-/// `v / max(‖v‖, L2_NORM_EPS)`, as `F.normalize`'s default `eps`.
-pub const L2_NORM_EPS: f32 = 1e-12;
+pub use crate::search::L2_NORM_EPS;
 
 /// Divides every row by `max(‖row‖, L2_NORM_EPS)`.
 pub fn l2_normalise_rows(a: &mut Array2<f32>) {

@@ -69,7 +69,11 @@ const CHUNK: usize = 16;
 #[cfg(not(all(target_arch = "x86_64", target_feature = "avx512f")))]
 const CHUNK: usize = LANES;
 /// Floor of vector norms in cosine lookup.
-const COSINE_EPS: f32 = crate::codebook::L2_NORM_EPS;
+/// Floor of the norm in every l2 normalisation (cosine codebooks, cosine search inputs):
+/// `v / max(‖v‖, L2_NORM_EPS)`, as `F.normalize`'s default `eps`.
+pub const L2_NORM_EPS: f32 = 1e-12;
+
+const COSINE_EPS: f32 = L2_NORM_EPS;
 
 /// A codebook prepared for nearest-code search (centred or normalised copy plus per-code terms).
 /// Build it once per step and search many inputs against it.

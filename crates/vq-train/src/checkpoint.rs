@@ -44,7 +44,7 @@ pub struct TrainState {
 const KEEP: usize = 2;
 
 fn dir_of(run: &Path) -> PathBuf {
-    run.join("checkpoints")
+    crate::layout::RunDir::new(run).checkpoints()
 }
 
 /// A set of variables and its optimiser, saved as `<name>.safetensors` and
@@ -168,6 +168,29 @@ fn sync_file(path: &Path) -> Result<()> {
     fs::File::open(path)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("syncing {}", path.display()))
+}
+
+/// The run folder's latest checkpoint, as error messages name it (`none yet` before the first).
+///
+/// # Errors
+/// An unreadable `latest` or `state.json`.
+pub fn last_checkpoint(out: &Path) -> Result<String> {
+    Ok(latest(out)?
+        .map(|(p, s)| format!("{} (step {})", p.display(), s.step))
+        .unwrap_or_else(|| "none yet".into()))
+}
+
+/// Writes `bytes` to `path` through a temporary file (fsynced) and a rename (with its folder
+/// fsynced): after a crash `path` holds the old bytes or the new ones.
+///
+/// # Errors
+/// I/O errors, naming the file.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    write_synced(&tmp, bytes)?;
+    fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))?;
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+    sync_dir(parent.unwrap_or(Path::new(".")))
 }
 
 /// Makes a folder's entries (files created or renamed in it) durable.

@@ -30,8 +30,8 @@ use vq_models::VqAutoencoder;
 use vq_tch::Mode;
 
 use crate::checkpoint;
+use crate::config::RunConfig;
 use crate::data::{DataSource, ImageSet, frames_as_images};
-use crate::train::RunConfig;
 
 /// The `format` metadata of a codes file.
 pub const FORMAT: &str = "vq-train codes 1";
@@ -54,12 +54,10 @@ impl LoadedRun {
     /// # Errors
     /// No run.json, no checkpoint, or weights that do not fit the configuration.
     pub fn load(run: &Path, device: Device) -> Result<Self> {
-        let config = RunConfig::from_run_file(&run.join("run.json"))?;
+        let config = RunConfig::from_run_file(&crate::layout::RunDir::new(run).run())?;
         let (_, state) = checkpoint::latest(run)?
             .with_context(|| format!("{} has no checkpoint to take codes from", run.display()))?;
-        let mut vs = nn::VarStore::new(device);
-        let model = VqAutoencoder::new(&vs.root(), &config.model)?;
-        checkpoint::load_model(run, &mut vs)?;
+        let (model, vs) = crate::autoencoder::load_model(run, &config, device)?;
         Ok(Self {
             config,
             model,
@@ -141,7 +139,7 @@ pub fn encode(
         ("shards".to_owned(), shards.to_string()),
         ("codebook_size".to_owned(), k.to_string()),
     ]);
-    let bar = crate::trainer::progress_bar(progress, 0, total);
+    let bar = crate::run::progress_bar(progress, 0, total);
     let mut done = Encoded {
         files: Vec::new(),
         kept: 0,

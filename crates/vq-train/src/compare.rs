@@ -5,14 +5,18 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use tch::{Device, Tensor, nn};
+use tch::{Device, Tensor};
 use vq_data::Split;
 use vq_models::VqAutoencoder;
 
+use crate::checkpoint::write_atomic;
+use crate::config::{RunConfig, TrainOptions};
 use crate::data::DataSource;
 use crate::eval::{EvalMetrics, EvalNets, Perceptual, evaluate};
+use crate::layout::RunDir;
 use crate::method::Method;
-use crate::train::{RunConfig, StepMetrics, TrainOptions, train, write_atomic};
+use crate::metrics::StepMetrics;
+use crate::train::train;
 use crate::{checkpoint, plot};
 
 /// One row of the comparison.
@@ -75,14 +79,14 @@ pub fn compare<M: Into<Method> + Copy>(
         rows.push(row);
     }
     let md = markdown(&base.config, &rows);
-    write_atomic(&base.out.join("compare.md"), md.as_bytes())?;
+    write_atomic(&RunDir::new(&base.out).compare_md(), md.as_bytes())?;
     write_atomic(
-        &base.out.join("compare.json"),
+        &RunDir::new(&base.out).compare_json(),
         &serde_json::to_vec_pretty(&serde_json::json!({ "run": base.config, "rows": rows }))?,
     )?;
     let histories: Vec<Vec<StepMetrics>> = estimators
         .iter()
-        .map(|e| read_metrics(&base.out.join(e.name()).join("metrics.jsonl")))
+        .map(|e| read_metrics(&RunDir::new(&base.out.join(e.name())).metrics()))
         .collect::<Result<_>>()?;
     let runs: Vec<(&str, &[StepMetrics])> = estimators
         .iter()
@@ -91,7 +95,7 @@ pub fn compare<M: Into<Method> + Copy>(
         .collect();
     let cfg = &base.config;
     plot::curves(
-        &base.out.join("curves.png"),
+        &RunDir::new(&base.out).curves(),
         &format!("{}: training curves by estimator", run_title(cfg)),
         &cfg.reconstruction_loss_name(),
         &runs,
@@ -104,7 +108,7 @@ pub fn compare<M: Into<Method> + Copy>(
     };
     let zoom = grid_rows.first().map_or(1, |(_, t)| plot::zoom_for(t));
     plot::reconstruction_grid(
-        &base.out.join("reconstructions.png"),
+        &RunDir::new(&base.out).reconstructions(),
         &format!("{}: held-out images, {at}", run_title(cfg)),
         &grid,
         zoom,
@@ -126,7 +130,7 @@ pub(crate) fn train_or_reuse(
     let latest = checkpoint::latest(out)?;
     if let (true, Some((ckpt, state))) = (base.resume, &latest) {
         // The trainer says the note, if any, when it resumes.
-        crate::train::may_resume(ckpt, &state.run, &config.resume_key()?, state.step)?;
+        crate::config::may_resume(ckpt, &state.run, &config.resume_key()?, state.step)?;
     }
     let finished = base.resume
         && latest
@@ -134,10 +138,7 @@ pub(crate) fn train_or_reuse(
             .is_some_and(|(_, s)| s.step >= config.training.steps);
     if finished {
         eprintln!("   already trained; evaluating the last checkpoint");
-        let mut vs = nn::VarStore::new(base.device);
-        let model = VqAutoencoder::new(&vs.root(), &config.model)?;
-        checkpoint::load_model(out, &mut vs)?;
-        return Ok(model);
+        return Ok(crate::autoencoder::load_model(out, config, base.device)?.0);
     }
     let opts = TrainOptions {
         config: config.clone(),
@@ -235,7 +236,7 @@ pub fn evaluate_run(
     };
     let estimator = Method::of(config).label();
     plot::reconstruction_grid(
-        &out.join("reconstructions.png"),
+        &RunDir::new(out).reconstructions(),
         &format!(
             "{}, {estimator}: held-out images, step {step}",
             run_title(config)
@@ -246,14 +247,14 @@ pub fn evaluate_run(
         ],
         plot::zoom_for(&shown.originals),
     )?;
-    write_curves(out, config, &read_metrics(&out.join("metrics.jsonl"))?)?;
+    write_curves(out, config, &read_metrics(&RunDir::new(out).metrics())?)?;
     let row = CompareRow {
         estimator: Method::of(config).name().to_owned(),
         train,
         val,
         train_seconds: seconds,
     };
-    write_atomic(&out.join("eval.json"), &serde_json::to_vec_pretty(&row)?)?;
+    write_atomic(&RunDir::new(out).eval(), &serde_json::to_vec_pretty(&row)?)?;
     write_eval_events(out, step, &row)?;
     Ok(Evaluated { row, shown, step })
 }
@@ -273,8 +274,8 @@ pub fn write_curves(out: &Path, config: &RunConfig, history: &[StepMetrics]) -> 
         &config.reconstruction_loss_name(),
         &[(estimator, history)],
     )?;
-    fs::rename(&tmp, out.join("curves.png"))
-        .with_context(|| format!("replacing {}", out.join("curves.png").display()))
+    fs::rename(&tmp, RunDir::new(out).curves())
+        .with_context(|| format!("replacing {}", RunDir::new(out).curves().display()))
 }
 
 /// The evaluation in the run's TensorBoard file at `step`: `val/*` and `train_eval/*` scalars
@@ -289,7 +290,7 @@ fn write_eval_events(out: &Path, step: usize, row: &CompareRow) -> Result<()> {
     values.extend(eval_scalars("train_eval", &row.train));
     let values: Vec<(&str, f64)> = values.iter().map(|(t, v)| (t.as_str(), *v)).collect();
     w.scalars(step, &values)?;
-    let path = out.join("reconstructions.png");
+    let path = RunDir::new(out).reconstructions();
     let png = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let img =
         image::load_from_memory(&png).with_context(|| format!("decoding {}", path.display()))?;

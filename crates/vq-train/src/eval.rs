@@ -126,7 +126,7 @@ pub fn evaluate(
         Perceptual::LpipsOnly => None,
     };
     let quantizer = model.config().quantizer;
-    let k = crate::trainer::code_slot_count(&quantizer);
+    let k = crate::metrics::code_slot_count(&quantizer);
     let groups = quantizer.family.code_groups();
     let (mut mse, mut l1, mut qe, mut lp) = (0f64, 0f64, 0f64, 0f64);
     let mut power = 0f64;
@@ -175,7 +175,7 @@ pub fn evaluate(
         l1 += s[1] * w;
         qe += s[2] * w;
         power += s[3] * w;
-        let flat = crate::trainer::code_slots(&out.vq.indices, &quantizer).reshape([b, -1]);
+        let flat = crate::metrics::code_slots(&out.vq.indices, &quantizer).reshape([b, -1]);
         per_image = flat.size()[1] as usize;
         codes.extend(
             Vec::<i64>::try_from(flat.reshape([-1]).to_device(Device::Cpu))?

@@ -1,22 +1,27 @@
-//! The library behind the `vq-train` binary: data, optimiser, checkpoints, the training loop,
+//! The library behind the `vq-train` binary: data, optimiser, checkpoints, the run loop
+//! ([`run`]: one loop for every model kind) and the autoencoder kind ([`autoencoder`]),
 //! evaluation, comparison of estimators and plots. See `vq-train --help`.
 
+pub mod autoencoder;
 pub mod checkpoint;
 pub mod codes;
 pub mod compare;
+pub mod config;
 pub mod data;
 pub mod dist;
 pub mod eval;
+pub mod layout;
 pub mod method;
+pub mod metrics;
 pub mod ops;
 pub mod optim;
 pub mod plot;
 pub mod pretrained;
 pub mod profile;
 pub mod readback;
+pub mod run;
 pub mod stats;
 pub mod sweep;
 pub mod tensorboard;
 pub mod train;
-pub mod trainer;
 pub mod watch;

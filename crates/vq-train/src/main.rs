@@ -6,15 +6,15 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
-use tch::{Device, nn};
+use tch::Device;
 use vq_dist::Launch;
-use vq_models::{Preset, VqAutoencoder};
-use vq_train::checkpoint;
+use vq_models::Preset;
 use vq_train::compare::{compare, default_out, evaluate_run, markdown};
+use vq_train::config::{RunConfig, TrainOptions};
 use vq_train::data::{DATA_SOURCES, DataSource, Pipeline};
 use vq_train::dist::join_from_env;
 use vq_train::method::Method;
-use vq_train::train::{RunConfig, TrainOptions, train_in};
+use vq_train::train::train_in;
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -42,111 +42,129 @@ enum Command {
     /// Train one model.
     Train(RunArgs),
     /// Train the same model with several estimators and print the paper-style table.
-    Compare {
-        #[command(flatten)]
-        run: RunArgs,
-        /// Estimators (and baselines: gumbel, hessian-approx, exact-gradients) to compare,
-        /// comma-separated.
-        #[arg(long, default_value = "ste,rotation", value_delimiter = ',')]
-        estimators: Vec<String>,
-        /// Train every run with each of these seeds (`0..5`, `0..=4` or `0,3,7`) and report
-        /// mean ± standard deviation, per-seed numbers and paired tests against the first
-        /// estimator (compare.md says the rule).
-        #[arg(long)]
-        seeds: Option<String>,
-        /// Sweep an axis of the quantizer: `family=nearest,residual4,fsq8-5-5-5`,
-        /// `codebook-size=64,256`, `ema-decay=0.8,0.99` (repeat for a grid over several axes;
-        /// every point runs every estimator and seed).
-        #[arg(long)]
-        grid: Vec<String>,
-    },
+    Compare(CompareArgs),
     /// Evaluate a trained run (or a weights file) on both splits.
-    Eval {
-        /// Run folder written by `train` (its run.json and latest checkpoint are used).
-        #[arg(long)]
-        run: PathBuf,
-        /// Device.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// LPIPS weights (safetensors) for the LPIPS column (default: the run's own, else those of
-        /// `cargo xtask download-weights` in their default place).
-        #[arg(long)]
-        lpips: Option<PathBuf>,
-        /// FID Inception weights (safetensors) for the r-FID / r-IS columns (default: as --lpips).
-        #[arg(long)]
-        inception: Option<PathBuf>,
-    },
+    Eval(EvalArgs),
     /// Write the code indices of every sample of a split (safetensors: codes, codebook, the
     /// run's configuration; shards of --shard-size samples, kept when run again).
-    Encode {
-        /// Run folder written by `train` (its latest checkpoint is used).
-        #[arg(long)]
-        run: PathBuf,
-        /// Data to encode (default: the run's), as `train --data` takes it.
-        #[arg(long)]
-        data: Option<String>,
-        /// train or val.
-        #[arg(long, default_value = "val")]
-        split: String,
-        /// Output file (`codes.safetensors`; shards are numbered beside it).
-        #[arg(long)]
-        out: PathBuf,
-        /// Samples per file.
-        #[arg(long, default_value_t = 50_000)]
-        shard_size: usize,
-        /// Samples per forward pass (default: the run's micro-batch).
-        #[arg(long)]
-        batch: Option<usize>,
-        /// Device.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        /// No progress bar.
-        #[arg(long)]
-        quiet: bool,
-    },
+    Encode(EncodeArgs),
     /// Turn a codes file of `encode` back into images (PNG per sample; video: per frame).
-    Decode {
-        /// Run folder whose decoder (and codebook) the codes belong to.
-        #[arg(long)]
-        run: PathBuf,
-        /// Codes files of `encode` (one or more shards, e.g. `codes-*.safetensors`).
-        #[arg(long, num_args = 1.., required = true)]
-        codes: Vec<PathBuf>,
-        /// Output folder.
-        #[arg(long)]
-        out: PathBuf,
-        /// Samples per pass (default: the run's micro-batch).
-        #[arg(long)]
-        batch: Option<usize>,
-        /// Device.
-        #[arg(long, default_value = "cpu")]
-        device: String,
-    },
+    Decode(DecodeArgs),
     /// Follow a run while it trains (from another terminal): print its latest metrics, progress
     /// and ETA, and redraw its curves.png, until it has logged its last step.
-    Watch {
-        /// Run folder written by `train`.
-        #[arg(long)]
-        run: PathBuf,
-        /// Seconds between looks.
-        #[arg(long, default_value_t = 30.0)]
-        every: f64,
-        /// Look once and exit.
-        #[arg(long)]
-        once: bool,
-    },
+    Watch(WatchArgs),
     /// Summarise the device activity of a Chrome trace (`train --profile-steps`, or
     /// `torch.profiler`'s export): busy time, kernel time and the largest kernels per step.
-    TraceSummary {
-        /// The trace (JSON).
-        trace: PathBuf,
-        /// Steps the trace covers (figures per step).
-        #[arg(long, default_value_t = 1)]
-        steps: usize,
-        /// Kernels listed.
-        #[arg(long, default_value_t = 30)]
-        top: usize,
-    },
+    TraceSummary(TraceSummaryArgs),
+}
+
+#[derive(Debug, Args)]
+struct CompareArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Estimators (and baselines: gumbel, hessian-approx, exact-gradients) to compare,
+    /// comma-separated.
+    #[arg(long, default_value = "ste,rotation", value_delimiter = ',')]
+    estimators: Vec<String>,
+    /// Train every run with each of these seeds (`0..5`, `0..=4` or `0,3,7`) and report
+    /// mean ± standard deviation, per-seed numbers and paired tests against the first
+    /// estimator (compare.md says the rule).
+    #[arg(long)]
+    seeds: Option<String>,
+    /// Sweep an axis of the quantizer: `family=nearest,residual4,fsq8-5-5-5`,
+    /// `codebook-size=64,256`, `ema-decay=0.8,0.99` (repeat for a grid over several axes;
+    /// every point runs every estimator and seed).
+    #[arg(long)]
+    grid: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct EvalArgs {
+    /// Run folder written by `train` (its run.json and latest checkpoint are used).
+    #[arg(long)]
+    run: PathBuf,
+    /// Device.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// LPIPS weights (safetensors) for the LPIPS column (default: the run's own, else those of
+    /// `cargo xtask download-weights` in their default place).
+    #[arg(long)]
+    lpips: Option<PathBuf>,
+    /// FID Inception weights (safetensors) for the r-FID / r-IS columns (default: as --lpips).
+    #[arg(long)]
+    inception: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct EncodeArgs {
+    /// Run folder written by `train` (its latest checkpoint is used).
+    #[arg(long)]
+    run: PathBuf,
+    /// Data to encode (default: the run's), as `train --data` takes it.
+    #[arg(long)]
+    data: Option<String>,
+    /// train or val.
+    #[arg(long, default_value = "val")]
+    split: String,
+    /// Output file (`codes.safetensors`; shards are numbered beside it).
+    #[arg(long)]
+    out: PathBuf,
+    /// Samples per file.
+    #[arg(long, default_value_t = 50_000)]
+    shard_size: usize,
+    /// Samples per forward pass (default: the run's micro-batch).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Device.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Debug, Args)]
+struct DecodeArgs {
+    /// Run folder whose decoder (and codebook) the codes belong to.
+    #[arg(long)]
+    run: PathBuf,
+    /// Codes files of `encode` (one or more shards, e.g. `codes-*.safetensors`).
+    #[arg(long, num_args = 1.., required = true)]
+    codes: Vec<PathBuf>,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// Samples per pass (default: the run's micro-batch).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Device.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+#[derive(Debug, Args)]
+struct WatchArgs {
+    /// Run folder written by `train`.
+    #[arg(long)]
+    run: PathBuf,
+    /// Seconds between looks.
+    #[arg(long, default_value_t = 30.0)]
+    every: f64,
+    /// Look once and exit.
+    #[arg(long)]
+    once: bool,
+}
+
+#[derive(Debug, Args)]
+struct TraceSummaryArgs {
+    /// The trace (JSON).
+    trace: PathBuf,
+    /// Steps the trace covers (figures per step).
+    #[arg(long, default_value_t = 1)]
+    steps: usize,
+    /// Kernels listed.
+    #[arg(long, default_value_t = 30)]
+    top: usize,
 }
 
 #[derive(Debug, Args)]
@@ -331,7 +349,8 @@ fn preset_config(name: &str) -> Result<RunConfig> {
 }
 
 impl RunArgs {
-    fn options(&self, default_out: PathBuf) -> Result<TrainOptions> {
+    /// The run's configuration: the preset or `--config` file with the flags applied, validated.
+    fn config(&self) -> Result<RunConfig> {
         let mut cfg = match &self.config {
             Some(path) => RunConfig::from_config_file(path)?,
             None => preset_config(&self.preset)?,
@@ -353,17 +372,9 @@ impl RunArgs {
         if let Some(m) = self.micro_batch {
             cfg.micro_batch = m;
         }
-        if let Some(f) = &self.lpips {
-            cfg.lpips_weights = Some(f.clone());
-        }
-        if let Some(f) = &self.inception {
-            cfg.inception_weights = Some(f.clone());
-        }
+        self.apply_files(&mut cfg);
         if let Some(lr) = self.lr {
             cfg.training.learning_rate = lr;
-        }
-        if let Some(f) = &self.init_from {
-            cfg.init_from = Some(f.clone());
         }
         if let Some(s) = self.seed {
             cfg.seed = s;
@@ -377,6 +388,24 @@ impl RunArgs {
             Method::from_name(e)?.apply(&mut cfg)?;
         }
         cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// `--lpips`, `--inception`, `--init-from`.
+    fn apply_files(&self, cfg: &mut RunConfig) {
+        if let Some(f) = &self.lpips {
+            cfg.lpips_weights = Some(f.clone());
+        }
+        if let Some(f) = &self.inception {
+            cfg.inception_weights = Some(f.clone());
+        }
+        if let Some(f) = &self.init_from {
+            cfg.init_from = Some(f.clone());
+        }
+    }
+
+    /// libtorch's process-wide settings: `--threads`, `--cudnn-benchmark`.
+    fn apply_runtime(&self) -> Result<()> {
         if let Some(t) = self.threads {
             if t < 1 {
                 bail!("--threads {t}: libtorch needs at least 1 thread");
@@ -386,6 +415,13 @@ impl RunArgs {
         if self.cudnn_benchmark {
             tch::Cuda::cudnn_set_benchmark(true);
         }
+        Ok(())
+    }
+
+    /// The run's options (`default_out` unless `--out`): its configuration with the weights
+    /// files of the default place filled in (a resumed run keeps its own), its device.
+    fn options(&self, default_out: PathBuf) -> Result<TrainOptions> {
+        let mut cfg = self.config()?;
         let device = parse_device(&self.device)?;
         if let (true, Err(why)) = (device.is_cuda(), vq_tch::fused_kernel_status(device)) {
             eprintln!(
@@ -430,7 +466,7 @@ fn recorded_config(out: &std::path::Path) -> Option<RunConfig> {
     for _ in 0..4 {
         if let Some(f) = level
             .iter()
-            .map(|d| d.join("run.json"))
+            .map(|d| vq_train::layout::RunDir::new(d).run())
             .find(|f| f.is_file())
         {
             return RunConfig::from_run_file(&f).ok();
@@ -549,296 +585,346 @@ fn keep_freed_memory() {
 
 fn main() -> Result<()> {
     keep_freed_memory();
-    let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Info) {
-        Command::Info => {
-            let rt = vq_tch::TorchRuntime::query();
-            println!("vq-train {}", env!("CARGO_PKG_VERSION"));
-            println!("libtorch CPU threads: {}", rt.cpu_threads);
-            println!(
-                "CUDA available: {} ({} device(s))",
-                rt.cuda_available, rt.cuda_devices
-            );
-            println!("cuDNN available: {}", rt.cudnn_available);
-        }
-        Command::Presets { name: None } => {
-            for p in Preset::ALL {
-                let c = p.config();
-                let a = &c.autoencoder;
-                let (r, lr) = (a.resolution(), a.latent_resolution());
-                let t = a.frames().map_or(String::new(), |t| format!("{t}×"));
-                println!(
-                    "{:<22} {t}{r}×{r} → {t}{lr}×{lr}×{}, {} codes, {:?}",
-                    p.name(),
-                    c.quantizer.codebook_dim,
-                    c.quantizer.codebook_size,
-                    c.quantizer.metric
-                );
-            }
-        }
-        Command::Presets { name: Some(name) } => {
-            println!("{}", serde_json::to_string_pretty(&preset_config(&name)?)?);
-        }
-        Command::Train(args) => {
-            if let Some(n) = args.nproc {
-                return launch_local(n);
-            }
-            let est = args.estimator.clone().unwrap_or_else(|| "rotation".into());
-            let family = args
-                .family
-                .as_ref()
-                .map(|f| format!("-{f}"))
-                .unwrap_or_default();
-            let mut opts =
-                args.options(PathBuf::from("runs").join(format!("{}{family}-{est}", args.preset)))?;
-            let group = match Launch::from_env()? {
-                Some(launch) => {
-                    opts.device = vq_train::dist::rank_device(opts.device, &launch)?;
-                    let timeout = std::time::Duration::from_secs(args.dist_timeout.max(1));
-                    let (_, pg) = join_from_env(opts.device, timeout)?
-                        .context("the launch environment vanished")?;
-                    if pg.is_main() {
-                        eprintln!(
-                            "data-parallel: {} ranks over {} (from {}), global batch {} = {} × micro-batch {} × {} accumulation",
-                            pg.world(),
-                            pg.backend().name(),
-                            launch.launcher.describe(),
-                            opts.config.training.batch_size,
-                            pg.world(),
-                            opts.config.micro_batch,
-                            opts.config.training.batch_size
-                                / (pg.world() * opts.config.micro_batch).max(1)
-                        );
-                    }
-                    Some(Arc::new(pg))
-                }
-                None => None,
-            };
-            let main_rank = group.as_ref().is_none_or(|g| g.is_main());
-            let mut trained = train_in(&opts, group)?;
-            if !main_rank {
-                return Ok(());
-            }
-            let steps = trained.history.last().map_or(0, |m| m.step);
-            println!(
-                "trained to step {steps} in {:.1} s; run folder {}",
-                trained.seconds,
-                opts.out.display()
-            );
-            if let Some(m) = trained.history.last() {
-                println!(
-                    "last window: loss {:.5}, rec {:.5}, usage {:.1}%, QE {:.3e}",
-                    m.loss,
-                    m.rec,
-                    100.0 * m.usage,
-                    m.quantization_error
-                );
-            }
-            if opts
-                .stop_after
-                .is_none_or(|s| s >= opts.config.training.steps)
-            {
-                let row =
-                    evaluate_run(&mut trained.model, &opts.config, &opts.out, opts.device)?.row;
-                // A Gumbel quantizer has no encoder vector to compare with its code.
-                let qe = match Method::of(&opts.config) {
-                    Method::Gumbel => String::new(),
-                    _ => format!(
-                        ", QE {:.3e} ({:.1}% of mean e²)",
-                        row.val.quantization_error,
-                        100.0 * row.val.relative_quantization_error
-                    ),
-                };
-                println!(
-                    "val: rec MSE {:.5}, usage/{} {:.1}%, perplexity {:.1}{qe}; eval.json, reconstructions.png, curves.png in {}",
-                    row.val.rec_mse,
-                    opts.config.model.quantizer.codebook_size,
-                    100.0 * row.val.usage,
-                    row.val.perplexity,
-                    opts.out.display()
-                );
-            }
-        }
-        Command::Compare {
-            run,
-            estimators,
-            seeds,
-            grid,
-        } => {
-            if let Some(e) = &run.estimator {
-                bail!(
-                    "compare trains one run per estimator of --estimators (now {}); \
-                     --estimator {e} is for train: use --estimators {e} to compare only it",
-                    estimators.join(",")
-                );
-            }
-            if run.nproc.is_some() || Launch::from_env()?.is_some() {
-                bail!(
-                    "compare runs in one process; for data-parallel runs train each estimator with \
-                     `vq-train train --nproc N --estimator E` (or under torchrun) and compare the runs' eval.json"
-                );
-            }
-            let estimators = estimators
-                .iter()
-                .map(|e| Method::from_name(e))
-                .collect::<Result<Vec<_>>>()?;
-            let mut sweep = vq_train::sweep::Sweep {
-                methods: estimators.clone(),
-                ..Default::default()
-            };
-            if let Some(s) = &seeds {
-                if let Some(one) = run.seed {
-                    bail!(
-                        "--seed {one} and --seeds {s}: give the seeds of the sweep in --seeds only"
-                    );
-                }
-                sweep.seeds = vq_train::sweep::parse_seeds(s)?;
-            }
-            for axis in &grid {
-                sweep.add_axis(axis)?;
-            }
-            let opts = run.options(default_out(&run.preset))?;
-            if !sweep.is_methods_only() {
-                let (rows, stats) = vq_train::sweep::sweep(&opts, &sweep)?;
-                println!();
-                println!(
-                    "{}",
-                    vq_train::sweep::markdown(&opts.config, &sweep, &rows, &stats)
-                );
-                println!(
-                    "written: {}/compare.md, compare.json, compare-<metric>.png",
-                    opts.out.display()
-                );
-                return Ok(());
-            }
-            let rows = compare(&opts, &estimators)?;
-            println!();
-            println!("{}", markdown(&opts.config, &rows));
-            println!(
-                "written: {}/compare.md, compare.json, curves.png, reconstructions.png",
-                opts.out.display()
-            );
-        }
-        Command::TraceSummary { trace, steps, top } => {
-            let summary = vq_train::profile::TraceSummary::read(&trace)?;
-            print!("{}", summary.markdown(steps, top));
-        }
-        Command::Watch { run, every, once } => {
-            anyhow::ensure!(
-                every.is_finite() && every > 0.0,
-                "--every must be a positive number of seconds, got {every}"
-            );
-            loop {
-                let status = vq_train::watch::look(&run)?;
-                println!("{}", status.line());
-                if once || status.finished() {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_secs_f64(every));
-            }
-        }
-        Command::Encode {
-            run,
-            data,
-            split,
-            out,
-            shard_size,
-            batch,
-            device,
-            quiet,
-        } => {
-            let split = match split.as_str() {
-                "train" => vq_data::Split::Train,
-                "val" => vq_data::Split::Test,
-                other => bail!("--split {other}: expected train or val"),
-            };
-            let mut loaded = vq_train::codes::LoadedRun::load(&run, parse_device(&device)?)?;
-            let batch = batch.unwrap_or(loaded.config.micro_batch);
-            let done = vq_train::codes::encode(
-                &mut loaded,
-                data.as_deref(),
-                split,
-                &out,
-                shard_size,
-                batch,
-                !quiet,
-            )?;
-            println!(
-                "{} samples ({} skipped) at step {} in {} file(s) ({} kept from before): {}",
-                done.samples,
-                done.skipped,
-                loaded.step,
-                done.files.len(),
-                done.kept,
-                done.files
-                    .iter()
-                    .map(|f| f.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-        Command::Decode {
-            run,
-            codes,
-            out,
-            batch,
-            device,
-        } => {
-            let loaded = vq_train::codes::LoadedRun::load(&run, parse_device(&device)?)?;
-            let batch = batch.unwrap_or(loaded.config.micro_batch);
-            let mut n = 0;
-            for file in &codes {
-                n += vq_train::codes::decode(&loaded, file, &out, batch)?;
-            }
-            println!(
-                "{n} samples of {} file(s) decoded into {}",
-                codes.len(),
-                out.display()
-            );
-        }
-        Command::Eval {
-            run,
-            device,
-            lpips,
-            inception,
-        } => {
-            let device = parse_device(&device)?;
-            let file = run.join("run.json");
-            let mut cfg = RunConfig::from_run_file(&file)?;
-            if lpips.is_some() {
-                cfg.lpips_weights = lpips;
-            }
-            if inception.is_some() {
-                cfg.inception_weights = inception;
-            }
-            for line in cfg.fill_weights(None, vq_weights::locate) {
-                eprintln!("{line}");
-            }
-            let mut vs = nn::VarStore::new(device);
-            let mut model = VqAutoencoder::new(&vs.root(), &cfg.model)?;
-            checkpoint::load_model(&run, &mut vs)?;
-            let row = evaluate_run(&mut model, &cfg, &run, device)?.row;
-            for (name, m) in [("train", &row.train), ("val", &row.val)] {
-                println!(
-                    "{name}: {} images, rec MSE {:.5}, L1 {:.5}, usage/{} {:.1}%, perplexity {:.1}, QE {:.3e}, LPIPS {}, r-FID {}, r-IS {}",
-                    m.images,
-                    m.rec_mse,
-                    m.rec_l1,
-                    cfg.model.quantizer.codebook_size,
-                    100.0 * m.usage,
-                    m.perplexity,
-                    m.quantization_error,
-                    show(m.lpips, "--lpips"),
-                    inception_column(m.rfid, name, &cfg),
-                    inception_column(m.ris, name, &cfg),
-                );
-            }
-            println!(
-                "written: eval.json, reconstructions.png, curves.png in {}",
-                run.display()
-            );
-        }
+    match Cli::parse().command.unwrap_or(Command::Info) {
+        Command::Info => info(),
+        Command::Presets { name } => presets(name),
+        Command::Train(args) => train(args),
+        Command::Compare(args) => compare_cmd(args),
+        Command::TraceSummary(args) => trace_summary(args),
+        Command::Watch(args) => watch(args),
+        Command::Encode(args) => encode(args),
+        Command::Decode(args) => decode(args),
+        Command::Eval(args) => eval(args),
     }
+}
+
+/// `info`: the linked libtorch's capabilities.
+fn info() -> Result<()> {
+    let rt = vq_tch::TorchRuntime::query();
+    println!("vq-train {}", env!("CARGO_PKG_VERSION"));
+    println!("libtorch CPU threads: {}", rt.cpu_threads);
+    println!(
+        "CUDA available: {} ({} device(s))",
+        rt.cuda_available, rt.cuda_devices
+    );
+    println!("cuDNN available: {}", rt.cudnn_available);
+    Ok(())
+}
+
+/// `presets [NAME]`: the list, or one preset's run configuration as JSON.
+fn presets(name: Option<String>) -> Result<()> {
+    let Some(name) = name else {
+        for p in Preset::ALL {
+            let c = p.config();
+            let a = &c.autoencoder;
+            let (r, lr) = (a.resolution(), a.latent_resolution());
+            let t = a.frames().map_or(String::new(), |t| format!("{t}×"));
+            println!(
+                "{:<22} {t}{r}×{r} → {t}{lr}×{lr}×{}, {} codes, {:?}",
+                p.name(),
+                c.quantizer.codebook_dim,
+                c.quantizer.codebook_size,
+                c.quantizer.metric
+            );
+        }
+        return Ok(());
+    };
+    println!("{}", serde_json::to_string_pretty(&preset_config(&name)?)?);
+    Ok(())
+}
+
+/// `train`: one run (or `--nproc` ranks of it), then its evaluation.
+fn train(args: RunArgs) -> Result<()> {
+    if let Some(n) = args.nproc {
+        return launch_local(n);
+    }
+    let est = args.estimator.clone().unwrap_or_else(|| "rotation".into());
+    let family = args
+        .family
+        .as_ref()
+        .map(|f| format!("-{f}"))
+        .unwrap_or_default();
+    args.apply_runtime()?;
+    let mut opts =
+        args.options(PathBuf::from("runs").join(format!("{}{family}-{est}", args.preset)))?;
+    let group = join_launch(&mut opts, args.dist_timeout)?;
+    let main_rank = group.as_ref().is_none_or(|g| g.is_main());
+    let mut trained = train_in(&opts, group)?;
+    if !main_rank {
+        return Ok(());
+    }
+    report_trained(&mut trained, &opts)
+}
+
+/// Under a launcher (torchrun, srun, `--nproc`): this rank's device and its process group.
+fn join_launch(
+    opts: &mut TrainOptions,
+    dist_timeout: u64,
+) -> Result<Option<Arc<vq_dist::ProcessGroup>>> {
+    Ok(match Launch::from_env()? {
+        Some(launch) => {
+            opts.device = vq_train::dist::rank_device(opts.device, &launch)?;
+            let timeout = std::time::Duration::from_secs(dist_timeout.max(1));
+            let (_, pg) =
+                join_from_env(opts.device, timeout)?.context("the launch environment vanished")?;
+            if pg.is_main() {
+                eprintln!(
+                    "data-parallel: {} ranks over {} (from {}), global batch {} = {} × micro-batch {} × {} accumulation",
+                    pg.world(),
+                    pg.backend().name(),
+                    launch.launcher.describe(),
+                    opts.config.training.batch_size,
+                    pg.world(),
+                    opts.config.micro_batch,
+                    opts.config.training.batch_size / (pg.world() * opts.config.micro_batch).max(1)
+                );
+            }
+            Some(Arc::new(pg))
+        }
+        None => None,
+    })
+}
+
+/// What `train` prints after training, and the evaluation of a run that reached its end.
+fn report_trained(trained: &mut vq_train::train::Trained, opts: &TrainOptions) -> Result<()> {
+    let steps = trained.history.last().map_or(0, |m| m.step);
+    println!(
+        "trained to step {steps} in {:.1} s; run folder {}",
+        trained.seconds,
+        opts.out.display()
+    );
+    if let Some(m) = trained.history.last() {
+        println!(
+            "last window: loss {:.5}, rec {:.5}, usage {:.1}%, QE {:.3e}",
+            m.loss,
+            m.rec,
+            100.0 * m.usage,
+            m.quantization_error
+        );
+    }
+    if opts
+        .stop_after
+        .is_none_or(|s| s >= opts.config.training.steps)
+    {
+        let row = evaluate_run(&mut trained.model, &opts.config, &opts.out, opts.device)?.row;
+        // A Gumbel quantizer has no encoder vector to compare with its code.
+        let qe = match Method::of(&opts.config) {
+            Method::Gumbel => String::new(),
+            _ => format!(
+                ", QE {:.3e} ({:.1}% of mean e²)",
+                row.val.quantization_error,
+                100.0 * row.val.relative_quantization_error
+            ),
+        };
+        println!(
+            "val: rec MSE {:.5}, usage/{} {:.1}%, perplexity {:.1}{qe}; eval.json, reconstructions.png, curves.png in {}",
+            row.val.rec_mse,
+            opts.config.model.quantizer.codebook_size,
+            100.0 * row.val.usage,
+            row.val.perplexity,
+            opts.out.display()
+        );
+    }
+    Ok(())
+}
+
+/// `compare`: every estimator (× seeds × grid points) and the tables.
+fn compare_cmd(args: CompareArgs) -> Result<()> {
+    let CompareArgs {
+        run,
+        estimators,
+        seeds,
+        grid,
+    } = args;
+    if let Some(e) = &run.estimator {
+        bail!(
+            "compare trains one run per estimator of --estimators (now {}); \
+             --estimator {e} is for train: use --estimators {e} to compare only it",
+            estimators.join(",")
+        );
+    }
+    if run.nproc.is_some() || Launch::from_env()?.is_some() {
+        bail!(
+            "compare runs in one process; for data-parallel runs train each estimator with \
+             `vq-train train --nproc N --estimator E` (or under torchrun) and compare the runs' eval.json"
+        );
+    }
+    let estimators = estimators
+        .iter()
+        .map(|e| Method::from_name(e))
+        .collect::<Result<Vec<_>>>()?;
+    let mut sweep = vq_train::sweep::Sweep {
+        methods: estimators.clone(),
+        ..Default::default()
+    };
+    if let Some(s) = &seeds {
+        if let Some(one) = run.seed {
+            bail!("--seed {one} and --seeds {s}: give the seeds of the sweep in --seeds only");
+        }
+        sweep.seeds = vq_train::sweep::parse_seeds(s)?;
+    }
+    for axis in &grid {
+        sweep.add_axis(axis)?;
+    }
+    run.apply_runtime()?;
+    let opts = run.options(default_out(&run.preset))?;
+    if !sweep.is_methods_only() {
+        let (rows, stats) = vq_train::sweep::sweep(&opts, &sweep)?;
+        println!();
+        println!(
+            "{}",
+            vq_train::sweep::markdown(&opts.config, &sweep, &rows, &stats)
+        );
+        println!(
+            "written: {}/compare.md, compare.json, compare-<metric>.png",
+            opts.out.display()
+        );
+        return Ok(());
+    }
+    let rows = compare(&opts, &estimators)?;
+    println!();
+    println!("{}", markdown(&opts.config, &rows));
+    println!(
+        "written: {}/compare.md, compare.json, curves.png, reconstructions.png",
+        opts.out.display()
+    );
+    Ok(())
+}
+
+/// `trace-summary`: a Chrome trace's device activity.
+fn trace_summary(args: TraceSummaryArgs) -> Result<()> {
+    let TraceSummaryArgs { trace, steps, top } = args;
+    let summary = vq_train::profile::TraceSummary::read(&trace)?;
+    print!("{}", summary.markdown(steps, top));
+    Ok(())
+}
+
+/// `watch`: a training run's progress, until it ends.
+fn watch(args: WatchArgs) -> Result<()> {
+    let WatchArgs { run, every, once } = args;
+    anyhow::ensure!(
+        every.is_finite() && every > 0.0,
+        "--every must be a positive number of seconds, got {every}"
+    );
+    loop {
+        let status = vq_train::watch::look(&run)?;
+        println!("{}", status.line());
+        if once || status.finished() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_secs_f64(every));
+    }
+    Ok(())
+}
+
+/// `encode`: a split's code grids.
+fn encode(args: EncodeArgs) -> Result<()> {
+    let EncodeArgs {
+        run,
+        data,
+        split,
+        out,
+        shard_size,
+        batch,
+        device,
+        quiet,
+    } = args;
+    let split = match split.as_str() {
+        "train" => vq_data::Split::Train,
+        "val" => vq_data::Split::Test,
+        other => bail!("--split {other}: expected train or val"),
+    };
+    let mut loaded = vq_train::codes::LoadedRun::load(&run, parse_device(&device)?)?;
+    let batch = batch.unwrap_or(loaded.config.micro_batch);
+    let done = vq_train::codes::encode(
+        &mut loaded,
+        data.as_deref(),
+        split,
+        &out,
+        shard_size,
+        batch,
+        !quiet,
+    )?;
+    println!(
+        "{} samples ({} skipped) at step {} in {} file(s) ({} kept from before): {}",
+        done.samples,
+        done.skipped,
+        loaded.step,
+        done.files.len(),
+        done.kept,
+        done.files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
+/// `decode`: codes files back to images.
+fn decode(args: DecodeArgs) -> Result<()> {
+    let DecodeArgs {
+        run,
+        codes,
+        out,
+        batch,
+        device,
+    } = args;
+    let loaded = vq_train::codes::LoadedRun::load(&run, parse_device(&device)?)?;
+    let batch = batch.unwrap_or(loaded.config.micro_batch);
+    let mut n = 0;
+    for file in &codes {
+        n += vq_train::codes::decode(&loaded, file, &out, batch)?;
+    }
+    println!(
+        "{n} samples of {} file(s) decoded into {}",
+        codes.len(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// `eval`: a run's metrics on both splits.
+fn eval(args: EvalArgs) -> Result<()> {
+    let EvalArgs {
+        run,
+        device,
+        lpips,
+        inception,
+    } = args;
+    let device = parse_device(&device)?;
+    let file = vq_train::layout::RunDir::new(&run).run();
+    let mut cfg = RunConfig::from_run_file(&file)?;
+    if lpips.is_some() {
+        cfg.lpips_weights = lpips;
+    }
+    if inception.is_some() {
+        cfg.inception_weights = inception;
+    }
+    for line in cfg.fill_weights(None, vq_weights::locate) {
+        eprintln!("{line}");
+    }
+    let (mut model, _vs) = vq_train::autoencoder::load_model(&run, &cfg, device)?;
+    let row = evaluate_run(&mut model, &cfg, &run, device)?.row;
+    for (name, m) in [("train", &row.train), ("val", &row.val)] {
+        println!(
+            "{name}: {} images, rec MSE {:.5}, L1 {:.5}, usage/{} {:.1}%, perplexity {:.1}, QE {:.3e}, LPIPS {}, r-FID {}, r-IS {}",
+            m.images,
+            m.rec_mse,
+            m.rec_l1,
+            cfg.model.quantizer.codebook_size,
+            100.0 * m.usage,
+            m.perplexity,
+            m.quantization_error,
+            show(m.lpips, "--lpips"),
+            inception_column(m.rfid, name, &cfg),
+            inception_column(m.ris, name, &cfg),
+        );
+    }
+    println!(
+        "written: eval.json, reconstructions.png, curves.png in {}",
+        run.display()
+    );
     Ok(())
 }
 

@@ -20,32 +20,12 @@ use tch::Tensor;
 use vq_core::gumbel::{GumbelForward, TemperatureSchedule};
 use vq_tch::{CodebookInit, CodebookLearning, Estimator, Family, Metric, Projection};
 
-use crate::train::RunConfig;
+pub use crate::config::EncoderGradient;
+use crate::config::RunConfig;
 
 /// `λ_s` of the exact-gradients baseline: the weight of the second pass's loss in the
 /// decoder's gradient (the paper's code: `--scale_factor 1e6`, i.e. 1/λ_s).
 pub const EXACT_GRADIENTS_SCALE: f64 = 1e-6;
-
-/// How the encoder receives the gradient of the decoder's loss in a VQ-VAE run (part of the run
-/// configuration; the default is the quantizer's estimator).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum EncoderGradient {
-    /// Through the quantizer's output (its estimator, or the Gumbel relaxation).
-    #[default]
-    Quantizer,
-    /// `∇_q L + ∇²_q L (e − q)`.
-    HessianApprox,
-    /// `∇_e L(D(e))` from a second decoder pass.
-    ExactGradients,
-}
-
-impl EncoderGradient {
-    /// Whether this is the default (run records leave the field out then).
-    pub fn is_quantizer(&self) -> bool {
-        *self == Self::Quantizer
-    }
-}
 
 /// One way of training the encoder, as named on the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use anyhow::{Context, Result};
 use tch::{Device, Kind, Tensor};
 use vq_plot::{Figure, ImageRow, Panel, Scale, Series};
 
-use crate::train::StepMetrics;
+use crate::metrics::StepMetrics;
 
 /// Images in [−1, 1], (B, C, H, W) with C = 1 or 3, as 8-bit RGB images.
 ///

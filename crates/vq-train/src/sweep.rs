@@ -15,10 +15,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail, ensure};
 use vq_tch::{CodebookLearning, Family};
 
+use crate::checkpoint::write_atomic;
 use crate::compare::{CompareRow, evaluate_run, run_title, train_or_reuse};
+use crate::config::{RunConfig, TrainOptions};
+use crate::layout::RunDir;
 use crate::method::Method;
 use crate::stats::{self, Paired, Summary};
-use crate::train::{RunConfig, TrainOptions, write_atomic};
 
 /// One point of a grid: the axes that are swept, each `None` when it is not.
 #[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
@@ -564,7 +566,7 @@ fn write_outputs(
     stats: &[CellStats],
 ) -> Result<()> {
     let md = markdown(&base.config, sweep, rows, stats);
-    write_atomic(&base.out.join("compare.md"), md.as_bytes())?;
+    write_atomic(&RunDir::new(&base.out).compare_md(), md.as_bytes())?;
     let json = serde_json::json!({
         "run": base.config,
         "axes": {
@@ -582,7 +584,7 @@ fn write_outputs(
         "statistics": stats,
     });
     write_atomic(
-        &base.out.join("compare.json"),
+        &RunDir::new(&base.out).compare_json(),
         &serde_json::to_vec_pretty(&json)?,
     )?;
     for (i, c) in COLUMNS.iter().enumerate() {

@@ -378,39 +378,6 @@ impl EventWriter {
     }
 }
 
-/// The scalars of a metric window under their tags: `train/*` (the window's means), `lr`,
-/// `gan/*` with a discriminator, `loss_scale` when the run scales its loss (f16).
-pub fn window_scalars(
-    m: &crate::train::StepMetrics,
-    gan: bool,
-    scaled: bool,
-) -> Vec<(&'static str, f64)> {
-    let mut v = vec![
-        ("train/loss", m.loss),
-        ("train/rec", m.rec),
-        ("train/commitment", m.commitment),
-        ("train/qe", m.quantization_error),
-        ("train/usage", m.usage),
-        ("train/perplexity", m.perplexity),
-        ("train/grad_norm", m.grad_norm),
-        ("train/steps_per_s", m.steps_per_s),
-        ("train/skipped_steps", m.skipped_steps as f64),
-        ("train/skipped_samples", m.skipped_samples as f64),
-        ("lr", m.lr),
-    ];
-    if gan {
-        v.extend([
-            ("gan/d_loss", m.d_loss),
-            ("gan/g_loss", m.g_loss),
-            ("gan/d_weight", m.d_weight),
-        ]);
-    }
-    if scaled {
-        v.push(("loss_scale", m.loss_scale));
-    }
-    v
-}
-
 /// The evaluation's scalars of one split under `prefix` (`val` or `train_eval`); the
 /// perceptual metrics only when their weights were given.
 pub fn eval_scalars(prefix: &str, m: &crate::eval::EvalMetrics) -> Vec<(String, f64)> {

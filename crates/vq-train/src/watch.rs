@@ -7,7 +7,9 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use crate::compare::write_curves;
-use crate::train::{RunConfig, StepMetrics};
+use crate::config::RunConfig;
+use crate::layout::RunDir;
+use crate::metrics::StepMetrics;
 
 /// What one look at a run found.
 #[derive(Debug, Clone, PartialEq)]
@@ -100,9 +102,9 @@ pub fn read_live_metrics(path: &Path) -> Result<Vec<StepMetrics>> {
 /// # Errors
 /// A folder without `run.json`; unreadable files; plotting errors.
 pub fn look(run: &Path) -> Result<RunStatus> {
-    let cfg = RunConfig::from_run_file(&run.join("run.json"))
+    let cfg = RunConfig::from_run_file(&RunDir::new(run).run())
         .with_context(|| format!("{} is not a run folder of vq-train", run.display()))?;
-    let history = read_live_metrics(&run.join("metrics.jsonl"))?;
+    let history = read_live_metrics(&RunDir::new(run).metrics())?;
     if !history.is_empty() {
         write_curves(run, &cfg, &history)?;
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
 use vq_models::Preset;
-use vq_train::train::RunConfig;
+use vq_train::config::RunConfig;
 
 mod common;
 use common::{image_folder, skipped_lines, small_rgb, small_vqgan};

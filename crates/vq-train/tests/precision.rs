@@ -7,7 +7,8 @@ use std::sync::Mutex;
 
 use tch::Tensor;
 use vq_tch::Precision;
-use vq_train::train::{RunConfig, TrainOptions, train};
+use vq_train::config::{RunConfig, TrainOptions};
+use vq_train::train::train;
 
 mod common;
 use common::{options, small_demo, weights};

@@ -7,8 +7,9 @@ use std::sync::Mutex;
 use tch::Device;
 use vq_models::Preset;
 use vq_tch::Estimator;
+use vq_train::config::{RunConfig, TrainOptions};
 use vq_train::readback::Readback;
-use vq_train::train::{RunConfig, TrainOptions, train};
+use vq_train::train::train;
 
 mod common;
 use common::{image_folder, options, skipped_lines, small_demo, small_rgb, weights};

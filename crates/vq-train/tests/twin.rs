@@ -8,7 +8,7 @@ use std::process::Command;
 
 use tch::{Device, nn};
 use vq_models::{Discriminator, Preset, VqAutoencoder};
-use vq_train::train::RunConfig;
+use vq_train::config::RunConfig;
 
 mod common;
 

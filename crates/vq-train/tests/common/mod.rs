@@ -5,7 +5,7 @@ use std::path::Path;
 
 use tch::{Device, Tensor};
 use vq_models::Preset;
-use vq_train::train::{RunConfig, TrainOptions};
+use vq_train::config::{RunConfig, TrainOptions};
 
 /// The demo model on the embedded Fashion-MNIST images: batch 16 in micro-batches of 8.
 pub fn small_demo(steps: usize) -> RunConfig {

@@ -1,0 +1,117 @@
+//! Whether a checkpoint may be resumed under a run's current configuration: the rule and the
+//! differences it names. A leaf.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+/// Whether a run checkpointed in `ckpt` under the resume key `was` (at step `done`; `upgrade`
+/// brings a record of an older version up to date) may continue under `now`: the same key, or
+/// keys that differ only in `training.steps`, to a total of at least `done` (the learning-rate schedule has its own warm-up and decay lengths and the data order
+/// depends on the seed, so the total only says where the run stops); the returned note says
+/// so. Any other difference is an error naming the settings.
+///
+/// # Errors
+/// The settings that differ (at most eight), or a total below the steps done.
+pub fn may_resume(
+    ckpt: &Path,
+    was: &serde_json::Value,
+    now: &serde_json::Value,
+    done: usize,
+    upgrade: fn(&mut serde_json::Value),
+) -> Result<Option<String>> {
+    let mut was = was.clone();
+    upgrade(&mut was);
+    let was = &was;
+    if was == now {
+        return Ok(None);
+    }
+    let steps = |v: &serde_json::Value| v.pointer("/training/steps").and_then(|s| s.as_u64());
+    let without_steps = |v: &serde_json::Value| {
+        let mut v = v.clone();
+        if let Some(t) = v.pointer_mut("/training").and_then(|t| t.as_object_mut()) {
+            t.remove("steps");
+        }
+        v
+    };
+    if let (Some(a), Some(b)) = (steps(was), steps(now))
+        && without_steps(was) == without_steps(now)
+    {
+        anyhow::ensure!(
+            b >= done as u64,
+            "{}: training.steps {b} is fewer than the {done} steps this checkpoint has done",
+            ckpt.display()
+        );
+        // The schedule is set by warm-up and decay steps, the data order by the seed: the
+        // total only says where the run stops.
+        return Ok(Some(format!(
+            "training.steps is {b} now, {a} when the run started: continuing from step {done} \
+             to {b} (the same run as one started with {b} steps)"
+        )));
+    }
+    let mut diffs = Vec::new();
+    json_differences("", was, now, &mut diffs);
+    anyhow::bail!(
+        "{} was trained with another configuration ({}); resume with the same settings (only \
+         training.steps may change) or use another --out",
+        ckpt.display(),
+        diffs.join(", ")
+    )
+}
+
+/// The settings in which two run configurations differ, as `path: checkpoint → now` (at most
+/// eight).
+fn json_differences(
+    path: &str,
+    was: &serde_json::Value,
+    now: &serde_json::Value,
+    out: &mut Vec<String>,
+) {
+    use serde_json::Value;
+    if out.len() >= 8 || was == now {
+        return;
+    }
+    match (was, now) {
+        (Value::Object(a), Value::Object(b)) => {
+            let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                let sub = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                let null = Value::Null;
+                json_differences(
+                    &sub,
+                    a.get(k).unwrap_or(&null),
+                    b.get(k).unwrap_or(&null),
+                    out,
+                );
+            }
+        }
+        _ => out.push(format!("{path}: {was} in the checkpoint, {now} now")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn configuration_differences_are_named() {
+        let was = serde_json::json!({"seed": 1, "training": {"steps": 6, "lr": 0.1}, "gan": null});
+        let now =
+            serde_json::json!({"seed": 1, "training": {"steps": 8, "lr": 0.1}, "gan": {"ndf": 4}});
+        let mut d = Vec::new();
+        json_differences("", &was, &now, &mut d);
+        assert_eq!(
+            d,
+            [
+                "gan: null in the checkpoint, {\"ndf\":4} now",
+                "training.steps: 6 in the checkpoint, 8 now"
+            ]
+        );
+    }
+}
