@@ -2,6 +2,8 @@
 
 mod bench_train;
 mod download;
+#[cfg(test)]
+mod layering;
 mod setup;
 mod weights;
 
