@@ -1,7 +1,8 @@
 //! No import circle between the files of a crate: every `crate::…` and `super::…` path in a
 //! source file (comments left out) is an edge from its module to the module file it names, and
-//! the graph of each crate must have no cycle. `mod` declarations are not edges (a parent
-//! declares its children; the children may use the parent, not both ways). Checked by
+//! the graph of each crate must have no cycle. `mod` declarations and `pub use` re-exports are
+//! not edges (a parent declares its children and may re-export their items as its public face;
+//! otherwise the children may use the parent or the parent the children, not both ways). Checked by
 //! `cargo xtask ci` through this module's test on the workspace itself.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -25,8 +26,11 @@ pub fn graph(src: &Path) -> Result<Graph> {
     let mut g = Graph::new();
     for (module, text) in &files {
         let refs = g.entry(module.clone()).or_default();
-        let text = strip_comments(text);
-        for path in paths(&text).into_iter().chain(child_paths(module, &text, &modules)) {
+        let text = strip_reexports(&strip_comments(text));
+        for path in paths(&text)
+            .into_iter()
+            .chain(child_paths(module, &text, &modules))
+        {
             if let Some(to) = resolve(module, &path, &modules)
                 && to != *module
             {
@@ -70,6 +74,22 @@ fn strip_comments(text: &str) -> String {
         .map(|l| l.find("//").map_or(l, |i| &l[..i]))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// The text without `pub use …;` / `pub(crate) use …;` statements (re-exports).
+fn strip_reexports(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = ["pub use ", "pub(crate) use ", "pub(super) use "]
+        .iter()
+        .filter_map(|p| rest.find(p))
+        .min()
+    {
+        out.push_str(&rest[..i]);
+        rest = rest[i..].find(';').map_or("", |j| &rest[i + j + 1..]);
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Every `crate::a::b…` and `super::…` path (with `use` groups `{x, y}` only their common head).
@@ -248,8 +268,14 @@ mod tests {
     #[test]
     fn a_planted_circle_is_found_and_links_in_comments_are_not_edges() {
         let dir = crate_with(&[
-            ("lib.rs", "pub mod a;\npub mod b;\npub mod run;\n"),
-            ("a.rs", "use crate::b::Thing;\n/// See [`crate::run::Loop`].\n"),
+            (
+                "lib.rs",
+                "pub mod a;\npub mod b;\npub mod run;\npub use a::{\n    X,\n    b::Y,\n};\n",
+            ),
+            (
+                "a.rs",
+                "use crate::b::Thing;\n/// See [`crate::run::Loop`].\n",
+            ),
             ("b.rs", "pub struct Thing;\nfn f() { crate::a::g(); }\n"),
             ("run/mod.rs", "mod task;\npub use task::Task;\n"),
             ("run/task.rs", "use super::super::b::Thing;\n"),
@@ -257,6 +283,7 @@ mod tests {
         let g = graph(&dir).unwrap();
         assert!(g["a"].contains("b") && !g["a"].contains("run"), "{g:?}");
         assert!(g["run::task"].contains("b"), "{g:?}");
+        assert!(g["crate"].is_empty(), "re-exports are not edges: {g:?}");
         assert_eq!(circles(&g), [vec!["a".to_owned(), "b".to_owned()]]);
         let _ = fs::remove_dir_all(dir);
     }
@@ -265,11 +292,17 @@ mod tests {
     fn a_child_using_its_parent_while_the_parent_uses_it_is_a_circle() {
         let dir = crate_with(&[
             ("lib.rs", "pub mod run;\n"),
-            ("run/mod.rs", "mod logger;\nuse logger::Logger;\npub struct Opts;\n"),
+            (
+                "run/mod.rs",
+                "mod logger;\nuse logger::Logger;\npub struct Opts;\n",
+            ),
             ("run/logger.rs", "use super::Opts;\n"),
         ]);
         let g = graph(&dir).unwrap();
-        assert_eq!(circles(&g), [vec!["run".to_owned(), "run::logger".to_owned()]]);
+        assert_eq!(
+            circles(&g),
+            [vec!["run".to_owned(), "run::logger".to_owned()]]
+        );
         let _ = fs::remove_dir_all(dir);
     }
 
@@ -287,7 +320,11 @@ mod tests {
         assert!(srcs.len() > 5, "{srcs:?}");
         for src in srcs {
             let found = circles(&graph(&src).unwrap());
-            assert!(found.is_empty(), "{}: import circles {found:?}", src.display());
+            assert!(
+                found.is_empty(),
+                "{}: import circles {found:?}",
+                src.display()
+            );
         }
     }
 }

@@ -20,6 +20,8 @@
 #include <exception>
 #include <string>
 
+#include "vq_estimator.h"
+
 namespace vq_fused {
 std::string unavailable(int device);
 std::string compiles_for(int major, int minor);
@@ -53,7 +55,7 @@ constexpr int64_t kFused = 0;
 
 at::Tensor estimator_backward(const at::Tensor& e_in, const at::Tensor& q_in, const at::Tensor& g_in, int64_t est,
                               CpuBackward cpu, Eps eps, int64_t path) {
-  if (est == 0) return g_in;  // straight-through: the gradient passes unchanged
+  if (est == VQ_EST_STRAIGHT_THROUGH) return g_in;  // the gradient passes unchanged
   if (path == kFused && g_in.is_cuda()) {
     at::Tensor out;
     if (vq_fused::backward(e_in, q_in, g_in, est, eps.norm, eps.direction, out).empty()) return out;
@@ -76,13 +78,13 @@ at::Tensor estimator_backward(const at::Tensor& e_in, const at::Tensor& q_in, co
   const auto g = g_in.to(at::kDouble);
   const auto ne = e.norm(2, {1}, true);
   const auto nq = q.norm(2, {1}, true);
-  const auto scale = est == 2 ? at::ones_like(ne) : nq / ne.clamp_min(eps.norm);
+  const auto scale = est == VQ_EST_ROTATION_NO_RESCALE ? at::ones_like(ne) : nq / ne.clamp_min(eps.norm);
   const auto degenerate = (ne < eps.norm).logical_or(nq < eps.norm);
   const auto eh = e / ne.clamp_min(eps.norm);
   const auto qh = q / nq.clamp_min(eps.norm);
   at::Tensor out;
   at::Tensor identity = degenerate;
-  if (est == 3) {
+  if (est == VQ_EST_REFLECTION) {
     const auto r = eh - qh;
     const auto nr2 = rowdot(r, r);
     identity = identity.logical_or(nr2 < eps.direction);

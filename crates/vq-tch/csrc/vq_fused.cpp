@@ -36,6 +36,8 @@
 #include <utility>
 #include <vector>
 
+#include "vq_estimator.h"
+
 namespace vq_fused {
 namespace {
 
@@ -80,14 +82,14 @@ extern "C" __global__ void vq_estimator_backward(const T* __restrict__ e, const 
     ee = warp_sum(ee);
     qq = warp_sum(qq);
     const double ne = sqrt(ee), nq = sqrt(qq);
-    const double scale = est == 2 ? 1.0 : nq / fmax(ne, norm_eps);
+    const double scale = est == VQ_EST_ROTATION_NO_RESCALE ? 1.0 : nq / fmax(ne, norm_eps);
     // kind: 0 identity, 1 rotation / reflection in span(e, q), 2 antipodal rotation (D >= 2),
     // 3 antipodal rotation (D = 1: H_q^ alone).
     int kind = 0;
     double ie = 0.0, iq = 0.0, ss = 0.0, sg = 0.0, qg = 0.0, eg = 0.0, eq = 0.0;
     long long axis = 0;
     if (ne >= norm_eps && nq >= norm_eps) {
-      const double sign = est == 3 ? -1.0 : 1.0;
+      const double sign = est == VQ_EST_REFLECTION ? -1.0 : 1.0;
       ie = 1.0 / ne;
       iq = sign / nq;
       // The first index of the smallest |e_i| (index 0 when none is below +inf, as vq-core).
@@ -122,7 +124,7 @@ extern "C" __global__ void vq_estimator_backward(const T* __restrict__ e, const 
       }
       axis = aidx;
       if (ss >= dir_eps) kind = 1;
-      else if (est == 3) kind = 0;
+      else if (est == VQ_EST_REFLECTION) kind = 0;
       else kind = d >= 2 ? 2 : 3;
     }
     if (kind == 0) {
@@ -130,7 +132,7 @@ extern "C" __global__ void vq_estimator_backward(const T* __restrict__ e, const 
     } else if (kind == 1) {
       // Reflection: g − 2(r·g)/‖r‖² r. Rotation: g + 2(q̂·g)ê − 2(s·g)/‖s‖² s.
       const double k = 2.0 * sg / ss;
-      const double kq = est == 3 ? 0.0 : 2.0 * qg;
+      const double kq = est == VQ_EST_REFLECTION ? 0.0 : 2.0 * qg;
       for (long long i = lane; i < d; i += 32) {
         const double a = (double)er[i] * ie, b = (double)qr[i] * iq;
         orow[i] = (T)(scale * ((double)gr[i] + kq * a - k * (a + b)));
@@ -292,7 +294,8 @@ std::string cu_error(const Driver& d, CUresult r, const char* what) {
 std::string compile(int major, int minor, bool is_double, std::vector<char>& image) {
   const Nvrtc& n = nvrtc();
   if (!n.why.empty()) return n.why;
-  const std::string src = std::string("typedef ") + (is_double ? "double" : "float") + " T;\n" + kSource;
+  const std::string src =
+      std::string(VQ_ESTIMATOR_DEFINES) + "typedef " + (is_double ? "double" : "float") + " T;\n" + kSource;
   nvrtcProgram prog = nullptr;
   if (n.create(&prog, src.c_str(), "vq_estimator_backward.cu", 0, nullptr, nullptr) != 0) {
     return "nvrtcCreateProgram failed";

@@ -67,7 +67,7 @@ pub(crate) fn ema_apply(
         let smoothed = (n_k + eps) / (&total + k as f64 * eps) * &total;
         let mut fresh = &*sums / smoothed.to_kind(Kind::Float).unsqueeze(1);
         if config.metric() == Metric::Cosine {
-            fresh = crate::l2_normalise_rows(&fresh);
+            fresh = crate::rows::l2_normalise_rows(&fresh);
         }
         codes.copy_(&fresh);
         let t = config.dead_code_threshold();
@@ -110,7 +110,7 @@ mod tests {
     fn tensor_ema_step_agrees_with_vq_core() {
         for metric in [Metric::Euclidean, Metric::Cosine] {
             let cfg = EmaConfig::new(0.8, 1e-5, 0.6, metric).unwrap();
-            let init = crate::seeded_randn(&[12, 3], 4);
+            let init = crate::rows::seeded_randn(&[12, 3], 4);
             let mut reference = EmaCodebook::new(array(&init), cfg).unwrap();
             let mut codes =
                 Tensor::from_slice(reference.codebook().as_slice().unwrap()).view([12, 3]);
@@ -118,7 +118,7 @@ mod tests {
             let mut sizes = Tensor::ones([12], (Kind::Float, Device::Cpu));
             let mut replaced = 0;
             for step in 0..5u64 {
-                let mut x = crate::seeded_randn(&[40, 3], 100 + step) * 0.3;
+                let mut x = crate::rows::seeded_randn(&[40, 3], 100 + step) * 0.3;
                 if metric == Metric::Cosine {
                     x = &x / x.norm_scalaropt_dim(2, [1i64].as_slice(), true);
                 }

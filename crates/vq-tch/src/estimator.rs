@@ -121,7 +121,7 @@ unsafe extern "C" fn cpu_backward(
     let (Ok(n), Ok(d)) = (usize::try_from(n), usize::try_from(d)) else {
         return 1;
     };
-    let Some(estimator) = Estimator::ALL.into_iter().find(|&x| code(x) == est) else {
+    let Some(&(estimator, _)) = CODES.iter().find(|&&(_, c)| c == est) else {
         return 1;
     };
     if n == 0 || d == 0 {
@@ -161,14 +161,7 @@ unsafe extern "C" fn cpu_backward(
     }
 }
 
-fn code(estimator: Estimator) -> i64 {
-    match estimator {
-        Estimator::StraightThrough => 0,
-        Estimator::Rotation => 1,
-        Estimator::RotationNoRescale => 2,
-        Estimator::Reflection => 3,
-    }
-}
+include!(concat!(env!("OUT_DIR"), "/estimator_codes.rs"));
 
 /// `q̃`: the value `q` with the estimator's gradient to `e` (both (N, D), same device and
 /// floating dtype). `q` is treated as a constant: no gradient reaches it through this node.
@@ -263,5 +256,29 @@ pub fn apply_estimator_with(
             return Err(VqTchError::Torch(msg));
         }
         Ok(Tensor::from_ptr(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `code` is an exhaustive match generated from `csrc/vq_estimator.h`, so `CODES` holds
+    /// every variant once; `Estimator::ALL` (which every test of every path iterates) must hold
+    /// the same ones, and the codes must be distinct.
+    #[test]
+    fn every_estimator_has_one_code_and_all_lists_every_estimator() {
+        assert_eq!(Estimator::ALL.len(), CODES.len(), "{CODES:?}");
+        for (i, (est, c)) in CODES.iter().enumerate() {
+            assert_eq!(code(*est), *c);
+            assert!(
+                Estimator::ALL.contains(est),
+                "{est:?} is missing from Estimator::ALL"
+            );
+            assert!(
+                CODES[..i].iter().all(|(e, k)| e != est && k != c),
+                "{est:?} / code {c} listed twice"
+            );
+        }
     }
 }

@@ -18,8 +18,9 @@ use vq_core::{
 use vq_dist::ProcessGroup;
 
 use crate::error::{Result, VqTchError};
+use crate::estimator::apply_estimator;
+use crate::precision::{Autocast, Precision};
 use crate::search::{FiniteCheck, FiniteVerdict, nearest_codes_checked};
-use crate::{Autocast, Precision, apply_estimator};
 
 /// How the codebook is learned.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -953,7 +954,7 @@ impl VectorQuantizer {
         };
         let mut init = Tensor::from_slice(&values).view([k, d]);
         if config.metric == Metric::Cosine && config.family != Family::SimVq {
-            init = crate::l2_normalise_rows(&init);
+            init = crate::rows::l2_normalise_rows(&init);
         }
         let init = init.to_device(device);
         let scalar = |v: i64| Tensor::from(v).to_device(device);
@@ -1184,7 +1185,7 @@ impl VectorQuantizer {
             e = e.apply(norm);
         }
         if self.config.metric == Metric::Cosine {
-            e = crate::l2_normalise_rows(&e);
+            e = crate::rows::l2_normalise_rows(&e);
         }
         // Rows per sample: a data-parallel union batch interleaves whole samples.
         let per_sample = lead[1..].iter().product::<i64>().max(1);
@@ -1237,7 +1238,9 @@ impl VectorQuantizer {
             None => self.codebook.shallow_clone(),
         };
         match (self.config.metric, self.config.learning) {
-            (Metric::Cosine, CodebookLearning::Gradient { .. }) => crate::l2_normalise_rows(&codes),
+            (Metric::Cosine, CodebookLearning::Gradient { .. }) => {
+                crate::rows::l2_normalise_rows(&codes)
+            }
             _ => codes,
         }
     }

@@ -209,7 +209,7 @@ fn search_device(x: &Tensor, codebook: &Tensor, metric: Metric, chunk_scores: i6
             (&x - &mu, c, Some(bias))
         }
         Metric::Cosine => {
-            let unit = crate::l2_normalise_rows;
+            let unit = crate::rows::l2_normalise_rows;
             (unit(&x), unit(&c), None)
         }
     };
@@ -239,8 +239,8 @@ mod tests {
     /// this path does not re-rank near ties).
     #[test]
     fn chunked_device_path_agrees_with_vq_core() {
-        let x = crate::seeded_randn(&[1000, 6], 3);
-        let c = crate::seeded_randn(&[70, 6], 4);
+        let x = crate::rows::seeded_randn(&[1000, 6], 3);
+        let c = crate::rows::seeded_randn(&[70, 6], 4);
         for (metric, offset) in [(Metric::Euclidean, 50.0), (Metric::Cosine, 0.0)] {
             let (x, c) = (&x + offset, &c + offset);
             let expect = search_cpu(&x, &c, metric).unwrap();
@@ -258,8 +258,8 @@ mod tests {
     #[test]
     fn the_verdict_holds_flags_and_first_rows() {
         let read = |t: Tensor| Vec::<i64>::try_from(t).unwrap();
-        let x = crate::seeded_randn(&[20, 3], 7);
-        let c = crate::seeded_randn(&[5, 3], 8);
+        let x = crate::rows::seeded_randn(&[20, 3], 7);
+        let c = crate::rows::seeded_randn(&[5, 3], 8);
         assert_eq!(read(finite_verdict(&x, &c)), [0, 0, 0, 0]);
         let _ = x.get(12).get(1).fill_(f64::NAN);
         let _ = x.get(17).get(0).fill_(f64::INFINITY);
@@ -274,15 +274,15 @@ mod tests {
     /// names them on the CPU.
     #[test]
     fn the_device_path_names_the_first_non_finite_row() {
-        let x = crate::seeded_randn(&[50, 4], 5);
-        let c = crate::seeded_randn(&[8, 4], 6);
+        let x = crate::rows::seeded_randn(&[50, 4], 5);
+        let c = crate::rows::seeded_randn(&[8, 4], 6);
         let _ = x.get(31).get(2).fill_(f64::NAN);
         let _ = x.get(40).get(0).fill_(f64::INFINITY);
         let err = check_finite_device(&x, &c).unwrap_err();
         let cpu = search_cpu(&x, &c, Metric::Euclidean).unwrap_err();
         assert_eq!(err.to_string(), cpu.to_string());
         assert!(err.to_string().contains("inputs at row 31"), "{err}");
-        let x = crate::seeded_randn(&[50, 4], 5);
+        let x = crate::rows::seeded_randn(&[50, 4], 5);
         let _ = c.get(6).get(1).fill_(f64::NEG_INFINITY);
         let err = check_finite_device(&x, &c).unwrap_err().to_string();
         assert!(err.contains("codebook at row 6"), "{err}");

@@ -296,44 +296,8 @@ impl ImageSet {
         };
         let frames_n = frames.unwrap_or(1);
         let images = match source {
-            DataSource::Bair(path) => {
-                if resolution != vq_data::bair::SIZE {
-                    bail!("BAIR frames are 64×64; the model takes {resolution}×{resolution}");
-                }
-                let (s, window) = match split {
-                    Split::Train => (BairSplit::Train, ClipWindow::Random),
-                    Split::Test => (BairSplit::Test, ClipWindow::Fixed(0)),
-                };
-                let ds = BairDataset::open(path, s, frames_n, window)?;
-                return Ok(Self::Files(PixelSource::new(
-                    ds,
-                    |c: ndarray::Array4<u8>| c.into_dyn(),
-                )));
-            }
-            DataSource::Ucf101(dir) => {
-                let root = ["UCF-101", "UCF101"]
-                    .map(|n| dir.join(n))
-                    .into_iter()
-                    .find(|p| p.is_dir())
-                    .with_context(|| {
-                        format!("no UCF-101/ or UCF101/ folder in {}", dir.display())
-                    })?;
-                let spec = ClipSpec {
-                    frames: frames_n,
-                    size: resolution,
-                    ..ClipSpec::PAPER
-                };
-                let s = match split {
-                    Split::Train => UcfSplit::Train,
-                    Split::Test => UcfSplit::Test,
-                };
-                let lists = dir.join("ucfTrainTestlist");
-                let ds = Ucf101::open(&root, &lists, 1, s, spec, None, Ffmpeg::locate()?)?;
-                return Ok(Self::Files(PixelSource::new(
-                    ds,
-                    |(c, _): (ndarray::Array4<u8>, u32)| c.into_dyn(),
-                )));
-            }
+            DataSource::Bair(path) => return bair(path, split, frames_n, resolution),
+            DataSource::Ucf101(dir) => return ucf101(dir, split, frames_n, resolution),
             DataSource::ImageFolder(dir) => {
                 let sub = dir.join(match split {
                     Split::Train => "train",
@@ -813,6 +777,47 @@ impl Sampler {
             })
             .collect()
     }
+}
+
+/// BAIR's clips of `frames` 64×64 frames (a random window in training, the first in testing).
+fn bair(path: &Path, split: Split, frames: usize, resolution: usize) -> Result<ImageSet> {
+    if resolution != vq_data::bair::SIZE {
+        bail!("BAIR frames are 64×64; the model takes {resolution}×{resolution}");
+    }
+    let (s, window) = match split {
+        Split::Train => (BairSplit::Train, ClipWindow::Random),
+        Split::Test => (BairSplit::Test, ClipWindow::Fixed(0)),
+    };
+    let ds = BairDataset::open(path, s, frames, window)?;
+    Ok(ImageSet::Files(PixelSource::new(
+        ds,
+        |c: ndarray::Array4<u8>| c.into_dyn(),
+    )))
+}
+
+/// UCF-101's clips of `frames` frames at `resolution` (the paper's clip specification), from
+/// `dir` holding `UCF-101/` (or `UCF101/`) and `ucfTrainTestlist/`.
+fn ucf101(dir: &Path, split: Split, frames: usize, resolution: usize) -> Result<ImageSet> {
+    let root = ["UCF-101", "UCF101"]
+        .map(|n| dir.join(n))
+        .into_iter()
+        .find(|p| p.is_dir())
+        .with_context(|| format!("no UCF-101/ or UCF101/ folder in {}", dir.display()))?;
+    let spec = ClipSpec {
+        frames,
+        size: resolution,
+        ..ClipSpec::PAPER
+    };
+    let s = match split {
+        Split::Train => UcfSplit::Train,
+        Split::Test => UcfSplit::Test,
+    };
+    let lists = dir.join("ucfTrainTestlist");
+    let ds = Ucf101::open(&root, &lists, 1, s, spec, None, Ffmpeg::locate()?)?;
+    Ok(ImageSet::Files(PixelSource::new(
+        ds,
+        |(c, _): (ndarray::Array4<u8>, u32)| c.into_dyn(),
+    )))
 }
 
 #[cfg(test)]

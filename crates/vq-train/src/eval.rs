@@ -125,31 +125,63 @@ pub fn evaluate(
         Perceptual::All => nets.inception.as_ref(),
         Perceptual::LpipsOnly => None,
     };
-    let quantizer = model.config().quantizer;
-    let k = crate::metrics::code_slot_count(&quantizer);
-    let groups = quantizer.family.code_groups();
-    let (mut mse, mut l1, mut qe, mut lp) = (0f64, 0f64, 0f64, 0f64);
-    let mut power = 0f64;
-    let (mut feats_x, mut feats_r, mut logits_r) = (Vec::new(), Vec::new(), Vec::new());
-    let mut codes: Vec<u32> = Vec::new();
-    let mut per_image = 0;
     let total = set.len();
     let n = limit.map_or(total, |l| l.min(total));
     let chosen: Vec<i64> = (0..n).map(|i| (i * total / n.max(1)) as i64).collect();
     let _guard = tch::no_grad_guard();
-    let (mut skipped, mut decoded) = (Vec::new(), 0usize);
+    let mut sums = Sums::default();
     for idx in chosen.chunks(batch.max(1)) {
         let (x, bad) = set.decodable_batch(idx, device)?;
-        skipped.extend(bad);
-        let Some(x) = x else { continue };
+        sums.skipped.extend(bad);
+        if let Some(x) = x {
+            sums.add(model, &x, nets.lpips.as_ref(), inception)?;
+        }
+    }
+    if sums.decoded == 0 && n > 0 {
+        bail!(
+            "none of the {n} samples evaluated decodes (first: {})",
+            sums.skipped.first().map_or("?", |b| b.error.as_str())
+        );
+    }
+    sums.finish(model, set, nets.lpips.is_some(), inception.is_some())
+}
+
+/// What [`evaluate`] sums over its batches.
+#[derive(Debug, Default)]
+struct Sums {
+    mse: f64,
+    l1: f64,
+    qe: f64,
+    lpips: f64,
+    power: f64,
+    feats_x: Vec<Tensor>,
+    feats_r: Vec<Tensor>,
+    logits_r: Vec<Tensor>,
+    codes: Vec<u32>,
+    /// Code slots per image.
+    per_image: usize,
+    skipped: Vec<BadSample>,
+    decoded: usize,
+}
+
+impl Sums {
+    /// One batch `x` through the model (and the perceptual networks given).
+    fn add(
+        &mut self,
+        model: &mut VqAutoencoder,
+        x: &Tensor,
+        lpips: Option<&Lpips>,
+        inception: Option<&FidInception>,
+    ) -> Result<()> {
+        let quantizer = model.config().quantizer;
         let b = x.size()[0];
-        decoded += b as usize;
-        let out = model.forward(&x, Mode::Eval)?;
+        self.decoded += b as usize;
+        let out = model.forward(x, Mode::Eval)?;
         let w = b as f64;
         let stats = Tensor::stack(
             &[
-                out.reconstruction.mse_loss(&x, Reduction::Mean),
-                out.reconstruction.l1_loss(&x, Reduction::Mean),
+                out.reconstruction.mse_loss(x, Reduction::Mean),
+                out.reconstruction.l1_loss(x, Reduction::Mean),
                 out.vq.quantization_error.shallow_clone(),
                 out.vq.latent_power.shallow_clone(),
             ],
@@ -157,62 +189,71 @@ pub fn evaluate(
         )
         .to_kind(Kind::Double)
         .to_device(Device::Cpu);
-        let s = Vec::<f64>::try_from(stats)?;
-        if let Some(net) = &nets.lpips {
-            let (fx, fr) = (frames_as_images(&x), frames_as_images(&out.reconstruction));
+        let [mse, l1, qe, power] = <[f64; 4]>::try_from(Vec::<f64>::try_from(stats)?)
+            .map_err(|v| anyhow::anyhow!("expected 4 batch statistics, got {}", v.len()))?;
+        if let Some(net) = lpips {
+            let (fx, fr) = (frames_as_images(x), frames_as_images(&out.reconstruction));
             // Per sample: the mean over its frames (one frame for images).
             let per_frame = fx.size()[0] as f64 / x.size()[0] as f64;
-            lp += f64::try_from(net.forward(&fx, &fr).sum(Kind::Double))? / per_frame;
+            self.lpips += f64::try_from(net.forward(&fx, &fr).sum(Kind::Double))? / per_frame;
         }
         if let Some(net) = inception {
-            let (fx, _) = net.forward(&frames_as_images(&x));
+            let (fx, _) = net.forward(&frames_as_images(x));
             let (fr, logits) = net.forward(&frames_as_images(&out.reconstruction));
-            feats_x.push(fx.to_device(Device::Cpu));
-            feats_r.push(fr.to_device(Device::Cpu));
-            logits_r.push(logits.to_device(Device::Cpu));
+            self.feats_x.push(fx.to_device(Device::Cpu));
+            self.feats_r.push(fr.to_device(Device::Cpu));
+            self.logits_r.push(logits.to_device(Device::Cpu));
         }
-        mse += s[0] * w;
-        l1 += s[1] * w;
-        qe += s[2] * w;
-        power += s[3] * w;
+        self.mse += mse * w;
+        self.l1 += l1 * w;
+        self.qe += qe * w;
+        self.power += power * w;
         let flat = crate::metrics::code_slots(&out.vq.indices, &quantizer).reshape([b, -1]);
-        per_image = flat.size()[1] as usize;
-        codes.extend(
+        self.per_image = flat.size()[1] as usize;
+        self.codes.extend(
             Vec::<i64>::try_from(flat.reshape([-1]).to_device(Device::Cpu))?
                 .into_iter()
                 .map(|i| i as u32),
         );
+        Ok(())
     }
-    if decoded == 0 && n > 0 {
-        bail!(
-            "none of the {n} samples evaluated decodes (first: {})",
-            skipped.first().map_or("?", |b| b.error.as_str())
-        );
+
+    /// The metrics of the images summed.
+    fn finish(
+        self,
+        model: &VqAutoencoder,
+        set: &ImageSet,
+        lpips: bool,
+        inception: bool,
+    ) -> Result<EvalMetrics> {
+        let quantizer = model.config().quantizer;
+        let k = crate::metrics::code_slot_count(&quantizer);
+        let groups = quantizer.family.code_groups();
+        let counts = vq_core::code_counts(&self.codes, k)?;
+        let nf = self.decoded.max(1) as f64;
+        let cat = |t: &[Tensor]| Tensor::cat(t, 0);
+        Ok(EvalMetrics {
+            images: self.decoded,
+            rec_mse: self.mse / nf,
+            rec_l1: self.l1 / nf,
+            usage: vq_core::codebook_usage(&self.codes, k, 256 * self.per_image.max(1))?,
+            usage_total: counts.iter().filter(|&&c| c > 0).count() as f64 / k as f64,
+            perplexity: vq_core::family::mean_group_perplexity(&counts, groups),
+            groups: match quantizer.family.group_axis() {
+                Some(g) => vq_core::family::group_usage(&counts, g)
+                    .into_iter()
+                    .zip(vq_core::family::group_perplexities(&counts, g))
+                    .map(|(usage, perplexity)| GroupMetrics { usage, perplexity })
+                    .collect(),
+                None => Vec::new(),
+            },
+            quantization_error: self.qe / nf,
+            relative_quantization_error: self.qe / self.power.max(f64::MIN_POSITIVE),
+            lpips: lpips.then(|| self.lpips / nf),
+            rfid: inception.then(|| frechet_distance(&cat(&self.feats_x), &cat(&self.feats_r))),
+            ris: inception.then(|| inception_score(&cat(&self.logits_r), 10).0),
+            skipped: self.skipped,
+            left_out: set.left_out().iter().map(|l| l.why.clone()).collect(),
+        })
     }
-    let counts = vq_core::code_counts(&codes, k)?;
-    let nf = decoded.max(1) as f64;
-    Ok(EvalMetrics {
-        images: decoded,
-        rec_mse: mse / nf,
-        rec_l1: l1 / nf,
-        usage: vq_core::codebook_usage(&codes, k, 256 * per_image.max(1))?,
-        usage_total: counts.iter().filter(|&&c| c > 0).count() as f64 / k as f64,
-        perplexity: vq_core::family::mean_group_perplexity(&counts, groups),
-        groups: match quantizer.family.group_axis() {
-            Some(g) => vq_core::family::group_usage(&counts, g)
-                .into_iter()
-                .zip(vq_core::family::group_perplexities(&counts, g))
-                .map(|(usage, perplexity)| GroupMetrics { usage, perplexity })
-                .collect(),
-            None => Vec::new(),
-        },
-        quantization_error: qe / nf,
-        relative_quantization_error: qe / power.max(f64::MIN_POSITIVE),
-        lpips: nets.lpips.as_ref().map(|_| lp / nf),
-        rfid: inception
-            .map(|_| frechet_distance(&Tensor::cat(&feats_x, 0), &Tensor::cat(&feats_r, 0))),
-        ris: inception.map(|_| inception_score(&Tensor::cat(&logits_r, 0), 10).0),
-        skipped,
-        left_out: set.left_out().iter().map(|l| l.why.clone()).collect(),
-    })
 }

@@ -170,6 +170,33 @@ pub fn load(
         }
         plan.push((name, to_f32(t, key, file)?, is_disc));
     }
+    check_fit(
+        file,
+        &plan,
+        &extra,
+        &misshaped,
+        &model_vars,
+        disc_vars.as_ref(),
+    )?;
+    let mut loaded = Loaded {
+        ignored,
+        ..Loaded::default()
+    };
+    copy_in(&plan, &model_vars, disc_vars.as_ref(), &mut loaded)?;
+    Ok(loaded)
+}
+
+/// A planned load (`(variable, value, of the discriminator)`) that does not fit the model: the
+/// file's tensors that name no variable (`extra`), of another shape (`misshaped`), and the
+/// trainable variables it does not give, as one error naming the file.
+fn check_fit(
+    file: &Path,
+    plan: &[(String, Tensor, bool)],
+    extra: &[String],
+    misshaped: &[String],
+    model_vars: &HashMap<String, Tensor>,
+    disc_vars: Option<&HashMap<String, Tensor>>,
+) -> Result<()> {
     let given: BTreeSet<(bool, &str)> = plan.iter().map(|(n, _, d)| (*d, n.as_str())).collect();
     let missing = |vars: &HashMap<String, Tensor>, disc: bool| -> BTreeSet<String> {
         vars.iter()
@@ -180,20 +207,17 @@ pub fn load(
             })
             .collect()
     };
-    let mut missing_all = missing(&model_vars, false);
+    let mut missing_all = missing(model_vars, false);
     // A checkpoint without a discriminator leaves the run's freshly initialised one.
-    if let Some(d) = disc_vars
-        .as_ref()
-        .filter(|_| plan.iter().any(|(_, _, disc)| *disc))
-    {
+    if let Some(d) = disc_vars.filter(|_| plan.iter().any(|(_, _, disc)| *disc)) {
         missing_all.extend(missing(d, true));
     }
     let missing_all: Vec<String> = missing_all.into_iter().collect();
     let mut problems = Vec::new();
     for (what, list) in [
-        ("tensors that name no variable of the model", &extra),
+        ("tensors that name no variable of the model", extra),
         ("variables the file does not give", &missing_all),
-        ("tensors of another shape", &misshaped),
+        ("tensors of another shape", misshaped),
     ] {
         if !list.is_empty() {
             problems.push(format!("{} {what}: {}", list.len(), summarise(list)));
@@ -206,16 +230,24 @@ pub fn load(
             problems.join("; ")
         );
     }
-    let mut loaded = Loaded {
-        ignored,
-        ..Loaded::default()
-    };
+    Ok(())
+}
+
+/// Copies the planned values into the stores' variables (the maps hold shallow copies of them),
+/// counting them in `loaded`; an EMA codebook's running sums start at the codes, and a loaded
+/// codebook is marked initialised (not replaced by k-means).
+fn copy_in(
+    plan: &[(String, Tensor, bool)],
+    model_vars: &HashMap<String, Tensor>,
+    disc_vars: Option<&HashMap<String, Tensor>>,
+    loaded: &mut Loaded,
+) -> Result<()> {
     // The maps hold shallow copies of the stores' variables: copying into them sets the stores.
     tch::no_grad(|| -> Result<()> {
-        for (name, value, is_disc) in &plan {
+        for (name, value, is_disc) in plan {
             let vars = match is_disc {
-                true => disc_vars.as_ref().expect("planned for a discriminator"),
-                false => &model_vars,
+                true => disc_vars.expect("planned for a discriminator"),
+                false => model_vars,
             };
             let mut var = vars[name].shallow_clone();
             var.f_copy_(&value.to_device(var.device()).to_kind(var.kind()))?;
@@ -236,8 +268,7 @@ pub fn load(
             let _ = flag.shallow_clone().fill_(1);
         }
         Ok(())
-    })?;
-    Ok(loaded)
+    })
 }
 
 /// The first few names and how many more.

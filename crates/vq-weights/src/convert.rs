@@ -23,8 +23,8 @@ use std::path::{Path, PathBuf};
 use pytorch_reader::{DType, PytorchReader};
 use safetensors::tensor::{Dtype, TensorView};
 
-use crate::Network;
 use crate::error::{Result, WeightsError};
+use crate::network::Network;
 
 /// What a conversion wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -174,7 +174,7 @@ impl VectorQuantizer {
         let rounded = v.detach().round();
         let bounded = &v / &w;
         let q = &rounded / &w;
-        let out = crate::apply_estimator(&bounded, &q, self.config.estimator)?;
+        let out = crate::estimator::apply_estimator(&bounded, &q, self.config.estimator)?;
         let mut basis = Vec::with_capacity(consts.len());
         let mut b = 1i64;
         for &l in levels.as_slice() {

@@ -32,8 +32,13 @@ impl Checkpointer {
     ) -> Result<usize> {
         match checkpoint::latest(&self.out)? {
             Some((ckpt, state)) if resume => {
-                let note =
-                    super::resume::may_resume(&ckpt, &state.run, &self.key, state.step, self.upgrade)?;
+                let note = super::resume::may_resume(
+                    &ckpt,
+                    &state.run,
+                    &self.key,
+                    state.step,
+                    self.upgrade,
+                )?;
                 if let Some(note) = note
                     && self.main
                 {

@@ -219,4 +219,3 @@ impl StepContext<'_> {
         })
     }
 }
-
