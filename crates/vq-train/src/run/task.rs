@@ -157,7 +157,6 @@ pub struct StepContext<'a> {
 impl StepContext<'_> {
     /// f32 0/1 on the device: a non-finite number was met; every later update is skipped
     /// (`AdamW::step_unless`) until the run stops at the next read.
-    #[must_use]
     pub fn halt(&self) -> &Tensor {
         self.halt
     }
