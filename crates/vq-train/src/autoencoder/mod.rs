@@ -367,16 +367,22 @@ fn join(model: &mut VqAutoencoder, gan: Option<&mut GanPart>, group: Option<Arc<
     model.set_process_group(group);
 }
 
+/// The stop of a non-finite encoder output at (0-based) `step`, found eagerly by the search or
+/// later in a deferred verdict: one message for both.
+fn non_finite_encoder_output(step: usize, e: &dyn std::fmt::Display) -> String {
+    format!(
+        "non-finite encoder output at step {} ({e}); training stopped",
+        step + 1
+    )
+}
+
 /// The stops of a read-back step: a failed deferred check of the encoder output; without loss
 /// scaling (under f16 a non-finite number is an overflow, and the step was skipped) a
 /// non-finite loss, gradient, or discriminator loss or gradient.
 fn check_finite(step: usize, v: &StepValues, scaled: bool) -> Result<(), Stop> {
     for verdict in &v.verdicts {
         if let Err(e) = vq_tch::FiniteVerdict::check(verdict) {
-            return Err(Stop(format!(
-                "non-finite encoder output at step {} ({e}); training stopped",
-                step + 1
-            )));
+            return Err(Stop(non_finite_encoder_output(step, &e)));
         }
     }
     if scaled {

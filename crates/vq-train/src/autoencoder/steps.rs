@@ -202,10 +202,7 @@ impl Autoencoder<'_> {
             Ok(vq) => Ok(vq),
             Err(vq_models::ModelError::Quantizer(vq_tch::VqTchError::Core(
                 e @ vq_core::VqError::NonFinite { .. },
-            ))) => Err(cx.stopped(&format!(
-                "non-finite encoder output at step {} ({e}); training stopped",
-                step + 1
-            ))),
+            ))) => Err(cx.stopped(&super::non_finite_encoder_output(step, &e))),
             Err(e) => Err(e.into()),
         }
     }
