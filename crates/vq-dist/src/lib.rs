@@ -26,6 +26,7 @@
 
 pub mod error;
 pub mod launch;
+mod layer;
 
 use std::ffi::{CStr, CString, c_void};
 use std::os::raw::c_char;

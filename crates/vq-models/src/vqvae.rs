@@ -267,7 +267,8 @@ impl VqAutoencoder {
     /// statistics are summed over the ranks ([`VectorQuantizer::set_process_group`]). The
     /// encoder and decoder need nothing (their gradients are averaged by the trainer).
     pub fn set_process_group(&mut self, group: Option<std::sync::Arc<vq_dist::ProcessGroup>>) {
-        self.quantize.set_process_group(group);
+        self.quantize
+            .set_process_group(group.map(|g| g as std::sync::Arc<dyn vq_tch::Collective>));
     }
 
     /// When the quantizer's device search checks its inputs for NaN / ±∞

@@ -70,7 +70,7 @@ pub enum VqTchError {
     UnknownPrecision(String),
     /// A collective of the data-parallel group failed (a rank was lost).
     #[error(transparent)]
-    Dist(#[from] vq_dist::DistError),
+    Collective(#[from] crate::collective::CollectiveError),
 }
 
 /// `Result` with [`VqTchError`].

@@ -4,6 +4,7 @@
 //! and is tested to give the same numbers: [`apply_estimator`] (the gradient estimators as one
 //! autograd node), [`nearest_codes`], and the [`VectorQuantizer`] layer.
 
+mod collective;
 mod ema;
 mod error;
 mod estimator;
@@ -13,6 +14,7 @@ mod quantizer;
 mod rows;
 mod search;
 
+pub use collective::{Collective, CollectiveError};
 pub use error::{Result, VqTchError};
 pub use estimator::{
     DevicePath, apply_estimator, apply_estimator_with, fused_kernel_compiles_for,

@@ -1,0 +1,719 @@
+//! The layer's configuration: [`VectorQuantizerConfig`] and its parts (codebook learning and
+//! initialisation, the [`Family`], projections), its validation, names and the paper's presets.
+
+use rand::Rng;
+pub use vq_core::family::HeadCodebooks;
+use vq_core::gumbel::{GumbelForward, TemperatureSchedule};
+use vq_core::{BetaPlacement, CodebookTerm, EmaConfig, Estimator, LossWeights, Metric};
+
+use crate::error::{Result, VqTchError};
+
+/// How the codebook is learned.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum CodebookLearning {
+    /// Exponential moving averages (no codebook loss).
+    Ema {
+        /// EMA decay γ ∈ [0, 1).
+        decay: f32,
+        /// Laplace smoothing ε > 0.
+        laplace_eps: f32,
+        /// Cluster size under which a code is replaced by a batch sample (0: never).
+        dead_code_threshold: f32,
+        /// Lloyd iterations of k-means on the first training batch (0: keep the random init).
+        kmeans_iters: usize,
+    },
+    /// By gradient of the codebook loss `mean((sg(e) − q)²)`.
+    Gradient {
+        /// Which term β weighs (taming-transformers' legacy placement: the codebook term).
+        placement: BetaPlacement,
+    },
+}
+
+/// How the codebook's entries are drawn when a layer is built (from
+/// `StdRng::seed_from_u64(seed)`, on the host; l2-normalised afterwards for the cosine metric),
+/// as each reference implementation draws them. A k-means start is an option of EMA codebooks
+/// ([`CodebookLearning::Ema`]'s `kmeans_iters`), run on the first training batch.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum CodebookInit {
+    /// N(0, 1) per entry: enhancing-transformers' `embedding.weight.data.normal_()` (ViT-VQGAN
+    /// and the video tokenizers, Tables 4–5). The default of configurations written before the
+    /// field existed.
+    #[default]
+    Normal,
+    /// U(−b, b) with `b = √(6 / (K·D))`: `torch.nn.init.kaiming_uniform_` (a = 0, fan-in, gain
+    /// √2) on lucidrains' `(1, K, D)` codebook tensor, whose fan-in is K·D — the Table-1
+    /// quantizer (`EuclideanCodebook`, `CosineSimCodebook`).
+    KaimingUniform,
+    /// U(−1/K, 1/K): taming-transformers' and latent-diffusion's
+    /// `embedding.weight.data.uniform_(-1.0 / n_e, 1.0 / n_e)` (Tables 2–3).
+    UniformInverseK,
+    /// U(−b, b) with the given bound.
+    Uniform {
+        /// The bound b > 0.
+        bound: f32,
+    },
+}
+
+impl CodebookInit {
+    /// The `K·D` entries (row-major) drawn from `rng`.
+    ///
+    /// ```
+    /// use rand::SeedableRng;
+    /// use vq_tch::CodebookInit;
+    /// let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+    /// let v = CodebookInit::KaimingUniform.draw(1024, 32, &mut rng);
+    /// let b = (6.0f32 / (1024.0 * 32.0)).sqrt();
+    /// assert!(v.iter().all(|x| x.abs() <= b));
+    /// ```
+    pub fn draw(&self, k: usize, d: usize, rng: &mut impl Rng) -> Vec<f32> {
+        let n = k * d;
+        let uniform = |b: f32, rng: &mut dyn rand::RngCore| -> Vec<f32> {
+            let dist = rand_distr::Uniform::new_inclusive(-b, b);
+            (0..n).map(|_| rng.sample(dist)).collect()
+        };
+        match *self {
+            Self::Normal => {
+                let normal = rand_distr::StandardNormal;
+                (0..n).map(|_| rng.sample(normal)).collect()
+            }
+            Self::KaimingUniform => uniform((6.0 / (k as f64 * d as f64)).sqrt() as f32, rng),
+            Self::UniformInverseK => uniform((1.0 / k as f64) as f32, rng),
+            Self::Uniform { bound } => uniform(bound, rng),
+        }
+    }
+}
+
+/// Configuration of a [`VectorQuantizer`]; checked by [`VectorQuantizerConfig::validate`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct VectorQuantizerConfig {
+    /// Number of codes K.
+    pub codebook_size: usize,
+    /// Code dimension D (= the input's channels).
+    pub codebook_dim: usize,
+    /// Euclidean or cosine (l2-normalised) lookup.
+    pub metric: Metric,
+    /// Gradient estimator.
+    pub estimator: Estimator,
+    /// Commitment weight β.
+    pub beta: f32,
+    /// Codebook learning.
+    pub learning: CodebookLearning,
+    /// Projection between the input's channels and the code dimension.
+    pub projection: Projection,
+    /// Seed of the codebook initialisation and of EMA sampling.
+    pub seed: u64,
+    /// How the codebook starts.
+    #[cfg_attr(feature = "serde", serde(default))]
+    pub init: CodebookInit,
+    /// How an input becomes a code: the nearest code, or Gumbel-softmax sampling.
+    #[cfg_attr(
+        feature = "serde",
+        serde(default, skip_serializing_if = "Family::is_nearest")
+    )]
+    pub family: Family,
+}
+
+/// How the layer turns an input vector into a code: one nearest-code lookup, Gumbel sampling, or
+/// one of the families of [`vq_core::family`] (formulas there).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum Family {
+    /// The nearest code under the metric; the gradient reaches the input through the
+    /// [`Estimator`]. The default of configurations written before the field existed.
+    #[default]
+    Nearest,
+    /// Gumbel-softmax quantization ([`vq_core::gumbel`]): `Linear(D → K)` logits per position
+    /// (`gumbel_proj`, PyTorch's default init, as taming's 1×1 `proj` conv), the relaxed one-hot
+    /// `y = softmax((l + g)/τ)` mixes the codes, `z = yC`; the prior term
+    /// `kl_weight · KL(softmax(l) ‖ uniform)` is the layer's codebook loss and there is no
+    /// commitment term. The estimator and β are not used. Needs the Euclidean metric, a codebook
+    /// learned by gradient and no projection (the input has D channels). Evaluation takes
+    /// `argmax l`.
+    Gumbel {
+        /// Weight of the prior term (karpathy's 5e-4; taming's `GumbelVQ` 1e-8).
+        kl_weight: f32,
+        /// Soft or straight-through hard forward in training.
+        forward: GumbelForward,
+        /// τ by optimizer step; the trainer sets the step with
+        /// [`VectorQuantizer::set_step`].
+        temperature: TemperatureSchedule,
+    },
+    /// Residual VQ ([`vq_core::family::ResidualQuantizer`]): `stages` codebooks of K codes, each
+    /// a nearest-code layer (variables under `stage{g}.`, seed `seed + g`, its own EMA, dead
+    /// codes and k-means) on the residual the stages before it leave; the estimator acts per
+    /// stage and the losses are summed. Indices gain a last axis of `stages`. Euclidean only.
+    Residual {
+        /// Number of stages (codebooks), ≥ 1.
+        stages: usize,
+        /// Quantizer dropout in training.
+        dropout: StageDropout,
+    },
+    /// Multi-head VQ ([`vq_core::family::MultiHeadQuantizer`]): the D code channels split into
+    /// `heads` blocks of D/H, each quantized with a shared codebook (K×D/H, under `head.`) or its
+    /// own (`head{h}.`); losses are the mean over heads. Indices gain a last axis of `heads`.
+    MultiHead {
+        /// Number of heads H (divides D).
+        heads: usize,
+        /// One shared codebook or one per head.
+        codebooks: HeadCodebooks,
+    },
+    /// SimVQ ([`vq_core::family::SimVq`]): the codebook variable is frozen, drawn N(0, 1/D)
+    /// (whatever [`CodebookInit`] says, as lucidrains' `SimVQ` draws it), and the codes are
+    /// `codebook · Wᵀ` with `W` the trainable `sim_transform.weight` (D×D, PyTorch's `nn.Linear`
+    /// default init, no bias). Losses `‖sg(e) − q‖² + β‖e − sg(q)‖²`: a codebook learned by
+    /// gradient with β on the commitment term (lucidrains: β = 0.25).
+    SimVq,
+    /// Finite scalar quantization ([`vq_core::family::Fsq`]): no codebook to learn (the
+    /// `codebook` variable holds the frozen grid of `Π L_i` codes in index order, for
+    /// [`VectorQuantizer::embed`]); K must be `Π L_i` and D the number of levels. No loss
+    /// terms; the estimator maps the bounded vector to its rounded one.
+    Fsq {
+        /// Levels per dimension.
+        levels: FsqLevels,
+    },
+}
+
+/// Quantizer dropout of [`Family::Residual`] (SoundStream; lucidrains' `quantize_dropout`):
+/// every training forward keeps only the first n stages, n drawn uniformly from
+/// `min_stages..=stages` by `StdRng::seed_from_u64(seed ^ STAGE_DROPOUT_SALT + draw)` (the same
+/// on every rank, and again after a resume); the dropped stages give index −1.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum StageDropout {
+    /// Every stage always runs.
+    #[default]
+    Off,
+    /// Dropout down to `min_stages` (≥ 1).
+    On {
+        /// The fewest stages a training forward keeps.
+        min_stages: usize,
+    },
+}
+
+/// Salt of the stage-dropout draws ([`StageDropout`]).
+pub const STAGE_DROPOUT_SALT: u64 = 0x7374_6167_6564_726f;
+
+/// The levels of [`Family::Fsq`]: 1 to 8 dimensions of at least 2 levels each (serialised as a
+/// list).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(into = "Vec<u32>", try_from = "Vec<u32>")
+)]
+pub struct FsqLevels {
+    len: usize,
+    levels: [u32; 8],
+}
+
+impl FsqLevels {
+    /// Most dimensions FSQ takes here (the paper's largest setting has 8).
+    pub const MAX: usize = 8;
+
+    /// Levels per dimension.
+    ///
+    /// ```
+    /// let l = vq_tch::FsqLevels::new(&[8, 5, 5, 5]).unwrap();
+    /// assert_eq!(l.as_slice(), &[8, 5, 5, 5]);
+    /// assert_eq!(l.codebook_size(), 1000);
+    /// assert!(vq_tch::FsqLevels::new(&[8, 1]).is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`VqTchError::Config`] for no levels, more than [`Self::MAX`], a level below 2, or more
+    /// codes than u32 holds.
+    pub fn new(levels: &[u32]) -> Result<Self> {
+        if levels.len() > Self::MAX || vq_core::family::Fsq::new(levels).is_err() {
+            return Err(VqTchError::Config {
+                field: "family",
+                why: "FSQ takes 1 to 8 levels of at least 2 each, whose product fits in u32",
+            });
+        }
+        let mut out = [0; 8];
+        out[..levels.len()].copy_from_slice(levels);
+        Ok(Self {
+            len: levels.len(),
+            levels: out,
+        })
+    }
+
+    /// The levels.
+    pub fn as_slice(&self) -> &[u32] {
+        &self.levels[..self.len]
+    }
+
+    /// The number of codes `Π L_i`.
+    pub fn codebook_size(&self) -> usize {
+        self.as_slice().iter().map(|&l| l as usize).product()
+    }
+
+    /// vq-core's FSQ with these levels.
+    pub fn fsq(&self) -> vq_core::family::Fsq {
+        vq_core::family::Fsq::new(self.as_slice()).expect("checked by FsqLevels::new")
+    }
+}
+
+impl From<FsqLevels> for Vec<u32> {
+    fn from(l: FsqLevels) -> Self {
+        l.as_slice().to_vec()
+    }
+}
+
+impl TryFrom<Vec<u32>> for FsqLevels {
+    type Error = VqTchError;
+    fn try_from(v: Vec<u32>) -> Result<Self> {
+        Self::new(&v)
+    }
+}
+
+/// Projection between the input's channels C and the code dimension D (factorised codes,
+/// ViT-VQGAN): `Linear(C → D)` before the lookup and `Linear(D → C)` after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum Projection {
+    /// The input has D channels; no projection.
+    Identity,
+    /// `Linear(C → D)` in, `Linear(D → C)` out.
+    Linear {
+        /// Input channels C.
+        channels: usize,
+    },
+    /// `Linear(C → D)` then `LayerNorm(D)` in, `Linear(D → C)` out (lucidrains' choice for
+    /// cosine codebooks).
+    LinearLayerNorm {
+        /// Input channels C.
+        channels: usize,
+    },
+}
+
+impl Family {
+    /// Whether this is [`Family::Nearest`] (configurations leave the field out then, so records
+    /// written before it existed compare equal).
+    pub fn is_nearest(&self) -> bool {
+        *self == Self::Nearest
+    }
+
+    /// Code groups per position: the stages of residual VQ, the heads of multi-head VQ, else 1.
+    pub fn code_groups(&self) -> usize {
+        self.group_axis().unwrap_or(1)
+    }
+
+    /// The length of the indices' last axis for the families that have one (residual: stages,
+    /// multi-head: heads); `None` for one code per position.
+    pub fn group_axis(&self) -> Option<usize> {
+        match *self {
+            Self::Residual { stages, .. } => Some(stages),
+            Self::MultiHead { heads, .. } => Some(heads),
+            _ => None,
+        }
+    }
+
+    /// A short stable name: `nearest`, `gumbel`, `residual4`, `residual4-dropout`,
+    /// `heads4`, `heads4-separate`, `simvq`, `fsq8-5-5-5` (the inverse of
+    /// [`from_name`](Self::from_name) except for Gumbel's settings).
+    pub fn name(&self) -> String {
+        match *self {
+            Self::Nearest => "nearest".into(),
+            Self::Gumbel { .. } => "gumbel".into(),
+            Self::Residual { stages, dropout } => match dropout {
+                StageDropout::Off => format!("residual{stages}"),
+                StageDropout::On { min_stages: 1 } => format!("residual{stages}-dropout"),
+                StageDropout::On { min_stages } => format!("residual{stages}-dropout{min_stages}"),
+            },
+            Self::MultiHead { heads, codebooks } => match codebooks {
+                HeadCodebooks::Shared => format!("heads{heads}"),
+                HeadCodebooks::Separate => format!("heads{heads}-separate"),
+            },
+            Self::SimVq => "simvq".into(),
+            Self::Fsq { levels } => {
+                let l: Vec<String> = levels.as_slice().iter().map(u32::to_string).collect();
+                format!("fsq{}", l.join("-"))
+            }
+        }
+    }
+
+    /// Parses [`name`](Self::name)'s forms (Gumbel is chosen as a training method, not here).
+    ///
+    /// ```
+    /// use vq_tch::{Family, StageDropout};
+    /// assert_eq!(
+    ///     Family::from_name("residual4-dropout").unwrap(),
+    ///     Family::Residual { stages: 4, dropout: StageDropout::On { min_stages: 1 } }
+    /// );
+    /// assert_eq!(Family::from_name("fsq8-5-5-5").unwrap().name(), "fsq8-5-5-5");
+    /// assert!(Family::from_name("residual0").is_err());
+    /// ```
+    ///
+    /// # Errors
+    /// [`VqTchError::UnknownFamily`] naming the text and the forms.
+    pub fn from_name(name: &str) -> Result<Self> {
+        let unknown = || VqTchError::UnknownFamily(name.to_owned());
+        let count = |t: &str| {
+            t.parse::<usize>()
+                .ok()
+                .filter(|&n| n > 0)
+                .ok_or_else(unknown)
+        };
+        let family = match name {
+            "nearest" | "vq" => Self::Nearest,
+            "simvq" => Self::SimVq,
+            _ => {
+                if let Some(rest) = name.strip_prefix("residual") {
+                    let (n, drop) = rest.split_once("-dropout").unwrap_or((rest, "none"));
+                    let stages = count(n)?;
+                    let dropout = match drop {
+                        "none" => StageDropout::Off,
+                        "" => StageDropout::On { min_stages: 1 },
+                        m => StageDropout::On {
+                            min_stages: count(m)?,
+                        },
+                    };
+                    Self::Residual { stages, dropout }
+                } else if let Some(rest) = name.strip_prefix("heads") {
+                    let (n, codebooks) = match rest.strip_suffix("-separate") {
+                        Some(n) => (n, HeadCodebooks::Separate),
+                        None => (rest, HeadCodebooks::Shared),
+                    };
+                    Self::MultiHead {
+                        heads: count(n)?,
+                        codebooks,
+                    }
+                } else if let Some(rest) = name.strip_prefix("fsq") {
+                    let levels: Vec<u32> = rest
+                        .split('-')
+                        .map(|l| l.parse().map_err(|_| unknown()))
+                        .collect::<Result<_>>()?;
+                    Self::Fsq {
+                        levels: FsqLevels::new(&levels).map_err(|_| unknown())?,
+                    }
+                } else {
+                    return Err(unknown());
+                }
+            }
+        };
+        Ok(family)
+    }
+}
+
+impl VectorQuantizerConfig {
+    /// The weights of the commitment and codebook terms: vq-core's [`LossWeights`] for β, its
+    /// placement and whether the codebook learns by gradient (EMA: no codebook term).
+    ///
+    /// # Errors
+    /// A negative or non-finite β.
+    pub fn loss_weights(&self) -> Result<LossWeights> {
+        let (placement, term) = match self.learning {
+            CodebookLearning::Ema { .. } => (BetaPlacement::Commitment, CodebookTerm::Exclude),
+            CodebookLearning::Gradient { placement } => (placement, CodebookTerm::Include),
+        };
+        Ok(LossWeights::new(self.beta, placement, term)?)
+    }
+
+    /// Channels of the layer's input: C with a projection, else D.
+    pub fn input_channels(&self) -> usize {
+        match self.projection {
+            Projection::Identity => self.codebook_dim,
+            Projection::Linear { channels } | Projection::LinearLayerNorm { channels } => channels,
+        }
+    }
+
+    /// Paper Table 1 (VQ-VAE, lucidrains quantizer): EMA decay 0.8, Laplace 1e-5, no dead-code
+    /// replacement, no k-means, kaiming-uniform codebook, β = 1, rotation trick. `latent` picks the row: 16×16×32 with
+    /// 1024 codes or 64×64×3 with 8192 codes.
+    pub fn paper_vqvae(latent: VqVaeLatent, metric: Metric) -> Self {
+        let (codebook_size, codebook_dim) = match latent {
+            VqVaeLatent::F16x16x32 => (1024, 32),
+            VqVaeLatent::F64x64x3 => (8192, 3),
+        };
+        Self {
+            codebook_size,
+            codebook_dim,
+            metric,
+            estimator: Estimator::Rotation,
+            beta: 1.0,
+            learning: CodebookLearning::Ema {
+                decay: 0.8,
+                laplace_eps: 1e-5,
+                dead_code_threshold: 0.0,
+                kmeans_iters: 0,
+            },
+            projection: Projection::Identity,
+            seed: 0,
+            init: CodebookInit::KaimingUniform,
+            family: Family::Nearest,
+        }
+    }
+
+    /// Paper Tables 2–3 (taming / latent-diffusion VQGAN): codebook learned by gradient from
+    /// U(−1/K, 1/K), β = 0.25 in taming's legacy placement (on the codebook term), Euclidean,
+    /// rotation trick.
+    pub fn paper_vqgan(codebook_size: usize, codebook_dim: usize) -> Self {
+        Self {
+            codebook_size,
+            codebook_dim,
+            metric: Metric::Euclidean,
+            estimator: Estimator::Rotation,
+            beta: 0.25,
+            learning: CodebookLearning::Gradient {
+                placement: BetaPlacement::LegacyCodebook,
+            },
+            projection: Projection::Identity,
+            seed: 0,
+            init: CodebookInit::UniformInverseK,
+            family: Family::Nearest,
+        }
+    }
+
+    /// Paper Table 4 (ViT-VQGAN small, enhancing-transformers' quantizer): 8192 codes of
+    /// dimension 32, l2-normalised (cosine) lookup, `Linear(512 → 32)` / `Linear(32 → 512)`
+    /// projections, codebook drawn from N(0, 1) and learned by gradient with β = 0.25 on the
+    /// commitment term, rotation trick. The video models of Table 5 use the same quantizer with 1024 / 2048 codes and
+    /// `channels` = 256.
+    pub fn paper_vit_vqgan(codebook_size: usize, channels: usize) -> Self {
+        Self {
+            codebook_size,
+            codebook_dim: 32,
+            metric: Metric::Cosine,
+            estimator: Estimator::Rotation,
+            beta: 0.25,
+            learning: CodebookLearning::Gradient {
+                placement: BetaPlacement::Commitment,
+            },
+            projection: Projection::Linear { channels },
+            seed: 0,
+            init: CodebookInit::Normal,
+            family: Family::Nearest,
+        }
+    }
+
+    /// Checks every field once.
+    ///
+    /// # Errors
+    /// [`VqTchError::Config`] naming the first bad field.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, why: &'static str| Err(VqTchError::Config { field, why });
+        if self.codebook_size == 0 || u32::try_from(self.codebook_size).is_err() {
+            return bad("codebook_size", "must be in 1..=u32::MAX");
+        }
+        if self.codebook_dim == 0 {
+            return bad("codebook_dim", "must be > 0");
+        }
+        if self.input_channels() == 0 {
+            return bad("projection", "channels must be > 0");
+        }
+        if self.loss_weights().is_err() {
+            return bad("beta", "must be finite and >= 0");
+        }
+        if let CodebookInit::Uniform { bound } = self.init
+            && !(bound.is_finite() && bound > 0.0)
+        {
+            return bad("init", "a uniform bound must be finite and > 0");
+        }
+        if let Family::Gumbel {
+            kl_weight,
+            temperature,
+            ..
+        } = self.family
+        {
+            if !(kl_weight.is_finite() && kl_weight >= 0.0) {
+                return bad("family", "the Gumbel kl_weight must be finite and >= 0");
+            }
+            if temperature.validate().is_err() {
+                return bad("family", "every Gumbel temperature must be finite and > 0");
+            }
+            if self.metric != Metric::Euclidean {
+                return bad(
+                    "metric",
+                    "a Gumbel quantizer mixes raw codes: euclidean only",
+                );
+            }
+            if self.projection != Projection::Identity {
+                return bad(
+                    "projection",
+                    "a Gumbel quantizer reads logits from its D-channel input: identity only",
+                );
+            }
+            if !matches!(self.learning, CodebookLearning::Gradient { .. }) {
+                return bad("learning", "a Gumbel codebook is learned by gradient");
+            }
+        }
+        self.validate_family()?;
+        if let CodebookLearning::Ema {
+            decay,
+            laplace_eps,
+            dead_code_threshold,
+            ..
+        } = self.learning
+        {
+            EmaConfig::new(decay, laplace_eps, dead_code_threshold, self.metric).map_err(|_| {
+                VqTchError::Config {
+                    field: "learning",
+                    why: "EMA decay in [0, 1), laplace_eps > 0, threshold >= 0",
+                }
+            })?;
+        }
+        Ok(())
+    }
+}
+
+impl VectorQuantizerConfig {
+    /// The rules of the families of [`vq_core::family`].
+    fn validate_family(&self) -> Result<()> {
+        let bad = |field: &'static str, why: &'static str| Err(VqTchError::Config { field, why });
+        let gradient = matches!(self.learning, CodebookLearning::Gradient { .. });
+        match self.family {
+            Family::Nearest | Family::Gumbel { .. } => {}
+            Family::Residual { stages, dropout } => {
+                if stages == 0 {
+                    return bad("family", "a residual quantizer needs at least one stage");
+                }
+                if let StageDropout::On { min_stages } = dropout
+                    && !(1..=stages).contains(&min_stages)
+                {
+                    return bad("family", "stage dropout keeps between 1 and all the stages");
+                }
+                if self.metric != Metric::Euclidean {
+                    return bad(
+                        "metric",
+                        "residual VQ subtracts codes from its input: euclidean only",
+                    );
+                }
+            }
+            Family::MultiHead { heads, .. } => {
+                if heads == 0 || !self.codebook_dim.is_multiple_of(heads) {
+                    return bad("family", "the number of heads must divide codebook_dim");
+                }
+            }
+            Family::SimVq => {
+                if !gradient {
+                    return bad(
+                        "learning",
+                        "SimVQ learns its codebook's linear map by gradient",
+                    );
+                }
+            }
+            Family::Fsq { levels } => {
+                if self.codebook_size != levels.codebook_size() {
+                    return bad(
+                        "codebook_size",
+                        "FSQ has the product of its levels as codes",
+                    );
+                }
+                if self.codebook_dim != levels.as_slice().len() {
+                    return bad("codebook_dim", "FSQ has one dimension per level count");
+                }
+                if !gradient || self.metric != Metric::Euclidean {
+                    return bad(
+                        "learning",
+                        "FSQ has no codebook to learn: learning gradient (unused), metric euclidean",
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// This configuration with `family` and what the family fixes, validated:
+    /// * FSQ: K = `Π L_i`, D = the number of levels with a `Linear` projection from the input's
+    ///   channels when they differ (as lucidrains' `FSQ` projects), learning by gradient
+    ///   (unused), Euclidean;
+    /// * SimVQ: learning by gradient with β = 0.25 on the commitment term (lucidrains' `SimVQ`
+    ///   weights: 1 on the term that trains the map, 0.25 on the one that moves the input);
+    /// * the others keep every other field.
+    ///
+    /// ```
+    /// use vq_tch::{Family, FsqLevels, Metric, Projection, VectorQuantizerConfig, VqVaeLatent};
+    /// let base = VectorQuantizerConfig::paper_vqvae(VqVaeLatent::F16x16x32, Metric::Euclidean);
+    /// let fsq = base.with_family(Family::Fsq { levels: FsqLevels::new(&[8, 5, 5, 5]).unwrap() }).unwrap();
+    /// assert_eq!((fsq.codebook_size, fsq.codebook_dim), (1000, 4));
+    /// assert_eq!(fsq.projection, Projection::Linear { channels: 32 });
+    /// assert!(base.with_family(Family::from_name("heads5").unwrap()).is_err()); // 5 ∤ 32
+    /// ```
+    ///
+    /// # Errors
+    /// [`VqTchError::Config`] naming the field the result breaks.
+    pub fn with_family(mut self, family: Family) -> Result<Self> {
+        self.family = family;
+        match family {
+            Family::Fsq { levels } => {
+                let channels = self.input_channels();
+                self.codebook_size = levels.codebook_size();
+                self.codebook_dim = levels.as_slice().len();
+                self.projection = match channels == self.codebook_dim {
+                    true => Projection::Identity,
+                    false => Projection::Linear { channels },
+                };
+                self.learning = CodebookLearning::Gradient {
+                    placement: BetaPlacement::Commitment,
+                };
+                self.metric = Metric::Euclidean;
+            }
+            Family::SimVq => {
+                self.learning = CodebookLearning::Gradient {
+                    placement: BetaPlacement::Commitment,
+                };
+                self.beta = 0.25;
+            }
+            _ => {}
+        }
+        self.validate()?;
+        Ok(self)
+    }
+
+    /// The nearest-code layers a residual or multi-head quantizer is made of: (variable path,
+    /// configuration); empty for the other families.
+    pub(super) fn part_configs(&self) -> Vec<(String, Self)> {
+        let part = |g: usize, dim: usize| Self {
+            codebook_dim: dim,
+            projection: Projection::Identity,
+            family: Family::Nearest,
+            seed: self.seed.wrapping_add(g as u64),
+            ..*self
+        };
+        match self.family {
+            Family::Residual { stages, .. } => (0..stages)
+                .map(|g| (format!("stage{g}"), part(g, self.codebook_dim)))
+                .collect(),
+            Family::MultiHead { heads, codebooks } => {
+                let dim = self.codebook_dim / heads;
+                match codebooks {
+                    HeadCodebooks::Shared => vec![("head".into(), part(0, dim))],
+                    HeadCodebooks::Separate => (0..heads)
+                        .map(|h| (format!("head{h}"), part(h, dim)))
+                        .collect(),
+                }
+            }
+            _ => Vec::new(),
+        }
+    }
+}
+
+/// Whether a forward pass may update the codebook.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum Mode {
+    /// Training: EMA codebooks learn from the batch.
+    Train,
+    /// Evaluation: the codebook is left as it is.
+    Eval,
+}
+
+/// The two latent settings of the paper's Table 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+pub enum VqVaeLatent {
+    /// 16×16 latents of dimension 32, 1024 codes.
+    F16x16x32,
+    /// 64×64 latents of dimension 3, 8192 codes.
+    F64x64x3,
+}
