@@ -1,0 +1,3 @@
+fn main() {
+    vq_build::link_libtorch();
+}
