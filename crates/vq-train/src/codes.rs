@@ -10,6 +10,9 @@
 //! * `codebook`: (K, D) F32, the codes the indices select (`VectorQuantizer::codes_table`:
 //!   SimVQ's mapped codebook, FSQ's grid; (G, K, D/G) for separate codebooks per stage / head,
 //!   (1, K, D/H) for heads sharing one),
+//! * `labels`: (n) I32, each sample's class index, where the data has classes (IDX label files,
+//!   class folders, ImageNet's classes; [`crate::labels`]), with their names as the `classes`
+//!   metadata (a JSON list),
 //!
 //! and as metadata the run's configuration (`run_config`, as run.json), the checkpoint `step`,
 //! the `split`, the shard's `first` dataset index and `count`, the split's `total`, the shard
@@ -34,7 +37,10 @@ use crate::config::RunConfig;
 use crate::data::{DataSource, ImageSet, frames_as_images};
 
 /// The `format` metadata of a codes file.
-pub const FORMAT: &str = "vq-train codes 1";
+pub const FORMAT: &str = "vq-train codes 2";
+
+/// The formats this version reads: 2 adds `labels` and `classes` to 1.
+pub const READ_FORMATS: [&str; 2] = ["vq-train codes 1", FORMAT];
 
 /// A trained run, loaded for encoding or decoding.
 #[derive(Debug)]
@@ -130,7 +136,16 @@ pub fn encode(
     let shards = total.div_ceil(shard_size);
     let k = cfg.model.quantizer.codebook_size;
     let codebook = run.model.quantizer().codes_table().to_device(Device::Cpu);
-    let meta_common = HashMap::from([
+    let labels = crate::labels::split_labels(&source, split, cfg.preprocessing)?;
+    if let Some(l) = &labels {
+        ensure!(
+            l.values.len() == total,
+            "{} lists {} labels for {total} samples",
+            source.describe(),
+            l.values.len()
+        );
+    }
+    let mut meta_common = HashMap::from([
         ("format".to_owned(), FORMAT.to_owned()),
         ("run_config".to_owned(), serde_json::to_string(cfg)?),
         ("step".to_owned(), run.step.to_string()),
@@ -139,6 +154,9 @@ pub fn encode(
         ("shards".to_owned(), shards.to_string()),
         ("codebook_size".to_owned(), k.to_string()),
     ]);
+    if let Some(l) = &labels {
+        meta_common.insert("classes".into(), serde_json::to_string(&l.classes)?);
+    }
     let bar = crate::run::progress_bar(progress, 0, total);
     let mut done = Encoded {
         files: Vec::new(),
@@ -162,7 +180,19 @@ pub fn encode(
         }
         let (codes, decoded) = encode_range(run, &set, first, count, batch, &bar)?;
         done.skipped += decoded.iter().filter(|&&d| d == 0).count();
-        write_shard(&path, &codes, &decoded, &codebook, k, meta)?;
+        let shard_labels = labels.as_ref().map(|l| {
+            l.values[first..first + count]
+                .iter()
+                .map(|&v| v as i32)
+                .collect::<Vec<_>>()
+        });
+        let tensors = ShardTensors {
+            codes: &codes,
+            decoded: &decoded,
+            codebook: &codebook,
+            labels: shard_labels.as_deref(),
+        };
+        write_shard(&path, &tensors, k, meta)?;
         done.files.push(path);
     }
     bar.finish_and_clear();
@@ -233,31 +263,46 @@ fn is_complete(path: &Path, meta: &HashMap<String, String>) -> bool {
         && SafeTensors::deserialize(&bytes).is_ok()
 }
 
+/// What one shard file holds.
+struct ShardTensors<'a> {
+    codes: &'a Tensor,
+    decoded: &'a [u8],
+    codebook: &'a Tensor,
+    labels: Option<&'a [i32]>,
+}
+
 fn write_shard(
     path: &Path,
-    codes: &Tensor,
-    decoded: &[u8],
-    codebook: &Tensor,
+    t: &ShardTensors<'_>,
     k: usize,
     meta: HashMap<String, String>,
 ) -> Result<()> {
     let (dtype, kind) = code_dtype(k);
-    let codes = codes.to_kind(kind).contiguous();
+    let codes = t.codes.to_kind(kind).contiguous();
     let code_bytes = tensor_bytes(&codes, kind)?;
-    let codebook = codebook.to_kind(Kind::Float).contiguous();
+    let codebook = t.codebook.to_kind(Kind::Float).contiguous();
     let book_bytes = tensor_bytes(&codebook, Kind::Float)?;
+    let label_bytes: Option<Vec<u8>> = t
+        .labels
+        .map(|l| l.iter().flat_map(|v| v.to_le_bytes()).collect());
     let dims = |t: &Tensor| t.size().iter().map(|&d| d as usize).collect::<Vec<_>>();
-    let views = vec![
+    let mut views = vec![
         ("codes", TensorView::new(dtype, dims(&codes), &code_bytes)?),
         (
             "decoded",
-            TensorView::new(Dtype::U8, vec![decoded.len()], decoded)?,
+            TensorView::new(Dtype::U8, vec![t.decoded.len()], t.decoded)?,
         ),
         (
             "codebook",
             TensorView::new(Dtype::F32, dims(&codebook), &book_bytes)?,
         ),
     ];
+    if let Some(bytes) = &label_bytes {
+        views.push((
+            "labels",
+            TensorView::new(Dtype::I32, vec![bytes.len() / 4], bytes)?,
+        ));
+    }
     let tmp = path.with_extension("safetensors.part");
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -290,7 +335,10 @@ pub fn decode(run: &LoadedRun, codes: &Path, out: &Path, batch: usize) -> Result
         .with_context(|| format!("{} is not a safetensors file", codes.display()))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes)?;
     let meta = meta.metadata().clone().unwrap_or_default();
-    if meta.get("format").map(String::as_str) != Some(FORMAT) {
+    if !meta
+        .get("format")
+        .is_some_and(|f| READ_FORMATS.contains(&f.as_str()))
+    {
         bail!(
             "{} is not a codes file of `vq-train encode` (no format \"{FORMAT}\" in its metadata)",
             codes.display()
@@ -349,7 +397,7 @@ pub fn decode(run: &LoadedRun, codes: &Path, out: &Path, batch: usize) -> Result
 }
 
 /// Tensor `name` of a safetensors file as a CPU tensor.
-fn view_tensor(file: &SafeTensors, path: &Path, name: &str) -> Result<Tensor> {
+pub(crate) fn view_tensor(file: &SafeTensors, path: &Path, name: &str) -> Result<Tensor> {
     let v = file
         .tensor(name)
         .with_context(|| format!("{} has no tensor '{name}'", path.display()))?;

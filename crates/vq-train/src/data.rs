@@ -629,7 +629,7 @@ fn to_device(t: Tensor, device: Device) -> Result<Tensor> {
     })
 }
 
-fn read_fashion_mnist(
+pub(crate) fn read_fashion_mnist(
     dir: &Path,
     split: Split,
 ) -> Result<(ndarray::Array3<u8>, ndarray::Array1<u8>)> {

@@ -5,10 +5,12 @@
 pub mod autoencoder;
 pub mod checkpoint;
 pub mod codes;
+pub mod codeset;
 pub mod compare;
 pub mod config;
 pub mod data;
 pub mod dist;
+pub mod labels;
 pub mod eval;
 pub mod layout;
 pub mod method;
