@@ -263,6 +263,41 @@ fn is_complete(path: &Path, meta: &HashMap<String, String>) -> bool {
         && SafeTensors::deserialize(&bytes).is_ok()
 }
 
+/// Writes a codes file of generated grids (`sample`): `codes` (n, h, w), all decoded, with
+/// `labels` and their `classes` when the grids are class-conditional, the tokenizer's
+/// `codebook` and `meta` (the tokenizer's `run_config` among it); `format` is added.
+///
+/// # Errors
+/// An unwritable file.
+pub fn write_codes_file(
+    path: &Path,
+    codes: &Tensor,
+    labels: Option<(&[i32], &[String])>,
+    codebook: &Tensor,
+    mut meta: HashMap<String, String>,
+) -> Result<()> {
+    let k = codebook.size()[codebook.dim() - 2] as usize;
+    let n = codes.size()[0] as usize;
+    meta.insert("format".into(), FORMAT.into());
+    meta.insert("codebook_size".into(), k.to_string());
+    meta.insert("first".into(), "0".into());
+    meta.insert("count".into(), n.to_string());
+    meta.insert("total".into(), n.to_string());
+    meta.insert("shard".into(), "0".into());
+    meta.insert("shards".into(), "1".into());
+    if let Some((_, classes)) = labels {
+        meta.insert("classes".into(), serde_json::to_string(classes)?);
+    }
+    let decoded = vec![1u8; n];
+    let tensors = ShardTensors {
+        codes,
+        decoded: &decoded,
+        codebook,
+        labels: labels.map(|(l, _)| l),
+    };
+    write_shard(path, &tensors, k, meta)
+}
+
 /// What one shard file holds.
 struct ShardTensors<'a> {
     codes: &'a Tensor,

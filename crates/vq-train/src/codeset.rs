@@ -105,7 +105,10 @@ impl CodeSet {
     pub fn batch(&self, idx: &[i64], device: Device) -> (Tensor, Option<Tensor>) {
         let i = Tensor::from_slice(idx);
         let codes = self.codes.index_select(0, &i).to_kind(Kind::Int64);
-        let labels = self.labels.as_ref().map(|l| l.index_select(0, &i).to_device(device));
+        let labels = self
+            .labels
+            .as_ref()
+            .map(|l| l.index_select(0, &i).to_device(device));
         (codes.to_device(device), labels)
     }
 }
@@ -121,7 +124,11 @@ fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
                 .filter(|f| f.extension().is_some_and(|x| x == "safetensors") && f.is_file())
                 .collect();
             inside.sort();
-            ensure!(!inside.is_empty(), "{} holds no .safetensors file", p.display());
+            ensure!(
+                !inside.is_empty(),
+                "{} holds no .safetensors file",
+                p.display()
+            );
             files.extend(inside);
         } else if p.is_file() {
             files.push(p.clone());
@@ -141,8 +148,13 @@ fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 /// The numbered shards `<stem>-00000-of-0000n.safetensors` of output path `out`, all of them
 /// (a missing one is an error naming it); empty when there is none.
 fn shard_set(out: &Path) -> Result<Vec<PathBuf>> {
-    let stem = out.file_stem().map_or("codes".into(), |s| s.to_string_lossy());
-    let dir = out.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let stem = out
+        .file_stem()
+        .map_or("codes".into(), |s| s.to_string_lossy());
+    let dir = out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     let prefix = format!("{stem}-00000-of-");
     let Some(n) = std::fs::read_dir(dir)
         .ok()
@@ -159,7 +171,12 @@ fn shard_set(out: &Path) -> Result<Vec<PathBuf>> {
     (0..n)
         .map(|i| {
             let f = dir.join(format!("{stem}-{i:05}-of-{n:05}.safetensors"));
-            ensure!(f.is_file(), "shard {} of {n} is missing: {}", i + 1, f.display());
+            ensure!(
+                f.is_file(),
+                "shard {} of {n} is missing: {}",
+                i + 1,
+                f.display()
+            );
             Ok(f)
         })
         .collect()
@@ -218,7 +235,12 @@ fn read_part(f: &Path) -> Result<FilePart> {
         );
         let bad = l.numel() > 0
             && (i64::try_from(l.min())? < 0 || i64::try_from(l.max())? >= classes.len() as i64);
-        ensure!(!bad, "{}: a label is outside its {} classes", f.display(), classes.len());
+        ensure!(
+            !bad,
+            "{}: a label is outside its {} classes",
+            f.display(),
+            classes.len()
+        );
     }
     let codes = codes.index_select(0, &keep);
     if codes.numel() > 0 {

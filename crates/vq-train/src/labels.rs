@@ -43,7 +43,10 @@ pub fn split_labels(
 ) -> Result<Option<Labels>> {
     let fashion = |y: ndarray::Array1<u8>| Labels {
         values: y.iter().map(|&v| u32::from(v)).collect(),
-        classes: FASHION_MNIST_CLASSES.iter().map(|&c| c.to_owned()).collect(),
+        classes: FASHION_MNIST_CLASSES
+            .iter()
+            .map(|&c| c.to_owned())
+            .collect(),
     };
     let listed = |ds: ImageDataset| Labels {
         values: ds.entries().iter().map(|e| e.label).collect(),

@@ -1,6 +1,8 @@
 //! `vq-train`: train, evaluate and compare vector-quantized autoencoders (STE vs the rotation
 //! trick). `vq-train --help` lists the subcommands.
 
+mod prior_cmd;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -53,6 +55,12 @@ enum Command {
     /// Follow a run while it trains (from another terminal): print its latest metrics, progress
     /// and ETA, and redraw its curves.png, until it has logged its last step.
     Watch(WatchArgs),
+    /// Train a generative prior (autoregressive or MaskGIT) on a tokenizer's codes (`encode`),
+    /// then measure its held-out likelihood.
+    TrainPrior(prior_cmd::TrainPriorArgs),
+    /// Sample code grids from a prior and decode them through the tokenizer (codes.safetensors
+    /// and PNGs).
+    Sample(prior_cmd::SampleArgs),
     /// Summarise the device activity of a Chrome trace (`train --profile-steps`, or
     /// `torch.profiler`'s export): busy time, kernel time and the largest kernels per step.
     TraceSummary(TraceSummaryArgs),
@@ -595,6 +603,14 @@ fn main() -> Result<()> {
         Command::Encode(args) => encode(args),
         Command::Decode(args) => decode(args),
         Command::Eval(args) => eval(args),
+        Command::TrainPrior(args) => {
+            let device = parse_device(&args.device)?;
+            prior_cmd::train_prior(args, device)
+        }
+        Command::Sample(args) => {
+            let device = parse_device(&args.device)?;
+            prior_cmd::sample(args, device)
+        }
     }
 }
 

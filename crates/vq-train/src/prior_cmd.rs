@@ -1,0 +1,227 @@
+//! The prior's subcommands: `train-prior` (a prior on a tokenizer's codes) and `sample` (grids
+//! from a prior, decoded to images through the tokenizer).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, ensure};
+use clap::Args;
+use tch::{Device, Kind, Tensor};
+use vq_prior::{Cache, Sampling};
+use vq_train::codeset::CodeSet;
+use vq_train::prior::{PriorOptions, PriorRunConfig, PriorTraining};
+
+#[derive(Debug, Args)]
+pub struct TrainPriorArgs {
+    /// Training codes: files or folders of `vq-train encode --split train`.
+    #[arg(long, num_args = 1.., required = true)]
+    pub codes: Vec<PathBuf>,
+    /// Held-out codes (`encode --split val`) for the likelihood after training.
+    #[arg(long, num_args = 1..)]
+    pub val_codes: Vec<PathBuf>,
+    /// The tokenizer run the codes came from (recorded, for `sample`).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Prior preset: demo, demo-maskgit, llamagen-gpt-b, llamagen-gpt-l, taming-16x16.
+    #[arg(long, default_value = "demo")]
+    pub preset: String,
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 2000)]
+    pub steps: usize,
+    /// Grids per step.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Peak learning rate (AdamW β = (0.9, 0.95), weight decay 0.05, 5% warm-up, cosine).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f64,
+    /// taming's pkeep (autoregressive prior): keep each input code with this probability.
+    #[arg(long)]
+    pub pkeep: Option<f64>,
+    /// Seed of the weights, the data order and the step draws.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Run folder.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Continue from the folder's latest checkpoint.
+    #[arg(long)]
+    pub resume: bool,
+    /// Stop (with a checkpoint) after this many steps.
+    #[arg(long)]
+    pub stop_after: Option<usize>,
+    /// Steps between metric lines.
+    #[arg(long, default_value_t = 50)]
+    pub log_every: usize,
+    /// Steps between checkpoints.
+    #[arg(long, default_value_t = 500)]
+    pub checkpoint_every: usize,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Device (cpu, cuda, cuda:N).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// `train-prior`.
+pub fn train_prior(args: TrainPriorArgs, device: Device) -> Result<()> {
+    ensure!(
+        args.stop_after != Some(0),
+        "--stop-after 0 would train nothing: give at least 1"
+    );
+    let train = CodeSet::open(&args.codes)?;
+    let training = PriorTraining::llamagen(args.steps, args.batch_size, args.lr);
+    let mut config = PriorRunConfig::for_codes(
+        &args.preset,
+        &train,
+        (args.codes.clone(), args.val_codes.clone()),
+        args.tokenizer.clone(),
+        training,
+        args.seed,
+    )?;
+    if let Some(p) = args.pkeep {
+        config.prior.pkeep = p;
+    }
+    drop(train);
+    let opts = PriorOptions {
+        config,
+        out: args.out.clone(),
+        device,
+        log_every: args.log_every,
+        checkpoint_every: args.checkpoint_every,
+        resume: args.resume,
+        progress: !args.quiet,
+        stop_after: args.stop_after,
+    };
+    let done = vq_train::prior::train_prior(opts, None)?;
+    if let Some(m) = done.history.last() {
+        println!(
+            "step {}: training loss {:.4} nats ({:.3} bits) per code",
+            m.step, m.loss, m.bits_per_token
+        );
+    }
+    if let Some(e) = done.eval {
+        println!(
+            "held-out NLL over {} grids: {:.4} bits per code, {:.1} bits per image",
+            e.samples, e.bits_per_token, e.bits_per_image
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Args)]
+pub struct SampleArgs {
+    /// Prior run folder (`train-prior`).
+    #[arg(long)]
+    pub prior: PathBuf,
+    /// Tokenizer run folder whose decoder turns the codes into images (default: the one the
+    /// prior run names).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Grids per class (class-conditional prior) or in all (unconditional).
+    #[arg(long, default_value_t = 8)]
+    pub count: usize,
+    /// Only these classes (comma-separated indices; default: every class).
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Vec<i64>,
+    /// Softmax temperature.
+    #[arg(long, default_value_t = 1.0)]
+    pub temperature: f64,
+    /// Keep the k most likely codes (0: all).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Nucleus sampling threshold (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f64,
+    /// Classifier-free guidance scale (1: none).
+    #[arg(long, default_value_t = 1.0)]
+    pub cfg_scale: f64,
+    /// MaskGIT decoding iterations (masked prior).
+    #[arg(long, default_value_t = 12)]
+    pub iterations: usize,
+    /// Grid i draws from seed + i.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Grids per pass.
+    #[arg(long, default_value_t = 64)]
+    pub batch: usize,
+    /// Output folder: codes.safetensors and images/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Device (cpu, cuda, cuda:N).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+/// `sample`.
+pub fn sample(args: SampleArgs, device: Device) -> Result<()> {
+    let (config, prior, _vs) = vq_train::prior::load_prior(&args.prior, device)?;
+    let tokenizer = args
+        .tokenizer
+        .clone()
+        .or(config.tokenizer.clone())
+        .context("no tokenizer: give --tokenizer (the run whose codes the prior learned)")?;
+    let run = vq_train::codes::LoadedRun::load(&tokenizer, device)?;
+    let codebook = run.model.quantizer().codes_table().to_device(Device::Cpu);
+    let train = CodeSet::open(&config.train_codes)
+        .with_context(|| "reading the prior's training codes (their tokenizer and classes)")?;
+    ensure!(
+        codebook.size() == train.codebook.size() && codebook.equal(&train.codebook),
+        "{} is not the tokenizer the prior learned (its codebook differs from the training codes')",
+        tokenizer.display()
+    );
+    let sampling = Sampling {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        cfg_scale: args.cfg_scale,
+        iterations: args.iterations,
+        ..Sampling::default()
+    };
+    let classes = prior.config().conditioning.classes() as i64;
+    let labels: Option<Vec<i64>> = (classes > 0).then(|| {
+        let which: Vec<i64> = match args.classes.is_empty() {
+            true => (0..classes).collect(),
+            false => args.classes.clone(),
+        };
+        which
+            .iter()
+            .flat_map(|&c| std::iter::repeat_n(c, args.count))
+            .collect()
+    });
+    let n = labels.as_ref().map_or(args.count, Vec::len);
+    let mut grids = Vec::new();
+    for start in (0..n).step_by(args.batch.max(1)) {
+        let end = (start + args.batch.max(1)).min(n);
+        let y = labels.as_ref().map(|l| &l[start..end]);
+        let seed = args.seed.wrapping_add(start as u64);
+        grids.push(prior.sample(y, end - start, seed, &sampling, Cache::Kv)?);
+    }
+    let codes = Tensor::cat(&grids, 0)
+        .to_device(Device::Cpu)
+        .to_kind(Kind::Int64);
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let path = args.out.join("codes.safetensors");
+    let meta = HashMap::from([
+        ("run_config".to_owned(), serde_json::to_string(&run.config)?),
+        ("step".to_owned(), run.step.to_string()),
+        ("split".to_owned(), "sampled".to_owned()),
+        ("prior".to_owned(), args.prior.display().to_string()),
+        ("sampling".to_owned(), serde_json::to_string(&sampling)?),
+        ("seed".to_owned(), args.seed.to_string()),
+    ]);
+    let label_i32: Option<Vec<i32>> = labels
+        .as_ref()
+        .map(|l| l.iter().map(|&v| v as i32).collect());
+    let with_classes = label_i32.as_deref().map(|l| (l, train.classes.as_slice()));
+    vq_train::codes::write_codes_file(&path, &codes, with_classes, &codebook, meta)?;
+    let images = args.out.join("images");
+    let written = vq_train::codes::decode(&run, &path, &images, args.batch.max(1))?;
+    println!(
+        "{written} samples: codes in {}, images in {}",
+        path.display(),
+        images.display()
+    );
+    Ok(())
+}
