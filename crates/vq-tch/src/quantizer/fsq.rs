@@ -5,7 +5,7 @@
 use tch::{Device, Kind, Reduction, Tensor, nn};
 
 use super::config::{FsqLevels, VectorQuantizerConfig};
-use super::{Batch, Rows, Settings};
+use super::pass::{Batch, Rows, Settings, mark_initialised};
 use crate::error::Result;
 use crate::search::{FiniteCheck, FiniteVerdict, check_finite_device, finite_verdict};
 
@@ -24,7 +24,7 @@ impl FsqGrid {
         let values = levels.fsq().codebook().into_raw_vec_and_offset().0;
         let grid = Tensor::from_slice(&values).view([k, d]).to_device(device);
         let grid = path.add("codebook", grid, false);
-        super::mark_initialised(path);
+        mark_initialised(path);
         Self { grid, levels }
     }
 

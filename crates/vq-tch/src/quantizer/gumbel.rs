@@ -9,7 +9,7 @@ use vq_core::gumbel::{GumbelForward, gumbel_noise};
 
 use super::config::{Family, VectorQuantizerConfig};
 use super::nearest::drawn_codebook;
-use super::{Batch, Rows, Settings, read_counter, scalar};
+use super::pass::{Batch, Rows, Settings, mark_initialised, read_counter, scalar};
 use crate::error::Result;
 
 /// The Gumbel family's codebook and logits layer, and the temperature's step.
@@ -34,7 +34,7 @@ impl GumbelCodes {
             drawn_codebook(config, config.init, device),
             true,
         );
-        super::mark_initialised(path);
+        mark_initialised(path);
         Self {
             codebook,
             proj: nn::linear(path / "gumbel_proj", d, k, crate::init::torch_linear()),

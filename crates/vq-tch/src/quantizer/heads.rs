@@ -5,27 +5,27 @@
 use tch::{Kind, Tensor, nn};
 
 use super::config::{Family, HeadCodebooks, VectorQuantizerConfig};
-use super::{Batch, Rows, Settings, VectorQuantizer, merge_verdicts};
+use super::pass::{Batch, Part, Rows, Settings, merge_verdicts};
 use crate::error::Result;
 
 /// The heads' nearest-code layers (`head`, or `head{h}` for separate codebooks).
 #[derive(Debug)]
-pub(super) struct Heads {
-    pub(super) heads: Vec<VectorQuantizer>,
+pub(super) struct Heads<P> {
+    pub(super) heads: Vec<P>,
     /// The layer's own `codebook`: empty (0, D), the codes are the heads'.
     pub(super) no_codes: Tensor,
 }
 
-impl Heads {
-    /// The heads' layers under `path`.
-    pub(super) fn new(path: &nn::Path, config: &VectorQuantizerConfig) -> Result<Self> {
-        Ok(Self {
-            heads: VectorQuantizer::new_parts(path, config)?,
+impl<P: Part> Heads<P> {
+    /// The heads' layers (built under `path`).
+    pub(super) fn new(path: &nn::Path, config: &VectorQuantizerConfig, heads: Vec<P>) -> Self {
+        Self {
+            heads,
             no_codes: Tensor::zeros(
                 [0, config.codebook_dim as i64],
                 (Kind::Float, path.device()),
             ),
-        })
+        }
     }
 
     /// How the heads share codebooks.

@@ -7,7 +7,7 @@ use rand::rngs::StdRng;
 use tch::{Device, Kind, Tensor, nn};
 use vq_core::{EmaCodebook, EmaConfig};
 
-use super::{Batch, Settings, read_counter, scalar};
+use super::pass::{Batch, Settings, read_counter, scalar};
 use crate::collective::Collective;
 use crate::error::{Result, VqTchError};
 

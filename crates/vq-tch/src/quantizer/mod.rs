@@ -12,7 +12,7 @@
 
 use std::sync::Arc;
 
-use tch::{Device, Kind, Tensor, nn};
+use tch::{Kind, Tensor, nn};
 use vq_core::EmaCodebook;
 
 use crate::collective::Collective;
@@ -26,6 +26,7 @@ mod gumbel;
 mod heads;
 mod learning;
 mod nearest;
+mod pass;
 mod residual;
 
 pub use config::{
@@ -36,6 +37,7 @@ use fsq::FsqGrid;
 use gumbel::GumbelCodes;
 use heads::Heads;
 use nearest::{NearestCodes, SimVqCodes};
+use pass::{Batch, Part, Rows, Settings};
 use residual::Stages;
 
 /// What [`VectorQuantizer::forward`] returns.
@@ -121,53 +123,8 @@ enum FamilyState {
     SimVq(SimVqCodes),
     Gumbel(GumbelCodes),
     Fsq(FsqGrid),
-    Residual(Stages),
-    MultiHead(Heads),
-}
-
-/// What a family's rows read from the layer that holds them.
-#[derive(Clone, Copy)]
-struct Settings<'a> {
-    config: &'a VectorQuantizerConfig,
-    finite_check: FiniteCheck,
-    group: Option<&'a dyn Collective>,
-}
-
-/// The rows of one forward pass: `e` (N, D) in code space.
-#[derive(Clone, Copy)]
-struct Batch<'a> {
-    e: &'a Tensor,
-    train: bool,
-    /// Rows per sample: a data-parallel union batch interleaves whole samples.
-    per_sample: i64,
-}
-
-/// The rows' part of a forward pass, before the layout is restored.
-struct Rows {
-    out: Tensor,
-    /// The codes `q` (detached), (N, D).
-    codes: Tensor,
-    idx: Tensor,
-    commitment_loss: Tensor,
-    codebook_loss: Tensor,
-    quantization_error: Tensor,
-    finite_verdict: Option<FiniteVerdict>,
-}
-
-/// A counter variable (EMA steps, Gumbel draws) read back to the host.
-fn read_counter(t: &Tensor) -> Result<i64> {
-    i64::try_from(t).map_err(|err| VqTchError::Torch(err.to_string()))
-}
-
-/// The `initialised` flag (1) of a layer with codes of its own that needs no k-means start:
-/// every such layer stores it, so the checkpoints of every family have the same layout.
-fn mark_initialised(path: &nn::Path) {
-    let _ = path.add("initialised", scalar(1, path.device()), false);
-}
-
-/// A scalar i64 on `device`.
-fn scalar(v: i64, device: Device) -> Tensor {
-    Tensor::from(v).to_device(device)
+    Residual(Stages<VectorQuantizer>),
+    MultiHead(Heads<VectorQuantizer>),
 }
 
 impl VectorQuantizer {
@@ -316,7 +273,7 @@ impl VectorQuantizer {
     }
 
     /// The codes of indices `idx` (M) of a layer with codes of its own (detached).
-    fn pick(&self, idx: &Tensor) -> Tensor {
+    fn pick_codes(&self, idx: &Tensor) -> Tensor {
         self.codes().detach().index_select(0, idx)
     }
 
@@ -355,7 +312,7 @@ impl VectorQuantizer {
         let mut out = match &self.family {
             FamilyState::Residual(s) => s.embed(&flat),
             FamilyState::MultiHead(h) => h.embed(&flat),
-            _ => self.pick(&flat.reshape([-1])),
+            _ => self.pick_codes(&flat.reshape([-1])),
         };
         if let Some(p) = &self.projection {
             out = out.apply(&p.output);
@@ -441,7 +398,7 @@ impl VectorQuantizer {
             quantization_error,
             finite_verdict,
             ..
-        } = self.rows(batch)?;
+        } = self.family_rows(batch)?;
         let latent_power = e.detach().square().mean(Kind::Float);
         if let Some(p) = &self.projection {
             out = out.apply(&p.output);
@@ -473,7 +430,7 @@ impl VectorQuantizer {
     }
 
     /// Quantizes rows `e` (N, D) by the layer's family.
-    fn rows(&mut self, batch: Batch<'_>) -> Result<Rows> {
+    fn family_rows(&mut self, batch: Batch<'_>) -> Result<Rows> {
         let settings = Settings {
             config: &self.config,
             finite_check: self.finite_check,
@@ -490,6 +447,16 @@ impl VectorQuantizer {
     }
 }
 
+impl Part for VectorQuantizer {
+    fn rows(&mut self, batch: Batch<'_>) -> Result<Rows> {
+        self.family_rows(batch)
+    }
+
+    fn pick(&self, idx: &Tensor) -> Tensor {
+        self.pick_codes(idx)
+    }
+}
+
 impl FamilyState {
     /// The state of every family but SimVQ ([`SimVqCodes`] is built in two steps).
     fn new(path: &nn::Path, config: &VectorQuantizerConfig) -> Result<Self> {
@@ -498,8 +465,15 @@ impl FamilyState {
             Family::SimVq => unreachable!("SimVQ's codes and map are made around the projections"),
             Family::Gumbel { .. } => Self::Gumbel(GumbelCodes::new(path, config)),
             Family::Fsq { levels } => Self::Fsq(FsqGrid::new(path, config, levels)),
-            Family::Residual { dropout, .. } => Self::Residual(Stages::new(path, config, dropout)?),
-            Family::MultiHead { .. } => Self::MultiHead(Heads::new(path, config)?),
+            Family::Residual { dropout, .. } => {
+                let stages = VectorQuantizer::new_parts(path, config)?;
+                Self::Residual(Stages::new(path, config, dropout, stages))
+            }
+            Family::MultiHead { .. } => Self::MultiHead(Heads::new(
+                path,
+                config,
+                VectorQuantizer::new_parts(path, config)?,
+            )),
         })
     }
 }
@@ -548,17 +522,5 @@ fn check_code_range(flat: &Tensor, k: i64) -> Result<()> {
             codes: k,
         }),
         None => Ok(()),
-    }
-}
-
-/// The first failing of two deferred verdicts (a verdict whose flags are all 0 gives way).
-fn merge_verdicts(a: Option<FiniteVerdict>, b: Option<FiniteVerdict>) -> Option<FiniteVerdict> {
-    match (a, b) {
-        (Some(a), Some(b)) => {
-            let bad = a.0.narrow(0, 0, 2).sum(Kind::Int64).gt(0);
-            Some(FiniteVerdict(a.0.where_self(&bad, &b.0)))
-        }
-        (a, None) => a,
-        (None, b) => b,
     }
 }

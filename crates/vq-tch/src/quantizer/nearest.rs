@@ -9,7 +9,7 @@ use vq_core::{EmaCodebook, Metric};
 
 use super::config::{CodebookInit, CodebookLearning, Family, VectorQuantizerConfig};
 use super::learning::EmaState;
-use super::{Batch, Rows, Settings, scalar};
+use super::pass::{Batch, Rows, Settings, mark_initialised, scalar};
 use crate::error::Result;
 use crate::estimator::apply_estimator;
 use crate::search::nearest_codes_checked;
@@ -114,7 +114,7 @@ impl SimVqCodes {
         let codebook = drawn_codebook(config, CodebookInit::Normal, device)
             * f64::from((config.codebook_dim as f32).sqrt().recip());
         let codebook = path.add("codebook", codebook, false);
-        super::mark_initialised(path);
+        mark_initialised(path);
         codebook
     }
 

@@ -6,42 +6,42 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tch::{Kind, Reduction, Tensor, nn};
 
-use super::config::{STAGE_DROPOUT_SALT, StageDropout, VectorQuantizerConfig};
-use super::{Batch, Rows, Settings, VectorQuantizer, merge_verdicts, read_counter, scalar};
+use super::config::{Family, STAGE_DROPOUT_SALT, StageDropout, VectorQuantizerConfig};
+use super::pass::{Batch, Part, Rows, Settings, merge_verdicts, read_counter, scalar};
 use crate::error::Result;
 
 /// The stages (nearest-code layers `stage{g}`) and the stage-dropout draws.
 #[derive(Debug)]
-pub(super) struct Stages {
-    pub(super) stages: Vec<VectorQuantizer>,
+pub(super) struct Stages<P> {
+    pub(super) stages: Vec<P>,
     /// `stage_draws`: draws done with [`StageDropout::On`]; none without dropout.
     draws: Option<Tensor>,
     /// The layer's own `codebook`: empty (0, D), the codes are the stages'.
     pub(super) no_codes: Tensor,
 }
 
-impl Stages {
-    /// The stages under `path/stage{g}` and, with dropout, the draw counter.
+impl<P: Part> Stages<P> {
+    /// The stages (built under `path/stage{g}`) and, with dropout, the draw counter.
     pub(super) fn new(
         path: &nn::Path,
         config: &VectorQuantizerConfig,
         dropout: StageDropout,
-    ) -> Result<Self> {
+        stages: Vec<P>,
+    ) -> Self {
         let device = path.device();
-        let stages = VectorQuantizer::new_parts(path, config)?;
         let draws = matches!(dropout, StageDropout::On { .. })
             .then(|| path.add("stage_draws", scalar(0, device), false));
-        Ok(Self {
+        Self {
             stages,
             draws,
             no_codes: Tensor::zeros([0, config.codebook_dim as i64], (Kind::Float, device)),
-        })
+        }
     }
 
     /// How many stages this forward runs: all, or a draw of [`StageDropout::On`] in training.
     fn active(&self, settings: Settings<'_>, train: bool) -> Result<usize> {
         let n = self.stages.len();
-        let super::Family::Residual {
+        let Family::Residual {
             dropout: StageDropout::On { min_stages },
             ..
         } = settings.config.family
