@@ -452,6 +452,29 @@ pub fn markdown(
     stats: &[CellStats],
 ) -> String {
     let mut s = String::new();
+    preamble(&mut s, config, sweep);
+    let head: Vec<&str> = COLUMNS.iter().map(|c| c.title).collect();
+    let _ = writeln!(s, "| Setting | Method | {} |", head.join(" | "));
+    let _ = writeln!(s, "|---|---|{}", "---|".repeat(COLUMNS.len()));
+    for cell in stats {
+        let values: Vec<String> = COLUMNS
+            .iter()
+            .zip(&cell.metrics)
+            .map(|(c, (_, sum, _))| match sum.n {
+                0 => "—".to_owned(),
+                1 => (c.show)(sum.mean),
+                _ => format!("{} ± {}", (c.show)(sum.mean), (c.show)(sum.sd)),
+            })
+            .collect();
+        cell_row(&mut s, cell, &values);
+    }
+    paired_table(&mut s, stats, &head);
+    every_run(&mut s, rows, &head);
+    s
+}
+
+/// What was run and the rule of the verdicts.
+fn preamble(s: &mut String, config: &RunConfig, sweep: &Sweep) {
     let seeds: Vec<String> = sweep.seeds.iter().map(u64::to_string).collect();
     let _ = writeln!(
         s,
@@ -474,55 +497,49 @@ pub fn markdown(
         stats::ALPHA,
         stats::MIN_SEEDS
     );
-    let head: Vec<&str> = COLUMNS.iter().map(|c| c.title).collect();
-    let _ = writeln!(s, "| Setting | Method | {} |", head.join(" | "));
-    let _ = writeln!(s, "|---|---|{}", "---|".repeat(COLUMNS.len()));
-    for cell in stats {
-        let values: Vec<String> = COLUMNS
-            .iter()
-            .zip(&cell.metrics)
-            .map(|(c, (_, sum, _))| match sum.n {
-                0 => "—".to_owned(),
-                1 => (c.show)(sum.mean),
-                _ => format!("{} ± {}", (c.show)(sum.mean), (c.show)(sum.sd)),
-            })
-            .collect();
-        cell_row(&mut s, cell, &values);
-    }
+}
+
+/// The paired differences against each setting's first method, where there are any.
+fn paired_table(s: &mut String, stats: &[CellStats], head: &[&str]) {
     let compared: Vec<&CellStats> = stats
         .iter()
         .filter(|c| c.metrics.iter().any(|m| m.2.is_some()))
         .collect();
-    if !compared.is_empty() {
-        let _ = writeln!(
-            s,
-            "\nPaired differences (method − the setting's first method; p of the paired t-test):\n"
-        );
-        let _ = writeln!(s, "| Setting | Method | {} |", head.join(" | "));
-        let _ = writeln!(s, "|---|---|{}", "---|".repeat(COLUMNS.len()));
-        for cell in compared {
-            let values: Vec<String> = COLUMNS
-                .iter()
-                .zip(&cell.metrics)
-                .map(|(c, (_, _, p))| match p {
-                    None => "—".to_owned(),
-                    Some(p) => {
-                        let pv =
-                            p.p.map_or_else(|| "p —".to_owned(), |v| format!("p = {v:.3}"));
-                        let word = p.verdict.word();
-                        let word = match p.verdict {
-                            stats::Verdict::ClearlyHigher | stats::Verdict::ClearlyLower => {
-                                format!("**{word}**")
-                            }
-                            _ => word.to_owned(),
-                        };
-                        format!("{} ({pv}, {word})", (c.diff)(p.mean_diff))
-                    }
-                })
-                .collect();
-            cell_row(&mut s, cell, &values);
-        }
+    if compared.is_empty() {
+        return;
     }
+    let _ = writeln!(
+        s,
+        "\nPaired differences (method − the setting's first method; p of the paired t-test):\n"
+    );
+    let _ = writeln!(s, "| Setting | Method | {} |", head.join(" | "));
+    let _ = writeln!(s, "|---|---|{}", "---|".repeat(COLUMNS.len()));
+    for cell in compared {
+        let values: Vec<String> = COLUMNS
+            .iter()
+            .zip(&cell.metrics)
+            .map(|(c, (_, _, p))| match p {
+                None => "—".to_owned(),
+                Some(p) => {
+                    let pv =
+                        p.p.map_or_else(|| "p —".to_owned(), |v| format!("p = {v:.3}"));
+                    let word = p.verdict.word();
+                    let word = match p.verdict {
+                        stats::Verdict::ClearlyHigher | stats::Verdict::ClearlyLower => {
+                            format!("**{word}**")
+                        }
+                        _ => word.to_owned(),
+                    };
+                    format!("{} ({pv}, {word})", (c.diff)(p.mean_diff))
+                }
+            })
+            .collect();
+        cell_row(s, cell, &values);
+    }
+}
+
+/// Every run's numbers.
+fn every_run(s: &mut String, rows: &[SweepRow], head: &[&str]) {
     let _ = writeln!(s, "\nEvery run:\n");
     let _ = writeln!(
         s,
@@ -545,7 +562,6 @@ pub fn markdown(
             r.row.train_seconds
         );
     }
-    s
 }
 
 /// One table row of a cell: its setting, its method, then `values`.
