@@ -87,7 +87,7 @@ impl CodebookInit {
     }
 }
 
-/// Configuration of a [`VectorQuantizer`]; checked by [`VectorQuantizerConfig::validate`].
+/// Configuration of a [`VectorQuantizer`](crate::VectorQuantizer); checked by [`VectorQuantizerConfig::validate`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct VectorQuantizerConfig {
@@ -141,7 +141,7 @@ pub enum Family {
         /// Soft or straight-through hard forward in training.
         forward: GumbelForward,
         /// τ by optimizer step; the trainer sets the step with
-        /// [`VectorQuantizer::set_step`].
+        /// [`VectorQuantizer::set_step`](crate::VectorQuantizer::set_step).
         temperature: TemperatureSchedule,
     },
     /// Residual VQ ([`vq_core::family::ResidualQuantizer`]): `stages` codebooks of K codes, each
@@ -171,7 +171,7 @@ pub enum Family {
     SimVq,
     /// Finite scalar quantization ([`vq_core::family::Fsq`]): no codebook to learn (the
     /// `codebook` variable holds the frozen grid of `Π L_i` codes in index order, for
-    /// [`VectorQuantizer::embed`]); K must be `Π L_i` and D the number of levels. No loss
+    /// [`VectorQuantizer::embed`](crate::VectorQuantizer::embed)); K must be `Π L_i` and D the number of levels. No loss
     /// terms; the estimator maps the bounded vector to its rounded one.
     Fsq {
         /// Levels per dimension.
