@@ -61,6 +61,10 @@ enum Command {
     /// Sample code grids from a prior and decode them through the tokenizer (codes.safetensors
     /// and PNGs).
     Sample(prior_cmd::SampleArgs),
+    /// The downstream comparison: per estimator × seed, tokenizer → codes → prior → held-out
+    /// likelihood, reconstruction and generation side by side with paired statistics
+    /// (downstream.md); rerun with --resume to continue.
+    Downstream(DownstreamArgs),
     /// Summarise the device activity of a Chrome trace (`train --profile-steps`, or
     /// `torch.profiler`'s export): busy time, kernel time and the largest kernels per step.
     TraceSummary(TraceSummaryArgs),
@@ -101,6 +105,30 @@ struct EvalArgs {
     /// FID Inception weights (safetensors) for the r-FID / r-IS columns (default: as --lpips).
     #[arg(long)]
     inception: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct DownstreamArgs {
+    #[command(flatten)]
+    run: RunArgs,
+    /// Estimators of the tokenizers, comma-separated (the first is the reference).
+    #[arg(long, default_value = "ste,rotation", value_delimiter = ',')]
+    estimators: Vec<String>,
+    /// Seeds (`0..3`, `0,3,7`): each tokenizer and its prior train with each.
+    #[arg(long, default_value = "0..3")]
+    seeds: String,
+    /// Prior preset (demo, demo-maskgit, llamagen-gpt-b, ...).
+    #[arg(long, default_value = "demo")]
+    prior_preset: String,
+    /// Prior optimiser steps.
+    #[arg(long, default_value_t = 600)]
+    prior_steps: usize,
+    /// Prior grids per step.
+    #[arg(long, default_value_t = 64)]
+    prior_batch_size: usize,
+    /// Prior peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    prior_lr: f64,
 }
 
 #[derive(Debug, Args)]
@@ -603,6 +631,7 @@ fn main() -> Result<()> {
         Command::Encode(args) => encode(args),
         Command::Decode(args) => decode(args),
         Command::Eval(args) => eval(args),
+        Command::Downstream(args) => downstream(args),
         Command::TrainPrior(args) => {
             let device = parse_device(&args.device)?;
             prior_cmd::train_prior(args, device)
@@ -612,6 +641,45 @@ fn main() -> Result<()> {
             prior_cmd::sample(args, device)
         }
     }
+}
+
+/// `downstream`: tokenizers × seeds, their codes, priors and the paired table.
+fn downstream(args: DownstreamArgs) -> Result<()> {
+    let DownstreamArgs {
+        run,
+        estimators,
+        seeds,
+        prior_preset,
+        prior_steps,
+        prior_batch_size,
+        prior_lr,
+    } = args;
+    if run.seed.is_some() || run.estimator.is_some() {
+        bail!("downstream takes --estimators and --seeds (not --estimator / --seed)");
+    }
+    let sweep = vq_train::sweep::Sweep {
+        methods: estimators
+            .iter()
+            .map(|e| Method::from_name(e))
+            .collect::<Result<Vec<_>>>()?,
+        seeds: vq_train::sweep::parse_seeds(&seeds)?,
+        ..Default::default()
+    };
+    run.apply_runtime()?;
+    let opts =
+        run.options(default_out(&run.preset).with_file_name(format!("downstream-{}", run.preset)))?;
+    let plan = vq_train::downstream::PriorPlan {
+        preset: prior_preset,
+        steps: prior_steps,
+        batch_size: prior_batch_size,
+        learning_rate: prior_lr,
+        device: opts.device,
+    };
+    vq_train::downstream::downstream(&opts, &sweep, &plan)?;
+    let md = opts.out.join("downstream.md");
+    println!("{}", std::fs::read_to_string(&md)?);
+    println!("written: {}, downstream.json", md.display());
+    Ok(())
 }
 
 /// `info`: the linked libtorch's capabilities.

@@ -10,7 +10,7 @@
 //! is the one the others are compared with.
 
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
 use vq_tch::{CodebookLearning, Family};
@@ -323,6 +323,24 @@ pub struct CellStats {
     pub metrics: Vec<(String, Summary, Option<Paired>)>,
 }
 
+/// The folder of one run of a sweep under `out`: `[<setting>/]<method>[/seed<s>]`.
+pub fn run_folder(
+    out: &Path,
+    setting: Option<&Setting>,
+    method: Method,
+    seed: Option<u64>,
+) -> PathBuf {
+    let mut out = out.to_path_buf();
+    if let Some(setting) = setting {
+        out.push(setting.folder());
+    }
+    out.push(method.name());
+    if let Some(s) = seed {
+        out.push(format!("seed{s}"));
+    }
+    out
+}
+
 /// Trains, evaluates and summarises every method × setting × seed of `sweep` under
 /// `base.out` (module docs), writing `compare.md`, `compare.json` and one
 /// `compare-<metric>.png` per metric (means with ± one standard deviation bars) there.
@@ -352,14 +370,7 @@ pub fn sweep(base: &TrainOptions, sweep: &Sweep) -> Result<(Vec<SweepRow>, Vec<C
                 method.apply(&mut config).with_context(|| {
                     format!("setting {:?}, method {}", setting.label(), method.name())
                 })?;
-                let mut out = base.out.clone();
-                if swept {
-                    out.push(setting.folder());
-                }
-                out.push(method.name());
-                if let Some(s) = seed {
-                    out.push(format!("seed{s}"));
-                }
+                let out = run_folder(&base.out, swept.then_some(setting), method, seed);
                 cells.push((*setting, method, config, out));
             }
         }

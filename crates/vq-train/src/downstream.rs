@@ -1,0 +1,323 @@
+//! The downstream comparison: per method × seed, tokenizer → codes → prior → held-out
+//! likelihood, with reconstruction and generation side by side and the paired statistics of
+//! `compare --seeds`. Every stage is kept when it is already complete, so an interrupted
+//! comparison continues where it stopped (`--resume`).
+//!
+//! Layout under the comparison's folder: `<method>/seed<s>/` the tokenizer run (as `compare`
+//! writes it), in it `codes-train.safetensors`, `codes-val.safetensors` and `prior/` (the prior
+//! run, with `eval.json`); `downstream.md` and `downstream.json` beside the methods.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, ensure};
+use serde::Serialize;
+use tch::Device;
+use vq_data::Split;
+
+use crate::codes::{LoadedRun, encode};
+use crate::config::TrainOptions;
+use crate::layout::RunDir;
+use crate::method::Method;
+use crate::prior::{Likelihood, PriorOptions, PriorRunConfig, PriorTraining, train_prior};
+use crate::stats::{self, Paired, Summary};
+use crate::sweep::{Sweep, SweepRow, run_folder};
+
+/// How each prior of the comparison trains.
+#[derive(Debug, Clone)]
+pub struct PriorPlan {
+    /// Prior preset ([`vq_prior::PRESETS`]).
+    pub preset: String,
+    /// Optimiser steps.
+    pub steps: usize,
+    /// Grids per step.
+    pub batch_size: usize,
+    /// Peak learning rate.
+    pub learning_rate: f64,
+    /// Device of the priors.
+    pub device: Device,
+}
+
+/// One method × seed of the comparison.
+#[derive(Debug, Clone, Serialize)]
+pub struct DownstreamRow {
+    /// Method.
+    pub method: String,
+    /// Seed (of the tokenizer and its prior).
+    pub seed: u64,
+    /// Held-out reconstruction MSE of the tokenizer.
+    pub val_rec_mse: f64,
+    /// Held-out codebook usage of the tokenizer.
+    pub val_usage: f64,
+    /// Held-out perplexity of the tokenizer's codes.
+    pub val_perplexity: f64,
+    /// The prior's held-out likelihood.
+    pub prior: Likelihood,
+}
+
+/// A metric of the downstream table.
+struct Column {
+    key: &'static str,
+    title: &'static str,
+    get: fn(&DownstreamRow) -> f64,
+    show: fn(f64) -> String,
+}
+
+const COLUMNS: [Column; 4] = [
+    Column {
+        key: "val_rec_mse",
+        title: "Val rec. MSE",
+        get: |r| r.val_rec_mse,
+        show: |v| format!("{v:.5}"),
+    },
+    Column {
+        key: "val_usage",
+        title: "Codebook usage (val)",
+        get: |r| r.val_usage,
+        show: |v| format!("{:.1}%", 100.0 * v),
+    },
+    Column {
+        key: "val_perplexity",
+        title: "Code perplexity (val)",
+        get: |r| r.val_perplexity,
+        show: |v| format!("{v:.1}"),
+    },
+    Column {
+        key: "prior_bits_per_token",
+        title: "Prior NLL (val, bits/code)",
+        get: |r| r.prior.bits_per_token,
+        show: |v| format!("{v:.4}"),
+    },
+];
+
+/// Per method: each metric's summary and the paired comparison with the first method.
+#[derive(Debug, Clone, Serialize)]
+pub struct DownstreamStats {
+    /// Method.
+    pub method: String,
+    /// Per metric key: summary over seeds and paired comparison (not for the first method).
+    pub metrics: Vec<(String, Summary, Option<Paired>)>,
+}
+
+/// Trains (or reuses) the tokenizers of `sweep` (methods × seeds) under `base.out`, encodes
+/// both splits with each, trains `plan`'s prior on each training split and measures it on the
+/// held-out codes; writes `downstream.md` and `downstream.json`.
+///
+/// # Errors
+/// A sweep with a grid axis (methods × seeds only); errors of training, encoding, priors.
+pub fn downstream(
+    base: &TrainOptions,
+    sweep: &Sweep,
+    plan: &PriorPlan,
+) -> Result<(Vec<DownstreamRow>, Vec<DownstreamStats>)> {
+    ensure!(
+        sweep.families.is_empty() && sweep.codebook_sizes.is_empty() && sweep.ema_decays.is_empty(),
+        "the downstream comparison runs methods × seeds (no --grid)"
+    );
+    let (rows, _) = crate::sweep::sweep(base, sweep)?;
+    let mut out = Vec::new();
+    for r in &rows {
+        let method = Method::from_name(&r.method)?;
+        let seed = (!sweep.seeds.is_empty()).then_some(r.seed);
+        let tok = run_folder(&base.out, None, method, seed);
+        eprintln!("== prior on {} ({})", r.method, tok.display());
+        let prior = prior_of(&tok, r.seed, plan)?;
+        out.push(row(r, prior));
+    }
+    let stats = statistics(&out);
+    let md = markdown(base, plan, &out, &stats);
+    let dir = RunDir::new(&base.out);
+    crate::checkpoint::write_atomic(&dir.path().join("downstream.md"), md.as_bytes())?;
+    let json = serde_json::json!({ "rows": out, "stats": stats });
+    crate::checkpoint::write_atomic(
+        &dir.path().join("downstream.json"),
+        serde_json::to_string_pretty(&json)?.as_bytes(),
+    )?;
+    Ok((out, stats))
+}
+
+fn row(r: &SweepRow, prior: Likelihood) -> DownstreamRow {
+    DownstreamRow {
+        method: r.method.clone(),
+        seed: r.seed,
+        val_rec_mse: r.row.val.rec_mse,
+        val_usage: r.row.val.usage,
+        val_perplexity: r.row.val.perplexity,
+        prior,
+    }
+}
+
+/// The codes of tokenizer run `tok` (kept when complete), its prior (resumed or reused) and
+/// the prior's held-out likelihood.
+fn prior_of(tok: &Path, seed: u64, plan: &PriorPlan) -> Result<Likelihood> {
+    let codes = |split: Split, name: &str| -> Result<PathBuf> {
+        let path = tok.join(name);
+        let mut run = LoadedRun::load(tok, plan.device)?;
+        let batch = run.config.micro_batch;
+        encode(&mut run, None, split, &path, 50_000, batch, false)?;
+        Ok(path)
+    };
+    let (train, val) = (
+        codes(Split::Train, "codes-train.safetensors")?,
+        codes(Split::Test, "codes-val.safetensors")?,
+    );
+    let out = tok.join("prior");
+    let eval = RunDir::new(&out).eval();
+    if let Ok(text) = std::fs::read_to_string(&eval) {
+        let done: Likelihood = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a prior's eval.json", eval.display()))?;
+        return Ok(done);
+    }
+    let set = crate::codeset::CodeSet::open(std::slice::from_ref(&train))?;
+    let training = PriorTraining::llamagen(plan.steps, plan.batch_size, plan.learning_rate);
+    let config = PriorRunConfig::for_codes(
+        &plan.preset,
+        &set,
+        (vec![train], vec![val]),
+        Some(tok.to_path_buf()),
+        training,
+        seed,
+    )?;
+    drop(set);
+    let opts = PriorOptions {
+        config,
+        resume: out.exists(),
+        out,
+        device: plan.device,
+        log_every: 50,
+        checkpoint_every: 200,
+        progress: false,
+        stop_after: None,
+    };
+    train_prior(opts, None)?
+        .eval
+        .context("the prior run measured no held-out likelihood")
+}
+
+/// Summaries per method and paired comparisons (by seed) with the first method.
+fn statistics(rows: &[DownstreamRow]) -> Vec<DownstreamStats> {
+    let mut methods: Vec<&str> = Vec::new();
+    for r in rows {
+        if !methods.contains(&r.method.as_str()) {
+            methods.push(&r.method);
+        }
+    }
+    let of = |m: &str| -> Vec<&DownstreamRow> { rows.iter().filter(|r| r.method == m).collect() };
+    methods
+        .iter()
+        .map(|&m| {
+            let mine = of(m);
+            let first = (methods[0] != m).then(|| of(methods[0]));
+            let metrics = COLUMNS
+                .iter()
+                .map(|c| {
+                    let values: Vec<f64> = mine.iter().map(|r| (c.get)(r)).collect();
+                    let paired = first.as_ref().map(|theirs| {
+                        let (mut a, mut b) = (Vec::new(), Vec::new());
+                        for r in &mine {
+                            if let Some(t) = theirs.iter().find(|t| t.seed == r.seed) {
+                                a.push((c.get)(t));
+                                b.push((c.get)(r));
+                            }
+                        }
+                        stats::paired(&a, &b)
+                    });
+                    (c.key.to_owned(), stats::summary(&values), paired)
+                })
+                .collect();
+            DownstreamStats {
+                method: m.to_owned(),
+                metrics,
+            }
+        })
+        .collect()
+}
+
+/// The comparison as markdown: what ran, the summary, the paired differences, every run.
+fn markdown(
+    base: &TrainOptions,
+    plan: &PriorPlan,
+    rows: &[DownstreamRow],
+    stats: &[DownstreamStats],
+) -> String {
+    let c = &base.config;
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Tokenizers: preset `{}` on {}, {} steps of batch {}. Priors: `{}`, {} steps of batch {} \
+         at lr {}, on each tokenizer's training codes; NLL on its held-out codes.\n",
+        c.preset,
+        c.data,
+        c.training.steps,
+        c.training.batch_size,
+        plan.preset,
+        plan.steps,
+        plan.batch_size,
+        plan.learning_rate
+    );
+    let _ = writeln!(
+        s,
+        "Mean ± sample standard deviation over the seeds; paired differences against the first \
+         method (clear only when the paired t-test gives p < {} and every seed agrees in sign, \
+         at least {} seeds). A prior's NLL compares tokenizers of the same codebook size: fewer \
+         bits per code mean codes that are easier to model, not better images by themselves.\n",
+        stats::ALPHA,
+        stats::MIN_SEEDS
+    );
+    let head: Vec<&str> = COLUMNS.iter().map(|c| c.title).collect();
+    let _ = writeln!(s, "| Method | {} |", head.join(" | "));
+    let _ = writeln!(s, "|---|{}", "---|".repeat(COLUMNS.len()));
+    for st in stats {
+        let v: Vec<String> = COLUMNS
+            .iter()
+            .zip(&st.metrics)
+            .map(|(c, (_, sum, _))| match sum.n {
+                1 => (c.show)(sum.mean),
+                _ => format!("{} ± {}", (c.show)(sum.mean), (c.show)(sum.sd)),
+            })
+            .collect();
+        let _ = writeln!(s, "| {} | {} |", st.method, v.join(" | "));
+    }
+    let _ = writeln!(
+        s,
+        "\nPaired differences (method − {}):\n",
+        stats.first().map_or("", |f| f.method.as_str())
+    );
+    let _ = writeln!(s, "| Method | {} |", head.join(" | "));
+    let _ = writeln!(s, "|---|{}", "---|".repeat(COLUMNS.len()));
+    for st in stats.iter().skip(1) {
+        let v: Vec<String> = st
+            .metrics
+            .iter()
+            .map(|(_, _, p)| match p {
+                Some(p) => format!(
+                    "{:+.4} ({}, {})",
+                    p.mean_diff,
+                    p.p.map_or_else(|| "p —".to_owned(), |v| format!("p = {v:.3}")),
+                    p.verdict.word()
+                ),
+                None => "—".into(),
+            })
+            .collect();
+        let _ = writeln!(s, "| {} | {} |", st.method, v.join(" | "));
+    }
+    let _ = writeln!(s, "\nEvery run:\n");
+    let _ = writeln!(
+        s,
+        "| Method | Seed | {} | Prior NLL (bits/image) |",
+        head.join(" | ")
+    );
+    let _ = writeln!(s, "|---|---|{}---|", "---|".repeat(COLUMNS.len()));
+    for r in rows {
+        let v: Vec<String> = COLUMNS.iter().map(|c| (c.show)((c.get)(r))).collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {:.1} |",
+            r.method,
+            r.seed,
+            v.join(" | "),
+            r.prior.bits_per_image
+        );
+    }
+    s
+}
