@@ -218,10 +218,63 @@ pub fn sample(args: SampleArgs, device: Device) -> Result<()> {
     vq_train::codes::write_codes_file(&path, &codes, with_classes, &codebook, meta)?;
     let images = args.out.join("images");
     let written = vq_train::codes::decode(&run, &path, &images, args.batch.max(1))?;
+    let figure = args.out.join("samples.png");
+    class_grid(&run, &codes, labels.as_deref(), &train.classes, &figure)?;
     println!(
-        "{written} samples: codes in {}, images in {}",
+        "{written} samples: codes in {}, images in {}, grid {}",
         path.display(),
-        images.display()
+        images.display(),
+        figure.display()
     );
     Ok(())
+}
+
+/// One labelled row per class (or one row of unconditional samples), at most 16 images a row,
+/// decoded through the tokenizer.
+fn class_grid(
+    run: &vq_train::codes::LoadedRun,
+    codes: &Tensor,
+    labels: Option<&[i64]>,
+    classes: &[String],
+    path: &std::path::Path,
+) -> Result<()> {
+    let device = run.model.quantizer().codebook().device();
+    let decode = |rows: &[i64]| -> Result<Tensor> {
+        let idx = Tensor::from_slice(&rows[..rows.len().min(16)]);
+        let grids = codes.index_select(0, &idx).to_device(device);
+        Ok(tch::no_grad(|| run.model.decode_codes(&grids))?.to_device(Device::Cpu))
+    };
+    let mut rows: Vec<(String, Tensor)> = Vec::new();
+    match labels {
+        None => rows.push((
+            "samples".into(),
+            decode(&(0..codes.size()[0]).collect::<Vec<_>>())?,
+        )),
+        Some(labels) => {
+            let mut seen: Vec<i64> = Vec::new();
+            for &c in labels {
+                if !seen.contains(&c) {
+                    seen.push(c);
+                }
+            }
+            for c in seen {
+                let mine: Vec<i64> = (0..labels.len() as i64)
+                    .filter(|&i| labels[i as usize] == c)
+                    .collect();
+                let name = classes
+                    .get(c as usize)
+                    .cloned()
+                    .unwrap_or_else(|| c.to_string());
+                rows.push((name, decode(&mine)?));
+            }
+        }
+    }
+    let shown: Vec<(&str, &Tensor)> = rows.iter().map(|(l, t)| (l.as_str(), t)).collect();
+    let zoom = vq_train::plot::zoom_for(&rows[0].1);
+    vq_train::plot::reconstruction_grid(
+        path,
+        "Samples of the prior, decoded by the tokenizer",
+        &shown,
+        zoom,
+    )
 }

@@ -156,6 +156,8 @@ fn a_prior_trains_on_encoded_codes_resumes_bit_for_bit_and_samples() {
         .collect();
     assert_eq!(labels, [3, 3, 7, 7]);
     assert_eq!(std::fs::read_dir(out.join("images")).unwrap().count(), 4);
+    let grid = image::open(out.join("samples.png")).unwrap();
+    assert!(grid.height() > 2 * 32, "two labelled rows of samples");
     let _ = std::fs::remove_dir_all(&dir);
 }
 
