@@ -12,11 +12,14 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, ensure};
 use serde::Serialize;
-use tch::Device;
+use tch::{Device, Tensor};
 use vq_data::Split;
 
 use crate::codes::{LoadedRun, encode};
 use crate::config::TrainOptions;
+use crate::data::DataSource;
+use crate::domain::{DomainNet, GenerationMetrics, generation_metrics};
+use crate::labels::split_labels;
 use crate::layout::RunDir;
 use crate::method::Method;
 use crate::prior::{Likelihood, PriorOptions, PriorRunConfig, PriorTraining, train_prior};
@@ -53,42 +56,59 @@ pub struct DownstreamRow {
     pub val_perplexity: f64,
     /// The prior's held-out likelihood.
     pub prior: Likelihood,
+    /// Its samples' quality by the domain classifier (data with labels only).
+    pub generation: Option<GenerationMetrics>,
 }
 
 /// A metric of the downstream table.
 struct Column {
     key: &'static str,
     title: &'static str,
-    get: fn(&DownstreamRow) -> f64,
+    get: fn(&DownstreamRow) -> Option<f64>,
     show: fn(f64) -> String,
 }
 
-const COLUMNS: [Column; 4] = [
+const COLUMNS: [Column; 6] = [
     Column {
         key: "val_rec_mse",
         title: "Val rec. MSE",
-        get: |r| r.val_rec_mse,
+        get: |r| Some(r.val_rec_mse),
         show: |v| format!("{v:.5}"),
     },
     Column {
         key: "val_usage",
         title: "Codebook usage (val)",
-        get: |r| r.val_usage,
+        get: |r| Some(r.val_usage),
         show: |v| format!("{:.1}%", 100.0 * v),
     },
     Column {
         key: "val_perplexity",
         title: "Code perplexity (val)",
-        get: |r| r.val_perplexity,
+        get: |r| Some(r.val_perplexity),
         show: |v| format!("{v:.1}"),
     },
     Column {
         key: "prior_bits_per_token",
         title: "Prior NLL (val, bits/code)",
-        get: |r| r.prior.bits_per_token,
+        get: |r| Some(r.prior.bits_per_token),
         show: |v| format!("{v:.4}"),
     },
+    Column {
+        key: "domain_fd",
+        title: "Samples' domain FD (vs val)",
+        get: |r| r.generation.as_ref().map(|g| g.domain_fd),
+        show: |v| format!("{v:.3}"),
+    },
+    Column {
+        key: "class_accuracy",
+        title: "Samples' class accuracy",
+        get: |r| r.generation.as_ref().and_then(|g| g.class_accuracy),
+        show: |v| format!("{:.1}%", 100.0 * v),
+    },
 ];
+
+/// Grids sampled per class (or in all, unconditional) for the generation metrics.
+pub const SAMPLES_PER_CLASS: usize = 50;
 
 /// Per method: each metric's summary and the paired comparison with the first method.
 #[derive(Debug, Clone, Serialize)]
@@ -115,6 +135,7 @@ pub fn downstream(
         "the downstream comparison runs methods × seeds (no --grid)"
     );
     let (rows, _) = crate::sweep::sweep(base, sweep)?;
+    let judge = Judge::new(base)?;
     let mut out = Vec::new();
     for r in &rows {
         let method = Method::from_name(&r.method)?;
@@ -122,7 +143,11 @@ pub fn downstream(
         let tok = run_folder(&base.out, None, method, seed);
         eprintln!("== prior on {} ({})", r.method, tok.display());
         let prior = prior_of(&tok, r.seed, plan)?;
-        out.push(row(r, prior));
+        let generation = match &judge {
+            Some(j) => Some(j.generation_of(&tok, r.seed, plan.device)?),
+            None => None,
+        };
+        out.push(row(r, prior, generation));
     }
     let stats = statistics(&out);
     let md = markdown(base, plan, &out, &stats);
@@ -136,7 +161,7 @@ pub fn downstream(
     Ok((out, stats))
 }
 
-fn row(r: &SweepRow, prior: Likelihood) -> DownstreamRow {
+fn row(r: &SweepRow, prior: Likelihood, generation: Option<GenerationMetrics>) -> DownstreamRow {
     DownstreamRow {
         method: r.method.clone(),
         seed: r.seed,
@@ -144,6 +169,89 @@ fn row(r: &SweepRow, prior: Likelihood) -> DownstreamRow {
         val_usage: r.row.val.usage,
         val_perplexity: r.row.val.perplexity,
         prior,
+        generation,
+    }
+}
+
+/// The domain classifier of the comparison's data and the held-out images samples are
+/// compared with.
+struct Judge {
+    net: DomainNet,
+    reference: Tensor,
+}
+
+impl Judge {
+    /// `None` for data without labels. The classifier is kept in `<out>/domain/`.
+    fn new(base: &TrainOptions) -> Result<Option<Self>> {
+        let c = &base.config;
+        let source = DataSource::parse(&c.data)?;
+        let (Some(train_labels), Some(val_labels)) = (
+            split_labels(&source, Split::Train, c.preprocessing)?,
+            split_labels(&source, Split::Test, c.preprocessing)?,
+        ) else {
+            return Ok(None);
+        };
+        let (train, val) = (
+            c.load_split(&source, Split::Train)?,
+            c.load_split(&source, Split::Test)?,
+        );
+        let net = DomainNet::trained(
+            &base.out.join("domain"),
+            (&train, &train_labels.values),
+            (&val, &val_labels.values),
+            train_labels.classes.len(),
+            base.device,
+        )?;
+        eprintln!(
+            "domain classifier: {:.1}% held-out accuracy",
+            100.0 * net.accuracy
+        );
+        let idx: Vec<i64> = (0..val.len() as i64).collect();
+        let reference = val.batch(&idx, base.device)?;
+        Ok(Some(Self { net, reference }))
+    }
+
+    /// The generation metrics of the prior in `tok/prior` (kept in its `generation.json`):
+    /// [`SAMPLES_PER_CLASS`] grids per class drawn from seed `1_000_000 + seed` with the
+    /// default sampling (temperature 1, no filter, no guidance), decoded by the tokenizer.
+    fn generation_of(&self, tok: &Path, seed: u64, device: Device) -> Result<GenerationMetrics> {
+        let dir = tok.join("prior");
+        let path = dir.join("generation.json");
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            return serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a generation record", path.display()));
+        }
+        let (_, prior, _vs) = crate::prior::load_prior(&dir, device)?;
+        let run = LoadedRun::load(tok, device)?;
+        let classes = prior.config().conditioning.classes() as i64;
+        let labels: Option<Vec<i64>> = (classes > 0).then(|| {
+            (0..classes)
+                .flat_map(|c| std::iter::repeat_n(c, SAMPLES_PER_CLASS))
+                .collect()
+        });
+        let n = labels.as_ref().map_or(SAMPLES_PER_CLASS, Vec::len);
+        let codes = prior.sample(
+            labels.as_deref(),
+            n,
+            1_000_000 + seed,
+            &vq_prior::Sampling::default(),
+            vq_prior::Cache::Kv,
+        )?;
+        let images: Vec<Tensor> = (0..n as i64)
+            .step_by(100)
+            .map(|s| {
+                let part = codes.narrow(0, s, 100.min(n as i64 - s));
+                Ok(tch::no_grad(|| run.model.decode_codes(&part))?.clamp(-1.0, 1.0))
+            })
+            .collect::<Result<_>>()?;
+        let metrics = generation_metrics(
+            &self.net,
+            &Tensor::cat(&images, 0),
+            labels.as_deref(),
+            &self.reference,
+        );
+        crate::checkpoint::write_atomic(&path, serde_json::to_string_pretty(&metrics)?.as_bytes())?;
+        Ok(metrics)
     }
 }
 
@@ -211,13 +319,14 @@ fn statistics(rows: &[DownstreamRow]) -> Vec<DownstreamStats> {
             let metrics = COLUMNS
                 .iter()
                 .map(|c| {
-                    let values: Vec<f64> = mine.iter().map(|r| (c.get)(r)).collect();
+                    let values: Vec<f64> = mine.iter().filter_map(|r| (c.get)(r)).collect();
                     let paired = first.as_ref().map(|theirs| {
                         let (mut a, mut b) = (Vec::new(), Vec::new());
                         for r in &mine {
-                            if let Some(t) = theirs.iter().find(|t| t.seed == r.seed) {
-                                a.push((c.get)(t));
-                                b.push((c.get)(r));
+                            let t = theirs.iter().find(|t| t.seed == r.seed);
+                            if let (Some(x), Some(y)) = (t.and_then(|t| (c.get)(t)), (c.get)(r)) {
+                                a.push(x);
+                                b.push(y);
                             }
                         }
                         stats::paired(&a, &b)
@@ -264,6 +373,19 @@ fn markdown(
         stats::ALPHA,
         stats::MIN_SEEDS
     );
+    if let Some(g) = rows.iter().find_map(|r| r.generation.as_ref()) {
+        let _ = writeln!(
+            s,
+            "Samples: {SAMPLES_PER_CLASS} grids per class (temperature 1, no top-k / top-p, no \
+             guidance), decoded by their tokenizer. Domain FD: the Fréchet distance between the \
+             features of a small classifier trained on the data's labels ({:.1}% held-out \
+             accuracy) of the samples and of the {} held-out images — FID's recipe with another \
+             network, not comparable with Inception FID. Class accuracy: the fraction of samples \
+             that classifier assigns to the class they were drawn for.\n",
+            100.0 * g.classifier_accuracy,
+            g.reference
+        );
+    }
     let head: Vec<&str> = COLUMNS.iter().map(|c| c.title).collect();
     let _ = writeln!(s, "| Method | {} |", head.join(" | "));
     let _ = writeln!(s, "|---|{}", "---|".repeat(COLUMNS.len()));
@@ -272,6 +394,7 @@ fn markdown(
             .iter()
             .zip(&st.metrics)
             .map(|(c, (_, sum, _))| match sum.n {
+                0 => "—".to_owned(),
                 1 => (c.show)(sum.mean),
                 _ => format!("{} ± {}", (c.show)(sum.mean), (c.show)(sum.sd)),
             })
@@ -290,13 +413,13 @@ fn markdown(
             .metrics
             .iter()
             .map(|(_, _, p)| match p {
-                Some(p) => format!(
+                Some(p) if p.n > 0 => format!(
                     "{:+.4} ({}, {})",
                     p.mean_diff,
                     p.p.map_or_else(|| "p —".to_owned(), |v| format!("p = {v:.3}")),
                     p.verdict.word()
                 ),
-                None => "—".into(),
+                _ => "—".into(),
             })
             .collect();
         let _ = writeln!(s, "| {} | {} |", st.method, v.join(" | "));
@@ -309,7 +432,10 @@ fn markdown(
     );
     let _ = writeln!(s, "|---|---|{}---|", "---|".repeat(COLUMNS.len()));
     for r in rows {
-        let v: Vec<String> = COLUMNS.iter().map(|c| (c.show)((c.get)(r))).collect();
+        let v: Vec<String> = COLUMNS
+            .iter()
+            .map(|c| (c.get)(r).map_or_else(|| "—".to_owned(), c.show))
+            .collect();
         let _ = writeln!(
             s,
             "| {} | {} | {} | {:.1} |",

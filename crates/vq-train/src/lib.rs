@@ -10,6 +10,7 @@ pub mod compare;
 pub mod config;
 pub mod data;
 pub mod dist;
+pub mod domain;
 pub mod downstream;
 pub mod eval;
 pub mod labels;
