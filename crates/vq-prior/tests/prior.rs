@@ -281,7 +281,8 @@ fn training_lowers_the_loss_and_repeats_exactly() {
             let y = Tensor::from_slice(&[0i64, 1, 2, 3]);
             let mut losses = Vec::new();
             for step in 0..30 {
-                let loss = prior.training_loss(&codes, Some(&y), 100 + step).unwrap();
+                let seeds: Vec<u64> = (0..4).map(|i| 100 * step + i).collect();
+                let loss = prior.training_loss(&codes, Some(&y), &seeds).unwrap();
                 opt.backward_step(&loss);
                 losses.push(f64::try_from(loss).unwrap());
             }

@@ -61,9 +61,14 @@ pub struct TrainPriorArgs {
     /// Device (cpu, cuda, cuda:N).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Seconds a rank waits for the others in a collective before naming the lost one (under
+    /// torchrun or srun).
+    #[arg(long, default_value_t = 600)]
+    pub dist_timeout: u64,
 }
 
-/// `train-prior`.
+/// `train-prior`: alone, or as one rank under torchrun / srun (the global batch split over
+/// the ranks; every grid draws what it draws in one process).
 pub fn train_prior(args: TrainPriorArgs, device: Device) -> Result<()> {
     ensure!(
         args.stop_after != Some(0),
@@ -83,7 +88,7 @@ pub fn train_prior(args: TrainPriorArgs, device: Device) -> Result<()> {
         config.prior.pkeep = p;
     }
     drop(train);
-    let opts = PriorOptions {
+    let mut opts = PriorOptions {
         config,
         out: args.out.clone(),
         device,
@@ -93,7 +98,29 @@ pub fn train_prior(args: TrainPriorArgs, device: Device) -> Result<()> {
         progress: !args.quiet,
         stop_after: args.stop_after,
     };
-    let done = vq_train::prior::train_prior(opts, None)?;
+    let group = match vq_dist::Launch::from_env()? {
+        Some(launch) => {
+            opts.device = vq_train::dist::rank_device(opts.device, &launch)?;
+            let timeout = std::time::Duration::from_secs(args.dist_timeout.max(1));
+            let (_, pg) = vq_train::dist::join_from_env(opts.device, timeout)?
+                .context("the launch environment vanished")?;
+            if pg.is_main() {
+                eprintln!(
+                    "data-parallel prior: {} ranks over {}, {} grids per rank",
+                    pg.world(),
+                    pg.backend().name(),
+                    opts.config.training.batch_size / pg.world()
+                );
+            }
+            Some(std::sync::Arc::new(pg))
+        }
+        None => None,
+    };
+    let main = group.as_ref().is_none_or(|g| g.is_main());
+    let done = vq_train::prior::train_prior(opts, group)?;
+    if !main {
+        return Ok(());
+    }
     if let Some(m) = done.history.last() {
         println!(
             "step {}: training loss {:.4} nats ({:.3} bits) per code",

@@ -161,6 +161,64 @@ fn a_prior_trains_on_encoded_codes_resumes_bit_for_bit_and_samples() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The largest absolute difference between two safetensors files' tensors.
+fn max_difference(a: &Path, b: &Path) -> f64 {
+    let load = |p: &Path| tch::Tensor::read_safetensors(p).unwrap();
+    let (ta, tb) = (load(a), load(b));
+    assert_eq!(ta.len(), tb.len());
+    ta.iter()
+        .map(|(name, t)| {
+            let u = &tb.iter().find(|(n, _)| n == name).unwrap().1;
+            f64::try_from((t - u).abs().max()).unwrap()
+        })
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn two_ranks_train_a_prior_as_one_process_with_the_whole_batch() {
+    let dir = std::env::temp_dir().join(format!("vq-train-prior-dp-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (tok, codes) = tokenizer_and_codes(&dir, "3");
+    let (tok_s, codes_s) = (tok.to_str().unwrap(), codes.to_str().unwrap());
+    let one = dir.join("one");
+    vq_train(&prior_args(codes_s, tok_s, one.to_str().unwrap()));
+    let two = dir.join("two");
+    let port = vq_dist::launch::free_local_port().unwrap().to_string();
+    let ranks: Vec<_> = (0..2)
+        .map(|rank| {
+            Command::new(env!("CARGO_BIN_EXE_vq-train"))
+                .args(prior_args(codes_s, tok_s, two.to_str().unwrap()))
+                .env("RANK", rank.to_string())
+                .env("LOCAL_RANK", rank.to_string())
+                .env("WORLD_SIZE", "2")
+                .env("MASTER_ADDR", "127.0.0.1")
+                .env("MASTER_PORT", &port)
+                .env("RUST_BACKTRACE", "0")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outputs: Vec<_> = ranks
+        .into_iter()
+        .map(|c| c.wait_with_output().unwrap())
+        .collect();
+    for (rank, o) in outputs.iter().enumerate() {
+        assert!(
+            o.status.success(),
+            "rank {rank}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let file = "checkpoints/step-00000006/model.safetensors";
+    let d = max_difference(&one.join(file), &two.join(file));
+    eprintln!("prior, 1 vs 2 ranks: largest weight difference {d:.2e}");
+    assert!(d < 1e-5, "weights differ by {d:.2e}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn codes_that_do_not_belong_together_are_refused() {
     let dir = std::env::temp_dir().join(format!("vq-train-codeset-{}", std::process::id()));

@@ -146,9 +146,11 @@ impl PriorTask {
         (self.prior, self.vs)
     }
 
-    /// The seed of step `step`'s draws.
-    fn step_seed(&self, step: usize) -> u64 {
-        self.opts.config.seed ^ (step as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+    /// The seed of the draws of dataset grid `index` at step `step`: the same on whichever
+    /// rank the grid lands.
+    fn sample_seed(&self, step: usize, index: i64) -> u64 {
+        let s = self.opts.config.seed ^ (step as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        s ^ (index as u64 + 1).wrapping_mul(0xd1b5_4a32_d192_ed03)
     }
 }
 
@@ -193,9 +195,8 @@ impl Task for PriorTask {
             .batch_indices(step);
         let (codes, labels) = self.data.batch(&idx, self.opts.device);
         self.opt.zero_grad();
-        let loss = self
-            .prior
-            .training_loss(&codes, labels.as_ref(), self.step_seed(step))?;
+        let seeds: Vec<u64> = idx.iter().map(|&i| self.sample_seed(step, i)).collect();
+        let loss = self.prior.training_loss(&codes, labels.as_ref(), &seeds)?;
         cx.backward(&loss)?;
         cx.dist.average_gradients(&self.opt)?;
         let norm = self.opt.clip_on_device(t.grad_clip);
