@@ -70,10 +70,6 @@ pub struct TrainPriorArgs {
 /// `train-prior`: alone, or as one rank under torchrun / srun (the global batch split over
 /// the ranks; every grid draws what it draws in one process).
 pub fn train_prior(args: TrainPriorArgs, device: Device) -> Result<()> {
-    ensure!(
-        args.stop_after != Some(0),
-        "--stop-after 0 would train nothing: give at least 1"
-    );
     let train = CodeSet::open(&args.codes)?;
     let training = PriorTraining::llamagen(args.steps, args.batch_size, args.lr);
     let mut config = PriorRunConfig::for_codes(

@@ -161,6 +161,10 @@ fn empty_data_and_bad_thread_counts_are_errors_not_panics() {
         (vec!["--threads", "-3"], "at least 1 thread"),
         (vec!["--lr", "-0.001"], "learning rate must be > 0"),
         (
+            vec!["--stop-after", "0"],
+            "--stop-after 0 would stop before the first step",
+        ),
+        (
             vec!["--lpips", "/nonexistent/lpips.safetensors"],
             "no such file",
         ),

@@ -82,6 +82,11 @@ impl<T: Task> Learner<T> {
     /// Options that differ between ranks, a run folder holding another run, unreadable
     /// checkpoints, a lost rank, `--profile-steps` outside the steps trained.
     pub fn new(mut task: T, opts: LoopOptions, dist: Dist) -> Result<Self> {
+        ensure!(
+            opts.stop_after != Some(0),
+            "--stop-after 0 would stop before the first step, training and evaluating nothing: \
+             give at least 1"
+        );
         // The options that decide when the ranks communicate.
         dist.check_same(
             "--stop-after / --checkpoint-every",
