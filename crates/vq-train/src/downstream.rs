@@ -258,10 +258,10 @@ impl Judge {
 /// The codes of tokenizer run `tok` (kept when complete), its prior (resumed or reused) and
 /// the prior's held-out likelihood.
 fn prior_of(tok: &Path, seed: u64, plan: &PriorPlan) -> Result<Likelihood> {
-    let codes = |split: Split, name: &str| -> Result<PathBuf> {
+    let mut run = LoadedRun::load(tok, plan.device)?;
+    let batch = run.config.micro_batch;
+    let mut codes = |split: Split, name: &str| -> Result<PathBuf> {
         let path = tok.join(name);
-        let mut run = LoadedRun::load(tok, plan.device)?;
-        let batch = run.config.micro_batch;
         encode(&mut run, None, split, &path, 50_000, batch, false)?;
         Ok(path)
     };
@@ -269,6 +269,7 @@ fn prior_of(tok: &Path, seed: u64, plan: &PriorPlan) -> Result<Likelihood> {
         codes(Split::Train, "codes-train.safetensors")?,
         codes(Split::Test, "codes-val.safetensors")?,
     );
+    drop(run);
     let out = tok.join("prior");
     let eval = RunDir::new(&out).eval();
     if let Ok(text) = std::fs::read_to_string(&eval) {
@@ -286,7 +287,6 @@ fn prior_of(tok: &Path, seed: u64, plan: &PriorPlan) -> Result<Likelihood> {
         training,
         seed,
     )?;
-    drop(set);
     let opts = PriorOptions {
         config,
         resume: out.exists(),
@@ -297,7 +297,7 @@ fn prior_of(tok: &Path, seed: u64, plan: &PriorPlan) -> Result<Likelihood> {
         progress: false,
         stop_after: None,
     };
-    train_prior(opts, None)?
+    train_prior(opts, set, None)?
         .eval
         .context("the prior run measured no held-out likelihood")
 }

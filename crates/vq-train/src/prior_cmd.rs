@@ -83,7 +83,6 @@ pub fn train_prior(args: TrainPriorArgs, device: Device) -> Result<()> {
     if let Some(p) = args.pkeep {
         config.prior.pkeep = p;
     }
-    drop(train);
     let mut opts = PriorOptions {
         config,
         out: args.out.clone(),
@@ -113,7 +112,7 @@ pub fn train_prior(args: TrainPriorArgs, device: Device) -> Result<()> {
         None => None,
     };
     let main = group.as_ref().is_none_or(|g| g.is_main());
-    let done = vq_train::prior::train_prior(opts, group)?;
+    let done = vq_train::prior::train_prior(opts, train, group)?;
     if !main {
         return Ok(());
     }

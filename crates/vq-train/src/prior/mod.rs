@@ -88,13 +88,13 @@ pub struct PriorTask {
 }
 
 impl PriorTask {
-    /// Validates the run, reads its training codes and builds the prior (a fresh one; the loop
-    /// resumes a checkpoint into it) for `world` ranks.
+    /// Validates the run against its training codes `data` (read from
+    /// `opts.config.train_codes`) and builds the prior (a fresh one; the loop resumes a
+    /// checkpoint into it) for `world` ranks.
     ///
     /// # Errors
-    /// Bad configuration, unreadable or mismatched codes, a batch the ranks cannot share.
-    pub fn new(opts: PriorOptions, world: usize) -> Result<Self> {
-        let data = CodeSet::open(&opts.config.train_codes)?;
+    /// Bad configuration, codes that do not fit, a batch the ranks cannot share.
+    pub fn new(opts: PriorOptions, data: CodeSet, world: usize) -> Result<Self> {
         opts.config.validate(&data)?;
         let t = &opts.config.training;
         ensure!(
@@ -291,14 +291,18 @@ pub struct TrainedPrior {
     pub eval: Option<Likelihood>,
 }
 
-/// Trains (or resumes) a prior run as one rank of `group` (`None`: alone), then measures the
-/// held-out likelihood and writes it to `eval.json`.
+/// Trains (or resumes) a prior run on its training codes `data` as one rank of `group`
+/// (`None`: alone), then measures the held-out likelihood and writes it to `eval.json`.
 ///
 /// # Errors
 /// As [`PriorTask::new`]; a run folder holding another run; a non-finite loss; I/O.
-pub fn train_prior(opts: PriorOptions, group: Option<Arc<ProcessGroup>>) -> Result<TrainedPrior> {
+pub fn train_prior(
+    opts: PriorOptions,
+    data: CodeSet,
+    group: Option<Arc<ProcessGroup>>,
+) -> Result<TrainedPrior> {
     let dist = Dist::new(group);
-    let task = PriorTask::new(opts.clone(), dist.world())?;
+    let task = PriorTask::new(opts.clone(), data, dist.world())?;
     let loop_opts = task.loop_options()?;
     let finished = Learner::new(task, loop_opts, dist.clone())?.run()?;
     let (prior, vs) = finished.task.into_prior();
