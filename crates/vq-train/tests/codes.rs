@@ -1,28 +1,17 @@
 //! `vq-train encode` / `decode`: the codes of a split in safetensors shards, resumable, decoded
 //! back to exactly the model's own reconstructions.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::vq_train_ok as vq_train;
 use safetensors::tensor::{Dtype, SafeTensors};
 use tch::{Device, Kind, Tensor};
 use vq_tch::Mode;
 use vq_train::codes::{self, LoadedRun};
 use vq_train::data::DataSource;
-
-fn vq_train(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_vq-train"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "vq-train {args:?}: {text}");
-    text
-}
 
 fn vq_train_fails(args: &[&str]) -> String {
     let out = Command::new(env!("CARGO_BIN_EXE_vq-train"))

@@ -2,25 +2,14 @@
 //! through the run loop and resumes bit for bit, `sample` decodes through the tokenizer; codes
 //! files that do not belong together are refused, naming the files.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::vq_train_ok as vq_train;
 use safetensors::SafeTensors;
 use vq_train::codeset::CodeSet;
-
-fn vq_train(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_vq-train"))
-        .args(args)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "vq-train {args:?}: {text}");
-    text
-}
 
 /// A demo tokenizer trained for 2 steps (seed `seed`) in `dir`, and its codes of the embedded
 /// Fashion-MNIST demo's val split.

@@ -206,3 +206,19 @@ pub fn assert_same_checkpoints(a: &Path, b: &Path) -> Vec<String> {
     }
     files
 }
+
+/// Runs the `vq-train` binary with `args`; panics with its output if it fails, else returns
+/// stdout and stderr.
+pub fn vq_train_ok(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vq-train"))
+        .args(args)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "vq-train {args:?}: {text}");
+    text
+}
