@@ -58,6 +58,19 @@ pub struct BenchTrain {
     /// `runs/bench-train/<preset>/`.
     #[arg(long)]
     profile: bool,
+    /// Time a prior instead (preset demo, llamagen-gpt-b, llamagen-gpt-l): training steps of
+    /// `train_prior` on random codes and the sampler's tokens/s, against the PyTorch twin
+    /// (crates/vq-train/examples/torch_prior_twin.py). --batch-size is grids per step
+    /// (default 64).
+    #[arg(long)]
+    prior: Option<String>,
+    /// The prior's codes: codebook size, grid side, classes (default: the demo tokenizer's
+    /// 256,8,10 for demo; ImageNet's 16384,16,1000 for the LlamaGen presets).
+    #[arg(long, value_delimiter = ',', num_args = 3)]
+    prior_codes: Option<Vec<usize>>,
+    /// Grids the sampler draws in one batch.
+    #[arg(long, default_value_t = 64)]
+    samples: usize,
 }
 
 /// Steps each side profiles with `--profile`.
@@ -87,6 +100,9 @@ impl BenchTrain {
             vq_train: None,
             system_python: false,
             profile: false,
+            prior: None,
+            prior_codes: None,
+            samples: 64,
         }
     }
 
@@ -116,6 +132,9 @@ impl BenchTrain {
                 root.join("target/release/vq-train")
             }
         };
+        if let Some(prior) = &self.prior {
+            return self.run_prior(root, site, prior);
+        }
         let dir = root.join("runs/bench-train").join(&self.preset);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let config = self.write_config(&bin, &dir)?;
@@ -327,6 +346,142 @@ impl BenchTrain {
             peak_memory: peak,
         })
     }
+}
+
+/// One timed run of each side of a prior bench.
+#[derive(Debug, Clone, Copy)]
+struct PriorTiming {
+    steps_per_s: f64,
+    tokens_per_s: f64,
+    peak_memory: Option<u64>,
+}
+
+impl BenchTrain {
+    /// `--prior`: `examples/prior_bench.rs` and `examples/torch_prior_twin.py`, alternately,
+    /// `--repeats` times; medians of each figure.
+    fn run_prior(&self, root: &Path, site: Option<&Path>, preset: &str) -> Result<()> {
+        if self.profile || self.precision != "f32" {
+            bail!("--prior times f32 training without --profile");
+        }
+        let codes = match (&self.prior_codes, preset) {
+            (Some(c), _) => [c[0], c[1], c[2]],
+            (None, "demo") => [256, 8, 10],
+            (None, p) if p.starts_with("llamagen") => [16384, 16, 1000],
+            (None, p) => bail!("--prior {p}: give its codes with --prior-codes K,GRID,CLASSES"),
+        };
+        crate::cargo(
+            root,
+            &[
+                "build",
+                "--release",
+                "-p",
+                "vq-train",
+                "--example",
+                "prior_bench",
+            ],
+            &[],
+        )?;
+        let bin = root.join("target/release/examples/prior_bench");
+        let dir = root
+            .join("runs/bench-train")
+            .join(format!("prior-{preset}"));
+        let warmup = self.warmup.to_string();
+        let steps = (self.steps.div_ceil(self.warmup) * self.warmup).to_string();
+        let threads = self
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+            .to_string();
+        let batch = self.batch_size.unwrap_or(64).to_string();
+        let samples = self.samples.to_string();
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        for r in 0..self.repeats {
+            eprintln!("repeat {}/{}: vq-train", r + 1, self.repeats);
+            let mut cmd = Command::new(&bin);
+            cmd.args(["--preset", preset, "--device", &self.device])
+                .args(["--codebook-size", &codes[0].to_string()])
+                .args(["--grid", &codes[1].to_string()])
+                .args(["--classes", &codes[2].to_string()])
+                .args([
+                    "--batch-size",
+                    &batch,
+                    "--steps",
+                    &steps,
+                    "--warmup",
+                    &warmup,
+                ])
+                .args(["--samples", &samples, "--threads", &threads, "--out"])
+                .arg(&dir);
+            ours.push(prior_side(cmd, &self.device, "prior_bench")?);
+            eprintln!("repeat {}/{}: PyTorch", r + 1, self.repeats);
+            let script = root.join("crates/vq-train/examples/torch_prior_twin.py");
+            let mut cmd = Command::new("python3");
+            cmd.arg(&script)
+                .arg(dir.join("prior.json"))
+                .args([
+                    "--batch-size",
+                    &batch,
+                    "--steps",
+                    &steps,
+                    "--warmup",
+                    &warmup,
+                ])
+                .args(["--samples", &samples, "--threads", &threads])
+                .args(["--device", &self.device]);
+            if let Some(site) = site {
+                cmd.env("PYTHONPATH", site);
+            }
+            theirs.push(prior_side(cmd, &self.device, "torch_prior_twin.py")?);
+        }
+        let median = |v: &[PriorTiming], f: fn(&PriorTiming) -> f64| {
+            let mut x: Vec<f64> = v.iter().map(f).collect();
+            x.sort_by(f64::total_cmp);
+            x[x.len() / 2]
+        };
+        println!(
+            "\nprior {preset} (codes K {}, {}×{} grid, {} classes), {}, batch {batch}, {threads} threads, \
+             {steps} timed steps after {warmup} warm-up, {samples} grids sampled, median of {}",
+            codes[0], codes[1], codes[1], codes[2], self.device, self.repeats
+        );
+        println!("| | steps/s | sampling tokens/s | peak memory |\n|---|---|---|---|");
+        for (name, t) in [("vq-train", &ours), ("PyTorch", &theirs)] {
+            let peak = t.iter().filter_map(|t| t.peak_memory).max();
+            println!(
+                "| {name} | {:.3} | {:.0} | {} |",
+                median(t, |t| t.steps_per_s),
+                median(t, |t| t.tokens_per_s),
+                peak.map_or("n/a".to_owned(), |b| format!(
+                    "{:.0} MiB",
+                    b as f64 / 1048576.0
+                ))
+            );
+        }
+        println!(
+            "step time vq-train / PyTorch: {:.3}; sampling tokens/s vq-train / PyTorch: {:.3}",
+            median(&theirs, |t| t.steps_per_s) / median(&ours, |t| t.steps_per_s),
+            median(&ours, |t| t.tokens_per_s) / median(&theirs, |t| t.tokens_per_s)
+        );
+        Ok(())
+    }
+}
+
+/// One side of the prior bench: its result line and peak memory.
+fn prior_side(cmd: Command, device: &str, name: &str) -> Result<PriorTiming> {
+    let (status, peak, stdout) = watch(cmd, device)?;
+    if !status.success() {
+        bail!("{name} failed ({status})");
+    }
+    let line = stdout.lines().last().unwrap_or_default();
+    let r: Value =
+        serde_json::from_str(line).with_context(|| format!("{name}'s result line {line:?}"))?;
+    let get = |k: &str| {
+        r[k].as_f64()
+            .with_context(|| format!("{k} in {name}'s result"))
+    };
+    Ok(PriorTiming {
+        steps_per_s: get("steps_per_s")?,
+        tokens_per_s: get("tokens_per_s")?,
+        peak_memory: peak,
+    })
 }
 
 fn config_batch(config: &Path) -> Result<usize> {

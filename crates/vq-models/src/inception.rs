@@ -1,7 +1,8 @@
 //! The Inception-v3 network of the FID / IS metrics (pytorch-fid's `fid_inception_v3`: the
 //! TensorFlow 2015-12-05 Inception ported to PyTorch, with its three deviations from
 //! torchvision's: average pools that exclude padding in Mixed_5b–5d, 6b–6e and 7b, a max pool in
-//! Mixed_7c, and 1008 classes), plus the Fréchet distance and the Inception score.
+//! Mixed_7c, and 1008 classes), plus the Fréchet distance, the Inception score and improved
+//! precision / recall.
 //!
 //! Weights: a safetensors file with pytorch-fid's state-dict names (`Conv2d_1a_3x3.conv.weight`,
 //! `Mixed_5b.branch_pool.bn.running_var`, ..., `fc.weight`; float32, without the BatchNorm
@@ -309,6 +310,76 @@ pub fn frechet_distance(a: &Tensor, b: &Tensor) -> f64 {
     let diff = f64::try_from((m1 - m2).square().sum(Kind::Double)).unwrap_or(f64::NAN);
     let tr = |m: &Tensor| f64::try_from(m.trace()).unwrap_or(f64::NAN);
     diff + tr(&s1) + tr(&s2) - 2.0 * tr_sqrt
+}
+
+/// Improved precision and recall of generated features against real ones (Kynkäänniemi et al.,
+/// "Improved Precision and Recall Metric for Assessing Generative Models", NeurIPS 2019): each
+/// set's manifold is the union of balls around its points, of radius the distance to the
+/// point's `k`-th nearest neighbour in its own set (the point itself excluded);
+/// precision = the fraction of generated points inside the real manifold,
+/// recall = the fraction of real points inside the generated manifold. Distances in f64; a point
+/// on a ball's boundary is inside (`≤`, as torch-fidelity's `prc_features_to_metric`, whose
+/// `prc_neighborhood` is `k`; the paper's k is 3). Rows are compared in blocks of 1024, so
+/// memory stays O(1024 · N) whatever the set sizes.
+///
+/// ```
+/// use tch::Tensor;
+/// // k = 1: every real ball has radius 1. The generated 100 lies in none; 4 lies on the
+/// // boundary of 3's ball, which counts as inside (precision 3/4). Generated balls: 1 and 2
+/// // have radius 1, 4 radius 2, 100 radius 96; the real 0 lies on the boundary of 1's
+/// // (recall 4/4).
+/// let real = Tensor::from_slice(&[0.0f64, 1.0, 2.0, 3.0]).view([4, 1]);
+/// let fake = Tensor::from_slice(&[4.0f64, 100.0, 1.0, 2.0]).view([4, 1]);
+/// let (precision, recall) = vq_models::precision_recall(&fake, &real, 1);
+/// assert_eq!((precision, recall), (0.75, 1.0));
+/// ```
+pub fn precision_recall(generated: &Tensor, real: &Tensor, k: usize) -> (f64, f64) {
+    let (g, r) = (generated.to_kind(Kind::Double), real.to_kind(Kind::Double));
+    let precision = coverage(&g, &r, &knn_radii(&r, k));
+    let recall = coverage(&r, &g, &knn_radii(&g, k));
+    (precision, recall)
+}
+
+/// Rows per block of the pairwise distances of [`precision_recall`].
+const DISTANCE_BLOCK: i64 = 1024;
+
+/// Per row of `x`, the distance to its `k`-th nearest other row (the row itself at distance 0
+/// is the first; with fewer than k + 1 rows, the farthest).
+fn knn_radii(x: &Tensor, k: usize) -> Tensor {
+    let n = x.size()[0];
+    let kth = (k as i64 + 1).min(n).max(1);
+    let parts: Vec<Tensor> = (0..n)
+        .step_by(DISTANCE_BLOCK as usize)
+        .map(|s| {
+            let block = x.narrow(0, s, DISTANCE_BLOCK.min(n - s));
+            Tensor::cdist(&block, x, 2.0, None::<i64>)
+                .kthvalue(kth, 1, false)
+                .0
+        })
+        .collect();
+    Tensor::cat(&parts, 0)
+}
+
+/// The fraction of rows of `x` within `radii[j]` of some row j of `centres`.
+fn coverage(x: &Tensor, centres: &Tensor, radii: &Tensor) -> f64 {
+    let n = x.size()[0];
+    if n == 0 || centres.size()[0] == 0 {
+        return 0.0;
+    }
+    let inside: i64 = (0..n)
+        .step_by(DISTANCE_BLOCK as usize)
+        .map(|s| {
+            let block = x.narrow(0, s, DISTANCE_BLOCK.min(n - s));
+            let d = Tensor::cdist(&block, centres, 2.0, None::<i64>);
+            i64::try_from(
+                d.le_tensor(&radii.unsqueeze(0))
+                    .any_dim(1, false)
+                    .sum(Kind::Int64),
+            )
+            .unwrap_or(0)
+        })
+        .sum();
+    inside as f64 / n as f64
 }
 
 /// Inception score `exp(E_x KL(p(y|x) ‖ p(y)))` from logits (N, classes), averaged over `splits`

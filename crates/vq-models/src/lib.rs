@@ -28,7 +28,7 @@ pub use gan::{
     PatchDiscriminator, R1Penalty, adaptive_weight, adaptive_weight_in, adaptive_weight_tensor_in,
     generator_loss, hinge_d_loss, sync_batch_norm,
 };
-pub use inception::{FidInception, frechet_distance, inception_score};
+pub use inception::{FidInception, frechet_distance, inception_score, precision_recall};
 pub use lpips::Lpips;
 pub use presets::{Preset, TrainingConfig};
 pub use stylegan::{

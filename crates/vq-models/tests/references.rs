@@ -1,6 +1,7 @@
-//! LPIPS, the FID Inception network, the Fréchet distance, the Inception score and the
-//! TimeSformer encoder against the reference packages' own outputs: fixtures written by
-//! `tests/reference/make_fixtures.py` with `lpips` 0.1.4, `pytorch-fid` 0.3.0 (scipy's `sqrtm`),
+//! LPIPS, the FID Inception network, the Fréchet distance, the Inception score, improved
+//! precision / recall and the TimeSformer encoder against the reference packages' own outputs:
+//! fixtures written by `tests/reference/make_fixtures.py` with `lpips` 0.1.4, `pytorch-fid`
+//! 0.3.0 (scipy's `sqrtm`), `torch-fidelity` 0.4.0,
 //! `transformers` 4.46.3, torchvision 0.28.0 and torch 2.13.0 (see that script and
 //! `requirements.txt`). The networks get the script's deterministic weights
 //! (the pretrained ones cannot be shipped), built here by the same formula. No Python runs here.
@@ -13,7 +14,7 @@ use std::path::PathBuf;
 use common::{fill, fixture, get, relative};
 use tch::{Device, nn};
 use vq_models::timesformer::{TimeSformerConfig, TimeSformerEncoder};
-use vq_models::{FidInception, Lpips, frechet_distance, inception_score};
+use vq_models::{FidInception, Lpips, frechet_distance, inception_score, precision_recall};
 
 #[test]
 fn lpips_equals_the_lpips_package() {
@@ -69,6 +70,27 @@ fn frechet_distance_and_inception_score_equal_the_references() {
         "IS std {std} vs {}",
         want[1]
     );
+}
+
+/// The same counts: torch-fidelity's fractions are float32 means, so they agree to 1e-6, while
+/// one point more or less inside a manifold moves a fraction by 1/230 or more. The fixture's sets
+/// include duplicates (some neighbour radii are 0).
+#[test]
+fn precision_recall_equals_torch_fidelity() {
+    let f = fixture("prc");
+    let (fake, real) = (get(&f, "fake"), get(&f, "real"));
+    for k in [3usize, 5] {
+        let got = precision_recall(&fake, &real, k);
+        let want = Vec::<f64>::try_from(get(&f, &format!("precision_recall_k{k}"))).unwrap();
+        eprintln!("k {k}: precision, recall {got:?} vs torch-fidelity {want:?}");
+        assert!(
+            (got.0 - want[0]).abs() < 1e-6 && (got.1 - want[1]).abs() < 1e-6,
+            "k {k}: {got:?} vs {want:?}"
+        );
+    }
+    // The roles are not symmetric: swapping the sets swaps precision and recall.
+    let (p, r) = precision_recall(&real, &fake, 3);
+    assert_eq!((r, p), precision_recall(&fake, &real, 3));
 }
 
 /// The encoder's tokens (B, hidden, T, g, g) are `TimesformerModel`'s `last_hidden_state`

@@ -1,6 +1,5 @@
-//! The prior against references of its own: parameter counts of the presets against the
-//! references' architectures, the cached sampler against recomputation, guidance against its
-//! formula, the likelihood against step-by-step log-probabilities, the filters against a plain
+//! The prior against references of its own (the reference implementations: `references.rs`):
+//! the cached sampler against recomputation, guidance against its formula, the likelihood against step-by-step log-probabilities, the filters against a plain
 //! reading of their definitions, and bad inputs.
 
 use rand::rngs::StdRng;
@@ -8,13 +7,6 @@ use rand::{Rng, SeedableRng};
 use tch::nn::OptimizerConfig;
 use tch::{Device, Kind, Tensor, nn};
 use vq_prior::{Cache, Conditioning, Prior, PriorConfig, PriorError, PriorKind, Sampling};
-
-fn count(vs: &nn::VarStore) -> i64 {
-    vs.trainable_variables()
-        .iter()
-        .map(Tensor::numel)
-        .sum::<usize>() as i64
-}
 
 /// A tiny prior whose zero-initialised head (LlamaGen) is replaced by random weights, so that
 /// its distributions are not uniform.
@@ -52,24 +44,6 @@ const CLASSES: Conditioning = Conditioning::Classes {
     classes: 5,
     dropout: 0.1,
 };
-
-#[test]
-fn presets_have_the_references_parameter_counts() {
-    // LlamaGen GPT-B, c2i, K = 16384, 16×16, 1000 classes (+1 for guidance): 12 layers of
-    // wqkv 768·2304 + wo 768² + SwiGLU 3·768·2048 + 2 RMSNorms; embeddings, norm, output.
-    let vs = nn::VarStore::new(Device::Cpu);
-    let cfg = PriorConfig::preset("llamagen-gpt-b", 16384, 16, 16, 1000).unwrap();
-    Prior::new(&vs.root(), cfg).unwrap();
-    assert_eq!(count(&vs), 110_888_448);
-    // taming's minGPT shape of faceshq/drin_transformer.yaml: vocab 1024, block 512, 24 layers,
-    // 16 heads, width 1024, start code 0 from the code embedding.
-    let vs = nn::VarStore::new(Device::Cpu);
-    let cfg = PriorConfig::preset("taming-16x16", 1024, 16, 16, 0).unwrap();
-    Prior::new(&vs.root(), cfg).unwrap();
-    assert_eq!(count(&vs), 304_932_864);
-    assert!(vs.variables().contains_key("blocks.23.mlp.2.bias"));
-    assert!(vs.variables().contains_key("pos_emb"));
-}
 
 #[test]
 fn the_cached_sampler_draws_what_recomputation_draws() {

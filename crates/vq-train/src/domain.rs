@@ -2,7 +2,8 @@
 //! data's own labels (its held-out accuracy is reported with it), whose features give a
 //! Fréchet distance between generated and held-out images — the **domain FD**, the FID recipe
 //! with this classifier in place of Inception (numbers are not comparable with Inception FID) —
-//! and whose predictions give the **class accuracy** of class-conditional samples (the
+//! and improved precision / recall on the same features, and whose predictions give the
+//! **class accuracy** of class-conditional samples (the
 //! fraction the classifier assigns to the class they were drawn for).
 //!
 //! The classifier: three 3×3 convolutions (32, 64, 128 channels, strides 1, 2, 2, ReLU), global
@@ -78,6 +79,18 @@ impl DomainNet {
             h = c.forward(&h).relu();
         }
         h.mean_dim([2i64, 3].as_slice(), false, Kind::Float)
+    }
+
+    /// [`Self::features`] of many images, 256 at a time, without gradients, on the CPU.
+    pub fn features_of(&self, x: &Tensor) -> Tensor {
+        let parts: Vec<Tensor> = (0..x.size()[0])
+            .step_by(256)
+            .map(|s| {
+                let n = 256.min(x.size()[0] - s);
+                tch::no_grad(|| self.features(&x.narrow(0, s, n))).to_device(Device::Cpu)
+            })
+            .collect();
+        Tensor::cat(&parts, 0)
     }
 
     /// Class logits of images.
@@ -184,37 +197,30 @@ impl DomainNet {
 
 /// Sample quality of generated images against held-out ones, by the domain classifier.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct GenerationMetrics {
-    /// Generated images measured.
-    pub samples: usize,
-    /// Held-out images they are compared with.
-    pub reference: usize,
+pub struct DomainMetrics {
     /// Fréchet distance of the domain classifier's features (not Inception FID).
-    pub domain_fd: f64,
+    pub fd: f64,
+    /// Improved precision of the samples on those features (k = 3; Kynkäänniemi et al.).
+    pub precision: f64,
+    /// Improved recall of the samples on those features (k = 3).
+    pub recall: f64,
     /// The fraction of class-conditional samples classified as their class.
     pub class_accuracy: Option<f64>,
     /// The domain classifier's own held-out accuracy.
     pub classifier_accuracy: f64,
 }
 
-/// [`GenerationMetrics`] of `samples` (N, C, H, W) in [−1, 1] drawn for `labels` against the
-/// held-out images `reference`.
-pub fn generation_metrics(
+/// Nearest neighbours of the precision / recall manifolds (the paper's k).
+pub const PRC_NEIGHBOURS: usize = 3;
+
+/// [`DomainMetrics`] of `samples` (N, C, H, W) in [−1, 1] drawn for `labels` against the
+/// held-out images whose features are `reference` ([`DomainNet::features_of`]).
+pub fn domain_metrics(
     net: &DomainNet,
     samples: &Tensor,
     labels: Option<&[i64]>,
     reference: &Tensor,
-) -> GenerationMetrics {
-    let feats = |x: &Tensor| {
-        let parts: Vec<Tensor> = (0..x.size()[0])
-            .step_by(256)
-            .map(|s| {
-                let n = 256.min(x.size()[0] - s);
-                tch::no_grad(|| net.features(&x.narrow(0, s, n))).to_device(Device::Cpu)
-            })
-            .collect();
-        Tensor::cat(&parts, 0)
-    };
+) -> DomainMetrics {
     let class_accuracy = labels.map(|y| {
         let pred = tch::no_grad(|| net.logits(samples))
             .argmax(1, false)
@@ -222,10 +228,12 @@ pub fn generation_metrics(
         let hit = pred.eq_tensor(&Tensor::from_slice(y)).sum(Kind::Int64);
         i64::try_from(hit).unwrap_or(0) as f64 / y.len().max(1) as f64
     });
-    GenerationMetrics {
-        samples: samples.size()[0] as usize,
-        reference: reference.size()[0] as usize,
-        domain_fd: vq_models::frechet_distance(&feats(samples), &feats(reference)),
+    let feats = net.features_of(samples);
+    let (precision, recall) = vq_models::precision_recall(&feats, reference, PRC_NEIGHBOURS);
+    DomainMetrics {
+        fd: vq_models::frechet_distance(&feats, reference),
+        precision,
+        recall,
         class_accuracy,
         classifier_accuracy: net.accuracy,
     }
@@ -235,8 +243,8 @@ pub fn generation_metrics(
 mod tests {
     use super::*;
 
-    /// Samples equal to the reference are at distance 0, and the class accuracy of labelled
-    /// images is the classifier's accuracy on them.
+    /// Samples equal to the reference are at distance 0 with precision and recall 1, and the
+    /// class accuracy of labelled images is the classifier's accuracy on them.
     #[test]
     fn metrics_of_the_reference_itself() {
         let net = DomainNet::build(1, 3, Device::Cpu);
@@ -247,10 +255,12 @@ mod tests {
             .enumerate()
             .map(|(i, &p)| if i % 4 == 0 { (p + 1) % 3 } else { p })
             .collect();
-        let m = generation_metrics(&net, &x, Some(&labels), &x);
-        assert!(m.domain_fd.abs() < 1e-6, "{}", m.domain_fd);
+        let reference = net.features_of(&x);
+        let m = domain_metrics(&net, &x, Some(&labels), &reference);
+        assert!(m.fd.abs() < 1e-6, "{}", m.fd);
+        assert_eq!((m.precision, m.recall), (1.0, 1.0));
         assert_eq!(m.class_accuracy, Some(0.75));
-        let shifted = generation_metrics(&net, &(&x * 0.5), None, &x);
-        assert!(shifted.domain_fd > 1e-4 && shifted.class_accuracy.is_none());
+        let shifted = domain_metrics(&net, &(&x * 0.5), None, &reference);
+        assert!(shifted.fd > 1e-4 && shifted.class_accuracy.is_none());
     }
 }

@@ -12,14 +12,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, ensure};
 use serde::Serialize;
-use tch::{Device, Tensor};
+use tch::Device;
 use vq_data::Split;
 
 use crate::codes::{LoadedRun, encode};
 use crate::config::TrainOptions;
-use crate::data::DataSource;
-use crate::domain::{DomainNet, GenerationMetrics, generation_metrics};
-use crate::labels::split_labels;
+use crate::domain::DomainMetrics;
+use crate::generation::{GenerationMetrics, InceptionMetrics, Judge, SAMPLES_PER_CLASS};
 use crate::layout::RunDir;
 use crate::method::Method;
 use crate::prior::{Likelihood, PriorOptions, PriorRunConfig, PriorTraining, train_prior};
@@ -56,7 +55,7 @@ pub struct DownstreamRow {
     pub val_perplexity: f64,
     /// The prior's held-out likelihood.
     pub prior: Likelihood,
-    /// Its samples' quality by the domain classifier (data with labels only).
+    /// Its samples' quality (data with labels or Inception weights only).
     pub generation: Option<GenerationMetrics>,
 }
 
@@ -68,7 +67,7 @@ struct Column {
     show: fn(f64) -> String,
 }
 
-const COLUMNS: [Column; 6] = [
+const COLUMNS: [Column; 12] = [
     Column {
         key: "val_rec_mse",
         title: "Val rec. MSE",
@@ -96,19 +95,64 @@ const COLUMNS: [Column; 6] = [
     Column {
         key: "domain_fd",
         title: "Samples' domain FD (vs val)",
-        get: |r| r.generation.as_ref().map(|g| g.domain_fd),
+        get: |r| domain(r).map(|d| d.fd),
         show: |v| format!("{v:.3}"),
+    },
+    Column {
+        key: "domain_precision",
+        title: "Domain precision",
+        get: |r| domain(r).map(|d| d.precision),
+        show: percent,
+    },
+    Column {
+        key: "domain_recall",
+        title: "Domain recall",
+        get: |r| domain(r).map(|d| d.recall),
+        show: percent,
     },
     Column {
         key: "class_accuracy",
         title: "Samples' class accuracy",
-        get: |r| r.generation.as_ref().and_then(|g| g.class_accuracy),
-        show: |v| format!("{:.1}%", 100.0 * v),
+        get: |r| domain(r).and_then(|d| d.class_accuracy),
+        show: percent,
+    },
+    Column {
+        key: "fid",
+        title: "Samples' FID (Inception, vs val)",
+        get: |r| inception(r).map(|m| m.fid),
+        show: |v| format!("{v:.2}"),
+    },
+    Column {
+        key: "inception_score",
+        title: "Samples' IS",
+        get: |r| inception(r).map(|m| m.is_mean),
+        show: |v| format!("{v:.3}"),
+    },
+    Column {
+        key: "precision",
+        title: "Precision (Inception)",
+        get: |r| inception(r).map(|m| m.precision),
+        show: percent,
+    },
+    Column {
+        key: "recall",
+        title: "Recall (Inception)",
+        get: |r| inception(r).map(|m| m.recall),
+        show: percent,
     },
 ];
 
-/// Grids sampled per class (or in all, unconditional) for the generation metrics.
-pub const SAMPLES_PER_CLASS: usize = 50;
+fn percent(v: f64) -> String {
+    format!("{:.1}%", 100.0 * v)
+}
+
+fn domain(r: &DownstreamRow) -> Option<&DomainMetrics> {
+    r.generation.as_ref().and_then(|g| g.domain.as_ref())
+}
+
+fn inception(r: &DownstreamRow) -> Option<&InceptionMetrics> {
+    r.generation.as_ref().and_then(|g| g.inception.as_ref())
+}
 
 /// Per method: each metric's summary and the paired comparison with the first method.
 #[derive(Debug, Clone, Serialize)]
@@ -170,88 +214,6 @@ fn row(r: &SweepRow, prior: Likelihood, generation: Option<GenerationMetrics>) -
         val_perplexity: r.row.val.perplexity,
         prior,
         generation,
-    }
-}
-
-/// The domain classifier of the comparison's data and the held-out images samples are
-/// compared with.
-struct Judge {
-    net: DomainNet,
-    reference: Tensor,
-}
-
-impl Judge {
-    /// `None` for data without labels. The classifier is kept in `<out>/domain/`.
-    fn new(base: &TrainOptions) -> Result<Option<Self>> {
-        let c = &base.config;
-        let source = DataSource::parse(&c.data)?;
-        let (Some(train_labels), Some(val_labels)) = (
-            split_labels(&source, Split::Train, c.preprocessing)?,
-            split_labels(&source, Split::Test, c.preprocessing)?,
-        ) else {
-            return Ok(None);
-        };
-        let (train, val) = (
-            c.load_split(&source, Split::Train)?,
-            c.load_split(&source, Split::Test)?,
-        );
-        let net = DomainNet::trained(
-            &base.out.join("domain"),
-            (&train, &train_labels.values),
-            (&val, &val_labels.values),
-            train_labels.classes.len(),
-            base.device,
-        )?;
-        eprintln!(
-            "domain classifier: {:.1}% held-out accuracy",
-            100.0 * net.accuracy
-        );
-        let idx: Vec<i64> = (0..val.len() as i64).collect();
-        let reference = val.batch(&idx, base.device)?;
-        Ok(Some(Self { net, reference }))
-    }
-
-    /// The generation metrics of the prior in `tok/prior` (kept in its `generation.json`):
-    /// [`SAMPLES_PER_CLASS`] grids per class drawn from seed `1_000_000 + seed` with the
-    /// default sampling (temperature 1, no filter, no guidance), decoded by the tokenizer.
-    fn generation_of(&self, tok: &Path, seed: u64, device: Device) -> Result<GenerationMetrics> {
-        let dir = tok.join("prior");
-        let path = dir.join("generation.json");
-        if let Ok(text) = std::fs::read_to_string(&path) {
-            return serde_json::from_str(&text)
-                .with_context(|| format!("{} is not a generation record", path.display()));
-        }
-        let (_, prior, _vs) = crate::prior::load_prior(&dir, device)?;
-        let run = LoadedRun::load(tok, device)?;
-        let classes = prior.config().conditioning.classes() as i64;
-        let labels: Option<Vec<i64>> = (classes > 0).then(|| {
-            (0..classes)
-                .flat_map(|c| std::iter::repeat_n(c, SAMPLES_PER_CLASS))
-                .collect()
-        });
-        let n = labels.as_ref().map_or(SAMPLES_PER_CLASS, Vec::len);
-        let codes = prior.sample(
-            labels.as_deref(),
-            n,
-            1_000_000 + seed,
-            &vq_prior::Sampling::default(),
-            vq_prior::Cache::Kv,
-        )?;
-        let images: Vec<Tensor> = (0..n as i64)
-            .step_by(100)
-            .map(|s| {
-                let part = codes.narrow(0, s, 100.min(n as i64 - s));
-                Ok(tch::no_grad(|| run.model.decode_codes(&part))?.clamp(-1.0, 1.0))
-            })
-            .collect::<Result<_>>()?;
-        let metrics = generation_metrics(
-            &self.net,
-            &Tensor::cat(&images, 0),
-            labels.as_deref(),
-            &self.reference,
-        );
-        crate::checkpoint::write_atomic(&path, serde_json::to_string_pretty(&metrics)?.as_bytes())?;
-        Ok(metrics)
     }
 }
 
@@ -343,18 +305,88 @@ fn statistics(rows: &[DownstreamRow]) -> Vec<DownstreamStats> {
 }
 
 /// The comparison as markdown: what ran, the summary, the paired differences, every run.
+/// Columns no run measured (Inception metrics without its weights) are left out.
 fn markdown(
     base: &TrainOptions,
     plan: &PriorPlan,
     rows: &[DownstreamRow],
     stats: &[DownstreamStats],
 ) -> String {
+    let shown: Vec<usize> = (0..COLUMNS.len())
+        .filter(|&i| rows.iter().any(|r| (COLUMNS[i].get)(r).is_some()))
+        .collect();
+    let head: Vec<&str> = shown.iter().map(|&i| COLUMNS[i].title).collect();
+    let header = |first: &str| {
+        format!(
+            "| {first} | {} |\n|---|{}\n",
+            head.join(" | "),
+            "---|".repeat(head.len() + first.matches('|').count())
+        )
+    };
+    let mut s = preamble(base, plan, rows);
+    s += &header("Method");
+    for st in stats {
+        let v: Vec<String> = shown
+            .iter()
+            .map(|&i| {
+                let (c, (_, sum, _)) = (&COLUMNS[i], &st.metrics[i]);
+                match sum.n {
+                    0 => "—".to_owned(),
+                    1 => (c.show)(sum.mean),
+                    _ => format!("{} ± {}", (c.show)(sum.mean), (c.show)(sum.sd)),
+                }
+            })
+            .collect();
+        let _ = writeln!(s, "| {} | {} |", st.method, v.join(" | "));
+    }
+    let first = stats.first().map_or("", |f| f.method.as_str());
+    let _ = writeln!(s, "\nPaired differences (method − {first}):\n");
+    s += &header("Method");
+    for st in stats.iter().skip(1) {
+        let v: Vec<String> = shown
+            .iter()
+            .map(|&i| paired_cell(&st.metrics[i].2))
+            .collect();
+        let _ = writeln!(s, "| {} | {} |", st.method, v.join(" | "));
+    }
+    let _ = writeln!(s, "\nEvery run:\n");
+    s += &header("Method | Seed | Prior NLL (bits/image)");
+    for r in rows {
+        let v: Vec<String> = shown
+            .iter()
+            .map(|&i| (COLUMNS[i].get)(r).map_or_else(|| "—".to_owned(), COLUMNS[i].show))
+            .collect();
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.1} | {} |",
+            r.method,
+            r.seed,
+            r.prior.bits_per_image,
+            v.join(" | ")
+        );
+    }
+    s
+}
+
+/// A paired difference with its p-value and verdict.
+fn paired_cell(p: &Option<Paired>) -> String {
+    match p {
+        Some(p) if p.n > 0 => format!(
+            "{:+.4} ({}, {})",
+            p.mean_diff,
+            p.p.map_or_else(|| "p —".to_owned(), |v| format!("p = {v:.3}")),
+            p.verdict.word()
+        ),
+        _ => "—".into(),
+    }
+}
+
+/// What ran and what each kind of number means.
+fn preamble(base: &TrainOptions, plan: &PriorPlan, rows: &[DownstreamRow]) -> String {
     let c = &base.config;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
+    let mut s = format!(
         "Tokenizers: preset `{}` on {}, {} steps of batch {}. Priors: `{}`, {} steps of batch {} \
-         at lr {}, on each tokenizer's training codes; NLL on its held-out codes.\n",
+         at lr {}, on each tokenizer's training codes; NLL on its held-out codes.\n\n",
         c.preset,
         c.data,
         c.training.steps,
@@ -373,77 +405,35 @@ fn markdown(
         stats::ALPHA,
         stats::MIN_SEEDS
     );
-    if let Some(g) = rows.iter().find_map(|r| r.generation.as_ref()) {
-        let _ = writeln!(
+    let Some(g) = rows.iter().find_map(|r| r.generation.as_ref()) else {
+        return s;
+    };
+    let _ = write!(
+        s,
+        "Samples: {SAMPLES_PER_CLASS} grids per class (temperature 1, no top-k / top-p, no \
+         guidance), decoded by their tokenizer, against the {} held-out images. Precision / \
+         recall: Kynkäänniemi et al.'s improved metrics (k = {}): the share of samples inside the \
+         held-out images' feature manifold, and of held-out images inside the samples'.",
+        g.reference,
+        crate::domain::PRC_NEIGHBOURS
+    );
+    if let Some(d) = &g.domain {
+        let _ = write!(
             s,
-            "Samples: {SAMPLES_PER_CLASS} grids per class (temperature 1, no top-k / top-p, no \
-             guidance), decoded by their tokenizer. Domain FD: the Fréchet distance between the \
-             features of a small classifier trained on the data's labels ({:.1}% held-out \
-             accuracy) of the samples and of the {} held-out images — FID's recipe with another \
-             network, not comparable with Inception FID. Class accuracy: the fraction of samples \
-             that classifier assigns to the class they were drawn for.\n",
-            100.0 * g.classifier_accuracy,
-            g.reference
+            " Domain FD, precision, recall: on the features of a small classifier trained on the \
+             data's labels ({:.1}% held-out accuracy) — FID's recipe with another network, not \
+             comparable with Inception FID. Class accuracy: the fraction of samples that \
+             classifier assigns to the class they were drawn for.",
+            100.0 * d.classifier_accuracy
         );
     }
-    let head: Vec<&str> = COLUMNS.iter().map(|c| c.title).collect();
-    let _ = writeln!(s, "| Method | {} |", head.join(" | "));
-    let _ = writeln!(s, "|---|{}", "---|".repeat(COLUMNS.len()));
-    for st in stats {
-        let v: Vec<String> = COLUMNS
-            .iter()
-            .zip(&st.metrics)
-            .map(|(c, (_, sum, _))| match sum.n {
-                0 => "—".to_owned(),
-                1 => (c.show)(sum.mean),
-                _ => format!("{} ± {}", (c.show)(sum.mean), (c.show)(sum.sd)),
-            })
-            .collect();
-        let _ = writeln!(s, "| {} | {} |", st.method, v.join(" | "));
-    }
-    let _ = writeln!(
-        s,
-        "\nPaired differences (method − {}):\n",
-        stats.first().map_or("", |f| f.method.as_str())
-    );
-    let _ = writeln!(s, "| Method | {} |", head.join(" | "));
-    let _ = writeln!(s, "|---|{}", "---|".repeat(COLUMNS.len()));
-    for st in stats.iter().skip(1) {
-        let v: Vec<String> = st
-            .metrics
-            .iter()
-            .map(|(_, _, p)| match p {
-                Some(p) if p.n > 0 => format!(
-                    "{:+.4} ({}, {})",
-                    p.mean_diff,
-                    p.p.map_or_else(|| "p —".to_owned(), |v| format!("p = {v:.3}")),
-                    p.verdict.word()
-                ),
-                _ => "—".into(),
-            })
-            .collect();
-        let _ = writeln!(s, "| {} | {} |", st.method, v.join(" | "));
-    }
-    let _ = writeln!(s, "\nEvery run:\n");
-    let _ = writeln!(
-        s,
-        "| Method | Seed | {} | Prior NLL (bits/image) |",
-        head.join(" | ")
-    );
-    let _ = writeln!(s, "|---|---|{}---|", "---|".repeat(COLUMNS.len()));
-    for r in rows {
-        let v: Vec<String> = COLUMNS
-            .iter()
-            .map(|c| (c.get)(r).map_or_else(|| "—".to_owned(), c.show))
-            .collect();
-        let _ = writeln!(
+    if g.inception.is_some() {
+        let _ = write!(
             s,
-            "| {} | {} | {} | {:.1} |",
-            r.method,
-            r.seed,
-            v.join(" | "),
-            r.prior.bits_per_image
+            " FID, IS, precision, recall (Inception): on pytorch-fid's Inception pool features \
+             and logits (IS over 10 splits)."
         );
     }
+    s += "\n\n";
     s
 }

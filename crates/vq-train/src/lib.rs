@@ -13,6 +13,7 @@ pub mod dist;
 pub mod domain;
 pub mod downstream;
 pub mod eval;
+pub mod generation;
 pub mod labels;
 pub mod layout;
 pub mod method;

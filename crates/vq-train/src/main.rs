@@ -25,6 +25,7 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[command(
     name = "vq-train",
     version,
+    args_override_self = true,
     about = "Train and evaluate VQ autoencoders (STE vs rotation trick)"
 )]
 struct Cli {

@@ -34,6 +34,9 @@ pub struct TrainPriorArgs {
     /// Peak learning rate (AdamW β = (0.9, 0.95), weight decay 0.05, 5% warm-up, cosine).
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f64,
+    /// Arithmetic of the forward: f32, or bf16 (autocast; logits and loss in f32).
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
     /// taming's pkeep (autoregressive prior): keep each input code with this probability.
     #[arg(long)]
     pub pkeep: Option<f64>,
@@ -71,7 +74,11 @@ pub struct TrainPriorArgs {
 /// the ranks; every grid draws what it draws in one process).
 pub fn train_prior(args: TrainPriorArgs, device: Device) -> Result<()> {
     let train = CodeSet::open(&args.codes)?;
-    let training = PriorTraining::llamagen(args.steps, args.batch_size, args.lr);
+    let precision: vq_tch::Precision = args.precision.parse()?;
+    let training = PriorTraining {
+        precision,
+        ..PriorTraining::llamagen(args.steps, args.batch_size, args.lr)
+    };
     let mut config = PriorRunConfig::for_codes(
         &args.preset,
         &train,

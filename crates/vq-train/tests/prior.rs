@@ -110,6 +110,18 @@ fn a_prior_trains_on_encoded_codes_resumes_bit_for_bit_and_samples() {
         weights(&straight) == weights(&split),
         "a resumed prior run differs"
     );
+
+    // bf16 autocast: recorded, trained, and apart from f32 by rounding only.
+    let bf16 = dir.join("prior-bf16");
+    let mut args = prior_args(codes_s, tok_s, bf16.to_str().unwrap());
+    args.extend(["--precision", "bf16"]);
+    vq_train(&args);
+    let run_json = std::fs::read_to_string(bf16.join("run.json")).unwrap();
+    assert!(run_json.contains("\"precision\": \"bf16\""), "{run_json}");
+    let last = |run: &Path| run.join("checkpoints/step-00000006/model.safetensors");
+    let d = max_difference(&last(&straight), &last(&bf16));
+    assert!(d > 0.0 && d < 0.05, "bf16 and f32 weights differ by {d}");
+
     let eval: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(straight.join("eval.json")).unwrap())
             .unwrap();

@@ -2,7 +2,9 @@
 packages themselves (versions in requirements.txt; torch 2.13.0 as `cargo xtask setup` installs).
 
     pip install --no-deps --target /tmp/refpy -r crates/vq-models/tests/reference/requirements.txt
-    PYTHONPATH=/tmp/refpy:.libtorch/site python3 crates/vq-models/tests/reference/make_fixtures.py
+    PYTHONPATH=/tmp/refpy:.libtorch/site python3 crates/vq-models/tests/reference/make_fixtures.py [NAME ...]
+
+(NAME: only those fixtures, e.g. `prc`; without: all of them.)
 
 The pretrained weights cannot be shipped, so both networks get deterministic weights from a
 formula of the variable's name and index (`formula_weights` below; the Rust test builds the same
@@ -12,6 +14,10 @@ outputs) go to crates/vq-models/tests/fixtures/:
 - frechet.safetensors: two feature sets with different, non-commuting covariances and
   pytorch-fid's `calculate_frechet_distance` of their statistics (scipy.linalg.sqrtm), plus
   logits and the Inception score by the formula of the original improved-GAN code (numpy);
+- prc.safetensors: generated and real feature sets (a shifted, narrower cloud against a wider
+  one, duplicates included) and torch-fidelity's `prc_features_to_metric` (improved precision /
+  recall, Kynkäänniemi et al. 2019) of them with neighbourhoods 3 and 5, both its full and its
+  batched ("save_cpu_ram") paths;
 - lpips.safetensors: image pairs in [-1, 1] and `lpips.LPIPS(net="vgg")` distances;
 - fid_inception.safetensors: images in [-1, 1], pytorch-fid's `InceptionV3([3])` pool features
   (the FID features; the input given in [0, 1] as pytorch-fid takes it) and the 1008 logits of
@@ -89,6 +95,28 @@ def frechet():
         "logits": logits,
         "is_mean_std": torch.tensor([np.mean(scores), np.std(scores)], dtype=torch.float64),
     }
+
+
+def prc():
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    g = torch.Generator().manual_seed(3)
+    n_fake, n_real, d = 150, 230, 8
+    fake = torch.randn(n_fake, d, generator=g, dtype=torch.float64) * 0.6 + 0.8
+    real = torch.randn(n_real, d, generator=g, dtype=torch.float64) @ torch.randn(d, d, generator=g, dtype=torch.float64) * 0.5
+    # Exact duplicates: their neighbour distances are 0 for the other copy.
+    fake[10:14] = fake[0]
+    real[20:22] = real[5]
+    out = {"fake": fake, "real": real}
+    for k in (3, 5):
+        values = []
+        for save_cpu_ram in (False, True):
+            m = prc_features_to_metric(fake, real, prc_neighborhood=k, prc_batch_size=64,
+                                       save_cpu_ram=save_cpu_ram, verbose=False)
+            values.append([m["precision"], m["recall"]])
+        assert values[0] == values[1], values
+        out[f"precision_recall_k{k}"] = torch.tensor(values[0], dtype=torch.float64)
+    return out
 
 
 def images(seed, n=2, size=32):
@@ -230,13 +258,18 @@ def layouts():
 def main():
     os.makedirs(OUT, exist_ok=True)
     torch.set_num_threads(2)
-    for name, make in [("frechet", frechet), ("lpips", lpips_fixture), ("fid_inception", inception_fixture),
-                       ("timesformer", timesformer_fixture), ("taming", taming_fixture)]:
+    only = sys.argv[1:]
+    for name, make in [("frechet", frechet), ("prc", prc), ("lpips", lpips_fixture),
+                       ("fid_inception", inception_fixture), ("timesformer", timesformer_fixture),
+                       ("taming", taming_fixture)]:
+        if only and name not in only:
+            continue
         tensors = make()
         path = os.path.join(OUT, f"{name}.safetensors")
         save_file(tensors, path, metadata={"torch": torch.__version__, "script": "make_fixtures.py"})
         print(f"{path}: " + ", ".join(f"{k} {tuple(v.shape)}" for k, v in tensors.items()), file=sys.stderr)
-    layouts()
+    if not only or "layouts" in only:
+        layouts()
 
 
 if __name__ == "__main__":

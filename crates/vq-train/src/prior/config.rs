@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Result, ensure};
 use serde::{Deserialize, Serialize};
 use vq_prior::{Conditioning, PriorConfig};
+use vq_tch::Precision;
 
 use crate::codeset::CodeSet;
 
@@ -29,6 +30,14 @@ pub struct PriorTraining {
     pub final_lr_fraction: f64,
     /// Gradient norm clip.
     pub grad_clip: f64,
+    /// Arithmetic of the forward: f32, or bf16 autocast (the logits and the loss stay f32).
+    /// Absent from run.json when f32, so runs written before it resume.
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub precision: Precision,
+}
+
+fn is_f32(p: &Precision) -> bool {
+    *p == Precision::F32
 }
 
 /// A prior run: `run.json` of its folder.
@@ -64,6 +73,7 @@ impl PriorTraining {
             steps,
             final_lr_fraction: 0.1,
             grad_clip: 1.0,
+            precision: Precision::F32,
         }
     }
 }
@@ -115,6 +125,11 @@ impl PriorRunConfig {
             "betas must be in [0, 1)"
         );
         ensure!(t.grad_clip > 0.0, "grad_clip must be > 0");
+        ensure!(
+            t.precision != Precision::F16,
+            "precision f16 is not offered for priors (its loss scaling is the autoencoder's); use \
+             bf16, which needs none"
+        );
         let p = &self.prior;
         ensure!(
             train.codebook_size == p.codebook_size && train.grid() == (p.grid_h, p.grid_w),

@@ -102,6 +102,7 @@ impl PriorTask {
             "batch size {} is not a multiple of the {world} ranks",
             t.batch_size
         );
+        t.precision.check_available(opts.device)?;
         let vs = nn::VarStore::new(opts.device);
         let prior = Prior::new(&vs.root(), opts.config.prior)?;
         let opt = AdamW::new(&vs, t.betas, t.weight_decay);
@@ -196,7 +197,9 @@ impl Task for PriorTask {
         let (codes, labels) = self.data.batch(&idx, self.opts.device);
         self.opt.zero_grad();
         let seeds: Vec<u64> = idx.iter().map(|&i| self.sample_seed(step, i)).collect();
-        let loss = self.prior.training_loss(&codes, labels.as_ref(), &seeds)?;
+        let loss = vq_tch::autocast(self.opts.device, t.precision, || {
+            self.prior.training_loss(&codes, labels.as_ref(), &seeds)
+        })??;
         cx.backward(&loss)?;
         cx.dist.average_gradients(&self.opt)?;
         let norm = self.opt.clip_on_device(t.grad_clip);
