@@ -7,7 +7,9 @@ and prints the ratios.
 The network: a class (or start) token then the codes in raster order; pre-norm blocks of RMSNorm
 (eps 1e-5, in float32), a fused bias-free wqkv, 2-D rotary positions as LlamaGen's
 `precompute_freqs_cis_2d` (zero rows for the condition token), attention through
-`F.scaled_dot_product_attention`, SwiGLU with find_multiple(8d/3, 256) hidden units; weights
+`F.scaled_dot_product_attention`, SwiGLU with find_multiple(8d/3, 256) hidden units, the
+configuration's dropout on the tokens and after each residual branch (LlamaGen's tok_dropout,
+resid_dropout, ffn_dropout); weights
 normal(0, 0.02), the output head zero (LlamaGen's `_init_weights` and its zeroed `output`). Training:
 next-code cross-entropy with 10% label dropout to the null class, torch.optim.AdamW with the run's
 betas and weight decay, linear warm-up + cosine learning rate, global gradient-norm clip. Sampling:
@@ -15,7 +17,9 @@ temperature 1 without filters, one batch of grids (classes cycled), preallocated
 
 Usage: python torch_prior_twin.py PRIOR.json --steps N --warmup W --batch-size B --samples S
        [--data N] [--device cpu|cuda] [--threads T] [--seed S]
-Prints one JSON line: parameters, steps/s, tokens/s of the sampler, peak memory, last loss."""
+       python torch_prior_twin.py PRIOR.json --describe
+Prints one JSON line: parameters, steps/s, tokens/s of the sampler, peak memory, last loss; with
+--describe the trainable parameters' names (LlamaGen's, as vq-prior's) and shapes."""
 
 import argparse
 import json
@@ -73,22 +77,17 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-class Block(nn.Module):
-    def __init__(self, d, heads, hidden):
+class Attention(nn.Module):
+    def __init__(self, d, heads, dropout):
         super().__init__()
         self.heads, self.head_dim = heads, d // heads
-        self.attention_norm = RMSNorm(d)
         self.wqkv = nn.Linear(d, 3 * d, bias=False)
         self.wo = nn.Linear(d, d, bias=False)
-        self.ffn_norm = RMSNorm(d)
-        self.w1 = nn.Linear(d, hidden, bias=False)
-        self.w3 = nn.Linear(d, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, d, bias=False)
+        self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x, table, cache=None, start=0):
         b, s, d = x.shape
-        h = self.attention_norm(x)
-        q, k, v = self.wqkv(h).split(d, dim=-1)
+        q, k, v = self.wqkv(x).split(d, dim=-1)
         q, k, v = (t.view(b, s, self.heads, self.head_dim) for t in (q, k, v))
         q, k = rotate(q, table), rotate(k, table)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -100,9 +99,34 @@ class Block(nn.Module):
             k, v = keys[:, :, :start + s], values[:, :, :start + s]
             causal = s > 1
         o = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-        x = x + self.wo(o.transpose(1, 2).contiguous().view(b, s, d))
-        h = self.ffn_norm(x)
-        return x + self.w2(F.silu(self.w1(h)) * self.w3(h))
+        return self.resid_dropout(self.wo(o.transpose(1, 2).contiguous().view(b, s, d)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d, hidden, dropout):
+        super().__init__()
+        self.w1 = nn.Linear(d, hidden, bias=False)
+        self.w3 = nn.Linear(d, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d, bias=False)
+        self.ffn_dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.ffn_dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    """LlamaGen's TransformerBlock, with its module names."""
+
+    def __init__(self, d, heads, hidden, dropout):
+        super().__init__()
+        self.attention_norm = RMSNorm(d)
+        self.attention = Attention(d, heads, dropout)
+        self.ffn_norm = RMSNorm(d)
+        self.feed_forward = FeedForward(d, hidden, dropout)
+
+    def forward(self, x, table, cache=None, start=0):
+        x = x + self.attention(self.attention_norm(x), table, cache, start)
+        return x + self.feed_forward(self.ffn_norm(x))
 
 
 class Gpt(nn.Module):
@@ -121,10 +145,12 @@ class Gpt(nn.Module):
             self.classes, self.label_dropout, rows = 0, 0.0, 1
         else:
             fail(f"conditioning {cond!r} is not LlamaGen's")
-        self.cls_embedding = nn.Embedding(rows, d)
+        self.cls_embedding = nn.Module()
+        self.cls_embedding.embedding_table = nn.Embedding(rows, d)
         self.tok_embeddings = nn.Embedding(self.k, d)
         hidden = find_multiple(2 * 4 * d // 3, 256)
-        self.layers = nn.ModuleList(Block(d, c["heads"], hidden) for _ in range(c["layers"]))
+        self.tok_dropout = nn.Dropout(c.get("dropout", 0.0))
+        self.layers = nn.ModuleList(Block(d, c["heads"], hidden, c.get("dropout", 0.0)) for _ in range(c["layers"]))
         self.norm = RMSNorm(d)
         self.output = nn.Linear(d, self.k, bias=False)
         self.register_buffer("rope", rope_2d(*self.grid, d // c["heads"], 1), persistent=False)
@@ -134,9 +160,10 @@ class Gpt(nn.Module):
         nn.init.zeros_(self.output.weight)
 
     def condition(self, labels, b, device):
+        table = self.cls_embedding.embedding_table
         if self.classes:
-            return self.cls_embedding(labels).unsqueeze(1)
-        return self.cls_embedding(torch.zeros(b, dtype=torch.long, device=device)).unsqueeze(1)
+            return table(labels).unsqueeze(1)
+        return table(torch.zeros(b, dtype=torch.long, device=device)).unsqueeze(1)
 
     def run(self, x, start, caches=None):
         s = x.shape[1]
@@ -151,14 +178,14 @@ class Gpt(nn.Module):
             drop = torch.rand(b, device=codes.device) < self.label_dropout
             labels = labels.masked_fill(drop, self.classes)
         x = torch.cat([self.condition(labels, b, codes.device), self.tok_embeddings(codes[:, :-1])], 1)
-        logits = self.run(x, 0)
+        logits = self.run(self.tok_dropout(x), 0)
         return F.cross_entropy(logits.reshape(-1, self.k), codes.reshape(-1))
 
     @torch.inference_mode()
     def sample(self, labels, n, device):
         length = self.grid[0] * self.grid[1]
         d = self.tok_embeddings.weight.shape[1]
-        heads = self.layers[0].heads
+        heads = self.layers[0].attention.heads
         shape = (n, heads, length, d // heads)
         caches = [(torch.zeros(shape, device=device), torch.zeros(shape, device=device)) for _ in self.layers]
         x = self.condition(labels, n, device)
@@ -200,6 +227,8 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--describe", action="store_true",
+                   help="print the trainable parameters' names and shapes and train nothing")
     a = p.parse_args()
     with open(a.config) as f:
         cfg = json.load(f)
@@ -210,6 +239,9 @@ def main():
     device = torch.device(a.device)
     model = Gpt(c).to(device).train()
     params = [q for q in model.parameters() if q.requires_grad]
+    if a.describe:
+        print(json.dumps({n: list(q.shape) for n, q in model.named_parameters() if q.requires_grad}))
+        return
     opt = torch.optim.AdamW(params, lr=t["learning_rate"], betas=tuple(t["betas"]), weight_decay=t["weight_decay"])
     n = a.data or 16 * a.batch_size
     length = c["grid_h"] * c["grid_w"]

@@ -434,3 +434,56 @@ fn init_from_reads_the_references_checkpoints() {
     }
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// The prior's twin (examples/torch_prior_twin.py, `bench-train --prior`) builds vq-prior's
+/// variables under LlamaGen's names and shapes — class-conditional and unconditional — and
+/// trains and samples.
+#[test]
+fn the_prior_twin_has_the_priors_variables_and_trains() {
+    let Some(site) = site() else {
+        eprintln!("skipped: no Python torch in .libtorch/site (libtorch adopted from LIBTORCH)");
+        return;
+    };
+    let run = |config: &Path, args: &[&str]| {
+        let out = Command::new("python3")
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/torch_prior_twin.py"))
+            .arg(config)
+            .args(args)
+            .env("PYTHONPATH", &site)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_str::<serde_json::Value>(text.lines().last().unwrap()).unwrap()
+    };
+    let dir = std::env::temp_dir().join(format!("vq-prior-twin-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for classes in [10, 0] {
+        let prior = vq_prior::PriorConfig::preset("demo", 64, 4, 4, classes).unwrap();
+        let training = vq_train::prior::PriorTraining::llamagen(4, 8, 1e-3);
+        let path = dir.join(format!("prior-{classes}.json"));
+        let json = serde_json::json!({ "prior": prior, "training": training });
+        std::fs::write(&path, json.to_string()).unwrap();
+        let theirs: BTreeMap<String, Vec<i64>> =
+            serde_json::from_value(run(&path, &["--describe"])).unwrap();
+        let vs = nn::VarStore::new(Device::Cpu);
+        vq_prior::Prior::new(&vs.root(), prior).unwrap();
+        let ours: BTreeMap<String, Vec<i64>> = vs
+            .variables()
+            .into_iter()
+            .map(|(n, t)| (n, t.size()))
+            .collect();
+        assert_eq!(ours, theirs, "{classes} classes");
+        let r = run(
+            &path,
+            &["--steps", "2", "--warmup", "1", "--batch-size", "4", "--samples", "2"],
+        );
+        assert!(r["loss"].as_f64().unwrap().is_finite(), "{r}");
+        assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
