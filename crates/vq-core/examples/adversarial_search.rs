@@ -1,7 +1,8 @@
 //! Nearest-code search on adversarial data against the same shape on random data: every row
 //! near-tied (all vectors offset by a constant, so cosines crowd near 1 and Euclidean distances
-//! differ in their last digits), codebooks with a wide spread of norms, and tiny or huge
-//! magnitudes. Prints the median time of each case and its ratio to the random case.
+//! differ in their last digits; offsets up to 1e5), codebooks with a wide spread of norms (a
+//! dense core with a few far codes, one code scaled far out, norms from 1e-3 to 1e3), and tiny or
+//! huge magnitudes. Prints the median time of each case and its ratio to the random case.
 //!
 //! `cargo run --release -p vq-core --example adversarial_search [-- --threads T]`
 
@@ -59,15 +60,37 @@ fn main() {
             }
             m
         };
-        let cases: [(&str, Array2<f32>, Array2<f32>); 5] = [
+        let offset = |m: &Array2<f32>, o: f32| m.mapv(|v| v + o);
+        // Row i scaled by 10^(−3 + 6·i/(rows − 1)): norms from 1e-3 to 1e3.
+        let log_spread = |m: &Array2<f32>| {
+            let mut m = m.clone();
+            let rows = m.nrows().max(2) as f32;
+            for (i, mut row) in m.rows_mut().into_iter().enumerate() {
+                row *= 10f32.powf(-3.0 + 6.0 * i as f32 / (rows - 1.0));
+            }
+            m
+        };
+        // A dense core (codes and data × 1e-3) with the last 8 codes left at norm ~1.
+        let core = |c: &Array2<f32>| {
+            let mut c = c.mapv(|v| v * 1e-3);
+            let k = c.nrows();
+            for i in k.saturating_sub(8)..k {
+                c.row_mut(i).mapv_inplace(|v| v * 1e3);
+            }
+            c
+        };
+        let mut one_far = c.clone();
+        one_far.row_mut(0).mapv_inplace(|v| v * 1e3);
+        let cases: Vec<(&str, Array2<f32>, Array2<f32>)> = vec![
             ("random", x.clone(), c.clone()),
-            ("offset 10", x.mapv(|v| v + 10.0), c.mapv(|v| v + 10.0)),
-            (
-                "offset 1000",
-                x.mapv(|v| v + 1000.0),
-                c.mapv(|v| v + 1000.0),
-            ),
+            ("offset 10", offset(&x, 10.0), offset(&c, 10.0)),
+            ("offset 1e3", offset(&x, 1e3), offset(&c, 1e3)),
+            ("offset 1e4", offset(&x, 1e4), offset(&c, 1e4)),
+            ("offset 1e5", offset(&x, 1e5), offset(&c, 1e5)),
             ("norm spread 0.05–2", spread(&x), spread(&c)),
+            ("norms 1e-3–1e3", log_spread(&x), log_spread(&c)),
+            ("dense core + 8 far codes", x.mapv(|v| v * 1e-3), core(&c)),
+            ("one code × 1e3", x.clone(), one_far),
             (
                 "magnitude 1e-30 / 1e30",
                 x.mapv(|v| v * 1e-30),

@@ -41,6 +41,7 @@
 mod codebook;
 mod error;
 mod estimator;
+pub mod exact;
 pub mod family;
 pub mod gumbel;
 mod layer;

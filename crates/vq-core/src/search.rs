@@ -2,24 +2,32 @@
 //! distance matrix.
 //!
 //! For Euclidean lookup, `argmin_k ‖x − c_k‖² = argmin_k (½‖c̄_k‖² − x̄·c̄_k)` where `x̄ = x − μ`,
-//! `c̄_k = c_k − μ` and `μ` is the codebook mean (distances are translation invariant; centring
-//! removes most of the cancellation of the `‖x‖² + ‖c‖² − 2x·c` shortcut when data sit far from
-//! the origin); both sides are also multiplied by one power of two (exact) that brings the
-//! largest centred code to a norm in [1, 2), so codebooks of any magnitude score in f32's range.
-//! For cosine lookup, `argmax_k x̂·ĉ_k` on l2-normalised vectors, computed as
-//! `argmin_k (−x̂·(ĉ_k − m))` with `m` the mean normalised code (the term `x̂·m` is common to all
-//! codes; subtracting it keeps codes crowded around one direction apart).
+//! `c̄_k = c_k − μ` and `μ` is the per-dimension median of the codes (distances are translation
+//! invariant; centring removes most of the cancellation of the `‖x‖² + ‖c‖² − 2x·c` shortcut
+//! when data sit far from the origin, and the median, unlike the mean, stays with the bulk of
+//! the codes when a few are far away); both sides are also multiplied by one power of two
+//! (exact) that brings the largest centred code to a norm in [1, 2), so codebooks of any
+//! magnitude score in f32's range. For cosine lookup, `argmax_k x̂·ĉ_k` on l2-normalised vectors,
+//! computed as `argmin_k (β_k − (x̂ − m)·(ĉ_k − m))` with `m` the mean normalised code and
+//! `β_k = −m·(ĉ_k − m)` (in f64): `x̂·m` is common to all codes, and with both sides centred the
+//! f32 dot product's rounding scales with the directions' spread, not with 1, so codes crowded
+//! around one direction (data offset by 1e5, say) stay apart.
 //!
 //! The scores of a tile of rows against a block of codes come from one sgemm into a small
-//! per-thread buffer, followed by a branch-free top-2 scan. Any row whose best and second-best
-//! scores are closer than a rounding-error bound is re-ranked exactly: the candidates within that
-//! bound are compared on the original data with `‖c‖² − 2x·c` from exact f64 products summed in
-//! double-double (or `−x·c/‖c‖` in f64 for the cosine). Ties then go to the lowest index, like
+//! per-thread buffer, followed by a branch-free top-2 scan. Each score's rounding error is
+//! bounded by its own terms, `(D + 8)·ε·(‖x̄‖‖c̄_k‖ + |bias_k|)`, so a far code's large bound
+//! does not reach rows that it cannot win: a code of norm r scores at least `½r² − ‖x̄‖r`, which
+//! bounds the norms that can contend with a row's best. A row whose second-best score lies
+//! within the band of its contenders' bounds is re-ranked exactly: the codes whose score less
+//! their bound is within the best's score plus its bound are compared on the original data with
+//! `‖c‖² − 2x·c` from exact f64 products summed in double-double (or `−x·c/‖c‖` in f64 for the
+//! cosine), and two of them closer than those values' own error bounds in exact integer
+//! arithmetic ([`crate::exact`]). Exact ties — and only they — go to the lowest index, like
 //! `torch.argmin`.
 //!
-//! Finite inputs of any magnitude (1e-30 … 3e38) give a true nearest code: the bound is computed
-//! in f64 with an absolute term for subnormal rounding, and a row whose f32 scores could overflow
-//! (‖x̄‖‖c̄‖ + ½‖c̄‖² beyond half of f32's range) is scored exactly against every code.
+//! Finite inputs of any magnitude (1e-30 … 3e38) give a true nearest code: the bounds are
+//! computed in f64 with an absolute term for subnormal rounding, and a row whose f32 scores could
+//! overflow (‖x̄‖‖c̄‖ + |bias| beyond half of f32's range) is scored exactly against every code.
 //!
 //! Peak extra memory: the prepared codebook (K×D), per thread one row tile (T×D) and one score
 //! block (T×K_b), and the N output indices.
@@ -93,18 +101,23 @@ pub struct CodebookIndex<'a> {
     metric: Metric,
     /// Centred and scaled (Euclidean) or normalised and centred (cosine) codes.
     prepared: Array2<f32>,
-    /// ½‖c̄_k‖² (Euclidean) or 0 (cosine), padded to a multiple of LANES with +∞.
+    /// ½‖c̄_k‖² (Euclidean) or −m·(ĉ_k − m) (cosine), padded to a multiple of LANES with +∞.
     bias: Array1<f32>,
-    /// μ (Euclidean, f64) or empty (cosine).
+    /// μ (Euclidean) or m (cosine), in f64.
     centre: Vec<f64>,
     /// Power of two the centred Euclidean vectors are multiplied by (exactly) so that the largest
     /// centred code has a norm in [1, 2): scores of codebooks of any magnitude stay in f32's
     /// range, away from overflow and from subnormals. 1 for cosine.
     scale: f64,
+    /// ‖c̄_k‖ per code (of the prepared f32 vectors, in f64).
+    norms: Vec<f64>,
     /// max_k ‖c̄_k‖.
     max_norm: f64,
-    /// max_k bias_k.
+    /// max_k |bias_k|.
     max_bias: f64,
+    /// Absolute error of the f64 preparation (cosine: the normalisations and `m·(ĉ_k − m)`),
+    /// added to every score's bound; 0 for Euclidean.
+    abs_err: f64,
     /// For D ≤ SMALL_D_MAX: the register kernel's layout.
     small: Option<SmallKernel>,
     /// Cosine: `max(‖c_k‖, COSINE_EPS)` of the original codes in f64, the divisor of the exact
@@ -143,12 +156,7 @@ impl<'a> CodebookIndex<'a> {
         };
         let (prepared, (centre, scale)) = match metric {
             Metric::Euclidean => {
-                let mut mean = vec![0f64; d];
-                for row in codebook.rows() {
-                    for (m, &v) in mean.iter_mut().zip(row) {
-                        *m += f64::from(v) / k as f64;
-                    }
-                }
+                let mean = coordinate_medians(codebook);
                 let centred = |i: usize, j: usize| f64::from(codebook[[i, j]]) - mean[j];
                 let max_norm = (0..k)
                     .map(|i| (0..d).map(|j| centred(i, j).powi(2)).sum::<f64>())
@@ -181,7 +189,7 @@ impl<'a> CodebookIndex<'a> {
                 }
                 let prepared =
                     Array2::from_shape_fn((k, d), |(i, j)| (unit[i][j] - mean[j]) as f32);
-                (prepared, (Vec::new(), 1.0))
+                (prepared, (mean, 1.0))
             }
         };
         let norms: Vec<f64> = prepared.rows().into_iter().map(norm_f64).collect();
@@ -189,15 +197,30 @@ impl<'a> CodebookIndex<'a> {
         // A multiple of both LANES and CHUNK.
         let padded = k.div_ceil(CHUNK) * CHUNK;
         let mut bias = Array1::from_elem(padded, f32::INFINITY);
-        for (b, &n) in bias.iter_mut().zip(&norms) {
+        for (i, (b, &n)) in bias.iter_mut().zip(&norms).enumerate() {
             *b = match metric {
                 Metric::Euclidean => (0.5 * n * n) as f32,
-                Metric::Cosine => 0.0,
+                // x̂·ĉ_k = x̂·m + (x̂ − m)·(ĉ_k − m) + m·(ĉ_k − m): the first term is common to
+                // every code, the second is the kernel's dot product of centred vectors (small
+                // when the directions crowd), the third this per-code term.
+                Metric::Cosine => {
+                    let row = codebook.row(i);
+                    -(0..d)
+                        .map(|j| centre[j] * (f64::from(row[j]) / code_norms[i] - centre[j]))
+                        .sum::<f64>() as f32
+                }
             };
         }
-        let max_bias = match metric {
-            Metric::Euclidean => 0.5 * max_norm * max_norm,
-            Metric::Cosine => 0.0,
+        let max_bias = bias
+            .iter()
+            .take(k)
+            .map(|b| f64::from(*b).abs())
+            .fold(0.0, f64::max);
+        // Cosine: x̂, ĉ_k and m·(ĉ_k − m) in f64, each within (D + 3) f64 roundings of
+        // magnitude-1 terms.
+        let abs_err = match metric {
+            Metric::Euclidean => 0.0,
+            Metric::Cosine => 4.0 * (d as f64 + 3.0) * f64::EPSILON,
         };
         let small = (d <= SMALL_D_MAX).then(|| {
             let mut cols = vec![[0f32; CHUNK]; k.div_ceil(CHUNK) * d];
@@ -221,8 +244,10 @@ impl<'a> CodebookIndex<'a> {
             bias,
             centre,
             scale,
+            norms,
             max_norm,
             max_bias,
+            abs_err,
             small,
             code_norms,
         })
@@ -302,50 +327,93 @@ impl<'a> CodebookIndex<'a> {
         Ok(())
     }
 
+    /// Rounding bound of the f32 score of a code of prepared norm `r` and bias magnitude
+    /// `bias_abs` for a prepared row of norm `n`: |computed − true| ≤ (D + 8)·ε·(n·r + |bias|),
+    /// plus the absolute error of up to D + 8 roundings in the subnormal range and of the f64
+    /// preparation. (ε = 2u: a factor 2 of margin.)
+    fn err_of(&self, n: f64, r: f64, bias_abs: f64) -> f64 {
+        let h = self.dim() as f64 + 8.0;
+        h * (f64::from(f32::EPSILON) * (n * r + bias_abs) + f64::from(f32::from_bits(1)))
+            + self.abs_err
+    }
+
+    /// [`err_of`](Self::err_of) for code `j`.
+    fn score_err(&self, n: f64, j: u32) -> f64 {
+        let j = j as usize;
+        self.err_of(n, self.norms[j], f64::from(self.bias[j]).abs())
+    }
+
+    /// The band around the best score `best` (code `idx`) of a row of norm `n` within which
+    /// another code may still be the nearest: the best's own error plus the largest error of a
+    /// code that could contend. Each code's error grows with its norm, so one far code must
+    /// not widen every row's band: for Euclidean scores `½r² − x̄·c̄ ≥ ½r² − n·r`, a code of
+    /// norm r contends only if `½r² − n·r − 2·err(r) ≤ best + err_best`, which bounds r.
+    fn band(&self, n: f64, best: f32, idx: u32) -> f64 {
+        if idx as usize >= self.len() || !best.is_finite() {
+            return f64::INFINITY;
+        }
+        let eb = self.score_err(n, idx);
+        let (r, bias) = match self.metric {
+            Metric::Euclidean => {
+                let r = self.contender_radius(n, f64::from(best) + eb);
+                (r, 0.5 * r * r)
+            }
+            Metric::Cosine => (self.max_norm, self.max_bias),
+        };
+        eb + self.err_of(n, r, bias)
+    }
+
+    /// The largest norm r (at most the codebook's) of a code whose Euclidean score can be at
+    /// most `limit` within its rounding bound: the root of
+    /// `½(1 − 2hε)r² − (1 + 2hε)n·r − 2h·tiny − limit = 0`, h = D + 8.
+    fn contender_radius(&self, n: f64, limit: f64) -> f64 {
+        let h = self.dim() as f64 + 8.0;
+        let he = 2.0 * h * f64::from(f32::EPSILON);
+        let a = 0.5 * (1.0 - he);
+        if a <= 0.0 {
+            return self.max_norm;
+        }
+        let b = n * (1.0 + he);
+        let c = limit + 2.0 * h * f64::from(f32::from_bits(1));
+        let disc = b * b + 4.0 * a * c;
+        if disc.is_nan() {
+            return self.max_norm;
+        }
+        let r = (b + disc.max(0.0).sqrt()) / (2.0 * a);
+        // A relative margin for the f64 evaluation of the root.
+        (r * (1.0 + 1e-9)).min(self.max_norm)
+    }
+
     fn search_tile(&self, tile: ArrayView2<f32>, out: &mut [u32], sc: &mut Scratch) {
         let rows = tile.nrows();
-        let d = self.dim();
         let k = self.len();
-        // Bound of the f32 score error: relative (D + 8)·u of the terms, plus the absolute error
-        // of up to D + 8 roundings in the subnormal range (tiny rows or codes), in f64 so that
-        // the bound itself neither underflows nor hides an overflow (an infinite bound sends
-        // the row to the exact scan).
-        let (eps, tiny) = (f64::from(f32::EPSILON), f64::from(f32::from_bits(1)));
-        let slack = 2.0 * (d as f64 + 8.0);
-        // Prepare the row tile: centred or normalised copy; per-row tolerance.
+        // Prepare the row tile: centred and scaled (Euclidean) or normalised and centred
+        // (cosine) copy; per row its norm, and whether its f32 scores could overflow.
         let mut xt = sc.x.slice_mut(s![..rows, ..]);
-        for ((mut dst, src), tol) in xt.rows_mut().into_iter().zip(tile.rows()).zip(&mut sc.tol) {
-            match self.metric {
-                Metric::Euclidean => {
-                    let scale = self.scale;
-                    dst.iter_mut()
-                        .zip(src)
-                        .zip(&self.centre)
-                        .for_each(|((o, &v), &m)| *o = ((f64::from(v) - m) * scale) as f32);
-                    let n = norm_f64(dst.view());
-                    // |error of bias_k − x̄·c̄_k| ≤ (D + 8)·u·(‖x̄‖‖c̄_k‖ + bias_k), doubled for
-                    // the difference of two scores.
-                    // Scores and partial dots are bounded by ‖x̄‖‖c̄‖ + bias; beyond half of
-                    // f32's range they may overflow.
-                    let bound = n * self.max_norm + self.max_bias;
-                    *tol = if bound < 0.5 * f64::from(f32::MAX) {
-                        (slack * (eps * bound + tiny)) as f32
-                    } else {
-                        f32::INFINITY
-                    };
-                }
+        for (r, (mut dst, src)) in xt.rows_mut().into_iter().zip(tile.rows()).enumerate() {
+            let (shift, mul) = match self.metric {
+                Metric::Euclidean => (1.0, self.scale),
+                // x/‖x‖ − m (the floor on ‖x‖ of the cosine is a factor common to every code,
+                // so it does not change the ranking; a zero row ties everywhere).
                 Metric::Cosine => {
-                    // x/‖x‖ (the floor on ‖x‖ of the cosine is a factor common to every code,
-                    // so it does not change the ranking; a zero row ties everywhere).
                     let n = norm_f64(src);
-                    let inv = if n > 0.0 { 1.0 / n } else { 0.0 };
-                    dst.iter_mut()
-                        .zip(src)
-                        .for_each(|(o, &v)| *o = (f64::from(v) * inv) as f32);
-                    // |error of x̂·(ĉ_k − m)| ≤ (D + 8)·u·‖ĉ_k − m‖ (‖x̂‖ ≤ 1), doubled.
-                    *tol = (slack * (eps * self.max_norm + tiny)) as f32;
+                    (0.0, if n > 0.0 { 1.0 / n } else { 0.0 })
                 }
-            }
+            };
+            dst.iter_mut()
+                .zip(src)
+                .zip(&self.centre)
+                .for_each(|((o, &v), &m)| {
+                    *o = match self.metric {
+                        Metric::Euclidean => ((f64::from(v) - shift * m) * mul) as f32,
+                        Metric::Cosine => (f64::from(v) * mul - m) as f32,
+                    }
+                });
+            let n = norm_f64(dst.view());
+            sc.n[r] = n;
+            // Scores and partial dots are bounded by ‖x̄‖‖c̄‖ + |bias|; beyond half of f32's
+            // range they may overflow, and the f32 bounds say nothing.
+            sc.exact_all[r] = n * self.max_norm + self.max_bias >= 0.5 * f64::from(f32::MAX);
         }
         if let Some(small) = &self.small {
             self.search_tile_small(tile, out, sc, small);
@@ -384,23 +452,35 @@ impl<'a> CodebookIndex<'a> {
                 } else {
                     st.second = st.second.min(bv);
                 }
-                let tol = sc.tol[r];
-                if st.second - st.best <= tol {
-                    // Ambiguous so far: remember every code of this block within tolerance, and
-                    // the previous best if the new one displaced it.
+                if sc.exact_all[r] || st.idx as usize >= k {
+                    continue;
+                }
+                let n = sc.n[r];
+                let band = self.band(n, st.best, st.idx);
+                if f64::from(st.second) - f64::from(st.best) <= band {
+                    // Ambiguous so far: remember every code of this block that may still be
+                    // the nearest (its score less its error within the best's score plus the
+                    // best's error: then, and only then, its true score can be the lowest),
+                    // and the previous best if the new one displaced it. Any code's true score
+                    // is at least the true nearest one's, so a bound from the current best
+                    // never drops the nearest code.
+                    let limit = f64::from(st.best) + self.score_err(n, st.idx);
                     let cands = &mut sc.cands[r];
-                    let limit = st.best + tol;
-                    if old.1 != st.idx && old.0 <= limit {
+                    let contends = |j: u32, v: f32| f64::from(v) - self.score_err(n, j) <= limit;
+                    if old.1 != st.idx && old.0.is_finite() && contends(old.1, old.0) {
                         cands.push((old.1, old.0));
                     }
+                    let coarse = f64::from(st.best) + band;
                     for (j, (&s, &b)) in row[..kb].iter().zip(bias).enumerate() {
                         let v = b - s;
-                        if v <= limit && cands.len() <= MAX_CANDIDATES {
-                            cands.push((k0 as u32 + j as u32, v));
+                        let j = k0 as u32 + j as u32;
+                        if f64::from(v) <= coarse && cands.len() <= MAX_CANDIDATES && contends(j, v)
+                        {
+                            cands.push((j, v));
                             if cands.len() > MAX_CANDIDATES {
                                 // Codes recorded under an earlier, higher best may have left
                                 // the band since: drop them before giving up on the list.
-                                cands.retain(|c| c.1 <= limit);
+                                cands.retain(|c| contends(c.0, c.1));
                             }
                         }
                     }
@@ -410,18 +490,19 @@ impl<'a> CodebookIndex<'a> {
         }
         for r in 0..rows {
             let st = sc.state[r];
-            out[r] = if !sc.tol[r].is_finite() || st.idx as usize >= k {
+            let n = sc.n[r];
+            out[r] = if sc.exact_all[r] || st.idx as usize >= k {
                 // Scores that overflowed f32 (|x̄|·|c̄| or ½|c̄|² beyond f32's range): the f32
                 // bounds say nothing, so every code is scored exactly.
                 self.exact_argmin(tile.row(r), 0..k as u32)
-            } else if st.second - st.best <= sc.tol[r] {
+            } else if f64::from(st.second) - f64::from(st.best) <= self.band(n, st.best, st.idx) {
                 let cands = &mut sc.cands[r];
                 if cands.len() > MAX_CANDIDATES {
                     self.exact_argmin(tile.row(r), 0..k as u32)
                 } else {
-                    let limit = st.best + sc.tol[r];
+                    let limit = f64::from(st.best) + self.score_err(n, st.idx);
                     cands.push((st.idx, st.best));
-                    cands.retain(|c| c.1 <= limit);
+                    cands.retain(|c| f64::from(c.1) - self.score_err(n, c.0) <= limit);
                     cands.sort_unstable_by_key(|c| c.0);
                     cands.dedup_by_key(|c| c.0);
                     self.exact_argmin(tile.row(r), cands.iter().map(|c| c.0))
@@ -434,7 +515,7 @@ impl<'a> CodebookIndex<'a> {
 
     /// Register kernel for small D: the scores of CHUNK codes at a time live in one vector
     /// register and fold straight into a lane-wise top-2; there is no score matrix. Rows whose
-    /// top-2 gap is within tolerance are re-scored and re-ranked exactly.
+    /// top-2 gap is within the band are re-scored and their contenders re-ranked exactly.
     fn search_tile_small(
         &self,
         tile: ArrayView2<f32>,
@@ -449,21 +530,25 @@ impl<'a> CodebookIndex<'a> {
             let x = sc.x.row(r);
             let x = x.as_slice().expect("scratch rows are contiguous");
             let (best, idx, second) = chunk_top2(x, chunked, bias, d);
-            let tol = sc.tol[r];
-            *o = if !tol.is_finite() || idx as usize >= k {
+            let n = sc.n[r];
+            let band = self.band(n, best, idx);
+            *o = if sc.exact_all[r] || idx as usize >= k || !band.is_finite() {
                 // Overflowed scores (see search_tile): every code exactly.
                 self.exact_argmin(tile.row(r), 0..k as u32)
-            } else if second - best <= tol {
+            } else if f64::from(second) - f64::from(best) <= band {
                 // Cold path: re-score every code (a chunk of CHUNK lanes at a time, as the
-                // kernel does, lanes within the band found by one vector compare) and re-rank
-                // the near ties exactly; stop collecting once there are more candidates than
-                // the exact re-rank takes.
+                // kernel does, lanes within the band found by one vector compare), keep the
+                // contenders and re-rank them exactly; stop collecting once there are more
+                // candidates than the exact re-rank takes.
                 let cands = &mut sc.cands[r];
                 cands.clear();
-                chunk_candidates(x, chunked, bias, d, k, best + tol, cands);
+                let coarse = round_up(f64::from(best) + band);
+                chunk_candidates(x, chunked, bias, d, k, coarse, cands);
                 if cands.len() > MAX_CANDIDATES {
                     self.exact_argmin(tile.row(r), 0..k as u32)
                 } else {
+                    let limit = f64::from(best) + self.score_err(n, idx);
+                    cands.retain(|c| f64::from(c.1) - self.score_err(n, c.0) <= limit);
                     self.exact_argmin(tile.row(r), cands.iter().map(|c| c.0))
                 }
             } else {
@@ -476,40 +561,76 @@ impl<'a> CodebookIndex<'a> {
     /// first candidate.
     ///
     /// Euclidean: `‖c‖² − 2x·c` (‖x − c‖² less the common ‖x‖²) from products of f32 values,
-    /// which are exact in f64, summed in double-double (error ≈ 2⁻¹⁰⁶ of the terms' magnitudes),
-    /// so that codes whose distances differ in the 16th digit — a row far larger than the
-    /// codes, say — are still told apart. Cosine: `−x·c / ‖c‖` in f64.
+    /// which are exact in f64, summed in double-double (error below 2⁻¹⁰⁰ of the terms'
+    /// magnitudes), so that codes whose distances differ in the 16th digit — a row far larger
+    /// than the codes, say — are still told apart. Cosine: `−x·c / max(‖c‖, ε)` in f64. Two
+    /// candidates closer than those values' error bounds are compared in exact arithmetic
+    /// ([`crate::exact`]), so exact ties — and only they — go to the lower index.
     fn exact_argmin(&self, x: ArrayView1<f32>, candidates: impl Iterator<Item = u32>) -> u32 {
-        if self.metric == Metric::Euclidean {
-            let mut best = (DoubleDouble::default(), u32::MAX);
-            for c in candidates {
-                let mut v = DoubleDouble::default();
-                for (&a, &b) in x.iter().zip(self.codebook.row(c as usize)) {
+        let xs = x.to_vec();
+        let code = |c: u32| self.codebook.row(c as usize).to_vec();
+        // (value, error bound, index) of the best so far.
+        let mut best: Option<(f64, f64, u32)> = None;
+        for c in candidates {
+            let (v, err) = self.approx_score(&xs, c);
+            let better = match best {
+                None => true,
+                Some((bv, be, bi)) => {
+                    if v + err < bv - be {
+                        true
+                    } else if v - err > bv + be {
+                        false
+                    } else {
+                        let (a, b) = (code(c), code(bi));
+                        let order = match self.metric {
+                            Metric::Euclidean => crate::exact::cmp_squared_distance(&xs, &a, &b),
+                            Metric::Cosine => crate::exact::cmp_cosine(&xs, &a, &b, COSINE_EPS),
+                        };
+                        // Candidates come in ascending order: an exact tie keeps the first.
+                        order == std::cmp::Ordering::Less
+                    }
+                }
+            };
+            if better {
+                best = Some((v, err, c));
+            }
+        }
+        best.map_or(0, |b| b.2)
+    }
+
+    /// The score of code `c` for row `x` as the exact re-rank computes it, and a bound on its
+    /// error: Euclidean `‖c‖² − 2x·c` in double-double (error ≤ 2⁻¹⁰⁰·Σ|terms|·(2D + 2)),
+    /// cosine `−x·c / max(‖c‖, ε)` in f64 (error ≤ (D + 4)·2⁻⁵²·(Σ|x_i c_i| / max(‖c‖, ε))).
+    fn approx_score(&self, x: &[f32], c: u32) -> (f64, f64) {
+        let row = self.codebook.row(c as usize);
+        let d = self.dim() as f64;
+        match self.metric {
+            Metric::Euclidean => {
+                let (mut v, mut mag) = (DoubleDouble::default(), 0f64);
+                for (&a, &b) in x.iter().zip(row) {
                     let (a, b) = (f64::from(a), f64::from(b));
                     v.add(b * b);
                     v.add(-2.0 * a * b);
+                    mag += b * b + (2.0 * a * b).abs();
                 }
-                if best.1 == u32::MAX || v.less_than(&best.0) {
-                    best = (v, c);
+                // The double-double's own error, and the rounding of hi + lo to one f64.
+                let value = v.hi + v.lo;
+                let err = (2.0 * d + 2.0) * mag * 2f64.powi(-100) + value.abs() * f64::EPSILON;
+                (value, err)
+            }
+            Metric::Cosine => {
+                let (mut xy, mut mag) = (0f64, 0f64);
+                for (&a, &b) in x.iter().zip(row) {
+                    let p = f64::from(a) * f64::from(b);
+                    xy += p;
+                    mag += p.abs();
                 }
-            }
-            return best.1;
-        }
-        // −x·c/‖c‖: the common positive factor 1/max(‖x‖, ε) does not change the order (and
-        // dividing by it would round exact ties apart).
-        let mut best = (f64::INFINITY, u32::MAX);
-        for c in candidates {
-            let xy: f64 = x
-                .iter()
-                .zip(self.codebook.row(c as usize))
-                .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                .sum();
-            let v = -xy / self.code_norms[c as usize];
-            if v < best.0 || best.1 == u32::MAX {
-                best = (v, c);
+                let norm = self.code_norms[c as usize];
+                let v = -xy / norm;
+                let err = (d + 4.0) * f64::EPSILON * (mag / norm + v.abs());
+                (v, err)
             }
         }
-        best.1
     }
 }
 
@@ -529,10 +650,37 @@ impl DoubleDouble {
         self.hi = s;
         self.lo += err;
     }
+}
 
-    /// `self < other`, from the difference of the parts (the highs subtract exactly when close).
-    fn less_than(&self, other: &Self) -> bool {
-        (self.hi - other.hi) + (self.lo - other.lo) < 0.0
+/// Per dimension, the median of the codes (the lower middle value for even K): the Euclidean
+/// centre. Distances are translation invariant, so any centre is exact; the median keeps the
+/// bulk of the codes — and the rows near them — small after centring, where the mean would move
+/// toward a few far codes (a dead or runaway code, norms spread over decades) and leave every
+/// near code a large vector whose scores lose their last digits to cancellation.
+fn coordinate_medians(codebook: ArrayView2<f32>) -> Vec<f64> {
+    let mut column = Vec::with_capacity(codebook.nrows());
+    codebook
+        .columns()
+        .into_iter()
+        .map(|c| {
+            column.clear();
+            column.extend(c.iter().copied());
+            let mid = (column.len() - 1) / 2;
+            let (_, m, _) = column.select_nth_unstable_by(mid, f32::total_cmp);
+            f64::from(*m)
+        })
+        .collect()
+}
+
+/// The smallest f32 at least `v`.
+fn round_up(v: f64) -> f32 {
+    let f = v as f32;
+    if f64::from(f) >= v || !f.is_finite() {
+        f
+    } else if f >= 0.0 {
+        f32::from_bits(f.to_bits() + 1)
+    } else {
+        f32::from_bits(f.to_bits() - 1)
     }
 }
 
@@ -567,7 +715,9 @@ impl Default for RowState {
 struct Scratch {
     x: Array2<f32>,
     scores: Array2<f32>,
-    tol: Vec<f32>,
+    /// Per row of the tile: the prepared row's norm, and whether its scores may overflow.
+    n: Vec<f64>,
+    exact_all: Vec<bool>,
     state: Vec<RowState>,
     cands: Vec<Vec<(u32, f32)>>,
 }
@@ -578,7 +728,8 @@ impl Scratch {
         Self {
             x: Array2::zeros((ROW_TILE, d)),
             scores: Array2::zeros((ROW_TILE, kb)),
-            tol: vec![0.0; ROW_TILE],
+            n: vec![0.0; ROW_TILE],
+            exact_all: vec![false; ROW_TILE],
             state: vec![RowState::default(); ROW_TILE],
             cands: vec![Vec::new(); ROW_TILE],
         }
@@ -898,14 +1049,17 @@ mod tests {
         sum + comp
     }
 
-    /// Exact reference: f64 distances, ties to the lowest index.
+    /// Exact reference: f64 distances (compensated sums; −x·c/‖c‖ for cosine) to find the
+    /// codes within 1e-9 (relative) of the best, then [`crate::exact`]'s integer arithmetic
+    /// among those; exact ties to the lowest index.
     fn brute_force(x: ArrayView2<f32>, c: ArrayView2<f32>, metric: Metric) -> Vec<u32> {
         x.rows()
             .into_iter()
             .map(|xr| {
-                let mut best = (f64::INFINITY, 0u32);
-                for (k, cr) in c.rows().into_iter().enumerate() {
-                    let v = match metric {
+                let values: Vec<f64> = c
+                    .rows()
+                    .into_iter()
+                    .map(|cr| match metric {
                         Metric::Euclidean => exact_score(xr, cr),
                         Metric::Cosine => {
                             let dot: f64 = xr
@@ -913,17 +1067,43 @@ mod tests {
                                 .zip(cr)
                                 .map(|(&a, &b)| f64::from(a) * f64::from(b))
                                 .sum();
-                            // 1/max(‖x‖, ε) is common to every code: left out, so that
-                            // exact ties stay ties.
-                            let nc = crate::testutil::norm64(cr).max(1e-12);
-                            -dot / nc
+                            // 1/max(‖x‖, ε) is common to every code: left out.
+                            -dot / crate::testutil::norm64(cr).max(1e-12)
+                        }
+                    })
+                    .collect();
+                let best = values.iter().copied().fold(f64::INFINITY, f64::min);
+                // Distances are ≥ 0 less the common ‖x‖²: scale the window by the terms.
+                let scale = xr.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>()
+                    + c.rows()
+                        .into_iter()
+                        .map(|r| r.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>())
+                        .fold(0.0, f64::max);
+                let window = 1e-9 * (best.abs() + scale.sqrt() + scale);
+                let xs = xr.to_vec();
+                let mut winner: Option<usize> = None;
+                for (k, &v) in values.iter().enumerate() {
+                    if v > best + window {
+                        continue;
+                    }
+                    let better = match winner {
+                        None => true,
+                        Some(w) => {
+                            let (a, b) = (c.row(k).to_vec(), c.row(w).to_vec());
+                            let order = match metric {
+                                Metric::Euclidean => {
+                                    crate::exact::cmp_squared_distance(&xs, &a, &b)
+                                }
+                                Metric::Cosine => crate::exact::cmp_cosine(&xs, &a, &b, 1e-12),
+                            };
+                            order == std::cmp::Ordering::Less
                         }
                     };
-                    if v < best.0 {
-                        best = (v, k as u32);
+                    if better {
+                        winner = Some(k);
                     }
                 }
-                best.1
+                winner.unwrap_or(0) as u32
             })
             .collect()
     }
@@ -1010,6 +1190,136 @@ mod tests {
                 .iter()
                 .all(|&i| i == 0)
         );
+    }
+
+    /// Pairs of codes mirrored about rows near their bisector: the true gap between the two
+    /// nearest codes runs through every size from far below to far above the f32 scores'
+    /// rounding error (t log-uniform over eight decades), at several dimensions (the register
+    /// kernel and the sgemm path), offsets and magnitudes. Every row must get the exact
+    /// reference's code: a band narrower than the true rounding error misranks some of the
+    /// rows whose gap falls between the two.
+    #[test]
+    fn mirrored_near_ties_get_the_exact_nearest_code() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for metric in [Metric::Euclidean, Metric::Cosine] {
+            for (d, offset, magnitude) in [
+                (3usize, 0.0f64, 1.0f64),
+                (8, 30.0, 1.0),
+                (32, 0.0, 1e3),
+                (24, 1e3, 1e-2),
+            ] {
+                let k = 48;
+                let mut c = randn((k, d), rng.r#gen()) * magnitude as f32 + offset as f32;
+                let p: Vec<f64> = (0..d)
+                    .map(|_| rng.gen_range(-1.0..1.0) * 20.0 * magnitude + offset)
+                    .collect();
+                // v ⟂ p (so that for cosine the two codes have nearly equal norms).
+                let mut v: Vec<f64> = (0..d)
+                    .map(|_| rng.gen_range(-1.0..1.0) * magnitude)
+                    .collect();
+                let pp: f64 = p.iter().map(|a| a * a).sum();
+                let pv: f64 = p.iter().zip(&v).map(|(a, b)| a * b).sum();
+                v.iter_mut().zip(&p).for_each(|(b, a)| *b -= pv / pp * a);
+                for j in 0..d {
+                    c[[5, j]] = (p[j] + v[j]) as f32;
+                    c[[17, j]] = (p[j] - v[j]) as f32;
+                }
+                // The rows gather around the stored codes' own midpoint and half-difference.
+                let mid: Vec<f64> = (0..d)
+                    .map(|j| (f64::from(c[[5, j]]) + f64::from(c[[17, j]])) / 2.0)
+                    .collect();
+                let v: Vec<f64> = (0..d)
+                    .map(|j| (f64::from(c[[5, j]]) - f64::from(c[[17, j]])) / 2.0)
+                    .collect();
+                let vv: f64 = v.iter().map(|a| a * a).sum();
+                let n = 4000;
+                let x = Array2::from_shape_fn((n, d), |_| 0.0f32);
+                let mut x = x;
+                for mut row in x.rows_mut() {
+                    let w: Vec<f64> = (0..d)
+                        .map(|_| rng.gen_range(-1.0..1.0) * 0.3 * magnitude)
+                        .collect();
+                    let wv: f64 = w.iter().zip(&v).map(|(a, b)| a * b).sum();
+                    let t = 10f64.powf(rng.gen_range(-12.0..-4.0))
+                        * if rng.r#gen() { 1.0 } else { -1.0 };
+                    for j in 0..d {
+                        row[j] = (mid[j] + w[j] - wv / vv * v[j] + t * v[j]) as f32;
+                    }
+                }
+                let got = nearest_codes(x.view(), c.view(), metric).unwrap().to_vec();
+                let want = brute_force(x.view(), c.view(), metric);
+                let wrong = got.iter().zip(&want).filter(|(a, b)| a != b).count();
+                assert!(
+                    want.iter().filter(|&&i| i == 5).count() > n / 10
+                        && want.iter().filter(|&&i| i == 17).count() > n / 10,
+                    "{metric:?} D {d}: the rows are not near the mirrored pair: {:?}",
+                    &want[..20]
+                );
+                assert_eq!(
+                    wrong, 0,
+                    "{metric:?} D {d} offset {offset} magnitude {magnitude}: {wrong} of {n} rows"
+                );
+            }
+        }
+    }
+
+    /// A row equal to a code bit for bit, beside scaled copies of it: exact ×2 copies tie with
+    /// it exactly (the lowest index wins), an inexact ×3 copy has a cosine below 1 in exact
+    /// arithmetic even when f64 rounds it to 1.
+    #[test]
+    fn cosine_ties_with_scaled_copies_are_judged_exactly() {
+        let base = randn((1, 16), 21);
+        let c3 = base.mapv(|v| v * 3.0);
+        assert!(
+            c3.iter()
+                .zip(base.iter())
+                .any(|(&a, &b)| f64::from(a) != 3.0 * f64::from(b)),
+            "the ×3 copy should round"
+        );
+        let c2 = base.mapv(|v| v * 2.0);
+        let stack = |rows: &[&Array2<f32>]| {
+            ndarray::concatenate(Axis(0), &rows.iter().map(|r| r.view()).collect::<Vec<_>>())
+                .unwrap()
+        };
+        // Order: ×3 (inexact), the code, ×2 (exact): the code itself.
+        let c = stack(&[&c3, &base, &c2]);
+        let got = nearest_codes(base.view(), c.view(), Metric::Cosine).unwrap();
+        assert_eq!(
+            got[0],
+            brute_force(base.view(), c.view(), Metric::Cosine)[0]
+        );
+        let tie = crate::exact::cmp_cosine(
+            base.row(0).as_slice().unwrap(),
+            c3.row(0).as_slice().unwrap(),
+            base.row(0).as_slice().unwrap(),
+            1e-12,
+        );
+        assert_eq!(
+            got[0],
+            if tie == std::cmp::Ordering::Equal {
+                0
+            } else {
+                1
+            }
+        );
+        // Order: ×2 (exact), the code: an exact tie, the lower index.
+        let c = stack(&[&c2, &base]);
+        assert_eq!(
+            nearest_codes(base.view(), c.view(), Metric::Cosine).unwrap()[0],
+            0
+        );
+        // Many rows at once, through both kernels' paths.
+        for d in [4, 40] {
+            let codes = randn((30, d), 3);
+            let mut c = Array2::zeros((90, d));
+            for i in 0..30 {
+                c.row_mut(3 * i).assign(&codes.row(i).mapv(|v| v * 3.0));
+                c.row_mut(3 * i + 1).assign(&codes.row(i));
+                c.row_mut(3 * i + 2).assign(&codes.row(i).mapv(|v| v * 0.5));
+            }
+            check(&codes, &c, Metric::Cosine);
+        }
     }
 
     #[test]

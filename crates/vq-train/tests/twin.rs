@@ -480,7 +480,16 @@ fn the_prior_twin_has_the_priors_variables_and_trains() {
         assert_eq!(ours, theirs, "{classes} classes");
         let r = run(
             &path,
-            &["--steps", "2", "--warmup", "1", "--batch-size", "4", "--samples", "2"],
+            &[
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--batch-size",
+                "4",
+                "--samples",
+                "2",
+            ],
         );
         assert!(r["loss"].as_f64().unwrap().is_finite(), "{r}");
         assert!(r["tokens_per_s"].as_f64().unwrap() > 0.0, "{r}");
