@@ -259,7 +259,10 @@ pub enum Crop {
 /// A preprocessing pipeline from a decoded RGB image to a square `size × size` crop.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(rename_all = "kebab-case", tag = "kind"))]
+#[cfg_attr(
+    feature = "serde",
+    serde(rename_all = "kebab-case", tag = "kind", deny_unknown_fields)
+)]
 pub enum Transform {
     /// Shorter side resized to `size` (the other side rounded to nearest), then a crop
     /// (taming-transformers: albumentations `SmallestMaxSize` + `RandomCrop`/`CenterCrop`).

@@ -358,10 +358,10 @@ pub fn markdown(config: &RunConfig, rows: &[CompareRow]) -> String {
     s.push_str("| Estimator | Codebook usage (val, per 256 images) | Train rec. MSE | Val rec. MSE | Quantization error (val) | QE / mean(e²) (val) | Perplexity (val) | Codes used (all val) | LPIPS (val) | r-FID | r-IS |\n");
     s.push_str("|---|---|---|---|---|---|---|---|---|---|---|\n");
     for r in rows {
-        let lpips = r.val.lpips.map_or_else(
-            || "needs weights (--lpips; cargo xtask download-weights lpips)".to_owned(),
-            |v| format!("{v:.4}"),
-        );
+        let lpips = r
+            .val
+            .lpips
+            .map_or_else(|| "—".to_owned(), |v| format!("{v:.4}"));
         // A Gumbel quantizer has no encoder vector to compare with its code (the paper's "—").
         let (qe, relative) = match r.estimator == Method::Gumbel.name() {
             true => ("—".to_owned(), "—".to_owned()),
@@ -378,17 +378,32 @@ pub fn markdown(config: &RunConfig, rows: &[CompareRow]) -> String {
             r.val.rec_mse,
             r.val.perplexity,
             100.0 * r.val.usage_total,
-            r.val.rfid.map_or_else(
-                || "needs weights (--inception; cargo xtask download-weights inception)".to_owned(),
-                |v| format!("{v:.2}")
-            ),
-            r.val.ris.map_or_else(
-                || "needs weights (--inception; cargo xtask download-weights inception)".to_owned(),
-                |v| format!("{v:.2}")
-            ),
+            r.val.rfid.map_or_else(|| "—".to_owned(), |v| format!("{v:.2}")),
+            r.val.ris.map_or_else(|| "—".to_owned(), |v| format!("{v:.2}")),
         ));
     }
+    s.push_str(&missing_weights(rows));
     s
+}
+
+/// Once per table, what the empty perceptual columns need.
+fn missing_weights(rows: &[CompareRow]) -> String {
+    let mut notes = Vec::new();
+    if rows.iter().any(|r| r.val.lpips.is_none()) {
+        notes.push("LPIPS needs weights (--lpips; cargo xtask download-weights lpips)");
+    }
+    if rows
+        .iter()
+        .any(|r| r.val.rfid.is_none() || r.val.ris.is_none())
+    {
+        notes.push(
+            "r-FID and r-IS need weights (--inception; cargo xtask download-weights inception)",
+        );
+    }
+    match notes.is_empty() {
+        true => String::new(),
+        false => format!("\n—: {}.\n", notes.join("; ")),
+    }
 }
 
 /// Default run folder for a comparison.

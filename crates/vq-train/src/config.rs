@@ -142,7 +142,7 @@ impl RunConfig {
                     .join(", ")
             );
         }
-        serde_json::from_value(v).with_context(|| format!("parsing {}", path.display()))
+        from_json_value(v, path)
     }
 
     /// Reads a run's own `run.json`. Files written before `preprocessing` was a field get the
@@ -153,7 +153,7 @@ impl RunConfig {
     pub fn from_run_file(path: &Path) -> Result<Self> {
         let mut v = read_json(path)?;
         Self::upgrade_record(&mut v);
-        serde_json::from_value(v).with_context(|| format!("parsing {}", path.display()))
+        from_json_value(v, path)
     }
 
     /// Fills in what a run record (run.json, a checkpoint's state) of an older version lacks:
@@ -396,6 +396,23 @@ pub fn may_resume(
     crate::run::may_resume(ckpt, was, now, done, RunConfig::upgrade_record)
 }
 
+/// A configuration from its JSON, with the path of the offending field in the error
+/// (`model.quantizer.beta: invalid type: string "x", expected f32`; `model.quantizer: unknown
+/// field `betta``).
+pub fn from_json_value<T: serde::de::DeserializeOwned>(
+    v: serde_json::Value,
+    path: &Path,
+) -> Result<T> {
+    serde_path_to_error::deserialize(v).map_err(|e| {
+        let at = e.path().to_string();
+        let err = e.into_inner();
+        match at.as_str() {
+            "." | "" => anyhow::anyhow!("{}: {err}", path.display()),
+            _ => anyhow::anyhow!("{}: {at}: {err}", path.display()),
+        }
+    })
+}
+
 fn read_json(path: &Path) -> Result<serde_json::Value> {
     let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
@@ -429,6 +446,55 @@ mod tests {
             encoder_gradient: Default::default(),
             init_from: None,
         }
+    }
+
+    /// A misspelt key at any depth is refused, and a value of the wrong type is named by its
+    /// path — in the quantizer, its codebook learning (an enum's variant), and the top level.
+    #[test]
+    fn config_errors_name_the_field_at_any_depth() {
+        let dir = std::env::temp_dir().join(format!("vq-config-errors-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = serde_json::to_value(config(10, 1e-3)).unwrap();
+        let cases: [(&str, fn(&mut serde_json::Value), &str); 5] = [
+            (
+                "quantizer key",
+                |v| v["model"]["quantizer"]["betta"] = 0.25.into(),
+                "betta",
+            ),
+            (
+                "ema key",
+                |v| v["model"]["quantizer"]["learning"]["ema"]["decayy"] = 0.9.into(),
+                "decayy",
+            ),
+            (
+                "quantizer type",
+                |v| v["model"]["quantizer"]["beta"] = "x".into(),
+                "model.quantizer.beta",
+            ),
+            (
+                "ema type",
+                |v| v["model"]["quantizer"]["learning"]["ema"]["decay"] = "x".into(),
+                "model.quantizer.learning.ema.decay",
+            ),
+            (
+                "training type",
+                |v| v["training"]["steps"] = (-3).into(),
+                "training.steps",
+            ),
+        ];
+        for (name, edit, want) in cases {
+            let mut v = good.clone();
+            edit(&mut v);
+            let path = dir.join(format!("{}.json", name.replace(' ', "-")));
+            std::fs::write(&path, v.to_string()).unwrap();
+            let err = format!("{:#}", RunConfig::from_config_file(&path).unwrap_err());
+            assert!(err.contains(want), "{name}: {err}");
+            assert!(err.contains(&path.display().to_string()), "{name}: {err}");
+        }
+        let path = dir.join("good.json");
+        std::fs::write(&path, good.to_string()).unwrap();
+        RunConfig::from_config_file(&path).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

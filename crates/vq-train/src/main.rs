@@ -752,6 +752,7 @@ fn join_launch(
             let timeout = std::time::Duration::from_secs(dist_timeout.max(1));
             let (_, pg) =
                 join_from_env(opts.device, timeout)?.context("the launch environment vanished")?;
+            fit_micro_batch(&mut opts.config, pg.world(), pg.is_main());
             if pg.is_main() {
                 eprintln!(
                     "data-parallel: {} ranks over {} (from {}), global batch {} = {} × micro-batch {} × {} accumulation",
@@ -768,6 +769,33 @@ fn join_launch(
         }
         None => None,
     })
+}
+
+/// Over `world` ranks each rank takes `batch / world` images per step, in micro-batches of at
+/// most the configured size: when that size does not divide a rank's share (a preset's
+/// single-process micro-batch on several ranks), the largest one that does is used and said.
+/// A batch the ranks cannot share evenly is left for the run's own check to refuse.
+fn fit_micro_batch(config: &mut RunConfig, world: usize, main: bool) {
+    let batch = config.training.batch_size;
+    if world == 0 || !batch.is_multiple_of(world) {
+        return;
+    }
+    let share = batch / world;
+    let micro = config.micro_batch;
+    if micro > 0 && share.is_multiple_of(micro) {
+        return;
+    }
+    let fitted = (1..=micro.min(share))
+        .rev()
+        .find(|m| share.is_multiple_of(*m))
+        .unwrap_or(1);
+    if main {
+        eprintln!(
+            "note: micro-batch {micro} does not divide the {share} images each of the {world} ranks \
+             takes of the batch {batch}: each rank runs micro-batches of {fitted}"
+        );
+    }
+    config.micro_batch = fitted;
 }
 
 /// What `train` prints after training, and the evaluation of a run that reached its end.

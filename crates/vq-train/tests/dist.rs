@@ -515,3 +515,29 @@ fn ranks_replace_corrupt_images_and_rank_0_lists_every_ranks_files_once() {
     assert_eq!(skipped, 8, "{:?}", metrics(&run));
     assert_eq!(metrics(&run).last().unwrap()["step"], 6);
 }
+
+/// The command docs/distributed.md prints runs as printed: the demo preset's micro-batch (64,
+/// its whole batch) is fitted to each rank's share (32), the banner says so, and `--resume` on a
+/// fresh folder starts the run (one command for the first start and torchrun's restarts).
+#[test]
+fn the_documented_two_rank_command_runs_as_printed_and_resume_starts_a_fresh_folder() {
+    let dir = tmp("documented");
+    let out = dir.join("dp");
+    let o = Command::new(env!("CARGO_BIN_EXE_vq-train"))
+        .args(["train", "--nproc", "2", "--preset", "demo-fashion-mnist"])
+        .args(["--steps", "2", "--quiet", "--resume", "--out"])
+        .arg(&out)
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(
+        t.contains("global batch 64 = 2 × micro-batch 32 × 1 accumulation"),
+        "{t}"
+    );
+    assert!(t.contains("each rank runs micro-batches of 32"), "{t}");
+    assert!(t.contains("starting a new run"), "{t}");
+    assert!(latest(&out).join("model.safetensors").is_file());
+    let _ = std::fs::remove_dir_all(&dir);
+}

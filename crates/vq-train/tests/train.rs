@@ -319,6 +319,9 @@ fn compare_writes_the_table_json_and_plots() {
         md.contains("| ste |") && md.contains("| rotation |"),
         "{md}"
     );
+    // Without perceptual weights: empty cells, and what they need said once per table.
+    assert_eq!(md.matches("needs weights (--lpips").count(), 1, "{md}");
+    assert_eq!(md.matches("need weights (--inception").count(), 1, "{md}");
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("compare.json")).unwrap()).unwrap();
     assert_eq!(json["rows"].as_array().unwrap().len(), 2);

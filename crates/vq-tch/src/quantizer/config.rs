@@ -11,7 +11,10 @@ use crate::error::{Result, VqTchError};
 /// How the codebook is learned.
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[cfg_attr(
+    feature = "serde",
+    serde(rename_all = "snake_case", deny_unknown_fields)
+)]
 pub enum CodebookLearning {
     /// Exponential moving averages (no codebook loss).
     Ema {
@@ -37,7 +40,10 @@ pub enum CodebookLearning {
 /// ([`CodebookLearning::Ema`]'s `kmeans_iters`), run on the first training batch.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[cfg_attr(
+    feature = "serde",
+    serde(rename_all = "snake_case", deny_unknown_fields)
+)]
 pub enum CodebookInit {
     /// N(0, 1) per entry: enhancing-transformers' `embedding.weight.data.normal_()` (ViT-VQGAN
     /// and the video tokenizers, Tables 4–5). The default of configurations written before the
@@ -90,6 +96,7 @@ impl CodebookInit {
 /// Configuration of a [`VectorQuantizer`](crate::VectorQuantizer); checked by [`VectorQuantizerConfig::validate`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
 pub struct VectorQuantizerConfig {
     /// Number of codes K.
     pub codebook_size: usize,
@@ -122,7 +129,10 @@ pub struct VectorQuantizerConfig {
 /// one of the families of [`vq_core::family`] (formulas there).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[cfg_attr(
+    feature = "serde",
+    serde(rename_all = "snake_case", deny_unknown_fields)
+)]
 pub enum Family {
     /// The nearest code under the metric; the gradient reaches the input through the
     /// [`Estimator`]. The default of configurations written before the field existed.
@@ -185,7 +195,10 @@ pub enum Family {
 /// on every rank, and again after a resume); the dropped stages give index −1.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[cfg_attr(
+    feature = "serde",
+    serde(rename_all = "snake_case", deny_unknown_fields)
+)]
 pub enum StageDropout {
     /// Every stage always runs.
     #[default]
@@ -277,7 +290,10 @@ impl TryFrom<Vec<u32>> for FsqLevels {
 /// ViT-VQGAN): `Linear(C → D)` before the lookup and `Linear(D → C)` after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
-#[cfg_attr(feature = "serde", serde(rename_all = "snake_case"))]
+#[cfg_attr(
+    feature = "serde",
+    serde(rename_all = "snake_case", deny_unknown_fields)
+)]
 pub enum Projection {
     /// The input has D channels; no projection.
     Identity,

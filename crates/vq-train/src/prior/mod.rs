@@ -376,8 +376,10 @@ pub fn load_prior(run: &Path, device: Device) -> Result<(PriorRunConfig, Prior, 
     let dir = crate::layout::RunDir::new(run);
     let text = std::fs::read_to_string(dir.run())
         .with_context(|| format!("reading {}", dir.run().display()))?;
-    let config: PriorRunConfig = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a prior run's run.json", dir.run().display()))?;
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not JSON", dir.run().display()))?;
+    let config: PriorRunConfig =
+        crate::config::from_json_value(value, &dir.run()).context("not a prior run's run.json")?;
     let mut vs = nn::VarStore::new(device);
     let prior = Prior::new(&vs.root(), config.prior)?;
     crate::checkpoint::load_model(run, &mut vs)

@@ -24,7 +24,8 @@ pub(crate) struct Checkpointer {
 
 impl Checkpointer {
     /// Loads the run folder's latest checkpoint into `parts` when resuming; returns the step to
-    /// start at. Refuses a folder that holds another run, or a run without `--resume`.
+    /// start at (0 when the folder holds no checkpoint yet, with `--resume` too). Refuses a
+    /// folder that holds another run, or a run without `--resume`.
     pub(crate) fn resume(
         &mut self,
         resume: bool,
@@ -53,8 +54,17 @@ impl Checkpointer {
                 self.out.display(),
                 ckpt.display()
             ),
-            None if resume => bail!("--resume: no checkpoint in {}", self.out.display()),
-            None => Ok(0),
+            // As Lightning's `ckpt_path="last"`: one command serves the first start and every
+            // restart (torchrun's --max-restarts), so a folder without a checkpoint starts fresh.
+            None => {
+                if resume && self.main {
+                    eprintln!(
+                        "note: --resume: no checkpoint in {} yet; starting a new run",
+                        self.out.display()
+                    );
+                }
+                Ok(0)
+            }
         }
     }
 
