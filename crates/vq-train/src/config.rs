@@ -455,7 +455,8 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("vq-config-errors-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let good = serde_json::to_value(config(10, 1e-3)).unwrap();
-        let cases: [(&str, fn(&mut serde_json::Value), &str); 5] = [
+        type Edit = fn(&mut serde_json::Value);
+        let cases: [(&str, Edit, &str); 5] = [
             (
                 "quantizer key",
                 |v| v["model"]["quantizer"]["betta"] = 0.25.into(),
