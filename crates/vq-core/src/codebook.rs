@@ -701,6 +701,27 @@ mod tests {
         );
     }
 
+    /// "Below the threshold" is strict: a code whose cluster size lands exactly on it stays
+    /// (sizes start at 1; decay 0.5 with no assignment gives exactly 0.5), one just under it
+    /// is replaced.
+    #[test]
+    fn a_cluster_size_equal_to_the_threshold_is_not_dead() {
+        let x = array![[1.0f32], [2.0]];
+        let at = EmaConfig::new(0.5, 1e-5, 0.5, Metric::Euclidean).unwrap();
+        let mut cb = EmaCodebook::new(array![[0.0f32], [100.0]], at).unwrap();
+        let up = cb.update(x.view(), &[0, 0], &mut rng(1)).unwrap();
+        assert_eq!(cb.cluster_sizes()[1], 0.5);
+        // Not replaced: still (Laplace-smoothed) 100, not a batch sample.
+        assert_eq!(up.replaced, 0);
+        assert!((cb.codebook()[[1, 0]] - 100.0).abs() < 0.01);
+        let above = EmaConfig::new(0.5, 1e-5, 0.5f32.next_up(), Metric::Euclidean).unwrap();
+        let mut cb = EmaCodebook::new(array![[0.0f32], [100.0]], above).unwrap();
+        assert_eq!(
+            cb.update(x.view(), &[0, 0], &mut rng(1)).unwrap().replaced,
+            1
+        );
+    }
+
     #[test]
     fn kmeans_recovers_separated_clusters() {
         let mut x = randn((300, 2), 4) * 0.1;

@@ -22,7 +22,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use tch::{Tensor, nn};
+use tch::{Kind, Tensor, nn};
 
 use crate::optim::AdamW;
 
@@ -76,45 +76,118 @@ fn files(name: &str) -> (String, String) {
 /// File-system and serialisation errors (the previous checkpoint is left as it was).
 pub fn save(run: &Path, parts: &[Part<'_>], state: &TrainState) -> Result<PathBuf> {
     let dir = dir_of(run);
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let name = format!("step-{:08}", state.step);
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+    match save_into(&dir, &tmp, &name, parts, state) {
+        Ok(done) => Ok(done),
+        Err(e) => {
+            // Nothing half-written stays behind; the last complete checkpoint is untouched.
+            let _ = fs::remove_dir_all(&tmp);
+            let kept = match latest(run) {
+                Ok(Some((ckpt, st))) => format!(
+                    "the last checkpoint ({}, step {}) is intact: once the cause is fixed (disk \
+                     space, quota, permissions), rerun the same command with --resume to \
+                     continue from it",
+                    ckpt.display(),
+                    st.step
+                ),
+                _ => "no earlier checkpoint exists: rerun the command once the cause is fixed"
+                    .to_owned(),
+            };
+            Err(e.context(format!(
+                "saving the checkpoint of step {} into {} failed; {kept}",
+                state.step,
+                dir.display()
+            )))
+        }
     }
-    fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+}
+
+/// [`save`]'s work: every file into `tmp`, synced, then renamed into place and `latest` moved.
+fn save_into(
+    dir: &Path,
+    tmp: &Path,
+    name: &str,
+    parts: &[Part<'_>],
+    state: &TrainState,
+) -> Result<PathBuf> {
+    fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    if tmp.exists() {
+        fs::remove_dir_all(tmp).with_context(|| format!("removing stale {}", tmp.display()))?;
+    }
+    fs::create_dir(tmp).with_context(|| format!("creating {}", tmp.display()))?;
     for part in parts {
         let (weights, optim) = files(part.name);
-        part.vs
-            .save(tmp.join(&weights))
-            .with_context(|| format!("writing {weights} into {}", tmp.display()))?;
+        let vars = part.vs.variables();
+        let mut named: Vec<(&str, &Tensor)> = vars.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        named.sort_by_key(|(k, _)| *k);
+        write_tensors(&tmp.join(&weights), &named)?;
         let opt_state = part.opt.state();
         let named: Vec<(&str, &Tensor)> = opt_state.iter().map(|(k, t)| (k.as_str(), t)).collect();
-        Tensor::write_safetensors(&named, tmp.join(&optim))
-            .with_context(|| format!("writing {optim} into {}", tmp.display()))?;
-        sync_file(&tmp.join(&weights))?;
-        sync_file(&tmp.join(&optim))?;
+        write_tensors(&tmp.join(&optim), &named)?;
     }
     write_synced(&tmp.join("state.json"), &serde_json::to_vec_pretty(state)?)?;
-    sync_dir(&tmp)?;
-    let final_dir = dir.join(&name);
+    sync_dir(tmp)?;
+    let final_dir = dir.join(name);
     let aside = dir.join(format!(".{name}.old-{}", std::process::id()));
     if final_dir.exists() {
         fs::rename(&final_dir, &aside)
             .with_context(|| format!("moving the earlier {} aside", final_dir.display()))?;
-        sync_dir(&dir)?;
+        sync_dir(dir)?;
     }
-    fs::rename(&tmp, &final_dir).with_context(|| format!("moving {} into place", tmp.display()))?;
-    sync_dir(&dir)?;
+    fs::rename(tmp, &final_dir).with_context(|| format!("moving {} into place", tmp.display()))?;
+    sync_dir(dir)?;
     let latest_tmp = dir.join(format!(".latest.tmp-{}", std::process::id()));
-    write_pointer(&latest_tmp, &name)?;
+    write_pointer(&latest_tmp, name)?;
     fs::rename(&latest_tmp, dir.join("latest")).context("updating checkpoints/latest")?;
-    sync_dir(&dir)?;
+    sync_dir(dir)?;
     if aside.exists() {
         fs::remove_dir_all(&aside).with_context(|| format!("removing {}", aside.display()))?;
     }
-    prune(&dir)?;
+    prune(dir)?;
     Ok(final_dir)
+}
+
+/// Writes `tensors` as a safetensors file — the bytes tch's `write_safetensors` writes (the
+/// same crate's serializer, no metadata) — through `std::fs`, so that a failure is a plain I/O
+/// error naming the file ("No space left on device"), and fsyncs it.
+fn write_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
+    let owned: Vec<(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let t = t.to_device(tch::Device::Cpu).contiguous();
+            let kind = t.kind();
+            let dtype = match kind {
+                Kind::Bool => safetensors::Dtype::BOOL,
+                Kind::Uint8 => safetensors::Dtype::U8,
+                Kind::Int8 => safetensors::Dtype::I8,
+                Kind::Int16 => safetensors::Dtype::I16,
+                Kind::Int => safetensors::Dtype::I32,
+                Kind::Int64 => safetensors::Dtype::I64,
+                Kind::BFloat16 => safetensors::Dtype::BF16,
+                Kind::Half => safetensors::Dtype::F16,
+                Kind::Float => safetensors::Dtype::F32,
+                Kind::Double => safetensors::Dtype::F64,
+                other => anyhow::bail!("{name}: tensors of kind {other:?} cannot be saved"),
+            };
+            let mut bytes = vec![0u8; t.numel() * kind.elt_size_in_bytes()];
+            t.f_copy_data_u8(&mut bytes, t.numel())?;
+            let shape = t.size().iter().map(|&d| d as usize).collect();
+            Ok((*name, dtype, shape, bytes))
+        })
+        .collect::<Result<_>>()?;
+    let views = owned
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            Ok((
+                *name,
+                safetensors::tensor::TensorView::new(*dtype, shape.clone(), bytes)?,
+            ))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bytes = safetensors::tensor::serialize(views, &None)
+        .with_context(|| format!("serialising {}", path.display()))?;
+    write_synced(path, &bytes)
 }
 
 /// Creates the pointer `path` to the checkpoint folder `name` (a sibling): a relative symbolic
@@ -161,13 +234,6 @@ fn read_pointer(path: &Path) -> Result<Option<String>> {
         );
     }
     Ok(Some(name))
-}
-
-/// Makes a file's contents durable.
-fn sync_file(path: &Path) -> Result<()> {
-    fs::File::open(path)
-        .and_then(|f| f.sync_all())
-        .with_context(|| format!("syncing {}", path.display()))
 }
 
 /// The run folder's latest checkpoint, as error messages name it (`none yet` before the first).
@@ -222,6 +288,26 @@ fn prune(dir: &Path) -> Result<()> {
         fs::remove_dir_all(old).with_context(|| format!("removing old {}", old.display()))?;
     }
     Ok(())
+}
+
+/// The newest checkpoint folder of `run` older than `than` that holds its `state.json` (the one
+/// kept beside the latest), if any.
+pub fn earlier(run: &Path, than: &Path) -> Option<PathBuf> {
+    let mut steps: Vec<PathBuf> = fs::read_dir(dir_of(run))
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("step-"))
+                && p.join("state.json").is_file()
+        })
+        .collect();
+    steps.sort();
+    steps
+        .into_iter()
+        .rev()
+        .find(|p| p.file_name() < than.file_name())
 }
 
 /// The newest complete checkpoint of a run, if any.

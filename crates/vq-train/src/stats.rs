@@ -160,6 +160,18 @@ mod tests {
         assert!((paired(&[0.0; 5], &b).p.unwrap() - 0.05).abs() < 1e-5);
     }
 
+    /// Both samples vary, so the paired standard error (of the differences) and the unpaired one
+    /// (of each sample) differ: scipy 1.17's `ttest_rel(b, a)` gives p = 0.0551252 (t = 2.4905),
+    /// `ttest_ind` 0.2429.
+    #[test]
+    fn the_t_test_is_paired() {
+        let a = [0.71, 0.52, 0.93, 0.40, 0.66, 0.85];
+        let b = [0.80, 0.49, 1.20, 0.71, 0.70, 1.31];
+        let p = paired(&a, &b);
+        assert!((p.p.unwrap() - 0.055_125_17).abs() < 1e-6, "{p:?}");
+        assert_eq!(p.verdict, Verdict::NotClear);
+    }
+
     #[test]
     fn one_disagreeing_seed_or_too_few_seeds_is_not_clear() {
         let a = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0];

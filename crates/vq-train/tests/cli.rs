@@ -178,3 +178,113 @@ fn empty_data_and_bad_thread_counts_are_errors_not_panics() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A save that fails part-way (the file-size limit of `ulimit -f` cuts the model file, as a full
+/// disk would): the error is plain and names the way back, no half-written folder stays, the
+/// last checkpoint is intact, and rerunning with --resume continues from it to the end.
+#[cfg(unix)]
+#[test]
+fn a_failed_save_loses_nothing_and_says_the_way_back() {
+    let dir = std::env::temp_dir().join(format!("vq-failed-save-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = dir.join("r");
+    let bin = env!("CARGO_BIN_EXE_vq-train");
+    let args = format!(
+        "train --preset demo-fashion-mnist --steps 4 --batch-size 8 --checkpoint-every 2 \
+         --quiet --threads 1 --out {}",
+        run.display()
+    );
+    let sh = |limit: &str, extra: &str| {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("trap '' XFSZ; {limit} exec {bin} {args} {extra}"))
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    let first = sh("", "--stop-after 2");
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    // 150 KiB: enough for the logs, not for the 1.1 MB model file.
+    let failed = sh("ulimit -f 300;", "--resume");
+    let err = String::from_utf8_lossy(&failed.stderr).into_owned();
+    assert!(!failed.status.success(), "{err}");
+    assert!(
+        err.contains("step-00000002, step 2) is intact") && err.contains("--resume"),
+        "{err}"
+    );
+    assert!(
+        err.contains("File too large") && !err.contains("Os {"),
+        "{err}"
+    );
+    let mut left: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["latest", "step-00000002"]);
+    let again = sh("", "--resume");
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(
+        run.join("checkpoints/step-00000004/model.safetensors")
+            .is_file()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A damaged latest checkpoint on --resume: the error names it, the intact earlier checkpoint
+/// kept beside it, and the command that points `latest` back at it; following it continues.
+#[cfg(unix)]
+#[test]
+fn a_damaged_checkpoint_names_the_intact_one_beside_it() {
+    let dir = std::env::temp_dir().join(format!("vq-damaged-ckpt-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = dir.join("r");
+    let train = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vq-train"))
+            .args(["train", "--preset", "demo-fashion-mnist", "--steps", "6"])
+            .args(["--batch-size", "8", "--checkpoint-every", "2", "--quiet"])
+            .args(["--threads", "1", "--out"])
+            .arg(&run)
+            .args(extra)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap()
+    };
+    assert!(train(&["--stop-after", "4"]).status.success());
+    let model = run.join("checkpoints/step-00000004/model.safetensors");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&model)
+        .unwrap();
+    f.set_len(100).unwrap();
+    let out = train(&["--resume"]);
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("step-00000004 cannot be read"), "{err}");
+    assert!(err.contains("ln -sfn step-00000002"), "{err}");
+    std::os::unix::fs::symlink("step-00000002", run.join("checkpoints/latest.new")).unwrap();
+    std::fs::rename(
+        run.join("checkpoints/latest.new"),
+        run.join("checkpoints/latest"),
+    )
+    .unwrap();
+    let again = train(&["--resume"]);
+    assert!(
+        again.status.success(),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert!(
+        run.join("checkpoints/step-00000006/model.safetensors")
+            .is_file()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1073,3 +1073,49 @@ fn compare_over_seeds_reports_statistics_and_keeps_finished_runs() {
     assert!(!refused.exists());
     std::fs::remove_dir_all(out).unwrap();
 }
+
+/// Codebook usage, perplexity and the per-image means come from every evaluated batch, not the
+/// last one: the same model on the same 64 images in one batch and in batches of 7 (the last
+/// holding one image) gives the same numbers, and one image alone gives other ones.
+#[test]
+fn evaluation_metrics_cover_every_batch() {
+    use vq_train::eval::{EvalNets, Perceptual, evaluate};
+    let cfg = small_demo(1);
+    let source = vq_train::data::DataSource::parse(&cfg.data).unwrap();
+    let set = cfg.load_split(&source, vq_data::Split::Test).unwrap();
+    let vs = tch::nn::VarStore::new(Device::Cpu);
+    let mut model = vq_models::VqAutoencoder::new(&vs.root(), &cfg.model).unwrap();
+    let nets = EvalNets {
+        lpips: None,
+        inception: None,
+    };
+    let mut run = |limit: usize, batch: usize| {
+        evaluate(
+            &mut model,
+            &set,
+            Some(limit),
+            batch,
+            Device::Cpu,
+            &nets,
+            Perceptual::All,
+        )
+        .unwrap()
+    };
+    let (whole, split, one) = (run(64, 64), run(64, 7), run(1, 1));
+    assert_eq!(whole.images, 64);
+    assert_eq!(split.images, 64);
+    assert_eq!(whole.usage, split.usage);
+    assert_eq!(whole.usage_total, split.usage_total);
+    assert_eq!(whole.perplexity, split.perplexity);
+    assert!((whole.rec_mse - split.rec_mse).abs() <= 1e-6 * whole.rec_mse);
+    assert!(
+        (whole.quantization_error - split.quantization_error).abs()
+            <= 1e-6 * whole.quantization_error
+    );
+    assert!(
+        whole.usage_total > one.usage_total && whole.perplexity > one.perplexity,
+        "64 images use more codes than one: {} vs {}",
+        whole.usage_total,
+        one.usage_total
+    );
+}

@@ -45,7 +45,23 @@ impl Checkpointer {
                 {
                     eprintln!("note: {note}");
                 }
-                checkpoint::load(&ckpt, parts)?;
+                if let Err(e) = checkpoint::load(&ckpt, parts) {
+                    let way = match checkpoint::earlier(&self.out, &ckpt) {
+                        Some(old) => format!(
+                            "the earlier checkpoint {} is kept beside it: point \
+                             checkpoints/latest at it (`ln -sfn {} {}`) and rerun with --resume \
+                             to continue from there",
+                            old.display(),
+                            old.file_name().unwrap_or_default().to_string_lossy(),
+                            self.out.join("checkpoints/latest").display(),
+                        ),
+                        None => "no earlier checkpoint is kept".to_owned(),
+                    };
+                    return Err(e.context(format!(
+                        "the checkpoint {} cannot be read (truncated or damaged); {way}",
+                        ckpt.display()
+                    )));
+                }
                 self.prior_seconds = state.train_seconds;
                 Ok(state.step)
             }
