@@ -160,6 +160,8 @@ impl std::fmt::Display for LeftOut {
 pub struct Ignored {
     by_extension: std::collections::BTreeMap<String, usize>,
     first: Option<PathBuf>,
+    /// Entries passed over for another reason than their name, by reason: count and first.
+    by_reason: std::collections::BTreeMap<&'static str, (usize, PathBuf)>,
 }
 
 impl Ignored {
@@ -175,9 +177,18 @@ impl Ignored {
         self.first.get_or_insert_with(|| path.to_path_buf());
     }
 
-    /// How many files were passed over.
+    /// Counts `path`, passed over for `reason` ("outside any class folder", …).
+    pub fn add_because(&mut self, reason: &'static str, path: &std::path::Path) {
+        self.by_reason
+            .entry(reason)
+            .or_insert_with(|| (0, path.to_path_buf()))
+            .0 += 1;
+    }
+
+    /// How many entries were passed over.
     pub fn count(&self) -> usize {
-        self.by_extension.values().sum()
+        self.by_extension.values().sum::<usize>()
+            + self.by_reason.values().map(|r| r.0).sum::<usize>()
     }
 }
 
@@ -192,17 +203,23 @@ impl std::fmt::Display for Ignored {
                 e => format!("{n} .{e}"),
             })
             .collect();
-        write!(
-            f,
-            "{} file{} that are not samples by name ({})",
-            self.count(),
-            if self.count() == 1 { "" } else { "s" },
-            kinds.join(", ")
-        )?;
-        if let Some(p) = &self.first {
-            write!(f, "; the first: {}", p.display())?;
+        let named: usize = self.by_extension.values().sum();
+        let mut parts = Vec::new();
+        if named > 0 {
+            let mut s = format!(
+                "{named} file{} that are not samples by name ({})",
+                if named == 1 { "" } else { "s" },
+                kinds.join(", ")
+            );
+            if let Some(p) = &self.first {
+                s += &format!("; the first: {}", p.display());
+            }
+            parts.push(s);
         }
-        Ok(())
+        for (reason, (n, first)) in &self.by_reason {
+            parts.push(format!("{n} {reason} (the first: {})", first.display()));
+        }
+        f.write_str(&parts.join("; "))
     }
 }
 

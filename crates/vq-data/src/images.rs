@@ -36,7 +36,7 @@ pub fn decode_rgb(path: &Path, bytes: &[u8]) -> Result<Array3<u8>> {
     if is_truncated_jpeg(bytes) {
         // The decoder would fill the missing rows with grey; refuse as Pillow does by default.
         return Err(failed(
-            "truncated JPEG: no end-of-image marker after the last scan".into(),
+            "truncated JPEG: the file ends before its end-of-image marker".into(),
         ));
     }
     let format = image::guess_format(bytes).map_err(|_| failed(NOT_AN_IMAGE.into()))?;
@@ -87,19 +87,63 @@ const SIGNATURE_BYTES: usize = 32;
 const NOT_AN_IMAGE: &str =
     "not an image: its first bytes match none of JPEG, PNG, WebP, BMP, TIFF, GIF";
 
-/// A JPEG (starts with SOI, `FF D8`) whose last scan (`FF DA`; entropy-coded data cannot hold
-/// that pair, a data byte `FF` being stuffed as `FF 00`) is not followed by the end-of-image
-/// marker `FF D9`: the file was cut. Bytes after EOI (some cameras append data) are fine.
+/// A JPEG (starts with SOI, `FF D8`) that ends before its end-of-image marker `FF D9`: the
+/// file was cut. The image's own structure is followed from the start — each marker segment by
+/// its length, each scan's entropy-coded data up to the next marker (a data byte `FF` is stuffed
+/// as `FF 00`; `FF D0`–`FF D7` are restart markers inside it) — to the first end-of-image
+/// marker; what follows it (a camera's trailer, a motion photo's video, an appended thumbnail)
+/// is not the image's and is not looked at. A cut file runs out of bytes before that marker.
 fn is_truncated_jpeg(bytes: &[u8]) -> bool {
     if !bytes.starts_with(&[0xFF, 0xD8]) {
         return false;
     }
-    let marker = |m: u8| bytes.windows(2).rposition(|w| w == [0xFF, m]);
-    match (marker(0xDA), marker(0xD9)) {
-        (Some(sos), Some(eoi)) => eoi < sos,
-        (_, None) => true,
-        (None, Some(_)) => false,
+    let n = bytes.len();
+    let mut i = 2;
+    loop {
+        // The next marker: bytes that are not one are skipped, as decoders do.
+        while i < n && bytes[i] != 0xFF {
+            i += 1;
+        }
+        // Fill bytes: any number of FF before the marker code.
+        while i < n && bytes[i] == 0xFF {
+            i += 1;
+        }
+        let Some(&m) = bytes.get(i) else {
+            return true;
+        };
+        i += 1;
+        match m {
+            0xD9 => return false,
+            // Markers without a segment.
+            0x00 | 0x01 | 0xD0..=0xD8 => {}
+            _ => {
+                let Some(len) = bytes.get(i..i + 2) else {
+                    return true;
+                };
+                i += usize::from(u16::from_be_bytes([len[0], len[1]]));
+                if m == 0xDA {
+                    i = end_of_scan(bytes, i);
+                }
+            }
+        }
     }
+}
+
+/// Where the entropy-coded data that starts at `i` ends: at the first `FF` that begins a marker
+/// other than a stuffed `FF 00` or a restart marker (or at the end of the bytes).
+fn end_of_scan(bytes: &[u8], mut i: usize) -> usize {
+    while i + 1 < bytes.len() {
+        if bytes[i] == 0xFF {
+            match bytes[i + 1] {
+                0x00 | 0xD0..=0xD7 => i += 2,
+                0xFF => i += 1,
+                _ => return i,
+            }
+        } else {
+            i += 1;
+        }
+    }
+    bytes.len()
 }
 
 /// One image of a dataset.
@@ -264,6 +308,18 @@ impl ImageDataset {
         transform: Transform,
     ) -> Result<Self> {
         let (mut entries, mut ignored) = (Vec::new(), Ignored::default());
+        let canonical = |d: &Path| d.canonicalize().unwrap_or_else(|_| d.to_path_buf());
+        let class_dirs: std::collections::HashSet<PathBuf> =
+            dirs.iter().map(|d| canonical(d)).collect();
+        // The root itself counts as walked: a link back to it is a loop.
+        let mut seen: std::collections::HashSet<PathBuf> = [canonical(root)].into();
+        // Every image found: (class, path, canonical path, reached through a link).
+        let mut found: Vec<(usize, PathBuf, PathBuf, bool)> = Vec::new();
+        for p in read_dir_sorted(root)? {
+            if !p.is_dir() && is_image(&p.to_string_lossy()) {
+                ignored.add_because("images outside any class folder", &p);
+            }
+        }
         for (dir, name) in dirs.iter().zip(dir_names) {
             let label = classes
                 .iter()
@@ -272,25 +328,54 @@ impl ImageDataset {
                     path: dir.clone(),
                     what: "a known class (the folder name is not in the class list)",
                 })?;
-            // Links are followed, but no folder is walked twice (a link to a parent would
-            // otherwise list every image again and again).
-            let mut seen = std::collections::HashSet::new();
+            // Links are followed, but no folder is walked twice in the whole tree: a link to a
+            // parent, to the root or to another class's folder would list images again (under
+            // this class's label). Only regular files are samples (a FIFO would block a read).
             let mut stack = vec![dir.clone()];
-            let mut files = Vec::new();
             while let Some(d) = stack.pop() {
-                if !seen.insert(d.canonicalize().unwrap_or_else(|_| d.clone())) {
+                let at = canonical(&d);
+                let another_class = d != *dir && class_dirs.contains(&at);
+                if another_class || !seen.insert(at) {
+                    ignored.add_because("links to folders listed elsewhere in the tree", &d);
                     continue;
                 }
                 for p in read_dir_sorted(&d)? {
                     if p.is_dir() {
                         stack.push(p);
-                    } else if is_image(&p.to_string_lossy()) {
-                        files.push(p);
-                    } else {
+                    } else if !is_image(&p.to_string_lossy()) {
                         ignored.add(&p);
+                    } else if !p.is_file() {
+                        ignored
+                            .add_because("entries named as images that are not regular files", &p);
+                    } else {
+                        let link = p
+                            .symlink_metadata()
+                            .is_ok_and(|m| m.file_type().is_symlink());
+                        found.push((label, p.clone(), canonical(&p), link));
                     }
                 }
             }
+        }
+        // Each image once: where one is reached both directly and through a link, the direct
+        // path (and its class) wins; otherwise the first found.
+        let mut owner: std::collections::HashMap<&Path, usize> = std::collections::HashMap::new();
+        for (i, f) in found.iter().enumerate() {
+            match owner.get(f.2.as_path()) {
+                Some(&j) if !(found[j].3 && !f.3) => {}
+                _ => {
+                    owner.insert(&f.2, i);
+                }
+            }
+        }
+        let kept: std::collections::HashSet<usize> = owner.into_values().collect();
+        let mut per_class: Vec<Vec<PathBuf>> = vec![Vec::new(); classes.len()];
+        for (i, (label, path, _, _)) in found.iter().enumerate() {
+            match kept.contains(&i) {
+                true => per_class[*label].push(path.clone()),
+                false => ignored.add_because("links to images listed elsewhere in the tree", path),
+            }
+        }
+        for (label, mut files) in per_class.into_iter().enumerate() {
             files.sort();
             entries.extend(files.into_iter().map(|p| ImageEntry {
                 location: Location::File(p),
@@ -546,10 +631,31 @@ mod tests {
         let bytes = std::fs::read(&p).unwrap();
         let err = decode_rgb(Path::new("x/half.JPEG"), &bytes[..bytes.len() / 2]).unwrap_err();
         assert!(err.to_string().contains("truncated JPEG"), "{err}");
-        // Trailing bytes after the end-of-image marker are accepted.
-        let mut padded = bytes.clone();
-        padded.extend(b"camera trailer");
-        assert!(decode_rgb(&p, &padded).is_ok());
+        // Bytes after the end-of-image marker are not the image's, whatever they hold: a
+        // trailer, bytes that look like a scan, an appended image cut short (Pillow decodes all).
+        for trailer in [
+            b"camera trailer".to_vec(),
+            vec![0xFF, 0xDA, 0x00, 0x08, 1, 2, 3, 4, 5, 6],
+            bytes[..bytes.len() / 2].to_vec(),
+        ] {
+            let mut padded = bytes.clone();
+            padded.extend(&trailer);
+            assert!(
+                decode_rgb(&p, &padded).is_ok(),
+                "trailer {:?}",
+                &trailer[..4]
+            );
+        }
+        // Several scans (progressive), whole and cut: only the cut one is refused.
+        let prog = std::fs::read(fixture("progressive.JPEG")).unwrap();
+        assert!(decode_rgb(&p, &prog).is_ok());
+        for cut in [prog.len() / 3, prog.len() / 2, prog.len() - 2] {
+            let err = decode_rgb(&p, &prog[..cut]).unwrap_err();
+            assert!(
+                err.to_string().contains("truncated JPEG"),
+                "cut at {cut}: {err}"
+            );
+        }
         // The other formats the folder reader lists, written by the `image` crate.
         let img =
             image::RgbImage::from_fn(5, 4, |x, y| image::Rgb([x as u8 * 40, y as u8 * 60, 7]));
@@ -588,16 +694,61 @@ mod tests {
         let ds = ImageDataset::folder(&root, Transform::taming(16, false)).unwrap();
         assert_eq!(ds.entries().len(), 2);
         // What was passed over is said, by kind.
-        assert_eq!(ds.ignored().count(), 3);
+        assert_eq!(ds.ignored().count(), 4);
         let said = ds.ignored().to_string();
         assert!(
             said.starts_with("3 files that are not samples by name (")
                 && said.contains("1 without extension")
                 && said.contains("1 .pcx")
                 && said.contains("1 .txt")
-                && said.contains("the first: "),
+                && said.contains("the first: ")
+                && said.contains("1 links to folders listed elsewhere in the tree"),
             "{said}"
         );
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Links to the root, to another class's folder and to an image listed elsewhere add
+    /// nothing (each image once, under its own class); images loose at the top and entries named
+    /// as images that are not regular files (a FIFO would block its reader) are passed over and
+    /// said.
+    #[cfg(unix)]
+    #[test]
+    fn the_whole_tree_is_walked_once_and_only_regular_files_are_samples() {
+        let root = std::env::temp_dir().join(format!("vq-data-tree-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for c in ["a", "b"] {
+            std::fs::create_dir_all(root.join(c)).unwrap();
+            std::fs::copy(fixture("rgb.JPEG"), root.join(c).join("x.JPEG")).unwrap();
+        }
+        let link =
+            |target: &str, at: &str| std::os::unix::fs::symlink(target, root.join(at)).unwrap();
+        link("..", "a/to-root");
+        link("../b", "a/to-b");
+        link("../b/x.JPEG", "a/b-image.JPEG");
+        std::fs::copy(fixture("rgb.JPEG"), root.join("loose.JPEG")).unwrap();
+        let fifo = root.join("b/pipe.JPEG");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .is_ok_and(|s| s.success());
+        let ds = ImageDataset::folder(&root, Transform::taming(16, false)).unwrap();
+        let labels: Vec<u32> = ds.entries().iter().map(|e| e.label).collect();
+        assert_eq!(labels, [0, 1], "one image per class");
+        let said = ds.ignored().to_string();
+        for what in [
+            "2 links to folders listed elsewhere in the tree",
+            "1 links to images listed elsewhere in the tree",
+            "1 images outside any class folder",
+        ] {
+            assert!(said.contains(what), "{what}: {said}");
+        }
+        if made {
+            assert!(
+                said.contains("1 entries named as images that are not regular files"),
+                "{said}"
+            );
+        }
         std::fs::remove_dir_all(&root).unwrap();
     }
 
