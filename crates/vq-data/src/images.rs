@@ -361,7 +361,8 @@ impl ImageDataset {
         let mut owner: std::collections::HashMap<&Path, usize> = std::collections::HashMap::new();
         for (i, f) in found.iter().enumerate() {
             match owner.get(f.2.as_path()) {
-                Some(&j) if !(found[j].3 && !f.3) => {}
+                // Kept unless the kept one came through a link and this one did not.
+                Some(&j) if !found[j].3 || f.3 => {}
                 _ => {
                     owner.insert(&f.2, i);
                 }
