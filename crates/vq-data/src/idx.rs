@@ -18,69 +18,94 @@ pub const IMAGES_MAGIC: u32 = 0x0000_0803;
 /// Magic of an IDX file of u8 labels (1 dimension).
 pub const LABELS_MAGIC: u32 = 0x0000_0801;
 
-/// Reads the whole (decompressed) file.
-fn read_all(path: &Path) -> Result<Vec<u8>> {
+/// The largest data an IDX file may announce (16 GiB; MNIST's training images are 47 MB).
+pub const MAX_IDX_BYTES: u64 = 16 << 30;
+
+/// Reads an IDX file of `magic` (gzipped or raw): the header first, then exactly the data it
+/// announces — never more, whatever the file decompresses to — so memory is bounded by the
+/// header's promise (itself at most [`MAX_IDX_BYTES`]). A file holding more than it announces
+/// is refused.
+fn read_checked(path: &Path, magic: u32, what: &'static str) -> Result<(Vec<usize>, Vec<u8>)> {
     let io = |source| DataError::Io {
         path: path.to_owned(),
         source,
     };
     let mut reader = BufReader::new(File::open(path).map_err(io)?);
     let mut head = [0u8; 2];
-    let mut bytes = Vec::new();
     let n = reader.read(&mut head).map_err(io)?;
-    let gz = n == 2 && head == [0x1f, 0x8b];
     let chained = head[..n].chain(reader);
-    if gz {
-        GzDecoder::new(chained)
-            .read_to_end(&mut bytes)
-            .map_err(io)?;
-    } else {
-        let mut r = chained;
-        r.read_to_end(&mut bytes).map_err(io)?;
-    }
-    Ok(bytes)
-}
-
-/// Parses the header; returns the dimensions and the data slice (exactly as long as announced).
-fn parse<'a>(
-    path: &Path,
-    bytes: &'a [u8],
-    magic: u32,
-    what: &'static str,
-) -> Result<(Vec<usize>, &'a [u8])> {
+    let mut stream: Box<dyn Read> = match n == 2 && head == [0x1f, 0x8b] {
+        true => Box::new(GzDecoder::new(chained)),
+        false => Box::new(chained),
+    };
     let ndim = (magic & 0xff) as usize;
-    let header = 4 + 4 * ndim;
-    let truncated = |expected: u64| DataError::Truncated {
+    let mut header = vec![0u8; 4 + 4 * ndim];
+    let got = read_up_to(&mut stream, &mut header).map_err(io)?;
+    let truncated = |offset: u64, expected: u64| DataError::Truncated {
         path: path.to_owned(),
-        offset: bytes.len() as u64,
+        offset,
         expected,
     };
-    if bytes.len() < 4 {
-        return Err(truncated(header as u64));
-    }
-    let word = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-    let found = word(0);
-    if found != magic {
+    let word =
+        |i: usize| u32::from_be_bytes([header[i], header[i + 1], header[i + 2], header[i + 3]]);
+    if got >= 4 && word(0) != magic {
         return Err(DataError::BadMagic {
             path: path.to_owned(),
             what,
             expected: magic,
-            found,
+            found: word(0),
         });
     }
-    if bytes.len() < header {
-        return Err(truncated(header as u64));
+    if got < header.len() {
+        return Err(truncated(got as u64, header.len() as u64));
     }
     let dims: Vec<usize> = (0..ndim).map(|d| word(4 + 4 * d) as usize).collect();
     let len = dims
         .iter()
         .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
         .unwrap_or(u64::MAX);
-    let total = (header as u64).saturating_add(len);
-    if (bytes.len() as u64) < total {
-        return Err(truncated(total));
+    if len > MAX_IDX_BYTES {
+        return Err(DataError::Invalid {
+            path: path.to_owned(),
+            why: format!(
+                "its header announces {dims:?} = {len} bytes of data, more than the {MAX_IDX_BYTES} \
+                 accepted"
+            ),
+        });
     }
-    Ok((dims, &bytes[header..header + len as usize]))
+    let mut data = Vec::new();
+    (&mut stream).take(len).read_to_end(&mut data).map_err(io)?;
+    if (data.len() as u64) < len {
+        return Err(truncated(
+            header.len() as u64 + data.len() as u64,
+            header.len() as u64 + len,
+        ));
+    }
+    let mut extra = [0u8; 1];
+    if read_up_to(&mut stream, &mut extra).map_err(io)? > 0 {
+        return Err(DataError::Invalid {
+            path: path.to_owned(),
+            why: format!(
+                "it holds more data than its header announces ({dims:?} = {len} bytes): not a \
+                 {what} file as written"
+            ),
+        });
+    }
+    Ok((dims, data))
+}
+
+/// Fills `buf` as far as the stream goes; returns the bytes read.
+fn read_up_to(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match r.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(k) => filled += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 /// Reads an IDX image file into an (N, rows, cols) array.
@@ -88,12 +113,9 @@ fn parse<'a>(
 /// # Errors
 /// [`DataError::Io`], [`DataError::BadMagic`] (not an image file), [`DataError::Truncated`].
 pub fn read_images(path: &Path) -> Result<Array3<u8>> {
-    let bytes = read_all(path)?;
-    let (dims, data) = parse(path, &bytes, IMAGES_MAGIC, "IDX u8 images, 3 dimensions")?;
-    Ok(
-        Array3::from_shape_vec((dims[0], dims[1], dims[2]), data.to_vec())
-            .expect("length checked by parse"),
-    )
+    let (dims, data) = read_checked(path, IMAGES_MAGIC, "IDX u8 images, 3 dimensions")?;
+    Ok(Array3::from_shape_vec((dims[0], dims[1], dims[2]), data)
+        .expect("length checked by read_checked"))
 }
 
 /// Reads an IDX label file.
@@ -101,9 +123,8 @@ pub fn read_images(path: &Path) -> Result<Array3<u8>> {
 /// # Errors
 /// [`DataError::Io`], [`DataError::BadMagic`] (not a label file), [`DataError::Truncated`].
 pub fn read_labels(path: &Path) -> Result<Array1<u8>> {
-    let bytes = read_all(path)?;
-    let (_, data) = parse(path, &bytes, LABELS_MAGIC, "IDX u8 labels, 1 dimension")?;
-    Ok(Array1::from(data.to_vec()))
+    let (_, data) = read_checked(path, LABELS_MAGIC, "IDX u8 labels, 1 dimension")?;
+    Ok(Array1::from(data))
 }
 
 /// Reads matching image and label files.
@@ -220,6 +241,43 @@ mod tests {
             err.to_string().contains("vq-data-no-such-file.idx"),
             "{err}"
         );
+        // A gzip stream that inflates far past its header's promise (two 2×2 images, then 64 MB
+        // of zeros, 64 KB compressed) is refused after reading what the header announced, and a
+        // header announcing more than the cap is refused before any data is read.
+        let mut body = Vec::new();
+        body.write_all(&IMAGES_MAGIC.to_be_bytes()).unwrap();
+        for d in [2u32, 2, 2] {
+            body.write_all(&d.to_be_bytes()).unwrap();
+        }
+        body.extend([7u8; 8]);
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        enc.write_all(&body).unwrap();
+        let zeros = vec![0u8; 1 << 20];
+        for _ in 0..64 {
+            enc.write_all(&zeros).unwrap();
+        }
+        let bomb = temp("bomb.gz", &enc.finish().unwrap());
+        let err = read_images(&bomb).unwrap_err().to_string();
+        assert!(
+            err.contains("more data than its header announces") && err.contains("bomb.gz"),
+            "{err}"
+        );
+        let exact = temp("exact", &body);
+        assert_eq!(
+            read_images(&exact)
+                .unwrap()
+                .iter()
+                .copied()
+                .collect::<Vec<_>>(),
+            [7u8; 8]
+        );
+        let mut huge = Vec::new();
+        huge.write_all(&IMAGES_MAGIC.to_be_bytes()).unwrap();
+        for d in [100_000u32, 1000, 1000] {
+            huge.write_all(&d.to_be_bytes()).unwrap();
+        }
+        let err = read_images(&temp("huge", &huge)).unwrap_err().to_string();
+        assert!(err.contains("more than the"), "{err}");
         // Count mismatch between images and labels.
         let mut few = Vec::new();
         few.write_all(&LABELS_MAGIC.to_be_bytes()).unwrap();

@@ -493,6 +493,11 @@ impl ImageDataset {
                         ignored.add(&p);
                         continue;
                     }
+                    if !p.is_file() {
+                        ignored
+                            .add_because("entries named as images that are not regular files", &p);
+                        continue;
+                    }
                     let wnid = labels.get(&file).ok_or_else(|| DataError::Invalid {
                         path: p.clone(),
                         why: format!("{file} is not in the validation labels file"),

@@ -43,6 +43,9 @@ pub struct Records<R> {
     done: bool,
 }
 
+/// The longest record accepted (256 MiB; a BAIR trajectory is about 1 MB).
+pub const MAX_RECORD_BYTES: u64 = 256 << 20;
+
 impl Records<BufReader<std::fs::File>> {
     /// Opens a TFRecord file.
     ///
@@ -110,17 +113,31 @@ impl<R: Read> Records<R> {
             });
         }
         let len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes"));
-        // Guard against absurd lengths before allocating (a record is at most a few MB here).
-        const MAX: u64 = 1 << 31;
-        if len > MAX {
+        // A record is at most a few MB here; and the buffer grows with the bytes that arrive,
+        // not with the length the header claims, so a damaged length field costs at most what
+        // the file still holds.
+        if len > MAX_RECORD_BYTES {
             return Err(DataError::BadRecord {
                 path: self.path.clone(),
                 offset: start,
-                why: format!("record length {len} exceeds {MAX} bytes"),
+                why: format!("record length {len} exceeds the {MAX_RECORD_BYTES} bytes accepted"),
             });
         }
-        let mut payload = vec![0u8; len as usize + 4];
-        self.fill(&mut payload, start + 12, false)?;
+        let mut payload = Vec::new();
+        (&mut self.reader)
+            .take(len + 4)
+            .read_to_end(&mut payload)
+            .map_err(|source| DataError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        if (payload.len() as u64) < len + 4 {
+            return Err(DataError::Truncated {
+                path: self.path.clone(),
+                offset: start + 12 + payload.len() as u64,
+                expected: start + 16 + len,
+            });
+        }
         let crc = payload.split_off(len as usize);
         if masked_crc(&payload) != crc_of(&crc) {
             return Err(DataError::Checksum {
@@ -252,5 +269,43 @@ impl Example {
         Example {
             features: Some(Features { feature }),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A record whose (checksummed) length field claims far more than the stream holds ends in
+    /// a truncation error after reading what is there; one past the cap is refused unread.
+    #[test]
+    fn a_length_field_is_not_trusted_beyond_the_bytes_that_exist() {
+        let record = |len: u64, body: &[u8]| {
+            let mut v = len.to_le_bytes().to_vec();
+            v.extend(masked_crc(&len.to_le_bytes()).to_le_bytes());
+            v.extend(body);
+            v
+        };
+        let mut ok = Vec::new();
+        write_record(&mut ok, b"fine").unwrap();
+        let mut bytes = ok.clone();
+        bytes.extend(record(1 << 27, &[1, 2, 3]));
+        let mut recs = Records::new(Path::new("x.tfrecords"), bytes.as_slice());
+        assert_eq!(recs.next().unwrap().unwrap().1, b"fine");
+        match recs.next().unwrap() {
+            Err(DataError::Truncated {
+                offset, expected, ..
+            }) => assert_eq!(
+                (offset, expected),
+                (ok.len() as u64 + 15, ok.len() as u64 + 16 + (1 << 27))
+            ),
+            other => panic!("{other:?}"),
+        }
+        let bytes = record(MAX_RECORD_BYTES + 1, &[0; 8]);
+        let err = Records::new(Path::new("x.tfrecords"), bytes.as_slice())
+            .next()
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("exceeds"), "{err}");
     }
 }
