@@ -466,10 +466,25 @@ impl Ucf101 {
                 ),
             });
         }
+        // A video shorter than one clip gives no sample: left out and said, not dropped.
+        let span = (spec.frames - 1) * spec.stride + 1;
+        let mut left_out = left_out;
         let videos: Vec<Video> = wanted
             .into_iter()
             .filter_map(|(path, label)| {
                 let frames = *counts.get(&path)?;
+                if frames < span {
+                    left_out.push(LeftOut {
+                        why: format!(
+                            "{}: {frames} frames, fewer than one clip ({} frames {} apart span {span})",
+                            path.display(),
+                            spec.frames,
+                            spec.stride
+                        ),
+                        path,
+                    });
+                    return None;
+                }
                 Some(Video {
                     path,
                     label,
@@ -477,7 +492,6 @@ impl Ucf101 {
                 })
             })
             .collect();
-        let span = (spec.frames - 1) * spec.stride + 1;
         let mut clips = Vec::new();
         for (v, video) in videos.iter().enumerate() {
             let mut start = 0;
@@ -874,9 +888,11 @@ mod tests {
             "\u{feff}1 ApplyEyeMakeup\r\n2 HandstandPushups\r\n",
         )
         .unwrap();
+        // Shorter than one clip (span 7 below): left out and said.
+        make(&root.join(class_a), "v_ApplyEyeMakeup_g02_c01.avi", 5);
         std::fs::write(
             lists.join("trainlist01.txt"),
-            "\u{feff}ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi 1\r\nHandStandPushups/v_HandStandPushups_g01_c01.avi 2\r\n",
+            "\u{feff}ApplyEyeMakeup/v_ApplyEyeMakeup_g01_c01.avi 1\r\nHandStandPushups/v_HandStandPushups_g01_c01.avi 2\r\nApplyEyeMakeup/v_ApplyEyeMakeup_g02_c01.avi 1\r\n",
         )
         .unwrap();
         std::fs::write(
@@ -897,6 +913,14 @@ mod tests {
                 .map(|v| (v.frames, v.label))
                 .collect::<Vec<_>>(),
             [(20, 0), (18, 1)]
+        );
+        assert_eq!(ds.left_out().len(), 1);
+        assert!(
+            ds.left_out()[0]
+                .why
+                .contains("v_ApplyEyeMakeup_g02_c01.avi: 5 frames, fewer than one clip"),
+            "{}",
+            ds.left_out()[0].why
         );
         // Span 7: starts 0, 3, …, 13 in 20 frames (5 clips) and 0, 3, …, 9 in 18 (4 clips).
         assert_eq!(ds.len(), 9);
@@ -940,17 +964,20 @@ mod tests {
         // left out; the other video still loads.
         let ds = Ucf101::open(&root, &lists, 1, UcfSplit::Train, spec, None, ff.clone()).unwrap();
         assert_eq!((ds.videos().len(), ds.len()), (1, 4));
-        assert_eq!(ds.left_out().len(), 1);
+        // The broken one and the one shorter than a clip.
+        assert_eq!(ds.left_out().len(), 2);
         assert!(
-            ds.left_out()[0]
-                .to_string()
-                .contains("v_ApplyEyeMakeup_g01_c01.avi")
+            ds.left_out()
+                .iter()
+                .any(|l| l.to_string().contains("v_ApplyEyeMakeup_g01_c01.avi"))
         );
         // Replaced by a shorter video: recounted from its new size and time.
         make(&root.join(class_a), file_a, 10);
         let ds = Ucf101::open(&root, &lists, 1, UcfSplit::Train, spec, None, ff.clone()).unwrap();
         assert_eq!(ds.videos()[0].frames, 10);
-        assert!(ds.left_out().is_empty());
+        // Only the video shorter than a clip is left out now.
+        assert_eq!(ds.left_out().len(), 1);
+        assert!(ds.left_out()[0].why.contains("fewer than one clip"));
         // A cache elsewhere (a read-only dataset folder): written there, read back there.
         let elsewhere = dir.join("cache/counts.tsv");
         let ds = Ucf101::open(
@@ -973,11 +1000,16 @@ mod tests {
         for v in ds.videos() {
             std::fs::write(&v.path, b"garbage").unwrap();
         }
+        std::fs::write(
+            root.join(class_a).join("v_ApplyEyeMakeup_g02_c01.avi"),
+            b"garbage",
+        )
+        .unwrap();
         let err = Ucf101::open(&root, &lists, 1, UcfSplit::Train, spec, None, ff.clone())
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("none of the 2 videos") && err.contains(".avi"),
+            err.contains("none of the 3 videos") && err.contains(".avi"),
             "{err}"
         );
         // Missing list file, missing video.
