@@ -62,6 +62,10 @@ enum Command {
     /// Sample code grids from a prior and decode them through the tokenizer (codes.safetensors
     /// and PNGs).
     Sample(prior_cmd::SampleArgs),
+    /// Make a run from a pretrained checkpoint without training (`--init-from FILE` with the
+    /// preset or `--config` it fits): run.json and a step-0 checkpoint, so that `encode`, `eval`,
+    /// `decode` and `train --resume` take it as any run.
+    Import(ImportArgs),
     /// The downstream comparison: per estimator × seed, tokenizer → codes → prior → held-out
     /// likelihood, reconstruction and generation side by side with paired statistics
     /// (downstream.md); rerun with --resume to continue.
@@ -130,6 +134,12 @@ struct DownstreamArgs {
     /// Prior peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     prior_lr: f64,
+}
+
+#[derive(Debug, Args)]
+struct ImportArgs {
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Debug, Args)]
@@ -630,6 +640,17 @@ fn main() -> Result<()> {
         Command::TraceSummary(args) => trace_summary(args),
         Command::Watch(args) => watch(args),
         Command::Encode(args) => encode(args),
+        Command::Import(ImportArgs { run }) => {
+            run.apply_runtime()?;
+            let opts = run.options(default_out(&run.preset))?;
+            let ckpt = vq_train::autoencoder::import(&opts)?;
+            println!(
+                "imported into {} (checkpoint {}): encode, eval, decode or train --resume it",
+                opts.out.display(),
+                ckpt.display()
+            );
+            Ok(())
+        }
         Command::Decode(args) => decode(args),
         Command::Eval(args) => eval(args),
         Command::Downstream(args) => downstream(args),

@@ -375,6 +375,37 @@ fn init_from_reads_the_references_checkpoints() {
     let record = std::fs::read_to_string(dir.join("init/run.json")).unwrap();
     assert!(record.contains("taming.ckpt"), "{record}");
 
+    // A pretrained file becomes a run without training (`vq-train import`): a step-0
+    // checkpoint with the file's weights, which the commands that take a run load.
+    let cfg = RunConfig {
+        init_from: Some(file.clone()),
+        ..common::small_vqgan(1, 2)
+    };
+    let out = dir.join("imported");
+    let ckpt = vq_train::autoencoder::import(&common::options(cfg.clone(), &out)).unwrap();
+    assert!(
+        ckpt.ends_with("checkpoints/step-00000000"),
+        "{}",
+        ckpt.display()
+    );
+    let mut vs = nn::VarStore::new(Device::Cpu);
+    let _model = VqAutoencoder::new(&vs.root(), &cfg.model).unwrap();
+    let mut dvs = nn::VarStore::new(Device::Cpu);
+    let _disc = Discriminator::new(&dvs.root(), cfg.gan.as_ref().unwrap()).unwrap();
+    vq_train::pretrained::load(&file, &mut vs, Some(&mut dvs)).unwrap();
+    let saved = tch::Tensor::read_safetensors(ckpt.join("model.safetensors")).unwrap();
+    let want = vs.variables();
+    assert_eq!(saved.len(), want.len());
+    for (name, t) in &saved {
+        assert!(t.equal(&want[name]), "{name}");
+    }
+    let loaded = vq_train::codes::LoadedRun::load(&out, Device::Cpu).unwrap();
+    assert_eq!(loaded.step, 0);
+    assert!(
+        vq_train::autoencoder::import(&common::options(cfg, &out)).is_err(),
+        "a second import into the same folder is refused"
+    );
+
     // Files that do not fit are refused, naming the tensors, and change nothing.
     let edit = |script: &str| -> PathBuf {
         let bad = dir.join("bad.ckpt");

@@ -195,6 +195,63 @@ fn load_data(opts: &TrainOptions, dist: &Dist) -> Result<ImageSet> {
     Ok(data)
 }
 
+/// Makes `opts.out` a run from a pretrained checkpoint (`opts.config.init_from`) without
+/// training: `run.json` and a step-0 checkpoint holding the file's weights (the model's, and the
+/// discriminator's when the run has one) with fresh optimiser state, so that `encode`, `eval`,
+/// `decode` and `train --resume` (fine-tuning) take it as any run. Returns the checkpoint.
+///
+/// # Errors
+/// No `init_from`; a folder that already holds a run; a file that does not fit the model
+/// ([`crate::pretrained::load`] names the tensors).
+pub fn import(opts: &TrainOptions) -> Result<std::path::PathBuf> {
+    let cfg = &opts.config;
+    let file = cfg
+        .init_from
+        .as_ref()
+        .context("import needs the pretrained checkpoint: --init-from FILE")?;
+    if let Some((ckpt, _)) = crate::checkpoint::latest(&opts.out)? {
+        anyhow::bail!(
+            "{} already holds a run (checkpoint {}); choose another --out",
+            opts.out.display(),
+            ckpt.display()
+        );
+    }
+    let vs = nn::VarStore::new(opts.device);
+    let _model = VqAutoencoder::new(&vs.root(), &cfg.model)?;
+    let dvs = nn::VarStore::new(opts.device);
+    let _disc = match &cfg.gan {
+        Some(g) => Some(Discriminator::new(&dvs.root(), g)?),
+        None => None,
+    };
+    let (mut vs, mut dvs) = (vs, dvs);
+    let disc = cfg.gan.is_some().then_some(&mut dvs);
+    let loaded = crate::pretrained::load(file, &mut vs, disc)?;
+    eprintln!("{}", loaded.describe(file));
+    let (opt, dopt) = (optimiser(cfg, &vs), optimiser(cfg, &dvs));
+    let mut parts = vec![Part {
+        name: "model",
+        vs: &vs,
+        opt: &opt,
+    }];
+    if cfg.gan.is_some() {
+        parts.push(Part {
+            name: "discriminator",
+            vs: &dvs,
+            opt: &dopt,
+        });
+    }
+    let dir = crate::layout::RunDir::new(&opts.out);
+    std::fs::create_dir_all(dir.path())
+        .with_context(|| format!("creating {}", dir.path().display()))?;
+    crate::checkpoint::write_atomic(&dir.run(), serde_json::to_string_pretty(cfg)?.as_bytes())?;
+    let state = crate::checkpoint::TrainState {
+        step: 0,
+        run: cfg.resume_key()?,
+        train_seconds: 0.0,
+    };
+    crate::checkpoint::save(&opts.out, &parts, &state)
+}
+
 /// AdamW over `vs` with the run's betas and weight decay (and a loss scale under f16).
 fn optimiser(cfg: &RunConfig, vs: &nn::VarStore) -> AdamW {
     let t = &cfg.training;
