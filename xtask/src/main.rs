@@ -379,26 +379,8 @@ const DEMO_REGIMES: [(&str, &str); 2] = [
 ];
 
 fn demo(root: &Path, extra: &[String]) -> Result<()> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .to_string();
     for (preset, _) in DEMO_REGIMES {
-        let mut args = vec![
-            "run",
-            "--release",
-            "-p",
-            "vq-train",
-            "--",
-            "compare",
-            "--preset",
-            preset,
-            "--threads",
-            &threads,
-            // Re-running reuses finished runs and continues interrupted ones.
-            "--resume",
-        ];
-        args.extend(extra.iter().map(String::as_str));
-        cargo(root, &args, &[])?;
+        demo_command(root, &["compare", "--preset", preset], extra)?;
     }
     if extra.iter().any(|a| a.starts_with("--out")) {
         return Ok(());
@@ -416,15 +398,7 @@ fn demo(root: &Path, extra: &[String]) -> Result<()> {
 /// `demo-prior`: `vq-train downstream` on the demo with one seed; the defaults can be
 /// overridden after `--` (clap takes the last value given).
 fn demo_prior(root: &Path, extra: &[String]) -> Result<()> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .to_string();
-    let mut args = vec![
-        "run",
-        "--release",
-        "-p",
-        "vq-train",
-        "--",
+    let args = [
         "downstream",
         "--preset",
         "demo-fashion-mnist",
@@ -432,13 +406,22 @@ fn demo_prior(root: &Path, extra: &[String]) -> Result<()> {
         "0",
         "--prior-steps",
         "400",
-        "--threads",
-        &threads,
         "--out",
         "runs/demo-prior",
-        // Re-running reuses finished stages and continues interrupted ones.
-        "--resume",
     ];
+    demo_command(root, &args, extra)
+}
+
+/// `cargo run --release -p vq-train -- <command> --threads <all cores> --resume <extra>`: a
+/// demo's command, which re-running continues (finished stages are reused, interrupted ones
+/// resumed); `extra` comes last, so it overrides.
+fn demo_command(root: &Path, command: &[&str], extra: &[String]) -> Result<()> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .to_string();
+    let mut args = vec!["run", "--release", "-p", "vq-train", "--"];
+    args.extend(command);
+    args.extend(["--threads", &threads, "--resume"]);
     args.extend(extra.iter().map(String::as_str));
     cargo(root, &args, &[])
 }

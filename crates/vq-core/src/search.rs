@@ -391,24 +391,20 @@ impl<'a> CodebookIndex<'a> {
         // (cosine) copy; per row its norm, and whether its f32 scores could overflow.
         let mut xt = sc.x.slice_mut(s![..rows, ..]);
         for (r, (mut dst, src)) in xt.rows_mut().into_iter().zip(tile.rows()).enumerate() {
-            let (shift, mul) = match self.metric {
+            // (x·pre − centre)·post: (x − μ)·scale, or x/‖x‖ − m (the floor on ‖x‖ of the cosine
+            // is a factor common to every code, so it does not change the ranking; a zero row
+            // ties everywhere).
+            let (pre, post) = match self.metric {
                 Metric::Euclidean => (1.0, self.scale),
-                // x/‖x‖ − m (the floor on ‖x‖ of the cosine is a factor common to every code,
-                // so it does not change the ranking; a zero row ties everywhere).
                 Metric::Cosine => {
                     let n = norm_f64(src);
-                    (0.0, if n > 0.0 { 1.0 / n } else { 0.0 })
+                    (if n > 0.0 { 1.0 / n } else { 0.0 }, 1.0)
                 }
             };
             dst.iter_mut()
                 .zip(src)
                 .zip(&self.centre)
-                .for_each(|((o, &v), &m)| {
-                    *o = match self.metric {
-                        Metric::Euclidean => ((f64::from(v) - shift * m) * mul) as f32,
-                        Metric::Cosine => (f64::from(v) * mul - m) as f32,
-                    }
-                });
+                .for_each(|((o, &v), &m)| *o = ((f64::from(v) * pre - m) * post) as f32);
             let n = norm_f64(dst.view());
             sc.n[r] = n;
             // Scores and partial dots are bounded by ‖x̄‖‖c̄‖ + |bias|; beyond half of f32's

@@ -46,6 +46,25 @@ fn load(vs: &nn::VarStore, f: &[(String, Tensor)], prefix: &str) {
     }
 }
 
+/// The fixtures' small models: K 48 on a 4×4 grid, 2 layers of width 32, 4 heads, no dropout.
+fn small(style: BlockStyle, block_size: usize, conditioning: Conditioning) -> PriorConfig {
+    PriorConfig {
+        kind: PriorKind::Autoregressive,
+        style,
+        codebook_size: 48,
+        grid_h: 4,
+        grid_w: 4,
+        width: 32,
+        layers: 2,
+        heads: 4,
+        block_size,
+        conditioning,
+        dropout: 0.0,
+        pkeep: 1.0,
+        seed: 0,
+    }
+}
+
 fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
     f64::try_from((a - b).abs().max()).unwrap()
 }
@@ -53,24 +72,11 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
 #[test]
 fn the_llama_style_prior_gives_llamagen_gpt_logits() {
     let f = fixture();
-    let cfg = PriorConfig {
-        kind: PriorKind::Autoregressive,
-        style: BlockStyle::Llama,
-        codebook_size: 48,
-        grid_h: 4,
-        grid_w: 4,
-        width: 32,
-        layers: 2,
-        heads: 4,
-        block_size: 0,
-        conditioning: Conditioning::Classes {
-            classes: 5,
-            dropout: 0.1,
-        },
-        dropout: 0.0,
-        pkeep: 1.0,
-        seed: 0,
+    let classes = Conditioning::Classes {
+        classes: 5,
+        dropout: 0.1,
     };
+    let cfg = small(BlockStyle::Llama, 0, classes);
     let vs = nn::VarStore::new(Device::Cpu);
     let prior = Prior::new(&vs.root(), cfg).unwrap();
     load(&vs, &f, "llamagen");
@@ -102,21 +108,7 @@ fn the_llama_style_prior_gives_llamagen_gpt_logits() {
 #[test]
 fn the_mingpt_style_prior_gives_taming_transformer_logits() {
     let f = fixture();
-    let cfg = PriorConfig {
-        kind: PriorKind::Autoregressive,
-        style: BlockStyle::MinGpt,
-        codebook_size: 48,
-        grid_h: 4,
-        grid_w: 4,
-        width: 32,
-        layers: 2,
-        heads: 4,
-        block_size: 16,
-        conditioning: Conditioning::StartCode { code: 3 },
-        dropout: 0.0,
-        pkeep: 1.0,
-        seed: 0,
-    };
+    let cfg = small(BlockStyle::MinGpt, 16, Conditioning::StartCode { code: 3 });
     let vs = nn::VarStore::new(Device::Cpu);
     let prior = Prior::new(&vs.root(), cfg).unwrap();
     load(&vs, &f, "taming");

@@ -23,9 +23,6 @@ Prints one JSON line: parameters, steps/s, tokens/s of the sampler, peak memory,
 
 import argparse
 import json
-import math
-import resource
-import sys
 import time
 import warnings
 
@@ -35,10 +32,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def fail(msg):
-    print(f"torch_prior_twin.py: {msg}", file=sys.stderr)
-    sys.exit(2)
+# The schedule, peak memory and error exit of the autoencoder's twin beside this file.
+from torch_twin import fail, learning_rate, peak_memory
 
 
 def find_multiple(n, k):
@@ -198,24 +193,6 @@ class Gpt(nn.Module):
         return torch.cat(out, 1)
 
 
-def learning_rate(step, t):
-    peak, warm, total = t["learning_rate"], t["warmup_steps"], t["steps"]
-    if step < warm:
-        return peak * (step + 1) / warm
-    decay = total - warm
-    s = step - warm
-    if decay <= 0 or s >= decay:
-        return peak * t["final_lr_fraction"]
-    cos = 0.5 * (1 + math.cos(math.pi * s / decay))
-    return peak * (t["final_lr_fraction"] + (1 - t["final_lr_fraction"]) * cos)
-
-
-def peak_memory(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("config")
@@ -233,6 +210,8 @@ def main():
     with open(a.config) as f:
         cfg = json.load(f)
     c, t = cfg["prior"], cfg["training"]
+    # vq-train's prior schedule: cosine decay over the steps after the warm-up.
+    schedule = {**t, "decay_steps": t["steps"] - t["warmup_steps"]}
     if a.threads:
         torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
@@ -250,7 +229,7 @@ def main():
 
     def step(i):
         for g in opt.param_groups:
-            g["lr"] = learning_rate(i, t)
+            g["lr"] = learning_rate(i, schedule)
         opt.zero_grad(set_to_none=True)
         idx = torch.randint(0, n, (a.batch_size,))
         loss = model.loss(data[idx].to(device), labels[idx].to(device))

@@ -22,7 +22,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use tch::{Kind, Tensor, nn};
+use tch::{Tensor, nn};
 
 use crate::optim::AdamW;
 
@@ -157,21 +157,9 @@ fn write_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
         .map(|(name, t)| {
             let t = t.to_device(tch::Device::Cpu).contiguous();
             let kind = t.kind();
-            let dtype = match kind {
-                Kind::Bool => safetensors::Dtype::BOOL,
-                Kind::Uint8 => safetensors::Dtype::U8,
-                Kind::Int8 => safetensors::Dtype::I8,
-                Kind::Int16 => safetensors::Dtype::I16,
-                Kind::Int => safetensors::Dtype::I32,
-                Kind::Int64 => safetensors::Dtype::I64,
-                Kind::BFloat16 => safetensors::Dtype::BF16,
-                Kind::Half => safetensors::Dtype::F16,
-                Kind::Float => safetensors::Dtype::F32,
-                Kind::Double => safetensors::Dtype::F64,
-                other => anyhow::bail!("{name}: tensors of kind {other:?} cannot be saved"),
-            };
-            let mut bytes = vec![0u8; t.numel() * kind.elt_size_in_bytes()];
-            t.f_copy_data_u8(&mut bytes, t.numel())?;
+            let dtype = safetensors::Dtype::try_from(kind)
+                .with_context(|| format!("{name}: tensors of kind {kind:?} cannot be saved"))?;
+            let bytes = crate::codes::tensor_bytes(&t, kind)?;
             let shape = t.size().iter().map(|&d| d as usize).collect();
             Ok((*name, dtype, shape, bytes))
         })

@@ -348,7 +348,7 @@ fn write_shard(
 }
 
 /// The raw little-endian bytes of a contiguous CPU tensor of `kind`.
-fn tensor_bytes(t: &Tensor, kind: Kind) -> Result<Vec<u8>> {
+pub(crate) fn tensor_bytes(t: &Tensor, kind: Kind) -> Result<Vec<u8>> {
     let n = t.numel() * kind.elt_size_in_bytes();
     let mut bytes = vec![0u8; n];
     t.f_copy_data_u8(&mut bytes, t.numel())?;

@@ -221,14 +221,15 @@ pub fn domain_metrics(
     labels: Option<&[i64]>,
     reference: &Tensor,
 ) -> DomainMetrics {
+    // The samples' features once: for the distances and, through the head, the classes.
+    let feats = net.features_of(samples);
     let class_accuracy = labels.map(|y| {
-        let pred = tch::no_grad(|| net.logits(samples))
+        let pred = tch::no_grad(|| net.head.forward(&feats.to_device(net.vs.device())))
             .argmax(1, false)
             .to_device(Device::Cpu);
         let hit = pred.eq_tensor(&Tensor::from_slice(y)).sum(Kind::Int64);
         i64::try_from(hit).unwrap_or(0) as f64 / y.len().max(1) as f64
     });
-    let feats = net.features_of(samples);
     let (precision, recall) = vq_models::precision_recall(&feats, reference, PRC_NEIGHBOURS);
     DomainMetrics {
         fd: vq_models::frechet_distance(&feats, reference),

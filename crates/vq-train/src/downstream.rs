@@ -78,7 +78,7 @@ const COLUMNS: [Column; 12] = [
         key: "val_usage",
         title: "Codebook usage (val)",
         get: |r| Some(r.val_usage),
-        show: |v| format!("{:.1}%", 100.0 * v),
+        show: percent,
     },
     Column {
         key: "val_perplexity",

@@ -18,8 +18,17 @@ fn site() -> Option<PathBuf> {
 }
 
 fn twin(site: &Path, config: &Path, args: &[&str]) -> serde_json::Value {
+    python_example(site, "torch_twin.py", config, args)
+}
+
+/// `examples/<script> config args…` with the setup's torch; its last stdout line as JSON.
+fn python_example(site: &Path, script: &str, config: &Path, args: &[&str]) -> serde_json::Value {
     let out = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/torch_twin.py"))
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("examples")
+                .join(script),
+        )
         .arg(config)
         .args(args)
         .env("PYTHONPATH", site)
@@ -475,22 +484,8 @@ fn the_prior_twin_has_the_priors_variables_and_trains() {
         eprintln!("skipped: no Python torch in .libtorch/site (libtorch adopted from LIBTORCH)");
         return;
     };
-    let run = |config: &Path, args: &[&str]| {
-        let out = Command::new("python3")
-            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/torch_prior_twin.py"))
-            .arg(config)
-            .args(args)
-            .env("PYTHONPATH", &site)
-            .output()
-            .unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        assert!(
-            out.status.success(),
-            "{text}{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_str::<serde_json::Value>(text.lines().last().unwrap()).unwrap()
-    };
+    let run =
+        |config: &Path, args: &[&str]| python_example(&site, "torch_prior_twin.py", config, args);
     let dir = std::env::temp_dir().join(format!("vq-prior-twin-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for classes in [10, 0] {
