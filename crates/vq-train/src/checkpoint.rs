@@ -22,7 +22,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use tch::{Tensor, nn};
+use tch::{Kind, Tensor, nn};
 
 use crate::optim::AdamW;
 
@@ -159,7 +159,7 @@ fn write_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
             let kind = t.kind();
             let dtype = safetensors::Dtype::try_from(kind)
                 .with_context(|| format!("{name}: tensors of kind {kind:?} cannot be saved"))?;
-            let bytes = crate::codes::tensor_bytes(&t, kind)?;
+            let bytes = tensor_bytes(&t, kind)?;
             let shape = t.size().iter().map(|&d| d as usize).collect();
             Ok((*name, dtype, shape, bytes))
         })
@@ -176,6 +176,14 @@ fn write_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
     let bytes = safetensors::tensor::serialize(views, &None)
         .with_context(|| format!("serialising {}", path.display()))?;
     write_synced(path, &bytes)
+}
+
+/// The raw little-endian bytes of a contiguous CPU tensor of `kind`.
+pub(crate) fn tensor_bytes(t: &Tensor, kind: Kind) -> Result<Vec<u8>> {
+    let n = t.numel() * kind.elt_size_in_bytes();
+    let mut bytes = vec![0u8; n];
+    t.f_copy_data_u8(&mut bytes, t.numel())?;
+    Ok(bytes)
 }
 
 /// Creates the pointer `path` to the checkpoint folder `name` (a sibling): a relative symbolic

@@ -314,9 +314,9 @@ fn write_shard(
 ) -> Result<()> {
     let (dtype, kind) = code_dtype(k);
     let codes = t.codes.to_kind(kind).contiguous();
-    let code_bytes = tensor_bytes(&codes, kind)?;
+    let code_bytes = crate::checkpoint::tensor_bytes(&codes, kind)?;
     let codebook = t.codebook.to_kind(Kind::Float).contiguous();
-    let book_bytes = tensor_bytes(&codebook, Kind::Float)?;
+    let book_bytes = crate::checkpoint::tensor_bytes(&codebook, Kind::Float)?;
     let label_bytes: Option<Vec<u8>> = t
         .labels
         .map(|l| l.iter().flat_map(|v| v.to_le_bytes()).collect());
@@ -345,14 +345,6 @@ fn write_shard(
     safetensors::tensor::serialize_to_file(views, &Some(meta), &tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
-}
-
-/// The raw little-endian bytes of a contiguous CPU tensor of `kind`.
-pub(crate) fn tensor_bytes(t: &Tensor, kind: Kind) -> Result<Vec<u8>> {
-    let n = t.numel() * kind.elt_size_in_bytes();
-    let mut bytes = vec![0u8; n];
-    t.f_copy_data_u8(&mut bytes, t.numel())?;
-    Ok(bytes)
 }
 
 /// Decodes every sample of the codes file `codes` with the run's decoder and writes
