@@ -15,6 +15,10 @@
 //! * [`Quantizer`]: a whole VQ layer step, forward and backward;
 //! * [`family`]: residual VQ, multi-head VQ, SimVQ and FSQ, built from the one-layer step;
 //! * [`gumbel`]: Gumbel-softmax quantization (the paper's Gumbel VQ-VAE / VQGAN baselines);
+//! * the quantizers that followed the rotation trick: [`diveq`] (DiVeQ, SF-DiVeQ), [`ibq`]
+//!   (index backpropagation), [`lfq`] (LFQ, BSQ and their entropy penalty), [`scq`] (soft
+//!   convex quantization), each with the formula, its source and where the rotation trick can
+//!   apply;
 //! * [`toy`]: the paper's 2-D experiments (Himmelblau simulation, Voronoi push/pull).
 //!
 //! Data are f32, row-major: encoder outputs `e` are N×D, codebooks K×D. No I/O, no libtorch.
@@ -39,14 +43,18 @@
 #![allow(clippy::needless_range_loop)]
 
 mod codebook;
+pub mod diveq;
 mod error;
 mod estimator;
 pub mod exact;
 pub mod family;
 pub mod gumbel;
+pub mod ibq;
 mod layer;
+pub mod lfq;
 mod loss;
 mod metrics;
+pub mod scq;
 mod search;
 pub mod toy;
 
