@@ -49,7 +49,7 @@ pub enum VqTchError {
     },
     /// A quantizer family name that is not one of [`crate::Family::name`]'s forms.
     #[error(
-        "unknown quantizer family {0:?}: expected nearest, residualN[-dropout[M]], headsN[-separate], simvq or fsqL1-L2-... (levels >= 2)"
+        "unknown quantizer family {0:?}: expected nearest, residualN[-dropout[M]], headsN[-separate], simvq, fsqL1-L2-... (levels >= 2), diveq, diveq-detach, sf-diveq, sf-diveq-detach, ibq, lfq, bsq or scq"
     )]
     UnknownFamily(String),
     /// libtorch raised an error.

@@ -22,9 +22,9 @@ pub use estimator::{
 };
 pub use precision::{Autocast, Precision, autocast};
 pub use quantizer::{
-    CodebookInit, CodebookLearning, Family, FsqLevels, HeadCodebooks, Mode, Projection,
-    STAGE_DROPOUT_SALT, StageDropout, VectorQuantizer, VectorQuantizerConfig, VqOutput,
-    VqVaeLatent,
+    CodeReplacement, CodebookInit, CodebookLearning, EntropyPenalty, Family, FsqLevels,
+    HeadCodebooks, Mode, Projection, REPLACEMENT_SALT, STAGE_DROPOUT_SALT, StageDropout,
+    VectorQuantizer, VectorQuantizerConfig, VqOutput, VqVaeLatent,
 };
 pub use search::{FiniteCheck, FiniteVerdict, nearest_codes, nearest_codes_checked};
 pub use tch;

@@ -187,7 +187,109 @@ pub enum Family {
         /// Levels per dimension.
         levels: FsqLevels,
     },
+    /// DiVeQ ([`vq_core::diveq`]): the nearest code, reached by `z + ‖q − z‖·sg(d)` with `d`
+    /// the unit direction to the code, noised by `N(0, σ²)` per entry (σ = 0: the detached
+    /// variant). The gradient moves both the input and the code, so the codebook learns by
+    /// gradient with no codebook loss (β, 0 by default, weighs an optional commitment term);
+    /// the estimator must be straight-through (DiVeQ is the gradient path). Unused codes are
+    /// replaced as the official code does ([`CodeReplacement`]). Euclidean only.
+    Diveq {
+        /// σ, the noise's standard deviation (the official `noise_var`, which is passed to
+        /// `Normal(0, ·)` as its scale: 1e-3).
+        noise_std: f32,
+        /// Dead-code replacement.
+        replacement: CodeReplacement,
+    },
+    /// SF-DiVeQ ([`vq_core::diveq`]): the K codes are the vertices of a polyline and its K − 1
+    /// segments are the tokens; training draws a dither per segment and quantizes to the
+    /// nearest dithered point with DiVeQ's reparameterisation (both end codes learn);
+    /// evaluation uses each segment's midpoint (`λ = ½`), so a token decodes to one vector.
+    /// The first `warmup_steps` training forwards pass the input through; at the next one the
+    /// codebook is set from that batch (the means of K consecutive runs of its rows, as the
+    /// official initialisation does with the latents of its last warm-up iterations).
+    SfDiveq {
+        /// σ, as for [`Family::Diveq`] (0: detached).
+        noise_std: f32,
+        /// Training forwards without quantization before the codebook is set from the data.
+        warmup_steps: u64,
+    },
+    /// IBQ ([`vq_core::ibq`]): the code of largest inner product, with a straight-through
+    /// one-hot over `softmax(z Cᵀ)`, so every code gets a gradient; the losses are
+    /// `mean((z_q − z)²) + mean((sg(q) − z)²)` (commitment) and `β·mean((q − sg(z))²)`
+    /// (codebook). Euclidean codes learned by gradient; straight-through estimator only.
+    Ibq,
+    /// LFQ ([`vq_core::lfq`], MAGVIT-v2): `sign(z)` per dimension, K = 2^D implicit codes
+    /// `{±1}^D` (the `codebook` variable holds them, frozen), the entropy penalty as the
+    /// codebook loss and β on the commitment term; the estimator maps the input to its code (the
+    /// rotation trick applies).
+    Lfq {
+        /// The entropy penalty.
+        entropy: EntropyPenalty,
+    },
+    /// BSQ ([`vq_core::lfq`]): LFQ on the unit sphere, input l2-normalised, codes `{±1/√D}^D`.
+    Bsq {
+        /// The entropy penalty.
+        entropy: EntropyPenalty,
+    },
+    /// Soft convex quantization ([`vq_core::scq`]): the input becomes a convex combination of
+    /// the codes (ridge regression towards the nearest code, projected onto the simplex),
+    /// differentiable in the input and every code; the token is the code of largest weight.
+    /// Evaluation outputs the same soft value (decoding a token gives its code). Euclidean
+    /// codes learned by gradient, no codebook loss, β on an optional commitment term;
+    /// straight-through estimator only (there is no hard step to estimate).
+    Scq {
+        /// The ridge weight λ > 0.
+        lambda: f32,
+    },
 }
+
+/// DiVeQ's dead-code replacement (the official `_replace_unused_entries`): every `every`
+/// training forwards, the codes chosen fewer than `min_usage · every` times in that window are
+/// replaced by copies of used codes (drawn in proportion to their use, from
+/// `StdRng::seed_from_u64(seed ^ REPLACEMENT_SALT + forwards)`; counts summed over the ranks).
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+pub struct CodeReplacement {
+    /// Window length in training forwards (≥ 1; official: 100).
+    pub every: u64,
+    /// Uses per forward under which a code is replaced (official: 0.01; 0 never replaces).
+    pub min_usage: f32,
+}
+
+/// The entropy penalty of LFQ and BSQ ([`vq_core::lfq`]): `weight · (mean H(p) − diversity ·
+/// H(mean p))` with `p = softmax(2·inv_temperature·x·c)` over the codes.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+#[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
+pub struct EntropyPenalty {
+    /// The penalty's weight (lucidrains: 0.1; 0 turns it off).
+    pub weight: f32,
+    /// γ, the weight of the codebook entropy (1).
+    pub diversity: f32,
+    /// The inverse temperature τ (100).
+    pub inv_temperature: f32,
+}
+
+impl EntropyPenalty {
+    /// lucidrains' `LFQ` defaults: weight 0.1, γ = 1, τ = 100.
+    pub const REFERENCE: Self = Self {
+        weight: 0.1,
+        diversity: 1.0,
+        inv_temperature: 100.0,
+    };
+}
+
+impl CodeReplacement {
+    /// The official DiVeQ code's defaults: every 100 forwards, under 0.01 uses per forward.
+    pub const REFERENCE: Self = Self {
+        every: 100,
+        min_usage: 0.01,
+    };
+}
+
+/// Salt of DiVeQ's replacement draws ([`CodeReplacement`]).
+pub const REPLACEMENT_SALT: u64 = 0x6469_7665_7172_6570;
 
 /// Quantizer dropout of [`Family::Residual`] (SoundStream; lucidrains' `quantize_dropout`):
 /// every training forward keeps only the first n stages, n drawn uniformly from
@@ -353,7 +455,52 @@ impl Family {
                 let l: Vec<String> = levels.as_slice().iter().map(u32::to_string).collect();
                 format!("fsq{}", l.join("-"))
             }
+            Self::Diveq { noise_std, .. } if noise_std == 0.0 => "diveq-detach".into(),
+            Self::Diveq { .. } => "diveq".into(),
+            Self::SfDiveq { noise_std, .. } if noise_std == 0.0 => "sf-diveq-detach".into(),
+            Self::SfDiveq { .. } => "sf-diveq".into(),
+            Self::Ibq => "ibq".into(),
+            Self::Lfq { .. } => "lfq".into(),
+            Self::Bsq { .. } => "bsq".into(),
+            Self::Scq { .. } => "scq".into(),
         }
+    }
+
+    /// The families that followed the rotation trick, by name, with their references'
+    /// settings: `diveq`, `diveq-detach`, `sf-diveq`, `sf-diveq-detach` (σ = 1e-3 or 0;
+    /// SF-DiVeQ's 1000 warm-up forwards), `ibq`, `lfq`, `bsq` ([`EntropyPenalty::REFERENCE`]),
+    /// `scq` (λ = 1).
+    pub fn successor(name: &str) -> Option<Self> {
+        const SIGMA: f32 = 1e-3;
+        Some(match name {
+            "diveq" | "diveq-detach" => Self::Diveq {
+                noise_std: if name == "diveq" { SIGMA } else { 0.0 },
+                replacement: CodeReplacement::REFERENCE,
+            },
+            "sf-diveq" | "sf-diveq-detach" => Self::SfDiveq {
+                noise_std: if name == "sf-diveq" { SIGMA } else { 0.0 },
+                warmup_steps: 1000,
+            },
+            "ibq" => Self::Ibq,
+            "lfq" => Self::Lfq {
+                entropy: EntropyPenalty::REFERENCE,
+            },
+            "bsq" => Self::Bsq {
+                entropy: EntropyPenalty::REFERENCE,
+            },
+            "scq" => Self::Scq { lambda: 1.0 },
+            _ => return None,
+        })
+    }
+
+    /// Whether the family makes its own gradient path, so that the layer's [`Estimator`] must
+    /// be straight-through (DiVeQ, SF-DiVeQ, IBQ, SCQ). Gumbel ignores the estimator too; its
+    /// configurations keep whatever they were written with.
+    pub fn own_gradient_path(&self) -> bool {
+        matches!(
+            self,
+            Self::Diveq { .. } | Self::SfDiveq { .. } | Self::Ibq | Self::Scq { .. }
+        )
     }
 
     /// Parses [`name`](Self::name)'s forms (Gumbel is chosen as a training method, not here).
@@ -378,6 +525,9 @@ impl Family {
                 .filter(|&n| n > 0)
                 .ok_or_else(unknown)
         };
+        if let Some(family) = Self::successor(name) {
+            return Ok(family);
+        }
         let family = match name {
             "nearest" | "vq" => Self::Nearest,
             "simvq" => Self::SimVq,
@@ -431,6 +581,14 @@ impl VectorQuantizerConfig {
             CodebookLearning::Gradient { placement } => (placement, CodebookTerm::Include),
         };
         Ok(LossWeights::new(self.beta, placement, term)?)
+    }
+
+    /// The number of distinct tokens: K, or K − 1 segments for SF-DiVeQ.
+    pub fn tokens(&self) -> usize {
+        match self.family {
+            Family::SfDiveq { .. } => self.codebook_size - 1,
+            _ => self.codebook_size,
+        }
     }
 
     /// Channels of the layer's input: C with a projection, else D.
@@ -633,6 +791,98 @@ impl VectorQuantizerConfig {
                     );
                 }
             }
+            Family::Lfq { entropy } | Family::Bsq { entropy } => {
+                let k = self.codebook_size;
+                if !k.is_power_of_two() || k < 2 || k > 1 << vq_core::lfq::MAX_BITS {
+                    return bad(
+                        "codebook_size",
+                        "LFQ / BSQ have 2^D implicit codes: a power of two from 2 to 65,536",
+                    );
+                }
+                if self.codebook_dim != k.trailing_zeros() as usize {
+                    return bad(
+                        "codebook_dim",
+                        "LFQ / BSQ codes have log2(codebook_size) bits",
+                    );
+                }
+                if !gradient || self.metric != Metric::Euclidean {
+                    return bad(
+                        "learning",
+                        "LFQ / BSQ have no codebook to learn: learning gradient (unused), metric euclidean",
+                    );
+                }
+                let finite = |v: f32| v.is_finite() && v >= 0.0;
+                if !(finite(entropy.weight)
+                    && finite(entropy.diversity)
+                    && entropy.inv_temperature.is_finite()
+                    && entropy.inv_temperature > 0.0)
+                {
+                    return bad(
+                        "family",
+                        "the entropy penalty's weight and diversity must be finite and >= 0, its inverse temperature > 0",
+                    );
+                }
+            }
+            Family::Diveq { .. } | Family::SfDiveq { .. } | Family::Ibq | Family::Scq { .. } => {
+                self.validate_learned_successor()?;
+            }
+        }
+        if self.family.own_gradient_path() && self.estimator != Estimator::StraightThrough {
+            return bad(
+                "estimator",
+                "DiVeQ, SF-DiVeQ, IBQ and SCQ make their own gradient path: the rotation trick and the other estimators do not apply to them (use ste)",
+            );
+        }
+        Ok(())
+    }
+
+    /// The rules of DiVeQ, SF-DiVeQ, IBQ and SCQ: codes of their own learned by gradient.
+    fn validate_learned_successor(&self) -> Result<()> {
+        let bad = |field: &'static str, why: &'static str| Err(VqTchError::Config { field, why });
+        if !matches!(self.learning, CodebookLearning::Gradient { .. }) {
+            return bad(
+                "learning",
+                "DiVeQ, SF-DiVeQ, IBQ and SCQ move the codes by their own gradient: an EMA codebook would get none (use learning gradient)",
+            );
+        }
+        if self.metric != Metric::Euclidean {
+            return bad(
+                "metric",
+                "DiVeQ, SF-DiVeQ, IBQ and SCQ take raw (euclidean) codes",
+            );
+        }
+        match self.family {
+            Family::Diveq {
+                noise_std,
+                replacement,
+            } => {
+                if !(noise_std.is_finite() && noise_std >= 0.0) {
+                    return bad("family", "DiVeQ's noise_std must be finite and >= 0");
+                }
+                if replacement.every == 0
+                    || !(replacement.min_usage.is_finite() && replacement.min_usage >= 0.0)
+                {
+                    return bad(
+                        "family",
+                        "DiVeQ's replacement window must be >= 1 forward and its min_usage finite and >= 0",
+                    );
+                }
+            }
+            Family::SfDiveq { noise_std, .. } => {
+                if !(noise_std.is_finite() && noise_std >= 0.0) {
+                    return bad("family", "SF-DiVeQ's noise_std must be finite and >= 0");
+                }
+                if self.codebook_size < 2 {
+                    return bad(
+                        "codebook_size",
+                        "SF-DiVeQ needs at least 2 codes (one segment)",
+                    );
+                }
+            }
+            Family::Scq { lambda } if !(lambda.is_finite() && lambda > 0.0) => {
+                return bad("family", "SCQ's ridge weight lambda must be finite and > 0");
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -643,6 +893,13 @@ impl VectorQuantizerConfig {
     ///   (unused), Euclidean;
     /// * SimVQ: learning by gradient with β = 0.25 on the commitment term (lucidrains' `SimVQ`
     ///   weights: 1 on the term that trains the map, 0.25 on the one that moves the input);
+    /// * LFQ / BSQ: D = log2 K (K must be a power of two) with a `Linear` projection from the
+    ///   input's channels when they differ (lucidrains' `LFQ` projects), learning by gradient
+    ///   (unused), Euclidean, β = 0 (lucidrains' commitment weight);
+    /// * DiVeQ, SF-DiVeQ, SCQ: learning by gradient, Euclidean, β = 0 (no commitment term);
+    ///   IBQ: the same with β = 0.25 (SEED-Voken's);
+    /// * the families with their own gradient path (DiVeQ, SF-DiVeQ, IBQ, SCQ): the
+    ///   straight-through estimator (the field is unused);
     /// * the others keep every other field.
     ///
     /// ```
@@ -678,7 +935,33 @@ impl VectorQuantizerConfig {
                 };
                 self.beta = 0.25;
             }
+            Family::Lfq { .. } | Family::Bsq { .. } => {
+                let channels = self.input_channels();
+                let bits = (self.codebook_size.max(2) as f64).log2().ceil() as usize;
+                if self.codebook_size.is_power_of_two() {
+                    self.codebook_dim = bits;
+                }
+                self.projection = match channels == self.codebook_dim {
+                    true => Projection::Identity,
+                    false => Projection::Linear { channels },
+                };
+                self.learning = CodebookLearning::Gradient {
+                    placement: BetaPlacement::Commitment,
+                };
+                self.metric = Metric::Euclidean;
+                self.beta = 0.0;
+            }
+            Family::Diveq { .. } | Family::SfDiveq { .. } | Family::Ibq | Family::Scq { .. } => {
+                self.learning = CodebookLearning::Gradient {
+                    placement: BetaPlacement::Commitment,
+                };
+                self.metric = Metric::Euclidean;
+                self.beta = if family == Family::Ibq { 0.25 } else { 0.0 };
+            }
             _ => {}
+        }
+        if family.own_gradient_path() {
+            self.estimator = Estimator::StraightThrough;
         }
         self.validate()?;
         Ok(self)

@@ -20,25 +20,34 @@ use crate::error::{Result, VqTchError};
 use crate::precision::{Autocast, Precision};
 use crate::search::{FiniteCheck, FiniteVerdict};
 
+mod binary;
 mod config;
+mod diveq;
 mod fsq;
 mod gumbel;
 mod heads;
+mod ibq;
 mod learning;
 mod nearest;
 mod pass;
 mod residual;
+mod scq;
 
+use binary::BinaryGrid;
 pub use config::{
-    CodebookInit, CodebookLearning, Family, FsqLevels, HeadCodebooks, Mode, Projection,
-    STAGE_DROPOUT_SALT, StageDropout, VectorQuantizerConfig, VqVaeLatent,
+    CodeReplacement, CodebookInit, CodebookLearning, EntropyPenalty, Family, FsqLevels,
+    HeadCodebooks, Mode, Projection, REPLACEMENT_SALT, STAGE_DROPOUT_SALT, StageDropout,
+    VectorQuantizerConfig, VqVaeLatent,
 };
+use diveq::DiveqCodes;
 use fsq::FsqGrid;
 use gumbel::GumbelCodes;
 use heads::Heads;
+use ibq::IbqCodes;
 use nearest::{NearestCodes, SimVqCodes};
 use pass::{Batch, Part, Rows, Settings};
 use residual::Stages;
+use scq::ScqCodes;
 
 /// What [`VectorQuantizer::forward`] returns.
 #[derive(Debug)]
@@ -125,6 +134,10 @@ enum FamilyState {
     Fsq(FsqGrid),
     Residual(Stages<VectorQuantizer>),
     MultiHead(Heads<VectorQuantizer>),
+    Diveq(DiveqCodes),
+    Ibq(IbqCodes),
+    Binary(BinaryGrid),
+    Scq(ScqCodes),
 }
 
 impl VectorQuantizer {
@@ -233,6 +246,10 @@ impl VectorQuantizer {
             FamilyState::Fsq(f) => &f.grid,
             FamilyState::Residual(s) => &s.no_codes,
             FamilyState::MultiHead(h) => &h.no_codes,
+            FamilyState::Diveq(d) => &d.codebook,
+            FamilyState::Ibq(i) => &i.codebook,
+            FamilyState::Binary(b) => &b.grid,
+            FamilyState::Scq(s) => &s.codebook,
         }
     }
 
@@ -269,6 +286,10 @@ impl VectorQuantizer {
             FamilyState::Fsq(f) => f.grid.shallow_clone(),
             FamilyState::Residual(s) => s.no_codes.shallow_clone(),
             FamilyState::MultiHead(h) => h.no_codes.shallow_clone(),
+            FamilyState::Diveq(d) => d.token_codes(&self.config),
+            FamilyState::Ibq(i) => i.codebook.shallow_clone(),
+            FamilyState::Binary(b) => b.grid.shallow_clone(),
+            FamilyState::Scq(s) => s.codebook.shallow_clone(),
         }
     }
 
@@ -302,7 +323,7 @@ impl VectorQuantizer {
         ) {
             return Err(VqTchError::IndexKind(indices.kind()));
         }
-        let k = self.config.codebook_size as i64;
+        let k = self.config.tokens() as i64;
         let g = groups.unwrap_or(1) as i64;
         let flat = indices
             .reshape([-1, g])
@@ -443,6 +464,10 @@ impl VectorQuantizer {
             FamilyState::Fsq(f) => f.rows(settings, batch),
             FamilyState::Residual(s) => s.rows(settings, batch),
             FamilyState::MultiHead(h) => h.rows(settings, batch),
+            FamilyState::Diveq(d) => d.rows(settings, batch),
+            FamilyState::Ibq(i) => i.rows(settings, batch),
+            FamilyState::Binary(b) => b.rows(settings, batch),
+            FamilyState::Scq(s) => s.rows(settings, batch),
         }
     }
 }
@@ -474,6 +499,12 @@ impl FamilyState {
                 config,
                 VectorQuantizer::new_parts(path, config)?,
             )),
+            Family::Diveq { .. } | Family::SfDiveq { .. } => {
+                Self::Diveq(DiveqCodes::new(path, config))
+            }
+            Family::Ibq => Self::Ibq(IbqCodes::new(path, config)),
+            Family::Lfq { .. } | Family::Bsq { .. } => Self::Binary(BinaryGrid::new(path, config)?),
+            Family::Scq { .. } => Self::Scq(ScqCodes::new(path, config)),
         })
     }
 }

@@ -1,0 +1,66 @@
+//! IBQ ([`Family::Ibq`](super::Family::Ibq); the formulas of [`vq_core::ibq`]): the code of
+//! largest inner product, with a straight-through one-hot over `softmax(z Cᵀ)` so that every
+//! code gets a gradient.
+
+use tch::{Kind, Reduction, Tensor, nn};
+
+use super::config::VectorQuantizerConfig;
+use super::nearest::drawn_codebook;
+use super::pass::{Batch, Rows, Settings, mark_initialised};
+use crate::error::Result;
+use crate::search::check_finite_device;
+
+/// IBQ's codebook, learned by gradient.
+#[derive(Debug)]
+pub(super) struct IbqCodes {
+    pub(super) codebook: Tensor,
+}
+
+impl IbqCodes {
+    /// The codebook, drawn as the config's init says, under `path`.
+    pub(super) fn new(path: &nn::Path, config: &VectorQuantizerConfig) -> Self {
+        let codebook = path.add(
+            "codebook",
+            drawn_codebook(config, config.init, path.device()),
+            true,
+        );
+        mark_initialised(path);
+        Self { codebook }
+    }
+
+    /// `z_q = (h − sg(p) + p) C` in training, `h C` in evaluation; the losses
+    /// `mean((z_q − z)²) + mean((sg(hC) − z)²)` (commitment) and `β·mean((hC − sg(z))²)`
+    /// (codebook), as SEED-Voken's `IndexPropagationQuantize` sums them.
+    pub(super) fn rows(&self, settings: Settings<'_>, batch: Batch<'_>) -> Result<Rows> {
+        let e = batch.e;
+        check_finite_device(&e.detach(), &self.codebook.detach())?;
+        let c = &self.codebook;
+        let k = settings.config.codebook_size as i64;
+        let logits = e.matmul(&c.tr());
+        let idx = logits.detach().argmax(-1, false);
+        let hard = idx.one_hot(k).to_kind(Kind::Float);
+        let q_live = c.index_select(0, &idx);
+        let q = q_live.detach();
+        let out = match batch.train {
+            true => {
+                let p = logits.softmax(-1, Kind::Float);
+                (hard - p.detach() + p).matmul(c)
+            }
+            false => q.shallow_clone(),
+        };
+        let beta = f64::from(settings.config.beta);
+        let commitment_loss = match batch.train {
+            true => out.mse_loss(e, Reduction::Mean) + e.mse_loss(&q, Reduction::Mean),
+            false => e.mse_loss(&q, Reduction::Mean) * 2.0,
+        };
+        Ok(Rows {
+            quantization_error: e.detach().mse_loss(&q, Reduction::Mean),
+            codebook_loss: q_live.mse_loss(&e.detach(), Reduction::Mean) * beta,
+            commitment_loss,
+            out,
+            codes: q,
+            idx,
+            finite_verdict: None,
+        })
+    }
+}
