@@ -455,9 +455,9 @@ impl Family {
                 let l: Vec<String> = levels.as_slice().iter().map(u32::to_string).collect();
                 format!("fsq{}", l.join("-"))
             }
-            Self::Diveq { noise_std, .. } if noise_std == 0.0 => "diveq-detach".into(),
+            Self::Diveq { noise_std: 0.0, .. } => "diveq-detach".into(),
             Self::Diveq { .. } => "diveq".into(),
-            Self::SfDiveq { noise_std, .. } if noise_std == 0.0 => "sf-diveq-detach".into(),
+            Self::SfDiveq { noise_std: 0.0, .. } => "sf-diveq-detach".into(),
             Self::SfDiveq { .. } => "sf-diveq".into(),
             Self::Ibq => "ibq".into(),
             Self::Lfq { .. } => "lfq".into(),
@@ -793,7 +793,7 @@ impl VectorQuantizerConfig {
             }
             Family::Lfq { entropy } | Family::Bsq { entropy } => {
                 let k = self.codebook_size;
-                if !k.is_power_of_two() || k < 2 || k > 1 << vq_core::lfq::MAX_BITS {
+                if !k.is_power_of_two() || !(2..=1 << vq_core::lfq::MAX_BITS).contains(&k) {
                     return bad(
                         "codebook_size",
                         "LFQ / BSQ have 2^D implicit codes: a power of two from 2 to 65,536",

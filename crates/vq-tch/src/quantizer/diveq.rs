@@ -214,7 +214,7 @@ impl DiveqCodes {
         let usage = self.usage.as_mut().expect("DiVeQ counts its codes");
         let ones = Tensor::ones(idx.size(), (Kind::Int64, idx.device()));
         let _ = tch::no_grad(|| usage.index_add_(0, idx, &ones.to_device(usage.device())));
-        if forwards as u64 % replacement.every != 0 {
+        if !(forwards as u64).is_multiple_of(replacement.every) {
             return Ok(());
         }
         let mut counts = usage.to_device(Device::Cpu).copy();
