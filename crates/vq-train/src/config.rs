@@ -65,12 +65,24 @@ pub struct RunConfig {
 impl RunConfig {
     /// Switches the quantizer to `family` ([`vq_tch::VectorQuantizerConfig::with_family`]); a
     /// model with a 1×1 `quant_conv` (taming's VQGAN) makes FSQ's D channels there, so its
-    /// quantizer keeps no projection.
+    /// quantizer keeps no projection. SF-DiVeQ's warm-up is at most a tenth of the run's steps.
     ///
     /// # Errors
     /// The family's rules, naming the field (e.g. heads that do not divide the code dimension,
     /// residual VQ with a cosine codebook).
     pub fn set_family(&mut self, family: vq_tch::Family) -> Result<()> {
+        // SF-DiVeQ's warm-up (1000 forwards in the official code, for runs of 100k+ steps) is
+        // kept to a tenth of a shorter run.
+        let family = match family {
+            vq_tch::Family::SfDiveq {
+                noise_std,
+                warmup_steps,
+            } => vq_tch::Family::SfDiveq {
+                noise_std,
+                warmup_steps: warmup_steps.min(self.training.steps as u64 / 10),
+            },
+            f => f,
+        };
         let mut q = self.model.quantizer.with_family(family).with_context(|| {
             format!(
                 "preset {} with quantizer family {}",

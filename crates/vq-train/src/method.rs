@@ -8,6 +8,7 @@
 //! | `hessian-approx` | `∇_q L + ∇²_q L (e − q)`: a first-order Taylor step of the gradient from `q` to `e`, the Hessian–vector product taken through the decoder at `q` (double backward) |
 //! | `exact-gradients` | `∇_e L(D(e))`: a second decoder pass on the unquantized `e`; the first pass (on `sg(q)`) trains the decoder, the second reaches it scaled by `λ_s = 1e-6` |
 //! | `gumbel` | no `e`: the encoder predicts logits and the decoder sees a Gumbel-softmax mixture of codes ([`vq_tch::Family::Gumbel`]) |
+//! | `diveq`, `diveq-detach`, `sf-diveq`, `sf-diveq-detach`, `ibq`, `lfq`, `bsq`, `scq` | the quantizers that followed the rotation trick ([`Successor`]): the family's own gradient path (DiVeQ, SF-DiVeQ, IBQ, SCQ) or straight-through onto its implicit codes (LFQ, BSQ), with its reference's settings |
 //!
 //! The two decoder-based baselines follow the paper's code (`vhp_vqvae`, `dfp_vqvae`), which adds
 //! the Hessian term on top of straight-through and removes the first pass's straight-through
@@ -38,6 +39,79 @@ pub enum Method {
     HessianApprox,
     /// Exact gradients from a second decoder pass.
     ExactGradients,
+    /// A quantizer that followed the rotation trick.
+    Successor(Successor),
+}
+
+/// The quantizers that followed the rotation trick, as methods: each replaces the preset's
+/// quantizer family by [`vq_tch::Family::successor`]'s (settings of its reference) through
+/// [`RunConfig::set_family`], with the straight-through estimator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Successor {
+    /// DiVeQ, noised directions.
+    Diveq,
+    /// DiVeQ, exact directions.
+    DiveqDetach,
+    /// SF-DiVeQ, noised directions.
+    SfDiveq,
+    /// SF-DiVeQ, exact directions.
+    SfDiveqDetach,
+    /// Index backpropagation quantization.
+    Ibq,
+    /// Lookup-free quantization.
+    Lfq,
+    /// Binary spherical quantization.
+    Bsq,
+    /// Soft convex quantization.
+    Scq,
+}
+
+impl Successor {
+    /// Every one, in the order of the comparison's tables.
+    pub const ALL: [Self; 8] = [
+        Self::Diveq,
+        Self::DiveqDetach,
+        Self::SfDiveq,
+        Self::SfDiveqDetach,
+        Self::Ibq,
+        Self::Lfq,
+        Self::Bsq,
+        Self::Scq,
+    ];
+
+    /// The name (= the family's name).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Diveq => "diveq",
+            Self::DiveqDetach => "diveq-detach",
+            Self::SfDiveq => "sf-diveq",
+            Self::SfDiveqDetach => "sf-diveq-detach",
+            Self::Ibq => "ibq",
+            Self::Lfq => "lfq",
+            Self::Bsq => "bsq",
+            Self::Scq => "scq",
+        }
+    }
+
+    /// The label of tables and plots.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Diveq => "DiVeQ",
+            Self::DiveqDetach => "DiVeQ, detached",
+            Self::SfDiveq => "SF-DiVeQ",
+            Self::SfDiveqDetach => "SF-DiVeQ, detached",
+            Self::Ibq => "IBQ",
+            Self::Lfq => "LFQ",
+            Self::Bsq => "BSQ",
+            Self::Scq => "SCQ",
+        }
+    }
+
+    /// The one whose family `family` is, by name.
+    pub fn of(family: &Family) -> Option<Self> {
+        let name = family.name();
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
 }
 
 impl From<Estimator> for Method {
@@ -49,7 +123,8 @@ impl From<Estimator> for Method {
 impl Method {
     /// The names `from_name` accepts, for help texts and errors.
     pub const NAMES: &'static str = "ste, rotation, rotation-no-rescale, reflection, gumbel, \
-                                     hessian-approx, exact-gradients";
+                                     hessian-approx, exact-gradients, diveq, diveq-detach, \
+                                     sf-diveq, sf-diveq-detach, ibq, lfq, bsq, scq";
 
     /// Parses a name (the estimators' names and aliases, `gumbel`, `hessian-approx` /
     /// `hessian`, `exact-gradients` / `exact`).
@@ -61,6 +136,12 @@ impl Method {
             "gumbel" => Self::Gumbel,
             "hessian-approx" | "hessian" => Self::HessianApprox,
             "exact-gradients" | "exact" => Self::ExactGradients,
+            other if Successor::ALL.iter().any(|s| s.name() == other) => Self::Successor(
+                Successor::ALL
+                    .into_iter()
+                    .find(|s| s.name() == other)
+                    .expect("listed"),
+            ),
             other => match Estimator::from_name(other) {
                 Ok(e) => Self::Estimator(e),
                 Err(_) => bail!("unknown estimator {other:?}; choose from {}", Self::NAMES),
@@ -75,6 +156,7 @@ impl Method {
             Self::Gumbel => "gumbel",
             Self::HessianApprox => "hessian-approx",
             Self::ExactGradients => "exact-gradients",
+            Self::Successor(s) => s.name(),
         }
     }
 
@@ -85,6 +167,7 @@ impl Method {
             Self::Gumbel => "Gumbel",
             Self::HessianApprox => "Hessian approx.",
             Self::ExactGradients => "exact gradients",
+            Self::Successor(s) => s.label(),
         }
     }
 
@@ -94,6 +177,14 @@ impl Method {
             (EncoderGradient::HessianApprox, _) => Self::HessianApprox,
             (EncoderGradient::ExactGradients, _) => Self::ExactGradients,
             (_, Family::Gumbel { .. }) => Self::Gumbel,
+            // LFQ / BSQ with another estimator than their references' is that estimator.
+            (_, family)
+                if Successor::of(&family).is_some()
+                    && (family.own_gradient_path()
+                        || config.model.quantizer.estimator == Estimator::StraightThrough) =>
+            {
+                Self::Successor(Successor::of(&family).expect("checked"))
+            }
             _ => Self::Estimator(config.model.quantizer.estimator),
         }
     }
@@ -116,6 +207,20 @@ impl Method {
             q.family = Family::Nearest;
         }
         config.encoder_gradient = EncoderGradient::Quantizer;
+        if let Self::Successor(s) = self {
+            if !matches!(family, Family::Nearest | Family::Gumbel { .. })
+                && Successor::of(&family).is_none()
+            {
+                bail!(
+                    "{}: replaces the quantizer family; it does not combine with the {} family",
+                    s.name(),
+                    family.name()
+                );
+            }
+            let family = Family::successor(s.name()).expect("every successor is a family");
+            config.set_family(family)?;
+            return config.validate();
+        }
         if !matches!(self, Self::Estimator(_))
             && !matches!(family, Family::Nearest | Family::Gumbel { .. })
         {
@@ -126,8 +231,20 @@ impl Method {
                 family.name()
             );
         }
+        let q = &mut config.model.quantizer;
         match self {
-            Self::Estimator(e) => q.estimator = e,
+            Self::Successor(_) => unreachable!("applied above"),
+            Self::Estimator(e) => {
+                if q.family.own_gradient_path() {
+                    bail!(
+                        "{}: the {} quantizer makes its own gradient path; estimators do not \
+                         apply to it (only ste)",
+                        e.name(),
+                        q.family.name()
+                    );
+                }
+                q.estimator = e
+            }
             Self::Gumbel => {
                 if q.projection != Projection::Identity {
                     bail!(
