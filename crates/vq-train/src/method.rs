@@ -219,6 +219,7 @@ impl Method {
             }
             let family = Family::successor(s.name()).expect("every successor is a family");
             config.set_family(family)?;
+            config.model.quantizer.estimator = Estimator::StraightThrough;
             return config.validate();
         }
         if !matches!(self, Self::Estimator(_))
