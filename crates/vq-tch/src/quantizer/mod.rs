@@ -86,6 +86,7 @@ pub struct VqOutput {
 /// | `ema_running_sum` | (K, D) f32 | no | EMA running sums `m_k` (EMA only) |
 /// | `ema_steps` | () i64 | no | EMA updates done (EMA only) |
 /// | `initialised` | () i64 | no | 1 once k-means initialisation has run or was not asked for |
+/// | `diveq_forwards`, `diveq_usage` | () i64, (K) i64 | no | DiVeQ / SF-DiVeQ: training forwards done; DiVeQ: uses per code in the replacement window |
 /// | `project_in.{weight,bias}`, `project_in_norm.{weight,bias}`, `project_out.{weight,bias}` | | yes | [`Projection`] layers |
 ///
 /// EMA updates run in vq-core on the CPU and as the same tensor ops on the layer's device
