@@ -15,7 +15,10 @@ struct Fixture {
 
 impl Fixture {
     fn open() -> Self {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/successors.safetensors");
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/successors.safetensors"
+        );
         let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
         Self { bytes }
     }
@@ -48,8 +51,7 @@ impl Fixture {
     fn matrix(&self, name: &str) -> Array2<f32> {
         let (shape, v) = self.get(name);
         let cols = if shape.len() == 2 { shape[1] } else { 1 };
-        Array2::from_shape_vec((shape[0], cols), v.into_iter().map(|x| x as f32).collect())
-            .unwrap()
+        Array2::from_shape_vec((shape[0], cols), v.into_iter().map(|x| x as f32).collect()).unwrap()
     }
 
     fn indices(&self, name: &str) -> Vec<u32> {
@@ -78,21 +80,35 @@ fn scatter(rows: &Array2<f32>, idx: &[u32], k: usize) -> Array2<f32> {
 #[test]
 fn diveq_matches_lucidrains_and_the_official_code() {
     let f = Fixture::open();
-    for case in ["lucidrains-diveq", "official-diveq", "official-diveq-detach"] {
+    for case in [
+        "lucidrains-diveq",
+        "official-diveq",
+        "official-diveq-detach",
+    ] {
         let m = |n: &str| f.matrix(&format!("{case}:{n}"));
         let (z, c, w, noise) = (m("z"), m("codebook"), m("w"), m("noise"));
         let idx = vq_core::nearest_codes(z.view(), c.view(), Metric::Euclidean).unwrap();
         if case.starts_with("official") {
-            assert_eq!(idx.to_vec(), f.indices(&format!("{case}:indices")), "{case}");
+            assert_eq!(
+                idx.to_vec(),
+                f.indices(&format!("{case}:indices")),
+                "{case}"
+            );
         }
         let q = vq_core::gather_codes(c.view(), idx.as_slice().unwrap()).unwrap();
         let noise = (case != "official-diveq-detach").then_some(noise.view());
         let fwd = diveq_forward(z.view(), q.view(), noise).unwrap();
-        assert!(max_abs(fwd.quantized.view(), m("out").view()) < 1e-5, "{case} value");
+        assert!(
+            max_abs(fwd.quantized.view(), m("out").view()) < 1e-5,
+            "{case} value"
+        );
         let (gz, gq) = diveq_backward(z.view(), q.view(), fwd.directions.view(), w.view()).unwrap();
         assert!(max_abs(gz.view(), m("grad_z").view()) < 1e-5, "{case} ∂z");
         let gc = scatter(&gq, idx.as_slice().unwrap(), c.nrows());
-        assert!(max_abs(gc.view(), m("grad_codebook").view()) < 1e-5, "{case} ∂C");
+        assert!(
+            max_abs(gc.view(), m("grad_codebook").view()) < 1e-5,
+            "{case} ∂C"
+        );
     }
 }
 
@@ -127,7 +143,10 @@ fn lfq_and_bsq_match_lucidrains_with_their_losses() {
             let lfq = Lfq::new(4, codes).unwrap();
             let fwd = lfq.forward(x.view()).unwrap();
             assert_eq!(fwd.indices.to_vec(), f.indices(&format!("{case}:indices")));
-            assert!(max_abs(fwd.quantized.view(), m("out").view()) < 1e-6, "{case}");
+            assert!(
+                max_abs(fwd.quantized.view(), m("out").view()) < 1e-6,
+                "{case}"
+            );
             let e = lfq.entropy(fwd.input.view(), tau, gamma).unwrap();
             let s = |n: &str| f.scalar(&format!("{case}:{n}"));
             assert!((e.per_sample - s("per_sample")).abs() < 1e-5, "{case}");
@@ -137,11 +156,21 @@ fn lfq_and_bsq_match_lucidrains_with_their_losses() {
             let commit = diff.iter().map(|v| (v * v) as f64).sum::<f64>() / n as f64;
             assert!((commit - s("commitment")).abs() < 1e-6);
             let aux = weight * (e.per_sample - gamma * e.codebook) + beta * commit;
-            assert!((aux - s("aux")).abs() < 1e-5, "{case}: {aux} vs {}", s("aux"));
-            let extra = e.grad_input.mapv(|v| weight as f32 * v)
-                + diff.mapv(|v| beta as f32 * 2.0 * v / n);
+            assert!(
+                (aux - s("aux")).abs() < 1e-5,
+                "{case}: {aux} vs {}",
+                s("aux")
+            );
+            let extra =
+                e.grad_input.mapv(|v| weight as f32 * v) + diff.mapv(|v| beta as f32 * 2.0 * v / n);
             let gx = lfq
-                .backward(x.view(), &fwd, Estimator::StraightThrough, w.view(), Some(extra.view()))
+                .backward(
+                    x.view(),
+                    &fwd,
+                    Estimator::StraightThrough,
+                    w.view(),
+                    Some(extra.view()),
+                )
                 .unwrap();
             assert!(max_abs(gx.view(), m("grad_x").view()) < 1e-5, "{case} ∂x");
         }

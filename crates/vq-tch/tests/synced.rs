@@ -1,6 +1,8 @@
 //! The quantizer in a data-parallel group (two ranks as threads, Gloo on 127.0.0.1): EMA steps,
 //! k-means initialisation and dead-code replacement from the ranks' halves equal one layer's on
-//! the whole batch; ranks with unequal batches (skipped samples) still agree with each other.
+//! the whole batch; ranks with unequal batches (skipped samples) still agree with each other;
+//! LFQ's and BSQ's entropy penalty over the ranks equals one layer's on the whole batch, value and
+//! (averaged) gradients.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -109,4 +111,64 @@ fn two_ranks_hold_the_codebook_of_one_layer_on_the_whole_batch() {
 fn ranks_with_unequal_batches_still_agree() {
     let got = ranks(Metric::Euclidean, vec![3, 2], 3);
     assert_eq!(got[0], got[1]);
+}
+
+/// One training forward of LFQ / BSQ with the entropy penalty: the penalty and `∂/∂x` of it.
+fn entropy_step(vq: &mut VectorQuantizer, x: &Tensor) -> (f64, Vec<f32>) {
+    let x = x.detach().copy().set_requires_grad(true);
+    let out = vq.forward(&x, Mode::Train).unwrap();
+    out.codebook_loss.backward();
+    let g = Vec::<f32>::try_from(x.grad().view([-1])).unwrap();
+    (f64::try_from(&out.codebook_loss).unwrap(), g)
+}
+
+#[test]
+fn the_entropy_penalty_spans_the_ranks() {
+    for name in ["lfq", "bsq"] {
+        let cfg = VectorQuantizerConfig {
+            codebook_size: 16,
+            codebook_dim: 4,
+            ..VectorQuantizerConfig::paper_vqvae(VqVaeLatent::F16x16x32, Metric::Euclidean)
+        }
+        .with_family(vq_tch::Family::from_name(name).unwrap())
+        .unwrap();
+        let all = images(9, 8);
+        let vs = nn::VarStore::new(Device::Cpu);
+        let mut one = VectorQuantizer::new(&vs.root(), cfg).unwrap();
+        let (loss, grad) = entropy_step(&mut one, &all);
+        let port = port();
+        let handles: Vec<_> = (0..2usize)
+            .map(|rank| {
+                let mine = all.narrow(0, 4 * rank as i64, 4).copy();
+                std::thread::spawn(move || {
+                    let pg = ProcessGroup::join(&GroupConfig {
+                        rank,
+                        world: 2,
+                        master_addr: "127.0.0.1".into(),
+                        master_port: port,
+                        device: Device::Cpu,
+                        timeout: Duration::from_secs(30),
+                        host_store: true,
+                        prefix: "e".into(),
+                    })
+                    .unwrap();
+                    let vs = nn::VarStore::new(Device::Cpu);
+                    let mut vq = VectorQuantizer::new(&vs.root(), cfg).unwrap();
+                    vq.set_process_group(Some(Arc::new(pg)));
+                    entropy_step(&mut vq, &mine)
+                })
+            })
+            .collect();
+        // Each image holds 2×2 positions of 4 channels: 64 gradient entries per rank's half.
+        for (rank, h) in handles.into_iter().enumerate() {
+            let (l, g) = h.join().unwrap();
+            assert!((l - loss).abs() < 1e-5, "{name} rank {rank}: {l} vs {loss}");
+            for (a, b) in g.iter().zip(&grad[64 * rank..64 * (rank + 1)]) {
+                assert!(
+                    (a / 2.0 - b).abs() < 1e-6,
+                    "{name} rank {rank}: {a}/2 vs {b}"
+                );
+            }
+        }
+    }
 }

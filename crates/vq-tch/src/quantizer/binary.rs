@@ -7,6 +7,7 @@ use vq_core::lfq::{BinaryCodes, ENTROPY_EPS, Lfq};
 
 use super::config::{EntropyPenalty, Family, VectorQuantizerConfig};
 use super::pass::{Batch, Rows, Settings, mark_initialised};
+use crate::collective::Collective;
 use crate::error::Result;
 use crate::search::check_finite_device;
 
@@ -67,7 +68,7 @@ impl BinaryGrid {
         );
         let mse = x.mse_loss(&q, Reduction::Mean);
         let codebook_loss = match batch.train && entropy.weight > 0.0 {
-            true => self.entropy(&x, entropy) * f64::from(entropy.weight),
+            true => self.entropy(&x, entropy, settings.group)? * f64::from(entropy.weight),
             false => Tensor::zeros([], (Kind::Float, e.device())),
         };
         Ok(Rows {
@@ -82,15 +83,44 @@ impl BinaryGrid {
     }
 
     /// `mean_rows H(p) − γ H(mean_rows p)` with `p = softmax(2τ x·c)` over the codes and
-    /// `H(p) = −Σ p log max(p, 1e-5)` (lucidrains' `entropy`).
-    fn entropy(&self, x: &Tensor, penalty: EntropyPenalty) -> Tensor {
+    /// `H(p) = −Σ p log max(p, 1e-5)` (lucidrains' `entropy`). In a group both means run over
+    /// the union of the ranks' rows (lucidrains' `maybe_distributed_mean`), and each rank's
+    /// gradient is scaled by the world size, so that the trainer's gradient averaging gives one
+    /// process's gradient on the union batch.
+    fn entropy(
+        &self,
+        x: &Tensor,
+        penalty: EntropyPenalty,
+        group: Option<&dyn Collective>,
+    ) -> Result<Tensor> {
         let tau = 2.0 * f64::from(penalty.inv_temperature);
         let p = (x.matmul(&self.grid.tr()) * tau).softmax(-1, Kind::Float);
         let h = |p: &Tensor| {
             -(p * p.clamp_min(ENTROPY_EPS).log()).sum_dim_intlist(-1, false, Kind::Float)
         };
-        let per_sample = h(&p).mean(Kind::Float);
-        let codebook = h(&p.mean_dim([0i64].as_slice(), false, Kind::Float));
-        per_sample - codebook * f64::from(penalty.diversity)
+        let per_sample_sum = h(&p).sum(Kind::Float).view([1]);
+        let prob_sum = p.sum_dim_intlist(0, false, Kind::Float);
+        let rows = Tensor::from_slice(&[p.size()[0] as f32]).to_device(x.device());
+        let (per_sample_sum, prob_sum, rows) = match group {
+            None => (per_sample_sum, prob_sum, rows),
+            Some(g) => {
+                let k = prob_sum.size()[0];
+                let local = Tensor::cat(&[prob_sum.detach(), per_sample_sum.detach(), rows], 0);
+                let total = local.to_device(g.device()).contiguous();
+                g.all_reduce_sum(&total)?;
+                let total = total.to_device(x.device());
+                let w = g.world() as f64;
+                // Value: the union's sum; gradient: w × this rank's.
+                let union = |t: &Tensor, all: Tensor| (t * w) - (t * w).detach() + all;
+                (
+                    union(&per_sample_sum, total.narrow(0, k, 1)),
+                    union(&prob_sum, total.narrow(0, 0, k)),
+                    total.narrow(0, k + 1, 1),
+                )
+            }
+        };
+        let per_sample = (per_sample_sum / &rows).view([]);
+        let codebook = h(&(prob_sum / &rows));
+        Ok(per_sample - codebook * f64::from(penalty.diversity))
     }
 }
