@@ -13,6 +13,12 @@
 //! large codebooks in use. The layer's loss ([`ibq_loss`]) is
 //! `mean((z_q − z)²) + mean((sg(hC) − z)²) + β·mean((hC − sg(z))²)`.
 //!
+//! SEED-Voken trains IBQ with an entropy penalty on the same logits ([`ibq_entropy`], its
+//! `compute_entropy_loss`, weight 0.05 in `imagenet_ibqgan_1024.yaml`): with
+//! `p = softmax(z Cᵀ / T)` (T = 0.01),
+//! `mean_rows H(p) − H(mean_rows p)`, `H(p) = −Σ p log p` per row (exact, through
+//! `log_softmax`) and `H(a) = −Σ a log(a + 1e-5)` for the average.
+//!
 //! The rotation trick cannot apply: the encoder's gradient comes through the categorical
 //! distribution, not through a map from `z` to its code. "Usage" and "perplexity" are over the
 //! chosen indices, and the quantization error is `mean((z − c_k)²)`.
@@ -165,6 +171,75 @@ pub fn ibq_loss(
     Ok((loss, gz, gc))
 }
 
+/// The entropy penalty of [`ibq_entropy`] and its gradients.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IbqEntropy {
+    /// `mean_rows H(p)`.
+    pub sample: f64,
+    /// `H(mean_rows p)`.
+    pub average: f64,
+    /// `∂(sample − average)/∂z` (N×D).
+    pub grad_z: Array2<f32>,
+    /// `∂(sample − average)/∂C` (K×D).
+    pub grad_codebook: Array2<f32>,
+}
+
+/// SEED-Voken's entropy penalty on IBQ's logits at temperature `t` (module docs), in f64.
+///
+/// # Errors
+/// [`VqError::InvalidParameter`] for `t` ≤ 0; as [`ibq_forward`].
+pub fn ibq_entropy(z: ArrayView2<f32>, codebook: ArrayView2<f32>, t: f64) -> Result<IbqEntropy> {
+    check(z, codebook)?;
+    if !(t.is_finite() && t > 0.0) {
+        return Err(VqError::InvalidParameter {
+            name: "temperature",
+            value: t.to_string(),
+            reason: "the entropy temperature must be finite and > 0",
+        });
+    }
+    const EPS: f64 = 1e-5;
+    let (z64, c64) = (z.mapv(f64::from), codebook.mapv(f64::from));
+    let n = z.nrows().max(1) as f64;
+    let mut logp = z64.dot(&c64.t()) / t;
+    for mut row in logp.rows_mut() {
+        let m = row.fold(f64::NEG_INFINITY, |a, &v| a.max(v));
+        let lse = m + row.iter().map(|&v| (v - m).exp()).sum::<f64>().ln();
+        row.mapv_inplace(|v| v - lse);
+    }
+    let p = logp.mapv(f64::exp);
+    let h: Vec<f64> = p
+        .rows()
+        .into_iter()
+        .zip(logp.rows())
+        .map(|(p, l)| -p.dot(&l))
+        .collect();
+    let avg = p.mean_axis(Axis(0)).expect("N > 0");
+    let sample = h.iter().sum::<f64>() / n;
+    let average = -avg.iter().map(|&a| a * (a + EPS).ln()).sum::<f64>();
+    // d(−H(avg))/d avg_k = ln(a_k + ε) + a_k/(a_k + ε); through the mean, then the softmax.
+    let gavg: Vec<f64> = avg
+        .iter()
+        .map(|&a| (a + EPS).ln() + a / (a + EPS))
+        .collect();
+    let mut gl = Array2::zeros(p.raw_dim());
+    for i in 0..p.nrows() {
+        let gp: Vec<f64> = (0..p.ncols()).map(|k| gavg[k] / n).collect();
+        let s: f64 = (0..p.ncols()).map(|k| p[[i, k]] * gp[k]).sum();
+        for k in 0..p.ncols() {
+            // Sample term: ∂H_i/∂l = −p (log p + H_i).
+            let sample_term = -p[[i, k]] * (logp[[i, k]] + h[i]) / n;
+            gl[[i, k]] = sample_term + p[[i, k]] * (gp[k] - s);
+        }
+    }
+    let gl = gl / t;
+    Ok(IbqEntropy {
+        sample,
+        average,
+        grad_z: gl.dot(&c64).mapv(|v| v as f32),
+        grad_codebook: gl.t().dot(&z64).mapv(|v| v as f32),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,6 +303,37 @@ mod tests {
                 let fd = (objective(&z0, &p) - objective(&z0, &m)) / (2.0 * h);
                 assert!((fd - gc[[k, j]] as f64).abs() < 1e-5, "c {k},{j}: {fd}");
             }
+        }
+        // The entropy penalty against finite differences.
+        let t = 0.7;
+        let penalty = |zz: &Array2<f64>, cc: &Array2<f64>| {
+            let e = ibq_entropy(
+                zz.mapv(|v| v as f32).view(),
+                cc.mapv(|v| v as f32).view(),
+                t,
+            )
+            .unwrap();
+            e.sample - e.average
+        };
+        let e = ibq_entropy(z.view(), c.view(), t).unwrap();
+        let h = 1e-3;
+        for (i, j) in [(0, 0), (3, 2)] {
+            let (mut p, mut m) = (z0.clone(), z0.clone());
+            p[[i, j]] += h;
+            m[[i, j]] -= h;
+            let fd = (penalty(&p, &c0) - penalty(&m, &c0)) / (2.0 * h);
+            assert!(
+                (fd - e.grad_z[[i, j]] as f64).abs() < 1e-4,
+                "entropy z: {fd}"
+            );
+            let (mut p, mut m) = (c0.clone(), c0.clone());
+            p[[i, j]] += h;
+            m[[i, j]] -= h;
+            let fd = (penalty(&z0, &p) - penalty(&z0, &m)) / (2.0 * h);
+            assert!(
+                (fd - e.grad_codebook[[i, j]] as f64).abs() < 1e-4,
+                "entropy C: {fd}"
+            );
         }
         // Every code gets a gradient, not only the chosen ones.
         assert!(gc1.rows().into_iter().all(|r| r.iter().any(|&v| v != 0.0)));

@@ -178,18 +178,43 @@ fn lfq_and_bsq_match_lucidrains_with_their_losses() {
 }
 
 #[test]
-fn ibq_matches_seed_voken() {
+fn ibq_matches_seed_voken_with_and_without_its_entropy_penalty() {
     let f = Fixture::open();
-    let m = |n: &str| f.matrix(&format!("seed-voken-ibq:{n}"));
-    let (z, c, w) = (m("z"), m("codebook"), m("w"));
-    let fwd = vq_core::ibq::ibq_forward(z.view(), c.view()).unwrap();
-    assert_eq!(fwd.indices.to_vec(), f.indices("seed-voken-ibq:indices"));
-    assert!(max_abs(fwd.quantized.view(), m("out").view()) < 1e-6);
-    let (gz1, gc1) = vq_core::ibq::ibq_backward(z.view(), c.view(), &fwd, w.view()).unwrap();
-    let (loss, gz2, gc2) = vq_core::ibq::ibq_loss(z.view(), c.view(), &fwd, 0.25).unwrap();
-    assert!((loss - f.scalar("seed-voken-ibq:loss")).abs() < 1e-5);
-    assert!(max_abs((&gz1 + &gz2).view(), m("grad_z").view()) < 1e-5);
-    assert!(max_abs((&gc1 + &gc2).view(), m("grad_codebook").view()) < 1e-5);
+    for case in [
+        "seed-voken-ibq",
+        "seed-voken-ibq-entropy",
+        "seed-voken-ibq-entropy-soft",
+    ] {
+        let m = |n: &str| f.matrix(&format!("{case}:{n}"));
+        let (z, c, w) = (m("z"), m("codebook"), m("w"));
+        let fwd = vq_core::ibq::ibq_forward(z.view(), c.view()).unwrap();
+        assert_eq!(fwd.indices.to_vec(), f.indices(&format!("{case}:indices")));
+        assert!(max_abs(fwd.quantized.view(), m("out").view()) < 1e-6);
+        let (gz1, gc1) = vq_core::ibq::ibq_backward(z.view(), c.view(), &fwd, w.view()).unwrap();
+        let (mut loss, mut gz, mut gc) =
+            vq_core::ibq::ibq_loss(z.view(), c.view(), &fwd, 0.25).unwrap();
+        gz += &gz1;
+        gc += &gc1;
+        if case != "seed-voken-ibq" {
+            let t = f.scalar(&format!("{case}:temperature"));
+            let e = vq_core::ibq::ibq_entropy(z.view(), c.view(), t).unwrap();
+            let s = |n: &str| f.scalar(&format!("{case}:{n}"));
+            assert!((e.sample - s("sample")).abs() < 1e-5, "{case}");
+            assert!((e.average - s("average")).abs() < 1e-5, "{case}");
+            loss += 0.05 * (e.sample - e.average);
+            gz += &e.grad_z.mapv(|v| 0.05 * v);
+            gc += &e.grad_codebook.mapv(|v| 0.05 * v);
+        }
+        assert!(
+            (loss - f.scalar(&format!("{case}:loss"))).abs() < 1e-5,
+            "{case}"
+        );
+        assert!(max_abs(gz.view(), m("grad_z").view()) < 1e-5, "{case} ∂z");
+        assert!(
+            max_abs(gc.view(), m("grad_codebook").view()) < 1e-5,
+            "{case} ∂C"
+        );
+    }
 }
 
 #[test]

@@ -224,7 +224,12 @@ fn sf_diveq_warms_up_starts_from_the_data_and_matches_vq_core() {
 
 #[test]
 fn ibq_layer_is_vq_cores_ibq() {
-    let cfg = config(Family::Ibq, 11, 5);
+    let entropy = EntropyPenalty {
+        weight: 0.3,
+        diversity: 1.0,
+        inv_temperature: 2.0,
+    };
+    let cfg = config(Family::Ibq { entropy }, 11, 5);
     assert_eq!(cfg.beta, 0.25);
     let (_vs, mut vq, x, xa, ga) = setup(cfg, 30, 4);
     let codebook = array(vq.codebook());
@@ -234,10 +239,17 @@ fn ibq_layer_is_vq_cores_ibq() {
     assert!(max_abs(array(&out.quantized.detach()).view(), f.quantized.view()) < 1e-6);
     let (gz1, gc1) = vq_core::ibq::ibq_backward(xa.view(), codebook.view(), &f, ga.view()).unwrap();
     let (loss, gz2, gc2) = vq_core::ibq::ibq_loss(xa.view(), codebook.view(), &f, 0.25).unwrap();
+    let h = vq_core::ibq::ibq_entropy(xa.view(), codebook.view(), 0.5).unwrap();
+    let loss = loss + 0.3 * (h.sample - h.average);
     let total = f64::try_from(&out.commitment_loss + &out.codebook_loss).unwrap();
-    assert!((total - loss).abs() < 1e-5 * loss.max(1.0));
-    assert!(max_abs(array(&x.grad()).view(), (&gz1 + &gz2).view()) < 1e-4);
-    assert!(max_abs(array(&vq.codebook().grad()).view(), (&gc1 + &gc2).view()) < 1e-4);
+    assert!(
+        (total - loss).abs() < 1e-5 * loss.max(1.0),
+        "{total} vs {loss}"
+    );
+    let gz = &gz1 + &gz2 + h.grad_z.mapv(|v| 0.3 * v);
+    let gc = &gc1 + &gc2 + h.grad_codebook.mapv(|v| 0.3 * v);
+    assert!(max_abs(array(&x.grad()).view(), gz.view()) < 1e-4);
+    assert!(max_abs(array(&vq.codebook().grad()).view(), gc.view()) < 1e-4);
 }
 
 #[test]
@@ -345,7 +357,7 @@ fn bad_settings_are_refused_naming_the_setting() {
     let cfg = base.with_family(lfq).unwrap();
     let err = VectorQuantizerConfig {
         metric: Metric::Cosine,
-        ..base.with_family(Family::Ibq).unwrap()
+        ..base.with_family(Family::from_name("ibq").unwrap()).unwrap()
     }
     .validate()
     .unwrap_err();

@@ -9,7 +9,8 @@ tests/successors.rs to compare vq-core's formulas with.
   `DIVEQ`, `DIVEQDetach` and `SFDIVEQ` from vqvae_compression/ (SF-DiVeQ with skip_iters=0, so
   that it quantizes from the first call);
 - IBQ from its official code (TencentARC/SEED-Voken, not on PyPI: a checkout at b9a17ea, given as
-  SEED_VOKEN): `IndexPropagationQuantize` of src/IBQ/modules/vqvae/quantize.py;
+  SEED_VOKEN): `IndexPropagationQuantize` of src/IBQ/modules/vqvae/quantize.py, alone and with its
+  entropy penalty (`compute_entropy_loss`) weighted as its training config weighs it;
 - SCQ: no implementation is published as a package or with the paper; its scalable relaxation
   (arXiv:2310.03004, §3.2) is written below in PyTorch (torch.linalg.solve and a sort-based
   simplex projection), so that autograd, not a hand-derived backward, gives its gradients.
@@ -145,21 +146,35 @@ def official_ibq(out):
                                     "src", "IBQ", "modules", "vqvae"))
     from quantize import IndexPropagationQuantize
 
-    z, c, w = inputs(5, n=32)
-    m = IndexPropagationQuantize(K, D, beta=0.25)
-    with torch.no_grad():
-        m.embedding.weight.copy_(c)
-    # (b, d, h, w) = (2, D, 4, 4) from the rows in (b, h, w) order.
-    zi = z.view(2, 4, 4, D).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
-    wi = w.view(2, 4, 4, D).permute(0, 3, 1, 2)
-    zq, loss, (_, _, idx) = m(zi)
-    ((zq * wi).sum() + loss).backward()
-    rows = lambda t: t.permute(0, 2, 3, 1).reshape(-1, D)
-    out.update({"seed-voken-ibq:z": z, "seed-voken-ibq:codebook": c, "seed-voken-ibq:w": w,
-                "seed-voken-ibq:out": rows(zq.detach()), "seed-voken-ibq:indices": idx.view(-1),
-                "seed-voken-ibq:loss": loss.detach().view(1).double(),
-                "seed-voken-ibq:grad_z": rows(zi.grad),
-                "seed-voken-ibq:grad_codebook": m.embedding.weight.grad})
+    # The quantizer's own loss, then its entropy penalty as imagenet_ibqgan_1024.yaml trains it
+    # (temperature 0.01) and at a soft temperature, each weighted as VQLPIPSWithDiscriminator does
+    # (quant_loss_weight 1, entropy_loss_weight 0.05).
+    for key, entropy, temperature in [("seed-voken-ibq", False, 0.01),
+                                      ("seed-voken-ibq-entropy", True, 0.01),
+                                      ("seed-voken-ibq-entropy-soft", True, 0.5)]:
+        z, c, w = inputs(5, n=32)
+        m = IndexPropagationQuantize(K, D, beta=0.25, use_entropy_loss=entropy,
+                                     entropy_temperature=temperature)
+        with torch.no_grad():
+            m.embedding.weight.copy_(c)
+        # (b, d, h, w) = (2, D, 4, 4) from the rows in (b, h, w) order.
+        zi = z.view(2, 4, 4, D).permute(0, 3, 1, 2).contiguous().requires_grad_(True)
+        wi = w.view(2, 4, 4, D).permute(0, 3, 1, 2)
+        zq, diff, (_, _, idx) = m(zi)
+        if entropy:
+            quant, sample, average, penalty = diff
+            loss = quant + 0.05 * penalty
+            out.update({f"{key}:sample": sample.detach().view(1).double(),
+                        f"{key}:average": average.detach().view(1).double(),
+                        f"{key}:temperature": torch.tensor([temperature], dtype=torch.float64)})
+        else:
+            loss = diff
+        ((zq * wi).sum() + loss).backward()
+        rows = lambda t: t.permute(0, 2, 3, 1).reshape(-1, D)
+        out.update({f"{key}:z": z, f"{key}:codebook": c, f"{key}:w": w,
+                    f"{key}:out": rows(zq.detach()), f"{key}:indices": idx.view(-1),
+                    f"{key}:loss": loss.detach().view(1).double(), f"{key}:grad_z": rows(zi.grad),
+                    f"{key}:grad_codebook": m.embedding.weight.grad})
 
 
 def simplex(v):

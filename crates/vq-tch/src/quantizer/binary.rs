@@ -6,7 +6,7 @@ use tch::{Kind, Reduction, Tensor, nn};
 use vq_core::lfq::{BinaryCodes, ENTROPY_EPS, Lfq};
 
 use super::config::{EntropyPenalty, Family, VectorQuantizerConfig};
-use super::pass::{Batch, Rows, Settings, mark_initialised};
+use super::pass::{Batch, Rows, Settings, mark_initialised, union_sums};
 use crate::collective::Collective;
 use crate::error::Result;
 use crate::search::check_finite_device;
@@ -98,27 +98,15 @@ impl BinaryGrid {
         let h = |p: &Tensor| {
             -(p * p.clamp_min(ENTROPY_EPS).log()).sum_dim_intlist(-1, false, Kind::Float)
         };
-        let per_sample_sum = h(&p).sum(Kind::Float).view([1]);
-        let prob_sum = p.sum_dim_intlist(0, false, Kind::Float);
-        let rows = Tensor::from_slice(&[p.size()[0] as f32]).to_device(x.device());
-        let (per_sample_sum, prob_sum, rows) = match group {
-            None => (per_sample_sum, prob_sum, rows),
-            Some(g) => {
-                let k = prob_sum.size()[0];
-                let local = Tensor::cat(&[prob_sum.detach(), per_sample_sum.detach(), rows], 0);
-                let total = local.to_device(g.device()).contiguous();
-                g.all_reduce_sum(&total)?;
-                let total = total.to_device(x.device());
-                let w = g.world() as f64;
-                // Value: the union's sum; gradient: w × this rank's.
-                let union = |t: &Tensor, all: Tensor| (t * w) - (t * w).detach() + all;
-                (
-                    union(&per_sample_sum, total.narrow(0, k, 1)),
-                    union(&prob_sum, total.narrow(0, 0, k)),
-                    total.narrow(0, k + 1, 1),
-                )
-            }
-        };
+        let (sums, rows) = union_sums(
+            group,
+            &[
+                h(&p).sum(Kind::Float).view([1]),
+                p.sum_dim_intlist(0, false, Kind::Float),
+            ],
+            p.size()[0],
+        )?;
+        let (per_sample_sum, prob_sum) = (&sums[0], &sums[1]);
         let per_sample = (per_sample_sum / &rows).view([]);
         let codebook = h(&(prob_sum / &rows));
         Ok(per_sample - codebook * f64::from(penalty.diversity))

@@ -215,9 +215,14 @@ pub enum Family {
     },
     /// IBQ ([`vq_core::ibq`]): the code of largest inner product, with a straight-through
     /// one-hot over `softmax(z Cᵀ)`, so every code gets a gradient; the losses are
-    /// `mean((z_q − z)²) + mean((sg(q) − z)²)` (commitment) and `β·mean((q − sg(z))²)`
-    /// (codebook). Euclidean codes learned by gradient; straight-through estimator only.
-    Ibq,
+    /// `mean((z_q − z)²) + mean((sg(q) − z)²)` (commitment) and `β·mean((q − sg(z))²)` plus
+    /// SEED-Voken's entropy penalty on `softmax(z Cᵀ · inv_temperature)` (codebook). Euclidean
+    /// codes learned by gradient; straight-through estimator only.
+    Ibq {
+        /// The entropy penalty (SEED-Voken: weight 0.05, diversity 1, temperature 0.01 —
+        /// inverse temperature 100 — on the logits themselves, no factor 2).
+        entropy: EntropyPenalty,
+    },
     /// LFQ ([`vq_core::lfq`], MAGVIT-v2): `sign(z)` per dimension, K = 2^D implicit codes
     /// `{±1}^D` (the `codebook` variable holds them, frozen), the entropy penalty as the
     /// codebook loss and β on the commitment term; the estimator maps the input to its code (the
@@ -272,6 +277,25 @@ pub struct EntropyPenalty {
 }
 
 impl EntropyPenalty {
+    /// Weight and diversity finite and ≥ 0, inverse temperature finite and > 0.
+    ///
+    /// # Errors
+    /// [`VqTchError::Config`] naming the family field.
+    pub fn validate(&self) -> Result<()> {
+        let finite = |v: f32| v.is_finite() && v >= 0.0;
+        match finite(self.weight)
+            && finite(self.diversity)
+            && self.inv_temperature.is_finite()
+            && self.inv_temperature > 0.0
+        {
+            true => Ok(()),
+            false => Err(VqTchError::Config {
+                field: "family",
+                why: "the entropy penalty's weight and diversity must be finite and >= 0, its inverse temperature > 0",
+            }),
+        }
+    }
+
     /// lucidrains' `LFQ` defaults: weight 0.1, γ = 1, τ = 100.
     pub const REFERENCE: Self = Self {
         weight: 0.1,
@@ -459,7 +483,7 @@ impl Family {
             Self::Diveq { .. } => "diveq".into(),
             Self::SfDiveq { noise_std: 0.0, .. } => "sf-diveq-detach".into(),
             Self::SfDiveq { .. } => "sf-diveq".into(),
-            Self::Ibq => "ibq".into(),
+            Self::Ibq { .. } => "ibq".into(),
             Self::Lfq { .. } => "lfq".into(),
             Self::Bsq { .. } => "bsq".into(),
             Self::Scq { .. } => "scq".into(),
@@ -481,7 +505,13 @@ impl Family {
                 noise_std: if name == "sf-diveq" { SIGMA } else { 0.0 },
                 warmup_steps: 1000,
             },
-            "ibq" => Self::Ibq,
+            "ibq" => Self::Ibq {
+                entropy: EntropyPenalty {
+                    weight: 0.05,
+                    diversity: 1.0,
+                    inv_temperature: 100.0,
+                },
+            },
             "lfq" => Self::Lfq {
                 entropy: EntropyPenalty::REFERENCE,
             },
@@ -499,7 +529,7 @@ impl Family {
     pub fn own_gradient_path(&self) -> bool {
         matches!(
             self,
-            Self::Diveq { .. } | Self::SfDiveq { .. } | Self::Ibq | Self::Scq { .. }
+            Self::Diveq { .. } | Self::SfDiveq { .. } | Self::Ibq { .. } | Self::Scq { .. }
         )
     }
 
@@ -811,19 +841,12 @@ impl VectorQuantizerConfig {
                         "LFQ / BSQ have no codebook to learn: learning gradient (unused), metric euclidean",
                     );
                 }
-                let finite = |v: f32| v.is_finite() && v >= 0.0;
-                if !(finite(entropy.weight)
-                    && finite(entropy.diversity)
-                    && entropy.inv_temperature.is_finite()
-                    && entropy.inv_temperature > 0.0)
-                {
-                    return bad(
-                        "family",
-                        "the entropy penalty's weight and diversity must be finite and >= 0, its inverse temperature > 0",
-                    );
-                }
+                entropy.validate()?;
             }
-            Family::Diveq { .. } | Family::SfDiveq { .. } | Family::Ibq | Family::Scq { .. } => {
+            Family::Diveq { .. }
+            | Family::SfDiveq { .. }
+            | Family::Ibq { .. }
+            | Family::Scq { .. } => {
                 self.validate_learned_successor()?;
             }
         }
@@ -879,6 +902,7 @@ impl VectorQuantizerConfig {
                     );
                 }
             }
+            Family::Ibq { entropy } => entropy.validate()?,
             Family::Scq { lambda } if !(lambda.is_finite() && lambda > 0.0) => {
                 return bad("family", "SCQ's ridge weight lambda must be finite and > 0");
             }
@@ -897,7 +921,7 @@ impl VectorQuantizerConfig {
     ///   input's channels when they differ (lucidrains' `LFQ` projects), learning by gradient
     ///   (unused), Euclidean, β = 0 (lucidrains' commitment weight);
     /// * DiVeQ, SF-DiVeQ, SCQ: learning by gradient, Euclidean, β = 0 (no commitment term);
-    ///   IBQ: the same with β = 0.25 (SEED-Voken's);
+    ///   IBQ: the same with β = 0.25 and the codebook drawn N(0, 1) (SEED-Voken's);
     /// * the families with their own gradient path (DiVeQ, SF-DiVeQ, IBQ, SCQ): the
     ///   straight-through estimator (the field is unused);
     /// * the others keep every other field.
@@ -951,12 +975,21 @@ impl VectorQuantizerConfig {
                 self.metric = Metric::Euclidean;
                 self.beta = 0.0;
             }
-            Family::Diveq { .. } | Family::SfDiveq { .. } | Family::Ibq | Family::Scq { .. } => {
+            Family::Diveq { .. }
+            | Family::SfDiveq { .. }
+            | Family::Ibq { .. }
+            | Family::Scq { .. } => {
+                let ibq = matches!(family, Family::Ibq { .. });
                 self.learning = CodebookLearning::Gradient {
                     placement: BetaPlacement::Commitment,
                 };
                 self.metric = Metric::Euclidean;
-                self.beta = if family == Family::Ibq { 0.25 } else { 0.0 };
+                self.beta = if ibq { 0.25 } else { 0.0 };
+                if ibq {
+                    // SEED-Voken's `nn.Embedding`, not re-initialised: inner products pick
+                    // the code, so the codes' scale against the input's matters.
+                    self.init = CodebookInit::Normal;
+                }
             }
             _ => {}
         }

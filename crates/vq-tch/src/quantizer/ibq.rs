@@ -4,9 +4,10 @@
 
 use tch::{Kind, Reduction, Tensor, nn};
 
-use super::config::VectorQuantizerConfig;
+use super::config::{EntropyPenalty, Family, VectorQuantizerConfig};
 use super::nearest::drawn_codebook;
-use super::pass::{Batch, Rows, Settings, mark_initialised};
+use super::pass::{Batch, Rows, Settings, mark_initialised, union_sums};
+use crate::collective::Collective;
 use crate::error::Result;
 use crate::search::check_finite_device;
 
@@ -29,8 +30,9 @@ impl IbqCodes {
     }
 
     /// `z_q = (h − sg(p) + p) C` in training, `h C` in evaluation; the losses
-    /// `mean((z_q − z)²) + mean((sg(hC) − z)²)` (commitment) and `β·mean((hC − sg(z))²)`
-    /// (codebook), as SEED-Voken's `IndexPropagationQuantize` sums them.
+    /// `mean((z_q − z)²) + mean((sg(hC) − z)²)` (commitment) and `β·mean((hC − sg(z))²)` plus
+    /// the weighted entropy penalty in training (codebook), as SEED-Voken's
+    /// `IndexPropagationQuantize` and its loss sum them.
     pub(super) fn rows(&self, settings: Settings<'_>, batch: Batch<'_>) -> Result<Rows> {
         let e = batch.e;
         check_finite_device(&e.detach(), &self.codebook.detach())?;
@@ -48,6 +50,13 @@ impl IbqCodes {
             }
             false => q.shallow_clone(),
         };
+        let Family::Ibq { entropy } = settings.config.family else {
+            unreachable!("the IBQ state exists for IBQ only")
+        };
+        let penalty = match batch.train && entropy.weight > 0.0 {
+            true => entropy_penalty(&logits, entropy, settings.group)? * f64::from(entropy.weight),
+            false => Tensor::zeros([], (Kind::Float, e.device())),
+        };
         let beta = f64::from(settings.config.beta);
         let commitment_loss = match batch.train {
             true => out.mse_loss(e, Reduction::Mean) + e.mse_loss(&q, Reduction::Mean),
@@ -55,7 +64,7 @@ impl IbqCodes {
         };
         Ok(Rows {
             quantization_error: e.detach().mse_loss(&q, Reduction::Mean),
-            codebook_loss: q_live.mse_loss(&e.detach(), Reduction::Mean) * beta,
+            codebook_loss: q_live.mse_loss(&e.detach(), Reduction::Mean) * beta + penalty,
             commitment_loss,
             out,
             codes: q,
@@ -63,4 +72,29 @@ impl IbqCodes {
             finite_verdict: None,
         })
     }
+}
+
+/// SEED-Voken's `compute_entropy_loss` on `logits` (N, K) at inverse temperature τ:
+/// `mean_rows H(p) − γ·H(mean_rows p)` with `p = softmax(τ·logits)`, `H(p)` exact through
+/// `log_softmax` and `H(a) = −Σ a log(a + 1e-5)`; over the union of the ranks' rows in a group.
+fn entropy_penalty(
+    logits: &Tensor,
+    penalty: EntropyPenalty,
+    group: Option<&dyn Collective>,
+) -> Result<Tensor> {
+    let l = logits * f64::from(penalty.inv_temperature);
+    let (p, logp) = (l.softmax(-1, Kind::Float), l.log_softmax(-1, Kind::Float));
+    let per_row = -(&p * logp).sum_dim_intlist(-1, false, Kind::Float);
+    let (sums, rows) = union_sums(
+        group,
+        &[
+            per_row.sum(Kind::Float).view([1]),
+            p.sum_dim_intlist(0, false, Kind::Float),
+        ],
+        p.size()[0],
+    )?;
+    let sample = (&sums[0] / &rows).view([]);
+    let avg = &sums[1] / &rows;
+    let average = -(&avg * (&avg + 1e-5).log()).sum(Kind::Float);
+    Ok(sample - average * f64::from(penalty.diversity))
 }

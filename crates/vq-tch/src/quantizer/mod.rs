@@ -503,7 +503,7 @@ impl FamilyState {
             Family::Diveq { .. } | Family::SfDiveq { .. } => {
                 Self::Diveq(DiveqCodes::new(path, config))
             }
-            Family::Ibq => Self::Ibq(IbqCodes::new(path, config)),
+            Family::Ibq { .. } => Self::Ibq(IbqCodes::new(path, config)),
             Family::Lfq { .. } | Family::Bsq { .. } => Self::Binary(BinaryGrid::new(path, config)?),
             Family::Scq { .. } => Self::Scq(ScqCodes::new(path, config)),
         })

@@ -77,3 +77,34 @@ pub(super) trait Part {
     /// The codes of indices `idx` (M), detached.
     fn pick(&self, idx: &Tensor) -> Tensor;
 }
+
+/// Batch statistics over the ranks of a group: `sums` (1-D tensors of this rank's sums over its
+/// rows, differentiable) become tensors whose value is the sum over every rank and whose
+/// gradient is the world size × this rank's (so that the trainer's gradient averaging gives one
+/// process's gradient on the union batch), with the union's row count `(1)` f32. Alone: `sums`
+/// and this rank's `rows`.
+pub(super) fn union_sums(
+    group: Option<&dyn Collective>,
+    sums: &[Tensor],
+    rows: i64,
+) -> Result<(Vec<Tensor>, Tensor)> {
+    let device = sums[0].device();
+    let count = Tensor::from_slice(&[rows as f32]).to_device(device);
+    let Some(g) = group else {
+        return Ok((sums.iter().map(Tensor::shallow_clone).collect(), count));
+    };
+    let mut parts: Vec<Tensor> = sums.iter().map(Tensor::detach).collect();
+    parts.push(count);
+    let total = Tensor::cat(&parts, 0).to_device(g.device()).contiguous();
+    g.all_reduce_sum(&total)?;
+    let total = total.to_device(device);
+    let w = g.world() as f64;
+    let mut at = 0;
+    let mut out = Vec::with_capacity(sums.len());
+    for t in sums {
+        let n = t.size()[0];
+        out.push(t * w - (t * w).detach() + total.narrow(0, at, n));
+        at += n;
+    }
+    Ok((out, total.narrow(0, at, 1)))
+}
