@@ -160,7 +160,7 @@ fn diveq_replaces_unused_codes_by_copies_of_used_ones() {
 fn sf_diveq_warms_up_starts_from_the_data_and_matches_vq_core() {
     let family = Family::SfDiveq {
         noise_std: 0.0,
-        warmup_steps: 2,
+        warmup_forwards: 2,
     };
     let cfg = config(family, 6, 3);
     assert_eq!(cfg.tokens(), 5);

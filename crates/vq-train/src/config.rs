@@ -65,7 +65,8 @@ pub struct RunConfig {
 impl RunConfig {
     /// Switches the quantizer to `family` ([`vq_tch::VectorQuantizerConfig::with_family`]); a
     /// model with a 1×1 `quant_conv` (taming's VQGAN) makes FSQ's D channels there, so its
-    /// quantizer keeps no projection. SF-DiVeQ's warm-up is at most a tenth of the run's steps.
+    /// quantizer keeps no projection. SF-DiVeQ's warm-up is at most a tenth of the run's steps
+    /// (counted in training forwards).
     ///
     /// # Errors
     /// The family's rules, naming the field (e.g. heads that do not divide the code dimension,
@@ -76,10 +77,10 @@ impl RunConfig {
         let family = match family {
             vq_tch::Family::SfDiveq {
                 noise_std,
-                warmup_steps,
+                warmup_forwards,
             } => vq_tch::Family::SfDiveq {
                 noise_std,
-                warmup_steps: warmup_steps.min(self.training.steps as u64 / 10),
+                warmup_forwards: warmup_forwards.min(self.training.steps as u64 / 10),
             },
             f => f,
         };

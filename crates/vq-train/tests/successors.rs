@@ -120,11 +120,14 @@ fn diveq_replacement_and_sf_diveq_warm_up_resume_exactly() {
     for family in [diveq, vq_tch::Family::from_name("sf-diveq").unwrap()] {
         let mut cfg = base.clone();
         cfg.set_family(family).unwrap();
-        if let vq_tch::Family::SfDiveq { warmup_steps, .. } = cfg.model.quantizer.family {
-            assert_eq!(warmup_steps, 0, "a tenth of 6 steps");
+        if let vq_tch::Family::SfDiveq {
+            warmup_forwards, ..
+        } = cfg.model.quantizer.family
+        {
+            assert_eq!(warmup_forwards, 0, "a tenth of 6 steps");
             cfg.model.quantizer.family = vq_tch::Family::SfDiveq {
                 noise_std: 1e-3,
-                warmup_steps: 3,
+                warmup_forwards: 3,
             };
         }
         let (a, b) = (tmp("resume-a"), tmp("resume-b"));

@@ -204,14 +204,14 @@ pub enum Family {
     /// segments are the tokens; training draws a dither per segment and quantizes to the
     /// nearest dithered point with DiVeQ's reparameterisation (both end codes learn);
     /// evaluation uses each segment's midpoint (`λ = ½`), so a token decodes to one vector.
-    /// The first `warmup_steps` training forwards pass the input through; at the next one the
+    /// The first `warmup_forwards` training forwards pass the input through; at the next one the
     /// codebook is set from that batch (the means of K consecutive runs of its rows, as the
     /// official initialisation does with the latents of its last warm-up iterations).
     SfDiveq {
         /// σ, as for [`Family::Diveq`] (0: detached).
         noise_std: f32,
         /// Training forwards without quantization before the codebook is set from the data.
-        warmup_steps: u64,
+        warmup_forwards: u64,
     },
     /// IBQ ([`vq_core::ibq`]): the code of largest inner product, with a straight-through
     /// one-hot over `softmax(z Cᵀ)`, so every code gets a gradient; the losses are
@@ -503,7 +503,7 @@ impl Family {
             },
             "sf-diveq" | "sf-diveq-detach" => Self::SfDiveq {
                 noise_std: if name == "sf-diveq" { SIGMA } else { 0.0 },
-                warmup_steps: 1000,
+                warmup_forwards: 1000,
             },
             "ibq" => Self::Ibq {
                 entropy: EntropyPenalty {

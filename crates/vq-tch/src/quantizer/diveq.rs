@@ -74,8 +74,8 @@ impl DiveqCodes {
             }
             Family::SfDiveq {
                 noise_std,
-                warmup_steps,
-            } => self.sf_rows(settings, batch, (noise_std, warmup_steps), forwards),
+                warmup_forwards,
+            } => self.sf_rows(settings, batch, (noise_std, warmup_forwards), forwards),
             _ => unreachable!("the DiVeQ state exists for DiVeQ and SF-DiVeQ only"),
         }?;
         if let (Family::Diveq { replacement, .. }, true) = (config.family, batch.train) {
