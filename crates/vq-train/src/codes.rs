@@ -134,7 +134,8 @@ pub fn encode(
         source.describe()
     );
     let shards = total.div_ceil(shard_size);
-    let k = cfg.model.quantizer.codebook_size;
+    // The token count (K − 1 segments for SF-DiVeQ): what a prior's vocabulary must hold.
+    let k = cfg.model.quantizer.tokens();
     let codebook = run.model.quantizer().codes_table().to_device(Device::Cpu);
     let labels = crate::labels::split_labels(&source, split, cfg.preprocessing)?;
     if let Some(l) = &labels {

@@ -853,7 +853,7 @@ fn report_trained(trained: &mut vq_train::train::Trained, opts: &TrainOptions) -
         println!(
             "val: rec MSE {:.5}, usage/{} {:.1}%, perplexity {:.1}{qe}; eval.json, reconstructions.png, curves.png in {}",
             row.val.rec_mse,
-            opts.config.model.quantizer.codebook_size,
+            opts.config.model.quantizer.tokens(),
             100.0 * row.val.usage,
             row.val.perplexity,
             opts.out.display()
@@ -1046,7 +1046,7 @@ fn eval(args: EvalArgs) -> Result<()> {
             m.images,
             m.rec_mse,
             m.rec_l1,
-            cfg.model.quantizer.codebook_size,
+            cfg.model.quantizer.tokens(),
             100.0 * m.usage,
             m.perplexity,
             m.quantization_error,

@@ -112,9 +112,10 @@ fn one() -> f64 {
     1.0
 }
 
-/// How many code slots a quantizer has: K per code group (stage or head).
+/// How many code slots a quantizer has: its tokens per code group (stage or head) — K, or
+/// SF-DiVeQ's K − 1 segments.
 pub fn code_slot_count(config: &vq_tch::VectorQuantizerConfig) -> usize {
-    config.family.code_groups() * config.codebook_size
+    config.family.code_groups() * config.tokens()
 }
 
 /// The indices of a forward pass as flat code slots `g·K + k` (group g's code k); the stages a
