@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 use vq_models::Preset;
+use vq_train::codes::{LoadedRun, encode};
+use vq_train::codeset::CodeSet;
 use vq_train::config::{RunConfig, TrainOptions};
 use vq_train::method::{Method, Successor};
 use vq_train::train::train;
@@ -92,6 +94,7 @@ fn every_new_quantizer_trains_on_every_preset_family() {
                 .unwrap_or_else(|e| panic!("{family} {}: {e:#}", s.name()));
             assert_eq!(Method::of(&cfg), Method::Successor(s));
             let out = tmp(&format!("{family}-{}", s.name()));
+            let tokens = cfg.model.quantizer.tokens();
             let trained = train(&options(cfg, &out)).unwrap();
             let last = trained.history.last().unwrap();
             assert!(
@@ -99,6 +102,16 @@ fn every_new_quantizer_trains_on_every_preset_family() {
                 "{family} {}: {last:?}",
                 s.name()
             );
+            if family == "vq-vae" {
+                // Codes files hold the tokens a prior may sample, and each one decodes.
+                let mut run = LoadedRun::load(&out, tch::Device::Cpu).unwrap();
+                let file = out.join("codes.safetensors");
+                encode(&mut run, None, vq_data::Split::Test, &file, 100, 4, false).unwrap();
+                let set = CodeSet::open(std::slice::from_ref(&file)).unwrap();
+                assert_eq!(set.codebook_size, tokens, "{}", s.name());
+                let all = tch::Tensor::arange(tokens as i64, (tch::Kind::Int64, tch::Device::Cpu));
+                run.model.quantizer().embed(&all).unwrap();
+            }
             std::fs::remove_dir_all(out).unwrap();
         }
     }
