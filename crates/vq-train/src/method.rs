@@ -107,10 +107,14 @@ impl Successor {
         }
     }
 
-    /// The one whose family `family` is, by name.
-    pub fn of(family: &Family) -> Option<Self> {
-        let name = family.name();
+    /// The one named `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// The one whose family `family` is.
+    pub fn of(family: &Family) -> Option<Self> {
+        Self::from_name(&family.name())
     }
 }
 
@@ -127,7 +131,7 @@ impl Method {
                                      sf-diveq, sf-diveq-detach, ibq, lfq, bsq, scq";
 
     /// Parses a name (the estimators' names and aliases, `gumbel`, `hessian-approx` /
-    /// `hessian`, `exact-gradients` / `exact`).
+    /// `hessian`, `exact-gradients` / `exact`, the [`Successor`]s' names).
     ///
     /// # Errors
     /// An unknown name, with the list.
@@ -136,15 +140,12 @@ impl Method {
             "gumbel" => Self::Gumbel,
             "hessian-approx" | "hessian" => Self::HessianApprox,
             "exact-gradients" | "exact" => Self::ExactGradients,
-            other if Successor::ALL.iter().any(|s| s.name() == other) => Self::Successor(
-                Successor::ALL
-                    .into_iter()
-                    .find(|s| s.name() == other)
-                    .expect("listed"),
-            ),
-            other => match Estimator::from_name(other) {
-                Ok(e) => Self::Estimator(e),
-                Err(_) => bail!("unknown estimator {other:?}; choose from {}", Self::NAMES),
+            other => match (Successor::from_name(other), Estimator::from_name(other)) {
+                (Some(s), _) => Self::Successor(s),
+                (None, Ok(e)) => Self::Estimator(e),
+                (None, Err(_)) => {
+                    bail!("unknown estimator {other:?}; choose from {}", Self::NAMES)
+                }
             },
         })
     }
@@ -178,14 +179,18 @@ impl Method {
             (EncoderGradient::ExactGradients, _) => Self::ExactGradients,
             (_, Family::Gumbel { .. }) => Self::Gumbel,
             // LFQ / BSQ with another estimator than their references' is that estimator.
-            (_, family)
-                if Successor::of(&family).is_some()
-                    && (family.own_gradient_path()
-                        || config.model.quantizer.estimator == Estimator::StraightThrough) =>
-            {
-                Self::Successor(Successor::of(&family).expect("checked"))
+            (_, family) => {
+                let estimator = config.model.quantizer.estimator;
+                match Successor::of(&family) {
+                    Some(s)
+                        if family.own_gradient_path()
+                            || estimator == Estimator::StraightThrough =>
+                    {
+                        Self::Successor(s)
+                    }
+                    _ => Self::Estimator(estimator),
+                }
             }
-            _ => Self::Estimator(config.model.quantizer.estimator),
         }
     }
 
@@ -236,7 +241,7 @@ impl Method {
         match self {
             Self::Successor(_) => unreachable!("applied above"),
             Self::Estimator(e) => {
-                if q.family.own_gradient_path() {
+                if q.family.own_gradient_path() && e != Estimator::StraightThrough {
                     bail!(
                         "{}: the {} quantizer makes its own gradient path; estimators do not \
                          apply to it (only ste)",

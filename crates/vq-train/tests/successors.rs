@@ -190,6 +190,9 @@ fn bad_combinations_are_refused_before_training() {
             .unwrap_err()
     );
     assert!(err.contains("own gradient path"), "{err}");
+    // Straight-through is what it runs with: accepted.
+    Method::from_name("ste").unwrap().apply(&mut cfg).unwrap();
+    assert_eq!(Method::of(&cfg).name(), "diveq");
     // A new quantizer on top of residual VQ.
     let mut cfg = small_demo(1);
     cfg.set_family(vq_tch::Family::from_name("residual2").unwrap())
