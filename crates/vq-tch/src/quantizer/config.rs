@@ -262,8 +262,9 @@ pub struct CodeReplacement {
     pub min_usage: f32,
 }
 
-/// The entropy penalty of LFQ and BSQ ([`vq_core::lfq`]): `weight · (mean H(p) − diversity ·
-/// H(mean p))` with `p = softmax(2·inv_temperature·x·c)` over the codes.
+/// The entropy penalty of LFQ and BSQ ([`vq_core::lfq`]) and IBQ ([`vq_core::ibq`]):
+/// `weight · (mean H(p) − diversity · H(mean p))` with `p` the softmax over the codes of
+/// `2·inv_temperature·x·c` (LFQ / BSQ, lucidrains) or `inv_temperature·z·c` (IBQ, SEED-Voken).
 #[derive(Debug, Clone, Copy, PartialEq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 #[cfg_attr(feature = "serde", serde(deny_unknown_fields))]
@@ -295,6 +296,14 @@ impl EntropyPenalty {
             }),
         }
     }
+
+    /// SEED-Voken's IBQ training (`imagenet_ibqgan_1024.yaml`): weight 0.05, γ = 1,
+    /// temperature 0.01 (τ = 100).
+    pub const IBQ: Self = Self {
+        weight: 0.05,
+        diversity: 1.0,
+        inv_temperature: 100.0,
+    };
 
     /// lucidrains' `LFQ` defaults: weight 0.1, γ = 1, τ = 100.
     pub const REFERENCE: Self = Self {
@@ -492,8 +501,8 @@ impl Family {
 
     /// The families that followed the rotation trick, by name, with their references'
     /// settings: `diveq`, `diveq-detach`, `sf-diveq`, `sf-diveq-detach` (σ = 1e-3 or 0;
-    /// SF-DiVeQ's 1000 warm-up forwards), `ibq`, `lfq`, `bsq` ([`EntropyPenalty::REFERENCE`]),
-    /// `scq` (λ = 1).
+    /// SF-DiVeQ's 1000 warm-up forwards), `ibq` ([`EntropyPenalty::IBQ`]), `lfq`, `bsq`
+    /// ([`EntropyPenalty::REFERENCE`]), `scq` (λ = 1).
     pub fn successor(name: &str) -> Option<Self> {
         const SIGMA: f32 = 1e-3;
         Some(match name {
@@ -506,11 +515,7 @@ impl Family {
                 warmup_forwards: 1000,
             },
             "ibq" => Self::Ibq {
-                entropy: EntropyPenalty {
-                    weight: 0.05,
-                    diversity: 1.0,
-                    inv_temperature: 100.0,
-                },
+                entropy: EntropyPenalty::IBQ,
             },
             "lfq" => Self::Lfq {
                 entropy: EntropyPenalty::REFERENCE,
