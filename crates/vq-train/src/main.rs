@@ -79,8 +79,9 @@ enum Command {
 struct CompareArgs {
     #[command(flatten)]
     run: RunArgs,
-    /// Estimators (and baselines: gumbel, hessian-approx, exact-gradients) to compare,
-    /// comma-separated.
+    /// Estimators (and baselines: gumbel, hessian-approx, exact-gradients; the quantizers
+    /// that followed the rotation trick: diveq, diveq-detach, sf-diveq, sf-diveq-detach, ibq,
+    /// lfq, bsq, scq) to compare, comma-separated.
     #[arg(long, default_value = "ste,rotation", value_delimiter = ',')]
     estimators: Vec<String>,
     /// Train every run with each of these seeds (`0..5`, `0..=4` or `0,3,7`) and report
@@ -230,13 +231,15 @@ struct RunArgs {
     init_from: Option<PathBuf>,
     /// Gradient estimator: ste, rotation, rotation-no-rescale, reflection, or one of the
     /// paper's baselines: gumbel (Gumbel-softmax quantizer), hessian-approx, exact-gradients
-    /// (VQ-VAE runs).
+    /// (VQ-VAE runs), or a quantizer that followed the rotation trick, with its reference's
+    /// settings: diveq, diveq-detach, sf-diveq, sf-diveq-detach, ibq, lfq, bsq, scq.
     #[arg(long)]
     estimator: Option<String>,
     /// Quantizer family: nearest (one codebook), residualN (N stages; residualN-dropout[M]:
     /// quantizer dropout down to M stages), headsN (N heads sharing a codebook;
     /// headsN-separate: one each), simvq (a learned map of a frozen codebook), fsqL1-L2-...
-    /// (finite scalar quantization with these levels, e.g. fsq8-5-5-5).
+    /// (finite scalar quantization with these levels, e.g. fsq8-5-5-5), or diveq,
+    /// diveq-detach, sf-diveq, sf-diveq-detach, ibq, lfq, bsq, scq.
     #[arg(long)]
     family: Option<String>,
     #[arg(long, help = format!("Data source: {DATA_SOURCES} (default: the preset's)"))]
