@@ -110,7 +110,8 @@ fn every_new_quantizer_trains_on_every_preset_family() {
                 let set = CodeSet::open(std::slice::from_ref(&file)).unwrap();
                 assert_eq!(set.codebook_size, tokens, "{}", s.name());
                 let all = tch::Tensor::arange(tokens as i64, (tch::Kind::Int64, tch::Device::Cpu));
-                run.model.quantizer().embed(&all).unwrap();
+                let back = run.model.quantizer().embed(&all).unwrap();
+                assert_eq!(back.size()[0], tokens as i64);
             }
             std::fs::remove_dir_all(out).unwrap();
         }
