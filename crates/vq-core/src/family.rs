@@ -28,7 +28,7 @@
 //! Metrics per code group (stage or head): [`group_usage`] and [`group_perplexities`] on the
 //! counts of the `G·K` slots `g·K + k`.
 
-use ndarray::{Array1, Array2, ArrayView2, Axis, s};
+use ndarray::{Array1, Array2, ArrayView2, s};
 
 use crate::error::{Result, VqError, check_same_shape};
 use crate::estimator::Estimator;
@@ -591,16 +591,7 @@ impl Fsq {
                 got: e.ncols(),
             });
         }
-        match e
-            .axis_iter(Axis(0))
-            .position(|r| r.iter().any(|v| !v.is_finite()))
-        {
-            Some(row) => Err(VqError::NonFinite {
-                what: "FSQ input",
-                row,
-            }),
-            None => Ok(()),
-        }
+        crate::search::check_finite(e, "FSQ input")
     }
 }
 

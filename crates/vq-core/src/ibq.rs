@@ -52,13 +52,7 @@ fn check(z: ArrayView2<f32>, codebook: ArrayView2<f32>) -> Result<()> {
             got: z.ncols(),
         });
     }
-    match z
-        .axis_iter(Axis(0))
-        .position(|r| r.iter().any(|v| !v.is_finite()))
-    {
-        Some(row) => Err(VqError::NonFinite { what: "input", row }),
-        None => Ok(()),
-    }
+    crate::search::check_finite(z, "input")
 }
 
 /// IBQ's forward: logits in f64, softmax, argmax and the chosen codes.

@@ -253,16 +253,7 @@ impl Lfq {
                 got: z.ncols(),
             });
         }
-        match z
-            .axis_iter(Axis(0))
-            .position(|r| r.iter().any(|v| !v.is_finite()))
-        {
-            Some(row) => Err(VqError::NonFinite {
-                what: "LFQ input",
-                row,
-            }),
-            None => Ok(()),
-        }
+        crate::search::check_finite(z, "LFQ input")
     }
 }
 

@@ -946,17 +946,8 @@ impl VectorQuantizerConfig {
         self.family = family;
         match family {
             Family::Fsq { levels } => {
-                let channels = self.input_channels();
                 self.codebook_size = levels.codebook_size();
-                self.codebook_dim = levels.as_slice().len();
-                self.projection = match channels == self.codebook_dim {
-                    true => Projection::Identity,
-                    false => Projection::Linear { channels },
-                };
-                self.learning = CodebookLearning::Gradient {
-                    placement: BetaPlacement::Commitment,
-                };
-                self.metric = Metric::Euclidean;
+                self.fixed_codes(levels.as_slice().len());
             }
             Family::SimVq => {
                 self.learning = CodebookLearning::Gradient {
@@ -965,19 +956,12 @@ impl VectorQuantizerConfig {
                 self.beta = 0.25;
             }
             Family::Lfq { .. } | Family::Bsq { .. } => {
-                let channels = self.input_channels();
-                let bits = (self.codebook_size.max(2) as f64).log2().ceil() as usize;
-                if self.codebook_size.is_power_of_two() {
-                    self.codebook_dim = bits;
-                }
-                self.projection = match channels == self.codebook_dim {
-                    true => Projection::Identity,
-                    false => Projection::Linear { channels },
+                // A size that is not a power of two keeps its dimension and is refused below.
+                let bits = match self.codebook_size.is_power_of_two() {
+                    true => self.codebook_size.trailing_zeros() as usize,
+                    false => self.codebook_dim,
                 };
-                self.learning = CodebookLearning::Gradient {
-                    placement: BetaPlacement::Commitment,
-                };
-                self.metric = Metric::Euclidean;
+                self.fixed_codes(bits);
                 self.beta = 0.0;
             }
             Family::Diveq { .. }
@@ -1003,6 +987,22 @@ impl VectorQuantizerConfig {
         }
         self.validate()?;
         Ok(self)
+    }
+
+    /// A family whose codes are fixed (FSQ, LFQ, BSQ): code dimension `dim` with a `Linear`
+    /// projection from the input's channels when they differ, learning by gradient (unused),
+    /// Euclidean.
+    fn fixed_codes(&mut self, dim: usize) {
+        let channels = self.input_channels();
+        self.codebook_dim = dim;
+        self.projection = match channels == dim {
+            true => Projection::Identity,
+            false => Projection::Linear { channels },
+        };
+        self.learning = CodebookLearning::Gradient {
+            placement: BetaPlacement::Commitment,
+        };
+        self.metric = Metric::Euclidean;
     }
 
     /// The nearest-code layers a residual or multi-head quantizer is made of: (variable path,

@@ -9,8 +9,8 @@ use tch::{Device, Kind, Reduction, Tensor, nn};
 use vq_core::Metric;
 
 use super::config::{CodeReplacement, Family, REPLACEMENT_SALT, VectorQuantizerConfig};
-use super::nearest::drawn_codebook;
-use super::pass::{Batch, Rows, Settings, mark_initialised, read_counter, scalar};
+use super::nearest::learned_codebook;
+use super::pass::{Batch, Rows, Settings, read_counter, scalar};
 use crate::error::Result;
 use crate::search::nearest_codes_checked;
 
@@ -32,12 +32,7 @@ impl DiveqCodes {
     /// the usage counts, under `path` (`diveq_forwards`, `diveq_usage`).
     pub(super) fn new(path: &nn::Path, config: &VectorQuantizerConfig) -> Self {
         let device = path.device();
-        let codebook = path.add(
-            "codebook",
-            drawn_codebook(config, config.init, device),
-            true,
-        );
-        mark_initialised(path);
+        let codebook = learned_codebook(path, config);
         let forwards = path.add("diveq_forwards", scalar(0, device), false);
         let usage = matches!(config.family, Family::Diveq { .. }).then(|| {
             let zeros = Tensor::zeros([config.codebook_size as i64], (Kind::Int64, device));

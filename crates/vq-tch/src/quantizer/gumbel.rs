@@ -8,8 +8,8 @@ use tch::{Kind, Reduction, Tensor, nn};
 use vq_core::gumbel::{GumbelForward, gumbel_noise};
 
 use super::config::{Family, VectorQuantizerConfig};
-use super::nearest::drawn_codebook;
-use super::pass::{Batch, Rows, Settings, mark_initialised, read_counter, scalar};
+use super::nearest::learned_codebook;
+use super::pass::{Batch, Rows, Settings, read_counter, scalar};
 use crate::error::Result;
 
 /// The Gumbel family's codebook and logits layer, and the temperature's step.
@@ -29,12 +29,7 @@ impl GumbelCodes {
     pub(super) fn new(path: &nn::Path, config: &VectorQuantizerConfig) -> Self {
         let device = path.device();
         let (k, d) = (config.codebook_size as i64, config.codebook_dim as i64);
-        let codebook = path.add(
-            "codebook",
-            drawn_codebook(config, config.init, device),
-            true,
-        );
-        mark_initialised(path);
+        let codebook = learned_codebook(path, config);
         Self {
             codebook,
             proj: nn::linear(path / "gumbel_proj", d, k, crate::init::torch_linear()),

@@ -5,8 +5,8 @@
 use tch::{Kind, Reduction, Tensor, nn};
 
 use super::config::{EntropyPenalty, Family, VectorQuantizerConfig};
-use super::nearest::drawn_codebook;
-use super::pass::{Batch, Rows, Settings, mark_initialised, union_sums};
+use super::nearest::learned_codebook;
+use super::pass::{Batch, Rows, Settings, union_sums};
 use crate::collective::Collective;
 use crate::error::Result;
 use crate::search::check_finite_device;
@@ -20,12 +20,7 @@ pub(super) struct IbqCodes {
 impl IbqCodes {
     /// The codebook, drawn as the config's init says, under `path`.
     pub(super) fn new(path: &nn::Path, config: &VectorQuantizerConfig) -> Self {
-        let codebook = path.add(
-            "codebook",
-            drawn_codebook(config, config.init, path.device()),
-            true,
-        );
-        mark_initialised(path);
+        let codebook = learned_codebook(path, config);
         Self { codebook }
     }
 

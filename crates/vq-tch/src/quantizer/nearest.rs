@@ -142,6 +142,19 @@ impl SimVqCodes {
     }
 }
 
+/// The trainable `codebook` variable under `path`, drawn as the config's [`CodebookInit`] says,
+/// with the `initialised` flag set (no k-means start): the codes of the families that learn
+/// them by gradient alone (Gumbel, DiVeQ, SF-DiVeQ, IBQ, SCQ).
+pub(super) fn learned_codebook(path: &nn::Path, config: &VectorQuantizerConfig) -> Tensor {
+    let codebook = path.add(
+        "codebook",
+        drawn_codebook(config, config.init, path.device()),
+        true,
+    );
+    mark_initialised(path);
+    codebook
+}
+
 /// A (K, D) codebook drawn by `init` from `StdRng::seed_from_u64(seed)` on the host,
 /// l2-normalised for the cosine metric, on `device`.
 pub(super) fn drawn_codebook(

@@ -6,8 +6,8 @@ use tch::{Kind, Reduction, Tensor, nn};
 use vq_core::Metric;
 
 use super::config::{Family, VectorQuantizerConfig};
-use super::nearest::drawn_codebook;
-use super::pass::{Batch, Rows, Settings, mark_initialised};
+use super::nearest::learned_codebook;
+use super::pass::{Batch, Rows, Settings};
 use crate::error::Result;
 use crate::search::nearest_codes_checked;
 
@@ -20,12 +20,7 @@ pub(super) struct ScqCodes {
 impl ScqCodes {
     /// The codebook, drawn as the config's init says, under `path`.
     pub(super) fn new(path: &nn::Path, config: &VectorQuantizerConfig) -> Self {
-        let codebook = path.add(
-            "codebook",
-            drawn_codebook(config, config.init, path.device()),
-            true,
-        );
-        mark_initialised(path);
+        let codebook = learned_codebook(path, config);
         Self { codebook }
     }
 
