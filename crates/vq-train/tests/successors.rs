@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use vq_models::Preset;
 use vq_train::codes::{LoadedRun, encode};
 use vq_train::codeset::CodeSet;
-use vq_train::config::{RunConfig, TrainOptions};
+use vq_train::config::RunConfig;
 use vq_train::method::{Method, Successor};
 use vq_train::train::train;
 
@@ -145,19 +145,7 @@ fn diveq_replacement_and_sf_diveq_warm_up_resume_exactly() {
             };
         }
         let (a, b) = (tmp("resume-a"), tmp("resume-b"));
-        train(&options(cfg.clone(), &a)).unwrap();
-        train(&TrainOptions {
-            stop_after: Some(3),
-            ..options(cfg.clone(), &b)
-        })
-        .unwrap();
-        train(&TrainOptions {
-            resume: true,
-            ..options(cfg.clone(), &b)
-        })
-        .unwrap();
-        let files = common::assert_same_checkpoints(&a, &b);
-        assert!(files.iter().any(|f| f == "model.safetensors"), "{files:?}");
+        common::assert_resumes_exactly(&cfg, &a, &b, 3);
         for d in [a, b] {
             std::fs::remove_dir_all(d).unwrap();
         }

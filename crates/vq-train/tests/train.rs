@@ -941,19 +941,7 @@ fn quantizer_families_train_report_per_group_and_resume_exactly() {
     cfg.set_family(Family::from_name("residual2-dropout").unwrap())
         .unwrap();
     let (a, b) = (tmp("rq-straight"), tmp("rq-resumed"));
-    train(&options(cfg.clone(), &a)).unwrap();
-    train(&TrainOptions {
-        stop_after: Some(2),
-        ..options(cfg.clone(), &b)
-    })
-    .unwrap();
-    train(&TrainOptions {
-        resume: true,
-        ..options(cfg.clone(), &b)
-    })
-    .unwrap();
-    let files = common::assert_same_checkpoints(&a, &b);
-    assert!(files.iter().any(|f| f == "model.safetensors"), "{files:?}");
+    common::assert_resumes_exactly(&cfg, &a, &b, 2);
     let mut vs = tch::nn::VarStore::new(Device::Cpu);
     let mut model = vq_models::VqAutoencoder::new(&vs.root(), &cfg.model).unwrap();
     vq_train::checkpoint::load_model(&a, &mut vs).unwrap();

@@ -157,6 +157,24 @@ pub fn skipped_lines(run: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// Trains `config` straight into `a`, and into `b` stopped after `stop` steps then resumed;
+/// asserts both end with the same checkpoint files, the model's among them.
+pub fn assert_resumes_exactly(config: &RunConfig, a: &Path, b: &Path, stop: usize) {
+    vq_train::train::train(&options(config.clone(), a)).unwrap();
+    vq_train::train::train(&TrainOptions {
+        stop_after: Some(stop),
+        ..options(config.clone(), b)
+    })
+    .unwrap();
+    vq_train::train::train(&TrainOptions {
+        resume: true,
+        ..options(config.clone(), b)
+    })
+    .unwrap();
+    let files = assert_same_checkpoints(a, b);
+    assert!(files.iter().any(|f| f == "model.safetensors"), "{files:?}");
+}
+
 /// Every tensor of every file of the latest checkpoints of two runs is identical (model,
 /// optimizer moments and step counts, discriminator and its optimizer, EMA buffers), and both
 /// checkpoints hold the same files, step and configuration. Returns the files' names.
