@@ -10,6 +10,10 @@ use tch::{Device, nn};
 use vq_models::{Discriminator, Preset, VqAutoencoder};
 use vq_train::config::RunConfig;
 
+/// Building and training models draws from libtorch's global generator, which the tests of
+/// this file would otherwise share while they run in parallel: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 mod common;
 
 fn site() -> Option<PathBuf> {
@@ -62,6 +66,7 @@ fn preset_config(preset: Preset) -> RunConfig {
 
 #[test]
 fn the_twin_has_vq_trains_variables() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(site) = site() else {
         eprintln!("skipped: no Python torch in .libtorch/site (libtorch adopted from LIBTORCH)");
         return;
@@ -128,6 +133,7 @@ fn trains_generator_and_discriminator(site: &Path, config: &Path, batch: usize, 
 
 #[test]
 fn the_twin_trains_in_f32_and_bf16() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(site) = site() else {
         eprintln!("skipped: no Python torch in .libtorch/site (libtorch adopted from LIBTORCH)");
         return;
@@ -165,6 +171,7 @@ fn the_twin_trains_in_f32_and_bf16() {
 /// trains generator and discriminator.
 #[test]
 fn the_twin_trains_a_vqgan_with_its_discriminator() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(site) = site() else {
         eprintln!("skipped: no Python torch in .libtorch/site (libtorch adopted from LIBTORCH)");
         return;
@@ -183,6 +190,7 @@ fn the_twin_trains_a_vqgan_with_its_discriminator() {
 /// video tokenizer, its discriminator on the clips' frames, R1 included.
 #[test]
 fn the_twin_trains_a_video_tokenizer() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(site) = site() else {
         eprintln!("skipped: no Python torch in .libtorch/site (libtorch adopted from LIBTORCH)");
         return;
@@ -207,6 +215,7 @@ fn the_twin_trains_a_video_tokenizer() {
 /// generator and discriminator, the penalty included.
 #[test]
 fn the_twin_trains_a_vit_vqgan_with_r1() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(site) = site() else {
         eprintln!("skipped: no Python torch in .libtorch/site (libtorch adopted from LIBTORCH)");
         return;
@@ -236,6 +245,7 @@ fn the_twin_trains_a_vit_vqgan_with_r1() {
 /// generators); the distributions must not.
 #[test]
 fn the_presets_start_as_the_pytorch_modules_do() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(site) = site() else {
         eprintln!("skipped: no Python torch in .libtorch/site (libtorch adopted from LIBTORCH)");
         return;
@@ -302,6 +312,7 @@ fn checksum(t: &tch::Tensor) -> (f64, f64) {
 /// file that does not fit is refused with the tensors named and the model left unchanged.
 #[test]
 fn init_from_reads_the_references_checkpoints() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(site) = site() else {
         eprintln!("skipped: no Python torch in .libtorch/site (libtorch adopted from LIBTORCH)");
         return;
@@ -480,6 +491,7 @@ fn init_from_reads_the_references_checkpoints() {
 /// trains and samples.
 #[test]
 fn the_prior_twin_has_the_priors_variables_and_trains() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some(site) = site() else {
         eprintln!("skipped: no Python torch in .libtorch/site (libtorch adopted from LIBTORCH)");
         return;
