@@ -1,0 +1,155 @@
+//! Checkpoints written by the real PyTorch Lightning trainer of the versions the references pin
+//! (taming-transformers: 1.0.8, latent-diffusion: 1.4.2) load through `--init-from`: those
+//! versions key the checkpoint's `callbacks` dict by the callback's class and pickle the model's
+//! hyperparameters as an `AttributeDict`. The files come from
+//! `tests/reference/make_lightning_checkpoints.py`: a taming VQGAN (`fixtures/lightning/run.json`)
+//! trained two steps by `Trainer.fit`, with the checksums of its trained weights beside it.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use tch::{Device, nn};
+use vq_models::{Discriminator, VqAutoencoder};
+use vq_train::config::RunConfig;
+
+const VERSIONS: [&str; 2] = ["1.0.8", "1.4.2"];
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/lightning")
+}
+
+fn config() -> RunConfig {
+    let path = fixtures().join("run.json");
+    let value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    vq_train::config::from_json_value(value, &path).unwrap()
+}
+
+/// Sum and index-weighted sum of a tensor's row-major elements in f64 (the script's checksums).
+fn checksum(t: &tch::Tensor) -> (f64, f64) {
+    let v = t.to_kind(tch::Kind::Double).reshape([-1]);
+    let w = tch::Tensor::arange_start(1, v.numel() as i64 + 1, (tch::Kind::Double, Device::Cpu));
+    (
+        f64::try_from(v.sum(tch::Kind::Double)).unwrap(),
+        f64::try_from((&v * w).sum(tch::Kind::Double)).unwrap(),
+    )
+}
+
+#[test]
+fn old_lightning_checkpoints_give_their_trained_weights() {
+    let cfg = config();
+    for version in VERSIONS {
+        let file = fixtures().join(format!("lightning-{version}.ckpt"));
+        let sums: BTreeMap<String, (f64, f64)> = serde_json::from_slice(
+            &std::fs::read(fixtures().join(format!("lightning-{version}.json"))).unwrap(),
+        )
+        .unwrap();
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let _model = VqAutoencoder::new(&vs.root(), &cfg.model).unwrap();
+        let mut dvs = nn::VarStore::new(Device::Cpu);
+        let _disc = Discriminator::new(&dvs.root(), cfg.gan.as_ref().unwrap()).unwrap();
+        let loaded = vq_train::pretrained::load(&file, &mut vs, Some(&mut dvs))
+            .unwrap_or_else(|e| panic!("{version}: {e:#}"));
+        assert_eq!(loaded.model + loaded.discriminator, sums.len(), "{version}");
+        assert_eq!(
+            loaded.ignored,
+            [
+                "loss.discriminator.main.3.num_batches_tracked",
+                "loss.perceptual_loss.scaling_layer.shift"
+            ],
+            "{version}"
+        );
+        let (model_vars, disc_vars) = (vs.variables(), dvs.variables());
+        for (name, &(sum, weighted)) in &sums {
+            let t = match name.strip_prefix("discriminator.") {
+                Some(d) => &disc_vars[d],
+                None => &model_vars[name],
+            };
+            let (s, w) = checksum(t);
+            let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * (1.0 + a.abs().max(b.abs()));
+            assert!(
+                close(s, sum) && close(w, weighted),
+                "{version}: {name}: {s} {w} vs {sum} {weighted}"
+            );
+        }
+    }
+}
+
+/// What a stage-2 user does first with a public file: import it as a run and encode a dataset.
+#[test]
+fn an_old_lightning_checkpoint_becomes_a_run_that_encodes() {
+    let dir = std::env::temp_dir().join(format!("vq-lightning-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = dir.join("run");
+    let vq_train = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_vq-train"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let ckpt = fixtures().join("lightning-1.0.8.ckpt");
+    let config = fixtures().join("run.json");
+    vq_train(&[
+        "import",
+        "--config",
+        config.to_str().unwrap(),
+        "--init-from",
+        ckpt.to_str().unwrap(),
+        "--out",
+        run.to_str().unwrap(),
+        "--threads",
+        "1",
+    ]);
+    let codes = dir.join("codes.safetensors");
+    vq_train(&[
+        "encode",
+        "--run",
+        run.to_str().unwrap(),
+        "--out",
+        codes.to_str().unwrap(),
+    ]);
+    let tensors = tch::Tensor::read_safetensors(&codes).unwrap();
+    assert!(
+        tensors.iter().any(|(name, _)| name == "codes"),
+        "{:?}",
+        tensors.iter().map(|(n, _)| n).collect::<Vec<_>>()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Keys of every hashable type are read under Python's `str()` of the key; where that text is
+/// also a str key of the dict, both values are kept (the str key under its own text).
+#[test]
+fn dict_keys_of_any_hashable_type_are_read_and_none_is_lost() {
+    let reader = pytorch_reader::PytorchReader::new(fixtures().join("keys.pt")).unwrap();
+    let want = [
+        ("None", 0.0f32),
+        ("None#2", 1.0),
+        ("False", 2.0),
+        ("1#2", 3.0),
+        ("1", 4.0),
+        ("1.5", 5.0),
+        ("(1, 'a')", 6.0),
+        ("b'k\\x00'", 7.0),
+        (
+            "<class 'pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint'>",
+            8.0,
+        ),
+        ("frozenset({3})", 9.0),
+    ];
+    let mut keys = reader.keys();
+    keys.sort();
+    assert_eq!(keys.len(), want.len() + 1, "{keys:?}");
+    for (key, value) in want {
+        let t = reader
+            .get(&format!("extra.{key}"))
+            .unwrap_or_else(|| panic!("extra.{key} not in {keys:?}"));
+        assert_eq!(t.read().unwrap(), value.to_le_bytes(), "{key}");
+    }
+}
