@@ -153,3 +153,22 @@ fn dict_keys_of_any_hashable_type_are_read_and_none_is_lost() {
         assert_eq!(t.read().unwrap(), value.to_le_bytes(), "{key}");
     }
 }
+
+/// What a checkpoint holds besides its state dict is not read: a sparse tensor, a complex one
+/// and a user object holding a tensor elsewhere in the file leave the state dict readable, and
+/// are an error naming where they are only when that part is asked for.
+#[test]
+fn values_the_reader_cannot_represent_matter_only_where_they_are_read() {
+    let file = fixtures().join("extras.pt");
+    let reader = pytorch_reader::PytorchReader::with_top_level_key(&file, "state_dict").unwrap();
+    assert_eq!(reader.keys(), ["w"]);
+    for key in ["callbacks", "hyper_parameters"] {
+        let err = pytorch_reader::PytorchReader::with_top_level_key(&file, key)
+            .err()
+            .unwrap_or_else(|| panic!("{key} read"))
+            .to_string();
+        assert!(err.contains(" (at '"), "{key}: {err}");
+    }
+    let err = pytorch_reader::PytorchReader::new(&file).err().unwrap();
+    assert!(err.to_string().contains(" (at '"), "{err}");
+}

@@ -253,6 +253,12 @@ pub enum Object {
     /// Python type is kept, so a consumer can say what it could not read.
     Opaque(String),
     Tensor(Tensor),
+    /// Patched for vq (see PATCH.md): a value this reader cannot represent faithfully (a
+    /// tensor of a type it does not know, an object whose state holds tensors), with what it
+    /// is. Kept in the tree instead of failing the file: it is an error only where a caller
+    /// extracts the part that holds it, so a checkpoint whose optimizer state or callbacks
+    /// hold such a value still gives its `state_dict`.
+    Unreadable(String),
 }
 
 impl Object {
@@ -283,10 +289,20 @@ impl Object {
     /// Whether the object carries a storage or tensor anywhere inside it.
     fn holds_tensor_data(&self) -> bool {
         match self {
-            Object::Storage(_) | Object::Tensor(_) => true,
+            Object::Storage(_) | Object::Tensor(_) | Object::Unreadable(_) => true,
             Object::Tuple(v) | Object::List(v) => v.iter().any(Object::holds_tensor_data),
             Object::Dict(m) => m.values().any(Object::holds_tensor_data),
             _ => false,
+        }
+    }
+
+    /// What the first [`Object::Unreadable`] inside the object is, if there is one.
+    fn unreadable(&self) -> Option<&str> {
+        match self {
+            Object::Unreadable(what) => Some(what),
+            Object::Tuple(v) | Object::List(v) => v.iter().find_map(Object::unreadable),
+            Object::Dict(m) => m.values().find_map(Object::unreadable),
+            _ => None,
         }
     }
 
@@ -305,6 +321,7 @@ impl Object {
             Object::Storage(_) => "storage",
             Object::Opaque(_) => "object",
             Object::Tensor(_) => "tensor",
+            Object::Unreadable(_) => "unreadable value",
         }
     }
 
@@ -313,7 +330,7 @@ impl Object {
     pub(crate) fn python_type_name(&self) -> String {
         match self {
             Object::Class { module_name, name } => format!("{module_name}.{name}"),
-            Object::Opaque(name) => name.clone(),
+            Object::Opaque(name) | Object::Unreadable(name) => name.clone(),
             Object::Tensor(_) => "torch.Tensor".to_string(),
             Object::Storage(StorageRef { dtype: Some(_), .. }) => "torch.TypedStorage".to_string(),
             Object::Storage(_) => "torch.UntypedStorage".to_string(),
@@ -518,6 +535,10 @@ fn resolve_persistent_id(pid: Object, ids: &PersistentIds) -> Result<Object> {
 /// is kept as an opaque object (see [`opaque`] for the one exception) so a checkpoint
 /// carrying, say, numpy scalars or a device in its metadata still loads its tensors.
 fn reduce(callable: Object, args: Object) -> Result<Object> {
+    // Patched for vq: a call on a value that could not be read cannot be read either.
+    if let Some(what) = args.unreadable() {
+        return Err(PickleError::UnsupportedType(what.to_string()));
+    }
     let (module_name, name) = match &callable {
         Object::Class { module_name, name } => (module_name.as_str(), name.as_str()),
         _ => return opaque(&callable, &args),
@@ -591,6 +612,15 @@ fn latin1_bytes(args: &Object) -> Option<Vec<u8>> {
             _ => None,
         },
         _ => None,
+    }
+}
+
+/// Patched for vq (see PATCH.md): a value this reader does not support becomes
+/// [`Object::Unreadable`] where it stands instead of failing the whole file.
+fn defer(result: Result<Object>) -> Result<Object> {
+    match result {
+        Err(PickleError::UnsupportedType(what)) => Ok(Object::Unreadable(what)),
+        other => other,
     }
 }
 
@@ -1448,33 +1478,32 @@ impl<'a> Unpickler<'a> {
                 }
                 OpCode::PersId => {
                     let pid = Object::String(read_line(r)?);
-                    let obj = resolve_persistent_id(pid, self.ids)?;
+                    let obj = defer(resolve_persistent_id(pid, self.ids))?;
                     self.push_scalar(obj);
                 }
                 OpCode::BinPersId => {
                     let pid = self.pop_object()?;
-                    let obj = resolve_persistent_id(pid, self.ids)?;
+                    let obj = defer(resolve_persistent_id(pid, self.ids))?;
                     self.push_scalar(obj);
                 }
                 OpCode::Reduce => {
                     let args = self.pop()?;
                     let callable = self.pop_object()?;
                     // A call's result nests no deeper than its arguments did.
-                    let obj = reduce(callable, args.object)?;
+                    let obj = defer(reduce(callable, args.object))?;
                     self.push(obj, args.depth)?;
                 }
                 OpCode::NewObj => {
                     let args = self.pop_object()?;
                     let cls = self.pop_object()?;
-                    let obj = opaque(&cls, &args)?;
+                    let obj = defer(opaque(&cls, &args))?;
                     self.push_scalar(obj);
                 }
                 OpCode::NewObjEx => {
                     let kwargs = self.pop_object()?;
                     let args = self.pop_object()?;
                     let cls = self.pop_object()?;
-                    opaque(&cls, &kwargs)?;
-                    let obj = opaque(&cls, &args)?;
+                    let obj = defer(opaque(&cls, &kwargs).and_then(|_| opaque(&cls, &args)))?;
                     self.push_scalar(obj);
                 }
                 OpCode::Build => {
@@ -1490,18 +1519,18 @@ impl<'a> Unpickler<'a> {
                         // but state holding tensor data must not vanish silently.
                         (dict @ Object::Dict(_), state) => {
                             if state.holds_tensor_data() {
-                                return Err(PickleError::UnsupportedType(
-                                    "dict with tensor-bearing state".to_string(),
-                                ));
+                                let what = "dict with tensor-bearing state".to_string();
+                                (Object::Unreadable(what), object.depth)
+                            } else {
+                                (dict, object.depth)
                             }
-                            (dict, object.depth)
                         }
                         // A module instance (a full-model save) becomes its state_dict,
                         // which nests no deeper than the attributes it came from.
                         (Object::Opaque(_), Object::Dict(attrs)) if is_module_state(&attrs) => {
-                            (module_state_dict(attrs)?, state.depth)
+                            (defer(module_state_dict(attrs))?, state.depth)
                         }
-                        (object, state) => (opaque(&object, &state)?, 0),
+                        (object, state) => (defer(opaque(&object, &state))?, 0),
                     };
                     // The pickler memoizes an object before writing its state, so the memo
                     // holds it as it was before `BUILD`. CPython's memo aliases the object
@@ -1730,7 +1759,9 @@ fn python_str(value: &Object) -> Option<String> {
             }
         }
         Object::Class { module_name, name } => format!("<class '{module_name}.{name}'>"),
-        Object::Opaque(type_name) => format!("<{type_name} object>"),
+        Object::Opaque(type_name) | Object::Unreadable(type_name) => {
+            format!("<{type_name} object>")
+        }
         Object::Tensor(_) | Object::Storage(_) => "<torch.Tensor object>".to_string(),
         // A list cannot be a Python dict key: this one was a frozenset (read as a list).
         Object::List(items) => {
@@ -1800,20 +1831,26 @@ fn insert_pairs(dict: &mut HashMap<String, Object>, items: Vec<Object>) -> Resul
 /// so such files load into the natural burn module without remapping. A tensor is built
 /// without a name, its path being assembled only here, so this is also where each one gets
 /// its final identity.
-pub(crate) fn extract_tensors(dict: HashMap<String, Object>) -> HashMap<String, Tensor> {
-    fn walk(obj: Object, path: &mut Vec<String>, tensors: &mut HashMap<String, Tensor>) {
+///
+/// Patched for vq: an [`Object::Unreadable`] in the walked part is an error naming its path.
+pub(crate) fn extract_tensors(dict: HashMap<String, Object>) -> Result<HashMap<String, Tensor>> {
+    fn walk(
+        obj: Object,
+        path: &mut Vec<String>,
+        tensors: &mut HashMap<String, Tensor>,
+    ) -> Result<()> {
         match obj {
             Object::Dict(dict) => {
                 for (key, value) in dict {
                     path.push(key);
-                    walk(value, path, tensors);
+                    walk(value, path, tensors)?;
                     path.pop();
                 }
             }
             Object::List(items) | Object::Tuple(items) => {
                 for (index, item) in items.into_iter().enumerate() {
                     path.push(index.to_string());
-                    walk(item, path, tensors);
+                    walk(item, path, tensors)?;
                     path.pop();
                 }
             }
@@ -1821,10 +1858,17 @@ pub(crate) fn extract_tensors(dict: HashMap<String, Object>) -> HashMap<String, 
                 tensor.name = path.join(".");
                 tensors.insert(tensor.name.clone(), tensor);
             }
+            Object::Unreadable(what) => {
+                return Err(PickleError::UnsupportedType(format!(
+                    "{what} (at '{}')",
+                    path.join(".")
+                )));
+            }
             _ => {}
         }
+        Ok(())
     }
     let mut tensors = HashMap::new();
-    walk(Object::Dict(dict), &mut Vec::new(), &mut tensors);
-    tensors
+    walk(Object::Dict(dict), &mut Vec::new(), &mut tensors)?;
+    Ok(tensors)
 }

@@ -789,7 +789,7 @@ fn extract_tensors_at(
     top_level_key: Option<&str>,
 ) -> Result<HashMap<String, Tensor>> {
     match select_top_level(root, top_level_key)? {
-        Object::Dict(dict) => Ok(extract_tensors(dict)),
+        Object::Dict(dict) => Ok(extract_tensors(dict)?),
         other => {
             let found = other.python_type_name();
             Err(PytorchError::InvalidFormat(match top_level_key {
@@ -824,9 +824,11 @@ fn to_pickle_value(obj: Object) -> PickleValue {
                 .map(|(k, v)| (k, to_pickle_value(v)))
                 .collect(),
         ),
-        Object::Class { .. } | Object::Storage(_) | Object::Opaque(_) | Object::Tensor(_) => {
-            PickleValue::Unsupported(obj.python_type_name())
-        }
+        Object::Class { .. }
+        | Object::Storage(_)
+        | Object::Opaque(_)
+        | Object::Tensor(_)
+        | Object::Unreadable(_) => PickleValue::Unsupported(obj.python_type_name()),
     }
 }
 

@@ -20,8 +20,10 @@ files do. The `ModelCheckpoint` callback's `last.ckpt` is kept as
 `lightning-<version>.ckpt`, with `lightning-<version>.json`: vq-train's name of each tensor ->
 [sum, sum of (index + 1) * value] of the trained weights.
 
-Also writes `keys.pt` (torch only): tensors under dict keys of every hashable type Python
-pickles, beside str keys with the same text (`None` and `'None'`, `1` and `'1'`).
+Also writes, with torch only, `keys.pt`: tensors under dict keys of every hashable type Python
+pickles, beside str keys with the same text (`None` and `'None'`, `1` and `'1'`); and
+`extras.pt`: a state dict beside values no reader of weights needs and vq-train's reader cannot
+represent — a sparse tensor, a complex one, an object whose attributes hold a tensor.
 """
 import json
 import os
@@ -71,8 +73,26 @@ def odd_keys():
                os.path.join(FIXTURES, "keys.pt"))
 
 
+class Holder:
+    """A user object whose attributes hold a tensor (pickled by reference to this module)."""
+
+    def __init__(self):
+        self.scale = torch.ones(2)
+
+
+def extras():
+    """A checkpoint whose state dict is plain but whose other entries are not."""
+    sparse = torch.sparse_coo_tensor(torch.tensor([[0, 1]]), torch.tensor([1.0, 2.0]), (3,))
+    torch.save({"state_dict": {"w": torch.arange(6.0).view(2, 3)},
+                "callbacks": {pl.callbacks.ModelCheckpoint: {"sparse": sparse,
+                                                             "complex": torch.zeros(2, dtype=torch.complex64)}},
+                "hyper_parameters": {"holder": Holder()}},
+               os.path.join(FIXTURES, "extras.pt"))
+
+
 def main():
     odd_keys()
+    extras()
     with open(os.path.join(FIXTURES, "run.json")) as f:
         cfg = json.load(f)
     torch.manual_seed(0)
