@@ -94,11 +94,14 @@ fn target(key: &str) -> Target {
 fn open(file: &Path) -> Result<PytorchReader> {
     match PytorchReader::with_top_level_key(file, "state_dict") {
         Ok(r) => Ok(r),
-        Err(PytorchError::KeyNotFound(_)) => PytorchReader::new(file)
-            .with_context(|| format!("reading {} as a PyTorch state dict", file.display())),
-        Err(e) => {
-            Err(e).with_context(|| format!("reading {} as a PyTorch checkpoint", file.display()))
-        }
+        // The reader's errors repeat their source in their own text: shown once, not chained.
+        Err(PytorchError::KeyNotFound(_)) => PytorchReader::new(file).map_err(|e| {
+            anyhow::anyhow!("reading {} as a PyTorch state dict: {e}", file.display())
+        }),
+        Err(e) => Err(anyhow::anyhow!(
+            "reading {} as a PyTorch checkpoint: {e}",
+            file.display()
+        )),
     }
 }
 
@@ -315,5 +318,20 @@ mod tests {
         assert_eq!(target("model_ema.decay"), Target::Ignored);
         let names: Vec<String> = (0..9).map(|i| format!("k{i}")).collect();
         assert_eq!(summarise(&names), "k0, k1, k2, k3, k4, k5, … (3 more)");
+    }
+
+    /// A file that is not a checkpoint is named, with the reader's reason said once.
+    #[test]
+    fn a_file_that_is_not_a_checkpoint_is_named_and_its_reason_said_once() {
+        let file = std::env::temp_dir().join(format!("vq-not-a-ckpt-{}.ckpt", std::process::id()));
+        std::fs::write(&file, b"PK\x03\x04 not a zip archive at all").unwrap();
+        let err = format!("{:#}", open(&file).err().unwrap());
+        std::fs::remove_file(&file).unwrap();
+        assert!(
+            err.starts_with(&format!("reading {}", file.display())),
+            "{err}"
+        );
+        let reason = err.rsplit(": ").next().unwrap();
+        assert_eq!(err.matches(reason).count(), 1, "{err}");
     }
 }
