@@ -52,8 +52,8 @@
 //! `state_dict()` gives them, leaving out non-persistent buffers and every other attribute.
 //! What a module computes for its state dict rather than stores, extra state
 //! (`get_extra_state()`) and the work of state dict hooks, is not in the pickle and so is
-//! not read. Checkpoints holding sparse, quantized or nested tensors are refused, since those cannot
-//! be represented. Only little-endian files are supported.
+//! not read. Sparse, quantized and nested tensors cannot be represented: the part of a file that
+//! holds one is refused when it is read, naming where the value is (patched; see PATCH.md). Only little-endian files are supported.
 //!
 //! # Safety limits
 //!
