@@ -7,11 +7,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use tch::{Device, nn};
 use vq_models::{Discriminator, VqAutoencoder};
 use vq_train::config::RunConfig;
+
+mod common;
 
 const VERSIONS: [&str; 2] = ["1.0.8", "1.4.2"];
 
@@ -23,16 +24,6 @@ fn config() -> RunConfig {
     let path = fixtures().join("run.json");
     let value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     vq_train::config::from_json_value(value, &path).unwrap()
-}
-
-/// Sum and index-weighted sum of a tensor's row-major elements in f64 (the script's checksums).
-fn checksum(t: &tch::Tensor) -> (f64, f64) {
-    let v = t.to_kind(tch::Kind::Double).reshape([-1]);
-    let w = tch::Tensor::arange_start(1, v.numel() as i64 + 1, (tch::Kind::Double, Device::Cpu));
-    (
-        f64::try_from(v.sum(tch::Kind::Double)).unwrap(),
-        f64::try_from((&v * w).sum(tch::Kind::Double)).unwrap(),
-    )
 }
 
 #[test]
@@ -59,19 +50,7 @@ fn old_lightning_checkpoints_give_their_trained_weights() {
             ],
             "{version}"
         );
-        let (model_vars, disc_vars) = (vs.variables(), dvs.variables());
-        for (name, &(sum, weighted)) in &sums {
-            let t = match name.strip_prefix("discriminator.") {
-                Some(d) => &disc_vars[d],
-                None => &model_vars[name],
-            };
-            let (s, w) = checksum(t);
-            let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * (1.0 + a.abs().max(b.abs()));
-            assert!(
-                close(s, sum) && close(w, weighted),
-                "{version}: {name}: {s} {w} vs {sum} {weighted}"
-            );
-        }
+        common::assert_checksums(version, &sums, &vs, &dvs);
     }
 }
 
@@ -81,21 +60,9 @@ fn an_old_lightning_checkpoint_becomes_a_run_that_encodes() {
     let dir = std::env::temp_dir().join(format!("vq-lightning-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let run = dir.join("run");
-    let vq_train = |args: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_vq-train"))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
     let ckpt = fixtures().join("lightning-1.0.8.ckpt");
     let config = fixtures().join("run.json");
-    vq_train(&[
+    common::vq_train_ok(&[
         "import",
         "--config",
         config.to_str().unwrap(),
@@ -107,7 +74,7 @@ fn an_old_lightning_checkpoint_becomes_a_run_that_encodes() {
         "1",
     ]);
     let codes = dir.join("codes.safetensors");
-    vq_train(&[
+    common::vq_train_ok(&[
         "encode",
         "--run",
         run.to_str().unwrap(),

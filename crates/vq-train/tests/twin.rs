@@ -295,16 +295,6 @@ fn the_presets_start_as_the_pytorch_modules_do() {
     }
 }
 
-/// Sum and index-weighted sum of a tensor's row-major elements in f64 (the twin's checksums).
-fn checksum(t: &tch::Tensor) -> (f64, f64) {
-    let v = t.to_kind(tch::Kind::Double).reshape([-1]);
-    let w = tch::Tensor::arange_start(1, v.numel() as i64 + 1, (tch::Kind::Double, Device::Cpu));
-    (
-        f64::try_from(v.sum(tch::Kind::Double)).unwrap(),
-        f64::try_from((&v * w).sum(tch::Kind::Double)).unwrap(),
-    )
-}
-
 /// `--init-from` reads Lightning checkpoints written by PyTorch in taming-transformers' layout
 /// (with a PatchGAN discriminator and perceptual-loss buffers) and in enhancing-transformers'
 /// layout (`quantizer.embedding.weight`, `pre_quant`, `post_quant`): every variable then holds
@@ -359,19 +349,7 @@ fn init_from_reads_the_references_checkpoints() {
             "{name}: {:?}",
             loaded.ignored
         );
-        let (model_vars, disc_vars) = (vs.variables(), dvs.variables());
-        for (n, &(sum, weighted)) in &sums {
-            let t = match n.strip_prefix("discriminator.") {
-                Some(d) => &disc_vars[d],
-                None => &model_vars[n],
-            };
-            let (s, w) = checksum(t);
-            let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * (1.0 + a.abs().max(b.abs()));
-            assert!(
-                close(s, sum) && close(w, weighted),
-                "{name}: {n}: {s} {w} vs {sum} {weighted}"
-            );
-        }
+        common::assert_checksums(name, &sums, &vs, &dvs);
         assert_eq!(loaded.model + loaded.discriminator, sums.len(), "{name}");
     }
 
@@ -468,7 +446,7 @@ fn init_from_reads_the_references_checkpoints() {
         let _model = VqAutoencoder::new(&vs.root(), &cfg.model).unwrap();
         let mut dvs = nn::VarStore::new(Device::Cpu);
         let _disc = Discriminator::new(&dvs.root(), cfg.gan.as_ref().unwrap()).unwrap();
-        let before = checksum(&vs.variables()["encoder.conv_in.weight"]);
+        let before = common::checksum(&vs.variables()["encoder.conv_in.weight"]);
         let err = format!(
             "{:#}",
             vq_train::pretrained::load(&bad, &mut vs, Some(&mut dvs)).unwrap_err()
@@ -478,7 +456,7 @@ fn init_from_reads_the_references_checkpoints() {
             "{script}: {err}"
         );
         assert_eq!(
-            checksum(&vs.variables()["encoder.conv_in.weight"]),
+            common::checksum(&vs.variables()["encoder.conv_in.weight"]),
             before,
             "{script}"
         );

@@ -240,3 +240,37 @@ pub fn vq_train_ok(args: &[&str]) -> String {
     assert!(out.status.success(), "vq-train {args:?}: {text}");
     text
 }
+
+/// Sum and index-weighted sum of a tensor's row-major elements in f64: the checksums the
+/// Python scripts print (`[sum, sum of (index + 1) * value]`), a check of values and layout.
+pub fn checksum(t: &Tensor) -> (f64, f64) {
+    let v = t.to_kind(tch::Kind::Double).reshape([-1]);
+    let w = Tensor::arange_start(1, v.numel() as i64 + 1, (tch::Kind::Double, Device::Cpu));
+    (
+        f64::try_from(v.sum(tch::Kind::Double)).unwrap(),
+        f64::try_from((&v * w).sum(tch::Kind::Double)).unwrap(),
+    )
+}
+
+/// Every variable named in `sums` (vq-train's names, the discriminator's under
+/// `discriminator.`) has those checksums, to 1e-9 relative.
+pub fn assert_checksums(
+    label: &str,
+    sums: &std::collections::BTreeMap<String, (f64, f64)>,
+    model: &tch::nn::VarStore,
+    discriminator: &tch::nn::VarStore,
+) {
+    let (model_vars, disc_vars) = (model.variables(), discriminator.variables());
+    for (name, &(sum, weighted)) in sums {
+        let t = match name.strip_prefix("discriminator.") {
+            Some(d) => &disc_vars[d],
+            None => &model_vars[name],
+        };
+        let (s, w) = checksum(t);
+        let close = |a: f64, b: f64| (a - b).abs() <= 1e-9 * (1.0 + a.abs().max(b.abs()));
+        assert!(
+            close(s, sum) && close(w, weighted),
+            "{label}: {name}: {s} {w} vs {sum} {weighted}"
+        );
+    }
+}
