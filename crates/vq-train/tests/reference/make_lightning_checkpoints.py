@@ -105,12 +105,8 @@ def main():
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(4, 1)), batch_size=2)
     out = tempfile.mkdtemp()
     checkpoint = pl.callbacks.ModelCheckpoint(dirpath=out, save_last=True)
-    options = dict(max_steps=2, callbacks=[checkpoint], logger=False, weights_summary=None)
-    if pl.__version__.startswith("1.0."):
-        options["progress_bar_refresh_rate"] = 0
-    else:
-        options["enable_progress_bar" if hasattr(pl.Trainer, "enable_progress_bar") else "progress_bar_refresh_rate"] = 0
-    pl.Trainer(**options).fit(model, data)
+    pl.Trainer(max_steps=2, callbacks=[checkpoint], logger=False, weights_summary=None,
+               progress_bar_refresh_rate=0).fit(model, data)
     name = f"lightning-{pl.__version__}"
     shutil.copyfile(os.path.join(out, "last.ckpt"), os.path.join(FIXTURES, name + ".ckpt"))
     shutil.rmtree(out)
