@@ -12,8 +12,8 @@ use crate::timesformer::{TimeSformerConfig, TimeSformerDecoder, TimeSformerEncod
 use crate::vit::{VitConfig, VitDecoder, VitEncoder};
 
 /// The encoder / decoder architecture. Serialised as the inner configuration (the fields tell
-/// which one it is).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+/// which one it is; see [`Backbone::FIELDS`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
 #[serde(untagged)]
 pub enum Backbone {
     /// taming-transformers' CNN.
@@ -22,6 +22,100 @@ pub enum Backbone {
     Vit(VitConfig),
     /// TimeSformer for video (inputs `(B, C, T, S, S)`).
     TimeSformer(TimeSformerConfig),
+}
+
+impl Backbone {
+    /// Each architecture's name and configuration fields. A configuration is read as the
+    /// architecture whose fields it names most, so that a misspelt, missing or mistyped field is
+    /// reported by that architecture's own error, at its path (`ch_mult[2]: invalid type: …`),
+    /// rather than as "no variant matched".
+    pub const FIELDS: [(&'static str, &'static [&'static str]); 3] = [
+        (
+            "taming-transformers' CNN",
+            &[
+                "ch",
+                "ch_mult",
+                "num_res_blocks",
+                "attn_resolutions",
+                "in_channels",
+                "out_channels",
+                "resolution",
+                "z_channels",
+                "norm_groups",
+            ],
+        ),
+        (
+            "the ViT",
+            &[
+                "image_size",
+                "patch_size",
+                "channels",
+                "dim",
+                "depth",
+                "heads",
+                "dim_head",
+                "mlp_dim",
+            ],
+        ),
+        (
+            "TimeSformer",
+            &[
+                "frames",
+                "image_size",
+                "patch_size",
+                "channels",
+                "hidden",
+                "layers",
+                "heads",
+                "intermediate",
+                "layer_norm_eps",
+            ],
+        ),
+    ];
+}
+
+impl<'de> serde::Deserialize<'de> for Backbone {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = serde_json::Value::deserialize(d)?;
+        let keys: Vec<&str> = match &value {
+            serde_json::Value::Object(map) => map.keys().map(String::as_str).collect(),
+            other => {
+                return Err(D::Error::custom(format!(
+                    "expected the fields of an encoder/decoder, got {other}"
+                )));
+            }
+        };
+        let named = |fields: &[&str]| keys.iter().filter(|k| fields.contains(k)).count();
+        // The first architecture with the most fields named (ties: the order of FIELDS).
+        let (best, count) = (0..Self::FIELDS.len())
+            .map(|i| (i, named(Self::FIELDS[i].1)))
+            .fold((0, 0), |b, c| if c.1 > b.1 { c } else { b });
+        if count == 0 {
+            let all: Vec<String> = Self::FIELDS
+                .iter()
+                .map(|(name, fields)| format!("{name} ({})", fields.join(", ")))
+                .collect();
+            return Err(D::Error::custom(format!(
+                "names none of the fields of {}",
+                all.join("; or ")
+            )));
+        }
+        let at = |e: serde_path_to_error::Error<serde_json::Error>| {
+            let path = e.path().to_string();
+            let name = Self::FIELDS[best].0;
+            match path.as_str() {
+                "." | "" => D::Error::custom(format!("{} (read as {name})", e.into_inner())),
+                _ => D::Error::custom(format!("{path}: {} (read as {name})", e.into_inner())),
+            }
+        };
+        match best {
+            0 => serde_path_to_error::deserialize(value).map(Self::Taming),
+            1 => serde_path_to_error::deserialize(value).map(Self::Vit),
+            _ => serde_path_to_error::deserialize(value).map(Self::TimeSformer),
+        }
+        .map_err(at)
+    }
 }
 
 impl Backbone {
@@ -356,5 +450,101 @@ impl VqAutoencoder {
             reconstruction: self.decode(&vq.quantized),
             vq,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Backbone;
+    use crate::Preset;
+
+    fn read(v: serde_json::Value) -> Result<Backbone, String> {
+        serde_path_to_error::deserialize(v).map_err(|e| {
+            let at = e.path().to_string();
+            format!("{at}: {}", e.into_inner())
+        })
+    }
+
+    /// The field lists that pick the architecture are each configuration's own fields: every
+    /// preset's backbone serialises to exactly its list and reads back as itself.
+    #[test]
+    fn every_presets_backbone_names_its_listed_fields_and_reads_back() {
+        for preset in Preset::ALL {
+            let backbone = preset.config().autoencoder;
+            let v = serde_json::to_value(&backbone).unwrap();
+            let mut keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+            let i = match &backbone {
+                Backbone::Taming(_) => 0,
+                Backbone::Vit(_) => 1,
+                Backbone::TimeSformer(_) => 2,
+            };
+            let mut want = Backbone::FIELDS[i].1.to_vec();
+            keys.sort_unstable();
+            want.sort_unstable();
+            assert_eq!(keys, want, "{}", preset.name());
+            assert_eq!(read(v).unwrap(), backbone, "{}", preset.name());
+        }
+    }
+
+    /// A misspelt, mistyped or missing field is named by the architecture the configuration
+    /// means, at its path, never as "did not match any variant".
+    #[test]
+    fn a_bad_field_is_named_by_the_architecture_meant() {
+        let with = |preset: Preset, f: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+            let mut v = serde_json::to_value(preset.config().autoencoder).unwrap();
+            f(v.as_object_mut().unwrap());
+            read(v).unwrap_err()
+        };
+        let cases: [(Preset, &dyn Fn(&mut serde_json::Map<_, _>), &[&str]); 5] = [
+            (
+                Preset::DemoFashionMnist,
+                &|m| {
+                    m["ch_mult"][2] = "x".into();
+                },
+                &["ch_mult[2]", "invalid type: string \"x\"", "taming"],
+            ),
+            (
+                Preset::DemoFashionMnist,
+                &|m| {
+                    let ch = m.remove("ch").unwrap();
+                    m.insert("chh".into(), ch);
+                },
+                &["unknown field `chh`", "taming"],
+            ),
+            (
+                Preset::VitVqganSmall,
+                &|m| {
+                    m.remove("mlp_dim");
+                },
+                &["missing field `mlp_dim`", "ViT"],
+            ),
+            (
+                Preset::TimeSformerBair,
+                &|m| {
+                    m["layer_norm_eps"] = "small".into();
+                },
+                &["layer_norm_eps", "TimeSformer"],
+            ),
+            (
+                Preset::DemoFashionMnist,
+                &|m| {
+                    m.clear();
+                    m.insert("width".into(), 3.into());
+                },
+                &[
+                    "names none of the fields",
+                    "ch_mult",
+                    "mlp_dim",
+                    "layer_norm_eps",
+                ],
+            ),
+        ];
+        for (preset, edit, want) in cases {
+            let err = with(preset, edit);
+            assert!(!err.contains("variant"), "{err}");
+            for w in want {
+                assert!(err.contains(w), "{w:?} not in {err}");
+            }
+        }
     }
 }

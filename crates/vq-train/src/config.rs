@@ -261,7 +261,9 @@ impl RunConfig {
         let t = &self.training;
         ensure!(
             t.batch_size > 0 && self.micro_batch > 0,
-            "batch sizes must be > 0"
+            "training.batch_size and micro_batch must be > 0, got {} and {}",
+            t.batch_size,
+            self.micro_batch
         );
         ensure!(
             t.batch_size.is_multiple_of(self.micro_batch),
