@@ -19,10 +19,13 @@ use crate::error::{DataError, Ignored, Result};
 use crate::loader::Dataset;
 use crate::transform::{Transform, hwc_to_chw};
 
-/// File name extensions taken as images (case-insensitive).
-pub const IMAGE_EXTENSIONS: [&str; 8] = ["jpeg", "jpg", "png", "webp", "bmp", "tif", "tiff", "gif"];
+/// File name extensions taken as images (case-insensitive): torchvision's `IMG_EXTENSIONS`
+/// (`.jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp`), GIF and the other Netpbm names.
+pub const IMAGE_EXTENSIONS: [&str; 12] = [
+    "jpeg", "jpg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pbm", "pnm",
+];
 
-/// Decodes a JPEG, PNG, WebP, BMP, TIFF or GIF (first frame) — format sniffed from the bytes,
+/// Decodes a JPEG, PNG, WebP, BMP, TIFF, GIF (first frame) or Netpbm (PPM/PGM/PBM) — format sniffed from the bytes,
 /// not the name: ImageNet has a PNG named `.JPEG` — into RGB `(H, W, 3)`; grayscale, CMYK,
 /// alpha and 16-bit images are converted. A truncated JPEG is an error, not a grey-filled image.
 ///
@@ -85,7 +88,7 @@ pub const MAX_IMAGE_FILE_BYTES: u64 = 256 << 20;
 const SIGNATURE_BYTES: usize = 32;
 
 const NOT_AN_IMAGE: &str =
-    "not an image: its first bytes match none of JPEG, PNG, WebP, BMP, TIFF, GIF";
+    "not an image: its first bytes match none of JPEG, PNG, WebP, BMP, TIFF, GIF, PPM/PGM/PBM";
 
 /// A JPEG (starts with SOI, `FF D8`) that ends before its end-of-image marker `FF D9`: the
 /// file was cut. The image's own structure is followed from the start — each marker segment by
@@ -300,6 +303,29 @@ impl ImageDataset {
         Self::from_class_dirs(root, &classes, &names, &names, transform)
     }
 
+    /// One split of a dataset root that holds `train/` and `val/`, each a [`Self::folder`]: the
+    /// images of `root/<split>`, with class indices counted over the class folders of both
+    /// splits (sorted names, each once), so that a class folder missing from one split does not
+    /// shift the indices of the classes after it there (torchvision's `ImageFolder`, which lists
+    /// each split alone, would label the same class differently in the two splits).
+    ///
+    /// # Errors
+    /// As [`Self::folder`] for `root/<split>`; [`DataError::Io`] for an unreadable other split.
+    pub fn folder_split(root: &Path, split: &str, transform: Transform) -> Result<Self> {
+        let dir = root.join(split);
+        let (dirs, names) = subfolders(&dir)?;
+        let mut classes = names.clone();
+        for other in ["train", "val"].into_iter().filter(|o| *o != split) {
+            let other = root.join(other);
+            if other.is_dir() {
+                classes.extend(subfolders(&other)?.1);
+            }
+        }
+        classes.sort();
+        classes.dedup();
+        Self::from_class_dirs(&dir, &dirs, &names, &classes, transform)
+    }
+
     fn from_class_dirs(
         root: &Path,
         dirs: &[PathBuf],
@@ -374,6 +400,12 @@ impl ImageDataset {
             match kept.contains(&i) {
                 true => per_class[*label].push(path.clone()),
                 false => ignored.add_because("links to images listed elsewhere in the tree", path),
+            }
+        }
+        for (dir, name) in dirs.iter().zip(dir_names) {
+            let label = classes.iter().position(|c| c == name);
+            if label.is_some_and(|l| per_class[l].is_empty()) {
+                ignored.add_because("class folders without images", dir);
             }
         }
         for (label, mut files) in per_class.into_iter().enumerate() {
@@ -670,6 +702,7 @@ mod tests {
             image::ImageFormat::Tiff,
             image::ImageFormat::Gif,
             image::ImageFormat::WebP,
+            image::ImageFormat::Pnm,
         ] {
             let mut buf = std::io::Cursor::new(Vec::new());
             image::DynamicImage::ImageRgb8(img.clone())
@@ -755,6 +788,34 @@ mod tests {
                 "{said}"
             );
         }
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// A class folder missing from one split keeps the other classes' indices there; a class
+    /// folder without images is said, not passed over in silence.
+    #[test]
+    fn both_splits_number_the_classes_alike_and_empty_class_folders_are_said() {
+        let root = std::env::temp_dir().join(format!("vq-data-splits-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (split, classes) in [("train", ["a", "b", "c"].as_slice()), ("val", &["a", "c"])] {
+            for c in classes {
+                std::fs::create_dir_all(root.join(split).join(c)).unwrap();
+                std::fs::copy(fixture("rgb.JPEG"), root.join(split).join(c).join("x.JPEG"))
+                    .unwrap();
+            }
+        }
+        std::fs::create_dir_all(root.join("val/d")).unwrap();
+        let tf = || Transform::taming(16, false);
+        let train = ImageDataset::folder_split(&root, "train", tf()).unwrap();
+        let val = ImageDataset::folder_split(&root, "val", tf()).unwrap();
+        assert_eq!(train.classes(), ["a", "b", "c", "d"]);
+        assert_eq!(val.classes(), train.classes());
+        let labels = |d: &ImageDataset| d.entries().iter().map(|e| e.label).collect::<Vec<_>>();
+        assert_eq!(labels(&train), [0, 1, 2]);
+        assert_eq!(labels(&val), [0, 2], "class c is 2 in both splits");
+        let said = val.ignored().to_string();
+        assert!(said.contains("1 class folders without images"), "{said}");
+        assert!(said.contains("val/d"), "{said}");
         std::fs::remove_dir_all(&root).unwrap();
     }
 

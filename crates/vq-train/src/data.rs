@@ -299,11 +299,11 @@ impl ImageSet {
             DataSource::Bair(path) => return bair(path, split, frames_n, resolution),
             DataSource::Ucf101(dir) => return ucf101(dir, split, frames_n, resolution),
             DataSource::ImageFolder(dir) => {
-                let sub = dir.join(match split {
+                let sub = match split {
                     Split::Train => "train",
                     Split::Test => "val",
-                });
-                return files(ImageDataset::folder(&sub, transform)?);
+                };
+                return files(ImageDataset::folder_split(dir, sub, transform)?);
             }
             DataSource::ImageNet(path) => {
                 let s = match split {

@@ -62,11 +62,11 @@ pub fn split_labels(
         ),
         DataSource::FashionMnist(dir) => fashion(crate::data::read_fashion_mnist(dir, split)?.1),
         DataSource::ImageFolder(dir) => {
-            let sub = dir.join(match split {
+            let sub = match split {
                 Split::Train => "train",
                 Split::Test => "val",
-            });
-            listed(ImageDataset::folder(&sub, transform)?)
+            };
+            listed(ImageDataset::folder_split(dir, sub, transform)?)
         }
         DataSource::ImageNet(path) => {
             let s = match split {
@@ -79,4 +79,41 @@ pub fn split_labels(
             return Ok(None);
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An image folder whose held-out split lacks a class: the classes after it keep their
+    /// training indices there (a class-conditional prior is trained on one split's labels and
+    /// judged on the other's).
+    #[test]
+    fn an_image_folders_splits_share_one_class_numbering() {
+        let root = std::env::temp_dir().join(format!("vq-labels-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let image = image::RgbImage::from_pixel(8, 8, image::Rgb([10, 20, 30]));
+        for (split, classes) in [
+            ("train", ["cat", "cow", "dog"].as_slice()),
+            ("val", &["cat", "dog"]),
+        ] {
+            for c in classes {
+                let dir = root.join(split).join(c);
+                std::fs::create_dir_all(&dir).unwrap();
+                image.save(dir.join("0.png")).unwrap();
+            }
+        }
+        let source = DataSource::ImageFolder(root.clone());
+        let get = |split| {
+            split_labels(&source, split, Pipeline::CenterCrop)
+                .unwrap()
+                .unwrap()
+        };
+        let (train, val) = (get(Split::Train), get(Split::Test));
+        assert_eq!(train.classes, ["cat", "cow", "dog"]);
+        assert_eq!(val.classes, train.classes);
+        assert_eq!(train.values, [0, 1, 2]);
+        assert_eq!(val.values, [0, 2]);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }
