@@ -217,17 +217,23 @@ pub fn line_panels(path: &Path, figure: &Figure) -> Result<(), PlotError> {
     let rows = figure.panels.len().div_ceil(cols);
     let (pw, ph) = figure.panel_size;
     let size = (pw * cols as u32, ph * rows as u32 + TITLE_HEIGHT);
-    let root = BitMapBackend::new(path, size).into_drawing_area();
-    let err = |e: DrawingAreaErrorKind<_>| PlotError::draw(path, e);
-    root.fill(&WHITE).map_err(err)?;
-    let body = root
-        .margin(8, 0, 0, 0)
-        .titled(&figure.title, text(24.0))
-        .map_err(err)?;
-    for (area, panel) in body.split_evenly((rows, cols)).iter().zip(&figure.panels) {
-        draw_panel(area, panel).map_err(|m| PlotError::draw(path, m))?;
+    // Drawn into memory, then written by `write_png` (which reports a failed write).
+    let mut pixels = vec![0u8; 3 * size.0 as usize * size.1 as usize];
+    {
+        let root = BitMapBackend::with_buffer(&mut pixels, size).into_drawing_area();
+        let err = |e: DrawingAreaErrorKind<_>| PlotError::draw(path, e);
+        root.fill(&WHITE).map_err(err)?;
+        let body = root
+            .margin(8, 0, 0, 0)
+            .titled(&figure.title, text(24.0))
+            .map_err(err)?;
+        for (area, panel) in body.split_evenly((rows, cols)).iter().zip(&figure.panels) {
+            draw_panel(area, panel).map_err(|m| PlotError::draw(path, m))?;
+        }
+        root.present().map_err(err)?;
     }
-    root.present().map_err(err)
+    let img = image::RgbImage::from_raw(size.0, size.1, pixels).expect("w·h·3 bytes");
+    crate::write_png(path, &img)
 }
 
 /// Draws one panel into `area`.

@@ -33,7 +33,7 @@ pub fn image_grid(path: &Path, title: &str, rows: &[ImageRow], zoom: u32) -> Res
         path: path.to_owned(),
         message,
     })?;
-    img.save(path).map_err(|e| PlotError::draw(path, e))
+    crate::write_png(path, &img)
 }
 
 /// The grid of [`image_grid`] as an image.

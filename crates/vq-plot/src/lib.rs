@@ -65,6 +65,16 @@ impl PlotError {
     }
 }
 
+/// Encodes `img` as PNG in memory and writes it with `std::fs::write`, so that a failed write
+/// (a full disk) is an error: `image`'s own `save` writes through a `BufWriter` whose last
+/// flush happens on drop, where an error is lost and an empty or cut file is left behind.
+pub(crate) fn write_png(path: &Path, img: &image::RgbImage) -> Result<(), PlotError> {
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut bytes, image::ImageFormat::Png)
+        .map_err(|e| PlotError::draw(path, e))?;
+    std::fs::write(path, bytes.into_inner()).map_err(|e| PlotError::draw(path, e))
+}
+
 /// Registers the shipped font with plotters (once per process; later calls are free). Every
 /// drawing function here calls it; call it yourself before drawing with plotters directly.
 ///

@@ -151,7 +151,7 @@ fn save_into(
 /// Writes `tensors` as a safetensors file — the bytes tch's `write_safetensors` writes (the
 /// same crate's serializer, no metadata) — through `std::fs`, so that a failure is a plain I/O
 /// error naming the file ("No space left on device"), and fsyncs it.
-fn write_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
+pub(crate) fn write_tensors(path: &Path, tensors: &[(&str, &Tensor)]) -> Result<()> {
     let owned: Vec<(&str, safetensors::Dtype, Vec<usize>, Vec<u8>)> = tensors
         .iter()
         .map(|(name, t)| {
@@ -248,11 +248,35 @@ pub fn last_checkpoint(out: &Path) -> Result<String> {
 /// # Errors
 /// I/O errors, naming the file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    write_synced(&tmp, bytes)?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))?;
+    replace_file(path, |tmp| write_synced(tmp, bytes))?;
     let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
     sync_dir(parent.unwrap_or(Path::new(".")))
+}
+
+/// Writes `path` whole or not at all: `write` fills a temporary sibling that keeps the
+/// extension (`.<name>.tmp-<pid>.<ext>`, so writers that choose the format by extension still
+/// do), which is then renamed over `path`. On any failure (a full disk, a quota, a file-size
+/// limit) the temporary file is removed and `path` keeps what it held, or stays absent: no
+/// half-written output is ever left under its name or beside it.
+///
+/// # Errors
+/// `write`'s error, or the rename's, naming the file.
+pub fn replace_file(path: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let ext = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.tmp-{}{ext}", std::process::id()));
+    let done = write(&tmp)
+        .and_then(|()| {
+            fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))
+        })
+        .with_context(|| format!("writing {}", path.display()));
+    if done.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    done
 }
 
 /// Makes a folder's entries (files created or renamed in it) durable.

@@ -339,13 +339,14 @@ fn write_shard(
             TensorView::new(Dtype::I32, vec![bytes.len() / 4], bytes)?,
         ));
     }
-    let tmp = path.with_extension("safetensors.part");
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    safetensors::tensor::serialize_to_file(views, &Some(meta), &tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    // Serialised in memory and written through `std::fs`, so that a failed write is a plain
+    // I/O error naming the file ("No space left on device").
+    let bytes = safetensors::tensor::serialize(views, &Some(meta))
+        .with_context(|| format!("serialising {}", path.display()))?;
+    crate::checkpoint::replace_file(path, |tmp| crate::checkpoint::write_synced(tmp, &bytes))
 }
 
 /// Decodes every sample of the codes file `codes` with the run's decoder and writes
@@ -417,8 +418,12 @@ pub fn decode(run: &LoadedRun, codes: &Path, out: &Path, batch: usize) -> Result
                 false => format!("{index:06}.png"),
             };
             let path = out.join(name);
-            img.save(&path)
-                .with_context(|| format!("writing {}", path.display()))?;
+            // Encoded in memory: `image`'s `save` loses the error of its last write.
+            let mut png = std::io::Cursor::new(Vec::new());
+            img.write_to(&mut png, image::ImageFormat::Png)?;
+            crate::checkpoint::replace_file(&path, |tmp| {
+                crate::checkpoint::write_synced(tmp, png.get_ref())
+            })?;
         }
     }
     Ok(keep.len())

@@ -266,16 +266,14 @@ pub fn evaluate_run(
 /// Plotting and I/O errors.
 pub fn write_curves(out: &Path, config: &RunConfig, history: &[StepMetrics]) -> Result<()> {
     let estimator = Method::of(config).label();
-    // One temporary name per process: `watch` and the training process may draw at once.
-    let tmp = out.join(format!("curves.partial-{}.png", std::process::id()));
+    // `plot::curves` writes through a temporary file of this process's own (`watch` and the
+    // training process may draw at once).
     plot::curves(
-        &tmp,
+        &RunDir::new(out).curves(),
         &format!("{}, {estimator}: training curves", run_title(config)),
         &config.reconstruction_loss_name(),
         &[(estimator, history)],
-    )?;
-    fs::rename(&tmp, RunDir::new(out).curves())
-        .with_context(|| format!("replacing {}", RunDir::new(out).curves().display()))
+    )
 }
 
 /// The evaluation in the run's TensorBoard file at `step`: `val/*` and `train_eval/*` scalars

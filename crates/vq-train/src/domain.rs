@@ -137,9 +137,12 @@ impl DomainNet {
         net.fit(train, device)?;
         net.accuracy = net.accuracy_on(val.0, val.1, device)?;
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        net.vs
-            .save(&weights)
-            .with_context(|| format!("writing {}", weights.display()))?;
+        let vars = net.vs.variables();
+        let mut named: Vec<(&str, &Tensor)> = vars.iter().map(|(k, t)| (k.as_str(), t)).collect();
+        named.sort_by_key(|(k, _)| *k);
+        crate::checkpoint::replace_file(&weights, |tmp| {
+            crate::checkpoint::write_tensors(tmp, &named)
+        })?;
         let r = Record {
             classes,
             channels,

@@ -64,7 +64,9 @@ pub fn reconstruction_grid(
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    vq_plot::image_grid(path, title, &rows, zoom).context("writing a reconstruction grid")
+    crate::checkpoint::replace_file(path, |tmp| {
+        vq_plot::image_grid(tmp, title, &rows, zoom).context("writing a reconstruction grid")
+    })
 }
 
 /// The training curves of one run or of several overlaid (`runs`: legend name and metrics),
@@ -142,8 +144,10 @@ pub fn curves(
     rec_loss: &str,
     runs: &[(&str, &[StepMetrics])],
 ) -> Result<()> {
-    vq_plot::line_panels(path, &curves_figure(title, rec_loss, runs))
-        .context("writing training curves")
+    let figure = curves_figure(title, rec_loss, runs);
+    crate::checkpoint::replace_file(path, |tmp| {
+        vq_plot::line_panels(tmp, &figure).context("writing training curves")
+    })
 }
 
 #[cfg(test)]

@@ -671,6 +671,8 @@ fn plot_column(base: &TrainOptions, stats: &[CellStats], i: usize, c: &Column) -
     }
     let title = format!("{}: {}", run_title(&base.config), c.title);
     let path: PathBuf = base.out.join(format!("compare-{}.png", c.key));
-    vq_plot::line_panels(&path, &Figure::new(title).panel(panel))
-        .with_context(|| format!("drawing {}", path.display()))
+    let figure = Figure::new(title).panel(panel);
+    crate::checkpoint::replace_file(&path, |tmp| {
+        vq_plot::line_panels(tmp, &figure).with_context(|| format!("drawing {}", path.display()))
+    })
 }

@@ -249,7 +249,7 @@ impl EventWriter {
                 // No "tfevents" in the name: neither this reader nor TensorBoard (which reads
                 // every file whose name holds it) may take a leftover of a crash for the log.
                 let tmp = path.with_file_name(".vq-event-log.rewrite");
-                {
+                let rewrite = || -> Result<()> {
                     let mut w = BufWriter::new(
                         File::create(&tmp)
                             .with_context(|| format!("creating {}", tmp.display()))?,
@@ -259,8 +259,13 @@ impl EventWriter {
                     }
                     w.flush()?;
                     w.get_ref().sync_all()?;
+                    fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))
+                };
+                if let Err(e) = rewrite() {
+                    // The log keeps its damaged form; nothing half-written stays beside it.
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e.context(format!("rewriting {}", path.display())));
                 }
-                fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
                 path
             }
             None => {

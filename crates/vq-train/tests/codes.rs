@@ -273,3 +273,78 @@ fn residual_codes_carry_their_stage_axis_and_decode_to_the_reconstructions() {
     assert!(text.contains("32 samples of 1 file(s) decoded"), "{text}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `encode` and `decode` cut short by a full disk (here the file-size limit of `ulimit -f`,
+/// which fails a write as a full disk does): a plain error naming the file, and no file left
+/// half-written — under its own name or as a temporary one beside it.
+#[cfg(unix)]
+#[test]
+fn a_failed_encode_or_decode_leaves_no_half_written_file() {
+    let dir = std::env::temp_dir().join(format!("vq-codes-full-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let run = trained_run(&dir, "1", "0");
+    // No byte may be written to a file (pipes are not limited).
+    let no_space = |args: &[&str]| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg("trap '' XFSZ; ulimit -f 0; exec \"$0\" \"$@\"")
+            .arg(env!("CARGO_BIN_EXE_vq-train"))
+            .args(args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} should fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let listing = |d: &Path| {
+        let mut v: Vec<String> = std::fs::read_dir(d)
+            .map(|r| {
+                r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    };
+    let (codes_dir, codes) = (dir.join("codes"), dir.join("codes/val.safetensors"));
+    let run_s = run.to_str().unwrap();
+    let encode = [
+        "encode",
+        "--run",
+        run_s,
+        "--data",
+        "synthetic:32",
+        "--quiet",
+        "--out",
+    ];
+    let err = no_space(&[&encode[..], &[codes.to_str().unwrap()]].concat());
+    assert!(
+        err.contains("val.safetensors") && err.contains("File too large") && !err.contains("Os {"),
+        "{err}"
+    );
+    assert_eq!(listing(&codes_dir), Vec::<String>::new());
+    vq_train(&[&encode[..], &[codes.to_str().unwrap()]].concat());
+    let pngs = dir.join("png");
+    let decode = [
+        "decode",
+        "--run",
+        run_s,
+        "--codes",
+        codes.to_str().unwrap(),
+        "--out",
+    ];
+    let err = no_space(&[&decode[..], &[pngs.to_str().unwrap()]].concat());
+    assert!(
+        err.contains("writing")
+            && err.contains("000000.png")
+            && err.contains("File too large")
+            && !err.contains("Os {"),
+        "{err}"
+    );
+    // Nothing half-written: whatever is there is a whole PNG.
+    for name in listing(&pngs) {
+        assert!(!name.starts_with('.'), "a temporary file is left: {name}");
+        image::open(pngs.join(&name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -270,7 +270,7 @@ fn write(kept: &HashMap<String, Kept>, sources: &[Source], out: &Path) -> Result
     part.push(".part");
     let part = PathBuf::from(part);
     let written = safetensors::tensor::serialize_to_file(views, &Some(metadata), &part)
-        .map_err(|e| werr(format!("{e:?}")))
+        .map_err(|e| werr(e.to_string()))
         .and_then(|()| fs::rename(&part, out).map_err(|e| werr(e.to_string())));
     if written.is_err() {
         let _ = fs::remove_file(&part);

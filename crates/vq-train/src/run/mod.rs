@@ -293,8 +293,8 @@ impl<T: Task> Learner<T> {
         crate::ops::profile_stop(&trace)?;
         let summary = TraceSummary::read(&trace)?.markdown(p.count(), 30);
         let md = dir.join(format!("{stem}.md"));
-        fs::write(&md, format!("# steps {}..{}\n\n{summary}", p.first, p.last))
-            .with_context(|| format!("writing {}", md.display()))?;
+        let text = format!("# steps {}..{}\n\n{summary}", p.first, p.last);
+        crate::checkpoint::write_atomic(&md, text.as_bytes())?;
         self.logger.bar.suspend(|| {
             eprintln!(
                 "profile of steps {}..{}: {} (summary {})",
