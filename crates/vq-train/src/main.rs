@@ -225,8 +225,8 @@ struct RunArgs {
     config: Option<PathBuf>,
     /// Start the model (and discriminator) from a checkpoint of the reference code:
     /// taming-transformers / latent-diffusion VQGAN or enhancing-transformers ViT-VQGAN
-    /// (Lightning `.ckpt`), or a PyTorch state dict in the same layout; the optimizer starts
-    /// fresh. Every tensor must fit the preset's model (errors name those that do not).
+    /// (Lightning `.ckpt`), or a state dict in the same layout (PyTorch `.pth`/`.pt`, or
+    /// `.safetensors`); the optimizer starts fresh. Every tensor must fit the preset's model (errors name those that do not).
     #[arg(long)]
     init_from: Option<PathBuf>,
     /// Gradient estimator: ste, rotation, rotation-no-rescale, reflection, or one of the

@@ -1,8 +1,8 @@
 //! `train --init-from FILE`: start a run from a public checkpoint of the reference code —
 //! taming-transformers' and latent-diffusion's VQGANs (Lightning `.ckpt`), enhancing-transformers'
-//! ViT-VQGAN — or from a plain PyTorch state dict (`.pth`) in the same layout. The file is read
-//! without Python (PyTorch's zip/pickle format, through `pytorch-reader`); the optimizer starts
-//! fresh.
+//! ViT-VQGAN — or from a plain state dict (`.pth`, `.safetensors`) in the same layout. The file is read
+//! without Python (PyTorch's zip/pickle format, through `pytorch-reader`), or as a safetensors
+//! file holding the same state dict (what model hubs distribute); the optimizer starts fresh.
 //!
 //! Names: this project's variables carry the references' state-dict keys, except the quantizer's,
 //! which are mapped:
@@ -17,7 +17,7 @@
 //! Every other key must name a variable of the model with the same shape; every trainable
 //! variable of the model must be given. Anything else is an error that names the tensors.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -105,6 +105,86 @@ fn open(file: &Path) -> Result<PytorchReader> {
     }
 }
 
+/// A weights file as read: PyTorch's formats, or safetensors (its bytes).
+enum Opened {
+    Torch(PytorchReader),
+    SafeTensors(Vec<u8>),
+}
+
+/// A safetensors file starts with the little-endian length of its JSON header, then the header.
+fn is_safetensors(file: &Path) -> Result<bool> {
+    let mut head = [0u8; 9];
+    let mut f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let n = std::io::Read::read(&mut f, &mut head).unwrap_or(0);
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let header = u64::from_le_bytes(head[..8].try_into().expect("8 bytes"));
+    Ok(n == 9 && head[8] == b'{' && header.saturating_add(8) <= len)
+}
+
+fn open_any(file: &Path) -> Result<Opened> {
+    if is_safetensors(file)? {
+        let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+        safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow::anyhow!("reading {} as safetensors: {e}", file.display()))?;
+        return Ok(Opened::SafeTensors(bytes));
+    }
+    open(file).map(Opened::Torch)
+}
+
+/// One tensor of the file: its shape, and its values read on demand (as f32 on the CPU).
+type FileTensor<'a> = (Vec<i64>, Box<dyn Fn() -> Result<Tensor> + 'a>);
+
+/// The tensors of an opened file by key.
+fn file_tensors<'a>(
+    opened: &'a Opened,
+    file: &'a Path,
+) -> Result<BTreeMap<String, FileTensor<'a>>> {
+    Ok(match opened {
+        Opened::Torch(reader) => reader
+            .tensors()
+            .iter()
+            .map(|(key, t)| {
+                let shape = t.shape().iter().map(|&d| d as i64).collect();
+                let read: Box<dyn Fn() -> Result<Tensor>> = Box::new(move || to_f32(t, key, file));
+                (key.clone(), (shape, read))
+            })
+            .collect(),
+        Opened::SafeTensors(bytes) => {
+            let (header, meta) = safetensors::SafeTensors::read_metadata(bytes)
+                .map_err(|e| anyhow::anyhow!("reading {} as safetensors: {e}", file.display()))?;
+            let data = &bytes[8 + header..];
+            meta.tensors()
+                .into_iter()
+                .map(|(key, info)| {
+                    let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+                    let (dims, dtype, (a, b)) = (shape.clone(), info.dtype, info.data_offsets);
+                    let name = key.clone();
+                    let read: Box<dyn Fn() -> Result<Tensor>> = Box::new(move || {
+                        let kind = match dtype {
+                            safetensors::Dtype::F32 => Kind::Float,
+                            safetensors::Dtype::F64 => Kind::Double,
+                            safetensors::Dtype::F16 => Kind::Half,
+                            safetensors::Dtype::BF16 => Kind::BFloat16,
+                            other => bail!(
+                                "{}: tensor {name} holds {other:?} values; weights must be \
+                                 floating point",
+                                file.display()
+                            ),
+                        };
+                        let values = data.get(a..b).with_context(|| {
+                            format!("{}: tensor {name} lies past the file's end", file.display())
+                        })?;
+                        let t = Tensor::f_from_data_size(values, &dims, kind)
+                            .with_context(|| format!("{}: tensor {name}", file.display()))?;
+                        Ok(t.to_kind(Kind::Float))
+                    });
+                    (key, (shape, read))
+                })
+                .collect()
+        }
+    })
+}
+
 /// The tensor as f32 on the CPU, shaped.
 fn to_f32(t: &pytorch_reader::Tensor, key: &str, file: &Path) -> Result<Tensor> {
     let bytes = t
@@ -137,14 +217,13 @@ pub fn load(
     model: &mut nn::VarStore,
     discriminator: Option<&mut nn::VarStore>,
 ) -> Result<Loaded> {
-    let reader = open(file)?;
+    let opened = open_any(file)?;
+    let tensors = file_tensors(&opened, file)?;
     let model_vars = model.variables();
     let disc_vars = discriminator.as_ref().map(|d| d.variables());
     let mut plan: Vec<(String, Tensor, bool)> = Vec::new();
     let (mut extra, mut misshaped, mut ignored) = (Vec::new(), Vec::new(), Vec::new());
-    let keys: BTreeSet<&String> = reader.tensors().keys().collect();
-    for key in keys {
-        let t = reader.get(key).expect("a listed key");
+    for (key, (shape, read)) in &tensors {
         let (name, vars, is_disc) = match target(key) {
             Target::Ignored => {
                 ignored.push(key.clone());
@@ -163,15 +242,14 @@ pub fn load(
             extra.push(key.clone());
             continue;
         };
-        let shape: Vec<i64> = t.shape().iter().map(|&d| d as i64).collect();
-        if shape != var.size() {
+        if *shape != var.size() {
             misshaped.push(format!(
                 "{key} {shape:?} (the model's {name} is {:?})",
                 var.size()
             ));
             continue;
         }
-        plan.push((name, to_f32(t, key, file)?, is_disc));
+        plan.push((name, read()?, is_disc));
     }
     check_fit(
         file,

@@ -54,6 +54,76 @@ fn old_lightning_checkpoints_give_their_trained_weights() {
     }
 }
 
+/// The same state dict as a safetensors file (how model hubs distribute weights), in f32 and
+/// in bf16, gives the same weights as the checkpoint (bf16: to its precision).
+#[test]
+fn a_safetensors_state_dict_gives_the_checkpoints_weights() {
+    use pytorch_reader::DType;
+    use safetensors::Dtype;
+    let cfg = config();
+    let ckpt = fixtures().join("lightning-1.0.8.ckpt");
+    let reader = pytorch_reader::PytorchReader::with_top_level_key(&ckpt, "state_dict").unwrap();
+    let dir = std::env::temp_dir().join(format!("vq-safetensors-init-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let load = |file: &Path| {
+        let mut vs = nn::VarStore::new(Device::Cpu);
+        let _model = VqAutoencoder::new(&vs.root(), &cfg.model).unwrap();
+        let mut dvs = nn::VarStore::new(Device::Cpu);
+        let _disc = Discriminator::new(&dvs.root(), cfg.gan.as_ref().unwrap()).unwrap();
+        let loaded = vq_train::pretrained::load(file, &mut vs, Some(&mut dvs))
+            .unwrap_or_else(|e| panic!("{}: {e:#}", file.display()));
+        (loaded, vs, dvs)
+    };
+    let (want, vs, dvs) = load(&ckpt);
+    for half in [false, true] {
+        let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        for key in reader.keys() {
+            let t = reader.get(&key).unwrap();
+            let (dtype, mut bytes) = match t.dtype() {
+                DType::F32 => (Dtype::F32, t.read().unwrap()),
+                DType::I64 => (Dtype::I64, t.read().unwrap()),
+                other => panic!("{key}: {other:?}"),
+            };
+            let dtype = match (dtype, half) {
+                (Dtype::F32, true) => {
+                    // bf16: the upper half of each f32 (truncation).
+                    bytes = bytes.chunks(4).flat_map(|c| [c[2], c[3]]).collect();
+                    Dtype::BF16
+                }
+                (d, _) => d,
+            };
+            tensors.push((key, dtype, t.shape().to_vec(), bytes));
+        }
+        let views = tensors.iter().map(|(k, d, s, b)| {
+            (
+                k.as_str(),
+                safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap(),
+            )
+        });
+        let file = dir.join(format!("state-{half}.safetensors"));
+        safetensors::tensor::serialize_to_file(views, &None, &file).unwrap();
+        let (got, gvs, gdvs) = load(&file);
+        assert_eq!(
+            (got.model, got.discriminator),
+            (want.model, want.discriminator)
+        );
+        assert_eq!(got.ignored, want.ignored);
+        for (a, b) in [(&vs, &gvs), (&dvs, &gdvs)] {
+            for (name, t) in a.variables() {
+                let u = &b.variables()[&name];
+                let err = (&t - u).abs().max().double_value(&[]);
+                let tol = if half {
+                    1e-2 * t.abs().max().double_value(&[])
+                } else {
+                    0.0
+                };
+                assert!(err <= tol, "{name} (bf16: {half}): {err} > {tol}");
+            }
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 /// What a stage-2 user does first with a public file: import it as a run and encode a dataset.
 #[test]
 fn an_old_lightning_checkpoint_becomes_a_run_that_encodes() {
