@@ -121,6 +121,12 @@ mod tests {
         // Groups of 3 with K = 3: {0}, {0,1,2}, last partial group {2}.
         let u = codebook_usage(&[0, 0, 0, 0, 1, 2, 2], 3, 3).unwrap();
         assert!((u - (1.0 / 3.0 + 1.0 + 1.0 / 3.0) / 3.0).abs() < 1e-12);
-        assert!(codebook_usage(&[0], 3, 0).is_err());
+        // Each zero is named.
+        for (k, group, name) in [(3, 0, "group_len"), (0, 3, "k")] {
+            match codebook_usage(&[], k, group) {
+                Err(VqError::InvalidParameter { name: n, .. }) => assert_eq!(n, name),
+                other => panic!("k {k}, group {group}: {other:?}"),
+            }
+        }
     }
 }
