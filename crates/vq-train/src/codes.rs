@@ -418,11 +418,14 @@ pub fn decode(run: &LoadedRun, codes: &Path, out: &Path, batch: usize) -> Result
                 false => format!("{index:06}.png"),
             };
             let path = out.join(name);
-            // Encoded in memory: `image`'s `save` loses the error of its last write.
+            // Encoded in memory and written by `std::fs` (`image`'s `save` loses the error of
+            // its last write); not fsynced one by one, as a dataset's worth of files would be.
             let mut png = std::io::Cursor::new(Vec::new());
-            img.write_to(&mut png, image::ImageFormat::Png)?;
+            img.write_to(&mut png, image::ImageFormat::Png)
+                .with_context(|| format!("encoding {}", path.display()))?;
             crate::checkpoint::replace_file(&path, |tmp| {
-                crate::checkpoint::write_synced(tmp, png.get_ref())
+                std::fs::write(tmp, png.get_ref())
+                    .with_context(|| format!("writing {}", tmp.display()))
             })?;
         }
     }
