@@ -360,8 +360,13 @@ fn write_shard(
 pub fn decode(run: &LoadedRun, codes: &Path, out: &Path, batch: usize) -> Result<usize> {
     ensure!(batch > 0, "--batch must be at least 1");
     let bytes = std::fs::read(codes).with_context(|| format!("reading {}", codes.display()))?;
-    let file = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{} is not a safetensors file", codes.display()))?;
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} cannot be read as safetensors: {}",
+            codes.display(),
+            vq_weights::safetensors_problem(&e)
+        )
+    })?;
     let (_, meta) = SafeTensors::read_metadata(&bytes)?;
     let meta = meta.metadata().clone().unwrap_or_default();
     if !meta

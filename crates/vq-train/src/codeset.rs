@@ -184,8 +184,13 @@ fn shard_set(out: &Path) -> Result<Vec<PathBuf>> {
 
 fn read_part(f: &Path) -> Result<FilePart> {
     let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
-    let file = SafeTensors::deserialize(&bytes)
-        .with_context(|| format!("{} is not a safetensors file", f.display()))?;
+    let file = SafeTensors::deserialize(&bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} cannot be read as safetensors: {}",
+            f.display(),
+            vq_weights::safetensors_problem(&e)
+        )
+    })?;
     let (_, meta) = SafeTensors::read_metadata(&bytes)?;
     let meta = meta.metadata().clone().unwrap_or_default();
     let get = |key: &str| {

@@ -1,8 +1,8 @@
 //! `train --init-from FILE`: start a run from a public checkpoint of the reference code —
 //! taming-transformers' and latent-diffusion's VQGANs (Lightning `.ckpt`), enhancing-transformers'
-//! ViT-VQGAN — or from a plain state dict (`.pth`, `.safetensors`) in the same layout. The file is read
-//! without Python (PyTorch's zip/pickle format, through `pytorch-reader`), or as a safetensors
-//! file holding the same state dict (what model hubs distribute); the optimizer starts fresh.
+//! ViT-VQGAN — or from a plain state dict in the same layout: PyTorch's (`.pth`), or safetensors
+//! (what model hubs distribute). The file is read without Python (PyTorch's zip/pickle format
+//! through `pytorch-reader`, safetensors through its crate); the optimizer starts fresh.
 //!
 //! Names: this project's variables carry the references' state-dict keys, except the quantizer's,
 //! which are mapped:
@@ -124,8 +124,6 @@ fn is_safetensors(file: &Path) -> Result<bool> {
 fn open_any(file: &Path) -> Result<Opened> {
     if is_safetensors(file)? {
         let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-        safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| anyhow::anyhow!("reading {} as safetensors: {e}", file.display()))?;
         return Ok(Opened::SafeTensors(bytes));
     }
     open(file).map(Opened::Torch)
@@ -150,8 +148,14 @@ fn file_tensors<'a>(
             })
             .collect(),
         Opened::SafeTensors(bytes) => {
-            let (header, meta) = safetensors::SafeTensors::read_metadata(bytes)
-                .map_err(|e| anyhow::anyhow!("reading {} as safetensors: {e}", file.display()))?;
+            // Checks the header: its length, its JSON, offsets that tile the data exactly.
+            let (header, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
+                anyhow::anyhow!(
+                    "reading {} as safetensors: {}",
+                    file.display(),
+                    vq_weights::safetensors_problem(&e)
+                )
+            })?;
             let data = &bytes[8 + header..];
             meta.tensors()
                 .into_iter()

@@ -247,7 +247,7 @@ fn write(kept: &HashMap<String, Kept>, sources: &[Source], out: &Path) -> Result
     for (name, (shape, bytes)) in kept {
         elements += shape.iter().product::<usize>();
         let view = TensorView::new(Dtype::F32, shape.clone(), bytes)
-            .map_err(|e| werr(format!("{name}: {e:?}")))?;
+            .map_err(|e| werr(format!("{name}: {}", crate::safetensors_problem(&e))))?;
         views.push((name.as_str(), view));
     }
     let names: Vec<String> = sources
@@ -269,8 +269,9 @@ fn write(kept: &HashMap<String, Kept>, sources: &[Source], out: &Path) -> Result
     let mut part = out.as_os_str().to_owned();
     part.push(".part");
     let part = PathBuf::from(part);
-    let written = safetensors::tensor::serialize_to_file(views, &Some(metadata), &part)
-        .map_err(|e| werr(e.to_string()))
+    let written = safetensors::tensor::serialize(views, &Some(metadata))
+        .map_err(|e| werr(crate::safetensors_problem(&e)))
+        .and_then(|bytes| fs::write(&part, bytes).map_err(|e| werr(e.to_string())))
         .and_then(|()| fs::rename(&part, out).map_err(|e| werr(e.to_string())));
     if written.is_err() {
         let _ = fs::remove_file(&part);

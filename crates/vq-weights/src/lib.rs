@@ -26,6 +26,48 @@ pub use convert::Converted;
 pub use error::{Result, WeightsError};
 pub use network::Network;
 
+/// What a `safetensors` error means, in words: the crate (0.3) prints its errors as their Rust
+/// names (`MetadataIncompleteBuffer`, `IoError(Os { .. })`).
+///
+/// ```
+/// use safetensors::SafeTensorError;
+/// let said = vq_weights::safetensors_problem(&SafeTensorError::MetadataIncompleteBuffer);
+/// assert!(said.contains("cut short"), "{said}");
+/// ```
+pub fn safetensors_problem(e: &safetensors::SafeTensorError) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall => "too short to be a safetensors file (under 8 bytes)".into(),
+        E::InvalidHeaderLength => {
+            "the header length in its first 8 bytes runs past the file's end: the file is cut \
+             short, or not a safetensors file"
+                .into()
+        }
+        E::HeaderTooLarge => "its header claims more than 100 MB: not a safetensors file".into(),
+        E::InvalidHeader | E::InvalidHeaderStart => {
+            "its header is not JSON text: not a safetensors file".into()
+        }
+        E::InvalidHeaderDeserialization => {
+            "its header is not the JSON of a safetensors file".into()
+        }
+        E::JsonError(j) => format!("its header is not valid JSON ({j})"),
+        E::MetadataIncompleteBuffer => {
+            "its data is not the size its header declares: the file is cut short or has bytes \
+             appended"
+                .into()
+        }
+        E::TensorInvalidInfo | E::ValidationOverflow => {
+            "a tensor's shape and type do not fit its declared bytes".into()
+        }
+        E::InvalidOffset(name) => format!("tensor {name}'s declared bytes are out of place"),
+        E::TensorNotFound(name) => format!("it holds no tensor {name}"),
+        E::InvalidTensorView(dtype, shape, len) => {
+            format!("a {dtype:?} tensor of shape {shape:?} cannot be {len} bytes")
+        }
+        E::IoError(io) => io.to_string(),
+    }
+}
+
 /// The environment variable naming the folder of the converted weights; set and empty, there
 /// is no default place (only `--lpips` / `--inception` files are used).
 pub const DIR_ENV: &str = "VQ_WEIGHTS";
@@ -58,6 +100,31 @@ pub fn locate(network: Network) -> Option<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Cut, lengthened or foreign bytes are said in words, never as the crate's Rust names.
+    #[test]
+    fn damaged_safetensors_files_are_said_in_words() {
+        use safetensors::tensor::{Dtype, TensorView, serialize};
+        let data = [0u8; 16];
+        let view = TensorView::new(Dtype::F32, vec![4], &data).unwrap();
+        let good = serialize([("w", view)], &None).unwrap();
+        let cut = &good[..good.len() - 3];
+        let longer = [good.as_slice(), b"tail"].concat();
+        for (what, bytes) in [
+            ("cut", cut),
+            ("appended", longer.as_slice()),
+            ("foreign", b"GIF89a, a picture".as_slice()),
+            ("tiny", b"abc".as_slice()),
+        ] {
+            let e = safetensors::SafeTensors::deserialize(bytes).err().unwrap();
+            let said = safetensors_problem(&e);
+            let rust_name = said.chars().next().is_some_and(char::is_uppercase)
+                || ["Metadata", "Header", "IoError", "Os {"]
+                    .iter()
+                    .any(|n| said.contains(n));
+            assert!(!rust_name, "{what}: {said}");
+        }
+    }
     use std::ffi::OsString;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
