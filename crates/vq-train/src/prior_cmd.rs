@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
 use tch::{Device, Kind, Tensor};
 use vq_prior::{Cache, Sampling};
@@ -184,6 +184,12 @@ pub struct SampleArgs {
 
 /// `sample`.
 pub fn sample(args: SampleArgs, device: Device) -> Result<()> {
+    ensure!(args.count >= 1, "--count must be at least 1");
+    ensure!(args.batch >= 1, "--batch must be at least 1");
+    let mut listed = std::collections::BTreeSet::new();
+    if let Some(c) = args.classes.iter().find(|&&c| !listed.insert(c)) {
+        bail!("--classes names class {c} twice");
+    }
     let (config, prior, _vs) = vq_train::prior::load_prior(&args.prior, device)?;
     let tokenizer = args
         .tokenizer
@@ -208,6 +214,14 @@ pub fn sample(args: SampleArgs, device: Device) -> Result<()> {
         ..Sampling::default()
     };
     let classes = prior.config().conditioning.classes() as i64;
+    ensure!(
+        classes > 0 || args.classes.is_empty(),
+        "--classes: {} is an unconditional prior (it was trained without labels)",
+        args.prior.display()
+    );
+    if let Some(c) = args.classes.iter().find(|&&c| !(0..classes).contains(&c)) {
+        bail!("--classes: class index {c} is outside 0..{classes}");
+    }
     let labels: Option<Vec<i64>> = (classes > 0).then(|| {
         let which: Vec<i64> = match args.classes.is_empty() {
             true => (0..classes).collect(),
@@ -220,8 +234,8 @@ pub fn sample(args: SampleArgs, device: Device) -> Result<()> {
     });
     let n = labels.as_ref().map_or(args.count, Vec::len);
     let mut grids = Vec::new();
-    for start in (0..n).step_by(args.batch.max(1)) {
-        let end = (start + args.batch.max(1)).min(n);
+    for start in (0..n).step_by(args.batch) {
+        let end = (start + args.batch).min(n);
         let y = labels.as_ref().map(|l| &l[start..end]);
         let seed = args.seed.wrapping_add(start as u64);
         grids.push(prior.sample(y, end - start, seed, &sampling, Cache::Kv)?);
@@ -246,7 +260,7 @@ pub fn sample(args: SampleArgs, device: Device) -> Result<()> {
     let with_classes = label_i32.as_deref().map(|l| (l, train.classes.as_slice()));
     vq_train::codes::write_codes_file(&path, &codes, with_classes, &codebook, meta)?;
     let images = args.out.join("images");
-    let written = vq_train::codes::decode(&run, &path, &images, args.batch.max(1))?;
+    let written = vq_train::codes::decode(&run, &path, &images, args.batch)?;
     let figure = args.out.join("samples.png");
     class_grid(&run, &codes, labels.as_deref(), &train.classes, &figure)?;
     println!(

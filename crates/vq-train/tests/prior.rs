@@ -159,6 +159,28 @@ fn a_prior_trains_on_encoded_codes_resumes_bit_for_bit_and_samples() {
     assert_eq!(std::fs::read_dir(out.join("images")).unwrap().count(), 4);
     let grid = image::open(out.join("samples.png")).unwrap();
     assert!(grid.height() > 2 * 32, "two labelled rows of samples");
+    // Settings that would sample nothing, twice or outside the classes are refused up front.
+    for (bad, said) in [
+        (["--count", "0"], "--count must be at least 1"),
+        (["--batch", "0"], "--batch must be at least 1"),
+        (["--classes", "3,3"], "names class 3 twice"),
+        (["--classes", "10"], "class index 10 is outside 0..10"),
+    ] {
+        let mut args = vec!["sample", "--prior", straight.to_str().unwrap()];
+        args.extend(bad);
+        args.extend(["--out", out.to_str().unwrap()]);
+        let run = std::process::Command::new(env!("CARGO_BIN_EXE_vq-train"))
+            .args(&args)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert!(
+            !run.status.success() && err.contains(said),
+            "{bad:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{bad:?}: {err}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
