@@ -164,6 +164,11 @@ fn empty_data_and_bad_thread_counts_are_errors_not_panics() {
             vec!["--stop-after", "0"],
             "--stop-after 0 would stop before the first step",
         ),
+        (vec!["--log-every", "0"], "give at least 1 (got 0 and 250)"),
+        (
+            vec!["--checkpoint-every", "0"],
+            "give at least 1 (got 25 and 0)",
+        ),
         (
             vec!["--lpips", "/nonexistent/lpips.safetensors"],
             "no such file",

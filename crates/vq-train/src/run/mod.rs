@@ -87,6 +87,13 @@ impl<T: Task> Learner<T> {
             "--stop-after 0 would stop before the first step, training and evaluating nothing: \
              give at least 1"
         );
+        ensure!(
+            opts.log_every > 0 && opts.checkpoint_every > 0,
+            "--log-every and --checkpoint-every count steps between metric lines and between \
+             checkpoints: give at least 1 (got {} and {})",
+            opts.log_every,
+            opts.checkpoint_every
+        );
         // The options that decide when the ranks communicate.
         dist.check_same(
             "--stop-after / --checkpoint-every",
