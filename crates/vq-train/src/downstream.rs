@@ -40,6 +40,24 @@ pub struct PriorPlan {
     pub device: Device,
 }
 
+impl PriorPlan {
+    /// Checks the plan before any tokenizer trains: a known preset and sound optimiser settings.
+    ///
+    /// # Errors
+    /// An unknown preset or a bad setting, named.
+    pub fn validate(&self) -> Result<()> {
+        ensure!(
+            vq_prior::PRESETS.contains(&self.preset.as_str()),
+            "--prior-preset {:?}: unknown; known: {}",
+            self.preset,
+            vq_prior::PRESETS.join(", ")
+        );
+        PriorTraining::llamagen(self.steps, self.batch_size, self.learning_rate)
+            .validate()
+            .context("--prior-steps / --prior-batch-size / --prior-lr")
+    }
+}
+
 /// One method × seed of the comparison.
 #[derive(Debug, Clone, Serialize)]
 pub struct DownstreamRow {
@@ -178,6 +196,7 @@ pub fn downstream(
         sweep.families.is_empty() && sweep.codebook_sizes.is_empty() && sweep.ema_decays.is_empty(),
         "the downstream comparison runs methods × seeds (no --grid)"
     );
+    plan.validate()?;
     let (rows, _) = crate::sweep::sweep(base, sweep)?;
     let judge = Judge::new(base)?;
     let mut out = Vec::new();
@@ -436,4 +455,30 @@ fn preamble(base: &TrainOptions, plan: &PriorPlan, rows: &[DownstreamRow]) -> St
     }
     s += "\n\n";
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The prior settings are checked before the first tokenizer trains.
+    #[test]
+    fn a_bad_prior_plan_is_named_before_any_work() {
+        let plan = |preset: &str, steps, lr| PriorPlan {
+            preset: preset.into(),
+            steps,
+            batch_size: 8,
+            learning_rate: lr,
+            device: Device::Cpu,
+        };
+        assert!(plan("demo", 10, 1e-3).validate().is_ok());
+        for (bad, said) in [
+            (plan("gpt9", 10, 1e-3), "unknown"),
+            (plan("demo", 0, 1e-3), "steps must be > 0"),
+            (plan("demo", 10, f64::NAN), "learning_rate"),
+        ] {
+            let err = format!("{:#}", bad.validate().unwrap_err());
+            assert!(err.contains(said), "{err}");
+        }
+    }
 }

@@ -683,10 +683,7 @@ fn downstream(args: DownstreamArgs) -> Result<()> {
         bail!("downstream takes --estimators and --seeds (not --estimator / --seed)");
     }
     let sweep = vq_train::sweep::Sweep {
-        methods: estimators
-            .iter()
-            .map(|e| Method::from_name(e))
-            .collect::<Result<Vec<_>>>()?,
+        methods: vq_train::sweep::parse_methods(&estimators)?,
         seeds: vq_train::sweep::parse_seeds(&seeds)?,
         ..Default::default()
     };
@@ -886,10 +883,7 @@ fn compare_cmd(args: CompareArgs) -> Result<()> {
              `vq-train train --nproc N --estimator E` (or under torchrun) and compare the runs' eval.json"
         );
     }
-    let estimators = estimators
-        .iter()
-        .map(|e| Method::from_name(e))
-        .collect::<Result<Vec<_>>>()?;
+    let estimators = vq_train::sweep::parse_methods(&estimators)?;
     let mut sweep = vq_train::sweep::Sweep {
         methods: estimators.clone(),
         ..Default::default()

@@ -207,6 +207,24 @@ impl Sweep {
     }
 }
 
+/// The methods of `--estimators`, each once.
+///
+/// # Errors
+/// An unknown name, or a method given twice (under any of its names).
+pub fn parse_methods(names: &[String]) -> Result<Vec<Method>> {
+    let mut methods: Vec<Method> = Vec::with_capacity(names.len());
+    for name in names {
+        let m = Method::from_name(name)?;
+        ensure!(
+            !methods.contains(&m),
+            "--estimators names {} twice",
+            m.name()
+        );
+        methods.push(m);
+    }
+    Ok(methods)
+}
+
 /// Parses `--seeds`: `A..B` (B excluded), `A..=B`, or a comma list.
 ///
 /// ```
@@ -675,4 +693,22 @@ fn plot_column(base: &TrainOptions, stats: &[CellStats], i: usize, c: &Column) -
     crate::checkpoint::replace_file(&path, |tmp| {
         vq_plot::line_panels(tmp, &figure).with_context(|| format!("drawing {}", path.display()))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A method named twice — under one name or two — would train and count its runs twice.
+    #[test]
+    fn a_method_named_twice_is_refused() {
+        let names = |s: &str| s.split(',').map(str::to_owned).collect::<Vec<_>>();
+        let ok = parse_methods(&names("ste,rotation,diveq")).unwrap();
+        assert_eq!(ok.len(), 3);
+        for twice in ["ste,rotation,ste", "ste,straight-through"] {
+            let err = parse_methods(&names(twice)).unwrap_err().to_string();
+            assert!(err.contains("names ste twice"), "{twice}: {err}");
+        }
+        assert!(parse_methods(&names("ste,nope")).is_err());
+    }
 }

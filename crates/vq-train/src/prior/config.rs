@@ -61,6 +61,33 @@ pub struct PriorRunConfig {
 }
 
 impl PriorTraining {
+    /// Checks the optimiser settings.
+    ///
+    /// # Errors
+    /// A bad value, named.
+    pub fn validate(&self) -> Result<()> {
+        let t = self;
+        ensure!(
+            t.batch_size > 0 && t.steps > 0,
+            "batch_size and steps must be > 0"
+        );
+        ensure!(
+            t.learning_rate.is_finite() && t.learning_rate > 0.0,
+            "learning_rate must be finite and > 0"
+        );
+        ensure!(
+            (0.0..1.0).contains(&t.betas.0) && (0.0..1.0).contains(&t.betas.1),
+            "betas must be in [0, 1)"
+        );
+        ensure!(t.grad_clip > 0.0, "grad_clip must be > 0");
+        ensure!(
+            t.precision != Precision::F16,
+            "precision f16 is not offered for priors (its loss scaling is the autoencoder's); use \
+             bf16, which needs none"
+        );
+        Ok(())
+    }
+
     /// LlamaGen's optimiser settings for `steps` steps of `batch_size` grids at `learning_rate`,
     /// 5% warm-up, decay to 10%.
     pub fn llamagen(steps: usize, batch_size: usize, learning_rate: f64) -> Self {
@@ -111,25 +138,7 @@ impl PriorRunConfig {
     /// A bad value or codes that do not fit the prior, named.
     pub fn validate(&self, train: &CodeSet) -> Result<()> {
         self.prior.validate()?;
-        let t = &self.training;
-        ensure!(
-            t.batch_size > 0 && t.steps > 0,
-            "batch_size and steps must be > 0"
-        );
-        ensure!(
-            t.learning_rate.is_finite() && t.learning_rate > 0.0,
-            "learning_rate must be finite and > 0"
-        );
-        ensure!(
-            (0.0..1.0).contains(&t.betas.0) && (0.0..1.0).contains(&t.betas.1),
-            "betas must be in [0, 1)"
-        );
-        ensure!(t.grad_clip > 0.0, "grad_clip must be > 0");
-        ensure!(
-            t.precision != Precision::F16,
-            "precision f16 is not offered for priors (its loss scaling is the autoencoder's); use \
-             bf16, which needs none"
-        );
+        self.training.validate()?;
         let p = &self.prior;
         ensure!(
             train.codebook_size == p.codebook_size && train.grid() == (p.grid_h, p.grid_w),
