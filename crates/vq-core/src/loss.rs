@@ -42,8 +42,8 @@ pub enum CodebookTerm {
 /// use vq_core::{BetaPlacement, CodebookTerm, LossWeights};
 /// let w = LossWeights::new(0.25, BetaPlacement::LegacyCodebook, CodebookTerm::Include).unwrap();
 /// assert_eq!((w.commitment(), w.codebook()), (1.0, 0.25));
-/// let ema = LossWeights::new(1.0, BetaPlacement::Commitment, CodebookTerm::Exclude).unwrap();
-/// assert_eq!((ema.commitment(), ema.codebook()), (1.0, 0.0));
+/// let ema = LossWeights::new(0.25, BetaPlacement::Commitment, CodebookTerm::Exclude).unwrap();
+/// assert_eq!((ema.commitment(), ema.codebook()), (0.25, 0.0));
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LossWeights {
