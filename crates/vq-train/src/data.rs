@@ -637,12 +637,32 @@ pub(crate) fn read_fashion_mnist(
         Split::Train => "train",
         Split::Test => "t10k",
     };
+    // The files as the dataset's site names them, as MNIST-style mirrors do (`train-images.
+    // idx3-ubyte`), gzipped or not; in the folder given, or where torchvision's
+    // `FashionMNIST(root, download=True)` puts them (`root/FashionMNIST/raw/`).
+    let folders = [
+        dir.to_path_buf(),
+        dir.join("raw"),
+        dir.join("FashionMNIST/raw"),
+    ];
     let find = |kind: &str| -> Result<PathBuf> {
         let name = format!("{prefix}-{kind}");
-        [dir.join(&name), dir.join(format!("{name}.gz"))]
-            .into_iter()
+        let dotted = name.replacen("s-idx", "s.idx", 1);
+        folders
+            .iter()
+            .flat_map(|f| {
+                [&name, &dotted]
+                    .into_iter()
+                    .flat_map(move |n| [f.join(n), f.join(format!("{n}.gz"))])
+            })
             .find(|p| p.is_file())
-            .with_context(|| format!("no {name} or {name}.gz in {}", dir.display()))
+            .with_context(|| {
+                format!(
+                    "no {name} (or {dotted}, gzipped or not) in {} or its raw/ or \
+                     FashionMNIST/raw/",
+                    dir.display()
+                )
+            })
     };
     let images = find("images-idx3-ubyte")?;
     let labels = find("labels-idx1-ubyte")?;
@@ -822,6 +842,28 @@ fn ucf101(dir: &Path, split: Split, frames: usize, resolution: usize) -> Result<
 
 #[cfg(test)]
 mod tests {
+    /// Fashion-MNIST where torchvision downloads it, under the dotted names of MNIST mirrors,
+    /// reads as the files of the dataset's own site.
+    #[test]
+    fn fashion_mnist_is_found_in_torchvisions_folder_and_under_dotted_names() {
+        use super::*;
+        let root = std::env::temp_dir().join(format!("vq-fmnist-{}", std::process::id()));
+        let raw = root.join("FashionMNIST/raw");
+        std::fs::create_dir_all(&raw).unwrap();
+        let demo = vq_data::fashion_mnist_demo_dir();
+        for f in ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"] {
+            std::fs::copy(demo.join(f), raw.join(f.replacen("s-idx", "s.idx", 1))).unwrap();
+        }
+        let (x, y) = read_fashion_mnist(&root, Split::Test).unwrap();
+        let (x0, y0) = read_fashion_mnist(&demo, Split::Test).unwrap();
+        assert_eq!((x, y), (x0, y0));
+        let err = read_fashion_mnist(&root, Split::Train)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no train-images-idx3-ubyte"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
     use super::*;
 
     #[test]
