@@ -26,6 +26,23 @@ pub fn may_resume(
     if was == now {
         return Ok(None);
     }
+    use crate::config::RunKind;
+    if let (Some(a), Some(b)) = (RunKind::of(was), RunKind::of(now))
+        && a != b
+    {
+        anyhow::bail!(
+            "{} holds {} checkpoint, and this command trains {}: use another --out",
+            ckpt.display(),
+            match a {
+                RunKind::Tokenizer => "a tokenizer's",
+                RunKind::Prior => "a prior's",
+            },
+            match b {
+                RunKind::Tokenizer => "a tokenizer",
+                RunKind::Prior => "a prior",
+            }
+        );
+    }
     let steps = |v: &serde_json::Value| v.pointer("/training/steps").and_then(|s| s.as_u64());
     let without_steps = |v: &serde_json::Value| {
         let mut v = v.clone();
@@ -113,5 +130,45 @@ mod tests {
                 "training.steps: 6 in the checkpoint, 8 now"
             ]
         );
+    }
+
+    /// A folder of the other kind of run is named as such, not listed as a long difference;
+    /// a run record read as the wrong kind is refused the same way.
+    #[test]
+    fn a_run_of_the_other_kind_is_named() {
+        let tokenizer = serde_json::json!({"model": {}, "training": {"steps": 6}});
+        let prior = serde_json::json!({"prior": {}, "training": {"steps": 6}});
+        let ckpt = Path::new("ckpt");
+        for (was, now, said) in [
+            (
+                &prior,
+                &tokenizer,
+                "holds a prior's checkpoint, and this command trains a tokenizer",
+            ),
+            (
+                &tokenizer,
+                &prior,
+                "holds a tokenizer's checkpoint, and this command trains a prior",
+            ),
+        ] {
+            let err = may_resume(ckpt, was, now, 1, |_| {})
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(said), "{err}");
+        }
+        use crate::config::{RunKind, expect_kind};
+        let file = Path::new("run.json");
+        assert!(expect_kind(&tokenizer, RunKind::Tokenizer, file).is_ok());
+        let err = expect_kind(&prior, RunKind::Tokenizer, file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("is a prior's (train-prior) run record"),
+            "{err}"
+        );
+        let err = expect_kind(&tokenizer, RunKind::Prior, file)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("is a tokenizer's"), "{err}");
     }
 }
