@@ -25,9 +25,9 @@ pub const IMAGE_EXTENSIONS: [&str; 12] = [
     "jpeg", "jpg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pbm", "pnm",
 ];
 
-/// Decodes a JPEG, PNG, WebP, BMP, TIFF, GIF (first frame) or Netpbm (PPM/PGM/PBM) — format sniffed from the bytes,
-/// not the name: ImageNet has a PNG named `.JPEG` — into RGB `(H, W, 3)`; grayscale, CMYK,
-/// alpha and 16-bit images are converted. A truncated JPEG is an error, not a grey-filled image.
+/// Decodes a JPEG, PNG, WebP, BMP, TIFF, GIF (first frame) or Netpbm (PPM/PGM/PBM) — format
+/// sniffed from the bytes, not the name: ImageNet has a PNG named `.JPEG` — into RGB
+/// `(H, W, 3)`; grayscale, CMYK, alpha and 16-bit images are converted. A truncated JPEG is an error, not a grey-filled image.
 ///
 /// # Errors
 /// [`DataError::Decode`] naming `path` for bytes that are not a decodable image.
