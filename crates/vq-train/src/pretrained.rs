@@ -105,10 +105,14 @@ fn open(file: &Path) -> Result<PytorchReader> {
     }
 }
 
-/// A weights file as read: PyTorch's formats, or safetensors (its bytes).
+/// A weights file as read: PyTorch's formats, or safetensors (its header; each tensor's bytes
+/// are read when needed, so memory stays bounded by the model whatever the file claims).
 enum Opened {
     Torch(PytorchReader),
-    SafeTensors(Vec<u8>),
+    SafeTensors {
+        data_start: u64,
+        tensors: HashMap<String, safetensors::tensor::TensorInfo>,
+    },
 }
 
 /// A safetensors file starts with the little-endian length of its JSON header, then the header.
@@ -123,10 +127,76 @@ fn is_safetensors(file: &Path) -> Result<bool> {
 
 fn open_any(file: &Path) -> Result<Opened> {
     if is_safetensors(file)? {
-        let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-        return Ok(Opened::SafeTensors(bytes));
+        return open_safetensors(file);
     }
     open(file).map(Opened::Torch)
+}
+
+/// The header of a safetensors file, checked as the `safetensors` crate checks a whole file:
+/// each tensor's declared bytes fit its shape and type, and they end where the file ends.
+fn open_safetensors(file: &Path) -> Result<Opened> {
+    use std::io::Read;
+    let problem = |e: safetensors::SafeTensorError| {
+        anyhow::anyhow!(
+            "reading {} as safetensors: {}",
+            file.display(),
+            vq_weights::safetensors_problem(&e)
+        )
+    };
+    let mut f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n)
+        .with_context(|| format!("reading {}", file.display()))?;
+    let n = u64::from_le_bytes(n);
+    if n > 100_000_000 {
+        return Err(problem(safetensors::SafeTensorError::HeaderTooLarge));
+    }
+    let mut header = vec![0u8; n as usize];
+    f.read_exact(&mut header)
+        .with_context(|| format!("reading {}", file.display()))?;
+    let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header)
+        .map_err(|_| problem(safetensors::SafeTensorError::InvalidHeaderDeserialization))?;
+    let mut end = 0u64;
+    let tensors: HashMap<String, safetensors::tensor::TensorInfo> = meta
+        .tensors()
+        .into_iter()
+        .map(|(name, info)| (name, info.clone()))
+        .collect();
+    for info in tensors.values() {
+        let (a, b) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
+        let bytes = info
+            .shape
+            .iter()
+            .try_fold(info.dtype.size() as u64, |acc, &d| {
+                acc.checked_mul(d as u64)
+            });
+        if b < a || bytes != Some(b - a) {
+            return Err(problem(safetensors::SafeTensorError::TensorInvalidInfo));
+        }
+        end = end.max(b);
+    }
+    if 8 + n + end != len {
+        return Err(problem(
+            safetensors::SafeTensorError::MetadataIncompleteBuffer,
+        ));
+    }
+    Ok(Opened::SafeTensors {
+        data_start: 8 + n,
+        tensors,
+    })
+}
+
+/// `len` bytes of `file` from `at`.
+fn read_at(file: &Path, at: u64, len: usize) -> Result<Vec<u8>> {
+    use std::io::{Read, Seek};
+    let mut f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
+    f.seek(std::io::SeekFrom::Start(at))
+        .with_context(|| format!("reading {}", file.display()))?;
+    let mut bytes = vec![0u8; len];
+    f.read_exact(&mut bytes)
+        .with_context(|| format!("reading {}", file.display()))?;
+    Ok(bytes)
 }
 
 /// One tensor of the file: its shape, and its values read on demand (as f32 on the CPU).
@@ -147,45 +217,36 @@ fn file_tensors<'a>(
                 (key.clone(), (shape, read))
             })
             .collect(),
-        Opened::SafeTensors(bytes) => {
-            // Checks the header: its length, its JSON, offsets that tile the data exactly.
-            let (header, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| {
-                anyhow::anyhow!(
-                    "reading {} as safetensors: {}",
-                    file.display(),
-                    vq_weights::safetensors_problem(&e)
-                )
-            })?;
-            let data = &bytes[8 + header..];
-            meta.tensors()
-                .into_iter()
-                .map(|(key, info)| {
-                    let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-                    let (dims, dtype, (a, b)) = (shape.clone(), info.dtype, info.data_offsets);
-                    let name = key.clone();
-                    let read: Box<dyn Fn() -> Result<Tensor>> = Box::new(move || {
-                        let kind = match dtype {
-                            safetensors::Dtype::F32 => Kind::Float,
-                            safetensors::Dtype::F64 => Kind::Double,
-                            safetensors::Dtype::F16 => Kind::Half,
-                            safetensors::Dtype::BF16 => Kind::BFloat16,
-                            other => bail!(
-                                "{}: tensor {name} holds {other:?} values; weights must be \
-                                 floating point",
-                                file.display()
-                            ),
-                        };
-                        let values = data.get(a..b).with_context(|| {
-                            format!("{}: tensor {name} lies past the file's end", file.display())
-                        })?;
-                        let t = Tensor::f_from_data_size(values, &dims, kind)
-                            .with_context(|| format!("{}: tensor {name}", file.display()))?;
-                        Ok(t.to_kind(Kind::Float))
-                    });
-                    (key, (shape, read))
-                })
-                .collect()
-        }
+        Opened::SafeTensors {
+            data_start,
+            tensors,
+        } => tensors
+            .iter()
+            .map(|(key, info)| {
+                let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+                let dims = shape.clone();
+                let (a, b) = info.data_offsets;
+                let at = data_start + a as u64;
+                let read: Box<dyn Fn() -> Result<Tensor>> = Box::new(move || {
+                    let kind = match info.dtype {
+                        safetensors::Dtype::F32 => Kind::Float,
+                        safetensors::Dtype::F64 => Kind::Double,
+                        safetensors::Dtype::F16 => Kind::Half,
+                        safetensors::Dtype::BF16 => Kind::BFloat16,
+                        other => bail!(
+                            "{}: tensor {key} holds {other:?} values; weights must be floating \
+                             point",
+                            file.display()
+                        ),
+                    };
+                    let values = read_at(file, at, b - a)?;
+                    let t = Tensor::f_from_data_size(&values, &dims, kind)
+                        .with_context(|| format!("{}: tensor {key}", file.display()))?;
+                    Ok(t.to_kind(Kind::Float))
+                });
+                (key.clone(), (shape, read))
+            })
+            .collect(),
     })
 }
 
