@@ -495,7 +495,8 @@ mod tests {
             f(v.as_object_mut().unwrap());
             read(v).unwrap_err()
         };
-        let cases: [(Preset, &dyn Fn(&mut serde_json::Map<_, _>), &[&str]); 5] = [
+        type Edit<'a> = &'a dyn Fn(&mut serde_json::Map<String, serde_json::Value>);
+        let cases: [(Preset, Edit, &[&str]); 5] = [
             (
                 Preset::DemoFashionMnist,
                 &|m| {
