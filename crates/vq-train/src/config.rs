@@ -6,7 +6,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, ensure};
 use tch::Device;
 use vq_models::{GanConfig, TrainingConfig, VqAutoencoderConfig};
 use vq_tch::Precision;
@@ -165,7 +165,7 @@ impl RunConfig {
     /// Unreadable or malformed files, named.
     pub fn from_run_file(path: &Path) -> Result<Self> {
         let mut v = read_json(path)?;
-        expect_kind(&v, RunKind::Tokenizer, path)?;
+        crate::run::expect_kind(&v, crate::run::RunKind::Tokenizer, path)?;
         Self::upgrade_record(&mut v);
         from_json_value(v, path)
     }
@@ -415,49 +415,6 @@ pub fn may_resume(
 /// A configuration from its JSON, with the path of the offending field in the error
 /// (`model.quantizer.beta: invalid type: string "x", expected f32`; `model.quantizer: unknown
 /// field `betta``).
-/// What a run folder holds, told by its record's top-level fields.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RunKind {
-    /// An autoencoder (`train`, `import`): a `model` section.
-    Tokenizer,
-    /// A prior (`train-prior`): a `prior` section.
-    Prior,
-}
-
-impl RunKind {
-    /// The kind of a run record (run.json, a checkpoint's state), if it is either.
-    pub fn of(record: &serde_json::Value) -> Option<Self> {
-        match (record.get("model"), record.get("prior")) {
-            (_, Some(_)) => Some(Self::Prior),
-            (Some(_), None) => Some(Self::Tokenizer),
-            (None, None) => None,
-        }
-    }
-
-    fn describe(self) -> &'static str {
-        match self {
-            Self::Tokenizer => "a tokenizer's (train or import)",
-            Self::Prior => "a prior's (train-prior)",
-        }
-    }
-}
-
-/// Refuses a run record of another kind than `want`, saying which it is.
-///
-/// # Errors
-/// A record of the other kind.
-pub fn expect_kind(record: &serde_json::Value, want: RunKind, path: &Path) -> Result<()> {
-    match RunKind::of(record) {
-        Some(kind) if kind != want => bail!(
-            "{} is {} run record, not {}: give the folder of the other run",
-            path.display(),
-            kind.describe(),
-            want.describe()
-        ),
-        _ => Ok(()),
-    }
-}
-
 pub fn from_json_value<T: serde::de::DeserializeOwned>(
     v: serde_json::Value,
     path: &Path,

@@ -378,7 +378,7 @@ pub fn load_prior(run: &Path, device: Device) -> Result<(PriorRunConfig, Prior, 
         .with_context(|| format!("reading {}", dir.run().display()))?;
     let value: serde_json::Value = serde_json::from_str(&text)
         .with_context(|| format!("{} is not JSON", dir.run().display()))?;
-    crate::config::expect_kind(&value, crate::config::RunKind::Prior, &dir.run())?;
+    crate::run::expect_kind(&value, crate::run::RunKind::Prior, &dir.run())?;
     let config: PriorRunConfig =
         crate::config::from_json_value(value, &dir.run()).context("not a prior run's run.json")?;
     let mut vs = nn::VarStore::new(device);

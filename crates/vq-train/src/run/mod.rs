@@ -27,7 +27,7 @@ use anyhow::{Context, Result, bail, ensure};
 use tch::{Device, Kind, Tensor};
 
 pub use logger::{StepRecord, progress_bar};
-pub use resume::may_resume;
+pub use resume::{RunKind, expect_kind, may_resume};
 pub use row::{AcrossRanks, StepRow, StepValues, WindowMeans};
 pub use task::{LoopOptions, Start, StepContext, StepOutput, Stop, Task};
 

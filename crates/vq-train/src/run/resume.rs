@@ -26,7 +26,6 @@ pub fn may_resume(
     if was == now {
         return Ok(None);
     }
-    use crate::config::RunKind;
     if let (Some(a), Some(b)) = (RunKind::of(was), RunKind::of(now))
         && a != b
     {
@@ -112,6 +111,49 @@ fn json_differences(
     }
 }
 
+/// What a run folder holds, told by its record's top-level fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunKind {
+    /// An autoencoder (`train`, `import`): a `model` section.
+    Tokenizer,
+    /// A prior (`train-prior`): a `prior` section.
+    Prior,
+}
+
+impl RunKind {
+    /// The kind of a run record (run.json, a checkpoint's state), if it is either.
+    pub fn of(record: &serde_json::Value) -> Option<Self> {
+        match (record.get("model"), record.get("prior")) {
+            (_, Some(_)) => Some(Self::Prior),
+            (Some(_), None) => Some(Self::Tokenizer),
+            (None, None) => None,
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Self::Tokenizer => "a tokenizer's (train or import)",
+            Self::Prior => "a prior's (train-prior)",
+        }
+    }
+}
+
+/// Refuses a run record of another kind than `want`, saying which it is.
+///
+/// # Errors
+/// A record of the other kind.
+pub fn expect_kind(record: &serde_json::Value, want: RunKind, path: &Path) -> Result<()> {
+    match RunKind::of(record) {
+        Some(kind) if kind != want => anyhow::bail!(
+            "{} is {} run record, not {}: give the folder of the other run",
+            path.display(),
+            kind.describe(),
+            want.describe()
+        ),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,7 +198,6 @@ mod tests {
                 .to_string();
             assert!(err.contains(said), "{err}");
         }
-        use crate::config::{RunKind, expect_kind};
         let file = Path::new("run.json");
         assert!(expect_kind(&tokenizer, RunKind::Tokenizer, file).is_ok());
         let err = expect_kind(&prior, RunKind::Tokenizer, file)
