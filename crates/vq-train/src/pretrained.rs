@@ -203,11 +203,8 @@ fn read_at(file: &Path, at: u64, len: usize) -> Result<Vec<u8>> {
 type FileTensor<'a> = (Vec<i64>, Box<dyn Fn() -> Result<Tensor> + 'a>);
 
 /// The tensors of an opened file by key.
-fn file_tensors<'a>(
-    opened: &'a Opened,
-    file: &'a Path,
-) -> Result<BTreeMap<String, FileTensor<'a>>> {
-    Ok(match opened {
+fn file_tensors<'a>(opened: &'a Opened, file: &'a Path) -> BTreeMap<String, FileTensor<'a>> {
+    match opened {
         Opened::Torch(reader) => reader
             .tensors()
             .iter()
@@ -224,30 +221,38 @@ fn file_tensors<'a>(
             .iter()
             .map(|(key, info)| {
                 let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-                let dims = shape.clone();
-                let (a, b) = info.data_offsets;
-                let at = data_start + a as u64;
-                let read: Box<dyn Fn() -> Result<Tensor>> = Box::new(move || {
-                    let kind = match info.dtype {
-                        safetensors::Dtype::F32 => Kind::Float,
-                        safetensors::Dtype::F64 => Kind::Double,
-                        safetensors::Dtype::F16 => Kind::Half,
-                        safetensors::Dtype::BF16 => Kind::BFloat16,
-                        other => bail!(
-                            "{}: tensor {key} holds {other:?} values; weights must be floating \
-                             point",
-                            file.display()
-                        ),
-                    };
-                    let values = read_at(file, at, b - a)?;
-                    let t = Tensor::f_from_data_size(&values, &dims, kind)
-                        .with_context(|| format!("{}: tensor {key}", file.display()))?;
-                    Ok(t.to_kind(Kind::Float))
-                });
+                let at = data_start + info.data_offsets.0 as u64;
+                let read: Box<dyn Fn() -> Result<Tensor>> =
+                    Box::new(move || safetensors_to_f32(info, at, key, file));
                 (key.clone(), (shape, read))
             })
             .collect(),
-    })
+    }
+}
+
+/// A safetensors tensor (its header entry; its bytes at `at` in `file`) as f32 on the CPU.
+fn safetensors_to_f32(
+    info: &safetensors::tensor::TensorInfo,
+    at: u64,
+    key: &str,
+    file: &Path,
+) -> Result<Tensor> {
+    let kind = match info.dtype {
+        safetensors::Dtype::F32 => Kind::Float,
+        safetensors::Dtype::F64 => Kind::Double,
+        safetensors::Dtype::F16 => Kind::Half,
+        safetensors::Dtype::BF16 => Kind::BFloat16,
+        other => bail!(
+            "{}: tensor {key} holds {other:?} values; weights must be floating point",
+            file.display()
+        ),
+    };
+    let (a, b) = info.data_offsets;
+    let values = read_at(file, at, b - a)?;
+    let dims: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
+    let t = Tensor::f_from_data_size(&values, &dims, kind)
+        .with_context(|| format!("{}: tensor {key}", file.display()))?;
+    Ok(t.to_kind(Kind::Float))
 }
 
 /// The tensor as f32 on the CPU, shaped.
@@ -283,7 +288,7 @@ pub fn load(
     discriminator: Option<&mut nn::VarStore>,
 ) -> Result<Loaded> {
     let opened = open_any(file)?;
-    let tensors = file_tensors(&opened, file)?;
+    let tensors = file_tensors(&opened, file);
     let model_vars = model.variables();
     let disc_vars = discriminator.as_ref().map(|d| d.variables());
     let mut plan: Vec<(String, Tensor, bool)> = Vec::new();
