@@ -255,9 +255,17 @@ fn encode_range(
     Ok((all, decoded))
 }
 
+/// The largest codes file read (one shard is read whole): 16 GiB, 60 times a default shard of
+/// ImageNet's 32×32 codes.
+pub(crate) const MAX_CODES_FILE_BYTES: u64 = 16 << 30;
+
+/// What to do about a codes file over [`MAX_CODES_FILE_BYTES`].
+pub(crate) const SMALLER_SHARDS: &str =
+    "encode the split again with a smaller --shard-size (shards are read one at a time)";
+
 /// Whether `path` is a complete shard with exactly the metadata `meta`.
 fn is_complete(path: &Path, meta: &HashMap<String, String>) -> bool {
-    let Ok(bytes) = std::fs::read(path) else {
+    let Ok(bytes) = crate::safetensors_file::read_whole(path, MAX_CODES_FILE_BYTES, "") else {
         return false;
     };
     SafeTensors::read_metadata(&bytes).is_ok_and(|(_, m)| m.metadata().as_ref() == Some(meta))
@@ -359,7 +367,7 @@ fn write_shard(
 /// checkpoint), an unwritable folder.
 pub fn decode(run: &LoadedRun, codes: &Path, out: &Path, batch: usize) -> Result<usize> {
     ensure!(batch > 0, "--batch must be at least 1");
-    let bytes = std::fs::read(codes).with_context(|| format!("reading {}", codes.display()))?;
+    let bytes = crate::safetensors_file::read_whole(codes, MAX_CODES_FILE_BYTES, SMALLER_SHARDS)?;
     let file = SafeTensors::deserialize(&bytes).map_err(|e| {
         anyhow::anyhow!(
             "{} cannot be read as safetensors: {}",

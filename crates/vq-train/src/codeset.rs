@@ -183,7 +183,11 @@ fn shard_set(out: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn read_part(f: &Path) -> Result<FilePart> {
-    let bytes = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+    let bytes = crate::safetensors_file::read_whole(
+        f,
+        crate::codes::MAX_CODES_FILE_BYTES,
+        crate::codes::SMALLER_SHARDS,
+    )?;
     let file = SafeTensors::deserialize(&bytes).map_err(|e| {
         anyhow::anyhow!(
             "{} cannot be read as safetensors: {}",

@@ -26,6 +26,7 @@ pub mod prior;
 pub mod profile;
 pub mod readback;
 pub mod run;
+mod safetensors_file;
 pub mod stats;
 pub mod sweep;
 pub mod tensorboard;

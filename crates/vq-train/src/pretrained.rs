@@ -132,71 +132,13 @@ fn open_any(file: &Path) -> Result<Opened> {
     open(file).map(Opened::Torch)
 }
 
-/// The header of a safetensors file, checked as the `safetensors` crate checks a whole file:
-/// each tensor's declared bytes fit its shape and type, and they end where the file ends.
+/// A safetensors file: its checked header; the tensors are read one at a time.
 fn open_safetensors(file: &Path) -> Result<Opened> {
-    use std::io::Read;
-    let problem = |e: safetensors::SafeTensorError| {
-        anyhow::anyhow!(
-            "reading {} as safetensors: {}",
-            file.display(),
-            vq_weights::safetensors_problem(&e)
-        )
-    };
-    let mut f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let mut n = [0u8; 8];
-    f.read_exact(&mut n)
-        .with_context(|| format!("reading {}", file.display()))?;
-    let n = u64::from_le_bytes(n);
-    if n > 100_000_000 {
-        return Err(problem(safetensors::SafeTensorError::HeaderTooLarge));
-    }
-    let mut header = vec![0u8; n as usize];
-    f.read_exact(&mut header)
-        .with_context(|| format!("reading {}", file.display()))?;
-    let meta: safetensors::tensor::Metadata = serde_json::from_slice(&header)
-        .map_err(|_| problem(safetensors::SafeTensorError::InvalidHeaderDeserialization))?;
-    let mut end = 0u64;
-    let tensors: HashMap<String, safetensors::tensor::TensorInfo> = meta
-        .tensors()
-        .into_iter()
-        .map(|(name, info)| (name, info.clone()))
-        .collect();
-    for info in tensors.values() {
-        let (a, b) = (info.data_offsets.0 as u64, info.data_offsets.1 as u64);
-        let bytes = info
-            .shape
-            .iter()
-            .try_fold(info.dtype.size() as u64, |acc, &d| {
-                acc.checked_mul(d as u64)
-            });
-        if b < a || bytes != Some(b - a) {
-            return Err(problem(safetensors::SafeTensorError::TensorInvalidInfo));
-        }
-        end = end.max(b);
-    }
-    if 8 + n + end != len {
-        return Err(problem(
-            safetensors::SafeTensorError::MetadataIncompleteBuffer,
-        ));
-    }
+    let header = crate::safetensors_file::read_header(file)?;
     Ok(Opened::SafeTensors {
-        data_start: 8 + n,
-        tensors,
+        data_start: header.data_start,
+        tensors: header.tensors,
     })
-}
-
-/// `len` bytes of `file` from `at`.
-fn read_at(file: &Path, at: u64, len: usize) -> Result<Vec<u8>> {
-    use std::io::{Read, Seek};
-    let mut f = std::fs::File::open(file).with_context(|| format!("opening {}", file.display()))?;
-    f.seek(std::io::SeekFrom::Start(at))
-        .with_context(|| format!("reading {}", file.display()))?;
-    let mut bytes = vec![0u8; len];
-    f.read_exact(&mut bytes)
-        .with_context(|| format!("reading {}", file.display()))?;
-    Ok(bytes)
 }
 
 /// One tensor of the file: its shape, and its values read on demand (as f32 on the CPU).
@@ -248,7 +190,7 @@ fn safetensors_to_f32(
         ),
     };
     let (a, b) = info.data_offsets;
-    let values = read_at(file, at, b - a)?;
+    let values = crate::safetensors_file::read_at(file, at, b - a)?;
     let dims: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
     let t = Tensor::f_from_data_size(&values, &dims, kind)
         .with_context(|| format!("{}: tensor {key}", file.display()))?;
