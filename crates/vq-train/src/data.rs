@@ -842,11 +842,12 @@ fn ucf101(dir: &Path, split: Split, frames: usize, resolution: usize) -> Result<
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// Fashion-MNIST where torchvision downloads it, under the dotted names of MNIST mirrors,
     /// reads as the files of the dataset's own site.
     #[test]
     fn fashion_mnist_is_found_in_torchvisions_folder_and_under_dotted_names() {
-        use super::*;
         let root = std::env::temp_dir().join(format!("vq-fmnist-{}", std::process::id()));
         let raw = root.join("FashionMNIST/raw");
         std::fs::create_dir_all(&raw).unwrap();
@@ -863,8 +864,6 @@ mod tests {
         assert!(err.contains("no train-images-idx3-ubyte"), "{err}");
         std::fs::remove_dir_all(&root).unwrap();
     }
-
-    use super::*;
 
     #[test]
     fn every_listed_data_source_parses_and_every_kind_is_listed() {
