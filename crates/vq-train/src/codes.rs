@@ -259,17 +259,25 @@ fn encode_range(
 /// ImageNet's 32×32 codes.
 pub(crate) const MAX_CODES_FILE_BYTES: u64 = 16 << 30;
 
-/// What to do about a codes file over [`MAX_CODES_FILE_BYTES`].
-pub(crate) const SMALLER_SHARDS: &str =
-    "encode the split again with a smaller --shard-size (shards are read one at a time)";
+/// The bytes of a codes file, its header checked first and its size at most
+/// [`MAX_CODES_FILE_BYTES`].
+///
+/// # Errors
+/// As [`crate::safetensors_file::read_whole`].
+pub(crate) fn read_codes_file(path: &Path) -> Result<Vec<u8>> {
+    crate::safetensors_file::read_whole(
+        path,
+        MAX_CODES_FILE_BYTES,
+        "encode the split again with a smaller --shard-size (shards are read one at a time)",
+    )
+}
 
 /// Whether `path` is a complete shard with exactly the metadata `meta`.
 fn is_complete(path: &Path, meta: &HashMap<String, String>) -> bool {
-    let Ok(bytes) = crate::safetensors_file::read_whole(path, MAX_CODES_FILE_BYTES, "") else {
+    let Ok(bytes) = read_codes_file(path) else {
         return false;
     };
-    SafeTensors::read_metadata(&bytes).is_ok_and(|(_, m)| m.metadata().as_ref() == Some(meta))
-        && SafeTensors::deserialize(&bytes).is_ok()
+    crate::safetensors_file::parse(path, &bytes).is_ok_and(|(_, m)| m == *meta)
 }
 
 /// Writes a codes file of generated grids (`sample`): `codes` (n, h, w), all decoded, with
@@ -367,16 +375,8 @@ fn write_shard(
 /// checkpoint), an unwritable folder.
 pub fn decode(run: &LoadedRun, codes: &Path, out: &Path, batch: usize) -> Result<usize> {
     ensure!(batch > 0, "--batch must be at least 1");
-    let bytes = crate::safetensors_file::read_whole(codes, MAX_CODES_FILE_BYTES, SMALLER_SHARDS)?;
-    let file = SafeTensors::deserialize(&bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "{} cannot be read as safetensors: {}",
-            codes.display(),
-            vq_weights::safetensors_problem(&e)
-        )
-    })?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes)?;
-    let meta = meta.metadata().clone().unwrap_or_default();
+    let bytes = read_codes_file(codes)?;
+    let (file, meta) = crate::safetensors_file::parse(codes, &bytes)?;
     if !meta
         .get("format")
         .is_some_and(|f| READ_FORMATS.contains(&f.as_str()))

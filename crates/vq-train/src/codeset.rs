@@ -7,7 +7,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail, ensure};
-use safetensors::SafeTensors;
 use tch::{Device, Kind, Tensor};
 
 use crate::codes::{READ_FORMATS, view_tensor};
@@ -183,20 +182,8 @@ fn shard_set(out: &Path) -> Result<Vec<PathBuf>> {
 }
 
 fn read_part(f: &Path) -> Result<FilePart> {
-    let bytes = crate::safetensors_file::read_whole(
-        f,
-        crate::codes::MAX_CODES_FILE_BYTES,
-        crate::codes::SMALLER_SHARDS,
-    )?;
-    let file = SafeTensors::deserialize(&bytes).map_err(|e| {
-        anyhow::anyhow!(
-            "{} cannot be read as safetensors: {}",
-            f.display(),
-            vq_weights::safetensors_problem(&e)
-        )
-    })?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes)?;
-    let meta = meta.metadata().clone().unwrap_or_default();
+    let bytes = crate::codes::read_codes_file(f)?;
+    let (file, meta) = crate::safetensors_file::parse(f, &bytes)?;
     let get = |key: &str| {
         meta.get(key)
             .cloned()

@@ -9,8 +9,8 @@ use std::io::{Read, Seek};
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use safetensors::SafeTensorError;
 use safetensors::tensor::{Metadata, TensorInfo};
+use safetensors::{SafeTensorError, SafeTensors};
 
 /// The checked header of a safetensors file.
 pub(crate) struct Header {
@@ -87,6 +87,19 @@ pub(crate) fn read_header(file: &Path) -> Result<Header> {
         data_start: 8 + n,
         tensors,
     })
+}
+
+/// The tensors and the metadata of `bytes`, the whole of `file`.
+///
+/// # Errors
+/// Bytes the crate refuses, in words.
+pub(crate) fn parse<'a>(
+    file: &Path,
+    bytes: &'a [u8],
+) -> Result<(SafeTensors<'a>, HashMap<String, String>)> {
+    let tensors = SafeTensors::deserialize(bytes).map_err(|e| problem(file, &e))?;
+    let (_, meta) = SafeTensors::read_metadata(bytes).map_err(|e| problem(file, &e))?;
+    Ok((tensors, meta.metadata().clone().unwrap_or_default()))
 }
 
 /// `len` bytes of `file` from `at`.
