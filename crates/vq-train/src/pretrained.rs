@@ -109,10 +109,7 @@ fn open(file: &Path) -> Result<PytorchReader> {
 /// are read when needed, so memory stays bounded by the model whatever the file claims).
 enum Opened {
     Torch(PytorchReader),
-    SafeTensors {
-        data_start: u64,
-        tensors: HashMap<String, safetensors::tensor::TensorInfo>,
-    },
+    SafeTensors(crate::safetensors_file::Header),
 }
 
 /// A safetensors file starts with the little-endian length of its JSON header, then the header.
@@ -127,18 +124,9 @@ fn is_safetensors(file: &Path) -> Result<bool> {
 
 fn open_any(file: &Path) -> Result<Opened> {
     if is_safetensors(file)? {
-        return open_safetensors(file);
+        return crate::safetensors_file::read_header(file).map(Opened::SafeTensors);
     }
     open(file).map(Opened::Torch)
-}
-
-/// A safetensors file: its checked header; the tensors are read one at a time.
-fn open_safetensors(file: &Path) -> Result<Opened> {
-    let header = crate::safetensors_file::read_header(file)?;
-    Ok(Opened::SafeTensors {
-        data_start: header.data_start,
-        tensors: header.tensors,
-    })
 }
 
 /// One tensor of the file: its shape, and its values read on demand (as f32 on the CPU).
@@ -156,14 +144,12 @@ fn file_tensors<'a>(opened: &'a Opened, file: &'a Path) -> BTreeMap<String, File
                 (key.clone(), (shape, read))
             })
             .collect(),
-        Opened::SafeTensors {
-            data_start,
-            tensors,
-        } => tensors
+        Opened::SafeTensors(header) => header
+            .tensors
             .iter()
             .map(|(key, info)| {
                 let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-                let at = data_start + info.data_offsets.0 as u64;
+                let at = header.data_start + info.data_offsets.0 as u64;
                 let read: Box<dyn Fn() -> Result<Tensor>> =
                     Box::new(move || safetensors_to_f32(info, at, key, file));
                 (key.clone(), (shape, read))
